@@ -1,0 +1,124 @@
+//! Who may allocate: static users (`name:password` or `name:0x<md5 key>`) and TURN REST API shared
+//! secrets (username `<unix-expiry><sep><user>`, password `base64(HMAC-SHA1(secret, username))`).
+
+use crate::proto::StunMsg;
+use crate::proto::integrity::{LongTermKey, long_term_key, rest_password, verify_message_integrity};
+use std::collections::HashMap;
+
+/// The credentials one realm accepts.
+#[derive(Clone, Default)]
+pub struct CredentialStore {
+    realm: Box<str>,
+    /// Static users: name -> precomputed long-term key.
+    users: HashMap<Box<[u8]>, LongTermKey>,
+    /// REST API secrets, all accepted (several at once make rotation painless).
+    secrets: Vec<Box<[u8]>>,
+    /// Separator between expiry and user in REST usernames.
+    separator: u8,
+}
+
+impl std::fmt::Debug for CredentialStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CredentialStore")
+            .field("realm", &self.realm)
+            .field("users", &self.users.len())
+            .field("secrets", &self.secrets.len())
+            .finish()
+    }
+}
+
+/// Outcome of checking a request's credentials.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Authenticated: the key to sign the response with.
+    Ok(LongTermKey),
+    /// No such static user and not a REST username.
+    UnknownUser,
+    /// A REST username whose expiry has passed.
+    Expired,
+    /// The MESSAGE-INTEGRITY does not match any accepted password.
+    BadIntegrity,
+}
+
+impl CredentialStore {
+    /// A store for `realm` with no users or secrets.
+    pub fn new(realm: &str, separator: u8) -> Self {
+        Self { realm: realm.into(), separator, ..Self::default() }
+    }
+
+    /// The realm.
+    pub fn realm(&self) -> &str {
+        &self.realm
+    }
+
+    /// Adds a static user with a plain password.
+    pub fn add_user(&mut self, name: &str, password: &str) {
+        let key = long_term_key(name.as_bytes(), self.realm.as_bytes(), password.as_bytes());
+        self.users.insert(name.as_bytes().into(), key);
+    }
+
+    /// Adds a static user with a precomputed key (coturn's `name:0x<hex>` form).
+    pub fn add_user_key(&mut self, name: &str, key: LongTermKey) {
+        self.users.insert(name.as_bytes().into(), key);
+    }
+
+    /// Adds a REST API shared secret.
+    pub fn add_secret(&mut self, secret: &str) {
+        self.secrets.push(secret.as_bytes().into());
+    }
+
+    /// Whether any credential is configured at all.
+    pub fn is_empty(&self) -> bool {
+        self.users.is_empty() && self.secrets.is_empty()
+    }
+
+    /// Whether REST secrets are configured.
+    pub fn has_secrets(&self) -> bool {
+        !self.secrets.is_empty()
+    }
+
+    /// Splits a REST username into (expiry, user); `None` if it is not one.
+    pub fn split_rest_username<'u>(&self, username: &'u [u8]) -> Option<(u64, &'u [u8])> {
+        let (ts, user) = match username.iter().position(|&b| b == self.separator) {
+            Some(i) => (&username[..i], &username[i + 1..]),
+            None => (username, &username[username.len()..]),
+        };
+        if ts.is_empty() || ts.len() > 19 || !ts.iter().all(u8::is_ascii_digit) {
+            return None;
+        }
+        let expiry = ts.iter().fold(0u64, |acc, d| acc * 10 + u64::from(d - b'0'));
+        Some((expiry, user))
+    }
+
+    /// The name counted against the user quota: the user part of a REST username, else the whole name.
+    pub fn quota_user<'u>(&self, username: &'u [u8]) -> &'u [u8] {
+        if self.users.contains_key(username) || self.secrets.is_empty() {
+            return username;
+        }
+        self.split_rest_username(username).map_or(username, |(_, user)| user)
+    }
+
+    /// Checks `msg`'s MESSAGE-INTEGRITY for `username` at `now_unix`.
+    pub fn verify(&self, msg: &StunMsg<'_>, username: &[u8], now_unix: u64) -> Verdict {
+        if let Some(key) = self.users.get(username) {
+            return if verify_message_integrity(msg, key) { Verdict::Ok(*key) } else { Verdict::BadIntegrity };
+        }
+        if self.secrets.is_empty() {
+            return Verdict::UnknownUser;
+        }
+        let Some((expiry, _)) = self.split_rest_username(username) else {
+            return Verdict::UnknownUser;
+        };
+        if expiry < now_unix {
+            return Verdict::Expired;
+        }
+        for secret in &self.secrets {
+            let password = rest_password(secret, username);
+            let key = long_term_key(username, self.realm.as_bytes(), &password);
+            if verify_message_integrity(msg, &key) {
+                return Verdict::Ok(key);
+            }
+        }
+        Verdict::BadIntegrity
+    }
+}

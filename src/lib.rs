@@ -1,0 +1,11 @@
+//! # turnpike
+//!
+//! A TURN/STUN relay server (RFC 8489, RFC 8656) built for dedicated relay hosts.
+//! (Architecture overview is expanded below as the crate grows.)
+
+#![deny(unsafe_code)]
+
+pub mod auth;
+pub mod policy;
+pub mod proto;
+pub mod shared;

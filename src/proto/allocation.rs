@@ -1,0 +1,150 @@
+//! Allocation state (RFC 8656 §2.2): the 5-tuple, the relayed address, permissions and channel bindings.
+
+use super::channel::ChannelNumber;
+use super::stun::TransactionId;
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+/// Permission lifetime (RFC 8656 §9: "The Permission Lifetime MUST be 300 seconds").
+pub const PERMISSION_LIFETIME: Duration = Duration::from_secs(300);
+/// Channel binding lifetime (RFC 8656 §12: "a channel binding lasts for 10 minutes").
+pub const CHANNEL_LIFETIME: Duration = Duration::from_secs(600);
+/// After a binding expires, its number and peer stay reserved this long (RFC 8656 §12).
+pub const CHANNEL_COOLDOWN: Duration = Duration::from_secs(300);
+
+/// How the client reached the server.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Transport {
+    /// STUN/TURN over UDP.
+    Udp,
+    /// STUN/TURN over TCP.
+    Tcp,
+    /// STUN/TURN over TLS.
+    Tls,
+}
+
+impl Transport {
+    /// Lower-case name for logs and metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Udp => "udp",
+            Self::Tcp => "tcp",
+            Self::Tls => "tls",
+        }
+    }
+}
+
+/// Index of a listening socket within a shard (all shards number their listeners alike).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ListenerId(pub u16);
+
+/// The client side of an allocation: client address, the server listener it reached and the transport.
+/// The listener stands in for the server address, since each listener is bound to one address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FiveTuple {
+    /// The client's (server-reflexive) transport address.
+    pub client: SocketAddr,
+    /// The listener the client's packets arrive on.
+    pub listener: ListenerId,
+    /// The transport between client and server.
+    pub transport: Transport,
+}
+
+impl std::fmt::Display for FiveTuple {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}#{}", self.client, self.transport.name(), self.listener.0)
+    }
+}
+
+/// A permission for one peer IP address.
+#[derive(Clone, Copy, Debug)]
+pub struct Permission {
+    /// The peer IP (ports are not part of a permission).
+    pub ip: IpAddr,
+    /// When it stops letting data through.
+    pub expires: Instant,
+}
+
+/// A channel binding.
+#[derive(Clone, Copy, Debug)]
+pub struct ChannelBinding {
+    /// The channel number.
+    pub number: ChannelNumber,
+    /// The peer transport address.
+    pub peer: SocketAddr,
+    /// When the binding stops carrying data; the pair stays reserved for [`CHANNEL_COOLDOWN`] more.
+    pub expires: Instant,
+}
+
+impl ChannelBinding {
+    /// Whether the binding carries data at `now`.
+    pub fn is_active(&self, now: Instant) -> bool {
+        now < self.expires
+    }
+}
+
+/// One allocation: owned by exactly one shard.
+#[derive(Debug)]
+pub struct Allocation {
+    /// The client side.
+    pub five_tuple: FiveTuple,
+    /// The relayed transport address advertised to the client (external address when behind NAT).
+    pub relayed: SocketAddr,
+    /// The address the relay socket is bound to.
+    pub bound: SocketAddr,
+    /// When the allocation expires unless refreshed.
+    pub expires: Instant,
+    /// The USERNAME that created it (later requests must use the same, else 441).
+    pub username: Box<str>,
+    /// The user counted against the user quota (REST usernames: the part after the expiry).
+    pub quota_user: Box<str>,
+    /// Installed permissions, bounded by the configured maximum.
+    pub permissions: Vec<Permission>,
+    /// Channel bindings (active or cooling down), bounded by the configured maximum.
+    pub channels: Vec<ChannelBinding>,
+    /// Transaction ID of the Allocate request that created it.
+    pub allocate_tid: TransactionId,
+    /// The success response to that request, replayed for retransmissions.
+    pub allocate_response: Box<[u8]>,
+}
+
+impl Allocation {
+    /// Whether a permission for `ip` is installed and unexpired at `now`.
+    pub fn permits(&self, ip: IpAddr, now: Instant) -> bool {
+        self.permissions.iter().any(|p| p.ip == ip && now < p.expires)
+    }
+
+    /// The binding for `number`, active or not.
+    pub fn channel_by_number(&self, number: ChannelNumber) -> Option<&ChannelBinding> {
+        self.channels.iter().find(|c| c.number == number)
+    }
+
+    /// The binding for `peer`, active or not.
+    pub fn channel_by_peer(&self, peer: SocketAddr) -> Option<&ChannelBinding> {
+        self.channels.iter().find(|c| c.peer == peer)
+    }
+
+    /// Installs or refreshes a permission; returns false if a new one would exceed `max`.
+    pub fn install_permission(&mut self, ip: IpAddr, expires: Instant, max: usize) -> PermissionChange {
+        if let Some(p) = self.permissions.iter_mut().find(|p| p.ip == ip) {
+            p.expires = expires;
+            return PermissionChange::Refreshed;
+        }
+        if self.permissions.len() >= max {
+            return PermissionChange::Full;
+        }
+        self.permissions.push(Permission { ip, expires });
+        PermissionChange::Created
+    }
+}
+
+/// Outcome of [`Allocation::install_permission`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PermissionChange {
+    /// A new permission: arm its timer.
+    Created,
+    /// An existing one was extended (its timer re-arms itself lazily).
+    Refreshed,
+    /// The per-allocation cap is reached.
+    Full,
+}

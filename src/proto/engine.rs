@@ -1,0 +1,1134 @@
+//! The TURN server state machine of one shard (RFC 8656 over RFC 8489), sans-IO.
+//!
+//! The shard feeds it datagrams from clients ([`Engine::handle_client`]) and from peers
+//! ([`Engine::handle_peer`]) together with `now`, and performs the returned [`Action`]. Relay sockets are
+//! opened and closed through [`RelaySockets`], which the shard implements with real sockets and tests
+//! implement with a fake. Expiry runs off a timer wheel ([`Engine::handle_timeout`]).
+//!
+//! The data path (ChannelData, Send indications, peer datagrams) does no heap allocation: payloads stay
+//! where they were received and headers are written into the [`PacketBuf`] headroom in front of them.
+
+use super::allocation::{
+    Allocation, CHANNEL_COOLDOWN, CHANNEL_LIFETIME, ChannelBinding, FiveTuple, PERMISSION_LIFETIME, PermissionChange,
+};
+use super::attr::{self, AttrType, FAMILY_IPV4, FAMILY_IPV6, PROTO_UDP};
+use super::channel::{self, CHANNEL_HEADER_LEN, ChannelData, ChannelNumber};
+use super::error::{DropReason, ErrorCode};
+use super::integrity::LongTermKey;
+use super::ports::PortPool;
+use super::stun::{self, Class, HEADER_LEN, MAGIC_COOKIE, Method, MsgWriter, StunMsg, TransactionId, pad4};
+use super::table::{AllocId, AllocTable};
+use super::timer::TimerWheel;
+use crate::auth::{CredentialStore, NonceCheck, NonceKey, Verdict};
+use crate::policy::PeerPolicy;
+use crate::shared::{QuotaError, ShardStats, Shared, bump, set};
+use std::net::{IpAddr, SocketAddr};
+use std::ops::Range;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Bytes kept free in front of every received payload, enough for a Data indication header
+/// (20 + XOR-PEER-ADDRESS of up to 24 + DATA header 4 = 48).
+pub const HEADROOM: usize = 64;
+/// Largest payload a [`PacketBuf`] receives.
+pub const MAX_PAYLOAD: usize = 65_536;
+/// Bytes kept free after the payload for padding.
+pub const TAILROOM: usize = 16;
+/// Size of the response buffer; every response the engine writes fits.
+const OUT_LEN: usize = 1_500;
+/// Most unknown attributes listed in one 420 response.
+const MAX_UNKNOWN_LISTED: usize = 8;
+/// How long a RESERVATION-TOKEN holds its port (RFC 8656 §7.2 suggests about 30 seconds).
+const RESERVATION_LIFETIME: Duration = Duration::from_secs(30);
+/// How many busy ports an Allocate skips before giving up with 508.
+const BIND_ATTEMPTS: usize = 16;
+/// Longest USERNAME accepted (RFC 8489 §14.3: less than 513 bytes).
+const MAX_USERNAME: usize = 512;
+/// Longest REALM or NONCE accepted (RFC 8489 §14.9, §14.10: less than 763 bytes).
+const MAX_REALM_OR_NONCE: usize = 762;
+
+/// One receive buffer with headroom and tailroom, so relay headers are written in place.
+pub struct PacketBuf {
+    buf: Box<[u8]>,
+}
+
+impl Default for PacketBuf {
+    fn default() -> Self {
+        Self { buf: vec![0u8; HEADROOM + MAX_PAYLOAD + TAILROOM].into_boxed_slice() }
+    }
+}
+
+impl std::fmt::Debug for PacketBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PacketBuf")
+    }
+}
+
+impl PacketBuf {
+    /// The region a datagram is received into.
+    pub fn body_mut(&mut self) -> &mut [u8] {
+        &mut self.buf[HEADROOM..HEADROOM + MAX_PAYLOAD]
+    }
+
+    /// Bytes of an [`Action`]'s range.
+    pub fn get(&self, range: Range<usize>) -> &[u8] {
+        self.buf.get(range).unwrap_or(&[])
+    }
+
+    /// Copies `bytes` in as if received (tests, fuzzing). Longer input is truncated.
+    pub fn fill(&mut self, bytes: &[u8]) -> usize {
+        let n = bytes.len().min(MAX_PAYLOAD);
+        self.buf[HEADROOM..HEADROOM + n].copy_from_slice(&bytes[..n]);
+        n
+    }
+}
+
+/// A relay address of one family: the IP the socket binds and the IP advertised to clients.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RelayAddr {
+    /// Bound by relay sockets.
+    pub bind: IpAddr,
+    /// Sent in XOR-RELAYED-ADDRESS (the public address behind NAT).
+    pub advertised: IpAddr,
+}
+
+/// The engine's configuration; replaced whole on reload.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Accepted credentials and the realm.
+    pub credentials: CredentialStore,
+    /// Signs nonces and reservation tokens.
+    pub nonce_key: NonceKey,
+    /// How long a nonce stays valid.
+    pub nonce_lifetime: Duration,
+    /// Lifetime granted when the client asks for less (RFC 8656: 10 minutes).
+    pub default_lifetime: Duration,
+    /// Longest lifetime granted.
+    pub max_lifetime: Duration,
+    /// Most permissions per allocation.
+    pub max_permissions: usize,
+    /// Most channel bindings per allocation.
+    pub max_channels: usize,
+    /// Which peers may be reached.
+    pub peer_policy: PeerPolicy,
+    /// Allocations per user (0 = unlimited).
+    pub user_quota: u32,
+    /// Allocations in total (0 = unlimited).
+    pub total_quota: u32,
+    /// SOFTWARE attribute added to responses, if any.
+    pub software: Option<Box<str>>,
+    /// Whether ERROR-CODE carries reason phrases.
+    pub reason_phrases: bool,
+    /// IPv4 relay address, if IPv4 relaying is offered.
+    pub relay_v4: Option<RelayAddr>,
+    /// IPv6 relay address, if IPv6 relaying is offered.
+    pub relay_v6: Option<RelayAddr>,
+}
+
+/// Why a relay socket could not be opened.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BindError {
+    /// The port is taken (by another process): try another.
+    AddrInUse,
+    /// Anything else (out of descriptors, ...).
+    Other,
+}
+
+/// The I/O layer's side of relay socket management.
+pub trait RelaySockets {
+    /// Opens the relay socket of allocation slot `idx`, bound to `addr`.
+    fn open(&mut self, idx: u32, addr: SocketAddr) -> Result<(), BindError>;
+    /// Closes the relay socket of slot `idx`.
+    fn close(&mut self, idx: u32);
+}
+
+/// What the shard must do with a datagram.
+#[derive(Debug, PartialEq, Eq)]
+#[must_use]
+pub enum Action {
+    /// Nothing to send (a keep-alive indication, say).
+    Done,
+    /// Drop it and count the reason.
+    Drop(DropReason),
+    /// Send [`Engine::reply`] bytes `..len` back to the client the request came from.
+    Reply {
+        /// Length of the response in the engine's reply buffer.
+        len: usize,
+    },
+    /// Send `range` of the packet buffer from relay socket `idx` to `peer`.
+    ToPeer {
+        /// Relay socket (allocation slot).
+        idx: u32,
+        /// Destination peer.
+        peer: SocketAddr,
+        /// The payload in the packet buffer.
+        range: Range<usize>,
+    },
+    /// Send `range` of the packet buffer to the client of `tuple`.
+    ToClient {
+        /// The allocation's client side.
+        tuple: FiveTuple,
+        /// ChannelData or Data indication, header included.
+        range: Range<usize>,
+    },
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Timer {
+    Allocation(AllocId),
+    Permission(AllocId, IpAddr),
+    Channel(AllocId, ChannelNumber),
+    Reservation([u8; 8]),
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Reservation {
+    token: [u8; 8],
+    port: u16,
+    expires: Instant,
+}
+
+/// Attributes the engine understands; other comprehension-required ones get 420. DONT-FRAGMENT is
+/// deliberately absent: relays do not set DF, and RFC 8656 §7.2 says to treat it as unknown then.
+const KNOWN: &[AttrType] = &[
+    AttrType::MAPPED_ADDRESS,
+    AttrType::USERNAME,
+    AttrType::MESSAGE_INTEGRITY,
+    AttrType::ERROR_CODE,
+    AttrType::UNKNOWN_ATTRIBUTES,
+    AttrType::CHANNEL_NUMBER,
+    AttrType::LIFETIME,
+    AttrType::BANDWIDTH,
+    AttrType::XOR_PEER_ADDRESS,
+    AttrType::DATA,
+    AttrType::REALM,
+    AttrType::NONCE,
+    AttrType::XOR_RELAYED_ADDRESS,
+    AttrType::REQUESTED_ADDRESS_FAMILY,
+    AttrType::EVEN_PORT,
+    AttrType::REQUESTED_TRANSPORT,
+    AttrType::XOR_MAPPED_ADDRESS,
+    AttrType::RESERVATION_TOKEN,
+    AttrType::PRIORITY,
+    AttrType::USE_CANDIDATE,
+];
+
+/// The result of authenticating a request: the key and the username it carried.
+struct Authenticated<'a> {
+    key: LongTermKey,
+    username: &'a [u8],
+}
+
+/// Writes a response to `req` into `out`: body, then SOFTWARE, MESSAGE-INTEGRITY and FINGERPRINT as due.
+fn write_response(
+    out: &mut [u8],
+    settings: &Settings,
+    req: &StunMsg<'_>,
+    class: Class,
+    key: Option<&LongTermKey>,
+    body: impl FnOnce(&mut MsgWriter<'_>),
+) -> Action {
+    let mut w = MsgWriter::new(out, req.method(), class, req.transaction_id());
+    body(&mut w);
+    if let Some(software) = &settings.software {
+        w.add_bytes(AttrType::SOFTWARE, software.as_bytes());
+    }
+    if let Some(key) = key {
+        w.add_message_integrity(key);
+    }
+    if req.has_fingerprint() {
+        w.add_fingerprint();
+    }
+    match w.finish() {
+        Ok(len) => Action::Reply { len },
+        Err(_) => Action::Drop(DropReason::NoSpace),
+    }
+}
+
+fn family_of(ip: IpAddr) -> u8 {
+    if ip.is_ipv4() { FAMILY_IPV4 } else { FAMILY_IPV6 }
+}
+
+/// Offset of `inner` within `outer`, both slices of the same buffer.
+fn offset_in(outer: &[u8], inner: &[u8]) -> usize {
+    (inner.as_ptr() as usize).saturating_sub(outer.as_ptr() as usize)
+}
+
+/// The TURN server state machine of one shard.
+pub struct Engine {
+    shard: u16,
+    settings: Arc<Settings>,
+    shared: Arc<Shared>,
+    stats: Arc<ShardStats>,
+    table: AllocTable,
+    ports: PortPool,
+    wheel: TimerWheel<Timer>,
+    due: Vec<Timer>,
+    reservations: Vec<Reservation>,
+    out: Box<[u8]>,
+    origin: Instant,
+    origin_unix: u64,
+    rng: u64,
+    live_permissions: u64,
+    live_channels: u64,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine").field("shard", &self.shard).field("allocations", &self.table.len()).finish()
+    }
+}
+
+impl Engine {
+    /// A shard's engine. `origin`/`origin_unix` tie the monotonic clock to unix time (REST expiries,
+    /// nonces); `seed` randomises ports and indication transaction IDs.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        shard: u16,
+        settings: Arc<Settings>,
+        shared: Arc<Shared>,
+        stats: Arc<ShardStats>,
+        ports: impl IntoIterator<Item = u16>,
+        origin: Instant,
+        origin_unix: u64,
+        seed: u64,
+    ) -> Self {
+        Self {
+            shard,
+            settings,
+            shared,
+            stats,
+            table: AllocTable::default(),
+            ports: PortPool::new(ports, seed),
+            wheel: TimerWheel::new(origin),
+            due: Vec::new(),
+            reservations: Vec::new(),
+            out: vec![0u8; OUT_LEN].into_boxed_slice(),
+            origin,
+            origin_unix,
+            rng: seed | 1,
+            live_permissions: 0,
+            live_channels: 0,
+        }
+    }
+
+    /// The response written for the last [`Action::Reply`].
+    pub fn reply(&self, len: usize) -> &[u8] {
+        self.out.get(..len).unwrap_or(&[])
+    }
+
+    /// Swaps in a new configuration (between packets).
+    pub fn reload(&mut self, settings: Arc<Settings>) {
+        self.settings = settings;
+    }
+
+    /// The current configuration.
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// The allocation table (read-only, for stats and tests).
+    pub fn table(&self) -> &AllocTable {
+        &self.table
+    }
+
+    /// Free relay ports left on this shard.
+    pub fn free_ports(&self) -> usize {
+        self.ports.len()
+    }
+
+    fn unix(&self, now: Instant) -> u64 {
+        self.origin_unix + now.saturating_duration_since(self.origin).as_secs()
+    }
+
+    fn next_random(&mut self) -> u64 {
+        self.rng ^= self.rng >> 12;
+        self.rng ^= self.rng << 25;
+        self.rng ^= self.rng >> 27;
+        self.rng.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    /// When [`Engine::handle_timeout`] next has work.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.wheel.next_deadline()
+    }
+
+    // ---------------------------------------------------------------------------------------------
+    // Client -> server
+    // ---------------------------------------------------------------------------------------------
+
+    /// Handles a datagram (or stream frame) of `len` bytes at the body of `pkt`, from `tuple`.
+    pub fn handle_client(
+        &mut self,
+        now: Instant,
+        tuple: FiveTuple,
+        pkt: &mut PacketBuf,
+        len: usize,
+        io: &mut dyn RelaySockets,
+    ) -> Action {
+        let len = len.min(MAX_PAYLOAD);
+        let bytes = &pkt.buf[HEADROOM..HEADROOM + len];
+        if channel::looks_like_channel_data(bytes) {
+            return self.channel_data(now, tuple, bytes);
+        }
+        let Ok(msg) = StunMsg::parse(bytes) else {
+            return Action::Drop(DropReason::Malformed);
+        };
+        match (msg.class(), msg.method()) {
+            (Class::Request, _) => {
+                bump(&self.stats.requests, 1);
+                self.handle_request(now, tuple, &msg, io)
+            }
+            (Class::Indication, Method::SEND) => self.send_indication(now, tuple, &msg, bytes),
+            // Binding indications are keep-alives (RFC 8489 §6.3.2): nothing to do.
+            (Class::Indication, Method::BINDING) => Action::Done,
+            _ => Action::Drop(DropReason::Unexpected),
+        }
+    }
+
+    //= RFC 8656 §12.6: "If the ChannelData message is received on a channel that is not bound to any
+    //= peer, then the message is silently discarded."
+    fn channel_data(&mut self, now: Instant, tuple: FiveTuple, bytes: &[u8]) -> Action {
+        let Ok(cd) = ChannelData::parse(bytes) else {
+            return Action::Drop(DropReason::Malformed);
+        };
+        let Some(id) = self.table.find(&tuple) else {
+            return Action::Drop(DropReason::NoAllocation);
+        };
+        let Some(alloc) = self.table.get(id) else {
+            return Action::Drop(DropReason::NoAllocation);
+        };
+        let Some(binding) = alloc.channel_by_number(cd.number).filter(|c| c.is_active(now)) else {
+            return Action::Drop(DropReason::NoChannel);
+        };
+        if !alloc.permits(binding.peer.ip(), now) {
+            return Action::Drop(DropReason::NoPermission);
+        }
+        bump(&self.stats.packets_to_peer, 1);
+        bump(&self.stats.bytes_to_peer, cd.data.len() as u64);
+        let start = HEADROOM + CHANNEL_HEADER_LEN;
+        Action::ToPeer { idx: id.idx, peer: binding.peer, range: start..start + cd.data.len() }
+    }
+
+    //= RFC 8656 §10.2: "the server MUST validate that the Send indication contains an XOR-PEER-ADDRESS
+    //= attribute and a DATA attribute ... If there is no permission ... the server silently discards".
+    fn send_indication(&mut self, now: Instant, tuple: FiveTuple, msg: &StunMsg<'_>, bytes: &[u8]) -> Action {
+        let Some(id) = self.table.find(&tuple) else {
+            return Action::Drop(DropReason::NoAllocation);
+        };
+        let Some(alloc) = self.table.get(id) else {
+            return Action::Drop(DropReason::NoAllocation);
+        };
+        let mut peer = None;
+        let mut data = None;
+        for a in msg.attrs() {
+            match a.typ {
+                AttrType::XOR_PEER_ADDRESS if peer.is_none() => peer = Some(a.value),
+                AttrType::DATA if data.is_none() => data = Some(a.value),
+                t if t.comprehension_required() && !KNOWN.contains(&t) => {
+                    return Action::Drop(DropReason::BadIndication);
+                }
+                _ => {}
+            }
+        }
+        let (Some(peer), Some(data)) = (peer, data) else {
+            return Action::Drop(DropReason::BadIndication);
+        };
+        let Ok(peer) = attr::decode_xor_addr(peer, &msg.transaction_id()) else {
+            return Action::Drop(DropReason::BadIndication);
+        };
+        if family_of(peer.ip()) != family_of(alloc.relayed.ip()) {
+            return Action::Drop(DropReason::BadIndication);
+        }
+        if !alloc.permits(peer.ip(), now) {
+            return Action::Drop(DropReason::NoPermission);
+        }
+        bump(&self.stats.packets_to_peer, 1);
+        bump(&self.stats.bytes_to_peer, data.len() as u64);
+        let start = HEADROOM + offset_in(bytes, data);
+        Action::ToPeer { idx: id.idx, peer, range: start..start + data.len() }
+    }
+
+    fn handle_request(&mut self, now: Instant, tuple: FiveTuple, msg: &StunMsg<'_>, io: &mut dyn RelaySockets) -> Action {
+        match msg.method() {
+            Method::BINDING => self.binding(tuple, msg),
+            Method::ALLOCATE => self.allocate(now, tuple, msg, io),
+            Method::REFRESH => self.refresh(now, tuple, msg, io),
+            Method::CREATE_PERMISSION => self.create_permission(now, tuple, msg),
+            Method::CHANNEL_BIND => self.channel_bind(now, tuple, msg),
+            _ => self.error(msg, ErrorCode::BadRequest, None),
+        }
+    }
+
+    fn error(&mut self, msg: &StunMsg<'_>, code: ErrorCode, key: Option<&LongTermKey>) -> Action {
+        let with_reason = self.settings.reason_phrases;
+        write_response(&mut self.out, &self.settings, msg, Class::Error, key, |w| w.add_error(code, with_reason))
+    }
+
+    /// 401 or 438 with a fresh NONCE and the REALM, and no MESSAGE-INTEGRITY.
+    fn challenge(&mut self, now: Instant, tuple: FiveTuple, msg: &StunMsg<'_>, code: ErrorCode) -> Action {
+        let expiry = self.unix(now) + self.settings.nonce_lifetime.as_secs();
+        let nonce = self.settings.nonce_key.mint(expiry, tuple.client.ip());
+        let with_reason = self.settings.reason_phrases;
+        let settings = &self.settings;
+        write_response(&mut self.out, settings, msg, Class::Error, None, |w| {
+            w.add_error(code, with_reason);
+            w.add_bytes(AttrType::REALM, settings.credentials.realm().as_bytes());
+            w.add_bytes(AttrType::NONCE, &nonce);
+        })
+    }
+
+    //= RFC 8489 §9.2.4: "If the message does not contain a MESSAGE-INTEGRITY or a
+    //= MESSAGE-INTEGRITY-SHA256 attribute, the server MUST generate an error response with an error
+    //= code of 401 (Unauthenticated). ... If the message contains a MESSAGE-INTEGRITY ... but is missing
+    //= USERNAME or USERHASH, REALM, or NONCE, the server MUST generate an error response with an error
+    //= code of 400 (Bad Request). ... If the NONCE is no longer valid, ... 438 (Stale Nonce)."
+    fn authenticate<'m>(
+        &mut self,
+        now: Instant,
+        tuple: FiveTuple,
+        msg: &StunMsg<'m>,
+    ) -> Result<Authenticated<'m>, Action> {
+        if msg.integrity_offset().is_none() {
+            return Err(self.challenge(now, tuple, msg, ErrorCode::Unauthorized));
+        }
+        let (Some(username), Some(realm), Some(nonce)) =
+            (msg.attr(AttrType::USERNAME), msg.attr(AttrType::REALM), msg.attr(AttrType::NONCE))
+        else {
+            return Err(self.error(msg, ErrorCode::BadRequest, None));
+        };
+        if username.len() > MAX_USERNAME || realm.len() > MAX_REALM_OR_NONCE || nonce.len() > MAX_REALM_OR_NONCE {
+            return Err(self.error(msg, ErrorCode::BadRequest, None));
+        }
+        let unix = self.unix(now);
+        if self.settings.nonce_key.check(nonce, tuple.client.ip(), unix) == NonceCheck::Stale {
+            return Err(self.challenge(now, tuple, msg, ErrorCode::StaleNonce));
+        }
+        match self.settings.credentials.verify(msg, username, unix) {
+            Verdict::Ok(key) => Ok(Authenticated { key, username }),
+            Verdict::UnknownUser | Verdict::Expired | Verdict::BadIntegrity => {
+                bump(&self.stats.auth_failures, 1);
+                Err(self.challenge(now, tuple, msg, ErrorCode::Unauthorized))
+            }
+        }
+    }
+
+    //= RFC 8489 §6.3.1: "If the request contains one or more unknown comprehension-required attributes,
+    //= the server replies with an error response with an error code of 420 (Unknown Attribute) and
+    //= includes an UNKNOWN-ATTRIBUTES attribute in the response that lists the unknown
+    //= comprehension-required attributes."
+    fn reject_unknown(&mut self, msg: &StunMsg<'_>, key: Option<&LongTermKey>) -> Option<Action> {
+        let mut unknown = [0u16; MAX_UNKNOWN_LISTED];
+        let mut n = 0;
+        for a in msg.attrs() {
+            if a.typ.comprehension_required() && !KNOWN.contains(&a.typ) && n < MAX_UNKNOWN_LISTED {
+                if !unknown[..n].contains(&a.typ.0) {
+                    unknown[n] = a.typ.0;
+                    n += 1;
+                }
+            }
+        }
+        if n == 0 {
+            return None;
+        }
+        let with_reason = self.settings.reason_phrases;
+        Some(write_response(&mut self.out, &self.settings, msg, Class::Error, key, |w| {
+            w.add_error(ErrorCode::UnknownAttribute, with_reason);
+            w.add_unknown_attributes(&unknown[..n]);
+        }))
+    }
+
+    fn binding(&mut self, tuple: FiveTuple, msg: &StunMsg<'_>) -> Action {
+        if let Some(action) = self.reject_unknown(msg, None) {
+            return action;
+        }
+        write_response(&mut self.out, &self.settings, msg, Class::Success, None, |w| {
+            w.add_xor_addr(AttrType::XOR_MAPPED_ADDRESS, tuple.client);
+        })
+    }
+
+    /// Authenticates, rejects unknown attributes, finds the 5-tuple's allocation and checks the username.
+    fn authorize_on_allocation<'m>(
+        &mut self,
+        now: Instant,
+        tuple: FiveTuple,
+        msg: &StunMsg<'m>,
+    ) -> Result<(Authenticated<'m>, AllocId), Action> {
+        let auth = self.authenticate(now, tuple, msg)?;
+        if let Some(action) = self.reject_unknown(msg, Some(&auth.key)) {
+            return Err(action);
+        }
+        let Some(id) = self.table.find(&tuple) else {
+            return Err(self.error(msg, ErrorCode::AllocationMismatch, Some(&auth.key)));
+        };
+        //= RFC 8656 §5: "if the USERNAME ... does not match the username used to create the allocation,
+        //= the request MUST be rejected with a 441 (Wrong Credentials) error."
+        if self.table.get(id).is_some_and(|a| a.username.as_bytes() != auth.username) {
+            return Err(self.error(msg, ErrorCode::WrongCredentials, Some(&auth.key)));
+        }
+        Ok((auth, id))
+    }
+
+    /// The lifetime RFC 8656 §7.2 and §8 prescribe for a requested LIFETIME.
+    fn granted_lifetime(&self, requested: Option<u32>) -> Duration {
+        let s = &self.settings;
+        match requested {
+            Some(secs) => Duration::from_secs(u64::from(secs)).min(s.max_lifetime).max(s.default_lifetime),
+            None => s.default_lifetime,
+        }
+    }
+
+    fn allocate(&mut self, now: Instant, tuple: FiveTuple, msg: &StunMsg<'_>, io: &mut dyn RelaySockets) -> Action {
+        //= RFC 8656 §7.2 (1): retransmitted Allocate requests get the same success response, which is
+        //= why it is kept with the allocation.
+        if let Some(alloc) = self.table.find(&tuple).and_then(|id| self.table.get(id)) {
+            if alloc.allocate_tid == msg.transaction_id() {
+                let cached = &alloc.allocate_response;
+                let n = cached.len().min(self.out.len());
+                self.out[..n].copy_from_slice(&cached[..n]);
+                return Action::Reply { len: n };
+            }
+        }
+        let auth = match self.authenticate(now, tuple, msg) {
+            Ok(a) => a,
+            Err(action) => return action,
+        };
+        let key = auth.key;
+        if let Some(action) = self.reject_unknown(msg, Some(&key)) {
+            return action;
+        }
+        //= RFC 8656 §7.2 (2): "The server checks if the 5-tuple is currently in use by an existing
+        //= allocation. If yes, the server rejects the request with a 437 (Allocation Mismatch) error."
+        if self.table.find(&tuple).is_some() {
+            return self.error(msg, ErrorCode::AllocationMismatch, Some(&key));
+        }
+        //= RFC 8656 §7.2 (3): "If the REQUESTED-TRANSPORT attribute is not included or is malformed,
+        //= the server rejects the request with a 400 (Bad Request) error. Otherwise, if the attribute
+        //= indicates an unsupported transport protocol, the server rejects the request with a 442".
+        let transport = msg.attr(AttrType::REQUESTED_TRANSPORT).map(attr::decode_requested_transport);
+        match transport {
+            None | Some(Err(_)) => return self.error(msg, ErrorCode::BadRequest, Some(&key)),
+            Some(Ok(PROTO_UDP)) => {}
+            Some(Ok(_)) => return self.error(msg, ErrorCode::UnsupportedTransportProtocol, Some(&key)),
+        }
+        let even_port = match msg.attr(AttrType::EVEN_PORT).map(attr::decode_even_port) {
+            None => None,
+            Some(Ok(reserve)) => Some(reserve),
+            Some(Err(_)) => return self.error(msg, ErrorCode::BadRequest, Some(&key)),
+        };
+        let token = match msg.attr(AttrType::RESERVATION_TOKEN).map(attr::decode_reservation_token) {
+            None => None,
+            Some(Ok(t)) => Some(t),
+            Some(Err(_)) => return self.error(msg, ErrorCode::BadRequest, Some(&key)),
+        };
+        let requested_family = msg.attr(AttrType::REQUESTED_ADDRESS_FAMILY).map(attr::decode_family);
+        let additional_family = msg.attr(AttrType::ADDITIONAL_ADDRESS_FAMILY).map(attr::decode_family);
+        //= RFC 8656 §7.2 (4)-(6): RESERVATION-TOKEN together with EVEN-PORT, REQUESTED-ADDRESS-FAMILY
+        //= or ADDITIONAL-ADDRESS-FAMILY, and REQUESTED- with ADDITIONAL-ADDRESS-FAMILY, are 400.
+        if (token.is_some() && (even_port.is_some() || requested_family.is_some() || additional_family.is_some()))
+            || (requested_family.is_some() && additional_family.is_some())
+        {
+            return self.error(msg, ErrorCode::BadRequest, Some(&key));
+        }
+        let family = match requested_family {
+            None => FAMILY_IPV4,
+            Some(Ok(f @ (FAMILY_IPV4 | FAMILY_IPV6))) => f,
+            Some(Ok(_)) => return self.error(msg, ErrorCode::AddressFamilyNotSupported, Some(&key)),
+            Some(Err(_)) => return self.error(msg, ErrorCode::BadRequest, Some(&key)),
+        };
+        //= RFC 8656 §7.2 (6): "If the server does not support the address family requested by the
+        //= client in ADDITIONAL-ADDRESS-FAMILY, ... it MUST NOT fail the request ... includes an
+        //= ADDRESS-ERROR-CODE attribute". IPv4 there is a 400.
+        let mut dual_error = None;
+        match additional_family {
+            None => {}
+            Some(Ok(FAMILY_IPV6)) => dual_error = Some(FAMILY_IPV6),
+            Some(_) => return self.error(msg, ErrorCode::BadRequest, Some(&key)),
+        }
+        let relay = if token.is_some() {
+            // A reserved port was taken on the IPv4 relay address (the only family EVEN-PORT pairs use).
+            self.settings.relay_v4.or(self.settings.relay_v6)
+        } else if family == FAMILY_IPV4 {
+            self.settings.relay_v4
+        } else {
+            self.settings.relay_v6
+        };
+        let Some(relay) = relay else {
+            return self.error(msg, ErrorCode::AddressFamilyNotSupported, Some(&key));
+        };
+        //= RFC 8656 §7.2 (10): "At any point, the server MAY choose to reject the request with a 486
+        //= (Allocation Quota Reached) error if it feels the client is trying to exceed some locally
+        //= defined allocation quota."
+        let quota_user: Box<[u8]> = self.settings.credentials.quota_user(auth.username).into();
+        let (user_limit, total_limit) = (self.settings.user_quota, self.settings.total_quota);
+        if let Err(which) = self.shared.quotas.try_acquire(&quota_user, user_limit, total_limit) {
+            bump(&self.stats.quota_refusals, 1);
+            log::info!(
+                "allocation refused: {} quota reached, user={} client={}",
+                if which == QuotaError::User { "user" } else { "total" },
+                String::from_utf8_lossy(&quota_user),
+                tuple
+            );
+            return self.error(msg, ErrorCode::AllocationQuotaReached, Some(&key));
+        }
+        let Some((port, reserved)) = self.pick_port(now, relay.bind, token, even_port, io) else {
+            self.shared.quotas.release(&quota_user);
+            //= RFC 8656 §7.2 (7)/(8): an invalid RESERVATION-TOKEN, or no port available, is 508.
+            return self.error(msg, ErrorCode::InsufficientCapacity, Some(&key));
+        };
+        let lifetime = self.granted_lifetime(msg.attr(AttrType::LIFETIME).and_then(|v| attr::decode_u32(v).ok()));
+        let relayed = SocketAddr::new(relay.advertised, port);
+        let bound = SocketAddr::new(relay.bind, port);
+        let lifetime_secs = u32::try_from(lifetime.as_secs()).unwrap_or(u32::MAX);
+        let with_reason = self.settings.reason_phrases;
+        let action = write_response(&mut self.out, &self.settings, msg, Class::Success, Some(&key), |w| {
+            w.add_xor_addr(AttrType::XOR_RELAYED_ADDRESS, relayed);
+            w.add_u32(AttrType::LIFETIME, lifetime_secs);
+            if let Some(r) = &reserved {
+                w.add_bytes(AttrType::RESERVATION_TOKEN, &r.token);
+            }
+            w.add_xor_addr(AttrType::XOR_MAPPED_ADDRESS, tuple.client);
+            if let Some(fam) = dual_error {
+                let mut v = [0u8; 4 + 28];
+                v[0] = fam;
+                let code = ErrorCode::AddressFamilyNotSupported;
+                v[2] = (code.code() / 100) as u8;
+                v[3] = (code.code() % 100) as u8;
+                let reason = if with_reason { code.reason().as_bytes() } else { &[] };
+                let n = reason.len().min(28);
+                v[4..4 + n].copy_from_slice(&reason[..n]);
+                w.add_bytes(AttrType::ADDRESS_ERROR_CODE, &v[..4 + n]);
+            }
+        });
+        let Action::Reply { len } = action else {
+            io.close(self.table.next_index());
+            self.ports.give_back(port);
+            self.shared.quotas.release(&quota_user);
+            return action;
+        };
+        if let Some(r) = reserved {
+            self.wheel.insert(r.expires, Timer::Reservation(r.token));
+            self.reservations.push(r);
+        }
+        let username: Box<str> = String::from_utf8_lossy(auth.username).into();
+        log::info!(
+            "allocation created: user={} client={} relay={} bound={} lifetime={}s shard={}",
+            username,
+            tuple,
+            relayed,
+            bound,
+            lifetime.as_secs(),
+            self.shard
+        );
+        let alloc = Allocation {
+            five_tuple: tuple,
+            relayed,
+            bound,
+            expires: now + lifetime,
+            username,
+            quota_user: String::from_utf8_lossy(&quota_user).into(),
+            permissions: Vec::new(),
+            channels: Vec::new(),
+            allocate_tid: msg.transaction_id(),
+            allocate_response: self.out[..len].into(),
+        };
+        let id = self.table.insert(alloc);
+        self.wheel.insert(now + lifetime, Timer::Allocation(id));
+        self.shared.directory.insert(tuple, self.shard);
+        bump(&self.stats.allocations_created, 1);
+        set(&self.stats.allocations, self.table.len() as u64);
+        Action::Reply { len }
+    }
+
+    /// Chooses and binds a relay port. Returns the port and, for EVEN-PORT with R, the reservation.
+    fn pick_port(
+        &mut self,
+        now: Instant,
+        bind_ip: IpAddr,
+        token: Option<[u8; 8]>,
+        even_port: Option<bool>,
+        io: &mut dyn RelaySockets,
+    ) -> Option<(u16, Option<Reservation>)> {
+        let idx = self.table.next_index();
+        if let Some(token) = token {
+            let pos = self.reservations.iter().position(|r| r.token == token && now < r.expires)?;
+            let r = self.reservations.swap_remove(pos);
+            return match io.open(idx, SocketAddr::new(bind_ip, r.port)) {
+                Ok(()) => Some((r.port, None)),
+                Err(_) => {
+                    self.ports.give_back(r.port);
+                    None
+                }
+            };
+        }
+        for _ in 0..BIND_ATTEMPTS {
+            let (port, next) = match even_port {
+                Some(reserve) => self.ports.take_even(reserve)?,
+                None => (self.ports.take()?, None),
+            };
+            match io.open(idx, SocketAddr::new(bind_ip, port)) {
+                Ok(()) => {
+                    let reservation = next.map(|next| {
+                        let mut token = [0u8; 8];
+                        token.copy_from_slice(&self.next_random().to_be_bytes());
+                        Reservation { token, port: next, expires: now + RESERVATION_LIFETIME }
+                    });
+                    return Some((port, reservation));
+                }
+                Err(e) => {
+                    // A port in use elsewhere goes to the back of the queue; try the next one.
+                    self.ports.give_back(port);
+                    if let Some(next) = next {
+                        self.ports.give_back(next);
+                    }
+                    if e == BindError::Other {
+                        return None;
+                    }
+                }
+            }
+        }
+        None
+    }
+
+    //= RFC 8656 §8: "If the 'desired lifetime' is zero, then the request succeeds and the allocation is
+    //= deleted." A retransmitted Refresh(0) then finds no allocation and gets 437, which the RFC accepts.
+    fn refresh(&mut self, now: Instant, tuple: FiveTuple, msg: &StunMsg<'_>, io: &mut dyn RelaySockets) -> Action {
+        let (auth, id) = match self.authorize_on_allocation(now, tuple, msg) {
+            Ok(x) => x,
+            Err(action) => return action,
+        };
+        let key = auth.key;
+        let Some(alloc) = self.table.get(id) else {
+            return self.error(msg, ErrorCode::AllocationMismatch, Some(&key));
+        };
+        //= RFC 8656 §8: a REQUESTED-ADDRESS-FAMILY that does not match the allocation's family is 443.
+        if let Some(fam) = msg.attr(AttrType::REQUESTED_ADDRESS_FAMILY) {
+            if attr::decode_family(fam).ok() != Some(family_of(alloc.relayed.ip())) {
+                return self.error(msg, ErrorCode::PeerAddressFamilyMismatch, Some(&key));
+            }
+        }
+        let requested = msg.attr(AttrType::LIFETIME).and_then(|v| attr::decode_u32(v).ok());
+        let lifetime = if requested == Some(0) { Duration::ZERO } else { self.granted_lifetime(requested) };
+        let secs = u32::try_from(lifetime.as_secs()).unwrap_or(u32::MAX);
+        let action = write_response(&mut self.out, &self.settings, msg, Class::Success, Some(&key), |w| {
+            w.add_u32(AttrType::LIFETIME, secs);
+        });
+        if lifetime.is_zero() {
+            self.free(id, io, "deleted by client");
+        } else if let Some(alloc) = self.table.get_mut(id) {
+            alloc.expires = now + lifetime;
+            log::info!("allocation refreshed: user={} client={} relay={} lifetime={secs}s", alloc.username, tuple, alloc.relayed);
+        }
+        action
+    }
+
+    /// Decodes every XOR-PEER-ADDRESS of a request, checking family and policy (400/443/403).
+    fn check_peer(&self, alloc: &Allocation, value: &[u8], tid: &TransactionId) -> Result<SocketAddr, ErrorCode> {
+        let peer = attr::decode_xor_addr(value, tid).map_err(|_| ErrorCode::BadRequest)?;
+        //= RFC 8656 §9.1/§11.1: "If the XOR-PEER-ADDRESS attribute contains an address of an address
+        //= family that is not the same as that of a relayed transport address for the allocation, the
+        //= server MUST generate an error response with the 443 (Peer Address Family Mismatch)".
+        if family_of(peer.ip()) != family_of(alloc.relayed.ip()) {
+            return Err(ErrorCode::PeerAddressFamilyMismatch);
+        }
+        //= RFC 8656 §9.1: "The server MAY impose restrictions on the IP address allowed in the
+        //= XOR-PEER-ADDRESS attribute; if a value is not allowed, the server rejects the request with a
+        //= 403 (Forbidden) error."
+        if !self.settings.peer_policy.permits(peer.ip()) && !self.is_own_relay(peer) {
+            return Err(ErrorCode::Forbidden);
+        }
+        Ok(peer)
+    }
+
+    /// The server's own relay addresses are always reachable (client -> TURN -> TURN -> client).
+    fn is_own_relay(&self, peer: SocketAddr) -> bool {
+        let ip = crate::policy::peer::canonical(peer.ip());
+        [self.settings.relay_v4, self.settings.relay_v6]
+            .iter()
+            .flatten()
+            .any(|r| r.advertised == ip && !ip.is_unspecified())
+    }
+
+    fn create_permission(&mut self, now: Instant, tuple: FiveTuple, msg: &StunMsg<'_>) -> Action {
+        let (auth, id) = match self.authorize_on_allocation(now, tuple, msg) {
+            Ok(x) => x,
+            Err(action) => return action,
+        };
+        let key = auth.key;
+        let tid = msg.transaction_id();
+        let Some(alloc) = self.table.get(id) else {
+            return self.error(msg, ErrorCode::AllocationMismatch, Some(&key));
+        };
+        //= RFC 8656 §9.2: "When the server receives the CreatePermission request, it processes as per
+        //= Section 5 plus the specific rules mentioned here. The message is checked for validity. The
+        //= CreatePermission request MUST contain at least one XOR-PEER-ADDRESS attribute and MAY contain
+        //= multiple such attributes." All are checked before any is installed.
+        let mut peers = 0usize;
+        let mut new_ips = 0usize;
+        for a in msg.attrs().filter(|a| a.typ == AttrType::XOR_PEER_ADDRESS) {
+            match self.check_peer(alloc, a.value, &tid) {
+                Ok(peer) => {
+                    peers += 1;
+                    if !alloc.permissions.iter().any(|p| p.ip == peer.ip()) {
+                        new_ips += 1;
+                    }
+                }
+                Err(code) => {
+                    if code == ErrorCode::Forbidden {
+                        bump(&self.stats.peers_denied, 1);
+                    }
+                    return self.error(msg, code, Some(&key));
+                }
+            }
+        }
+        if peers == 0 {
+            return self.error(msg, ErrorCode::BadRequest, Some(&key));
+        }
+        if alloc.permissions.len() + new_ips > self.settings.max_permissions {
+            return self.error(msg, ErrorCode::InsufficientCapacity, Some(&key));
+        }
+        let max = self.settings.max_permissions;
+        let expires = now + PERMISSION_LIFETIME;
+        let mut created = 0u64;
+        if let Some(alloc) = self.table.get_mut(id) {
+            for a in msg.attrs().filter(|a| a.typ == AttrType::XOR_PEER_ADDRESS) {
+                if let Ok(peer) = attr::decode_xor_addr(a.value, &tid) {
+                    if alloc.install_permission(peer.ip(), expires, max) == PermissionChange::Created {
+                        self.wheel.insert(expires, Timer::Permission(id, peer.ip()));
+                        created += 1;
+                    }
+                }
+            }
+        }
+        self.live_permissions += created;
+        set(&self.stats.permissions, self.live_permissions);
+        write_response(&mut self.out, &self.settings, msg, Class::Success, Some(&key), |_| {})
+    }
+
+    fn channel_bind(&mut self, now: Instant, tuple: FiveTuple, msg: &StunMsg<'_>) -> Action {
+        let (auth, id) = match self.authorize_on_allocation(now, tuple, msg) {
+            Ok(x) => x,
+            Err(action) => return action,
+        };
+        let key = auth.key;
+        let Some(alloc) = self.table.get(id) else {
+            return self.error(msg, ErrorCode::AllocationMismatch, Some(&key));
+        };
+        //= RFC 8656 §11.2: "The request contains both a CHANNEL-NUMBER and an XOR-PEER-ADDRESS
+        //= attribute; The channel number is in the range 0x4000 through 0x4FFF (inclusive)" else 400.
+        let number = match msg.attr(AttrType::CHANNEL_NUMBER).map(attr::decode_channel_number) {
+            Some(Ok(n)) if ChannelNumber(n).is_valid() => ChannelNumber(n),
+            _ => return self.error(msg, ErrorCode::BadRequest, Some(&key)),
+        };
+        let Some(peer_value) = msg.attr(AttrType::XOR_PEER_ADDRESS) else {
+            return self.error(msg, ErrorCode::BadRequest, Some(&key));
+        };
+        let peer = match self.check_peer(alloc, peer_value, &msg.transaction_id()) {
+            Ok(p) => p,
+            Err(code) => {
+                if code == ErrorCode::Forbidden {
+                    bump(&self.stats.peers_denied, 1);
+                }
+                return self.error(msg, code, Some(&key));
+            }
+        };
+        //= RFC 8656 §11.2: "The channel number is not currently bound to a different transport address
+        //= (same transport address is OK); The transport address is not currently bound to a different
+        //= channel number." Bindings in their 5-minute cool-down still count as bound.
+        let by_number = alloc.channel_by_number(number).map(|c| c.peer);
+        let by_peer = alloc.channel_by_peer(peer).map(|c| c.number);
+        if by_number.is_some_and(|p| p != peer) || by_peer.is_some_and(|n| n != number) {
+            return self.error(msg, ErrorCode::BadRequest, Some(&key));
+        }
+        let is_new = by_number.is_none();
+        let needs_permission = !alloc.permissions.iter().any(|p| p.ip == peer.ip());
+        if (is_new && alloc.channels.len() >= self.settings.max_channels)
+            || (needs_permission && alloc.permissions.len() >= self.settings.max_permissions)
+        {
+            return self.error(msg, ErrorCode::InsufficientCapacity, Some(&key));
+        }
+        let max_permissions = self.settings.max_permissions;
+        let channel_expires = now + CHANNEL_LIFETIME;
+        let permission_expires = now + PERMISSION_LIFETIME;
+        if let Some(alloc) = self.table.get_mut(id) {
+            if is_new {
+                alloc.channels.push(ChannelBinding { number, peer, expires: channel_expires });
+                self.wheel.insert(channel_expires, Timer::Channel(id, number));
+                self.live_channels += 1;
+            } else if let Some(c) = alloc.channels.iter_mut().find(|c| c.number == number) {
+                c.expires = channel_expires;
+            }
+            //= RFC 8656 §11.2: "the server installs or refreshes a permission for the IP address
+            //= contained in the XOR-PEER-ADDRESS attribute".
+            if alloc.install_permission(peer.ip(), permission_expires, max_permissions) == PermissionChange::Created {
+                self.wheel.insert(permission_expires, Timer::Permission(id, peer.ip()));
+                self.live_permissions += 1;
+            }
+        }
+        set(&self.stats.channels, self.live_channels);
+        set(&self.stats.permissions, self.live_permissions);
+        write_response(&mut self.out, &self.settings, msg, Class::Success, Some(&key), |_| {})
+    }
+
+    // ---------------------------------------------------------------------------------------------
+    // Peer -> client
+    // ---------------------------------------------------------------------------------------------
+
+    /// Handles a datagram of `len` bytes at the body of `pkt`, received by relay socket `idx` from `peer`.
+    pub fn handle_peer(&mut self, now: Instant, idx: u32, peer: SocketAddr, pkt: &mut PacketBuf, len: usize) -> Action {
+        let len = len.min(MAX_PAYLOAD);
+        let Some((_, alloc)) = self.table.by_index(idx) else {
+            return Action::Drop(DropReason::NoAllocation);
+        };
+        //= RFC 8656 §11.3: "the server ... looks for a permission ... If no permission exists, the UDP
+        //= datagram is silently discarded."
+        if !alloc.permits(peer.ip(), now) {
+            return Action::Drop(DropReason::NoPermission);
+        }
+        let tuple = alloc.five_tuple;
+        let channel = alloc.channel_by_peer(peer).filter(|c| c.is_active(now)).map(|c| c.number);
+        let Ok(len16) = u16::try_from(len) else {
+            return Action::Drop(DropReason::NoSpace);
+        };
+        let range = match channel {
+            //= RFC 8656 §12.7: "If the relayed UDP datagram's source transport address is bound to a
+            //= channel ... the server MUST send the application data to the client in a ChannelData
+            //= message"; over TCP/TLS the frame is padded to a multiple of four (§12.5).
+            Some(number) => {
+                let start = HEADROOM - CHANNEL_HEADER_LEN;
+                let mut header = [0u8; CHANNEL_HEADER_LEN];
+                channel::write_header(&mut header, number, len16);
+                pkt.buf[start..HEADROOM].copy_from_slice(&header);
+                let end = if tuple.transport == super::allocation::Transport::Udp {
+                    HEADROOM + len
+                } else {
+                    pkt.buf[HEADROOM + len..HEADROOM + pad4(len)].fill(0);
+                    HEADROOM + pad4(len)
+                };
+                start..end
+            }
+            None => match self.data_indication_header(pkt, peer, len) {
+                Some(r) => r,
+                None => return Action::Drop(DropReason::NoSpace),
+            },
+        };
+        bump(&self.stats.packets_to_client, 1);
+        bump(&self.stats.bytes_to_client, len as u64);
+        Action::ToClient { tuple, range }
+    }
+
+    //= RFC 8656 §11.3: "Otherwise, the server MUST send a Data indication ... with an XOR-PEER-ADDRESS
+    //= attribute ... and a DATA attribute containing the application data".
+    fn data_indication_header(&mut self, pkt: &mut PacketBuf, peer: SocketAddr, len: usize) -> Option<Range<usize>> {
+        let addr_len = attr::xor_addr_len(&peer);
+        let header_len = HEADER_LEN + 4 + addr_len + 4;
+        let body_len = 4 + addr_len + 4 + pad4(len);
+        let body16 = u16::try_from(body_len).ok()?;
+        let start = HEADROOM - header_len;
+        let mut tid = TransactionId::default();
+        tid.0[..8].copy_from_slice(&self.next_random().to_be_bytes());
+        tid.0[8..].copy_from_slice(&(self.next_random() as u32).to_be_bytes());
+        let h = &mut pkt.buf[start..HEADROOM];
+        h[0..2].copy_from_slice(&stun::message_type(Method::DATA, Class::Indication).to_be_bytes());
+        h[2..4].copy_from_slice(&body16.to_be_bytes());
+        h[4..8].copy_from_slice(&MAGIC_COOKIE.to_be_bytes());
+        h[8..20].copy_from_slice(&tid.0);
+        h[20..22].copy_from_slice(&AttrType::XOR_PEER_ADDRESS.0.to_be_bytes());
+        h[22..24].copy_from_slice(&(addr_len as u16).to_be_bytes());
+        attr::encode_xor_addr(&mut h[24..24 + addr_len], peer, &tid);
+        let d = 24 + addr_len;
+        h[d..d + 2].copy_from_slice(&AttrType::DATA.0.to_be_bytes());
+        h[d + 2..d + 4].copy_from_slice(&(len as u16).to_be_bytes());
+        pkt.buf[HEADROOM + len..HEADROOM + pad4(len)].fill(0);
+        Some(start..HEADROOM + pad4(len))
+    }
+
+    // ---------------------------------------------------------------------------------------------
+    // Time
+    // ---------------------------------------------------------------------------------------------
+
+    /// Expires allocations, permissions, channels and reservations due at `now`.
+    pub fn handle_timeout(&mut self, now: Instant, io: &mut dyn RelaySockets) {
+        let mut due = std::mem::take(&mut self.due);
+        self.wheel.advance(now, &mut due);
+        for timer in due.drain(..) {
+            self.fire(now, timer, io);
+        }
+        self.due = due;
+    }
+
+    fn fire(&mut self, now: Instant, timer: Timer, io: &mut dyn RelaySockets) {
+        match timer {
+            Timer::Allocation(id) => {
+                let Some(expires) = self.table.get(id).map(|a| a.expires) else { return };
+                if expires <= now {
+                    self.free(id, io, "expired");
+                } else {
+                    self.wheel.insert(expires, timer);
+                }
+            }
+            Timer::Permission(id, ip) => {
+                let Some(alloc) = self.table.get_mut(id) else { return };
+                let Some(pos) = alloc.permissions.iter().position(|p| p.ip == ip) else { return };
+                let expires = alloc.permissions[pos].expires;
+                if expires <= now {
+                    alloc.permissions.swap_remove(pos);
+                    self.live_permissions = self.live_permissions.saturating_sub(1);
+                    set(&self.stats.permissions, self.live_permissions);
+                } else {
+                    self.wheel.insert(expires, timer);
+                }
+            }
+            Timer::Channel(id, number) => {
+                let Some(alloc) = self.table.get_mut(id) else { return };
+                let Some(pos) = alloc.channels.iter().position(|c| c.number == number) else { return };
+                let expires = alloc.channels[pos].expires;
+                if expires + CHANNEL_COOLDOWN <= now {
+                    alloc.channels.swap_remove(pos);
+                    self.live_channels = self.live_channels.saturating_sub(1);
+                    set(&self.stats.channels, self.live_channels);
+                } else if expires <= now {
+                    self.wheel.insert(expires + CHANNEL_COOLDOWN, timer);
+                } else {
+                    self.wheel.insert(expires, timer);
+                }
+            }
+            Timer::Reservation(token) => {
+                if let Some(pos) = self.reservations.iter().position(|r| r.token == token && r.expires <= now) {
+                    let r = self.reservations.swap_remove(pos);
+                    self.ports.give_back(r.port);
+                }
+            }
+        }
+    }
+
+    fn free(&mut self, id: AllocId, io: &mut dyn RelaySockets, why: &str) {
+        let Some(alloc) = self.table.remove(id) else { return };
+        io.close(id.idx);
+        self.ports.give_back(alloc.bound.port());
+        self.shared.directory.remove(&alloc.five_tuple);
+        self.shared.quotas.release(alloc.quota_user.as_bytes());
+        self.live_permissions = self.live_permissions.saturating_sub(alloc.permissions.len() as u64);
+        self.live_channels = self.live_channels.saturating_sub(alloc.channels.len() as u64);
+        set(&self.stats.permissions, self.live_permissions);
+        set(&self.stats.channels, self.live_channels);
+        set(&self.stats.allocations, self.table.len() as u64);
+        log::info!(
+            "allocation deleted ({why}): user={} client={} relay={}",
+            alloc.username,
+            alloc.five_tuple,
+            alloc.relayed
+        );
+    }
+
+    /// Deletes every allocation (shutdown).
+    pub fn close_all(&mut self, io: &mut dyn RelaySockets) {
+        let ids: Vec<AllocId> = self.table.iter().map(|(id, _)| id).collect();
+        for id in ids {
+            self.free(id, io, "server shutting down");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

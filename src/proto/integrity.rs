@@ -1,0 +1,88 @@
+//! MESSAGE-INTEGRITY (HMAC-SHA1, RFC 8489 §14.5), FINGERPRINT (CRC-32, §14.7) and the long-term
+//! credential key (§9.2.2). MAC comparison is constant-time (`Mac::verify_slice`).
+
+use super::stun::{ATTR_HEADER_LEN, HEADER_LEN, StunMsg};
+use hmac::{Hmac, Mac};
+use md5::{Digest, Md5};
+use sha1::Sha1;
+
+/// Length of an HMAC-SHA1 value.
+pub const HMAC_SHA1_LEN: usize = 20;
+/// XOR constant of FINGERPRINT ("STUN").
+const FINGERPRINT_XOR: u32 = 0x5354_554E;
+
+type HmacSha1 = Hmac<Sha1>;
+
+/// HMAC-SHA1 of the concatenation of `parts`.
+pub fn hmac_sha1(key: &[u8], parts: &[&[u8]]) -> [u8; HMAC_SHA1_LEN] {
+    let mut out = [0u8; HMAC_SHA1_LEN];
+    // HMAC accepts keys of any length; the error arm cannot happen.
+    if let Ok(mut mac) = HmacSha1::new_from_slice(key) {
+        for p in parts {
+            mac.update(p);
+        }
+        out.copy_from_slice(&mac.finalize().into_bytes());
+    }
+    out
+}
+
+/// CRC-32 of `bytes` XOR 0x5354554E, as FINGERPRINT carries it.
+pub fn fingerprint(bytes: &[u8]) -> u32 {
+    crc32fast::hash(bytes) ^ FINGERPRINT_XOR
+}
+
+/// Checks a FINGERPRINT value against the message bytes before it. The header's length field already
+/// counts the FINGERPRINT attribute, as it must.
+pub fn fingerprint_matches(before: &[u8], value: &[u8]) -> bool {
+    value.len() == 4 && fingerprint(before).to_be_bytes() == value
+}
+
+/// Verifies MESSAGE-INTEGRITY of `msg` with `key`, in constant time. Returns false if absent.
+pub fn verify_message_integrity(msg: &StunMsg<'_>, key: &[u8]) -> bool {
+    let Some(at) = msg.integrity_offset() else {
+        return false;
+    };
+    let bytes = msg.bytes();
+    let Ok(mut mac) = HmacSha1::new_from_slice(key) else {
+        return false;
+    };
+    // The HMAC covers the header with its length adjusted to end right after MESSAGE-INTEGRITY.
+    let Ok(adjusted) = u16::try_from(at + ATTR_HEADER_LEN + HMAC_SHA1_LEN - HEADER_LEN) else {
+        return false;
+    };
+    mac.update(&bytes[0..2]);
+    mac.update(&adjusted.to_be_bytes());
+    mac.update(&bytes[4..at]);
+    let value_at = at + ATTR_HEADER_LEN;
+    match bytes.get(value_at..value_at + HMAC_SHA1_LEN) {
+        Some(tag) => mac.verify_slice(tag).is_ok(),
+        None => false,
+    }
+}
+
+/// A long-term credential key: MD5(username ":" realm ":" password) (RFC 8489 §9.2.2).
+pub type LongTermKey = [u8; 16];
+
+/// Computes the long-term credential key.
+pub fn long_term_key(username: &[u8], realm: &[u8], password: &[u8]) -> LongTermKey {
+    let mut h = Md5::new();
+    h.update(username);
+    h.update(b":");
+    h.update(realm);
+    h.update(b":");
+    h.update(password);
+    h.finalize().into()
+}
+
+/// Length of a TURN REST password: base64 of a 20-byte HMAC-SHA1.
+pub const REST_PASSWORD_LEN: usize = 28;
+
+/// The TURN REST API password for `username`: base64(HMAC-SHA1(secret, username)), written on the stack.
+pub fn rest_password(secret: &[u8], username: &[u8]) -> [u8; REST_PASSWORD_LEN] {
+    use base64::Engine as _;
+    let mac = hmac_sha1(secret, &[username]);
+    let mut out = [0u8; REST_PASSWORD_LEN];
+    // 20 bytes always encode to exactly 28 base64 characters, so this cannot fail.
+    let _ = base64::engine::general_purpose::STANDARD.encode_slice(mac, &mut out);
+    out
+}

@@ -1,0 +1,128 @@
+//! This shard's share of the relay port range, as a shuffled free list.
+//!
+//! Shards own port *pairs* `(2k, 2k+1)`, dealt round-robin, so every shard can satisfy EVEN-PORT with the
+//! R bit (an even port plus the next one reserved), which a plain `port % shards` split cannot.
+
+use std::collections::VecDeque;
+
+/// Which ports shard `shard` of `shards` owns in `min..=max`.
+pub fn shard_ports(min: u16, max: u16, shard: usize, shards: usize) -> impl Iterator<Item = u16> {
+    let shards = shards.max(1);
+    (min..=max).filter(move |p| (usize::from(p / 2) - usize::from(min / 2)) % shards == shard)
+}
+
+/// A pool of free relay ports.
+#[derive(Debug, Clone)]
+pub struct PortPool {
+    free: VecDeque<u16>,
+}
+
+impl PortPool {
+    /// Builds a pool from `ports`, shuffled with `seed` so relay ports are not predictable.
+    pub fn new(ports: impl IntoIterator<Item = u16>, seed: u64) -> Self {
+        let mut v: Vec<u16> = ports.into_iter().collect();
+        let mut state = seed | 1;
+        for i in (1..v.len()).rev() {
+            // xorshift64*: enough to spread ports; not a security boundary.
+            state ^= state >> 12;
+            state ^= state << 25;
+            state ^= state >> 27;
+            let r = state.wrapping_mul(0x2545_F491_4F6C_DD1D);
+            v.swap(i, (r % (i as u64 + 1)) as usize);
+        }
+        Self { free: v.into() }
+    }
+
+    /// Number of free ports.
+    pub fn len(&self) -> usize {
+        self.free.len()
+    }
+
+    /// Whether no port is free.
+    pub fn is_empty(&self) -> bool {
+        self.free.is_empty()
+    }
+
+    /// Takes any free port.
+    pub fn take(&mut self) -> Option<u16> {
+        self.free.pop_front()
+    }
+
+    /// Takes an even port; with `with_next`, also takes `port + 1` (for EVEN-PORT's R bit).
+    pub fn take_even(&mut self, with_next: bool) -> Option<(u16, Option<u16>)> {
+        let pos = self.free.iter().position(|&p| {
+            p % 2 == 0 && (!with_next || p.checked_add(1).is_some_and(|n| self.free.contains(&n)))
+        })?;
+        let port = self.free.remove(pos)?;
+        if !with_next {
+            return Some((port, None));
+        }
+        let next = port + 1;
+        let npos = self.free.iter().position(|&p| p == next)?;
+        self.free.remove(npos);
+        Some((port, Some(next)))
+    }
+
+    /// Takes a specific port if it is free.
+    pub fn take_specific(&mut self, port: u16) -> bool {
+        match self.free.iter().position(|&p| p == port) {
+            Some(pos) => self.free.remove(pos).is_some(),
+            None => false,
+        }
+    }
+
+    /// Returns a port to the back of the list, so it is reused as late as possible.
+    pub fn give_back(&mut self, port: u16) {
+        self.free.push_back(port);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::HashSet;
+
+    #[test]
+    fn shards_partition_the_range_in_pairs() {
+        let all: Vec<Vec<u16>> = (0..3).map(|s| shard_ports(49152, 49171, s, 3).collect()).collect();
+        let total: usize = all.iter().map(Vec::len).sum();
+        assert_eq!(total, 20);
+        let set: HashSet<u16> = all.iter().flatten().copied().collect();
+        assert_eq!(set.len(), 20);
+        assert_eq!(all[0][..4], [49152, 49153, 49158, 49159]);
+        for ports in &all {
+            assert!(ports.iter().any(|p| p % 2 == 0) && ports.iter().any(|p| p % 2 == 1));
+        }
+    }
+
+    #[test]
+    fn even_port_with_reservation_takes_a_pair() {
+        let mut pool = PortPool::new(shard_ports(50000, 50009, 0, 1), 7);
+        let (p, next) = pool.take_even(true).unwrap();
+        assert_eq!(p % 2, 0);
+        assert_eq!(next, Some(p + 1));
+        assert_eq!(pool.len(), 8);
+        assert!(!pool.take_specific(p + 1));
+    }
+
+    proptest! {
+        #[test]
+        fn never_hands_out_a_port_twice(ops in proptest::collection::vec(0u8..4, 1..200), seed in any::<u64>()) {
+            let mut pool = PortPool::new(50000..50020, seed);
+            let mut out: HashSet<u16> = HashSet::new();
+            for op in ops {
+                match op {
+                    0 => if let Some(p) = pool.take() { prop_assert!(out.insert(p)); },
+                    1 => if let Some((p, n)) = pool.take_even(true) {
+                        prop_assert!(out.insert(p));
+                        prop_assert!(out.insert(n.unwrap()));
+                    },
+                    2 => if let Some(&p) = out.iter().next() { out.remove(&p); pool.give_back(p); },
+                    _ => if let Some((p, _)) = pool.take_even(false) { prop_assert!(out.insert(p)); },
+                }
+                prop_assert_eq!(out.len() + pool.len(), 20);
+            }
+        }
+    }
+}

@@ -1,0 +1,135 @@
+//! A hashed timer wheel with one-second slots: O(1) insert, expiry work proportional to what is due.
+//! Entries are re-checked lazily against the real deadline of their object when they fire, so a refresh
+//! needs no timer operation.
+
+use std::time::{Duration, Instant};
+
+/// Slots in the wheel: one rotation spans this many seconds. Deadlines further out stay in their slot
+/// across rotations until due.
+const SLOTS: usize = 4096;
+
+/// A timer wheel holding `T` items.
+#[derive(Debug)]
+pub struct TimerWheel<T> {
+    origin: Instant,
+    slots: Vec<Vec<(u64, T)>>,
+    /// The next second not yet processed.
+    next_sec: u64,
+    len: usize,
+}
+
+impl<T: Copy> TimerWheel<T> {
+    /// An empty wheel whose second 0 starts at `origin`.
+    pub fn new(origin: Instant) -> Self {
+        Self { origin, slots: (0..SLOTS).map(|_| Vec::new()).collect(), next_sec: 0, len: 0 }
+    }
+
+    /// Number of pending entries.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether no entry is pending.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn sec_ceil(&self, t: Instant) -> u64 {
+        let d = t.saturating_duration_since(self.origin);
+        d.as_secs() + u64::from(d.subsec_nanos() > 0)
+    }
+
+    /// Schedules `item` to fire at the first tick at or after `deadline`.
+    pub fn insert(&mut self, deadline: Instant, item: T) {
+        let sec = self.sec_ceil(deadline).max(self.next_sec);
+        self.slots[(sec % SLOTS as u64) as usize].push((sec, item));
+        self.len += 1;
+    }
+
+    /// The instant of the next tick worth waking for, if anything is pending.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        (self.len > 0).then(|| self.origin + Duration::from_secs(self.next_sec))
+    }
+
+    /// Moves the wheel to `now`, appending every due item to `due`.
+    pub fn advance(&mut self, now: Instant, due: &mut Vec<T>) {
+        let target = now.saturating_duration_since(self.origin).as_secs();
+        if target < self.next_sec {
+            return;
+        }
+        // Visiting each slot once is enough, however long we were away.
+        let steps = (target - self.next_sec + 1).min(SLOTS as u64);
+        for i in 0..steps {
+            let slot = &mut self.slots[((self.next_sec + i) % SLOTS as u64) as usize];
+            let before = slot.len();
+            slot.retain(|&(sec, item)| {
+                if sec <= target {
+                    due.push(item);
+                    false
+                } else {
+                    true
+                }
+            });
+            self.len -= before - slot.len();
+        }
+        self.next_sec = target + 1;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn fires_at_the_deadline_not_before() {
+        let t0 = Instant::now();
+        let mut w = TimerWheel::new(t0);
+        w.insert(t0 + Duration::from_millis(2500), 1u32);
+        let mut due = Vec::new();
+        w.advance(t0 + Duration::from_secs(2), &mut due);
+        assert!(due.is_empty());
+        w.advance(t0 + Duration::from_secs(3), &mut due);
+        assert_eq!(due, [1]);
+        assert!(w.is_empty());
+    }
+
+    #[test]
+    fn long_deadlines_survive_rotations() {
+        let t0 = Instant::now();
+        let mut w = TimerWheel::new(t0);
+        w.insert(t0 + Duration::from_secs(SLOTS as u64 * 2 + 5), 9u32);
+        let mut due = Vec::new();
+        for s in 0..(SLOTS as u64 * 2 + 4) {
+            w.advance(t0 + Duration::from_secs(s), &mut due);
+        }
+        assert!(due.is_empty());
+        w.advance(t0 + Duration::from_secs(SLOTS as u64 * 2 + 5), &mut due);
+        assert_eq!(due, [9]);
+    }
+
+    proptest! {
+        #[test]
+        fn each_deadline_fires_exactly_once(deadlines in proptest::collection::vec(0u64..10_000, 1..100),
+                                           steps in proptest::collection::vec(1u64..700, 1..60)) {
+            let t0 = Instant::now();
+            let mut w = TimerWheel::new(t0);
+            for (i, d) in deadlines.iter().enumerate() {
+                w.insert(t0 + Duration::from_millis(*d * 37), i);
+            }
+            let mut due = Vec::new();
+            let mut now = 0u64;
+            for s in steps {
+                now += s;
+                let before = due.len();
+                w.advance(t0 + Duration::from_secs(now), &mut due);
+                for &i in &due[before..] {
+                    prop_assert!(deadlines[i] * 37 <= now * 1000);
+                }
+            }
+            w.advance(t0 + Duration::from_secs(now + 400_000), &mut due);
+            due.sort_unstable();
+            prop_assert_eq!(due, (0..deadlines.len()).collect::<Vec<_>>());
+        }
+    }
+}
