@@ -6,6 +6,7 @@
 #![deny(unsafe_code)]
 
 pub mod auth;
+pub mod config;
 pub mod policy;
 pub mod proto;
 pub mod shared;

@@ -94,6 +94,8 @@ pub struct Allocation {
     pub bound: SocketAddr,
     /// When the allocation expires unless refreshed.
     pub expires: Instant,
+    /// The deadline of the expiry timer currently armed for it.
+    pub armed_at: Instant,
     /// The USERNAME that created it (later requests must use the same, else 441).
     pub username: Box<str>,
     /// The user counted against the user quota (REST usernames: the part after the expiry).

@@ -175,7 +175,8 @@ pub enum Action {
 
 #[derive(Clone, Copy, Debug)]
 enum Timer {
-    Allocation(AllocId),
+    /// The deadline the entry was armed for: entries that no longer match `armed_at` are stale.
+    Allocation(AllocId, Instant),
     Permission(AllocId, IpAddr),
     Channel(AllocId, ChannelNumber),
     Reservation([u8; 8]),
@@ -725,6 +726,7 @@ impl Engine {
             relayed,
             bound,
             expires: now + lifetime,
+            armed_at: now + lifetime,
             username,
             quota_user: String::from_utf8_lossy(&quota_user).into(),
             permissions: Vec::new(),
@@ -733,7 +735,7 @@ impl Engine {
             allocate_response: self.out[..len].into(),
         };
         let id = self.table.insert(alloc);
-        self.wheel.insert(now + lifetime, Timer::Allocation(id));
+        self.wheel.insert(now + lifetime, Timer::Allocation(id, now + lifetime));
         self.shared.directory.insert(tuple, self.shard);
         bump(&self.stats.allocations_created, 1);
         set(&self.stats.allocations, self.table.len() as u64);
@@ -817,6 +819,12 @@ impl Engine {
             self.free(id, io, "deleted by client");
         } else if let Some(alloc) = self.table.get_mut(id) {
             alloc.expires = now + lifetime;
+            // Extensions are picked up lazily when the armed timer fires; a shorter lifetime needs an
+            // earlier timer (the later entry goes stale).
+            if alloc.expires < alloc.armed_at {
+                alloc.armed_at = alloc.expires;
+                self.wheel.insert(alloc.expires, Timer::Allocation(id, alloc.expires));
+            }
             log::info!("allocation refreshed: user={} client={} relay={} lifetime={secs}s", alloc.username, tuple, alloc.relayed);
         }
         action
@@ -1059,12 +1067,16 @@ impl Engine {
 
     fn fire(&mut self, now: Instant, timer: Timer, io: &mut dyn RelaySockets) {
         match timer {
-            Timer::Allocation(id) => {
-                let Some(expires) = self.table.get(id).map(|a| a.expires) else { return };
-                if expires <= now {
+            Timer::Allocation(id, armed) => {
+                let Some(alloc) = self.table.get_mut(id) else { return };
+                if alloc.armed_at != armed {
+                    return;
+                }
+                if alloc.expires <= now {
                     self.free(id, io, "expired");
                 } else {
-                    self.wheel.insert(expires, timer);
+                    alloc.armed_at = alloc.expires;
+                    self.wheel.insert(alloc.expires, Timer::Allocation(id, alloc.expires));
                 }
             }
             Timer::Permission(id, ip) => {

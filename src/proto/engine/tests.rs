@@ -1,1 +1,737 @@
+//! Engine scenarios on a fake clock, asserting the actions (RFC 8656 sections named per test).
 
+use super::*;
+use crate::auth::CredentialStore;
+use crate::proto::allocation::{ListenerId, Transport};
+use crate::proto::integrity::{long_term_key, rest_password, verify_message_integrity};
+use std::collections::HashSet;
+
+const REALM: &str = "turn.example.org";
+const SECRET: &str = "s3cret";
+const UNIX0: u64 = 1_700_000_000;
+
+#[derive(Default)]
+struct FakeSockets {
+    open: HashSet<u32>,
+    busy_ports: HashSet<u16>,
+}
+
+impl RelaySockets for FakeSockets {
+    fn open(&mut self, idx: u32, addr: SocketAddr) -> Result<(), BindError> {
+        if self.busy_ports.contains(&addr.port()) {
+            return Err(BindError::AddrInUse);
+        }
+        assert!(self.open.insert(idx), "slot {idx} opened twice");
+        Ok(())
+    }
+    fn close(&mut self, idx: u32) {
+        assert!(self.open.remove(&idx), "slot {idx} closed but not open");
+    }
+}
+
+fn settings() -> Settings {
+    let mut credentials = CredentialStore::new(REALM, b':');
+    credentials.add_secret("old-secret");
+    credentials.add_secret(SECRET);
+    credentials.add_user("alice", "wonderland");
+    credentials.add_user("bob", "builder");
+    let relay = RelayAddr { bind: "127.0.0.1".parse().unwrap(), advertised: "203.0.113.9".parse().unwrap() };
+    Settings {
+        credentials,
+        nonce_key: NonceKey::new([3; 32]),
+        nonce_lifetime: Duration::from_secs(600),
+        default_lifetime: Duration::from_secs(600),
+        max_lifetime: Duration::from_secs(3600),
+        max_permissions: 4,
+        max_channels: 4,
+        peer_policy: PeerPolicy::new(vec![], vec![], true, false),
+        user_quota: 2,
+        total_quota: 100,
+        software: None,
+        reason_phrases: false,
+        relay_v4: Some(relay),
+        relay_v6: None,
+    }
+}
+
+struct Harness {
+    engine: Engine,
+    io: FakeSockets,
+    pkt: PacketBuf,
+    now: Instant,
+    shared: Arc<Shared>,
+}
+
+fn harness_with(s: Settings) -> Harness {
+    let t0 = Instant::now();
+    let shared = Arc::new(Shared::default());
+    let engine = Engine::new(
+        0,
+        Arc::new(s),
+        Arc::clone(&shared),
+        Arc::new(ShardStats::default()),
+        50_000..50_010,
+        t0,
+        UNIX0,
+        42,
+    );
+    Harness { engine, io: FakeSockets::default(), pkt: PacketBuf::default(), now: t0, shared }
+}
+
+fn harness() -> Harness {
+    harness_with(settings())
+}
+
+fn tuple(port: u16) -> FiveTuple {
+    FiveTuple { client: SocketAddr::new("198.51.100.7".parse().unwrap(), port), listener: ListenerId(0), transport: Transport::Udp }
+}
+
+const PEER: &str = "8.8.8.8:5000";
+const PEER2: &str = "9.9.9.9:6000";
+
+fn peer() -> SocketAddr {
+    PEER.parse().unwrap()
+}
+
+/// What a client knows: its credentials and the last nonce.
+#[derive(Clone)]
+struct Client {
+    tuple: FiveTuple,
+    username: String,
+    key: LongTermKey,
+    nonce: Vec<u8>,
+    next_tid: u8,
+}
+
+impl Client {
+    fn rest(port: u16, user: &str, expiry: u64) -> Self {
+        Self::rest_with_secret(port, user, expiry, SECRET)
+    }
+    fn rest_with_secret(port: u16, user: &str, expiry: u64, secret: &str) -> Self {
+        let username = format!("{expiry}:{user}");
+        let password = rest_password(secret.as_bytes(), username.as_bytes());
+        let key = long_term_key(username.as_bytes(), REALM.as_bytes(), &password);
+        Self { tuple: tuple(port), username, key, nonce: Vec::new(), next_tid: 1 }
+    }
+    fn static_user(port: u16, user: &str, password: &str) -> Self {
+        let key = long_term_key(user.as_bytes(), REALM.as_bytes(), password.as_bytes());
+        Self { tuple: tuple(port), username: user.into(), key, nonce: Vec::new(), next_tid: 1 }
+    }
+
+    fn tid(&mut self) -> TransactionId {
+        self.next_tid += 1;
+        TransactionId([self.next_tid; 12])
+    }
+
+    /// Builds a request; `auth` adds USERNAME/REALM/NONCE/MESSAGE-INTEGRITY.
+    fn request(&mut self, method: Method, auth: bool, body: impl FnOnce(&mut MsgWriter<'_>)) -> Vec<u8> {
+        let tid = self.tid();
+        self.request_with_tid(method, tid, auth, body)
+    }
+
+    fn request_with_tid(&self, method: Method, tid: TransactionId, auth: bool, body: impl FnOnce(&mut MsgWriter<'_>)) -> Vec<u8> {
+        let mut buf = vec![0u8; 1024];
+        let mut w = MsgWriter::new(&mut buf, method, Class::Request, tid);
+        body(&mut w);
+        if auth {
+            w.add_bytes(AttrType::USERNAME, self.username.as_bytes());
+            w.add_bytes(AttrType::REALM, REALM.as_bytes());
+            w.add_bytes(AttrType::NONCE, &self.nonce);
+            w.add_message_integrity(&self.key);
+        }
+        w.add_fingerprint();
+        let len = w.finish().unwrap();
+        buf.truncate(len);
+        buf
+    }
+}
+
+fn udp_transport(w: &mut MsgWriter<'_>) {
+    w.add_bytes(AttrType::REQUESTED_TRANSPORT, &[PROTO_UDP, 0, 0, 0]);
+}
+
+/// A parsed response, owned.
+struct Resp {
+    bytes: Vec<u8>,
+}
+
+impl Resp {
+    fn msg(&self) -> StunMsg<'_> {
+        StunMsg::parse(&self.bytes).unwrap()
+    }
+    fn class(&self) -> Class {
+        self.msg().class()
+    }
+    fn code(&self) -> Option<u16> {
+        self.msg().attr(AttrType::ERROR_CODE).map(|v| attr::decode_error_code(v).unwrap().0)
+    }
+    fn attr(&self, t: AttrType) -> Option<Vec<u8>> {
+        self.msg().attr(t).map(<[u8]>::to_vec)
+    }
+    fn xor_addr(&self, t: AttrType) -> SocketAddr {
+        let msg = self.msg();
+        attr::decode_xor_addr(msg.attr(t).unwrap(), &msg.transaction_id()).unwrap()
+    }
+    fn lifetime(&self) -> u32 {
+        attr::decode_u32(&self.attr(AttrType::LIFETIME).unwrap()).unwrap()
+    }
+}
+
+impl Harness {
+    fn advance(&mut self, secs: u64) {
+        self.now += Duration::from_secs(secs);
+        self.engine.handle_timeout(self.now, &mut self.io);
+    }
+
+    fn send(&mut self, from: FiveTuple, bytes: &[u8]) -> Action {
+        let len = self.pkt.fill(bytes);
+        self.engine.handle_client(self.now, from, &mut self.pkt, len, &mut self.io)
+    }
+
+    fn request(&mut self, from: FiveTuple, bytes: &[u8]) -> Resp {
+        match self.send(from, bytes) {
+            Action::Reply { len } => Resp { bytes: self.engine.reply(len).to_vec() },
+            other => panic!("expected a reply, got {other:?}"),
+        }
+    }
+
+    fn from_peer(&mut self, idx: u32, peer: SocketAddr, payload: &[u8]) -> Action {
+        let len = self.pkt.fill(payload);
+        self.engine.handle_peer(self.now, idx, peer, &mut self.pkt, len)
+    }
+
+    /// 401 round trip, then an authenticated request: returns the response.
+    fn authed(&mut self, c: &mut Client, method: Method, body: impl Fn(&mut MsgWriter<'_>)) -> Resp {
+        if c.nonce.is_empty() {
+            let req = c.request(method, false, &body);
+            let r = self.request(c.tuple, &req);
+            assert_eq!(r.code(), Some(401));
+            c.nonce = r.attr(AttrType::NONCE).unwrap();
+        }
+        let req = c.request(method, true, &body);
+        let r = self.request(c.tuple, &req);
+        if r.code() != Some(438) {
+            return r;
+        }
+        // Like a real client: take the fresh nonce and retry once.
+        c.nonce = r.attr(AttrType::NONCE).unwrap();
+        let req = c.request(method, true, &body);
+        self.request(c.tuple, &req)
+    }
+
+    fn allocate(&mut self, c: &mut Client) -> Resp {
+        self.authed(c, Method::ALLOCATE, udp_transport)
+    }
+}
+
+fn peer_attr(addr: SocketAddr) -> impl Fn(&mut MsgWriter<'_>) {
+    move |w| w.add_xor_addr(AttrType::XOR_PEER_ADDRESS, addr)
+}
+
+fn channel_bind_attrs(number: u16, addr: SocketAddr) -> impl Fn(&mut MsgWriter<'_>) {
+    move |w| {
+        w.add_bytes(AttrType::CHANNEL_NUMBER, &[(number >> 8) as u8, number as u8, 0, 0]);
+        w.add_xor_addr(AttrType::XOR_PEER_ADDRESS, addr);
+    }
+}
+
+fn channel_data(number: u16, payload: &[u8]) -> Vec<u8> {
+    let mut v = Vec::new();
+    v.extend_from_slice(&number.to_be_bytes());
+    v.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+    v.extend_from_slice(payload);
+    v
+}
+
+/// RFC 8656 §7-§12: 401 -> Allocate -> CreatePermission -> ChannelBind -> data both ways -> Refresh(0).
+#[test]
+fn full_flow_over_rest_credentials() {
+    let mut h = harness();
+    let mut c = Client::rest(40000, "@alice:example.org", UNIX0 + 3600);
+
+    // Unauthenticated: 401 with REALM and NONCE and no MESSAGE-INTEGRITY.
+    let req = c.request(Method::ALLOCATE, false, udp_transport);
+    let r = h.request(c.tuple, &req);
+    assert_eq!((r.class(), r.code()), (Class::Error, Some(401)));
+    assert_eq!(r.attr(AttrType::REALM).unwrap(), REALM.as_bytes());
+    assert!(r.attr(AttrType::MESSAGE_INTEGRITY).is_none());
+    assert!(r.attr(AttrType::ERROR_CODE).unwrap().len() == 4, "no reason phrase by default");
+    c.nonce = r.attr(AttrType::NONCE).unwrap();
+
+    let r = h.allocate(&mut c);
+    assert_eq!(r.class(), Class::Success);
+    assert!(verify_message_integrity(&r.msg(), &c.key));
+    let relayed = r.xor_addr(AttrType::XOR_RELAYED_ADDRESS);
+    assert_eq!(relayed.ip(), "203.0.113.9".parse::<IpAddr>().unwrap(), "advertises the external address");
+    assert!((50_000..50_010).contains(&relayed.port()));
+    assert_eq!(r.xor_addr(AttrType::XOR_MAPPED_ADDRESS), c.tuple.client);
+    assert_eq!(r.lifetime(), 600);
+    assert_eq!(h.io.open.len(), 1);
+    assert_eq!(h.shared.directory.owner(&c.tuple), Some(0));
+
+    // No permission yet: peer data is dropped silently.
+    assert_eq!(h.from_peer(0, peer(), b"early"), Action::Drop(DropReason::NoPermission));
+
+    let r = h.authed(&mut c, Method::CREATE_PERMISSION, peer_attr(peer()));
+    assert_eq!(r.class(), Class::Success);
+    assert!(verify_message_integrity(&r.msg(), &c.key));
+
+    let r = h.authed(&mut c, Method::CHANNEL_BIND, channel_bind_attrs(0x4001, peer()));
+    assert_eq!(r.class(), Class::Success);
+
+    // Client -> peer over the channel: the payload is forwarded in place.
+    let action = h.send(c.tuple, &channel_data(0x4001, b"hello peer"));
+    let Action::ToPeer { idx, peer: to, range } = action else { panic!("{action:?}") };
+    assert_eq!((idx, to), (0, peer()));
+    assert_eq!(h.pkt.get(range), b"hello peer");
+
+    // Peer -> client: a ChannelData header is written in front of the payload.
+    let action = h.from_peer(0, peer(), b"hi client");
+    let Action::ToClient { tuple: t, range } = action else { panic!("{action:?}") };
+    assert_eq!(t, c.tuple);
+    assert_eq!(h.pkt.get(range), &channel_data(0x4001, b"hi client")[..]);
+
+    // Another port of the same permitted IP has no channel: Data indication.
+    let other_port: SocketAddr = "8.8.8.8:5001".parse().unwrap();
+    let action = h.from_peer(0, other_port, b"via indication");
+    let Action::ToClient { range, .. } = action else { panic!("{action:?}") };
+    let bytes = h.pkt.get(range).to_vec();
+    let msg = StunMsg::parse(&bytes).unwrap();
+    assert_eq!((msg.class(), msg.method()), (Class::Indication, Method::DATA));
+    assert_eq!(msg.attr(AttrType::DATA), Some(&b"via indication"[..]));
+    assert_eq!(attr::decode_xor_addr(msg.attr(AttrType::XOR_PEER_ADDRESS).unwrap(), &msg.transaction_id()).unwrap(), other_port);
+
+    // Send indication client -> peer.
+    let mut buf = [0u8; 128];
+    let mut w = MsgWriter::new(&mut buf, Method::SEND, Class::Indication, TransactionId([9; 12]));
+    w.add_xor_addr(AttrType::XOR_PEER_ADDRESS, other_port);
+    w.add_bytes(AttrType::DATA, b"sent");
+    let len = w.finish().unwrap();
+    let action = h.send(c.tuple, &buf[..len]);
+    let Action::ToPeer { peer: to, range, .. } = action else { panic!("{action:?}") };
+    assert_eq!(to, other_port);
+    assert_eq!(h.pkt.get(range), b"sent");
+
+    // Refresh(0) deletes the allocation, closes the socket and frees the quota.
+    let r = h.authed(&mut c, Method::REFRESH, |w| w.add_u32(AttrType::LIFETIME, 0));
+    assert_eq!(r.class(), Class::Success);
+    assert_eq!(r.lifetime(), 0);
+    assert!(h.io.open.is_empty());
+    assert_eq!(h.shared.quotas.total(), 0);
+    assert_eq!(h.shared.directory.owner(&c.tuple), None);
+    assert_eq!(h.send(c.tuple, &channel_data(0x4001, b"late")), Action::Drop(DropReason::NoAllocation));
+}
+
+/// RFC 8656 §7.2 (2): a second Allocate on the same 5-tuple gets 437.
+#[test]
+fn second_allocate_is_437() {
+    let mut h = harness();
+    let mut c = Client::rest(40001, "u", UNIX0 + 3600);
+    assert_eq!(h.allocate(&mut c).class(), Class::Success);
+    let r = h.allocate(&mut c);
+    assert_eq!(r.code(), Some(437));
+    assert!(verify_message_integrity(&r.msg(), &c.key), "authenticated errors carry MESSAGE-INTEGRITY");
+}
+
+/// RFC 8656 §7.2: a retransmitted Allocate gets the very same success response.
+#[test]
+fn retransmitted_allocate_gets_the_same_answer() {
+    let mut h = harness();
+    let mut c = Client::rest(40002, "u", UNIX0 + 3600);
+    let r = h.request(c.tuple, &c.request(Method::ALLOCATE, false, udp_transport));
+    c.nonce = r.attr(AttrType::NONCE).unwrap();
+    let req = c.request(Method::ALLOCATE, true, udp_transport);
+    let first = h.request(c.tuple, &req);
+    h.advance(1);
+    let second = h.request(c.tuple, &req);
+    assert_eq!(first.class(), Class::Success);
+    assert_eq!(first.bytes, second.bytes);
+    assert_eq!(h.io.open.len(), 1);
+}
+
+/// RFC 8489 §9.2.4: an expired nonce gets 438 with a fresh one, which then works.
+#[test]
+fn stale_nonce_is_438() {
+    let mut h = harness();
+    let mut c = Client::rest(40003, "u", UNIX0 + 7200);
+    let r = h.authed(&mut c, Method::ALLOCATE, |w| {
+        udp_transport(w);
+        w.add_u32(AttrType::LIFETIME, 3600);
+    });
+    assert_eq!(r.class(), Class::Success);
+    h.advance(601);
+    let req = c.request(Method::REFRESH, true, |w| w.add_u32(AttrType::LIFETIME, 600));
+    let r = h.request(c.tuple, &req);
+    assert_eq!(r.code(), Some(438));
+    assert!(r.attr(AttrType::REALM).is_some());
+    c.nonce = r.attr(AttrType::NONCE).unwrap();
+    let r = h.authed(&mut c, Method::REFRESH, |w| w.add_u32(AttrType::LIFETIME, 600));
+    assert_eq!(r.class(), Class::Success);
+}
+
+/// RFC 8656 §7: allocations expire at their lifetime; permissions at 300 s; channels at 600 s.
+#[test]
+fn expiry_at_lifetime() {
+    let mut h = harness();
+    let mut c = Client::rest(40004, "u", UNIX0 + 7200);
+    assert_eq!(h.allocate(&mut c).lifetime(), 600);
+    let r = h.authed(&mut c, Method::CHANNEL_BIND, channel_bind_attrs(0x4000, peer()));
+    assert_eq!(r.class(), Class::Success);
+    h.advance(299);
+    assert!(matches!(h.from_peer(0, peer(), b"x"), Action::ToClient { .. }));
+    h.advance(2);
+    assert_eq!(h.from_peer(0, peer(), b"x"), Action::Drop(DropReason::NoPermission), "permission expired at 300 s");
+    h.advance(298);
+    assert_eq!(h.engine.table().len(), 1, "still alive at 599 s");
+    h.advance(2);
+    assert_eq!(h.engine.table().len(), 0, "gone at lifetime + 1 s");
+    assert!(h.io.open.is_empty());
+    assert_eq!(h.shared.quotas.total(), 0);
+    assert!(h.engine.poll_timeout().is_some() || h.engine.wheel.is_empty());
+}
+
+/// RFC 8656 §8: Refresh extends the lifetime; requests below the default get the default; above the
+/// maximum get the maximum.
+#[test]
+fn refresh_lifetimes() {
+    let mut h = harness();
+    let mut c = Client::rest(40005, "u", UNIX0 + 99_999);
+    let r = h.authed(&mut c, Method::ALLOCATE, |w| {
+        udp_transport(w);
+        w.add_u32(AttrType::LIFETIME, 100_000);
+    });
+    assert_eq!(r.lifetime(), 3600);
+    let r = h.authed(&mut c, Method::REFRESH, |w| w.add_u32(AttrType::LIFETIME, 30));
+    assert_eq!(r.lifetime(), 600);
+    h.advance(599);
+    let r = h.authed(&mut c, Method::REFRESH, |w| w.add_u32(AttrType::LIFETIME, 1200));
+    assert_eq!(r.lifetime(), 1200);
+    h.advance(1100);
+    assert_eq!(h.engine.table().len(), 1, "refresh moved the expiry");
+    h.advance(101);
+    assert_eq!(h.engine.table().len(), 0);
+}
+
+#[test]
+fn dont_fragment_is_refused_as_unknown_420() {
+    let mut h = harness();
+    let mut c = Client::rest(40006, "u", UNIX0 + 3600);
+    let r = h.authed(&mut c, Method::ALLOCATE, |w| {
+        udp_transport(w);
+        w.add_bytes(AttrType::DONT_FRAGMENT, &[]);
+        w.add_bytes(AttrType(0x7777), &[1, 2, 3]);
+    });
+    assert_eq!(r.code(), Some(420));
+    assert_eq!(r.attr(AttrType::UNKNOWN_ATTRIBUTES).unwrap(), vec![0x00, 0x1A, 0x77, 0x77]);
+    assert!(verify_message_integrity(&r.msg(), &c.key));
+}
+
+#[test]
+fn transport_and_family_errors() {
+    let mut h = harness();
+    let mut c = Client::rest(40007, "u", UNIX0 + 3600);
+    let r = h.authed(&mut c, Method::ALLOCATE, |w| w.add_bytes(AttrType::REQUESTED_TRANSPORT, &[6, 0, 0, 0]));
+    assert_eq!(r.code(), Some(442));
+    let r = h.authed(&mut c, Method::ALLOCATE, |_| {});
+    assert_eq!(r.code(), Some(400), "missing REQUESTED-TRANSPORT");
+    let r = h.authed(&mut c, Method::ALLOCATE, |w| {
+        udp_transport(w);
+        w.add_bytes(AttrType::REQUESTED_ADDRESS_FAMILY, &[FAMILY_IPV6, 0, 0, 0]);
+    });
+    assert_eq!(r.code(), Some(440), "no IPv6 relay configured");
+    let r = h.authed(&mut c, Method::ALLOCATE, |w| {
+        udp_transport(w);
+        w.add_bytes(AttrType::REQUESTED_ADDRESS_FAMILY, &[9, 0, 0, 0]);
+    });
+    assert_eq!(r.code(), Some(440));
+    let r = h.authed(&mut c, Method::ALLOCATE, |w| {
+        udp_transport(w);
+        w.add_bytes(AttrType::EVEN_PORT, &[0]);
+        w.add_bytes(AttrType::RESERVATION_TOKEN, &[1; 8]);
+    });
+    assert_eq!(r.code(), Some(400));
+    assert_eq!(h.engine.table().len(), 0);
+    assert_eq!(h.shared.quotas.total(), 0);
+}
+
+#[test]
+fn peer_policy_403_and_family_443() {
+    let mut h = harness();
+    let mut c = Client::rest(40008, "u", UNIX0 + 3600);
+    assert_eq!(h.allocate(&mut c).class(), Class::Success);
+    for denied in ["127.0.0.1:80", "10.0.0.1:80", "169.254.169.254:80", "0.0.0.0:80", "224.0.0.1:80"] {
+        let r = h.authed(&mut c, Method::CREATE_PERMISSION, peer_attr(denied.parse().unwrap()));
+        assert_eq!(r.code(), Some(403), "{denied}");
+        let r = h.authed(&mut c, Method::CHANNEL_BIND, channel_bind_attrs(0x4000, denied.parse().unwrap()));
+        assert_eq!(r.code(), Some(403), "{denied}");
+    }
+    let r = h.authed(&mut c, Method::CREATE_PERMISSION, peer_attr("[::ffff:127.0.0.1]:80".parse().unwrap()));
+    assert_eq!(r.code(), Some(443), "an IPv6 spelling on an IPv4 allocation is a family mismatch");
+    // All-or-nothing: one bad peer in the list installs none.
+    let r = h.authed(&mut c, Method::CREATE_PERMISSION, |w| {
+        w.add_xor_addr(AttrType::XOR_PEER_ADDRESS, peer());
+        w.add_xor_addr(AttrType::XOR_PEER_ADDRESS, "10.1.1.1:1".parse().unwrap());
+    });
+    assert_eq!(r.code(), Some(403));
+    assert_eq!(h.from_peer(0, peer(), b"x"), Action::Drop(DropReason::NoPermission));
+    // The server's own relay address is allowed even though 203.0.113.0/24 is reserved.
+    let r = h.authed(&mut c, Method::CREATE_PERMISSION, peer_attr("203.0.113.9:50001".parse().unwrap()));
+    assert_eq!(r.class(), Class::Success);
+}
+
+#[test]
+fn several_peers_in_one_create_permission_and_the_cap() {
+    let mut h = harness();
+    let mut c = Client::rest(40009, "u", UNIX0 + 3600);
+    assert_eq!(h.allocate(&mut c).class(), Class::Success);
+    let r = h.authed(&mut c, Method::CREATE_PERMISSION, |w| {
+        for i in 1..=3u8 {
+            w.add_xor_addr(AttrType::XOR_PEER_ADDRESS, SocketAddr::new(IpAddr::from([8, 8, 4, i]), 1));
+        }
+    });
+    assert_eq!(r.class(), Class::Success);
+    for i in 1..=3u8 {
+        assert!(matches!(h.from_peer(0, SocketAddr::new(IpAddr::from([8, 8, 4, i]), 9), b"x"), Action::ToClient { .. }));
+    }
+    let r = h.authed(&mut c, Method::CREATE_PERMISSION, |w| {
+        w.add_xor_addr(AttrType::XOR_PEER_ADDRESS, "8.8.4.4:1".parse().unwrap());
+        w.add_xor_addr(AttrType::XOR_PEER_ADDRESS, "8.8.4.5:1".parse().unwrap());
+    });
+    assert_eq!(r.code(), Some(508), "max_permissions = 4");
+    let r = h.authed(&mut c, Method::CREATE_PERMISSION, |_| {});
+    assert_eq!(r.code(), Some(400), "no XOR-PEER-ADDRESS");
+}
+
+#[test]
+fn credentials_rest_static_expired_rotated_and_wrong() {
+    let mut h = harness();
+    // The older of two configured secrets still works (rotation).
+    let mut c = Client::rest_with_secret(40010, "u1", UNIX0 + 3600, "old-secret");
+    assert_eq!(h.allocate(&mut c).class(), Class::Success);
+    // Colons inside the user part are fine.
+    let mut c = Client::rest(40011, "@bob:matrix.org:extra", UNIX0 + 3600);
+    assert_eq!(h.allocate(&mut c).class(), Class::Success);
+    let mut c = Client::static_user(40012, "alice", "wonderland");
+    assert_eq!(h.allocate(&mut c).class(), Class::Success);
+    // Expired REST username.
+    let mut c = Client::rest(40013, "u", UNIX0 - 1);
+    assert_eq!(h.allocate(&mut c).code(), Some(401));
+    // Wrong secret, wrong password, unknown user.
+    let mut c = Client::rest_with_secret(40014, "u", UNIX0 + 3600, "nope");
+    assert_eq!(h.allocate(&mut c).code(), Some(401));
+    let mut c = Client::static_user(40015, "alice", "wrong");
+    assert_eq!(h.allocate(&mut c).code(), Some(401));
+    let mut c = Client::static_user(40016, "mallory", "x");
+    assert_eq!(h.allocate(&mut c).code(), Some(401));
+    assert_eq!(h.engine.table().len(), 3);
+    assert_eq!(read(&h.engine.stats.auth_failures), 4);
+}
+
+fn read(c: &std::sync::atomic::AtomicU64) -> u64 {
+    crate::shared::read(c)
+}
+
+#[test]
+fn missing_realm_or_nonce_with_integrity_is_400() {
+    let mut h = harness();
+    let c = Client::static_user(40017, "alice", "wonderland");
+    let req = c.request_with_tid(Method::ALLOCATE, TransactionId([5; 12]), false, |w| {
+        udp_transport(w);
+        w.add_bytes(AttrType::USERNAME, b"alice");
+        w.add_message_integrity(&c.key);
+    });
+    assert_eq!(h.request(c.tuple, &req).code(), Some(400));
+}
+
+/// RFC 8656 §5: a request on an allocation with another user's credentials is 441.
+#[test]
+fn other_users_credentials_are_441() {
+    let mut h = harness();
+    let mut alice = Client::static_user(40018, "alice", "wonderland");
+    assert_eq!(h.allocate(&mut alice).class(), Class::Success);
+    let mut bob = Client::static_user(40018, "bob", "builder");
+    let r = h.authed(&mut bob, Method::REFRESH, |w| w.add_u32(AttrType::LIFETIME, 0));
+    assert_eq!(r.code(), Some(441));
+    assert_eq!(h.engine.table().len(), 1);
+}
+
+/// RFC 8656 §11.2: channel numbers 0x4000-0x4FFF; no rebinding a number or a peer to something else,
+/// also during the 5-minute cool-down after expiry; refreshing the same pair is fine.
+#[test]
+fn channel_bind_rules() {
+    let mut h = harness();
+    let mut c = Client::rest(40019, "u", UNIX0 + 99_999);
+    assert_eq!(h.allocate(&mut c).class(), Class::Success);
+    let p2: SocketAddr = PEER2.parse().unwrap();
+    assert_eq!(h.authed(&mut c, Method::CHANNEL_BIND, channel_bind_attrs(0x3FFF, peer())).code(), Some(400));
+    assert_eq!(h.authed(&mut c, Method::CHANNEL_BIND, channel_bind_attrs(0x5000, peer())).code(), Some(400));
+    assert_eq!(h.authed(&mut c, Method::CHANNEL_BIND, channel_bind_attrs(0x4000, peer())).class(), Class::Success);
+    assert_eq!(h.authed(&mut c, Method::CHANNEL_BIND, channel_bind_attrs(0x4000, p2)).code(), Some(400));
+    assert_eq!(h.authed(&mut c, Method::CHANNEL_BIND, channel_bind_attrs(0x4001, peer())).code(), Some(400));
+    assert_eq!(h.authed(&mut c, Method::CHANNEL_BIND, channel_bind_attrs(0x4000, peer())).class(), Class::Success);
+    assert_eq!(h.authed(&mut c, Method::CHANNEL_BIND, channel_bind_attrs(0x4001, p2)).class(), Class::Success);
+    // Keep the allocation alive, let the channels lapse.
+    h.advance(590);
+    assert_eq!(h.authed(&mut c, Method::REFRESH, |w| w.add_u32(AttrType::LIFETIME, 3600)).class(), Class::Success);
+    h.advance(20);
+    assert_eq!(h.send(c.tuple, &channel_data(0x4000, b"x")), Action::Drop(DropReason::NoChannel));
+    // Cooling down: the number cannot move to another peer yet, but the same pair can be re-bound.
+    assert_eq!(h.authed(&mut c, Method::CHANNEL_BIND, channel_bind_attrs(0x4000, p2)).code(), Some(400));
+    assert_eq!(h.authed(&mut c, Method::CHANNEL_BIND, channel_bind_attrs(0x4001, p2)).class(), Class::Success);
+    h.advance(301);
+    assert_eq!(h.authed(&mut c, Method::CHANNEL_BIND, channel_bind_attrs(0x4000, "8.8.4.4:1".parse().unwrap())).class(), Class::Success);
+}
+
+#[test]
+fn channel_data_edge_cases() {
+    let mut h = harness();
+    let mut c = Client::rest(40020, "u", UNIX0 + 3600);
+    assert_eq!(h.allocate(&mut c).class(), Class::Success);
+    assert_eq!(h.send(c.tuple, &channel_data(0x4000, b"x")), Action::Drop(DropReason::NoChannel));
+    let mut short = channel_data(0x4000, b"abcd");
+    short.truncate(6);
+    assert_eq!(h.send(c.tuple, &short), Action::Drop(DropReason::Malformed));
+    assert_eq!(h.send(c.tuple, &[0x40]), Action::Drop(DropReason::Malformed));
+    assert_eq!(h.send(c.tuple, &channel_data(0x7000, b"x")), Action::Drop(DropReason::Malformed));
+    // Padding after the data is allowed over UDP.
+    assert_eq!(h.authed(&mut c, Method::CHANNEL_BIND, channel_bind_attrs(0x4000, peer())).class(), Class::Success);
+    let mut padded = channel_data(0x4000, b"abc");
+    padded.push(0);
+    let Action::ToPeer { range, .. } = h.send(c.tuple, &padded) else { panic!() };
+    assert_eq!(h.pkt.get(range), b"abc");
+}
+
+#[test]
+fn user_quota_is_486_at_exactly_the_limit() {
+    let mut h = harness();
+    for port in [40021, 40022] {
+        let mut c = Client::rest(port, "@q:example.org", UNIX0 + 3600 + u64::from(port));
+        assert_eq!(h.allocate(&mut c).class(), Class::Success);
+    }
+    let mut c = Client::rest(40023, "@q:example.org", UNIX0 + 7200);
+    assert_eq!(h.allocate(&mut c).code(), Some(486), "the user part, not the whole username, is counted");
+    let mut other = Client::rest(40024, "@r:example.org", UNIX0 + 7200);
+    assert_eq!(h.allocate(&mut other).class(), Class::Success);
+    let mut first = Client::rest(40021, "@q:example.org", UNIX0 + 3600 + 40021);
+    let r = h.authed(&mut first, Method::REFRESH, |w| w.add_u32(AttrType::LIFETIME, 0));
+    assert_eq!(r.class(), Class::Success);
+    assert_eq!(h.allocate(&mut c).class(), Class::Success, "freed by the delete");
+}
+
+#[test]
+fn ports_exhausted_is_508_and_busy_ports_are_skipped() {
+    let mut s = settings();
+    s.user_quota = 0;
+    let mut h = harness_with(s);
+    h.io.busy_ports.extend([50_000, 50_001, 50_002]);
+    let mut granted = HashSet::new();
+    for i in 0..7u16 {
+        let mut c = Client::rest(41000 + i, "u", UNIX0 + 3600);
+        let r = h.allocate(&mut c);
+        assert_eq!(r.class(), Class::Success);
+        let port = r.xor_addr(AttrType::XOR_RELAYED_ADDRESS).port();
+        assert!(!h.io.busy_ports.contains(&port));
+        assert!(granted.insert(port));
+    }
+    let mut c = Client::rest(41100, "u", UNIX0 + 3600);
+    assert_eq!(h.allocate(&mut c).code(), Some(508));
+    assert_eq!(h.shared.quotas.total(), 7, "a refused allocation holds no quota");
+}
+
+/// RFC 8656 §7.2: EVEN-PORT with R reserves the next port; RESERVATION-TOKEN claims it.
+#[test]
+fn even_port_and_reservation_token() {
+    let mut h = harness();
+    let mut a = Client::rest(40030, "u", UNIX0 + 3600);
+    let r = h.authed(&mut a, Method::ALLOCATE, |w| {
+        udp_transport(w);
+        w.add_bytes(AttrType::EVEN_PORT, &[0x80]);
+    });
+    assert_eq!(r.class(), Class::Success);
+    let port = r.xor_addr(AttrType::XOR_RELAYED_ADDRESS).port();
+    assert_eq!(port % 2, 0);
+    let token = r.attr(AttrType::RESERVATION_TOKEN).unwrap();
+    let mut b = Client::rest(40031, "v", UNIX0 + 3600);
+    let r = h.authed(&mut b, Method::ALLOCATE, |w| {
+        udp_transport(w);
+        w.add_bytes(AttrType::RESERVATION_TOKEN, &token);
+    });
+    assert_eq!(r.class(), Class::Success);
+    assert_eq!(r.xor_addr(AttrType::XOR_RELAYED_ADDRESS).port(), port + 1);
+    let mut c = Client::rest(40032, "w", UNIX0 + 3600);
+    let r = h.authed(&mut c, Method::ALLOCATE, |w| {
+        udp_transport(w);
+        w.add_bytes(AttrType::RESERVATION_TOKEN, &token);
+    });
+    assert_eq!(r.code(), Some(508), "a token works once");
+}
+
+#[test]
+fn binding_unknown_methods_and_junk() {
+    let mut h = harness();
+    let c = Client::rest(40040, "u", UNIX0 + 3600);
+    let req = c.request_with_tid(Method::BINDING, TransactionId([1; 12]), false, |_| {});
+    let r = h.request(c.tuple, &req);
+    assert_eq!(r.class(), Class::Success);
+    assert_eq!(r.xor_addr(AttrType::XOR_MAPPED_ADDRESS), c.tuple.client);
+    assert!(r.msg().has_fingerprint());
+    let req = c.request_with_tid(Method(0x0FF), TransactionId([2; 12]), false, |_| {});
+    assert_eq!(h.request(c.tuple, &req).code(), Some(400));
+    assert_eq!(h.send(c.tuple, b""), Action::Drop(DropReason::Malformed));
+    assert_eq!(h.send(c.tuple, &[0xFF; 40]), Action::Drop(DropReason::Malformed));
+    // A success response from a client is unexpected.
+    let mut buf = [0u8; 64];
+    let len = MsgWriter::new(&mut buf, Method::BINDING, Class::Success, TransactionId([3; 12])).finish().unwrap();
+    assert_eq!(h.send(c.tuple, &buf[..len]), Action::Drop(DropReason::Unexpected));
+}
+
+#[test]
+fn software_and_reason_phrases_when_configured() {
+    let mut s = settings();
+    s.software = Some("turnpike test".into());
+    s.reason_phrases = true;
+    let mut h = harness_with(s);
+    let c = Client::rest(40050, "u", UNIX0 + 3600);
+    let r = h.request(c.tuple, &c.request_with_tid(Method::ALLOCATE, TransactionId([1; 12]), false, udp_transport));
+    assert_eq!(r.attr(AttrType::SOFTWARE).unwrap(), b"turnpike test");
+    assert_eq!(&r.attr(AttrType::ERROR_CODE).unwrap()[4..], b"Unauthorized");
+}
+
+#[test]
+fn fuzzed_sequences_never_panic_and_keep_invariants() {
+    use proptest::prelude::*;
+    use proptest::test_runner::{Config, TestRunner};
+    let mut runner = TestRunner::new(Config { cases: 64, ..Config::default() });
+    runner
+        .run(&proptest::collection::vec((0u8..6, any::<u16>(), proptest::collection::vec(any::<u8>(), 0..64)), 1..80), |ops| {
+            let mut h = harness();
+            let mut c = Client::rest(40060, "u", UNIX0 + 99_999);
+            for (op, n, bytes) in ops {
+                match op {
+                    0 => {
+                        let _ = h.allocate(&mut c);
+                    }
+                    1 => {
+                        let _ = h.authed(&mut c, Method::CHANNEL_BIND, channel_bind_attrs(0x4000 + (n % 8), peer()));
+                    }
+                    2 => {
+                        let _ = h.send(c.tuple, &bytes);
+                    }
+                    3 => {
+                        let _ = h.from_peer(u32::from(n % 4), peer(), &bytes);
+                    }
+                    4 => h.advance(u64::from(n % 700)),
+                    _ => {
+                        let _ = h.authed(&mut c, Method::REFRESH, |w| w.add_u32(AttrType::LIFETIME, u32::from(n % 2) * 600));
+                    }
+                }
+                if c.nonce.is_empty() {
+                    continue;
+                }
+                prop_assert_eq!(h.io.open.len(), h.engine.table().len());
+                prop_assert_eq!(h.shared.quotas.total() as usize, h.engine.table().len());
+            }
+            Ok(())
+        })
+        .unwrap();
+}

@@ -168,7 +168,7 @@ proptest! {
         if let Ok(msg) = StunMsg::parse(&bytes) {
             for a in msg.attrs() {
                 let _ = decode_xor_addr(a.value, &msg.transaction_id());
-                let _ = crate::proto::attr::decode_error_code(a.value);
+                let _ = attr::decode_error_code(a.value);
             }
         }
         let _ = crate::proto::ChannelData::parse(&bytes);
@@ -209,7 +209,7 @@ proptest! {
         let peers: Vec<SocketAddr> = msg.attrs().filter(|a| a.typ == AttrType::XOR_PEER_ADDRESS)
             .map(|a| decode_xor_addr(a.value, &msg.transaction_id()).unwrap()).collect();
         prop_assert_eq!(peers, vec![a4, a6]);
-        prop_assert_eq!(crate::proto::attr::decode_u32(msg.attr(AttrType::LIFETIME).unwrap()).unwrap(), lifetime);
+        prop_assert_eq!(attr::decode_u32(msg.attr(AttrType::LIFETIME).unwrap()).unwrap(), lifetime);
         prop_assert!(verify_message_integrity(&msg, &key));
         prop_assert!(msg.has_fingerprint());
     }

@@ -1,0 +1,278 @@
+//! The YAML file model. Every section and key is optional; unknown keys are errors (typos must not pass
+//! silently). `serde_yaml` stays behind [`parse_yaml`] so it can be swapped for a maintained fork.
+
+use serde::Deserialize;
+
+/// `threads: auto` or a number.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum Threads {
+    /// A fixed number of shards.
+    Count(usize),
+    /// A word; only `auto` (one shard per core) is valid.
+    Word(String),
+}
+
+impl Default for Threads {
+    fn default() -> Self {
+        Self::Word("auto".into())
+    }
+}
+
+/// Where clients reach the server.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ListenSection {
+    /// Addresses to listen on (coturn `listening-ip`). Default: 0.0.0.0.
+    pub ips: Vec<String>,
+    /// STUN/TURN port over UDP and TCP (coturn `listening-port`).
+    pub port: u16,
+    /// TURN-over-TLS port (coturn `tls-listening-port`).
+    pub tls_port: u16,
+}
+
+impl Default for ListenSection {
+    fn default() -> Self {
+        Self { ips: Vec::new(), port: 3478, tls_port: 5349 }
+    }
+}
+
+/// Relay addresses and ports.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RelaySection {
+    /// Addresses relay sockets bind (coturn `relay-ip`).
+    pub ips: Vec<String>,
+    /// `PUBLIC` or `PUBLIC/PRIVATE`, one per family (coturn `external-ip`).
+    pub external_ips: Vec<String>,
+    /// Lowest relay port (coturn `min-port`).
+    pub min_port: u16,
+    /// Highest relay port (coturn `max-port`).
+    pub max_port: u16,
+}
+
+impl Default for RelaySection {
+    fn default() -> Self {
+        Self { ips: Vec::new(), external_ips: Vec::new(), min_port: 49152, max_port: 65535 }
+    }
+}
+
+/// Credentials.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthSection {
+    /// The realm (coturn `realm`).
+    pub realm: String,
+    /// TURN REST API secrets; all are accepted (coturn `static-auth-secret`).
+    pub shared_secrets: Vec<String>,
+    /// Static users, `name:password` or `name:0x<32 hex digits of the MD5 key>` (coturn `user`).
+    pub users: Vec<String>,
+    /// Separator between expiry and user in REST usernames (coturn `rest-api-separator`).
+    pub rest_separator: String,
+    /// Seconds a nonce stays valid (coturn `stale-nonce`).
+    pub nonce_lifetime: u64,
+}
+
+impl Default for AuthSection {
+    fn default() -> Self {
+        Self {
+            realm: String::new(),
+            shared_secrets: Vec::new(),
+            users: Vec::new(),
+            rest_separator: ":".into(),
+            nonce_lifetime: 600,
+        }
+    }
+}
+
+/// Allocation limits.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AllocationSection {
+    /// Seconds granted when the client asks for less or nothing.
+    pub default_lifetime: u64,
+    /// Most seconds granted (coturn `max-allocate-lifetime`).
+    pub max_lifetime: u64,
+    /// Most permissions per allocation.
+    pub max_permissions: usize,
+    /// Most channels per allocation.
+    pub max_channels: usize,
+    /// Concurrent allocations per user, 0 = unlimited (coturn `user-quota`).
+    pub user_quota: u32,
+    /// Concurrent allocations in total, 0 = unlimited (coturn `total-quota`).
+    pub total_quota: u32,
+    /// Bytes per second per allocation, 0 = unlimited (coturn `max-bps`).
+    pub max_bps: u64,
+}
+
+impl Default for AllocationSection {
+    fn default() -> Self {
+        Self {
+            default_lifetime: 600,
+            max_lifetime: 3600,
+            max_permissions: 64,
+            max_channels: 64,
+            user_quota: 0,
+            total_quota: 0,
+            max_bps: 0,
+        }
+    }
+}
+
+/// Which peers the relay may reach.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PeerSection {
+    /// Addresses/ranges allowed even though denied by default (coturn `allowed-peer-ip`).
+    pub allowed: Vec<String>,
+    /// Extra addresses/ranges denied (coturn `denied-peer-ip`).
+    pub denied: Vec<String>,
+    /// Refuse multicast peers (coturn `no-multicast-peers`). Default true.
+    pub no_multicast: bool,
+    /// Relay to private/reserved ranges on purpose (LAN deployments). Default false.
+    pub allow_private: bool,
+    /// Refuse TCP relay allocations (coturn `no-tcp-relay`). Default true.
+    pub no_tcp_relay: bool,
+}
+
+impl Default for PeerSection {
+    fn default() -> Self {
+        Self { allowed: Vec::new(), denied: Vec::new(), no_multicast: true, allow_private: false, no_tcp_relay: true }
+    }
+}
+
+/// TLS.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsSection {
+    /// Certificate chain, PEM (coturn `cert`).
+    pub cert: Option<String>,
+    /// Private key, PEM (coturn `pkey`).
+    pub pkey: Option<String>,
+}
+
+/// Per-core settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RuntimeSection {
+    /// Shards (event loops): `auto` = one per core.
+    pub threads: Threads,
+    /// Pin shard k to core `core_ids[k]` (or core k).
+    pub pin_cores: bool,
+    /// Cores to pin to, in shard order.
+    pub core_ids: Vec<usize>,
+    /// Per-shard relay port ranges `"a-b"`, one per shard, overriding the even split.
+    pub shard_ports: Vec<String>,
+    /// SO_RCVBUF of listening and relay sockets, bytes (0 = kernel default).
+    pub recv_buffer: usize,
+    /// SO_SNDBUF of listening and relay sockets, bytes (0 = kernel default).
+    pub send_buffer: usize,
+    /// Most datagrams read from one socket per wake-up before moving on.
+    pub recv_batch: usize,
+}
+
+impl Default for RuntimeSection {
+    fn default() -> Self {
+        Self {
+            threads: Threads::default(),
+            pin_cores: false,
+            core_ids: Vec::new(),
+            shard_ports: Vec::new(),
+            recv_buffer: 4 << 20,
+            send_buffer: 4 << 20,
+            recv_batch: 64,
+        }
+    }
+}
+
+/// Logging.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LoggingSection {
+    /// error, warn, info, debug or trace (coturn `verbose` = debug).
+    pub level: String,
+    /// Log to syslog (coturn `syslog`).
+    pub syslog: bool,
+    /// Log to this file (coturn `log-file`).
+    pub file: Option<String>,
+}
+
+impl Default for LoggingSection {
+    fn default() -> Self {
+        Self { level: "info".into(), syslog: false, file: None }
+    }
+}
+
+/// Wire details.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProtocolSection {
+    /// SOFTWARE attribute value; none by default (it helps attackers fingerprint the server).
+    pub software: Option<String>,
+    /// Put reason phrases in ERROR-CODE; off by default (smaller answers to unauthenticated requests).
+    pub reason_phrases: bool,
+}
+
+/// The whole file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FileConfig {
+    /// `listen:` section.
+    pub listen: ListenSection,
+    /// `relay:` section.
+    pub relay: RelaySection,
+    /// `auth:` section.
+    pub auth: AuthSection,
+    /// `allocations:` section.
+    pub allocations: AllocationSection,
+    /// `peers:` section.
+    pub peers: PeerSection,
+    /// `tls:` section.
+    pub tls: TlsSection,
+    /// `runtime:` section.
+    pub runtime: RuntimeSection,
+    /// `logging:` section.
+    pub logging: LoggingSection,
+    /// `protocol:` section.
+    pub protocol: ProtocolSection,
+}
+
+/// A YAML syntax or schema error: line (1-based, if known) and message.
+#[derive(Debug, Clone)]
+pub struct YamlError {
+    /// Line of the error.
+    pub line: Option<usize>,
+    /// What serde said.
+    pub message: String,
+}
+
+/// Parses YAML text into the file model.
+pub fn parse_yaml(text: &str) -> Result<FileConfig, YamlError> {
+    if text.trim().is_empty() {
+        return Ok(FileConfig::default());
+    }
+    serde_yaml::from_str(text).map_err(|e| YamlError { line: e.location().map(|l| l.line()), message: e.to_string() })
+}
+
+/// Finds the line of `key:` nested under `section:` in YAML text (for semantic errors).
+pub fn yaml_line_of(text: &str, section: &str, key: &str) -> Option<usize> {
+    let mut in_section = section.is_empty();
+    for (i, line) in text.lines().enumerate() {
+        let trimmed = line.trim_start();
+        if trimmed.starts_with('#') || trimmed.is_empty() {
+            continue;
+        }
+        let indented = line.len() != trimmed.len();
+        if !indented {
+            in_section = section.is_empty() || trimmed.starts_with(&format!("{section}:"));
+            if section.is_empty() && trimmed.starts_with(&format!("{key}:")) {
+                return Some(i + 1);
+            }
+            continue;
+        }
+        if in_section && trimmed.starts_with(&format!("{key}:")) {
+            return Some(i + 1);
+        }
+    }
+    if section.is_empty() { None } else { yaml_line_of(text, "", section) }
+}
