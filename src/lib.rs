@@ -10,3 +10,6 @@ pub mod config;
 pub mod policy;
 pub mod proto;
 pub mod shared;
+pub mod control;
+pub mod server;
+pub mod shard;

@@ -171,6 +171,16 @@ pub fn read(counter: &AtomicU64) -> u64 {
     counter.load(Ordering::Relaxed)
 }
 
+/// A relay port held for a RESERVATION-TOKEN (EVEN-PORT with the R bit). The token may be presented
+/// from another 5-tuple, which the kernel may steer to another shard, so reservations are shared.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Reservation {
+    /// The reserved port (taken out of the reserving shard's pool).
+    pub port: u16,
+    /// When the reservation lapses.
+    pub expires: std::time::Instant,
+}
+
 /// Everything shards share.
 #[derive(Debug, Default)]
 pub struct Shared {
@@ -178,6 +188,8 @@ pub struct Shared {
     pub directory: Directory,
     /// Allocation quotas.
     pub quotas: Quotas,
+    /// Outstanding RESERVATION-TOKENs. Touched only by Allocate requests that use EVEN-PORT(R) or a token.
+    pub reservations: Mutex<HashMap<[u8; 8], Reservation>>,
 }
 
 #[cfg(test)]

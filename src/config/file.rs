@@ -204,13 +204,21 @@ impl Default for LoggingSection {
 }
 
 /// Wire details.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ProtocolSection {
     /// SOFTWARE attribute value; none by default (it helps attackers fingerprint the server).
     pub software: Option<String>,
     /// Put reason phrases in ERROR-CODE; off by default (smaller answers to unauthenticated requests).
     pub reason_phrases: bool,
+    /// Accept channel numbers 0x5000-0x7FFF (RFC 5766) besides RFC 8656's 0x4000-0x4FFF. Default true.
+    pub legacy_channel_numbers: bool,
+}
+
+impl Default for ProtocolSection {
+    fn default() -> Self {
+        Self { software: None, reason_phrases: false, legacy_channel_numbers: true }
+    }
 }
 
 /// The whole file.

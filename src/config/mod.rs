@@ -157,6 +157,8 @@ pub struct Config {
     pub software: Option<String>,
     /// Reason phrases in errors.
     pub reason_phrases: bool,
+    /// Accept RFC 5766 channel numbers (0x5000-0x7FFF) too.
+    pub legacy_channel_numbers: bool,
     /// Warnings to log at start (ignored options, weakened defaults).
     pub warnings: Vec<String>,
 }
@@ -483,6 +485,7 @@ fn validate(loc: &Locator<'_>, m: FileConfig, mut warnings: Vec<String>) -> Resu
         log_file: m.logging.file.map(PathBuf::from),
         software,
         reason_phrases: m.protocol.reason_phrases,
+        legacy_channel_numbers: m.protocol.legacy_channel_numbers,
         warnings,
     })
 }

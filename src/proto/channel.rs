@@ -6,8 +6,10 @@ use super::error::ParseError;
 pub const CHANNEL_HEADER_LEN: usize = 4;
 /// Lowest valid channel number.
 pub const MIN_CHANNEL: u16 = 0x4000;
-/// Highest valid channel number.
+/// Highest channel number RFC 8656 allows.
 pub const MAX_CHANNEL: u16 = 0x4FFF;
+/// Highest channel number RFC 5766 allowed; deployed clients (coturn's among them) still use it.
+pub const MAX_LEGACY_CHANNEL: u16 = 0x7FFF;
 
 /// A channel number in 0x4000..=0x4FFF.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -17,6 +19,11 @@ impl ChannelNumber {
     /// Whether the number lies in the range RFC 8656 allows.
     pub fn is_valid(self) -> bool {
         (MIN_CHANNEL..=MAX_CHANNEL).contains(&self.0)
+    }
+
+    /// Whether the number lies in RFC 5766's wider range, 0x4000..=0x7FFF.
+    pub fn is_valid_legacy(self) -> bool {
+        (MIN_CHANNEL..=MAX_LEGACY_CHANNEL).contains(&self.0)
     }
 }
 
@@ -36,13 +43,14 @@ pub struct ChannelData<'a> {
 
 impl<'a> ChannelData<'a> {
     /// Parses a ChannelData datagram. Over UDP the datagram may carry padding after the data (RFC 8656
-    /// §12.5), so only `len <= datagram - 4` is required.
+    /// §12.5), so only `len <= datagram - 4` is required. Numbers in RFC 5766's range are accepted here;
+    /// only bound numbers ever match an allocation.
     pub fn parse(bytes: &'a [u8]) -> Result<Self, ParseError> {
         if bytes.len() < CHANNEL_HEADER_LEN {
             return Err(ParseError::Truncated("ChannelData header"));
         }
         let number = ChannelNumber(u16::from_be_bytes([bytes[0], bytes[1]]));
-        if !number.is_valid() {
+        if !number.is_valid_legacy() {
             return Err(ParseError::BadChannelNumber);
         }
         let len = usize::from(u16::from_be_bytes([bytes[2], bytes[3]]));

@@ -21,7 +21,7 @@ use super::table::{AllocId, AllocTable};
 use super::timer::TimerWheel;
 use crate::auth::{CredentialStore, NonceCheck, NonceKey, Verdict};
 use crate::policy::PeerPolicy;
-use crate::shared::{QuotaError, ShardStats, Shared, bump, set};
+use crate::shared::{QuotaError, Reservation, ShardStats, Shared, bump, set};
 use std::net::{IpAddr, SocketAddr};
 use std::ops::Range;
 use std::sync::Arc;
@@ -119,6 +119,8 @@ pub struct Settings {
     pub software: Option<Box<str>>,
     /// Whether ERROR-CODE carries reason phrases.
     pub reason_phrases: bool,
+    /// Accept channel numbers up to 0x7FFF (RFC 5766) and not only up to 0x4FFF (RFC 8656).
+    pub legacy_channel_numbers: bool,
     /// IPv4 relay address, if IPv4 relaying is offered.
     pub relay_v4: Option<RelayAddr>,
     /// IPv6 relay address, if IPv6 relaying is offered.
@@ -180,13 +182,6 @@ enum Timer {
     Permission(AllocId, IpAddr),
     Channel(AllocId, ChannelNumber),
     Reservation([u8; 8]),
-}
-
-#[derive(Clone, Copy, Debug)]
-struct Reservation {
-    token: [u8; 8],
-    port: u16,
-    expires: Instant,
 }
 
 /// Attributes the engine understands; other comprehension-required ones get 420. DONT-FRAGMENT is
@@ -265,7 +260,6 @@ pub struct Engine {
     ports: PortPool,
     wheel: TimerWheel<Timer>,
     due: Vec<Timer>,
-    reservations: Vec<Reservation>,
     out: Box<[u8]>,
     origin: Instant,
     origin_unix: u64,
@@ -303,7 +297,6 @@ impl Engine {
             ports: PortPool::new(ports, seed),
             wheel: TimerWheel::new(origin),
             due: Vec::new(),
-            reservations: Vec::new(),
             out: vec![0u8; OUT_LEN].into_boxed_slice(),
             origin,
             origin_unix,
@@ -685,8 +678,8 @@ impl Engine {
         let action = write_response(&mut self.out, &self.settings, msg, Class::Success, Some(&key), |w| {
             w.add_xor_addr(AttrType::XOR_RELAYED_ADDRESS, relayed);
             w.add_u32(AttrType::LIFETIME, lifetime_secs);
-            if let Some(r) = &reserved {
-                w.add_bytes(AttrType::RESERVATION_TOKEN, &r.token);
+            if let Some((token, _)) = &reserved {
+                w.add_bytes(AttrType::RESERVATION_TOKEN, token);
             }
             w.add_xor_addr(AttrType::XOR_MAPPED_ADDRESS, tuple.client);
             if let Some(fam) = dual_error {
@@ -704,12 +697,15 @@ impl Engine {
         let Action::Reply { len } = action else {
             io.close(self.table.next_index());
             self.ports.give_back(port);
+            if let Some((_, r)) = reserved {
+                self.ports.give_back(r.port);
+            }
             self.shared.quotas.release(&quota_user);
             return action;
         };
-        if let Some(r) = reserved {
-            self.wheel.insert(r.expires, Timer::Reservation(r.token));
-            self.reservations.push(r);
+        if let Some((token, r)) = reserved {
+            self.wheel.insert(r.expires, Timer::Reservation(token));
+            self.shared.reservations.lock().insert(token, r);
         }
         let username: Box<str> = String::from_utf8_lossy(auth.username).into();
         log::info!(
@@ -750,11 +746,11 @@ impl Engine {
         token: Option<[u8; 8]>,
         even_port: Option<bool>,
         io: &mut dyn RelaySockets,
-    ) -> Option<(u16, Option<Reservation>)> {
+    ) -> Option<(u16, Option<([u8; 8], Reservation)>)> {
         let idx = self.table.next_index();
         if let Some(token) = token {
-            let pos = self.reservations.iter().position(|r| r.token == token && now < r.expires)?;
-            let r = self.reservations.swap_remove(pos);
+            let r = self.shared.reservations.lock().remove(&token).filter(|r| now < r.expires)?;
+            // The port may come from another shard's range; it joins this shard's pool when freed.
             return match io.open(idx, SocketAddr::new(bind_ip, r.port)) {
                 Ok(()) => Some((r.port, None)),
                 Err(_) => {
@@ -773,7 +769,7 @@ impl Engine {
                     let reservation = next.map(|next| {
                         let mut token = [0u8; 8];
                         token.copy_from_slice(&self.next_random().to_be_bytes());
-                        Reservation { token, port: next, expires: now + RESERVATION_LIFETIME }
+                        (token, Reservation { port: next, expires: now + RESERVATION_LIFETIME })
                     });
                     return Some((port, reservation));
                 }
@@ -924,9 +920,17 @@ impl Engine {
         };
         //= RFC 8656 §11.2: "The request contains both a CHANNEL-NUMBER and an XOR-PEER-ADDRESS
         //= attribute; The channel number is in the range 0x4000 through 0x4FFF (inclusive)" else 400.
+        //  RFC 5766 allowed up to 0x7FFF and deployed clients still pick from there, so that range is
+        //  accepted unless `legacy_channel_numbers` is off.
+        let legacy = self.settings.legacy_channel_numbers;
         let number = match msg.attr(AttrType::CHANNEL_NUMBER).map(attr::decode_channel_number) {
-            Some(Ok(n)) if ChannelNumber(n).is_valid() => ChannelNumber(n),
-            _ => return self.error(msg, ErrorCode::BadRequest, Some(&key)),
+            Some(Ok(n)) if ChannelNumber(n).is_valid() || (legacy && ChannelNumber(n).is_valid_legacy()) => {
+                ChannelNumber(n)
+            }
+            other => {
+                log::debug!("channel bind refused: client={tuple}: bad CHANNEL-NUMBER {other:?}");
+                return self.error(msg, ErrorCode::BadRequest, Some(&key));
+            }
         };
         let Some(peer_value) = msg.attr(AttrType::XOR_PEER_ADDRESS) else {
             return self.error(msg, ErrorCode::BadRequest, Some(&key));
@@ -946,6 +950,10 @@ impl Engine {
         let by_number = alloc.channel_by_number(number).map(|c| c.peer);
         let by_peer = alloc.channel_by_peer(peer).map(|c| c.number);
         if by_number.is_some_and(|p| p != peer) || by_peer.is_some_and(|n| n != number) {
+            log::debug!(
+                "channel bind refused: client={tuple} channel={:#06x} peer={peer}: bound to {by_number:?} / {by_peer:?}",
+                number.0
+            );
             return self.error(msg, ErrorCode::BadRequest, Some(&key));
         }
         let is_new = by_number.is_none();
@@ -1106,8 +1114,15 @@ impl Engine {
                 }
             }
             Timer::Reservation(token) => {
-                if let Some(pos) = self.reservations.iter().position(|r| r.token == token && r.expires <= now) {
-                    let r = self.reservations.swap_remove(pos);
+                // Still unclaimed (by any shard): the port returns to this shard's pool.
+                let lapsed = {
+                    let mut map = self.shared.reservations.lock();
+                    match map.get(&token) {
+                        Some(r) if r.expires <= now => map.remove(&token),
+                        _ => None,
+                    }
+                };
+                if let Some(r) = lapsed {
                     self.ports.give_back(r.port);
                 }
             }

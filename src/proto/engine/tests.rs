@@ -49,6 +49,7 @@ fn settings() -> Settings {
         total_quota: 100,
         software: None,
         reason_phrases: false,
+        legacy_channel_numbers: false,
         relay_v4: Some(relay),
         relay_v6: None,
     }
@@ -592,7 +593,7 @@ fn channel_data_edge_cases() {
     short.truncate(6);
     assert_eq!(h.send(c.tuple, &short), Action::Drop(DropReason::Malformed));
     assert_eq!(h.send(c.tuple, &[0x40]), Action::Drop(DropReason::Malformed));
-    assert_eq!(h.send(c.tuple, &channel_data(0x7000, b"x")), Action::Drop(DropReason::Malformed));
+    assert_eq!(h.send(c.tuple, &channel_data(0x7000, b"x")), Action::Drop(DropReason::NoChannel));
     // Padding after the data is allowed over UDP.
     assert_eq!(h.authed(&mut c, Method::CHANNEL_BIND, channel_bind_attrs(0x4000, peer())).class(), Class::Success);
     let mut padded = channel_data(0x4000, b"abc");
@@ -734,4 +735,58 @@ fn fuzzed_sequences_never_panic_and_keep_invariants() {
             Ok(())
         })
         .unwrap();
+}
+
+/// A reservation made on one shard can be claimed on another (the kernel steers 5-tuples, not tokens),
+/// and an unclaimed one lapses back into the reserving shard's pool after 30 s.
+#[test]
+fn reservation_tokens_work_across_shards_and_lapse() {
+    let mut a = harness();
+    let mut b = harness();
+    let shared = Arc::clone(&a.shared);
+    b.engine.shared = Arc::clone(&shared);
+    let mut c = Client::rest(40070, "u", UNIX0 + 3600);
+    let r = a.authed(&mut c, Method::ALLOCATE, |w| {
+        udp_transport(w);
+        w.add_bytes(AttrType::EVEN_PORT, &[0x80]);
+    });
+    let port = r.xor_addr(AttrType::XOR_RELAYED_ADDRESS).port();
+    let token = r.attr(AttrType::RESERVATION_TOKEN).unwrap();
+    let mut d = Client::rest(40071, "v", UNIX0 + 3600);
+    let r = b.authed(&mut d, Method::ALLOCATE, |w| {
+        udp_transport(w);
+        w.add_bytes(AttrType::RESERVATION_TOKEN, &token);
+    });
+    assert_eq!(r.xor_addr(AttrType::XOR_RELAYED_ADDRESS).port(), port + 1);
+
+    let free_before = a.engine.free_ports();
+    let r = a.authed(&mut c.clone(), Method::ALLOCATE, |w| {
+        udp_transport(w);
+        w.add_bytes(AttrType::EVEN_PORT, &[0x80]);
+    });
+    assert_eq!(r.code(), Some(437), "same 5-tuple");
+    let mut e = Client::rest(40072, "w", UNIX0 + 3600);
+    let r = a.authed(&mut e, Method::ALLOCATE, |w| {
+        udp_transport(w);
+        w.add_bytes(AttrType::EVEN_PORT, &[0x80]);
+    });
+    assert!(r.attr(AttrType::RESERVATION_TOKEN).is_some());
+    assert_eq!(a.engine.free_ports(), free_before - 2);
+    a.advance(31);
+    assert_eq!(a.engine.free_ports(), free_before - 1, "the unclaimed reserved port came back");
+    assert!(shared.reservations.lock().is_empty());
+}
+
+/// RFC 5766 clients (coturn's turnutils among them) bind numbers up to 0x7FFF; accepted unless strict.
+#[test]
+fn legacy_channel_numbers_when_enabled() {
+    let mut s = settings();
+    s.legacy_channel_numbers = true;
+    let mut h = harness_with(s);
+    let mut c = Client::rest(40080, "u", UNIX0 + 3600);
+    assert_eq!(h.allocate(&mut c).class(), Class::Success);
+    assert_eq!(h.authed(&mut c, Method::CHANNEL_BIND, channel_bind_attrs(0x7FFF, peer())).class(), Class::Success);
+    assert_eq!(h.authed(&mut c, Method::CHANNEL_BIND, channel_bind_attrs(0x8000, PEER2.parse().unwrap())).code(), Some(400));
+    let Action::ToPeer { range, .. } = h.send(c.tuple, &channel_data(0x7FFF, b"old")) else { panic!() };
+    assert_eq!(h.pkt.get(range), b"old");
 }

@@ -1,0 +1,237 @@
+//! Start-up: turn a [`Config`] into running shards and a control thread.
+//!
+//! Every socket is bound before any shard starts reading, so the `SO_REUSEPORT` group is complete
+//! (and the kernel's flow-to-socket mapping stable) from the first datagram on.
+
+use crate::config::Config;
+use crate::control::{self, Totals};
+use crate::policy::PeerPolicy;
+use crate::proto::{Engine, RelayAddr, Settings};
+use crate::shard::{self, Ctl, ShardParts, clock, socket};
+use crate::shared::{ShardStats, Shared};
+use crate::auth::NonceKey;
+use crossbeam_channel::Sender;
+use mio::Waker;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+
+/// The relay addresses per family, after applying relay-ip, listening-ip and external-ip.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RelayPlan {
+    /// IPv4 relaying.
+    pub v4: Option<RelayAddr>,
+    /// IPv6 relaying.
+    pub v6: Option<RelayAddr>,
+}
+
+/// Decides which address relay sockets bind and which one clients are told, per family.
+pub fn relay_plan(cfg: &Config) -> Result<RelayPlan, String> {
+    let pick = |v4: bool| -> Option<RelayAddr> {
+        let fam = |ip: &IpAddr| ip.is_ipv4() == v4;
+        let external = cfg.external_ips.iter().find(|e| fam(&e.public));
+        let bind = cfg
+            .relay_ips
+            .iter()
+            .copied()
+            .find(fam)
+            .or_else(|| cfg.listen_ips.iter().copied().find(|ip| fam(ip) && !ip.is_unspecified()))
+            .or_else(|| external.and_then(|e| e.private))
+            .or_else(|| {
+                // Listening on the wildcard of this family: use the default route's source address.
+                let wildcard = cfg.listen_ips.iter().any(|ip| fam(ip) && ip.is_unspecified());
+                let probe: SocketAddr = if v4 { "192.0.2.1:9" } else { "[2001:db8::1]:9" }.parse().ok()?;
+                if wildcard { socket::route_source(probe) } else { None }
+            })?;
+        let advertised = match external {
+            Some(e) if e.private.is_none_or(|p| p == bind) => e.public,
+            _ => bind,
+        };
+        Some(RelayAddr { bind, advertised })
+    };
+    let plan = RelayPlan { v4: pick(true), v6: pick(false) };
+    if plan.v4.is_none() && plan.v6.is_none() {
+        return Err("no relay address: set relay.ips (relay-ip) or listen on a specific address".into());
+    }
+    Ok(plan)
+}
+
+/// Builds the engine settings from a configuration.
+pub fn settings(cfg: &Config, plan: RelayPlan, nonce_key: NonceKey) -> Settings {
+    Settings {
+        credentials: cfg.credential_store(),
+        nonce_key,
+        nonce_lifetime: cfg.nonce_lifetime,
+        default_lifetime: cfg.default_lifetime,
+        max_lifetime: cfg.max_lifetime,
+        max_permissions: cfg.max_permissions,
+        max_channels: cfg.max_channels,
+        peer_policy: PeerPolicy::new(
+            cfg.allowed_peers.clone(),
+            cfg.denied_peers.clone(),
+            cfg.no_multicast_peers,
+            cfg.allow_private_peers,
+        ),
+        user_quota: cfg.user_quota,
+        total_quota: cfg.total_quota,
+        software: cfg.software.as_deref().map(Into::into),
+        reason_phrases: cfg.reason_phrases,
+        legacy_channel_numbers: cfg.legacy_channel_numbers,
+        relay_v4: plan.v4,
+        relay_v6: plan.v6,
+    }
+}
+
+struct ShardHandle {
+    thread: Option<JoinHandle<()>>,
+    inbox: Sender<Ctl>,
+    waker: Arc<Waker>,
+}
+
+/// A running server.
+pub struct ServerHandle {
+    /// The UDP listening addresses, in listener order (ports resolved if 0 was asked for).
+    pub udp_addrs: Vec<SocketAddr>,
+    /// The relay addresses in use.
+    pub relay: RelayPlan,
+    /// Shared state (directory, quotas).
+    pub shared: Arc<Shared>,
+    /// Per-shard counters.
+    pub stats: Vec<Arc<ShardStats>>,
+    shards: Vec<ShardHandle>,
+    control: Option<JoinHandle<()>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for ServerHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerHandle").field("udp_addrs", &self.udp_addrs).field("shards", &self.shards.len()).finish()
+    }
+}
+
+impl ServerHandle {
+    /// Counters summed over shards.
+    pub fn totals(&self) -> Totals {
+        Totals::sum(&self.stats)
+    }
+
+    /// Sends new settings to every shard (each swaps between packets).
+    pub fn reload(&self, settings: Arc<Settings>) {
+        for s in &self.shards {
+            let _ = s.inbox.send(Ctl::Reload(Arc::clone(&settings)));
+            let _ = s.waker.wake();
+        }
+    }
+
+    /// Stops every shard (deleting their allocations) and the control thread, and waits for them.
+    pub fn shutdown(mut self) {
+        self.stop_all();
+    }
+
+    fn stop_all(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        for s in &self.shards {
+            let _ = s.inbox.send(Ctl::Shutdown);
+            let _ = s.waker.wake();
+        }
+        for s in &mut self.shards {
+            if let Some(t) = s.thread.take() {
+                let _ = t.join();
+            }
+        }
+        if let Some(c) = self.control.take() {
+            let _ = c.join();
+        }
+    }
+}
+
+impl Drop for ServerHandle {
+    fn drop(&mut self) {
+        self.stop_all();
+    }
+}
+
+/// Binds the listeners of every shard: shard 0 first (resolving port 0), the others join its group.
+fn bind_listeners(cfg: &Config, buffers: socket::Buffers) -> io::Result<(Vec<Vec<std::net::UdpSocket>>, Vec<SocketAddr>)> {
+    let mut per_shard: Vec<Vec<std::net::UdpSocket>> = (0..cfg.threads).map(|_| Vec::new()).collect();
+    let mut addrs = Vec::new();
+    for ip in &cfg.listen_ips {
+        let mut addr = SocketAddr::new(*ip, cfg.listen_port);
+        for (k, sockets) in per_shard.iter_mut().enumerate() {
+            let sock = socket::reuseport_udp(addr, buffers)
+                .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}/udp: {e}")))?;
+            if k == 0 {
+                addr = sock.local_addr()?;
+                addrs.push(addr);
+            }
+            sockets.push(sock);
+        }
+    }
+    Ok((per_shard, addrs))
+}
+
+/// Starts a server: binds everything, spawns one shard per configured thread and the control thread.
+pub fn start(cfg: &Config) -> io::Result<ServerHandle> {
+    let plan = relay_plan(cfg).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let settings = Arc::new(settings(cfg, plan, NonceKey::new(clock::random_bytes())));
+    let buffers = socket::Buffers { recv: cfg.recv_buffer, send: cfg.send_buffer };
+    let (listeners, udp_addrs) = bind_listeners(cfg, buffers)?;
+    let shared = Arc::new(Shared::default());
+    let cores = if cfg.pin_cores { core_affinity::get_core_ids().unwrap_or_default() } else { Vec::new() };
+    let origin = clock::now();
+    let origin_unix = clock::unix_now();
+    let mut stats = Vec::new();
+    let mut shards = Vec::new();
+    for (k, shard_listeners) in listeners.into_iter().enumerate() {
+        let shard_stats = Arc::new(ShardStats::default());
+        let (poll, waker) = shard::new_poll()?;
+        let (tx, rx) = crossbeam_channel::bounded(16);
+        let seed = u64::from_be_bytes(clock::random_bytes()[..8].try_into().unwrap_or([1; 8]));
+        let engine = Engine::new(
+            k as u16,
+            Arc::clone(&settings),
+            Arc::clone(&shared),
+            Arc::clone(&shard_stats),
+            cfg.shard_port_list(k),
+            origin,
+            origin_unix,
+            seed,
+        );
+        let parts = ShardParts {
+            id: k as u16,
+            poll,
+            listeners: shard_listeners,
+            engine,
+            inbox: rx,
+            stats: Arc::clone(&shard_stats),
+            buffers,
+            recv_batch: cfg.recv_batch,
+        };
+        let core = if cfg.pin_cores {
+            let wanted = cfg.core_ids.get(k).copied().unwrap_or(k);
+            cores.iter().copied().find(|c| c.id == wanted)
+        } else {
+            None
+        };
+        let thread = std::thread::Builder::new().name(format!("turnpike-shard-{k}")).spawn(move || {
+            if let Some(core) = core {
+                if !core_affinity::set_for_current(core) {
+                    log::warn!("shard {k}: could not pin to core {}", core.id);
+                }
+            }
+            shard::run(parts);
+        })?;
+        stats.push(shard_stats);
+        shards.push(ShardHandle { thread: Some(thread), inbox: tx, waker });
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let control = {
+        let stats = stats.clone();
+        let shared = Arc::clone(&shared);
+        let stop = Arc::clone(&stop);
+        std::thread::Builder::new().name("turnpike-control".into()).spawn(move || control::run(&stats, &shared, &stop))?
+    };
+    Ok(ServerHandle { udp_addrs, relay: plan, shared, stats, shards, control: Some(control), stop })
+}
