@@ -7,9 +7,9 @@
 
 pub mod auth;
 pub mod config;
+pub mod control;
 pub mod policy;
 pub mod proto;
-pub mod shared;
-pub mod control;
 pub mod server;
 pub mod shard;
+pub mod shared;

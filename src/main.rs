@@ -68,8 +68,13 @@ fn run(args: &[String]) -> Result<(), String> {
             print!("{cfg}");
             for (name, r) in [("ipv4", plan.v4), ("ipv6", plan.v6)] {
                 match r {
-                    Some(r) if r.bind == r.advertised => println!("relay {name}:        {}", r.bind),
-                    Some(r) => println!("relay {name}:        bind {} advertise {}", r.bind, r.advertised),
+                    Some(r) if r.bind == r.advertised => {
+                        println!("relay {name}:        {}", r.bind)
+                    }
+                    Some(r) => println!(
+                        "relay {name}:        bind {} advertise {}",
+                        r.bind, r.advertised
+                    ),
                     None => println!("relay {name}:        off"),
                 }
             }
@@ -89,7 +94,10 @@ fn run(args: &[String]) -> Result<(), String> {
 fn credentials(args: &[String]) -> Result<(), String> {
     let secret = option(args, &["--secret"]).ok_or("credentials needs --secret S")?;
     let user = option(args, &["--user"]).unwrap_or("turnpike-test");
-    let ttl: u64 = option(args, &["--ttl"]).unwrap_or("86400").parse().map_err(|_| "--ttl must be seconds")?;
+    let ttl: u64 = option(args, &["--ttl"])
+        .unwrap_or("86400")
+        .parse()
+        .map_err(|_| "--ttl must be seconds")?;
     let username = format!("{}:{user}", clock::unix_now() + ttl);
     let password = rest_password(secret.as_bytes(), username.as_bytes());
     let password = String::from_utf8_lossy(&password);
@@ -117,11 +125,21 @@ fn serve(cfg: &Config, dev: bool) -> Result<(), String> {
     let handle = server::start(cfg).map_err(|e| format!("{}: {e}", cfg.source.display()))?;
     for (name, r) in [("ipv4", handle.relay.v4), ("ipv6", handle.relay.v6)] {
         if let Some(r) = r {
-            log::info!("relay {name}: bind {} advertise {}, ports {}-{}", r.bind, r.advertised, cfg.min_port, cfg.max_port);
+            log::info!(
+                "relay {name}: bind {} advertise {}, ports {}-{}",
+                r.bind,
+                r.advertised,
+                cfg.min_port,
+                cfg.max_port
+            );
         }
     }
     for a in &handle.udp_addrs {
-        log::info!("listening on {a}/udp with {} shards (realm {})", cfg.threads, cfg.realm);
+        log::info!(
+            "listening on {a}/udp with {} shards (realm {})",
+            cfg.threads,
+            cfg.realm
+        );
     }
     if dev {
         print_dev_banner(cfg, &handle.udp_addrs);
@@ -152,10 +170,13 @@ fn print_dev_banner(cfg: &Config, addrs: &[std::net::SocketAddr]) {
 
 fn wait_for_signal() -> Result<(), String> {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
-    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP]).map_err(|e| format!("cannot install signal handlers: {e}"))?;
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])
+        .map_err(|e| format!("cannot install signal handlers: {e}"))?;
     for sig in signals.forever() {
         if sig == SIGHUP {
-            log::warn!("SIGHUP: configuration reload arrives with the operations milestone; restart to apply changes");
+            log::warn!(
+                "SIGHUP: configuration reload arrives with the operations milestone; restart to apply changes"
+            );
             continue;
         }
         return Ok(());

@@ -3,13 +3,13 @@
 //! Every socket is bound before any shard starts reading, so the `SO_REUSEPORT` group is complete
 //! (and the kernel's flow-to-socket mapping stable) from the first datagram on.
 
+use crate::auth::NonceKey;
 use crate::config::Config;
 use crate::control::{self, Totals};
 use crate::policy::PeerPolicy;
 use crate::proto::{Engine, RelayAddr, Settings};
 use crate::shard::{self, Ctl, ShardParts, clock, socket};
 use crate::shared::{ShardStats, Shared};
-use crate::auth::NonceKey;
 use crossbeam_channel::Sender;
 use mio::Waker;
 use std::io;
@@ -37,13 +37,27 @@ pub fn relay_plan(cfg: &Config) -> Result<RelayPlan, String> {
             .iter()
             .copied()
             .find(fam)
-            .or_else(|| cfg.listen_ips.iter().copied().find(|ip| fam(ip) && !ip.is_unspecified()))
+            .or_else(|| {
+                cfg.listen_ips
+                    .iter()
+                    .copied()
+                    .find(|ip| fam(ip) && !ip.is_unspecified())
+            })
             .or_else(|| external.and_then(|e| e.private))
             .or_else(|| {
                 // Listening on the wildcard of this family: use the default route's source address.
-                let wildcard = cfg.listen_ips.iter().any(|ip| fam(ip) && ip.is_unspecified());
-                let probe: SocketAddr = if v4 { "192.0.2.1:9" } else { "[2001:db8::1]:9" }.parse().ok()?;
-                if wildcard { socket::route_source(probe) } else { None }
+                let wildcard = cfg
+                    .listen_ips
+                    .iter()
+                    .any(|ip| fam(ip) && ip.is_unspecified());
+                let probe: SocketAddr = if v4 { "192.0.2.1:9" } else { "[2001:db8::1]:9" }
+                    .parse()
+                    .ok()?;
+                if wildcard {
+                    socket::route_source(probe)
+                } else {
+                    None
+                }
             })?;
         let advertised = match external {
             Some(e) if e.private.is_none_or(|p| p == bind) => e.public,
@@ -51,9 +65,14 @@ pub fn relay_plan(cfg: &Config) -> Result<RelayPlan, String> {
         };
         Some(RelayAddr { bind, advertised })
     };
-    let plan = RelayPlan { v4: pick(true), v6: pick(false) };
+    let plan = RelayPlan {
+        v4: pick(true),
+        v6: pick(false),
+    };
     if plan.v4.is_none() && plan.v6.is_none() {
-        return Err("no relay address: set relay.ips (relay-ip) or listen on a specific address".into());
+        return Err(
+            "no relay address: set relay.ips (relay-ip) or listen on a specific address".into(),
+        );
     }
     Ok(plan)
 }
@@ -107,7 +126,10 @@ pub struct ServerHandle {
 
 impl std::fmt::Debug for ServerHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ServerHandle").field("udp_addrs", &self.udp_addrs).field("shards", &self.shards.len()).finish()
+        f.debug_struct("ServerHandle")
+            .field("udp_addrs", &self.udp_addrs)
+            .field("shards", &self.shards.len())
+            .finish()
     }
 }
 
@@ -154,14 +176,19 @@ impl Drop for ServerHandle {
 }
 
 /// Binds the listeners of every shard: shard 0 first (resolving port 0), the others join its group.
-fn bind_listeners(cfg: &Config, buffers: socket::Buffers) -> io::Result<(Vec<Vec<std::net::UdpSocket>>, Vec<SocketAddr>)> {
-    let mut per_shard: Vec<Vec<std::net::UdpSocket>> = (0..cfg.threads).map(|_| Vec::new()).collect();
+fn bind_listeners(
+    cfg: &Config,
+    buffers: socket::Buffers,
+) -> io::Result<(Vec<Vec<std::net::UdpSocket>>, Vec<SocketAddr>)> {
+    let mut per_shard: Vec<Vec<std::net::UdpSocket>> =
+        (0..cfg.threads).map(|_| Vec::new()).collect();
     let mut addrs = Vec::new();
     for ip in &cfg.listen_ips {
         let mut addr = SocketAddr::new(*ip, cfg.listen_port);
         for (k, sockets) in per_shard.iter_mut().enumerate() {
-            let sock = socket::reuseport_udp(addr, buffers)
-                .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}/udp: {e}")))?;
+            let sock = socket::reuseport_udp(addr, buffers).map_err(|e| {
+                io::Error::new(e.kind(), format!("cannot listen on {addr}/udp: {e}"))
+            })?;
             if k == 0 {
                 addr = sock.local_addr()?;
                 addrs.push(addr);
@@ -176,10 +203,17 @@ fn bind_listeners(cfg: &Config, buffers: socket::Buffers) -> io::Result<(Vec<Vec
 pub fn start(cfg: &Config) -> io::Result<ServerHandle> {
     let plan = relay_plan(cfg).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
     let settings = Arc::new(settings(cfg, plan, NonceKey::new(clock::random_bytes())));
-    let buffers = socket::Buffers { recv: cfg.recv_buffer, send: cfg.send_buffer };
+    let buffers = socket::Buffers {
+        recv: cfg.recv_buffer,
+        send: cfg.send_buffer,
+    };
     let (listeners, udp_addrs) = bind_listeners(cfg, buffers)?;
     let shared = Arc::new(Shared::default());
-    let cores = if cfg.pin_cores { core_affinity::get_core_ids().unwrap_or_default() } else { Vec::new() };
+    let cores = if cfg.pin_cores {
+        core_affinity::get_core_ids().unwrap_or_default()
+    } else {
+        Vec::new()
+    };
     let origin = clock::now();
     let origin_unix = clock::unix_now();
     let mut stats = Vec::new();
@@ -215,23 +249,39 @@ pub fn start(cfg: &Config) -> io::Result<ServerHandle> {
         } else {
             None
         };
-        let thread = std::thread::Builder::new().name(format!("turnpike-shard-{k}")).spawn(move || {
-            if let Some(core) = core {
-                if !core_affinity::set_for_current(core) {
-                    log::warn!("shard {k}: could not pin to core {}", core.id);
+        let thread = std::thread::Builder::new()
+            .name(format!("turnpike-shard-{k}"))
+            .spawn(move || {
+                if let Some(core) = core {
+                    if !core_affinity::set_for_current(core) {
+                        log::warn!("shard {k}: could not pin to core {}", core.id);
+                    }
                 }
-            }
-            shard::run(parts);
-        })?;
+                shard::run(parts);
+            })?;
         stats.push(shard_stats);
-        shards.push(ShardHandle { thread: Some(thread), inbox: tx, waker });
+        shards.push(ShardHandle {
+            thread: Some(thread),
+            inbox: tx,
+            waker,
+        });
     }
     let stop = Arc::new(AtomicBool::new(false));
     let control = {
         let stats = stats.clone();
         let shared = Arc::clone(&shared);
         let stop = Arc::clone(&stop);
-        std::thread::Builder::new().name("turnpike-control".into()).spawn(move || control::run(&stats, &shared, &stop))?
+        std::thread::Builder::new()
+            .name("turnpike-control".into())
+            .spawn(move || control::run(&stats, &shared, &stop))?
     };
-    Ok(ServerHandle { udp_addrs, relay: plan, shared, stats, shards, control: Some(control), stop })
+    Ok(ServerHandle {
+        udp_addrs,
+        relay: plan,
+        shared,
+        stats,
+        shards,
+        control: Some(control),
+        stop,
+    })
 }

@@ -4,6 +4,8 @@
 //! When the tools are missing these tests say so and pass, unless `TURNPIKE_REQUIRE_INTEROP=1` (set by
 //! `scripts/test.sh`, which installs the tools), in which case a missing tool is a failure.
 
+#![allow(clippy::disallowed_methods)] // tests may read the clock and sleep
+
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, UdpSocket};
 use std::path::PathBuf;
@@ -14,7 +16,12 @@ use std::time::Duration;
 const SECRET: &str = "interop-secret";
 
 fn tool_available(cmd: &str, probe: &[&str]) -> bool {
-    let found = Command::new(cmd).args(probe).stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok();
+    let found = Command::new(cmd)
+        .args(probe)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok();
     if !found {
         assert!(
             std::env::var_os("TURNPIKE_REQUIRE_INTEROP").is_none(),
@@ -36,12 +43,17 @@ impl Drop for Proc {
 }
 
 fn free_udp_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// Starts the turnpike binary on an ephemeral port with relay ports `ports`; returns it and its address.
 fn start_turnpike(name: &str, ports: (u16, u16)) -> (Proc, SocketAddr) {
-    let dir: PathBuf = std::env::temp_dir().join(format!("turnpike-interop-{name}-{}", std::process::id()));
+    let dir: PathBuf =
+        std::env::temp_dir().join(format!("turnpike-interop-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let cfg = dir.join("turnpike.yaml");
     std::fs::write(
@@ -72,7 +84,9 @@ fn start_turnpike(name: &str, ports: (u16, u16)) -> (Proc, SocketAddr) {
             }
         }
     });
-    let addr = rx.recv_timeout(Duration::from_secs(20)).expect("turnpike reports its address");
+    let addr = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("turnpike reports its address");
     (Proc(child), addr.parse().unwrap())
 }
 
@@ -92,19 +106,51 @@ fn start_peer() -> (Proc, u16) {
 fn uclient(server: SocketAddr, peer_port: u16, extra: &[&str]) {
     let mut args: Vec<String> = extra.iter().map(ToString::to_string).collect();
     args.extend(
-        ["-e", "127.0.0.1", "-r", &peer_port.to_string(), "-n", "100", "-m", "4", "-l", "170", "-z", "5"]
-            .iter()
-            .map(ToString::to_string),
+        [
+            "-e",
+            "127.0.0.1",
+            "-r",
+            &peer_port.to_string(),
+            "-n",
+            "100",
+            "-m",
+            "4",
+            "-l",
+            "170",
+            "-z",
+            "5",
+        ]
+        .iter()
+        .map(ToString::to_string),
     );
-    args.extend(["-p".to_string(), server.port().to_string(), server.ip().to_string()]);
-    let out = Command::new("timeout").arg("60").arg("turnutils_uclient").args(&args).output().expect("uclient runs");
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    args.extend([
+        "-p".to_string(),
+        server.port().to_string(),
+        server.ip().to_string(),
+    ]);
+    let out = Command::new("timeout")
+        .arg("60")
+        .arg("turnutils_uclient")
+        .args(&args)
+        .output()
+        .expect("uclient runs");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(
         text.contains("tot_send_msgs=400, tot_recv_msgs=400"),
         "uclient {args:?} did not get all 400 messages back:\n{text}"
     );
-    assert!(text.contains("Total lost packets 0 (0.000000%)"), "loss reported:\n{text}");
-    assert!(!text.contains("error 4") && !text.contains("error 5"), "uclient saw STUN errors:\n{text}");
+    assert!(
+        text.contains("Total lost packets 0 (0.000000%)"),
+        "loss reported:\n{text}"
+    );
+    assert!(
+        !text.contains("error 4") && !text.contains("error 5"),
+        "uclient saw STUN errors:\n{text}"
+    );
 }
 
 #[test]
@@ -153,21 +199,50 @@ fn aioice_allocates_and_relays() {
     if !tool_available("python3", &["-c", "import aioice"]) {
         return;
     }
-    let import = Command::new("python3").args(["-c", "import aioice"]).status().unwrap();
+    let import = Command::new("python3")
+        .args(["-c", "import aioice"])
+        .status()
+        .unwrap();
     if !import.success() {
-        assert!(std::env::var_os("TURNPIKE_REQUIRE_INTEROP").is_none(), "aioice is required but not importable");
+        assert!(
+            std::env::var_os("TURNPIKE_REQUIRE_INTEROP").is_none(),
+            "aioice is required but not importable"
+        );
         eprintln!("SKIPPED: aioice not installed (scripts/test.sh installs it)");
         return;
     }
     let (_server, addr) = start_turnpike("aioice", (43400, 43499));
-    let username = format!("{}:erin", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() + 600);
-    let password = turnpike::proto::integrity::rest_password(SECRET.as_bytes(), username.as_bytes());
+    let username = format!(
+        "{}:erin",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            + 600
+    );
+    let password =
+        turnpike::proto::integrity::rest_password(SECRET.as_bytes(), username.as_bytes());
     let password = String::from_utf8(password.to_vec()).unwrap();
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/interop/aioice_turn.py");
     let out = Command::new("timeout")
-        .args(["60", "python3", script, &addr.ip().to_string(), &addr.port().to_string(), &username, &password])
+        .args([
+            "60",
+            "python3",
+            script,
+            &addr.ip().to_string(),
+            &addr.port().to_string(),
+            &username,
+            &password,
+        ])
         .output()
         .unwrap();
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success() && text.contains("OK"), "aioice failed:\n{text}");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && text.contains("OK"),
+        "aioice failed:\n{text}"
+    );
 }

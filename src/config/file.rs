@@ -33,7 +33,11 @@ pub struct ListenSection {
 
 impl Default for ListenSection {
     fn default() -> Self {
-        Self { ips: Vec::new(), port: 3478, tls_port: 5349 }
+        Self {
+            ips: Vec::new(),
+            port: 3478,
+            tls_port: 5349,
+        }
     }
 }
 
@@ -53,7 +57,12 @@ pub struct RelaySection {
 
 impl Default for RelaySection {
     fn default() -> Self {
-        Self { ips: Vec::new(), external_ips: Vec::new(), min_port: 49152, max_port: 65535 }
+        Self {
+            ips: Vec::new(),
+            external_ips: Vec::new(),
+            min_port: 49152,
+            max_port: 65535,
+        }
     }
 }
 
@@ -137,7 +146,13 @@ pub struct PeerSection {
 
 impl Default for PeerSection {
     fn default() -> Self {
-        Self { allowed: Vec::new(), denied: Vec::new(), no_multicast: true, allow_private: false, no_tcp_relay: true }
+        Self {
+            allowed: Vec::new(),
+            denied: Vec::new(),
+            no_multicast: true,
+            allow_private: false,
+            no_tcp_relay: true,
+        }
     }
 }
 
@@ -199,7 +214,11 @@ pub struct LoggingSection {
 
 impl Default for LoggingSection {
     fn default() -> Self {
-        Self { level: "info".into(), syslog: false, file: None }
+        Self {
+            level: "info".into(),
+            syslog: false,
+            file: None,
+        }
     }
 }
 
@@ -217,7 +236,11 @@ pub struct ProtocolSection {
 
 impl Default for ProtocolSection {
     fn default() -> Self {
-        Self { software: None, reason_phrases: false, legacy_channel_numbers: true }
+        Self {
+            software: None,
+            reason_phrases: false,
+            legacy_channel_numbers: true,
+        }
     }
 }
 
@@ -259,7 +282,10 @@ pub fn parse_yaml(text: &str) -> Result<FileConfig, YamlError> {
     if text.trim().is_empty() {
         return Ok(FileConfig::default());
     }
-    serde_yaml::from_str(text).map_err(|e| YamlError { line: e.location().map(|l| l.line()), message: e.to_string() })
+    serde_yaml::from_str(text).map_err(|e| YamlError {
+        line: e.location().map(|l| l.line()),
+        message: e.to_string(),
+    })
 }
 
 /// Finds the line of `key:` nested under `section:` in YAML text (for semantic errors).
@@ -282,5 +308,9 @@ pub fn yaml_line_of(text: &str, section: &str, key: &str) -> Option<usize> {
             return Some(i + 1);
         }
     }
-    if section.is_empty() { None } else { yaml_line_of(text, "", section) }
+    if section.is_empty() {
+        None
+    } else {
+        yaml_line_of(text, "", section)
+    }
 }

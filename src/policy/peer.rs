@@ -35,14 +35,28 @@ impl IpRange {
     pub fn cidr(base: IpAddr, prefix: u8) -> Option<Self> {
         match base {
             IpAddr::V4(b) if prefix <= 32 => {
-                let mask = if prefix == 0 { 0 } else { u32::MAX << (32 - prefix) };
+                let mask = if prefix == 0 {
+                    0
+                } else {
+                    u32::MAX << (32 - prefix)
+                };
                 let lo = u32::from(b) & mask;
-                Some(Self { first: IpAddr::V4(lo.into()), last: IpAddr::V4((lo | !mask).into()) })
+                Some(Self {
+                    first: IpAddr::V4(lo.into()),
+                    last: IpAddr::V4((lo | !mask).into()),
+                })
             }
             IpAddr::V6(b) if prefix <= 128 => {
-                let mask = if prefix == 0 { 0 } else { u128::MAX << (128 - prefix) };
+                let mask = if prefix == 0 {
+                    0
+                } else {
+                    u128::MAX << (128 - prefix)
+                };
                 let lo = v6_bits(b) & mask;
-                Some(Self { first: IpAddr::V6(lo.into()), last: IpAddr::V6((lo | !mask).into()) })
+                Some(Self {
+                    first: IpAddr::V6(lo.into()),
+                    last: IpAddr::V6((lo | !mask).into()),
+                })
             }
             _ => None,
         }
@@ -73,22 +87,37 @@ impl FromStr for IpRange {
     /// Accepts `a.b.c.d`, `a-b` (coturn's form) and `base/prefix`.
     fn from_str(s: &str) -> Result<Self, String> {
         let s = s.trim();
-        let ip = |t: &str| t.trim().parse::<IpAddr>().map_err(|_| format!("`{t}` is not an IP address"));
+        let ip = |t: &str| {
+            t.trim()
+                .parse::<IpAddr>()
+                .map_err(|_| format!("`{t}` is not an IP address"))
+        };
         if let Some((a, b)) = s.split_once('-') {
-            return Self::new(ip(a)?, ip(b)?).ok_or_else(|| format!("`{s}`: range ends differ in family or are reversed"));
+            return Self::new(ip(a)?, ip(b)?)
+                .ok_or_else(|| format!("`{s}`: range ends differ in family or are reversed"));
         }
         if let Some((a, p)) = s.split_once('/') {
-            let prefix: u8 = p.trim().parse().map_err(|_| format!("`{p}` is not a prefix length"))?;
+            let prefix: u8 = p
+                .trim()
+                .parse()
+                .map_err(|_| format!("`{p}` is not a prefix length"))?;
             return Self::cidr(ip(a)?, prefix).ok_or_else(|| format!("`{s}`: prefix too long"));
         }
         let one = ip(s)?;
-        Ok(Self { first: one, last: one })
+        Ok(Self {
+            first: one,
+            last: one,
+        })
     }
 }
 
 impl std::fmt::Display for IpRange {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if self.first == self.last { write!(f, "{}", self.first) } else { write!(f, "{}-{}", self.first, self.last) }
+        if self.first == self.last {
+            write!(f, "{}", self.first)
+        } else {
+            write!(f, "{}-{}", self.first, self.last)
+        }
     }
 }
 
@@ -148,13 +177,26 @@ pub fn canonical(ip: IpAddr) -> IpAddr {
 
 impl PeerPolicy {
     /// A policy with the secure defaults, plus `allowed` and `denied` lists.
-    pub fn new(allowed: Vec<IpRange>, denied: Vec<IpRange>, no_multicast: bool, relay_private: bool) -> Self {
+    pub fn new(
+        allowed: Vec<IpRange>,
+        denied: Vec<IpRange>,
+        no_multicast: bool,
+        relay_private: bool,
+    ) -> Self {
         let defaults = if relay_private {
             Vec::new()
         } else {
-            DEFAULT_DENIED.iter().filter_map(|s| s.parse().ok()).collect()
+            DEFAULT_DENIED
+                .iter()
+                .filter_map(|s| s.parse().ok())
+                .collect()
         };
-        Self { defaults, allowed, denied, no_multicast }
+        Self {
+            defaults,
+            allowed,
+            denied,
+            no_multicast,
+        }
     }
 
     /// A policy that permits every unicast address (tests and fuzzing only).
@@ -174,7 +216,12 @@ impl PeerPolicy {
         if ip == IpAddr::V4(Ipv4Addr::BROADCAST) {
             return false;
         }
-        let narrowest = |list: &[IpRange]| list.iter().filter(|r| r.contains(ip)).map(IpRange::width).min();
+        let narrowest = |list: &[IpRange]| {
+            list.iter()
+                .filter(|r| r.contains(ip))
+                .map(IpRange::width)
+                .min()
+        };
         match (narrowest(&self.allowed), narrowest(&self.denied)) {
             (Some(a), Some(d)) => return a < d,
             (Some(_), None) => return true,
@@ -196,9 +243,25 @@ mod tests {
     #[test]
     fn defaults_refuse_the_classic_targets() {
         let p = PeerPolicy::new(vec![], vec![], true, false);
-        for s in ["0.0.0.0", "::", "127.0.0.1", "::1", "::ffff:127.0.0.1", "::127.0.0.1", "169.254.169.254",
-                  "fe80::1", "10.1.2.3", "192.168.1.1", "172.16.0.1", "100.64.0.1", "224.0.0.1", "ff02::1",
-                  "255.255.255.255", "fd00::1", "::ffff:10.0.0.1"] {
+        for s in [
+            "0.0.0.0",
+            "::",
+            "127.0.0.1",
+            "::1",
+            "::ffff:127.0.0.1",
+            "::127.0.0.1",
+            "169.254.169.254",
+            "fe80::1",
+            "10.1.2.3",
+            "192.168.1.1",
+            "172.16.0.1",
+            "100.64.0.1",
+            "224.0.0.1",
+            "ff02::1",
+            "255.255.255.255",
+            "fd00::1",
+            "::ffff:10.0.0.1",
+        ] {
             assert!(!p.permits(ip(s)), "{s} must be denied");
         }
         for s in ["8.8.8.8", "2606:4700::1111", "::ffff:8.8.8.8"] {
@@ -208,7 +271,12 @@ mod tests {
 
     #[test]
     fn allow_punches_holes_and_narrower_deny_wins() {
-        let p = PeerPolicy::new(vec!["127.0.0.0/8".parse().unwrap()], vec!["127.0.0.53".parse().unwrap()], true, false);
+        let p = PeerPolicy::new(
+            vec!["127.0.0.0/8".parse().unwrap()],
+            vec!["127.0.0.53".parse().unwrap()],
+            true,
+            false,
+        );
         assert!(p.permits(ip("127.0.0.1")));
         assert!(p.permits(ip("::ffff:127.0.0.1")));
         assert!(!p.permits(ip("127.0.0.53")));

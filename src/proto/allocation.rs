@@ -52,7 +52,13 @@ pub struct FiveTuple {
 
 impl std::fmt::Display for FiveTuple {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}#{}", self.client, self.transport.name(), self.listener.0)
+        write!(
+            f,
+            "{}/{}#{}",
+            self.client,
+            self.transport.name(),
+            self.listener.0
+        )
     }
 }
 
@@ -113,7 +119,9 @@ pub struct Allocation {
 impl Allocation {
     /// Whether a permission for `ip` is installed and unexpired at `now`.
     pub fn permits(&self, ip: IpAddr, now: Instant) -> bool {
-        self.permissions.iter().any(|p| p.ip == ip && now < p.expires)
+        self.permissions
+            .iter()
+            .any(|p| p.ip == ip && now < p.expires)
     }
 
     /// The binding for `number`, active or not.
@@ -127,7 +135,12 @@ impl Allocation {
     }
 
     /// Installs or refreshes a permission; returns false if a new one would exceed `max`.
-    pub fn install_permission(&mut self, ip: IpAddr, expires: Instant, max: usize) -> PermissionChange {
+    pub fn install_permission(
+        &mut self,
+        ip: IpAddr,
+        expires: Instant,
+        max: usize,
+    ) -> PermissionChange {
         if let Some(p) = self.permissions.iter_mut().find(|p| p.ip == ip) {
             p.expires = expires;
             return PermissionChange::Refreshed;

@@ -9,14 +9,17 @@
 //! where they were received and headers are written into the [`PacketBuf`] headroom in front of them.
 
 use super::allocation::{
-    Allocation, CHANNEL_COOLDOWN, CHANNEL_LIFETIME, ChannelBinding, FiveTuple, PERMISSION_LIFETIME, PermissionChange,
+    Allocation, CHANNEL_COOLDOWN, CHANNEL_LIFETIME, ChannelBinding, FiveTuple, PERMISSION_LIFETIME,
+    PermissionChange,
 };
 use super::attr::{self, AttrType, FAMILY_IPV4, FAMILY_IPV6, PROTO_UDP};
 use super::channel::{self, CHANNEL_HEADER_LEN, ChannelData, ChannelNumber};
 use super::error::{DropReason, ErrorCode};
 use super::integrity::LongTermKey;
 use super::ports::PortPool;
-use super::stun::{self, Class, HEADER_LEN, MAGIC_COOKIE, Method, MsgWriter, StunMsg, TransactionId, pad4};
+use super::stun::{
+    self, Class, HEADER_LEN, MAGIC_COOKIE, Method, MsgWriter, StunMsg, TransactionId, pad4,
+};
 use super::table::{AllocId, AllocTable};
 use super::timer::TimerWheel;
 use crate::auth::{CredentialStore, NonceCheck, NonceKey, Verdict};
@@ -54,7 +57,9 @@ pub struct PacketBuf {
 
 impl Default for PacketBuf {
     fn default() -> Self {
-        Self { buf: vec![0u8; HEADROOM + MAX_PAYLOAD + TAILROOM].into_boxed_slice() }
+        Self {
+            buf: vec![0u8; HEADROOM + MAX_PAYLOAD + TAILROOM].into_boxed_slice(),
+        }
     }
 }
 
@@ -175,6 +180,9 @@ pub enum Action {
     },
 }
 
+/// The token and reservation of the port after an EVEN-PORT(R) allocation's.
+type ReservedNext = ([u8; 8], Reservation);
+
 #[derive(Clone, Copy, Debug)]
 enum Timer {
     /// The deadline the entry was armed for: entries that no longer match `armed_at` are stale.
@@ -242,7 +250,11 @@ fn write_response(
 }
 
 fn family_of(ip: IpAddr) -> u8 {
-    if ip.is_ipv4() { FAMILY_IPV4 } else { FAMILY_IPV6 }
+    if ip.is_ipv4() {
+        FAMILY_IPV4
+    } else {
+        FAMILY_IPV6
+    }
 }
 
 /// Offset of `inner` within `outer`, both slices of the same buffer.
@@ -270,7 +282,10 @@ pub struct Engine {
 
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Engine").field("shard", &self.shard).field("allocations", &self.table.len()).finish()
+        f.debug_struct("Engine")
+            .field("shard", &self.shard)
+            .field("allocations", &self.table.len())
+            .finish()
     }
 }
 
@@ -392,7 +407,10 @@ impl Engine {
         let Some(alloc) = self.table.get(id) else {
             return Action::Drop(DropReason::NoAllocation);
         };
-        let Some(binding) = alloc.channel_by_number(cd.number).filter(|c| c.is_active(now)) else {
+        let Some(binding) = alloc
+            .channel_by_number(cd.number)
+            .filter(|c| c.is_active(now))
+        else {
             return Action::Drop(DropReason::NoChannel);
         };
         if !alloc.permits(binding.peer.ip(), now) {
@@ -401,12 +419,22 @@ impl Engine {
         bump(&self.stats.packets_to_peer, 1);
         bump(&self.stats.bytes_to_peer, cd.data.len() as u64);
         let start = HEADROOM + CHANNEL_HEADER_LEN;
-        Action::ToPeer { idx: id.idx, peer: binding.peer, range: start..start + cd.data.len() }
+        Action::ToPeer {
+            idx: id.idx,
+            peer: binding.peer,
+            range: start..start + cd.data.len(),
+        }
     }
 
     //= RFC 8656 §10.2: "the server MUST validate that the Send indication contains an XOR-PEER-ADDRESS
     //= attribute and a DATA attribute ... If there is no permission ... the server silently discards".
-    fn send_indication(&mut self, now: Instant, tuple: FiveTuple, msg: &StunMsg<'_>, bytes: &[u8]) -> Action {
+    fn send_indication(
+        &mut self,
+        now: Instant,
+        tuple: FiveTuple,
+        msg: &StunMsg<'_>,
+        bytes: &[u8],
+    ) -> Action {
         let Some(id) = self.table.find(&tuple) else {
             return Action::Drop(DropReason::NoAllocation);
         };
@@ -440,10 +468,20 @@ impl Engine {
         bump(&self.stats.packets_to_peer, 1);
         bump(&self.stats.bytes_to_peer, data.len() as u64);
         let start = HEADROOM + offset_in(bytes, data);
-        Action::ToPeer { idx: id.idx, peer, range: start..start + data.len() }
+        Action::ToPeer {
+            idx: id.idx,
+            peer,
+            range: start..start + data.len(),
+        }
     }
 
-    fn handle_request(&mut self, now: Instant, tuple: FiveTuple, msg: &StunMsg<'_>, io: &mut dyn RelaySockets) -> Action {
+    fn handle_request(
+        &mut self,
+        now: Instant,
+        tuple: FiveTuple,
+        msg: &StunMsg<'_>,
+        io: &mut dyn RelaySockets,
+    ) -> Action {
         match msg.method() {
             Method::BINDING => self.binding(tuple, msg),
             Method::ALLOCATE => self.allocate(now, tuple, msg, io),
@@ -456,11 +494,19 @@ impl Engine {
 
     fn error(&mut self, msg: &StunMsg<'_>, code: ErrorCode, key: Option<&LongTermKey>) -> Action {
         let with_reason = self.settings.reason_phrases;
-        write_response(&mut self.out, &self.settings, msg, Class::Error, key, |w| w.add_error(code, with_reason))
+        write_response(&mut self.out, &self.settings, msg, Class::Error, key, |w| {
+            w.add_error(code, with_reason)
+        })
     }
 
     /// 401 or 438 with a fresh NONCE and the REALM, and no MESSAGE-INTEGRITY.
-    fn challenge(&mut self, now: Instant, tuple: FiveTuple, msg: &StunMsg<'_>, code: ErrorCode) -> Action {
+    fn challenge(
+        &mut self,
+        now: Instant,
+        tuple: FiveTuple,
+        msg: &StunMsg<'_>,
+        code: ErrorCode,
+    ) -> Action {
         let expiry = self.unix(now) + self.settings.nonce_lifetime.as_secs();
         let nonce = self.settings.nonce_key.mint(expiry, tuple.client.ip());
         let with_reason = self.settings.reason_phrases;
@@ -486,16 +532,26 @@ impl Engine {
         if msg.integrity_offset().is_none() {
             return Err(self.challenge(now, tuple, msg, ErrorCode::Unauthorized));
         }
-        let (Some(username), Some(realm), Some(nonce)) =
-            (msg.attr(AttrType::USERNAME), msg.attr(AttrType::REALM), msg.attr(AttrType::NONCE))
-        else {
+        let (Some(username), Some(realm), Some(nonce)) = (
+            msg.attr(AttrType::USERNAME),
+            msg.attr(AttrType::REALM),
+            msg.attr(AttrType::NONCE),
+        ) else {
             return Err(self.error(msg, ErrorCode::BadRequest, None));
         };
-        if username.len() > MAX_USERNAME || realm.len() > MAX_REALM_OR_NONCE || nonce.len() > MAX_REALM_OR_NONCE {
+        if username.len() > MAX_USERNAME
+            || realm.len() > MAX_REALM_OR_NONCE
+            || nonce.len() > MAX_REALM_OR_NONCE
+        {
             return Err(self.error(msg, ErrorCode::BadRequest, None));
         }
         let unix = self.unix(now);
-        if self.settings.nonce_key.check(nonce, tuple.client.ip(), unix) == NonceCheck::Stale {
+        if self
+            .settings
+            .nonce_key
+            .check(nonce, tuple.client.ip(), unix)
+            == NonceCheck::Stale
+        {
             return Err(self.challenge(now, tuple, msg, ErrorCode::StaleNonce));
         }
         match self.settings.credentials.verify(msg, username, unix) {
@@ -515,30 +571,47 @@ impl Engine {
         let mut unknown = [0u16; MAX_UNKNOWN_LISTED];
         let mut n = 0;
         for a in msg.attrs() {
-            if a.typ.comprehension_required() && !KNOWN.contains(&a.typ) && n < MAX_UNKNOWN_LISTED {
-                if !unknown[..n].contains(&a.typ.0) {
-                    unknown[n] = a.typ.0;
-                    n += 1;
-                }
+            let listed = unknown[..n].contains(&a.typ.0);
+            if a.typ.comprehension_required()
+                && !KNOWN.contains(&a.typ)
+                && n < MAX_UNKNOWN_LISTED
+                && !listed
+            {
+                unknown[n] = a.typ.0;
+                n += 1;
             }
         }
         if n == 0 {
             return None;
         }
         let with_reason = self.settings.reason_phrases;
-        Some(write_response(&mut self.out, &self.settings, msg, Class::Error, key, |w| {
-            w.add_error(ErrorCode::UnknownAttribute, with_reason);
-            w.add_unknown_attributes(&unknown[..n]);
-        }))
+        Some(write_response(
+            &mut self.out,
+            &self.settings,
+            msg,
+            Class::Error,
+            key,
+            |w| {
+                w.add_error(ErrorCode::UnknownAttribute, with_reason);
+                w.add_unknown_attributes(&unknown[..n]);
+            },
+        ))
     }
 
     fn binding(&mut self, tuple: FiveTuple, msg: &StunMsg<'_>) -> Action {
         if let Some(action) = self.reject_unknown(msg, None) {
             return action;
         }
-        write_response(&mut self.out, &self.settings, msg, Class::Success, None, |w| {
-            w.add_xor_addr(AttrType::XOR_MAPPED_ADDRESS, tuple.client);
-        })
+        write_response(
+            &mut self.out,
+            &self.settings,
+            msg,
+            Class::Success,
+            None,
+            |w| {
+                w.add_xor_addr(AttrType::XOR_MAPPED_ADDRESS, tuple.client);
+            },
+        )
     }
 
     /// Authenticates, rejects unknown attributes, finds the 5-tuple's allocation and checks the username.
@@ -557,7 +630,11 @@ impl Engine {
         };
         //= RFC 8656 §5: "if the USERNAME ... does not match the username used to create the allocation,
         //= the request MUST be rejected with a 441 (Wrong Credentials) error."
-        if self.table.get(id).is_some_and(|a| a.username.as_bytes() != auth.username) {
+        if self
+            .table
+            .get(id)
+            .is_some_and(|a| a.username.as_bytes() != auth.username)
+        {
             return Err(self.error(msg, ErrorCode::WrongCredentials, Some(&auth.key)));
         }
         Ok((auth, id))
@@ -567,12 +644,20 @@ impl Engine {
     fn granted_lifetime(&self, requested: Option<u32>) -> Duration {
         let s = &self.settings;
         match requested {
-            Some(secs) => Duration::from_secs(u64::from(secs)).min(s.max_lifetime).max(s.default_lifetime),
+            Some(secs) => Duration::from_secs(u64::from(secs))
+                .min(s.max_lifetime)
+                .max(s.default_lifetime),
             None => s.default_lifetime,
         }
     }
 
-    fn allocate(&mut self, now: Instant, tuple: FiveTuple, msg: &StunMsg<'_>, io: &mut dyn RelaySockets) -> Action {
+    fn allocate(
+        &mut self,
+        now: Instant,
+        tuple: FiveTuple,
+        msg: &StunMsg<'_>,
+        io: &mut dyn RelaySockets,
+    ) -> Action {
         //= RFC 8656 §7.2 (1): retransmitted Allocate requests get the same success response, which is
         //= why it is kept with the allocation.
         if let Some(alloc) = self.table.find(&tuple).and_then(|id| self.table.get(id)) {
@@ -599,27 +684,39 @@ impl Engine {
         //= RFC 8656 §7.2 (3): "If the REQUESTED-TRANSPORT attribute is not included or is malformed,
         //= the server rejects the request with a 400 (Bad Request) error. Otherwise, if the attribute
         //= indicates an unsupported transport protocol, the server rejects the request with a 442".
-        let transport = msg.attr(AttrType::REQUESTED_TRANSPORT).map(attr::decode_requested_transport);
+        let transport = msg
+            .attr(AttrType::REQUESTED_TRANSPORT)
+            .map(attr::decode_requested_transport);
         match transport {
             None | Some(Err(_)) => return self.error(msg, ErrorCode::BadRequest, Some(&key)),
             Some(Ok(PROTO_UDP)) => {}
-            Some(Ok(_)) => return self.error(msg, ErrorCode::UnsupportedTransportProtocol, Some(&key)),
+            Some(Ok(_)) => {
+                return self.error(msg, ErrorCode::UnsupportedTransportProtocol, Some(&key));
+            }
         }
         let even_port = match msg.attr(AttrType::EVEN_PORT).map(attr::decode_even_port) {
             None => None,
             Some(Ok(reserve)) => Some(reserve),
             Some(Err(_)) => return self.error(msg, ErrorCode::BadRequest, Some(&key)),
         };
-        let token = match msg.attr(AttrType::RESERVATION_TOKEN).map(attr::decode_reservation_token) {
+        let token = match msg
+            .attr(AttrType::RESERVATION_TOKEN)
+            .map(attr::decode_reservation_token)
+        {
             None => None,
             Some(Ok(t)) => Some(t),
             Some(Err(_)) => return self.error(msg, ErrorCode::BadRequest, Some(&key)),
         };
-        let requested_family = msg.attr(AttrType::REQUESTED_ADDRESS_FAMILY).map(attr::decode_family);
-        let additional_family = msg.attr(AttrType::ADDITIONAL_ADDRESS_FAMILY).map(attr::decode_family);
+        let requested_family = msg
+            .attr(AttrType::REQUESTED_ADDRESS_FAMILY)
+            .map(attr::decode_family);
+        let additional_family = msg
+            .attr(AttrType::ADDITIONAL_ADDRESS_FAMILY)
+            .map(attr::decode_family);
         //= RFC 8656 §7.2 (4)-(6): RESERVATION-TOKEN together with EVEN-PORT, REQUESTED-ADDRESS-FAMILY
         //= or ADDITIONAL-ADDRESS-FAMILY, and REQUESTED- with ADDITIONAL-ADDRESS-FAMILY, are 400.
-        if (token.is_some() && (even_port.is_some() || requested_family.is_some() || additional_family.is_some()))
+        if (token.is_some()
+            && (even_port.is_some() || requested_family.is_some() || additional_family.is_some()))
             || (requested_family.is_some() && additional_family.is_some())
         {
             return self.error(msg, ErrorCode::BadRequest, Some(&key));
@@ -627,7 +724,9 @@ impl Engine {
         let family = match requested_family {
             None => FAMILY_IPV4,
             Some(Ok(f @ (FAMILY_IPV4 | FAMILY_IPV6))) => f,
-            Some(Ok(_)) => return self.error(msg, ErrorCode::AddressFamilyNotSupported, Some(&key)),
+            Some(Ok(_)) => {
+                return self.error(msg, ErrorCode::AddressFamilyNotSupported, Some(&key));
+            }
             Some(Err(_)) => return self.error(msg, ErrorCode::BadRequest, Some(&key)),
         };
         //= RFC 8656 §7.2 (6): "If the server does not support the address family requested by the
@@ -655,11 +754,19 @@ impl Engine {
         //= defined allocation quota."
         let quota_user: Box<[u8]> = self.settings.credentials.quota_user(auth.username).into();
         let (user_limit, total_limit) = (self.settings.user_quota, self.settings.total_quota);
-        if let Err(which) = self.shared.quotas.try_acquire(&quota_user, user_limit, total_limit) {
+        if let Err(which) = self
+            .shared
+            .quotas
+            .try_acquire(&quota_user, user_limit, total_limit)
+        {
             bump(&self.stats.quota_refusals, 1);
             log::info!(
                 "allocation refused: {} quota reached, user={} client={}",
-                if which == QuotaError::User { "user" } else { "total" },
+                if which == QuotaError::User {
+                    "user"
+                } else {
+                    "total"
+                },
                 String::from_utf8_lossy(&quota_user),
                 tuple
             );
@@ -670,30 +777,44 @@ impl Engine {
             //= RFC 8656 §7.2 (7)/(8): an invalid RESERVATION-TOKEN, or no port available, is 508.
             return self.error(msg, ErrorCode::InsufficientCapacity, Some(&key));
         };
-        let lifetime = self.granted_lifetime(msg.attr(AttrType::LIFETIME).and_then(|v| attr::decode_u32(v).ok()));
+        let lifetime = self.granted_lifetime(
+            msg.attr(AttrType::LIFETIME)
+                .and_then(|v| attr::decode_u32(v).ok()),
+        );
         let relayed = SocketAddr::new(relay.advertised, port);
         let bound = SocketAddr::new(relay.bind, port);
         let lifetime_secs = u32::try_from(lifetime.as_secs()).unwrap_or(u32::MAX);
         let with_reason = self.settings.reason_phrases;
-        let action = write_response(&mut self.out, &self.settings, msg, Class::Success, Some(&key), |w| {
-            w.add_xor_addr(AttrType::XOR_RELAYED_ADDRESS, relayed);
-            w.add_u32(AttrType::LIFETIME, lifetime_secs);
-            if let Some((token, _)) = &reserved {
-                w.add_bytes(AttrType::RESERVATION_TOKEN, token);
-            }
-            w.add_xor_addr(AttrType::XOR_MAPPED_ADDRESS, tuple.client);
-            if let Some(fam) = dual_error {
-                let mut v = [0u8; 4 + 28];
-                v[0] = fam;
-                let code = ErrorCode::AddressFamilyNotSupported;
-                v[2] = (code.code() / 100) as u8;
-                v[3] = (code.code() % 100) as u8;
-                let reason = if with_reason { code.reason().as_bytes() } else { &[] };
-                let n = reason.len().min(28);
-                v[4..4 + n].copy_from_slice(&reason[..n]);
-                w.add_bytes(AttrType::ADDRESS_ERROR_CODE, &v[..4 + n]);
-            }
-        });
+        let action = write_response(
+            &mut self.out,
+            &self.settings,
+            msg,
+            Class::Success,
+            Some(&key),
+            |w| {
+                w.add_xor_addr(AttrType::XOR_RELAYED_ADDRESS, relayed);
+                w.add_u32(AttrType::LIFETIME, lifetime_secs);
+                if let Some((token, _)) = &reserved {
+                    w.add_bytes(AttrType::RESERVATION_TOKEN, token);
+                }
+                w.add_xor_addr(AttrType::XOR_MAPPED_ADDRESS, tuple.client);
+                if let Some(fam) = dual_error {
+                    let mut v = [0u8; 4 + 28];
+                    v[0] = fam;
+                    let code = ErrorCode::AddressFamilyNotSupported;
+                    v[2] = (code.code() / 100) as u8;
+                    v[3] = (code.code() % 100) as u8;
+                    let reason = if with_reason {
+                        code.reason().as_bytes()
+                    } else {
+                        &[]
+                    };
+                    let n = reason.len().min(28);
+                    v[4..4 + n].copy_from_slice(&reason[..n]);
+                    w.add_bytes(AttrType::ADDRESS_ERROR_CODE, &v[..4 + n]);
+                }
+            },
+        );
         let Action::Reply { len } = action else {
             io.close(self.table.next_index());
             self.ports.give_back(port);
@@ -731,7 +852,8 @@ impl Engine {
             allocate_response: self.out[..len].into(),
         };
         let id = self.table.insert(alloc);
-        self.wheel.insert(now + lifetime, Timer::Allocation(id, now + lifetime));
+        self.wheel
+            .insert(now + lifetime, Timer::Allocation(id, now + lifetime));
         self.shared.directory.insert(tuple, self.shard);
         bump(&self.stats.allocations_created, 1);
         set(&self.stats.allocations, self.table.len() as u64);
@@ -746,10 +868,15 @@ impl Engine {
         token: Option<[u8; 8]>,
         even_port: Option<bool>,
         io: &mut dyn RelaySockets,
-    ) -> Option<(u16, Option<([u8; 8], Reservation)>)> {
+    ) -> Option<(u16, Option<ReservedNext>)> {
         let idx = self.table.next_index();
         if let Some(token) = token {
-            let r = self.shared.reservations.lock().remove(&token).filter(|r| now < r.expires)?;
+            let r = self
+                .shared
+                .reservations
+                .lock()
+                .remove(&token)
+                .filter(|r| now < r.expires)?;
             // The port may come from another shard's range; it joins this shard's pool when freed.
             return match io.open(idx, SocketAddr::new(bind_ip, r.port)) {
                 Ok(()) => Some((r.port, None)),
@@ -769,7 +896,13 @@ impl Engine {
                     let reservation = next.map(|next| {
                         let mut token = [0u8; 8];
                         token.copy_from_slice(&self.next_random().to_be_bytes());
-                        (token, Reservation { port: next, expires: now + RESERVATION_LIFETIME })
+                        (
+                            token,
+                            Reservation {
+                                port: next,
+                                expires: now + RESERVATION_LIFETIME,
+                            },
+                        )
                     });
                     return Some((port, reservation));
                 }
@@ -790,7 +923,13 @@ impl Engine {
 
     //= RFC 8656 §8: "If the 'desired lifetime' is zero, then the request succeeds and the allocation is
     //= deleted." A retransmitted Refresh(0) then finds no allocation and gets 437, which the RFC accepts.
-    fn refresh(&mut self, now: Instant, tuple: FiveTuple, msg: &StunMsg<'_>, io: &mut dyn RelaySockets) -> Action {
+    fn refresh(
+        &mut self,
+        now: Instant,
+        tuple: FiveTuple,
+        msg: &StunMsg<'_>,
+        io: &mut dyn RelaySockets,
+    ) -> Action {
         let (auth, id) = match self.authorize_on_allocation(now, tuple, msg) {
             Ok(x) => x,
             Err(action) => return action,
@@ -805,12 +944,25 @@ impl Engine {
                 return self.error(msg, ErrorCode::PeerAddressFamilyMismatch, Some(&key));
             }
         }
-        let requested = msg.attr(AttrType::LIFETIME).and_then(|v| attr::decode_u32(v).ok());
-        let lifetime = if requested == Some(0) { Duration::ZERO } else { self.granted_lifetime(requested) };
+        let requested = msg
+            .attr(AttrType::LIFETIME)
+            .and_then(|v| attr::decode_u32(v).ok());
+        let lifetime = if requested == Some(0) {
+            Duration::ZERO
+        } else {
+            self.granted_lifetime(requested)
+        };
         let secs = u32::try_from(lifetime.as_secs()).unwrap_or(u32::MAX);
-        let action = write_response(&mut self.out, &self.settings, msg, Class::Success, Some(&key), |w| {
-            w.add_u32(AttrType::LIFETIME, secs);
-        });
+        let action = write_response(
+            &mut self.out,
+            &self.settings,
+            msg,
+            Class::Success,
+            Some(&key),
+            |w| {
+                w.add_u32(AttrType::LIFETIME, secs);
+            },
+        );
         if lifetime.is_zero() {
             self.free(id, io, "deleted by client");
         } else if let Some(alloc) = self.table.get_mut(id) {
@@ -819,15 +971,26 @@ impl Engine {
             // earlier timer (the later entry goes stale).
             if alloc.expires < alloc.armed_at {
                 alloc.armed_at = alloc.expires;
-                self.wheel.insert(alloc.expires, Timer::Allocation(id, alloc.expires));
+                self.wheel
+                    .insert(alloc.expires, Timer::Allocation(id, alloc.expires));
             }
-            log::info!("allocation refreshed: user={} client={} relay={} lifetime={secs}s", alloc.username, tuple, alloc.relayed);
+            log::info!(
+                "allocation refreshed: user={} client={} relay={} lifetime={secs}s",
+                alloc.username,
+                tuple,
+                alloc.relayed
+            );
         }
         action
     }
 
     /// Decodes every XOR-PEER-ADDRESS of a request, checking family and policy (400/443/403).
-    fn check_peer(&self, alloc: &Allocation, value: &[u8], tid: &TransactionId) -> Result<SocketAddr, ErrorCode> {
+    fn check_peer(
+        &self,
+        alloc: &Allocation,
+        value: &[u8],
+        tid: &TransactionId,
+    ) -> Result<SocketAddr, ErrorCode> {
         let peer = attr::decode_xor_addr(value, tid).map_err(|_| ErrorCode::BadRequest)?;
         //= RFC 8656 §9.1/§11.1: "If the XOR-PEER-ADDRESS attribute contains an address of an address
         //= family that is not the same as that of a relayed transport address for the allocation, the
@@ -897,7 +1060,9 @@ impl Engine {
         if let Some(alloc) = self.table.get_mut(id) {
             for a in msg.attrs().filter(|a| a.typ == AttrType::XOR_PEER_ADDRESS) {
                 if let Ok(peer) = attr::decode_xor_addr(a.value, &tid) {
-                    if alloc.install_permission(peer.ip(), expires, max) == PermissionChange::Created {
+                    if alloc.install_permission(peer.ip(), expires, max)
+                        == PermissionChange::Created
+                    {
                         self.wheel.insert(expires, Timer::Permission(id, peer.ip()));
                         created += 1;
                     }
@@ -906,7 +1071,14 @@ impl Engine {
         }
         self.live_permissions += created;
         set(&self.stats.permissions, self.live_permissions);
-        write_response(&mut self.out, &self.settings, msg, Class::Success, Some(&key), |_| {})
+        write_response(
+            &mut self.out,
+            &self.settings,
+            msg,
+            Class::Success,
+            Some(&key),
+            |_| {},
+        )
     }
 
     fn channel_bind(&mut self, now: Instant, tuple: FiveTuple, msg: &StunMsg<'_>) -> Action {
@@ -923,8 +1095,14 @@ impl Engine {
         //  RFC 5766 allowed up to 0x7FFF and deployed clients still pick from there, so that range is
         //  accepted unless `legacy_channel_numbers` is off.
         let legacy = self.settings.legacy_channel_numbers;
-        let number = match msg.attr(AttrType::CHANNEL_NUMBER).map(attr::decode_channel_number) {
-            Some(Ok(n)) if ChannelNumber(n).is_valid() || (legacy && ChannelNumber(n).is_valid_legacy()) => {
+        let number = match msg
+            .attr(AttrType::CHANNEL_NUMBER)
+            .map(attr::decode_channel_number)
+        {
+            Some(Ok(n))
+                if ChannelNumber(n).is_valid()
+                    || (legacy && ChannelNumber(n).is_valid_legacy()) =>
+            {
                 ChannelNumber(n)
             }
             other => {
@@ -968,22 +1146,37 @@ impl Engine {
         let permission_expires = now + PERMISSION_LIFETIME;
         if let Some(alloc) = self.table.get_mut(id) {
             if is_new {
-                alloc.channels.push(ChannelBinding { number, peer, expires: channel_expires });
-                self.wheel.insert(channel_expires, Timer::Channel(id, number));
+                alloc.channels.push(ChannelBinding {
+                    number,
+                    peer,
+                    expires: channel_expires,
+                });
+                self.wheel
+                    .insert(channel_expires, Timer::Channel(id, number));
                 self.live_channels += 1;
             } else if let Some(c) = alloc.channels.iter_mut().find(|c| c.number == number) {
                 c.expires = channel_expires;
             }
             //= RFC 8656 §11.2: "the server installs or refreshes a permission for the IP address
             //= contained in the XOR-PEER-ADDRESS attribute".
-            if alloc.install_permission(peer.ip(), permission_expires, max_permissions) == PermissionChange::Created {
-                self.wheel.insert(permission_expires, Timer::Permission(id, peer.ip()));
+            if alloc.install_permission(peer.ip(), permission_expires, max_permissions)
+                == PermissionChange::Created
+            {
+                self.wheel
+                    .insert(permission_expires, Timer::Permission(id, peer.ip()));
                 self.live_permissions += 1;
             }
         }
         set(&self.stats.channels, self.live_channels);
         set(&self.stats.permissions, self.live_permissions);
-        write_response(&mut self.out, &self.settings, msg, Class::Success, Some(&key), |_| {})
+        write_response(
+            &mut self.out,
+            &self.settings,
+            msg,
+            Class::Success,
+            Some(&key),
+            |_| {},
+        )
     }
 
     // ---------------------------------------------------------------------------------------------
@@ -991,7 +1184,14 @@ impl Engine {
     // ---------------------------------------------------------------------------------------------
 
     /// Handles a datagram of `len` bytes at the body of `pkt`, received by relay socket `idx` from `peer`.
-    pub fn handle_peer(&mut self, now: Instant, idx: u32, peer: SocketAddr, pkt: &mut PacketBuf, len: usize) -> Action {
+    pub fn handle_peer(
+        &mut self,
+        now: Instant,
+        idx: u32,
+        peer: SocketAddr,
+        pkt: &mut PacketBuf,
+        len: usize,
+    ) -> Action {
         let len = len.min(MAX_PAYLOAD);
         let Some((_, alloc)) = self.table.by_index(idx) else {
             return Action::Drop(DropReason::NoAllocation);
@@ -1002,7 +1202,10 @@ impl Engine {
             return Action::Drop(DropReason::NoPermission);
         }
         let tuple = alloc.five_tuple;
-        let channel = alloc.channel_by_peer(peer).filter(|c| c.is_active(now)).map(|c| c.number);
+        let channel = alloc
+            .channel_by_peer(peer)
+            .filter(|c| c.is_active(now))
+            .map(|c| c.number);
         let Ok(len16) = u16::try_from(len) else {
             return Action::Drop(DropReason::NoSpace);
         };
@@ -1035,7 +1238,12 @@ impl Engine {
 
     //= RFC 8656 §11.3: "Otherwise, the server MUST send a Data indication ... with an XOR-PEER-ADDRESS
     //= attribute ... and a DATA attribute containing the application data".
-    fn data_indication_header(&mut self, pkt: &mut PacketBuf, peer: SocketAddr, len: usize) -> Option<Range<usize>> {
+    fn data_indication_header(
+        &mut self,
+        pkt: &mut PacketBuf,
+        peer: SocketAddr,
+        len: usize,
+    ) -> Option<Range<usize>> {
         let addr_len = attr::xor_addr_len(&peer);
         let header_len = HEADER_LEN + 4 + addr_len + 4;
         let body_len = 4 + addr_len + 4 + pad4(len);
@@ -1076,7 +1284,9 @@ impl Engine {
     fn fire(&mut self, now: Instant, timer: Timer, io: &mut dyn RelaySockets) {
         match timer {
             Timer::Allocation(id, armed) => {
-                let Some(alloc) = self.table.get_mut(id) else { return };
+                let Some(alloc) = self.table.get_mut(id) else {
+                    return;
+                };
                 if alloc.armed_at != armed {
                     return;
                 }
@@ -1084,12 +1294,17 @@ impl Engine {
                     self.free(id, io, "expired");
                 } else {
                     alloc.armed_at = alloc.expires;
-                    self.wheel.insert(alloc.expires, Timer::Allocation(id, alloc.expires));
+                    self.wheel
+                        .insert(alloc.expires, Timer::Allocation(id, alloc.expires));
                 }
             }
             Timer::Permission(id, ip) => {
-                let Some(alloc) = self.table.get_mut(id) else { return };
-                let Some(pos) = alloc.permissions.iter().position(|p| p.ip == ip) else { return };
+                let Some(alloc) = self.table.get_mut(id) else {
+                    return;
+                };
+                let Some(pos) = alloc.permissions.iter().position(|p| p.ip == ip) else {
+                    return;
+                };
                 let expires = alloc.permissions[pos].expires;
                 if expires <= now {
                     alloc.permissions.swap_remove(pos);
@@ -1100,8 +1315,12 @@ impl Engine {
                 }
             }
             Timer::Channel(id, number) => {
-                let Some(alloc) = self.table.get_mut(id) else { return };
-                let Some(pos) = alloc.channels.iter().position(|c| c.number == number) else { return };
+                let Some(alloc) = self.table.get_mut(id) else {
+                    return;
+                };
+                let Some(pos) = alloc.channels.iter().position(|c| c.number == number) else {
+                    return;
+                };
                 let expires = alloc.channels[pos].expires;
                 if expires + CHANNEL_COOLDOWN <= now {
                     alloc.channels.swap_remove(pos);
@@ -1130,13 +1349,19 @@ impl Engine {
     }
 
     fn free(&mut self, id: AllocId, io: &mut dyn RelaySockets, why: &str) {
-        let Some(alloc) = self.table.remove(id) else { return };
+        let Some(alloc) = self.table.remove(id) else {
+            return;
+        };
         io.close(id.idx);
         self.ports.give_back(alloc.bound.port());
         self.shared.directory.remove(&alloc.five_tuple);
         self.shared.quotas.release(alloc.quota_user.as_bytes());
-        self.live_permissions = self.live_permissions.saturating_sub(alloc.permissions.len() as u64);
-        self.live_channels = self.live_channels.saturating_sub(alloc.channels.len() as u64);
+        self.live_permissions = self
+            .live_permissions
+            .saturating_sub(alloc.permissions.len() as u64);
+        self.live_channels = self
+            .live_channels
+            .saturating_sub(alloc.channels.len() as u64);
         set(&self.stats.permissions, self.live_permissions);
         set(&self.stats.channels, self.live_channels);
         set(&self.stats.allocations, self.table.len() as u64);

@@ -85,7 +85,9 @@ mod tests {
 
     #[test]
     fn shards_partition_the_range_in_pairs() {
-        let all: Vec<Vec<u16>> = (0..3).map(|s| shard_ports(49152, 49171, s, 3).collect()).collect();
+        let all: Vec<Vec<u16>> = (0..3)
+            .map(|s| shard_ports(49152, 49171, s, 3).collect())
+            .collect();
         let total: usize = all.iter().map(Vec::len).sum();
         assert_eq!(total, 20);
         let set: HashSet<u16> = all.iter().flatten().copied().collect();

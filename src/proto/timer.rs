@@ -21,7 +21,12 @@ pub struct TimerWheel<T> {
 impl<T: Copy> TimerWheel<T> {
     /// An empty wheel whose second 0 starts at `origin`.
     pub fn new(origin: Instant) -> Self {
-        Self { origin, slots: (0..SLOTS).map(|_| Vec::new()).collect(), next_sec: 0, len: 0 }
+        Self {
+            origin,
+            slots: (0..SLOTS).map(|_| Vec::new()).collect(),
+            next_sec: 0,
+            len: 0,
+        }
     }
 
     /// Number of pending entries.
@@ -77,6 +82,7 @@ impl<T: Copy> TimerWheel<T> {
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)]
 mod tests {
     use super::*;
     use proptest::prelude::*;

@@ -8,9 +8,9 @@
 pub mod clock;
 pub mod socket;
 
+use crate::proto::allocation::{FiveTuple, ListenerId, Transport};
 use crate::proto::engine::{BindError, RelaySockets};
 use crate::proto::{Action, Engine, PacketBuf, Settings};
-use crate::proto::allocation::{FiveTuple, ListenerId, Transport};
 use crate::shared::{ShardStats, bump};
 use crossbeam_channel::Receiver;
 use mio::net::UdpSocket;
@@ -47,7 +47,9 @@ struct RelaySlots {
 impl RelaySockets for RelaySlots {
     fn open(&mut self, idx: u32, addr: SocketAddr) -> Result<(), BindError> {
         let std_socket = socket::relay_udp(addr, self.buffers).map_err(|e| {
-            if e.kind() == io::ErrorKind::AddrInUse { BindError::AddrInUse } else {
+            if e.kind() == io::ErrorKind::AddrInUse {
+                BindError::AddrInUse
+            } else {
                 log::warn!("cannot open relay socket {addr}: {e}");
                 BindError::Other
             }
@@ -126,7 +128,9 @@ struct Shard {
 
 impl Shard {
     fn send_to_client(&self, tuple: FiveTuple, bytes: &[u8]) {
-        let Some(listener) = self.listeners.get(usize::from(tuple.listener.0)) else { return };
+        let Some(listener) = self.listeners.get(usize::from(tuple.listener.0)) else {
+            return;
+        };
         send(listener, bytes, tuple.client, &self.stats);
     }
 
@@ -150,12 +154,20 @@ impl Shard {
 
     fn drain_listener(&mut self, i: usize) -> Drained {
         for _ in 0..self.recv_batch {
-            let Some(listener) = self.listeners.get(i) else { return Drained::Empty };
+            let Some(listener) = self.listeners.get(i) else {
+                return Drained::Empty;
+            };
             match listener.recv_from(self.pkt.body_mut()) {
                 Ok((len, from)) => {
-                    let tuple = FiveTuple { client: from, listener: ListenerId(i as u16), transport: Transport::Udp };
+                    let tuple = FiveTuple {
+                        client: from,
+                        listener: ListenerId(i as u16),
+                        transport: Transport::Udp,
+                    };
                     let now = clock::now();
-                    let action = self.engine.handle_client(now, tuple, &mut self.pkt, len, &mut self.relays);
+                    let action =
+                        self.engine
+                            .handle_client(now, tuple, &mut self.pkt, len, &mut self.relays);
                     self.perform(action, Some(tuple));
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Drained::Empty,
@@ -168,11 +180,15 @@ impl Shard {
 
     fn drain_relay(&mut self, idx: usize) -> Drained {
         for _ in 0..self.recv_batch {
-            let Some(Some(sock)) = self.relays.sockets.get(idx) else { return Drained::Empty };
+            let Some(Some(sock)) = self.relays.sockets.get(idx) else {
+                return Drained::Empty;
+            };
             match sock.recv_from(self.pkt.body_mut()) {
                 Ok((len, from)) => {
                     let now = clock::now();
-                    let action = self.engine.handle_peer(now, idx as u32, from, &mut self.pkt, len);
+                    let action = self
+                        .engine
+                        .handle_peer(now, idx as u32, from, &mut self.pkt, len);
                     self.perform(action, None);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Drained::Empty,
@@ -204,7 +220,16 @@ fn send(sock: &UdpSocket, bytes: &[u8], to: SocketAddr, stats: &ShardStats) {
 
 /// Runs a shard until it receives [`Ctl::Shutdown`].
 pub fn run(parts: ShardParts) {
-    let ShardParts { id, poll, listeners, engine, inbox, stats, buffers, recv_batch } = parts;
+    let ShardParts {
+        id,
+        poll,
+        listeners,
+        engine,
+        inbox,
+        stats,
+        buffers,
+        recv_batch,
+    } = parts;
     let registry = match poll.registry().try_clone() {
         Ok(r) => r,
         Err(e) => {
@@ -225,7 +250,11 @@ pub fn run(parts: ShardParts) {
         id,
         poll,
         listeners: mio_listeners,
-        relays: RelaySlots { registry, sockets: Vec::new(), buffers },
+        relays: RelaySlots {
+            registry,
+            sockets: Vec::new(),
+            buffers,
+        },
         engine,
         pkt: PacketBuf::default(),
         stats,
@@ -240,7 +269,9 @@ pub fn run(parts: ShardParts) {
     loop {
         let timeout = if pending.is_empty() {
             let now = clock::now();
-            shard.engine.poll_timeout().map_or(MAX_SLEEP, |t| t.saturating_duration_since(now).min(MAX_SLEEP))
+            shard.engine.poll_timeout().map_or(MAX_SLEEP, |t| {
+                t.saturating_duration_since(now).min(MAX_SLEEP)
+            })
         } else {
             Duration::ZERO
         };

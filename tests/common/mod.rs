@@ -1,7 +1,7 @@
 //! Shared helpers for integration tests: a server on loopback, a minimal TURN client built on the
 //! crate's codec, and an echo peer.
 
-#![allow(dead_code, unreachable_pub)]
+#![allow(dead_code, unreachable_pub, clippy::disallowed_methods)]
 
 use std::net::{SocketAddr, UdpSocket};
 use std::path::Path;
@@ -25,13 +25,20 @@ pub fn start_server(threads: usize, ports: (u16, u16), extra: &str) -> ServerHan
          runtime:\n  threads: {threads}\n{extra}",
         ports.0, ports.1
     );
-    let yaml = if extra.contains("peers:") { yaml } else { format!("{yaml}peers:\n  allowed: [127.0.0.1]\n") };
+    let yaml = if extra.contains("peers:") {
+        yaml
+    } else {
+        format!("{yaml}peers:\n  allowed: [127.0.0.1]\n")
+    };
     let cfg = config::parse(Path::new("<test>.yaml"), &yaml).expect("test config");
     server::start(&cfg).expect("server starts")
 }
 
 pub fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
 }
 
 /// A UDP echo peer on loopback.
@@ -44,7 +51,8 @@ pub struct EchoPeer {
 impl EchoPeer {
     pub fn start() -> Self {
         let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
-        sock.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
         let addr = sock.local_addr().unwrap();
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let stop2 = stop.clone();
@@ -56,7 +64,11 @@ impl EchoPeer {
                 }
             }
         });
-        Self { addr, stop, thread: Some(thread) }
+        Self {
+            addr,
+            stop,
+            thread: Some(thread),
+        }
     }
 }
 
@@ -80,7 +92,9 @@ impl Response {
         self.msg().class()
     }
     pub fn code(&self) -> Option<u16> {
-        self.msg().attr(AttrType::ERROR_CODE).map(|v| attr::decode_error_code(v).unwrap().0)
+        self.msg()
+            .attr(AttrType::ERROR_CODE)
+            .map(|v| attr::decode_error_code(v).unwrap().0)
     }
     pub fn attr(&self, t: AttrType) -> Option<Vec<u8>> {
         self.msg().attr(t).map(<[u8]>::to_vec)
@@ -112,18 +126,39 @@ impl TurnClient {
     pub fn with_key(server: SocketAddr, username: String, key: LongTermKey) -> Self {
         let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
         sock.set_read_timeout(Some(TIMEOUT)).unwrap();
-        Self { sock, server, username, key, nonce: Vec::new(), tid: rand_seed() }
+        Self {
+            sock,
+            server,
+            username,
+            key,
+            nonce: Vec::new(),
+            tid: rand_seed(),
+        }
     }
 
     fn next_tid(&mut self) -> TransactionId {
         self.tid = self.tid.wrapping_add(1);
         let mut t = [0u8; 12];
         t[..4].copy_from_slice(&self.tid.to_be_bytes());
-        t[4..8].copy_from_slice(&self.sock.local_addr().unwrap().port().to_be_bytes().repeat(2));
+        t[4..8].copy_from_slice(
+            &self
+                .sock
+                .local_addr()
+                .unwrap()
+                .port()
+                .to_be_bytes()
+                .repeat(2),
+        );
         TransactionId(t)
     }
 
-    pub fn build(&mut self, method: Method, class: Class, auth: bool, body: &dyn Fn(&mut MsgWriter<'_>)) -> Vec<u8> {
+    pub fn build(
+        &mut self,
+        method: Method,
+        class: Class,
+        auth: bool,
+        body: &dyn Fn(&mut MsgWriter<'_>),
+    ) -> Vec<u8> {
         let tid = self.next_tid();
         let mut buf = vec![0u8; 2048];
         let mut w = MsgWriter::new(&mut buf, method, class, tid);
@@ -176,24 +211,33 @@ impl TurnClient {
     }
 
     pub fn allocate(&mut self) -> SocketAddr {
-        let r = self.request(Method::ALLOCATE, &|w| w.add_bytes(AttrType::REQUESTED_TRANSPORT, &[PROTO_UDP, 0, 0, 0]));
+        let r = self.request(Method::ALLOCATE, &|w| {
+            w.add_bytes(AttrType::REQUESTED_TRANSPORT, &[PROTO_UDP, 0, 0, 0])
+        });
         assert_eq!(r.class(), Class::Success, "allocate failed: {:?}", r.code());
         r.xor_addr(AttrType::XOR_RELAYED_ADDRESS)
     }
 
     pub fn create_permission(&mut self, peer: SocketAddr) -> Response {
-        self.request(Method::CREATE_PERMISSION, &|w| w.add_xor_addr(AttrType::XOR_PEER_ADDRESS, peer))
+        self.request(Method::CREATE_PERMISSION, &|w| {
+            w.add_xor_addr(AttrType::XOR_PEER_ADDRESS, peer)
+        })
     }
 
     pub fn channel_bind(&mut self, number: u16, peer: SocketAddr) -> Response {
         self.request(Method::CHANNEL_BIND, &|w| {
-            w.add_bytes(AttrType::CHANNEL_NUMBER, &[(number >> 8) as u8, number as u8, 0, 0]);
+            w.add_bytes(
+                AttrType::CHANNEL_NUMBER,
+                &[(number >> 8) as u8, number as u8, 0, 0],
+            );
             w.add_xor_addr(AttrType::XOR_PEER_ADDRESS, peer);
         })
     }
 
     pub fn refresh(&mut self, lifetime: u32) -> Response {
-        self.request(Method::REFRESH, &|w| w.add_u32(AttrType::LIFETIME, lifetime))
+        self.request(Method::REFRESH, &|w| {
+            w.add_u32(AttrType::LIFETIME, lifetime)
+        })
     }
 
     pub fn send_channel(&self, number: u16, payload: &[u8]) {
@@ -220,11 +264,19 @@ impl TurnClient {
             let b = &buf[..n];
             if b[0] & 0xC0 == 0x40 {
                 let len = usize::from(u16::from_be_bytes([b[2], b[3]]));
-                return Some((Some(u16::from_be_bytes([b[0], b[1]])), None, b[4..4 + len].to_vec()));
+                return Some((
+                    Some(u16::from_be_bytes([b[0], b[1]])),
+                    None,
+                    b[4..4 + len].to_vec(),
+                ));
             }
             if let Ok(m) = StunMsg::parse(b) {
                 if m.method() == Method::DATA && m.class() == Class::Indication {
-                    let peer = attr::decode_xor_addr(m.attr(AttrType::XOR_PEER_ADDRESS)?, &m.transaction_id()).ok();
+                    let peer = attr::decode_xor_addr(
+                        m.attr(AttrType::XOR_PEER_ADDRESS)?,
+                        &m.transaction_id(),
+                    )
+                    .ok();
                     return Some((None, peer, m.attr(AttrType::DATA)?.to_vec()));
                 }
             }

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Runs turnpike's whole test suite on a fresh Debian machine with Rust: installs the third-party
+# clients the interop tests drive (Debian's coturn for turnutils_uclient/turnutils_peer, aioice from
+# PyPI), then checks formatting, lints, docs, and runs every test.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+
+if ! command -v turnutils_uclient >/dev/null 2>&1; then
+    echo "==> installing coturn (for turnutils_uclient / turnutils_peer)"
+    as_root apt-get update -qq
+    # policy-rc.d-less machines would start coturn's own service on 3478; tests use other ports,
+    # and the service is stopped again right after.
+    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends coturn >/dev/null
+    as_root systemctl stop coturn >/dev/null 2>&1 || true
+fi
+if ! python3 -c "import aioice" >/dev/null 2>&1; then
+    echo "==> installing aioice (Python TURN client)"
+    python3 -m pip install --quiet --disable-pip-version-check aioice 2>/dev/null \
+        || python3 -m pip install --quiet --disable-pip-version-check --break-system-packages aioice
+fi
+
+export TURNPIKE_REQUIRE_INTEROP=1
+echo "==> cargo fmt --check"
+cargo fmt --all -- --check
+echo "==> cargo clippy"
+cargo clippy --all-targets --locked --quiet -- -D warnings
+echo "==> cargo doc"
+RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --locked --quiet
+echo "==> cargo test"
+cargo test --locked
