@@ -19,7 +19,7 @@ use socket::Buffers;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Token of the cross-thread waker.
 pub const WAKER: Token = Token(usize::MAX - 1);
@@ -152,7 +152,7 @@ impl Shard {
         }
     }
 
-    fn drain_listener(&mut self, i: usize) -> Drained {
+    fn drain_listener(&mut self, now: Instant, i: usize) -> Drained {
         for _ in 0..self.recv_batch {
             let Some(listener) = self.listeners.get(i) else {
                 return Drained::Empty;
@@ -164,7 +164,6 @@ impl Shard {
                         listener: ListenerId(i as u16),
                         transport: Transport::Udp,
                     };
-                    let now = clock::now();
                     let action =
                         self.engine
                             .handle_client(now, tuple, &mut self.pkt, len, &mut self.relays);
@@ -178,14 +177,13 @@ impl Shard {
         Drained::MoreWaiting
     }
 
-    fn drain_relay(&mut self, idx: usize) -> Drained {
+    fn drain_relay(&mut self, now: Instant, idx: usize) -> Drained {
         for _ in 0..self.recv_batch {
             let Some(Some(sock)) = self.relays.sockets.get(idx) else {
                 return Drained::Empty;
             };
             match sock.recv_from(self.pkt.body_mut()) {
                 Ok((len, from)) => {
-                    let now = clock::now();
                     let action = self
                         .engine
                         .handle_peer(now, idx as u32, from, &mut self.pkt, len);
@@ -200,10 +198,10 @@ impl Shard {
         Drained::MoreWaiting
     }
 
-    fn serve(&mut self, token: Token) -> Drained {
+    fn serve(&mut self, now: Instant, token: Token) -> Drained {
         match token.0 {
-            i if i < RELAY_BASE => self.drain_listener(i),
-            t if t >= RELAY_BASE && token != WAKER => self.drain_relay(t - RELAY_BASE),
+            i if i < RELAY_BASE => self.drain_listener(now, i),
+            t if t >= RELAY_BASE && token != WAKER => self.drain_relay(now, t - RELAY_BASE),
             _ => Drained::Empty,
         }
     }
@@ -281,20 +279,22 @@ pub fn run(parts: ShardParts) {
                 return;
             }
         }
+        // The clock is read once per wake-up.
+        let now = clock::now();
         for event in events.iter() {
-            if shard.serve(event.token()) == Drained::MoreWaiting {
+            if shard.serve(now, event.token()) == Drained::MoreWaiting {
                 still_pending.push(event.token());
             }
         }
         for token in pending.drain(..) {
-            if shard.serve(token) == Drained::MoreWaiting {
+            if shard.serve(now, token) == Drained::MoreWaiting {
                 still_pending.push(token);
             }
         }
         still_pending.sort_unstable_by_key(|t| t.0);
         still_pending.dedup();
         std::mem::swap(&mut pending, &mut still_pending);
-        shard.engine.handle_timeout(clock::now(), &mut shard.relays);
+        shard.engine.handle_timeout(now, &mut shard.relays);
         while let Ok(ctl) = inbox.try_recv() {
             match ctl {
                 Ctl::Reload(settings) => shard.engine.reload(settings),
