@@ -1,0 +1,142 @@
+//! Stateful: sequences of client datagrams (raw, or scripted requests the harness signs so the fuzzer
+//! reaches authenticated states), peer datagrams and clock steps. The engine must never panic, and
+//! open relay sockets, table entries and quota counts must always agree.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use std::collections::HashSet;
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+use turnpike::auth::NonceKey;
+use turnpike::proto::allocation::{FiveTuple, ListenerId, Transport};
+use turnpike::proto::attr::AttrType;
+use turnpike::proto::engine::{BindError, RelaySockets};
+use turnpike::proto::integrity::{long_term_key, rest_password};
+use turnpike::proto::{Action, Class, Engine, Method, MsgWriter, PacketBuf, Settings, StunMsg, TransactionId};
+use turnpike::shared::{ShardStats, Shared};
+
+#[derive(Default)]
+struct Sockets(HashSet<u32>);
+
+impl RelaySockets for Sockets {
+    fn open(&mut self, idx: u32, _: SocketAddr) -> Result<(), BindError> {
+        assert!(self.0.insert(idx), "slot opened twice");
+        Ok(())
+    }
+    fn close(&mut self, idx: u32) {
+        assert!(self.0.remove(&idx), "slot closed but not open");
+    }
+}
+
+const UNIX0: u64 = 1_800_000_000;
+
+/// Settings and ports, built once per process.
+fn setup() -> &'static (Arc<Settings>, Vec<u16>) {
+    static SETUP: OnceLock<(Arc<Settings>, Vec<u16>)> = OnceLock::new();
+    SETUP.get_or_init(|| {
+        let yaml = "listen: {ips: [127.0.0.1]}\nrelay: {ips: [127.0.0.1], min_port: 50000, max_port: 50007}\n\
+                    auth: {realm: fuzz, shared_secrets: [s], users: [\"u:p\"]}\nruntime: {threads: 1}\n\
+                    allocations: {user_quota: 3, max_permissions: 4, max_channels: 4}\n";
+        let cfg = turnpike::config::parse(Path::new("<fuzz>.yaml"), yaml).expect("fuzz config");
+        let plan = turnpike::server::relay_plan(&cfg).expect("relay plan");
+        let settings = Arc::new(turnpike::server::settings(&cfg, plan, NonceKey::new([9; 32])));
+        (settings, cfg.shard_port_list(0))
+    })
+}
+
+fuzz_target!(|data: &[u8]| {
+    let (settings, ports) = setup();
+    let settings = Arc::clone(settings);
+    let shared = Arc::new(Shared::default());
+    let t0 = Instant::now();
+    let mut now = t0;
+    let mut engine = Engine::new(0, settings, Arc::clone(&shared), Arc::new(ShardStats::default()), ports.iter().copied(), t0, UNIX0, 1);
+    let mut io = Sockets::default();
+    let mut pkt = PacketBuf::default();
+    let username = format!("{}:fuzz", UNIX0 + 3600);
+    let password = rest_password(b"s", username.as_bytes());
+    let key = long_term_key(username.as_bytes(), b"fuzz", &password);
+    let mut nonce: Vec<u8> = Vec::new();
+    let mut tid = 0u8;
+
+    let mut input = data;
+    while input.len() >= 3 {
+        let (op, a, b) = (input[0], input[1], input[2]);
+        input = &input[3..];
+        let client = FiveTuple {
+            client: SocketAddr::new(IpAddr::from([198, 51, 100, 1]), 4000 + u16::from(a % 4)),
+            listener: ListenerId(0),
+            transport: Transport::Udp,
+        };
+        let peer = SocketAddr::new(IpAddr::from([8, 8, 8, 8 + (b % 3)]), 7000 + u16::from(b % 2));
+        let action = match op % 9 {
+            0 => {
+                let n = usize::from(b).min(input.len());
+                let (raw, rest) = input.split_at(n);
+                input = rest;
+                let len = pkt.fill(raw);
+                engine.handle_client(now, client, &mut pkt, len, &mut io)
+            }
+            1 => {
+                let n = usize::from(b).min(input.len());
+                let (raw, rest) = input.split_at(n);
+                input = rest;
+                let len = pkt.fill(raw);
+                engine.handle_peer(now, u32::from(a % 6), peer, &mut pkt, len)
+            }
+            2 => {
+                now += Duration::from_secs(u64::from(a) * 4 + u64::from(b));
+                engine.handle_timeout(now, &mut io);
+                Action::Done
+            }
+            3..=7 => {
+                tid = tid.wrapping_add(1);
+                let mut buf = [0u8; 512];
+                let method = [Method::ALLOCATE, Method::CREATE_PERMISSION, Method::CHANNEL_BIND, Method::REFRESH, Method::BINDING][usize::from(op % 9 - 3)];
+                let mut w = MsgWriter::new(&mut buf, method, Class::Request, TransactionId([tid; 12]));
+                match method {
+                    Method::ALLOCATE => {
+                        w.add_bytes(AttrType::REQUESTED_TRANSPORT, &[if b % 7 == 0 { 6 } else { 17 }, 0, 0, 0]);
+                        if b % 5 == 0 {
+                            w.add_bytes(AttrType::EVEN_PORT, &[b & 0x80]);
+                        }
+                    }
+                    Method::CREATE_PERMISSION => w.add_xor_addr(AttrType::XOR_PEER_ADDRESS, peer),
+                    Method::CHANNEL_BIND => {
+                        w.add_bytes(AttrType::CHANNEL_NUMBER, &[0x40 | (b & 0x3F) >> 4, b, 0, 0]);
+                        w.add_xor_addr(AttrType::XOR_PEER_ADDRESS, peer);
+                    }
+                    Method::REFRESH => w.add_u32(AttrType::LIFETIME, u32::from(b) * 8),
+                    _ => {}
+                }
+                if a & 0x80 == 0 && method != Method::BINDING {
+                    w.add_bytes(AttrType::USERNAME, username.as_bytes());
+                    w.add_bytes(AttrType::REALM, b"fuzz");
+                    w.add_bytes(AttrType::NONCE, &nonce);
+                    w.add_message_integrity(&key);
+                }
+                let Ok(n) = w.finish() else { continue };
+                let len = pkt.fill(&buf[..n]);
+                engine.handle_client(now, client, &mut pkt, len, &mut io)
+            }
+            _ => {
+                let payload = [b; 40];
+                let mut frame = vec![0x40 | (a & 0x0F), a, 0, payload.len() as u8];
+                frame.extend_from_slice(&payload);
+                let len = pkt.fill(&frame);
+                engine.handle_client(now, client, &mut pkt, len, &mut io)
+            }
+        };
+        if let Action::Reply { len } = action {
+            if let Ok(msg) = StunMsg::parse(engine.reply(len)) {
+                if let Some(n) = msg.attr(AttrType::NONCE) {
+                    nonce = n.to_vec();
+                }
+            }
+        }
+        assert_eq!(io.0.len(), engine.table().len());
+        assert_eq!(shared.quotas.total() as usize, engine.table().len());
+    }
+});

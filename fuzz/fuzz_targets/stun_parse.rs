@@ -1,0 +1,23 @@
+//! Any bytes: the STUN parser never panics, and every attribute decoder is safe on what it yields.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use turnpike::proto::attr;
+use turnpike::proto::integrity::verify_message_integrity;
+use turnpike::proto::StunMsg;
+
+fuzz_target!(|data: &[u8]| {
+    if let Ok(msg) = StunMsg::parse(data) {
+        let tid = msg.transaction_id();
+        for a in msg.attrs() {
+            let _ = attr::decode_xor_addr(a.value, &tid);
+            let _ = attr::decode_plain_addr(a.value);
+            let _ = attr::decode_error_code(a.value);
+            let _ = attr::decode_u32(a.value);
+            let _ = attr::decode_channel_number(a.value);
+            let _ = attr::decode_even_port(a.value);
+            let _ = attr::decode_family(a.value);
+        }
+        let _ = verify_message_integrity(&msg, b"key");
+    }
+});
