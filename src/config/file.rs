@@ -110,8 +110,10 @@ pub struct AllocationSection {
     pub user_quota: u32,
     /// Concurrent allocations in total, 0 = unlimited (coturn `total-quota`).
     pub total_quota: u32,
-    /// Bytes per second per allocation, 0 = unlimited (coturn `max-bps`).
+    /// Bytes per second per allocation and direction, 0 = unlimited (coturn `max-bps`).
     pub max_bps: u64,
+    /// Bytes per second for the whole server per direction, split evenly over shards, 0 = unlimited.
+    pub total_bps: u64,
 }
 
 impl Default for AllocationSection {
@@ -124,6 +126,27 @@ impl Default for AllocationSection {
             user_quota: 0,
             total_quota: 0,
             max_bps: 0,
+            total_bps: 0,
+        }
+    }
+}
+
+/// Abuse resistance.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AbuseSection {
+    /// Unauthenticated requests (and Binding requests) answered per source address per second;
+    /// 0 = unlimited.
+    pub unauth_rate: u64,
+    /// Burst allowed above that rate.
+    pub unauth_burst: u64,
+}
+
+impl Default for AbuseSection {
+    fn default() -> Self {
+        Self {
+            unauth_rate: 20,
+            unauth_burst: 40,
         }
     }
 }
@@ -258,6 +281,8 @@ pub struct FileConfig {
     pub allocations: AllocationSection,
     /// `peers:` section.
     pub peers: PeerSection,
+    /// `abuse:` section.
+    pub abuse: AbuseSection,
     /// `tls:` section.
     pub tls: TlsSection,
     /// `runtime:` section.

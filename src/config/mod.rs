@@ -117,8 +117,14 @@ pub struct Config {
     pub user_quota: u32,
     /// Allocations in total.
     pub total_quota: u32,
-    /// Bytes/s per allocation.
+    /// Bytes/s per allocation and direction.
     pub max_bps: u64,
+    /// Bytes/s for the server per direction.
+    pub total_bps: u64,
+    /// Unauthenticated requests per source per second.
+    pub unauth_rate: u64,
+    /// Their burst.
+    pub unauth_burst: u64,
     /// Allowed peer ranges.
     pub allowed_peers: Vec<IpRange>,
     /// Denied peer ranges.
@@ -539,8 +545,20 @@ fn validate(
     if m.tls.cert.is_some() != m.tls.pkey.is_some() {
         return Err(loc.error("tls.cert", "tls.cert and tls.pkey must be given together"));
     }
-    if m.allocations.max_bps > 0 && loc.format == Format::Yaml {
-        warnings.push("allocations.max_bps is parsed; bandwidth limits are enforced from the security milestone on".into());
+    if m.abuse.unauth_rate > 0 && m.abuse.unauth_burst == 0 {
+        return Err(loc.error(
+            "abuse.unauth_burst",
+            "must be at least 1 when abuse.unauth_rate is set",
+        ));
+    }
+    if m.abuse.unauth_rate == 0 {
+        warnings.push("abuse.unauth_rate is 0: unauthenticated requests are answered without limit (a reflection amplifier)".into());
+    }
+    if (1..1024).contains(&a.max_bps) || (1..1024).contains(&a.total_bps) {
+        return Err(loc.error(
+            "allocations.max_bps",
+            "bandwidth limits are bytes per second; below 1024 nothing useful gets through",
+        ));
     }
     if m.tls.cert.is_some() && loc.format == Format::Yaml {
         warnings
@@ -589,6 +607,9 @@ fn validate(
         user_quota: a.user_quota,
         total_quota: a.total_quota,
         max_bps: a.max_bps,
+        total_bps: a.total_bps,
+        unauth_rate: m.abuse.unauth_rate,
+        unauth_burst: m.abuse.unauth_burst,
         allowed_peers,
         denied_peers,
         no_multicast_peers: m.peers.no_multicast,

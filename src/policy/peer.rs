@@ -146,6 +146,12 @@ pub const DEFAULT_DENIED: &[&str] = &[
     "fe80::/10",
     "fec0::/10",
     "ff00::/8",
+    // Local-use NAT64 (RFC 8215): what it embeds is site-specific, so it is refused outright.
+    "64:ff9b:1::/48",
+    // Benchmarking, ORCHID and ORCHIDv2 (RFC 6890, RFC 7343).
+    "2001:2::/48",
+    "2001:10::/28",
+    "2001:20::/28",
 ];
 
 /// The compiled peer policy.
@@ -157,7 +163,8 @@ pub struct PeerPolicy {
     no_multicast: bool,
 }
 
-/// Maps IPv6 addresses that embed an IPv4 destination to that IPv4 address.
+/// Maps IPv4-mapped (`::ffff:a.b.c.d`) and IPv4-compatible (`::a.b.c.d`) addresses, which are only
+/// spellings of an IPv4 destination, to that IPv4 address.
 pub fn canonical(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V6(v6) => {
@@ -173,6 +180,27 @@ pub fn canonical(ip: IpAddr) -> IpAddr {
         }
         v4 => v4,
     }
+}
+
+/// IPv4 destinations embedded in an IPv6 address by a translation or tunnelling scheme, which a
+/// packet to that IPv6 address may end up reaching: NAT64 `64:ff9b::/96` (RFC 6052), 6to4 `2002::/16`
+/// (RFC 3056) and Teredo `2001::/32` (RFC 4380: the server address, and the client address stored
+/// inverted). Returns up to two addresses.
+pub fn embedded_ipv4(v6: Ipv6Addr) -> [Option<Ipv4Addr>; 2] {
+    let o = v6.octets();
+    let seg = v6.segments();
+    if seg[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+        return [Some(Ipv4Addr::new(o[12], o[13], o[14], o[15])), None];
+    }
+    if seg[0] == 0x2002 {
+        return [Some(Ipv4Addr::new(o[2], o[3], o[4], o[5])), None];
+    }
+    if seg[0] == 0x2001 && seg[1] == 0 {
+        let server = Ipv4Addr::new(o[4], o[5], o[6], o[7]);
+        let client = Ipv4Addr::new(!o[12], !o[13], !o[14], !o[15]);
+        return [Some(server), Some(client)];
+    }
+    [None, None]
 }
 
 impl PeerPolicy {
@@ -204,9 +232,23 @@ impl PeerPolicy {
         Self::default()
     }
 
-    /// Whether the relay may send to `ip`.
+    /// Whether the relay may send to `ip`: the address itself and every IPv4 address it embeds must
+    /// each be permitted.
     pub fn permits(&self, ip: IpAddr) -> bool {
         let ip = canonical(ip);
+        if !self.permits_one(ip) {
+            return false;
+        }
+        match ip {
+            IpAddr::V6(v6) => embedded_ipv4(v6)
+                .into_iter()
+                .flatten()
+                .all(|v4| self.permits_one(IpAddr::V4(v4))),
+            IpAddr::V4(_) => true,
+        }
+    }
+
+    fn permits_one(&self, ip: IpAddr) -> bool {
         if ip.is_unspecified() {
             return false;
         }
@@ -281,6 +323,132 @@ mod tests {
         assert!(p.permits(ip("::ffff:127.0.0.1")));
         assert!(!p.permits(ip("127.0.0.53")));
         assert!(!p.permits(ip("0.0.0.0")));
+    }
+
+    /// Every way an IPv6 address can spell an IPv4 destination.
+    fn spellings(v4: Ipv4Addr) -> Vec<IpAddr> {
+        let o = v4.octets();
+        let inv = [!o[0], !o[1], !o[2], !o[3]];
+        vec![
+            IpAddr::V6(v4.to_ipv6_mapped()),
+            IpAddr::V6(Ipv6Addr::new(
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                u16::from_be_bytes([o[0], o[1]]),
+                u16::from_be_bytes([o[2], o[3]]),
+            )),
+            IpAddr::V6(Ipv6Addr::new(
+                0x64,
+                0xff9b,
+                0,
+                0,
+                0,
+                0,
+                u16::from_be_bytes([o[0], o[1]]),
+                u16::from_be_bytes([o[2], o[3]]),
+            )),
+            IpAddr::V6(Ipv6Addr::new(
+                0x2002,
+                u16::from_be_bytes([o[0], o[1]]),
+                u16::from_be_bytes([o[2], o[3]]),
+                0,
+                0,
+                0,
+                0,
+                1,
+            )),
+            // Teredo with the target as server, and as (inverted) client behind a public server.
+            IpAddr::V6(Ipv6Addr::new(
+                0x2001,
+                0,
+                u16::from_be_bytes([o[0], o[1]]),
+                u16::from_be_bytes([o[2], o[3]]),
+                0,
+                0,
+                0xf7f7,
+                0xf7f7,
+            )),
+            IpAddr::V6(Ipv6Addr::new(
+                0x2001,
+                0,
+                0x0808,
+                0x0808,
+                0,
+                0,
+                u16::from_be_bytes([inv[0], inv[1]]),
+                u16::from_be_bytes([inv[2], inv[3]]),
+            )),
+        ]
+    }
+
+    #[test]
+    fn embedded_spellings_of_loopback_and_metadata_are_denied() {
+        let p = PeerPolicy::new(vec![], vec![], true, false);
+        for v4 in [
+            Ipv4Addr::new(127, 0, 0, 1),
+            Ipv4Addr::new(169, 254, 169, 254),
+            Ipv4Addr::new(10, 0, 0, 1),
+        ] {
+            for s in spellings(v4) {
+                assert!(!p.permits(s), "{s} spells {v4} and must be denied");
+            }
+        }
+        // The same spellings of a public address are fine (for the IPv4-compatible form too).
+        for s in spellings(Ipv4Addr::new(8, 8, 4, 4)) {
+            assert!(p.permits(s), "{s} spells 8.8.4.4");
+        }
+        assert!(
+            !p.permits(ip("64:ff9b:1::8.8.8.8")),
+            "local-use NAT64 is refused outright"
+        );
+    }
+
+    #[test]
+    fn explicit_allow_covers_embedded_spellings_and_explicit_deny_wins() {
+        let p = PeerPolicy::new(
+            vec!["127.0.0.1".parse().unwrap()],
+            vec!["2002::/16".parse().unwrap()],
+            true,
+            false,
+        );
+        assert!(p.permits(ip("::ffff:127.0.0.1")));
+        assert!(p.permits(ip("64:ff9b::127.0.0.1")));
+        assert!(
+            !p.permits(ip("2002:7f00:1::1")),
+            "an explicit deny of the IPv6 range still applies"
+        );
+        assert!(!p.permits(ip("2002:0808:0808::1")));
+    }
+
+    proptest::proptest! {
+        /// Every embedded-IPv4 spelling of every address in every default-denied IPv4 range is denied.
+        #[test]
+        fn every_spelling_of_every_denied_ipv4_is_denied(range_idx in 0usize..DEFAULT_DENIED.len(), offset in proptest::prelude::any::<u32>()) {
+            let range: IpRange = DEFAULT_DENIED[range_idx].parse().unwrap();
+            let (IpAddr::V4(first), IpAddr::V4(last)) = (range.first, range.last) else { return Ok(()) };
+            let span = u32::from(last) - u32::from(first);
+            let v4 = Ipv4Addr::from(u32::from(first) + offset % span.saturating_add(1).max(1));
+            let p = PeerPolicy::new(vec![], vec![], true, false);
+            proptest::prop_assert!(!p.permits(IpAddr::V4(v4)), "{}", v4);
+            for s in spellings(v4) {
+                proptest::prop_assert!(!p.permits(s), "{} (spelling of {})", s, v4);
+            }
+        }
+
+        /// Coturn-style denied ranges from the Synapse how-to hold for every spelling as well.
+        #[test]
+        fn configured_denies_hold_for_every_spelling(a in proptest::prelude::any::<u8>(), b in proptest::prelude::any::<u8>()) {
+            let p = PeerPolicy::new(vec![], vec!["100.64.0.0-100.127.255.255".parse().unwrap()], true, true);
+            let v4 = Ipv4Addr::new(100, 64 + (a % 64), b, 1);
+            proptest::prop_assert!(!p.permits(IpAddr::V4(v4)));
+            for s in spellings(v4) {
+                proptest::prop_assert!(!p.permits(s), "{}", s);
+            }
+        }
     }
 
     #[test]

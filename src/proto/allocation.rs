@@ -2,6 +2,7 @@
 
 use super::channel::ChannelNumber;
 use super::stun::TransactionId;
+use crate::policy::rate::TokenBucket;
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
@@ -114,6 +115,8 @@ pub struct Allocation {
     pub allocate_tid: TransactionId,
     /// The success response to that request, replayed for retransmissions.
     pub allocate_response: Box<[u8]>,
+    /// `max-bps` buckets, [client -> peer, peer -> client]; `None` when unlimited.
+    pub bandwidth: Option<[TokenBucket; 2]>,
 }
 
 impl Allocation {

@@ -24,6 +24,7 @@ use super::table::{AllocId, AllocTable};
 use super::timer::TimerWheel;
 use crate::auth::{CredentialStore, NonceCheck, NonceKey, Verdict};
 use crate::policy::PeerPolicy;
+use crate::policy::rate::{LogKind, LogLimiter, SourceLimiter, TokenBucket};
 use crate::shared::{QuotaError, Reservation, ShardStats, Shared, bump, set};
 use std::net::{IpAddr, SocketAddr};
 use std::ops::Range;
@@ -120,6 +121,14 @@ pub struct Settings {
     pub user_quota: u32,
     /// Allocations in total (0 = unlimited).
     pub total_quota: u32,
+    /// Bytes per second per allocation and direction (0 = unlimited).
+    pub max_bps: u64,
+    /// This shard's share of the total bytes per second per direction (0 = unlimited).
+    pub shard_total_bps: u64,
+    /// Unauthenticated requests answered per source address per second (0 = unlimited).
+    pub unauth_rate: u64,
+    /// Burst of unauthenticated requests per source address.
+    pub unauth_burst: u64,
     /// SOFTWARE attribute added to responses, if any.
     pub software: Option<Box<str>>,
     /// Whether ERROR-CODE carries reason phrases.
@@ -249,6 +258,20 @@ fn write_response(
     }
 }
 
+/// Takes `len` bytes from the allocation's and the shard's buckets of direction `dir` (0 = to peer,
+/// 1 = to client); false means drop.
+fn take_bandwidth(
+    alloc: &mut Option<[TokenBucket; 2]>,
+    total: &mut Option<[TokenBucket; 2]>,
+    dir: usize,
+    len: usize,
+    now: Instant,
+) -> bool {
+    let n = len as u64;
+    alloc.as_mut().is_none_or(|b| b[dir].take(n, now))
+        && total.as_mut().is_none_or(|b| b[dir].take(n, now))
+}
+
 fn family_of(ip: IpAddr) -> u8 {
     if ip.is_ipv4() {
         FAMILY_IPV4
@@ -278,7 +301,14 @@ pub struct Engine {
     rng: u64,
     live_permissions: u64,
     live_channels: u64,
+    /// The shard's share of the total bandwidth, [client -> peer, peer -> client].
+    total_bandwidth: Option<[TokenBucket; 2]>,
+    limiter: SourceLimiter,
+    logs: LogLimiter,
 }
+
+/// Slots of the per-source limiter of unauthenticated requests (fixed memory per shard).
+const LIMITER_SLOTS: usize = 8192;
 
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -305,7 +335,6 @@ impl Engine {
     ) -> Self {
         Self {
             shard,
-            settings,
             shared,
             stats,
             table: AllocTable::default(),
@@ -318,6 +347,11 @@ impl Engine {
             rng: seed | 1,
             live_permissions: 0,
             live_channels: 0,
+            total_bandwidth: (settings.shard_total_bps > 0)
+                .then(|| [TokenBucket::for_bandwidth(settings.shard_total_bps, origin); 2]),
+            limiter: SourceLimiter::new(LIMITER_SLOTS, settings.unauth_rate, settings.unauth_burst),
+            logs: LogLimiter::default(),
+            settings,
         }
     }
 
@@ -327,7 +361,17 @@ impl Engine {
     }
 
     /// Swaps in a new configuration (between packets).
-    pub fn reload(&mut self, settings: Arc<Settings>) {
+    pub fn reload(&mut self, now: Instant, settings: Arc<Settings>) {
+        if settings.unauth_rate != self.settings.unauth_rate
+            || settings.unauth_burst != self.settings.unauth_burst
+        {
+            self.limiter =
+                SourceLimiter::new(LIMITER_SLOTS, settings.unauth_rate, settings.unauth_burst);
+        }
+        if settings.shard_total_bps != self.settings.shard_total_bps {
+            self.total_bandwidth = (settings.shard_total_bps > 0)
+                .then(|| [TokenBucket::for_bandwidth(settings.shard_total_bps, now); 2]);
+        }
         self.settings = settings;
     }
 
@@ -355,6 +399,33 @@ impl Engine {
         self.rng ^= self.rng << 25;
         self.rng ^= self.rng >> 27;
         self.rng.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    /// Logs a refusal unless its category is over its log budget (an attack must not fill the disk).
+    fn log_refusal(&mut self, kind: LogKind, now: Instant, message: std::fmt::Arguments<'_>) {
+        let mut suppressed = 0;
+        if self.logs.allow(kind, now, &mut suppressed) {
+            if suppressed > 0 {
+                log::info!("{message} ({suppressed} similar messages suppressed)");
+            } else {
+                log::info!("{message}");
+            }
+        }
+    }
+
+    /// Charges an answer to an unauthenticated request to its source; true when over the limit (drop).
+    /// Unauthenticated answers are bigger than the requests, so an unlimited server is a reflector.
+    fn over_source_limit(&mut self, now: Instant, tuple: FiveTuple) -> bool {
+        if self.limiter.allow(tuple.client.ip(), now) {
+            return false;
+        }
+        let ip = tuple.client.ip();
+        self.log_refusal(
+            LogKind::RateLimited,
+            now,
+            format_args!("unauthenticated requests from {ip} over the rate limit: dropped"),
+        );
+        true
     }
 
     /// When [`Engine::handle_timeout`] next has work.
@@ -404,17 +475,27 @@ impl Engine {
         let Some(id) = self.table.find(&tuple) else {
             return Action::Drop(DropReason::NoAllocation);
         };
-        let Some(alloc) = self.table.get(id) else {
+        let Some(alloc) = self.table.get_mut(id) else {
             return Action::Drop(DropReason::NoAllocation);
         };
         let Some(binding) = alloc
             .channel_by_number(cd.number)
             .filter(|c| c.is_active(now))
+            .copied()
         else {
             return Action::Drop(DropReason::NoChannel);
         };
         if !alloc.permits(binding.peer.ip(), now) {
             return Action::Drop(DropReason::NoPermission);
+        }
+        if !take_bandwidth(
+            &mut alloc.bandwidth,
+            &mut self.total_bandwidth,
+            0,
+            cd.data.len(),
+            now,
+        ) {
+            return Action::Drop(DropReason::OverBandwidth);
         }
         bump(&self.stats.packets_to_peer, 1);
         bump(&self.stats.bytes_to_peer, cd.data.len() as u64);
@@ -438,7 +519,7 @@ impl Engine {
         let Some(id) = self.table.find(&tuple) else {
             return Action::Drop(DropReason::NoAllocation);
         };
-        let Some(alloc) = self.table.get(id) else {
+        let Some(alloc) = self.table.get_mut(id) else {
             return Action::Drop(DropReason::NoAllocation);
         };
         let mut peer = None;
@@ -465,6 +546,15 @@ impl Engine {
         if !alloc.permits(peer.ip(), now) {
             return Action::Drop(DropReason::NoPermission);
         }
+        if !take_bandwidth(
+            &mut alloc.bandwidth,
+            &mut self.total_bandwidth,
+            0,
+            data.len(),
+            now,
+        ) {
+            return Action::Drop(DropReason::OverBandwidth);
+        }
         bump(&self.stats.packets_to_peer, 1);
         bump(&self.stats.bytes_to_peer, data.len() as u64);
         let start = HEADROOM + offset_in(bytes, data);
@@ -483,11 +573,17 @@ impl Engine {
         io: &mut dyn RelaySockets,
     ) -> Action {
         match msg.method() {
-            Method::BINDING => self.binding(tuple, msg),
+            Method::BINDING => {
+                if self.over_source_limit(now, tuple) {
+                    return Action::Drop(DropReason::SourceRateLimited);
+                }
+                self.binding(tuple, msg)
+            }
             Method::ALLOCATE => self.allocate(now, tuple, msg, io),
             Method::REFRESH => self.refresh(now, tuple, msg, io),
             Method::CREATE_PERMISSION => self.create_permission(now, tuple, msg),
             Method::CHANNEL_BIND => self.channel_bind(now, tuple, msg),
+            _ if self.over_source_limit(now, tuple) => Action::Drop(DropReason::SourceRateLimited),
             _ => self.error(msg, ErrorCode::BadRequest, None),
         }
     }
@@ -529,7 +625,15 @@ impl Engine {
         tuple: FiveTuple,
         msg: &StunMsg<'m>,
     ) -> Result<Authenticated<'m>, Action> {
+        let limited = |engine: &mut Self| {
+            engine
+                .over_source_limit(now, tuple)
+                .then_some(Action::Drop(DropReason::SourceRateLimited))
+        };
         if msg.integrity_offset().is_none() {
+            if let Some(drop) = limited(self) {
+                return Err(drop);
+            }
             return Err(self.challenge(now, tuple, msg, ErrorCode::Unauthorized));
         }
         let (Some(username), Some(realm), Some(nonce)) = (
@@ -537,13 +641,17 @@ impl Engine {
             msg.attr(AttrType::REALM),
             msg.attr(AttrType::NONCE),
         ) else {
-            return Err(self.error(msg, ErrorCode::BadRequest, None));
+            return Err(
+                limited(self).unwrap_or_else(|| self.error(msg, ErrorCode::BadRequest, None))
+            );
         };
         if username.len() > MAX_USERNAME
             || realm.len() > MAX_REALM_OR_NONCE
             || nonce.len() > MAX_REALM_OR_NONCE
         {
-            return Err(self.error(msg, ErrorCode::BadRequest, None));
+            return Err(
+                limited(self).unwrap_or_else(|| self.error(msg, ErrorCode::BadRequest, None))
+            );
         }
         let unix = self.unix(now);
         if self
@@ -552,15 +660,25 @@ impl Engine {
             .check(nonce, tuple.client.ip(), unix)
             == NonceCheck::Stale
         {
-            return Err(self.challenge(now, tuple, msg, ErrorCode::StaleNonce));
+            return Err(limited(self)
+                .unwrap_or_else(|| self.challenge(now, tuple, msg, ErrorCode::StaleNonce)));
         }
-        match self.settings.credentials.verify(msg, username, unix) {
-            Verdict::Ok(key) => Ok(Authenticated { key, username }),
-            Verdict::UnknownUser | Verdict::Expired | Verdict::BadIntegrity => {
-                bump(&self.stats.auth_failures, 1);
-                Err(self.challenge(now, tuple, msg, ErrorCode::Unauthorized))
-            }
-        }
+        let verdict = self.settings.credentials.verify(msg, username, unix);
+        let reason = match verdict {
+            Verdict::Ok(key) => return Ok(Authenticated { key, username }),
+            Verdict::UnknownUser => "unknown user",
+            Verdict::Expired => "expired REST credential",
+            Verdict::BadIntegrity => "wrong password or secret",
+        };
+        bump(&self.stats.auth_failures, 1);
+        let user = String::from_utf8_lossy(username);
+        self.log_refusal(
+            LogKind::AuthFailure,
+            now,
+            format_args!("authentication failed ({reason}): user={user} client={tuple}"),
+        );
+        Err(limited(self)
+            .unwrap_or_else(|| self.challenge(now, tuple, msg, ErrorCode::Unauthorized)))
     }
 
     //= RFC 8489 §6.3.1: "If the request contains one or more unknown comprehension-required attributes,
@@ -850,6 +968,8 @@ impl Engine {
             channels: Vec::new(),
             allocate_tid: msg.transaction_id(),
             allocate_response: self.out[..len].into(),
+            bandwidth: (self.settings.max_bps > 0)
+                .then(|| [TokenBucket::for_bandwidth(self.settings.max_bps, now); 2]),
         };
         let id = self.table.insert(alloc);
         self.wheel
@@ -1007,6 +1127,23 @@ impl Engine {
         Ok(peer)
     }
 
+    fn note_peer_denied(
+        &mut self,
+        now: Instant,
+        tuple: FiveTuple,
+        value: &[u8],
+        tid: &TransactionId,
+    ) {
+        bump(&self.stats.peers_denied, 1);
+        if let Ok(peer) = attr::decode_xor_addr(value, tid) {
+            self.log_refusal(
+                LogKind::PeerDenied,
+                now,
+                format_args!("peer refused by policy: {peer} requested by {tuple}"),
+            );
+        }
+    }
+
     /// The server's own relay addresses are always reachable (client -> TURN -> TURN -> client).
     fn is_own_relay(&self, peer: SocketAddr) -> bool {
         let ip = crate::policy::peer::canonical(peer.ip());
@@ -1042,7 +1179,7 @@ impl Engine {
                 }
                 Err(code) => {
                     if code == ErrorCode::Forbidden {
-                        bump(&self.stats.peers_denied, 1);
+                        self.note_peer_denied(now, tuple, a.value, &tid);
                     }
                     return self.error(msg, code, Some(&key));
                 }
@@ -1117,7 +1254,7 @@ impl Engine {
             Ok(p) => p,
             Err(code) => {
                 if code == ErrorCode::Forbidden {
-                    bump(&self.stats.peers_denied, 1);
+                    self.note_peer_denied(now, tuple, peer_value, &msg.transaction_id());
                 }
                 return self.error(msg, code, Some(&key));
             }
@@ -1193,13 +1330,16 @@ impl Engine {
         len: usize,
     ) -> Action {
         let len = len.min(MAX_PAYLOAD);
-        let Some((_, alloc)) = self.table.by_index(idx) else {
+        let Some(alloc) = self.table.by_index_mut(idx) else {
             return Action::Drop(DropReason::NoAllocation);
         };
         //= RFC 8656 §11.3: "the server ... looks for a permission ... If no permission exists, the UDP
         //= datagram is silently discarded."
         if !alloc.permits(peer.ip(), now) {
             return Action::Drop(DropReason::NoPermission);
+        }
+        if !take_bandwidth(&mut alloc.bandwidth, &mut self.total_bandwidth, 1, len, now) {
+            return Action::Drop(DropReason::OverBandwidth);
         }
         let tuple = alloc.five_tuple;
         let channel = alloc

@@ -117,15 +117,17 @@ pub enum DropReason {
     BadIndication,
     /// Peer denied by policy (Send indication).
     PeerDenied,
-    /// Over the allocation's bandwidth budget.
-    RateLimited,
+    /// Over the allocation's (or the shard's share of the total) bandwidth budget.
+    OverBandwidth,
+    /// A source over its unauthenticated request rate.
+    SourceRateLimited,
     /// The response could not be written (buffer too small).
     NoSpace,
 }
 
 impl DropReason {
     /// All reasons, in counter order.
-    pub const ALL: [Self; 9] = [
+    pub const ALL: [Self; 10] = [
         Self::Malformed,
         Self::Unexpected,
         Self::NoAllocation,
@@ -133,7 +135,8 @@ impl DropReason {
         Self::NoPermission,
         Self::BadIndication,
         Self::PeerDenied,
-        Self::RateLimited,
+        Self::OverBandwidth,
+        Self::SourceRateLimited,
         Self::NoSpace,
     ];
 
@@ -147,7 +150,8 @@ impl DropReason {
             Self::NoPermission => "no_permission",
             Self::BadIndication => "bad_indication",
             Self::PeerDenied => "peer_denied",
-            Self::RateLimited => "rate_limited",
+            Self::OverBandwidth => "over_bandwidth",
+            Self::SourceRateLimited => "source_rate_limited",
             Self::NoSpace => "no_space",
         }
     }

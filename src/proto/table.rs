@@ -112,6 +112,11 @@ impl AllocTable {
         ))
     }
 
+    /// Mutable access to the live allocation in slot `idx`.
+    pub fn by_index_mut(&mut self, idx: u32) -> Option<&mut Allocation> {
+        self.slots.get_mut(idx as usize)?.alloc.as_mut()
+    }
+
     /// Iterates over live allocations.
     pub fn iter(&self) -> impl Iterator<Item = (AllocId, &Allocation)> {
         self.slots.iter().enumerate().filter_map(|(i, s)| {

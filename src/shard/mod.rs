@@ -297,7 +297,7 @@ pub fn run(parts: ShardParts) {
         shard.engine.handle_timeout(now, &mut shard.relays);
         while let Ok(ctl) = inbox.try_recv() {
             match ctl {
-                Ctl::Reload(settings) => shard.engine.reload(settings),
+                Ctl::Reload(settings) => shard.engine.reload(clock::now(), settings),
                 Ctl::Shutdown => {
                     shard.engine.close_all(&mut shard.relays);
                     log::debug!("shard {id} stopped");

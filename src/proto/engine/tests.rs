@@ -52,6 +52,10 @@ fn settings() -> Settings {
         peer_policy: PeerPolicy::new(vec![], vec![], true, false),
         user_quota: 2,
         total_quota: 100,
+        max_bps: 0,
+        shard_total_bps: 0,
+        unauth_rate: 0,
+        unauth_burst: 0,
         software: None,
         reason_phrases: false,
         legacy_channel_numbers: false,
@@ -1122,4 +1126,115 @@ fn legacy_channel_numbers_when_enabled() {
         panic!()
     };
     assert_eq!(h.pkt.get(range), b"old");
+}
+
+/// `max-bps`: each direction has its own bucket; excess is dropped and counted.
+#[test]
+fn max_bps_drops_excess_in_both_directions() {
+    let mut s = settings();
+    s.max_bps = 16 * 1024;
+    let mut h = harness_with(s);
+    let mut c = Client::rest(40090, "u", UNIX0 + 3600);
+    assert_eq!(h.allocate(&mut c).class(), Class::Success);
+    assert_eq!(
+        h.authed(
+            &mut c,
+            Method::CHANNEL_BIND,
+            channel_bind_attrs(0x4000, peer())
+        )
+        .class(),
+        Class::Success
+    );
+    let frame = channel_data(0x4000, &[0u8; 1000]);
+    let sent_ok = (0..40)
+        .filter(|_| matches!(h.send(c.tuple, &frame), Action::ToPeer { .. }))
+        .count();
+    assert_eq!(sent_ok, 16, "a 16 KiB burst of 1000-byte packets");
+    let back_ok = (0..40)
+        .filter(|_| {
+            matches!(
+                h.peer_sends(0, peer(), &[0u8; 1000]),
+                Action::ToClient { .. }
+            )
+        })
+        .count();
+    assert_eq!(back_ok, 16, "the other direction has its own bucket");
+    assert_eq!(
+        h.send(c.tuple, &frame),
+        Action::Drop(DropReason::OverBandwidth)
+    );
+    assert_eq!(
+        h.peer_sends(0, peer(), &[0u8; 1000]),
+        Action::Drop(DropReason::OverBandwidth)
+    );
+    h.now += Duration::from_secs(1);
+    let refilled = (0..40)
+        .filter(|_| matches!(h.send(c.tuple, &frame), Action::ToPeer { .. }))
+        .count();
+    assert_eq!(refilled, 16, "16 KiB per second");
+}
+
+/// The shard's share of a total cap applies across allocations.
+#[test]
+fn total_bandwidth_is_shared_by_allocations() {
+    let mut s = settings();
+    s.shard_total_bps = 16 * 1024;
+    let mut h = harness_with(s);
+    let mut a = Client::rest(40091, "a", UNIX0 + 3600);
+    let mut b = Client::rest(40092, "b", UNIX0 + 3600);
+    for c in [&mut a, &mut b] {
+        assert_eq!(h.allocate(c).class(), Class::Success);
+        assert_eq!(
+            h.authed(c, Method::CHANNEL_BIND, channel_bind_attrs(0x4000, peer()))
+                .class(),
+            Class::Success
+        );
+    }
+    let frame = channel_data(0x4000, &[0u8; 1000]);
+    let mut ok = 0;
+    for _ in 0..20 {
+        for t in [a.tuple, b.tuple] {
+            ok += usize::from(matches!(h.send(t, &frame), Action::ToPeer { .. }));
+        }
+    }
+    assert_eq!(ok, 16);
+}
+
+/// Answers to unauthenticated requests (401 challenges, Binding) are limited per source address, and
+/// authenticated traffic is not.
+#[test]
+fn unauthenticated_answers_are_rate_limited_per_source() {
+    let mut s = settings();
+    s.unauth_rate = 5;
+    s.unauth_burst = 10;
+    let mut h = harness_with(s);
+    let mut c = Client::rest(40093, "u", UNIX0 + 3600);
+    let answered = (0..50)
+        .filter(|_| {
+            let req = c.request(Method::ALLOCATE, false, udp_transport);
+            matches!(h.send(c.tuple, &req), Action::Reply { .. })
+        })
+        .count();
+    assert_eq!(answered, 10);
+    let binding = c.request(Method::BINDING, false, |_| {});
+    assert_eq!(
+        h.send(c.tuple, &binding),
+        Action::Drop(DropReason::SourceRateLimited)
+    );
+    // Another source is unaffected.
+    let other = Client::rest(40094, "u", UNIX0 + 3600);
+    let mut other_tuple = other.tuple;
+    other_tuple.client = "203.0.113.50:1000".parse().unwrap();
+    assert!(matches!(
+        h.send(other_tuple, &binding),
+        Action::Reply { .. }
+    ));
+    // After a second the source may try again; authenticated requests are never limited.
+    h.advance(2);
+    let r = h.request(c.tuple, &c.request(Method::ALLOCATE, false, udp_transport));
+    c.nonce = r.attr(AttrType::NONCE).unwrap();
+    for _ in 0..30 {
+        let req = c.request(Method::ALLOCATE, true, udp_transport);
+        assert!(matches!(h.send(c.tuple, &req), Action::Reply { .. }));
+    }
 }

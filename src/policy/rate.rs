@@ -1,0 +1,242 @@
+//! Rate limiting: token buckets for bandwidth, a fixed-size per-source limiter for unauthenticated
+//! requests, and a limiter that keeps refusal logs from filling the disk. All take `now`; none allocates
+//! after construction.
+
+use std::collections::hash_map::RandomState;
+use std::hash::BuildHasher;
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+/// A token bucket over bytes (or requests): `rate` per second, holding at most `capacity`.
+#[derive(Clone, Copy, Debug)]
+pub struct TokenBucket {
+    rate: u64,
+    capacity: u64,
+    tokens: u64,
+    last: Instant,
+}
+
+impl TokenBucket {
+    /// A full bucket.
+    pub fn new(rate: u64, capacity: u64, now: Instant) -> Self {
+        Self {
+            rate,
+            capacity,
+            tokens: capacity,
+            last: now,
+        }
+    }
+
+    /// A bucket for a bandwidth limit of `bytes_per_sec`: bursts of 1/8 s, at least 16 KiB (a video
+    /// key frame must not be cut up).
+    pub fn for_bandwidth(bytes_per_sec: u64, now: Instant) -> Self {
+        Self::new(bytes_per_sec, (bytes_per_sec / 8).max(16 * 1024), now)
+    }
+
+    fn refill(&mut self, now: Instant) {
+        let elapsed = now.saturating_duration_since(self.last);
+        if elapsed.is_zero() {
+            return;
+        }
+        let add = (elapsed.as_nanos() * u128::from(self.rate) / 1_000_000_000) as u64;
+        if add > 0 {
+            self.tokens = self.tokens.saturating_add(add).min(self.capacity);
+            // Advance only by the time that produced whole tokens, so slow rates still accrue.
+            let used = Duration::from_nanos(
+                (u128::from(add) * 1_000_000_000 / u128::from(self.rate.max(1))) as u64,
+            );
+            self.last = if self.tokens == self.capacity {
+                now
+            } else {
+                self.last + used
+            };
+        }
+    }
+
+    /// Takes `n` tokens if available.
+    pub fn take(&mut self, n: u64, now: Instant) -> bool {
+        self.refill(now);
+        if self.tokens >= n {
+            self.tokens -= n;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// Per-source request limiter with a fixed number of slots: memory is bounded whatever the number of
+/// sources; a source whose slot is taken over starts afresh (a spoofer gains at most a full burst).
+pub struct SourceLimiter {
+    slots: Box<[Option<(IpAddr, TokenBucket)>]>,
+    hasher: RandomState,
+    rate: u64,
+    burst: u64,
+}
+
+impl std::fmt::Debug for SourceLimiter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SourceLimiter")
+            .field("slots", &self.slots.len())
+            .field("rate", &self.rate)
+            .finish()
+    }
+}
+
+impl SourceLimiter {
+    /// `slots` sources tracked at once, each allowed `rate` requests per second with bursts of `burst`.
+    /// A rate of 0 disables limiting.
+    pub fn new(slots: usize, rate: u64, burst: u64) -> Self {
+        Self {
+            slots: vec![None; slots.max(1)].into_boxed_slice(),
+            hasher: RandomState::new(),
+            rate,
+            burst: burst.max(1),
+        }
+    }
+
+    /// Whether a request from `ip` may be answered now.
+    pub fn allow(&mut self, ip: IpAddr, now: Instant) -> bool {
+        if self.rate == 0 {
+            return true;
+        }
+        let i = (self.hasher.hash_one(ip) as usize) % self.slots.len();
+        let (rate, burst) = (self.rate, self.burst);
+        match &mut self.slots[i] {
+            Some((owner, bucket)) if *owner == ip => bucket.take(1, now),
+            slot => {
+                let mut bucket = TokenBucket::new(rate, burst, now);
+                let ok = bucket.take(1, now);
+                *slot = Some((ip, bucket));
+                ok
+            }
+        }
+    }
+}
+
+/// Log categories limited separately.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogKind {
+    /// A peer refused by policy.
+    PeerDenied,
+    /// A quota refusal.
+    Quota,
+    /// Wrong credentials.
+    AuthFailure,
+    /// A source over its unauthenticated request rate.
+    RateLimited,
+}
+
+const LOG_KINDS: usize = 4;
+/// Lines per category per window.
+const LOG_BURST: u32 = 10;
+const LOG_WINDOW: Duration = Duration::from_secs(10);
+
+/// Lets at most [`LOG_BURST`] lines per category through per 10 s window, and reports how many were
+/// suppressed when the next window opens.
+#[derive(Debug)]
+pub struct LogLimiter {
+    window_start: [Option<Instant>; LOG_KINDS],
+    printed: [u32; LOG_KINDS],
+    suppressed: [u64; LOG_KINDS],
+}
+
+impl Default for LogLimiter {
+    fn default() -> Self {
+        Self {
+            window_start: [None; LOG_KINDS],
+            printed: [0; LOG_KINDS],
+            suppressed: [0; LOG_KINDS],
+        }
+    }
+}
+
+impl LogLimiter {
+    /// Whether a line of `kind` may be logged now. When a window closes with lines suppressed, returns
+    /// that count through `suppressed` so the caller can say so.
+    pub fn allow(&mut self, kind: LogKind, now: Instant, suppressed: &mut u64) -> bool {
+        let k = kind as usize;
+        *suppressed = 0;
+        let fresh = self.window_start[k]
+            .is_none_or(|start| now.saturating_duration_since(start) >= LOG_WINDOW);
+        if fresh {
+            *suppressed = self.suppressed[k];
+            self.window_start[k] = Some(now);
+            self.printed[k] = 0;
+            self.suppressed[k] = 0;
+        }
+        if self.printed[k] < LOG_BURST {
+            self.printed[k] += 1;
+            true
+        } else {
+            self.suppressed[k] += 1;
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::disallowed_methods)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bucket_enforces_rate_over_time() {
+        let t0 = Instant::now();
+        let mut b = TokenBucket::new(1000, 100, t0);
+        let mut taken = 0u64;
+        for ms in 0..=10_000u64 {
+            while b.take(10, t0 + Duration::from_millis(ms)) {
+                taken += 10;
+            }
+        }
+        // 100 burst + 1000/s for 10 s.
+        assert!((10_000..=10_100).contains(&taken), "{taken}");
+    }
+
+    #[test]
+    fn slow_rates_still_accrue() {
+        let t0 = Instant::now();
+        let mut b = TokenBucket::new(3, 1, t0);
+        assert!(b.take(1, t0));
+        let mut got = 0;
+        for ms in (0..=10_000u64).step_by(1) {
+            if b.take(1, t0 + Duration::from_millis(ms)) {
+                got += 1;
+            }
+        }
+        assert!((29..=31).contains(&got), "{got}");
+    }
+
+    #[test]
+    fn source_limiter_is_per_source_and_bounded() {
+        let t0 = Instant::now();
+        let mut l = SourceLimiter::new(64, 5, 10);
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let allowed = (0..100).filter(|_| l.allow(a, t0)).count();
+        assert_eq!(allowed, 10);
+        assert!(l.allow(a, t0 + Duration::from_secs(1)));
+        // Thousands of other sources fit in the same 64 slots.
+        for i in 0..10_000u32 {
+            let _ = l.allow(IpAddr::from(i.to_be_bytes()), t0);
+        }
+        assert_eq!(l.slots.len(), 64);
+    }
+
+    #[test]
+    fn log_limiter_suppresses_and_reports() {
+        let t0 = Instant::now();
+        let mut l = LogLimiter::default();
+        let mut s = 0;
+        let printed = (0..100)
+            .filter(|_| l.allow(LogKind::Quota, t0, &mut s))
+            .count();
+        assert_eq!(printed, 10);
+        assert!(
+            l.allow(LogKind::PeerDenied, t0, &mut s),
+            "categories are independent"
+        );
+        assert!(l.allow(LogKind::Quota, t0 + LOG_WINDOW, &mut s));
+        assert_eq!(s, 90);
+    }
+}
