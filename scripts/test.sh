@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs turnpike's whole test suite on a fresh Debian machine with Rust: installs the third-party
 # clients the interop tests drive (Debian's coturn for turnutils_uclient/turnutils_peer, aioice from
-# PyPI), then checks formatting, lints, docs, and runs every test.
+# PyPI) and cargo-fuzz, then checks formatting, lints, docs, runs every test, and fuzzes each target
+# for a bounded time (TURNPIKE_FUZZ_SECS, default 20).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -30,3 +31,6 @@ echo "==> cargo doc"
 RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --locked --quiet
 echo "==> cargo test"
 cargo test --locked
+# Bounded fuzzing of every target (codec and stateful engine), replaying fuzz/regressions first.
+echo "==> fuzz (${TURNPIKE_FUZZ_SECS:-20}s per target)"
+bash scripts/fuzz.sh "${TURNPIKE_FUZZ_SECS:-20}"

@@ -104,6 +104,7 @@ pub fn settings(cfg: &Config, plan: RelayPlan, nonce_key: NonceKey) -> Settings 
         legacy_channel_numbers: cfg.legacy_channel_numbers,
         relay_v4: plan.v4,
         relay_v6: plan.v6,
+        relay_ports: cfg.relay_port_span(),
     }
 }
 

@@ -110,7 +110,7 @@ fn malformed_barrage_is_dropped_and_service_continues() {
     let valid = forger.build(Method::ALLOCATE, Class::Request, true, &|w| {
         w.add_bytes(AttrType::REQUESTED_TRANSPORT, &[17, 0, 0, 0]);
     });
-    let attacker = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let attacker = UdpSocket::bind("127.0.0.2:0").unwrap();
     let mut state = 0x9E37_79B9_7F4A_7C15u64;
     let mut rand = move || {
         state ^= state << 13;

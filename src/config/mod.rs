@@ -655,6 +655,26 @@ impl Config {
         store
     }
 
+    /// The lowest and highest relay port of any shard.
+    pub fn relay_port_span(&self) -> (u16, u16) {
+        if self.shard_ports.is_empty() {
+            return (self.min_port, self.max_port);
+        }
+        let lo = self
+            .shard_ports
+            .iter()
+            .map(|r| r.0)
+            .min()
+            .unwrap_or(self.min_port);
+        let hi = self
+            .shard_ports
+            .iter()
+            .map(|r| r.1)
+            .max()
+            .unwrap_or(self.max_port);
+        (lo, hi)
+    }
+
     /// Relay ports of shard `shard`.
     pub fn shard_port_list(&self, shard: usize) -> Vec<u16> {
         match self.shard_ports.get(shard) {

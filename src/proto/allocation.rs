@@ -63,13 +63,25 @@ impl std::fmt::Display for FiveTuple {
     }
 }
 
+/// Which ports of a permitted IP may be reached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PeerScope {
+    /// Any port: the peer policy permits the IP.
+    Any,
+    /// Only relay ports: the IP is one of this server's relay addresses, which the policy would deny
+    /// (loopback, private) but which TURN -> TURN calls need. Other services on the host stay closed.
+    RelayPorts,
+}
+
 /// A permission for one peer IP address.
 #[derive(Clone, Copy, Debug)]
 pub struct Permission {
-    /// The peer IP (ports are not part of a permission).
+    /// The peer IP (RFC 8656 permissions ignore ports; see [`PeerScope`] for the one exception).
     pub ip: IpAddr,
     /// When it stops letting data through.
     pub expires: Instant,
+    /// Which ports may be reached.
+    pub scope: PeerScope,
 }
 
 /// A channel binding.
@@ -120,11 +132,15 @@ pub struct Allocation {
 }
 
 impl Allocation {
-    /// Whether a permission for `ip` is installed and unexpired at `now`.
-    pub fn permits(&self, ip: IpAddr, now: Instant) -> bool {
-        self.permissions
-            .iter()
-            .any(|p| p.ip == ip && now < p.expires)
+    /// Whether an unexpired permission lets data to/from `peer` through at `now`; `relay_ports` is the
+    /// server's relay port range, for permissions scoped to it.
+    pub fn permits(&self, peer: SocketAddr, now: Instant, relay_ports: (u16, u16)) -> bool {
+        self.permissions.iter().any(|p| {
+            p.ip == peer.ip()
+                && now < p.expires
+                && (p.scope == PeerScope::Any
+                    || (relay_ports.0..=relay_ports.1).contains(&peer.port()))
+        })
     }
 
     /// The binding for `number`, active or not.
@@ -138,20 +154,25 @@ impl Allocation {
     }
 
     /// Installs or refreshes a permission; returns false if a new one would exceed `max`.
+    /// An existing permission is extended, and widened to [`PeerScope::Any`] if that is granted now.
     pub fn install_permission(
         &mut self,
         ip: IpAddr,
         expires: Instant,
         max: usize,
+        scope: PeerScope,
     ) -> PermissionChange {
         if let Some(p) = self.permissions.iter_mut().find(|p| p.ip == ip) {
             p.expires = expires;
+            if scope == PeerScope::Any {
+                p.scope = PeerScope::Any;
+            }
             return PermissionChange::Refreshed;
         }
         if self.permissions.len() >= max {
             return PermissionChange::Full;
         }
-        self.permissions.push(Permission { ip, expires });
+        self.permissions.push(Permission { ip, expires, scope });
         PermissionChange::Created
     }
 }

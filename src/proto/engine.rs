@@ -10,7 +10,7 @@
 
 use super::allocation::{
     Allocation, CHANNEL_COOLDOWN, CHANNEL_LIFETIME, ChannelBinding, FiveTuple, PERMISSION_LIFETIME,
-    PermissionChange,
+    PeerScope, PermissionChange,
 };
 use super::attr::{self, AttrType, FAMILY_IPV4, FAMILY_IPV6, PROTO_UDP};
 use super::channel::{self, CHANNEL_HEADER_LEN, ChannelData, ChannelNumber};
@@ -139,6 +139,8 @@ pub struct Settings {
     pub relay_v4: Option<RelayAddr>,
     /// IPv6 relay address, if IPv6 relaying is offered.
     pub relay_v6: Option<RelayAddr>,
+    /// The relay port range of the whole server (all shards), for TURN -> TURN permissions.
+    pub relay_ports: (u16, u16),
 }
 
 /// Why a relay socket could not be opened.
@@ -270,6 +272,45 @@ fn take_bandwidth(
     let n = len as u64;
     alloc.as_mut().is_none_or(|b| b[dir].take(n, now))
         && total.as_mut().is_none_or(|b| b[dir].take(n, now))
+}
+
+/// Decodes an XOR-PEER-ADDRESS of a request, checking family and policy (400/443/403), and says which
+/// ports of that IP the permission covers.
+fn check_peer(
+    settings: &Settings,
+    relayed: SocketAddr,
+    value: &[u8],
+    tid: &TransactionId,
+) -> Result<(SocketAddr, PeerScope), ErrorCode> {
+    let peer = attr::decode_xor_addr(value, tid).map_err(|_| ErrorCode::BadRequest)?;
+    //= RFC 8656 §9.1/§11.1: "If the XOR-PEER-ADDRESS attribute contains an address of an address
+    //= family that is not the same as that of a relayed transport address for the allocation, the
+    //= server MUST generate an error response with the 443 (Peer Address Family Mismatch)".
+    if family_of(peer.ip()) != family_of(relayed.ip()) {
+        return Err(ErrorCode::PeerAddressFamilyMismatch);
+    }
+    //= RFC 8656 §9.1: "The server MAY impose restrictions on the IP address allowed in the
+    //= XOR-PEER-ADDRESS attribute; if a value is not allowed, the server rejects the request with a
+    //= 403 (Forbidden) error."
+    if settings.peer_policy.permits(peer.ip()) {
+        return Ok((peer, PeerScope::Any));
+    }
+    if is_own_relay(settings, peer) {
+        return Ok((peer, PeerScope::RelayPorts));
+    }
+    Err(ErrorCode::Forbidden)
+}
+
+/// The server's own relay addresses are reachable on relay ports (client -> TURN -> TURN -> client);
+/// any other port there is a service of the host and stays closed.
+fn is_own_relay(settings: &Settings, peer: SocketAddr) -> bool {
+    let ip = crate::policy::peer::canonical(peer.ip());
+    let (lo, hi) = settings.relay_ports;
+    (lo..=hi).contains(&peer.port())
+        && [settings.relay_v4, settings.relay_v6]
+            .iter()
+            .flatten()
+            .any(|r| (r.advertised == ip || r.bind == ip) && !ip.is_unspecified())
 }
 
 fn family_of(ip: IpAddr) -> u8 {
@@ -485,7 +526,7 @@ impl Engine {
         else {
             return Action::Drop(DropReason::NoChannel);
         };
-        if !alloc.permits(binding.peer.ip(), now) {
+        if !alloc.permits(binding.peer, now, self.settings.relay_ports) {
             return Action::Drop(DropReason::NoPermission);
         }
         if !take_bandwidth(
@@ -543,7 +584,7 @@ impl Engine {
         if family_of(peer.ip()) != family_of(alloc.relayed.ip()) {
             return Action::Drop(DropReason::BadIndication);
         }
-        if !alloc.permits(peer.ip(), now) {
+        if !alloc.permits(peer, now, self.settings.relay_ports) {
             return Action::Drop(DropReason::NoPermission);
         }
         if !take_bandwidth(
@@ -1104,29 +1145,6 @@ impl Engine {
         action
     }
 
-    /// Decodes every XOR-PEER-ADDRESS of a request, checking family and policy (400/443/403).
-    fn check_peer(
-        &self,
-        alloc: &Allocation,
-        value: &[u8],
-        tid: &TransactionId,
-    ) -> Result<SocketAddr, ErrorCode> {
-        let peer = attr::decode_xor_addr(value, tid).map_err(|_| ErrorCode::BadRequest)?;
-        //= RFC 8656 §9.1/§11.1: "If the XOR-PEER-ADDRESS attribute contains an address of an address
-        //= family that is not the same as that of a relayed transport address for the allocation, the
-        //= server MUST generate an error response with the 443 (Peer Address Family Mismatch)".
-        if family_of(peer.ip()) != family_of(alloc.relayed.ip()) {
-            return Err(ErrorCode::PeerAddressFamilyMismatch);
-        }
-        //= RFC 8656 §9.1: "The server MAY impose restrictions on the IP address allowed in the
-        //= XOR-PEER-ADDRESS attribute; if a value is not allowed, the server rejects the request with a
-        //= 403 (Forbidden) error."
-        if !self.settings.peer_policy.permits(peer.ip()) && !self.is_own_relay(peer) {
-            return Err(ErrorCode::Forbidden);
-        }
-        Ok(peer)
-    }
-
     fn note_peer_denied(
         &mut self,
         now: Instant,
@@ -1142,15 +1160,6 @@ impl Engine {
                 format_args!("peer refused by policy: {peer} requested by {tuple}"),
             );
         }
-    }
-
-    /// The server's own relay addresses are always reachable (client -> TURN -> TURN -> client).
-    fn is_own_relay(&self, peer: SocketAddr) -> bool {
-        let ip = crate::policy::peer::canonical(peer.ip());
-        [self.settings.relay_v4, self.settings.relay_v6]
-            .iter()
-            .flatten()
-            .any(|r| r.advertised == ip && !ip.is_unspecified())
     }
 
     fn create_permission(&mut self, now: Instant, tuple: FiveTuple, msg: &StunMsg<'_>) -> Action {
@@ -1170,8 +1179,8 @@ impl Engine {
         let mut peers = 0usize;
         let mut new_ips = 0usize;
         for a in msg.attrs().filter(|a| a.typ == AttrType::XOR_PEER_ADDRESS) {
-            match self.check_peer(alloc, a.value, &tid) {
-                Ok(peer) => {
+            match check_peer(&self.settings, alloc.relayed, a.value, &tid) {
+                Ok((peer, _)) => {
                     peers += 1;
                     if !alloc.permissions.iter().any(|p| p.ip == peer.ip()) {
                         new_ips += 1;
@@ -1196,8 +1205,13 @@ impl Engine {
         let mut created = 0u64;
         if let Some(alloc) = self.table.get_mut(id) {
             for a in msg.attrs().filter(|a| a.typ == AttrType::XOR_PEER_ADDRESS) {
-                if let Ok(peer) = attr::decode_xor_addr(a.value, &tid) {
-                    if alloc.install_permission(peer.ip(), expires, max)
+                // Validated above; the scope is recomputed the same way.
+                let Ok((peer, scope)) = check_peer(&self.settings, alloc.relayed, a.value, &tid)
+                else {
+                    continue;
+                };
+                {
+                    if alloc.install_permission(peer.ip(), expires, max, scope)
                         == PermissionChange::Created
                     {
                         self.wheel.insert(expires, Timer::Permission(id, peer.ip()));
@@ -1250,7 +1264,12 @@ impl Engine {
         let Some(peer_value) = msg.attr(AttrType::XOR_PEER_ADDRESS) else {
             return self.error(msg, ErrorCode::BadRequest, Some(&key));
         };
-        let peer = match self.check_peer(alloc, peer_value, &msg.transaction_id()) {
+        let (peer, scope) = match check_peer(
+            &self.settings,
+            alloc.relayed,
+            peer_value,
+            &msg.transaction_id(),
+        ) {
             Ok(p) => p,
             Err(code) => {
                 if code == ErrorCode::Forbidden {
@@ -1296,7 +1315,7 @@ impl Engine {
             }
             //= RFC 8656 §11.2: "the server installs or refreshes a permission for the IP address
             //= contained in the XOR-PEER-ADDRESS attribute".
-            if alloc.install_permission(peer.ip(), permission_expires, max_permissions)
+            if alloc.install_permission(peer.ip(), permission_expires, max_permissions, scope)
                 == PermissionChange::Created
             {
                 self.wheel
@@ -1335,7 +1354,7 @@ impl Engine {
         };
         //= RFC 8656 §11.3: "the server ... looks for a permission ... If no permission exists, the UDP
         //= datagram is silently discarded."
-        if !alloc.permits(peer.ip(), now) {
+        if !alloc.permits(peer, now, self.settings.relay_ports) {
             return Action::Drop(DropReason::NoPermission);
         }
         if !take_bandwidth(&mut alloc.bandwidth, &mut self.total_bandwidth, 1, len, now) {

@@ -17,21 +17,36 @@ pub const REALM: &str = "turnpike.test";
 pub const TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Starts a server on 127.0.0.1 (ephemeral port) with `threads` shards and relay ports `ports`,
-/// plus extra YAML appended at the top level.
+/// plus extra YAML appended at the top level. Loopback peers are allowed unless `extra` has `peers:`.
 pub fn start_server(threads: usize, ports: (u16, u16), extra: &str) -> ServerHandle {
+    start_server_relaying(threads, ports, "127.0.0.1", extra)
+}
+
+/// As [`start_server`], with the relay addresses given (e.g. `"127.0.0.1, ::1"`).
+pub fn start_server_relaying(
+    threads: usize,
+    ports: (u16, u16),
+    relay_ips: &str,
+    extra: &str,
+) -> ServerHandle {
+    let yaml = test_yaml(threads, ports, relay_ips, extra);
+    let cfg = config::parse(Path::new("<test>.yaml"), &yaml).expect("test config");
+    server::start(&cfg).expect("server starts")
+}
+
+/// The YAML of a test server.
+pub fn test_yaml(threads: usize, ports: (u16, u16), relay_ips: &str, extra: &str) -> String {
     let yaml = format!(
-        "listen:\n  ips: [127.0.0.1]\n  port: 0\nrelay:\n  ips: [127.0.0.1]\n  min_port: {}\n  max_port: {}\n\
+        "listen:\n  ips: [127.0.0.1]\n  port: 0\nrelay:\n  ips: [{relay_ips}]\n  min_port: {}\n  max_port: {}\n\
          auth:\n  realm: {REALM}\n  shared_secrets: [{SECRET}]\n  users: [\"alice:wonderland\"]\n\
          runtime:\n  threads: {threads}\n{extra}",
         ports.0, ports.1
     );
-    let yaml = if extra.contains("peers:") {
+    if extra.contains("peers:") {
         yaml
     } else {
         format!("{yaml}peers:\n  allowed: [127.0.0.1]\n")
-    };
-    let cfg = config::parse(Path::new("<test>.yaml"), &yaml).expect("test config");
-    server::start(&cfg).expect("server starts")
+    }
 }
 
 pub fn unix_now() -> u64 {
@@ -287,4 +302,62 @@ impl TurnClient {
 fn rand_seed() -> u32 {
     let t = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
     t.subsec_nanos() ^ (std::process::id() << 12)
+}
+
+/// The turnpike binary as a child process, killed on drop.
+pub struct Binary {
+    pub child: std::process::Child,
+    pub addr: SocketAddr,
+}
+
+impl Drop for Binary {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Binary {
+    /// Starts the binary on `yaml` (written to a temporary file) and waits for its listening address.
+    pub fn start(name: &str, yaml: &str) -> Self {
+        use std::io::{BufRead, BufReader};
+        let dir = std::env::temp_dir().join(format!("turnpike-test-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let cfg = dir.join("turnpike.yaml");
+        std::fs::write(&cfg, yaml).unwrap();
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_turnpike"))
+            .arg("--config")
+            .arg(&cfg)
+            .env("RUST_LOG", "info")
+            .stderr(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("turnpike starts");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(rest) = line.split("listening on ").nth(1) {
+                    let _ = tx.send(rest.split('/').next().unwrap_or_default().to_string());
+                }
+            }
+        });
+        let addr = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("turnpike reports its address");
+        Self {
+            child,
+            addr: addr.parse().unwrap(),
+        }
+    }
+
+    /// Resident memory of the process, KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap()
+    }
 }

@@ -61,6 +61,7 @@ fn settings() -> Settings {
         legacy_channel_numbers: false,
         relay_v4: Some(relay),
         relay_v6: None,
+        relay_ports: (50_000, 50_009),
     }
 }
 

@@ -1,0 +1,365 @@
+//! Secure by default, over real sockets: denied peers (every range, every IPv6 spelling) never receive
+//! a datagram, quotas hold at exactly their limit, `max-bps` holds, and a garbage barrage costs nothing.
+
+#![allow(clippy::disallowed_methods)] // tests may read the clock and sleep
+
+mod common;
+
+use common::{Binary, TurnClient, start_server, start_server_relaying, test_yaml};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
+use std::time::{Duration, Instant};
+use turnpike::proto::attr::{AttrType, FAMILY_IPV6};
+use turnpike::proto::{Class, Method};
+
+/// A loopback listener standing where an attacker wants the relay to send.
+struct Target(UdpSocket);
+
+impl Target {
+    fn bind(addr: &str) -> Self {
+        let s = UdpSocket::bind(addr).unwrap();
+        s.set_nonblocking(true).unwrap();
+        Self(s)
+    }
+    fn port(&self) -> u16 {
+        self.0.local_addr().unwrap().port()
+    }
+    fn received_anything(&self) -> bool {
+        let mut buf = [0u8; 2048];
+        self.0.recv_from(&mut buf).is_ok()
+    }
+}
+
+fn allocate_v6(c: &mut TurnClient) -> SocketAddr {
+    let r = c.request(Method::ALLOCATE, &|w| {
+        w.add_bytes(AttrType::REQUESTED_TRANSPORT, &[17, 0, 0, 0]);
+        w.add_bytes(AttrType::REQUESTED_ADDRESS_FAMILY, &[FAMILY_IPV6, 0, 0, 0]);
+    });
+    assert_eq!(r.class(), Class::Success, "{:?}", r.code());
+    r.xor_addr(AttrType::XOR_RELAYED_ADDRESS)
+}
+
+/// Tries every way of reaching `peer`: CreatePermission and ChannelBind must be 403, and Send
+/// indications and ChannelData must not leave the relay.
+fn assert_refused(c: &mut TurnClient, peer: SocketAddr) {
+    let r = c.create_permission(peer);
+    assert_eq!(r.code(), Some(403), "CreatePermission to {peer}");
+    let r = c.channel_bind(0x4000, peer);
+    assert_eq!(r.code(), Some(403), "ChannelBind to {peer}");
+    c.send_indication(peer, b"should never arrive");
+    c.send_channel(0x4000, b"should never arrive");
+}
+
+fn spellings_of(v4: Ipv4Addr, port: u16) -> Vec<SocketAddr> {
+    let o = v4.octets();
+    let (hi, lo) = (
+        u16::from_be_bytes([o[0], o[1]]),
+        u16::from_be_bytes([o[2], o[3]]),
+    );
+    let inv = [!o[0], !o[1], !o[2], !o[3]];
+    [
+        v4.to_ipv6_mapped(),
+        Ipv6Addr::new(0, 0, 0, 0, 0, 0, hi, lo),
+        Ipv6Addr::new(0x64, 0xff9b, 0, 0, 0, 0, hi, lo),
+        Ipv6Addr::new(0x2002, hi, lo, 0, 0, 0, 0, 1),
+        Ipv6Addr::new(0x2001, 0, hi, lo, 0, 0, 0xf7f7, 0xf7f7),
+        Ipv6Addr::new(
+            0x2001,
+            0,
+            0x0808,
+            0x0808,
+            0,
+            0,
+            u16::from_be_bytes([inv[0], inv[1]]),
+            u16::from_be_bytes([inv[2], inv[3]]),
+        ),
+    ]
+    .into_iter()
+    .map(|ip| SocketAddr::new(IpAddr::V6(ip), port))
+    .collect()
+}
+
+#[test]
+fn denied_ranges_and_every_ipv6_spelling_are_refused_and_nothing_arrives() {
+    // Pure defaults: no `peers.allowed`.
+    let server = start_server_relaying(
+        2,
+        (44000, 44019),
+        "127.0.0.1, \"::1\"",
+        "peers:\n  no_multicast: true\n",
+    );
+    let addr = server.udp_addrs[0];
+    let target4 = Target::bind("127.0.0.1:0");
+    let target6 = Target::bind("[::1]:0");
+    let (p4, p6) = (target4.port(), target6.port());
+
+    let mut v4 = TurnClient::rest(addr, "attacker4");
+    v4.allocate();
+    let ipv4_targets = [
+        "0.0.0.0",
+        "0.1.2.3",
+        "10.0.0.1",
+        "100.64.0.1",
+        "127.0.0.1",
+        "127.1.2.3",
+        "169.254.169.254",
+        "172.16.0.1",
+        "192.0.0.1",
+        "192.0.2.1",
+        "192.88.99.1",
+        "192.168.1.1",
+        "198.18.0.1",
+        "198.51.100.1",
+        "203.0.113.1",
+        "224.0.0.1",
+        "239.255.255.250",
+        "240.0.0.1",
+        "255.255.255.255",
+    ];
+    for t in ipv4_targets {
+        let port = if t.starts_with("127.") { p4 } else { 9 };
+        assert_refused(&mut v4, SocketAddr::new(t.parse().unwrap(), port));
+    }
+
+    let mut v6 = TurnClient::rest(addr, "attacker6");
+    let relayed6 = allocate_v6(&mut v6);
+    assert!(relayed6.is_ipv6());
+    for s in spellings_of(Ipv4Addr::LOCALHOST, p4)
+        .into_iter()
+        .chain(spellings_of(Ipv4Addr::new(169, 254, 169, 254), 80))
+    {
+        assert_refused(&mut v6, s);
+    }
+    for t in [
+        "::1",
+        "::",
+        "fe80::1",
+        "fc00::1",
+        "fd12:3456::1",
+        "fec0::1",
+        "ff02::1",
+        "100::1",
+        "2001:db8::1",
+        "64:ff9b:1::a00:1",
+    ] {
+        let port = if t == "::1" { p6 } else { 9 };
+        assert_refused(&mut v6, SocketAddr::new(t.parse().unwrap(), port));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        !target4.received_anything(),
+        "a datagram reached the IPv4 loopback target"
+    );
+    assert!(
+        !target6.received_anything(),
+        "a datagram reached the IPv6 loopback target"
+    );
+    let totals = server.totals();
+    assert!(
+        totals.peers_denied >= 2 * (ipv4_targets.len() as u64 + 22),
+        "{totals:?}"
+    );
+    assert_eq!(totals.packets_to_peer, 0);
+}
+
+#[test]
+fn allowed_peers_relay() {
+    let server = start_server(
+        2,
+        (44100, 44119),
+        "peers:\n  allowed: [\"127.0.0.0/8\"]\n  denied: [127.0.0.2]\n",
+    );
+    let target = Target::bind("127.0.0.1:0");
+    let mut c = TurnClient::rest(server.udp_addrs[0], "ok");
+    c.allocate();
+    let dest = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), target.port());
+    assert_eq!(c.create_permission(dest).class(), Class::Success);
+    c.send_indication(dest, b"allowed");
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        target.received_anything(),
+        "the allowed peer got the datagram"
+    );
+    assert_eq!(
+        c.create_permission("127.0.0.2:9".parse().unwrap()).code(),
+        Some(403),
+        "narrower deny wins"
+    );
+}
+
+#[test]
+fn quotas_refuse_at_exactly_the_limit_and_free_on_delete() {
+    let server = start_server(
+        2,
+        (44200, 44239),
+        "allocations:\n  user_quota: 2\n  total_quota: 3\n",
+    );
+    let addr = server.udp_addrs[0];
+    let alloc = |c: &mut TurnClient| {
+        c.request(Method::ALLOCATE, &|w| {
+            w.add_bytes(AttrType::REQUESTED_TRANSPORT, &[17, 0, 0, 0])
+        })
+        .code()
+    };
+    // REST usernames count the user part: different expiries, same user.
+    let mut a1 = TurnClient::rest(addr, "@alice:example.org");
+    let mut a2 = TurnClient::rest(addr, "@alice:example.org");
+    let mut a3 = TurnClient::rest(addr, "@alice:example.org");
+    assert_eq!(alloc(&mut a1), None);
+    assert_eq!(alloc(&mut a2), None);
+    assert_eq!(alloc(&mut a3), Some(486), "user quota 2");
+    let mut b1 = TurnClient::rest(addr, "@bob:example.org");
+    let mut b2 = TurnClient::rest(addr, "@bob:example.org");
+    assert_eq!(alloc(&mut b1), None);
+    assert_eq!(alloc(&mut b2), Some(486), "total quota 3");
+    assert_eq!(a1.refresh(0).class(), Class::Success);
+    assert_eq!(alloc(&mut b2), None, "freed by the delete");
+    assert_eq!(server.totals().quota_refusals, 2);
+}
+
+/// Measures bytes delivered at `dest` while `send` offers three times `rate` for about 3 s.
+fn measure(rate: u64, send: &dyn Fn(&[u8]), recv: &UdpSocket) -> (u64, Duration) {
+    recv.set_read_timeout(Some(Duration::from_millis(20)))
+        .unwrap();
+    let payload = [0x5Au8; 1000];
+    let interval = Duration::from_secs_f64(1000.0 / (3.0 * rate as f64));
+    let start = Instant::now();
+    let mut next = start;
+    let mut received = 0u64;
+    let mut buf = [0u8; 2048];
+    while start.elapsed() < Duration::from_secs(3) {
+        send(&payload);
+        next += interval;
+        while let Some(wait) = next.checked_duration_since(Instant::now()) {
+            recv.set_read_timeout(Some(wait.max(Duration::from_micros(100))))
+                .unwrap();
+            if let Ok((n, _)) = recv.recv_from(&mut buf) {
+                received += n as u64;
+            }
+        }
+    }
+    let elapsed = start.elapsed();
+    recv.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    while let Ok((n, _)) = recv.recv_from(&mut buf) {
+        received += n as u64;
+    }
+    (received, elapsed)
+}
+
+#[test]
+fn max_bps_holds_within_ten_percent_in_both_directions() {
+    const RATE: u64 = 100_000;
+    let server = start_server(
+        1,
+        (44300, 44309),
+        &format!("allocations:\n  max_bps: {RATE}\n"),
+    );
+    let peer = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let mut c = TurnClient::rest(server.udp_addrs[0], "metered");
+    let relayed = c.allocate();
+    assert_eq!(
+        c.channel_bind(0x4000, peer.local_addr().unwrap()).class(),
+        Class::Success
+    );
+
+    // Client -> peer: payloads arrive bare at the peer.
+    let (got, elapsed) = measure(RATE, &|p| c.send_channel(0x4000, p), &peer);
+    let expected = RATE as f64 * elapsed.as_secs_f64();
+    let ratio = got as f64 / expected;
+    assert!(
+        (0.9..=1.1).contains(&ratio),
+        "client->peer delivered {got} B in {elapsed:?}: {ratio:.3} of max-bps"
+    );
+
+    // Peer -> client: ChannelData frames (4-byte header) arrive at the client.
+    let client_sock = c.sock.try_clone().unwrap();
+    let (got, elapsed) = measure(RATE, &|p| drop(peer.send_to(p, relayed)), &client_sock);
+    let payload_bytes = got as f64 * 1000.0 / 1004.0;
+    let ratio = payload_bytes / (RATE as f64 * elapsed.as_secs_f64());
+    assert!(
+        (0.9..=1.1).contains(&ratio),
+        "peer->client delivered {got} B in {elapsed:?}: {ratio:.3} of max-bps"
+    );
+    assert!(server.totals().drops[turnpike::proto::DropReason::OverBandwidth.index()] > 0);
+}
+
+/// Tens of thousands of random, truncated and mutated datagrams from many source ports: the server
+/// keeps answering Binding and relaying, and its memory returns to the baseline.
+#[test]
+fn garbage_barrage_leaves_memory_at_baseline() {
+    let yaml = test_yaml(2, (44400, 44419), "127.0.0.1", "");
+    let server = Binary::start("barrage", &yaml);
+    let addr = server.addr;
+    let peer = common::EchoPeer::start();
+    let mut c = TurnClient::rest(addr, "steady");
+    c.allocate();
+    assert_eq!(c.channel_bind(0x4000, peer.addr).class(), Class::Success);
+    c.send_channel(0x4000, b"warm-up");
+    assert!(c.recv_data().is_some());
+    std::thread::sleep(Duration::from_millis(300));
+    let baseline = server.rss_kib();
+
+    let mut forger = TurnClient::with_key(addr, c.username.clone(), [0x77; 16]);
+    forger.nonce = c.nonce.clone();
+    let template = forger.build(Method::ALLOCATE, Class::Request, true, &|w| {
+        w.add_bytes(AttrType::REQUESTED_TRANSPORT, &[17, 0, 0, 0]);
+    });
+    let sockets: Vec<UdpSocket> = (0..64)
+        .map(|_| UdpSocket::bind("127.0.0.2:0").unwrap())
+        .collect();
+    let mut state = 0x2545_F491_4F6C_DD1Du64;
+    let mut rand = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    for round in 0..3 {
+        for i in 0..20_000u32 {
+            let mut pkt = match i % 6 {
+                0 => (0..(rand() % 300) as usize)
+                    .map(|_| rand() as u8)
+                    .collect::<Vec<u8>>(),
+                1 => template[..(rand() as usize % template.len())].to_vec(),
+                2 => {
+                    let mut m = template.clone();
+                    let at = rand() as usize % m.len();
+                    m[at] ^= 1 << (rand() % 8);
+                    m
+                }
+                3 => template.clone(),
+                4 => {
+                    let n = (rand() % 1200) as usize;
+                    let mut m = vec![0x40 | (rand() % 0x40) as u8, rand() as u8];
+                    m.extend_from_slice(&(n as u16).to_be_bytes());
+                    m.resize(4 + n, 0xEE);
+                    m
+                }
+                _ => {
+                    let mut m = template.clone();
+                    m[2..4].copy_from_slice(&((rand() % 2000) as u16 & !3).to_be_bytes());
+                    m
+                }
+            };
+            if pkt.is_empty() {
+                pkt.push(0x01);
+            }
+            let _ = sockets[(rand() % 64) as usize].send_to(&pkt, addr);
+            if i % 1000 == 0 {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        let rss = server.rss_kib();
+        assert!(
+            rss <= baseline + 1024,
+            "round {round}: RSS grew from {baseline} KiB to {rss} KiB"
+        );
+    }
+    // Still serving. The attack came from 127.0.0.2, so the steady client (127.0.0.1) is not limited.
+    let req = c.build(Method::BINDING, Class::Request, false, &|_| {});
+    assert_eq!(c.transact(&req).class(), Class::Success);
+    c.send_channel(0x4000, b"after the barrage");
+    let (_, _, data) = c.recv_data().expect("relay still works");
+    assert_eq!(data, b"after the barrage");
+}
