@@ -68,3 +68,4 @@ pub mod proto;
 pub mod server;
 pub mod shard;
 pub mod shared;
+pub mod tls;

@@ -134,12 +134,10 @@ fn serve(cfg: &Config, dev: bool) -> Result<(), String> {
             );
         }
     }
-    for a in &handle.udp_addrs {
-        log::info!(
-            "listening on {a}/udp with {} shards (realm {})",
-            cfg.threads,
-            cfg.realm
-        );
+    for (what, list) in [("udp", &handle.addrs.udp), ("tcp", &handle.addrs.tcp), ("tls", &handle.addrs.tls)] {
+        for a in list {
+            log::info!("listening on {a}/{what} with {} shards (realm {})", cfg.threads, cfg.realm);
+        }
     }
     if dev {
         print_dev_banner(cfg, &handle.udp_addrs);

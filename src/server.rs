@@ -118,6 +118,8 @@ struct ShardHandle {
 pub struct ServerHandle {
     /// The UDP listening addresses, in listener order (ports resolved if 0 was asked for).
     pub udp_addrs: Vec<SocketAddr>,
+    /// Every listening address, per transport.
+    pub addrs: ListenAddrs,
     /// The relay addresses in use.
     pub relay: RelayPlan,
     /// Shared state (directory, quotas).
@@ -180,25 +182,64 @@ impl Drop for ServerHandle {
     }
 }
 
-/// Binds the listeners of every shard: shard 0 first (resolving port 0), the others join its group.
-fn bind_listeners(
-    cfg: &Config,
-    buffers: socket::Buffers,
-) -> io::Result<(Vec<Vec<std::net::UdpSocket>>, Vec<SocketAddr>)> {
-    let mut per_shard: Vec<Vec<std::net::UdpSocket>> =
-        (0..cfg.threads).map(|_| Vec::new()).collect();
-    let mut addrs = Vec::new();
+/// Bound listening addresses, per transport, in listener order.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ListenAddrs {
+    /// UDP.
+    pub udp: Vec<SocketAddr>,
+    /// TCP.
+    pub tcp: Vec<SocketAddr>,
+    /// TLS.
+    pub tls: Vec<SocketAddr>,
+}
+
+/// Binds one reuse-port socket per shard at `addr`; port 0 is resolved by the first and reused by the
+/// rest, so all shards share one group. Returns the sockets and the bound address.
+fn bind_group<S>(
+    shards: usize,
+    mut addr: SocketAddr,
+    what: &str,
+    bind: impl Fn(SocketAddr) -> io::Result<S>,
+    local: impl Fn(&S) -> io::Result<SocketAddr>,
+) -> io::Result<(Vec<S>, SocketAddr)> {
+    let mut out = Vec::with_capacity(shards);
+    for k in 0..shards {
+        let sock = bind(addr).map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}/{what}: {e}")))?;
+        if k == 0 {
+            addr = local(&sock)?;
+        }
+        out.push(sock);
+    }
+    Ok((out, addr))
+}
+
+/// Binds the listeners of every shard (all of them before any shard starts reading).
+fn bind_listeners(cfg: &Config, buffers: socket::Buffers, tls: bool) -> io::Result<(Vec<shard::Listeners>, ListenAddrs)> {
+    let mut per_shard: Vec<shard::Listeners> = (0..cfg.threads).map(|_| shard::Listeners::default()).collect();
+    let mut addrs = ListenAddrs::default();
     for ip in &cfg.listen_ips {
-        let mut addr = SocketAddr::new(*ip, cfg.listen_port);
-        for (k, sockets) in per_shard.iter_mut().enumerate() {
-            let sock = socket::reuseport_udp(addr, buffers).map_err(|e| {
-                io::Error::new(e.kind(), format!("cannot listen on {addr}/udp: {e}"))
-            })?;
-            if k == 0 {
-                addr = sock.local_addr()?;
-                addrs.push(addr);
+        let mut port = cfg.listen_port;
+        if cfg.listen_udp {
+            let (socks, addr) = bind_group(cfg.threads, SocketAddr::new(*ip, port), "udp", |a| socket::reuseport_udp(a, buffers), |s| s.local_addr())?;
+            port = addr.port();
+            addrs.udp.push(addr);
+            for (l, s) in per_shard.iter_mut().zip(socks) {
+                l.udp.push(s);
             }
-            sockets.push(sock);
+        }
+        if cfg.listen_tcp {
+            let (socks, addr) = bind_group(cfg.threads, SocketAddr::new(*ip, port), "tcp", socket::reuseport_tcp, |s| s.local_addr())?;
+            addrs.tcp.push(addr);
+            for (l, s) in per_shard.iter_mut().zip(socks) {
+                l.tcp.push(s);
+            }
+        }
+        if tls {
+            let (socks, addr) = bind_group(cfg.threads, SocketAddr::new(*ip, cfg.tls_port), "tls", socket::reuseport_tcp, |s| s.local_addr())?;
+            addrs.tls.push(addr);
+            for (l, s) in per_shard.iter_mut().zip(socks) {
+                l.tls.push(s);
+            }
         }
     }
     Ok((per_shard, addrs))
@@ -212,7 +253,12 @@ pub fn start(cfg: &Config) -> io::Result<ServerHandle> {
         recv: cfg.recv_buffer,
         send: cfg.send_buffer,
     };
-    let (listeners, udp_addrs) = bind_listeners(cfg, buffers)?;
+    let tls = match (&cfg.tls_cert, &cfg.tls_key) {
+        (Some(cert), Some(key)) => Some(crate::tls::server_config(cert, key).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?),
+        _ => None,
+    };
+    let (listeners, addrs) = bind_listeners(cfg, buffers, tls.is_some())?;
+    let udp_addrs = addrs.udp.clone();
     let shared = Arc::new(Shared::default());
     let cores = if cfg.pin_cores {
         core_affinity::get_core_ids().unwrap_or_default()
@@ -242,6 +288,7 @@ pub fn start(cfg: &Config) -> io::Result<ServerHandle> {
             id: k as u16,
             poll,
             listeners: shard_listeners,
+            tls: tls.clone(),
             engine,
             inbox: rx,
             stats: Arc::clone(&shard_stats),
@@ -282,6 +329,7 @@ pub fn start(cfg: &Config) -> io::Result<ServerHandle> {
     };
     Ok(ServerHandle {
         udp_addrs,
+        addrs,
         relay: plan,
         shared,
         stats,

@@ -139,6 +139,10 @@ pub struct ShardStats {
     pub permissions: AtomicU64,
     /// Live channel bindings.
     pub channels: AtomicU64,
+    /// Open TURN-over-TCP connections.
+    pub tcp_connections: AtomicU64,
+    /// Open TURN-over-TLS connections.
+    pub tls_connections: AtomicU64,
     /// Allocations ever created.
     pub allocations_created: AtomicU64,
     /// Packets relayed client -> peer.

@@ -233,6 +233,8 @@ pub fn parse(text: &str) -> Result<CoturnFile, CoturnError> {
                 c.tls.pkey = Some(value.to_string());
                 out.note("tls.pkey", line_no);
             }
+            "no-udp" => c.listen.udp = false,
+            "no-tcp" => c.listen.tcp = false,
             "no-tls" => {
                 c.tls.cert = None;
                 c.tls.pkey = None;

@@ -29,15 +29,15 @@ pub struct ListenSection {
     pub port: u16,
     /// TURN-over-TLS port (coturn `tls-listening-port`).
     pub tls_port: u16,
+    /// Serve STUN/TURN over UDP (coturn `no-udp` turns it off).
+    pub udp: bool,
+    /// Serve TURN over TCP on `port` (coturn `no-tcp` turns it off).
+    pub tcp: bool,
 }
 
 impl Default for ListenSection {
     fn default() -> Self {
-        Self {
-            ips: Vec::new(),
-            port: 3478,
-            tls_port: 5349,
-        }
+        Self { ips: Vec::new(), port: 3478, tls_port: 5349, udp: true, tcp: true }
     }
 }
 

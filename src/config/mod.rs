@@ -89,6 +89,10 @@ pub struct Config {
     pub listen_port: u16,
     /// TLS port.
     pub tls_port: u16,
+    /// UDP listeners on.
+    pub listen_udp: bool,
+    /// TCP listeners on.
+    pub listen_tcp: bool,
     /// Relay socket addresses.
     pub relay_ips: Vec<IpAddr>,
     /// NAT mappings.
@@ -592,6 +596,8 @@ fn validate(
         listen_ips,
         listen_port: m.listen.port,
         tls_port: m.listen.tls_port,
+        listen_udp: m.listen.udp,
+        listen_tcp: m.listen.tcp,
         relay_ips,
         external_ips,
         min_port,
@@ -814,9 +820,15 @@ impl fmt::Display for Config {
             f,
             "tls:               {}",
             match &self.tls_cert {
-                Some(c) => c.display().to_string(),
+                Some(c) => format!("port {} with {}", self.tls_port, c.display()),
                 None => "off".into(),
             }
+        )?;
+        writeln!(
+            f,
+            "udp / tcp:         {} / {}",
+            if self.listen_udp { "on" } else { "off" },
+            if self.listen_tcp { "on" } else { "off" }
         )?;
         writeln!(
             f,

@@ -158,6 +158,8 @@ pub trait RelaySockets {
     fn open(&mut self, idx: u32, addr: SocketAddr) -> Result<(), BindError>;
     /// Closes the relay socket of slot `idx`.
     fn close(&mut self, idx: u32);
+    /// An allocation was deleted; for TCP/TLS clients the connection goes with it (RFC 8656 §7).
+    fn allocation_freed(&mut self, _tuple: FiveTuple) {}
 }
 
 /// What the shard must do with a datagram.
@@ -1507,11 +1509,19 @@ impl Engine {
         }
     }
 
+    /// The client's TCP/TLS connection closed: its allocation goes with it (RFC 8656 §3.1).
+    pub fn client_closed(&mut self, tuple: FiveTuple, io: &mut dyn RelaySockets) {
+        if let Some(id) = self.table.find(&tuple) {
+            self.free(id, io, "connection closed");
+        }
+    }
+
     fn free(&mut self, id: AllocId, io: &mut dyn RelaySockets, why: &str) {
         let Some(alloc) = self.table.remove(id) else {
             return;
         };
         io.close(id.idx);
+        io.allocation_freed(alloc.five_tuple);
         self.ports.give_back(alloc.bound.port());
         self.shared.directory.remove(&alloc.five_tuple);
         self.shared.quotas.release(alloc.quota_user.as_bytes());

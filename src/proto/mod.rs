@@ -10,6 +10,7 @@ pub mod attr;
 pub mod channel;
 pub mod engine;
 pub mod error;
+pub mod framing;
 pub mod integrity;
 pub mod ports;
 pub mod stun;

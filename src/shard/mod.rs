@@ -1,38 +1,60 @@
-//! One shard: a mio event loop on its own thread, owning a `SO_REUSEPORT` listener per listening
-//! address, the relay sockets of its allocations, and its [`Engine`].
+//! One shard: a mio event loop on its own thread, owning `SO_REUSEPORT` UDP, TCP and TLS listeners per
+//! listening address, the client connections it accepted, the relay sockets of its allocations, and its
+//! [`Engine`].
 //!
-//! Per wake-up the loop reads `now` once, drains each ready socket up to `recv_batch` datagrams (a
-//! socket with more waiting is revisited before the next poll, since edge-triggered readiness will not
-//! fire again), performs the engine's [`Action`]s, runs due timers and reads its control inbox.
+//! Per wake-up the loop reads `now` once, drains each ready socket up to a budget (a socket with more
+//! waiting is revisited before the next poll, since edge-triggered readiness will not fire again),
+//! performs the engine's [`Action`]s, runs due timers and reads its control inbox.
 
 pub mod clock;
 pub mod socket;
+pub mod stream;
 
 use crate::proto::allocation::{FiveTuple, ListenerId, Transport};
 use crate::proto::engine::{BindError, RelaySockets};
+use crate::proto::timer::TimerWheel;
 use crate::proto::{Action, Engine, PacketBuf, Settings};
-use crate::shared::{ShardStats, bump};
+use crate::shared::{ShardStats, bump, set};
 use crossbeam_channel::Receiver;
-use mio::net::UdpSocket;
+use mio::net::{TcpListener, UdpSocket};
 use mio::{Events, Interest, Poll, Registry, Token, Waker};
 use socket::Buffers;
+use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use stream::{Conn, ReadState};
 
 /// Token of the cross-thread waker.
 pub const WAKER: Token = Token(usize::MAX - 1);
-/// Tokens below this are listeners; relay socket `idx` is `RELAY_BASE + idx`.
-const RELAY_BASE: usize = 1 << 16;
+/// UDP listener `i` is token `i`; TCP listener `i` is `TCP_BASE + i`; TLS listener `i` is `TLS_BASE + i`.
+const TCP_BASE: usize = 1 << 10;
+const TLS_BASE: usize = 2 << 10;
+/// Connection `i` is `CONN_BASE + i`.
+const CONN_BASE: usize = 1 << 16;
+/// Relay socket of slot `idx` is `RELAY_BASE + idx`.
+const RELAY_BASE: usize = 1 << 30;
 /// Longest sleep when nothing is due (keeps timers at 1 s resolution).
 const MAX_SLEEP: Duration = Duration::from_secs(1);
+/// Connections accepted per listener per wake-up.
+const ACCEPT_BUDGET: usize = 64;
+/// A connection without an allocation is closed after this long without a frame.
+const UNALLOCATED_IDLE: Duration = Duration::from_secs(30);
+/// ... and after this long in total, however chatty (it never authenticated).
+const UNALLOCATED_MAX: Duration = Duration::from_secs(120);
+/// A TLS handshake must finish within this.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often a connection's timeouts are re-checked.
+const CONN_CHECK: Duration = Duration::from_secs(5);
 
 /// Messages from the control thread.
 #[derive(Debug)]
 pub enum Ctl {
     /// Swap in a new configuration between packets.
     Reload(Arc<Settings>),
+    /// Swap in a new TLS configuration for new connections.
+    ReloadTls(Arc<rustls::ServerConfig>),
     /// Delete all allocations and exit.
     Shutdown,
 }
@@ -42,6 +64,8 @@ struct RelaySlots {
     registry: Registry,
     sockets: Vec<Option<UdpSocket>>,
     buffers: Buffers,
+    /// Stream clients whose allocation was deleted: their connections are closed next.
+    freed_streams: Vec<FiveTuple>,
 }
 
 impl RelaySockets for RelaySlots {
@@ -73,6 +97,23 @@ impl RelaySockets for RelaySlots {
             let _ = self.registry.deregister(&mut sock);
         }
     }
+
+    fn allocation_freed(&mut self, tuple: FiveTuple) {
+        if tuple.transport != Transport::Udp {
+            self.freed_streams.push(tuple);
+        }
+    }
+}
+
+/// Listening sockets of one shard, one entry per listening address (aligned with [`ListenerId`]).
+#[derive(Debug, Default)]
+pub struct Listeners {
+    /// UDP listeners.
+    pub udp: Vec<std::net::UdpSocket>,
+    /// TCP listeners (TURN over TCP).
+    pub tcp: Vec<std::net::TcpListener>,
+    /// TLS listeners (TURN over TLS).
+    pub tls: Vec<std::net::TcpListener>,
 }
 
 /// Everything a shard thread needs.
@@ -81,8 +122,10 @@ pub struct ShardParts {
     pub id: u16,
     /// The poll instance (its waker is already registered with [`WAKER`]).
     pub poll: Poll,
-    /// Listeners, in [`ListenerId`] order, already bound.
-    pub listeners: Vec<std::net::UdpSocket>,
+    /// Listeners, already bound.
+    pub listeners: Listeners,
+    /// TLS configuration, when TLS listeners exist.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
     /// The engine.
     pub engine: Engine,
     /// Control inbox.
@@ -108,17 +151,57 @@ pub fn new_poll() -> io::Result<(Poll, Arc<Waker>)> {
     Ok((poll, waker))
 }
 
-/// Whether a socket may still have datagrams waiting after its batch ran out.
+/// Whether a socket may still have data waiting after its budget ran out.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Drained {
     Empty,
     MoreWaiting,
 }
 
+/// Client connections: a slab with generations, and the 5-tuple index used to deliver relayed data.
+#[derive(Default)]
+struct Conns {
+    slots: Vec<Option<Conn>>,
+    generations: Vec<u32>,
+    free: Vec<usize>,
+    by_tuple: HashMap<FiveTuple, usize>,
+}
+
+impl Conns {
+    fn insert(&mut self, make: impl FnOnce(u32) -> Conn) -> usize {
+        let idx = self.free.pop().unwrap_or_else(|| {
+            self.slots.push(None);
+            self.generations.push(0);
+            self.slots.len() - 1
+        });
+        let conn = make(self.generations[idx]);
+        self.by_tuple.insert(conn.tuple, idx);
+        self.slots[idx] = Some(conn);
+        idx
+    }
+
+    fn remove(&mut self, idx: usize) -> Option<Conn> {
+        let conn = self.slots.get_mut(idx)?.take()?;
+        self.generations[idx] = self.generations[idx].wrapping_add(1);
+        self.free.push(idx);
+        self.by_tuple.remove(&conn.tuple);
+        Some(conn)
+    }
+
+    fn get_mut(&mut self, idx: usize) -> Option<&mut Conn> {
+        self.slots.get_mut(idx)?.as_mut()
+    }
+}
+
 struct Shard {
     id: u16,
     poll: Poll,
-    listeners: Vec<UdpSocket>,
+    udp: Vec<UdpSocket>,
+    tcp: Vec<TcpListener>,
+    tls_listeners: Vec<TcpListener>,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    conns: Conns,
+    conn_timers: TimerWheel<(usize, u32)>,
     relays: RelaySlots,
     engine: Engine,
     pkt: PacketBuf,
@@ -126,12 +209,46 @@ struct Shard {
     recv_batch: usize,
 }
 
+/// Sends one datagram; a full socket buffer drops it and counts (a relay never queues).
+fn send_udp(sock: &UdpSocket, bytes: &[u8], to: SocketAddr, stats: &ShardStats) {
+    match sock.send_to(bytes, to) {
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => bump(&stats.send_would_block, 1),
+        Err(e) => log::trace!("send to {to} failed: {e}"),
+    }
+}
+
 impl Shard {
-    fn send_to_client(&self, tuple: FiveTuple, bytes: &[u8]) {
-        let Some(listener) = self.listeners.get(usize::from(tuple.listener.0)) else {
-            return;
+    /// Delivers bytes to a client over the transport its 5-tuple names.
+    fn send_to_client(&mut self, tuple: FiveTuple, bytes: Option<&[u8]>, range: Option<std::ops::Range<usize>>) {
+        let bytes = match (bytes, range) {
+            (Some(b), _) => b,
+            (None, Some(r)) => self.pkt.get(r),
+            (None, None) => return,
         };
-        send(listener, bytes, tuple.client, &self.stats);
+        match tuple.transport {
+            Transport::Udp => {
+                if let Some(listener) = self.udp.get(usize::from(tuple.listener.0)) {
+                    send_udp(listener, bytes, tuple.client, &self.stats);
+                }
+            }
+            Transport::Tcp | Transport::Tls => {
+                let Some(&idx) = self.conns.by_tuple.get(&tuple) else { return };
+                let Some(conn) = self.conns.get_mut(idx) else { return };
+                if !conn.queue(bytes) {
+                    // A slow reader: drop, never buffer without bound.
+                    bump(&self.stats.send_would_block, 1);
+                    return;
+                }
+                if conn.flush().is_err() {
+                    conn.closing = true;
+                } else if conn.has_pending_writes() && !conn.write_interest {
+                    conn.write_interest = true;
+                    let token = Token(CONN_BASE + idx);
+                    let _ = self.poll.registry().reregister(&mut conn.stream, token, Interest::READABLE | Interest::WRITABLE);
+                }
+            }
+        }
     }
 
     fn perform(&mut self, action: Action, reply_to: Option<FiveTuple>) {
@@ -140,33 +257,30 @@ impl Shard {
             Action::Drop(reason) => bump(&self.stats.drops[reason.index()], 1),
             Action::Reply { len } => {
                 if let Some(tuple) = reply_to {
-                    self.send_to_client(tuple, self.engine.reply(len));
+                    // The reply lives in the engine; copy it out of the borrow (control path only).
+                    let mut reply = [0u8; 1500];
+                    let bytes = self.engine.reply(len);
+                    let n = bytes.len().min(reply.len());
+                    reply[..n].copy_from_slice(&bytes[..n]);
+                    self.send_to_client(tuple, Some(&reply[..n]), None);
                 }
             }
             Action::ToPeer { idx, peer, range } => {
                 if let Some(Some(sock)) = self.relays.sockets.get(idx as usize) {
-                    send(sock, self.pkt.get(range), peer, &self.stats);
+                    send_udp(sock, self.pkt.get(range), peer, &self.stats);
                 }
             }
-            Action::ToClient { tuple, range } => self.send_to_client(tuple, self.pkt.get(range)),
+            Action::ToClient { tuple, range } => self.send_to_client(tuple, None, Some(range)),
         }
     }
 
-    fn drain_listener(&mut self, now: Instant, i: usize) -> Drained {
+    fn drain_udp(&mut self, now: Instant, i: usize) -> Drained {
         for _ in 0..self.recv_batch {
-            let Some(listener) = self.listeners.get(i) else {
-                return Drained::Empty;
-            };
+            let Some(listener) = self.udp.get(i) else { return Drained::Empty };
             match listener.recv_from(self.pkt.body_mut()) {
                 Ok((len, from)) => {
-                    let tuple = FiveTuple {
-                        client: from,
-                        listener: ListenerId(i as u16),
-                        transport: Transport::Udp,
-                    };
-                    let action =
-                        self.engine
-                            .handle_client(now, tuple, &mut self.pkt, len, &mut self.relays);
+                    let tuple = FiveTuple { client: from, listener: ListenerId(i as u16), transport: Transport::Udp };
+                    let action = self.engine.handle_client(now, tuple, &mut self.pkt, len, &mut self.relays);
                     self.perform(action, Some(tuple));
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Drained::Empty,
@@ -179,14 +293,10 @@ impl Shard {
 
     fn drain_relay(&mut self, now: Instant, idx: usize) -> Drained {
         for _ in 0..self.recv_batch {
-            let Some(Some(sock)) = self.relays.sockets.get(idx) else {
-                return Drained::Empty;
-            };
+            let Some(Some(sock)) = self.relays.sockets.get(idx) else { return Drained::Empty };
             match sock.recv_from(self.pkt.body_mut()) {
                 Ok((len, from)) => {
-                    let action = self
-                        .engine
-                        .handle_peer(now, idx as u32, from, &mut self.pkt, len);
+                    let action = self.engine.handle_peer(now, idx as u32, from, &mut self.pkt, len);
                     self.perform(action, None);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Drained::Empty,
@@ -198,36 +308,163 @@ impl Shard {
         Drained::MoreWaiting
     }
 
-    fn serve(&mut self, now: Instant, token: Token) -> Drained {
-        match token.0 {
-            i if i < RELAY_BASE => self.drain_listener(now, i),
-            t if t >= RELAY_BASE && token != WAKER => self.drain_relay(now, t - RELAY_BASE),
-            _ => Drained::Empty,
+    fn accept(&mut self, now: Instant, i: usize, transport: Transport) -> Drained {
+        for _ in 0..ACCEPT_BUDGET {
+            let listener = match transport {
+                Transport::Tls => self.tls_listeners.get(i),
+                _ => self.tcp.get(i),
+            };
+            let Some(listener) = listener else { return Drained::Empty };
+            match listener.accept() {
+                Ok((stream, from)) => {
+                    let tls = match (transport, &self.tls) {
+                        (Transport::Tls, Some(cfg)) => match rustls::ServerConnection::new(Arc::clone(cfg)) {
+                            Ok(c) => Some(c),
+                            Err(e) => {
+                                log::warn!("shard {}: TLS session setup failed: {e}", self.id);
+                                continue;
+                            }
+                        },
+                        (Transport::Tls, None) => continue,
+                        _ => None,
+                    };
+                    let _ = stream.set_nodelay(true);
+                    let tuple = FiveTuple { client: from, listener: ListenerId(i as u16), transport };
+                    let idx = self.conns.insert(|generation| Conn::new(stream, tuple, tls, now, generation));
+                    let Some(conn) = self.conns.get_mut(idx) else { continue };
+                    if let Err(e) = self.poll.registry().register(&mut conn.stream, Token(CONN_BASE + idx), Interest::READABLE) {
+                        log::warn!("shard {}: cannot register connection from {from}: {e}", self.id);
+                        self.conns.remove(idx);
+                        continue;
+                    }
+                    let generation = conn.generation;
+                    let first_check = if transport == Transport::Tls { HANDSHAKE_TIMEOUT } else { UNALLOCATED_IDLE };
+                    self.conn_timers.insert(now + first_check, (idx, generation));
+                    self.update_conn_gauges();
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Drained::Empty,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    // Out of descriptors, typically: stop for this wake-up, the backlog keeps them.
+                    log::warn!("shard {}: accept failed: {e}", self.id);
+                    return Drained::Empty;
+                }
+            }
+        }
+        Drained::MoreWaiting
+    }
+
+    fn update_conn_gauges(&self) {
+        let (mut tcp, mut tls) = (0u64, 0u64);
+        for c in self.conns.slots.iter().flatten() {
+            if c.tuple.transport == Transport::Tls { tls += 1 } else { tcp += 1 }
+        }
+        set(&self.stats.tcp_connections, tcp);
+        set(&self.stats.tls_connections, tls);
+    }
+
+    fn close_conn(&mut self, idx: usize) {
+        let Some(mut conn) = self.conns.remove(idx) else { return };
+        let _ = conn.flush();
+        let _ = self.poll.registry().deregister(&mut conn.stream);
+        self.engine.client_closed(conn.tuple, &mut self.relays);
+        self.relays.freed_streams.retain(|t| *t != conn.tuple);
+        self.update_conn_gauges();
+    }
+
+    fn serve_conn(&mut self, now: Instant, idx: usize) -> Drained {
+        let Some(conn) = self.conns.get_mut(idx) else { return Drained::Empty };
+        if conn.flush().is_err() {
+            self.close_conn(idx);
+            return Drained::Empty;
+        }
+        if conn.write_interest && !conn.has_pending_writes() {
+            conn.write_interest = false;
+            let _ = self.poll.registry().reregister(&mut conn.stream, Token(CONN_BASE + idx), Interest::READABLE);
+        }
+        if conn.closing && !conn.has_pending_writes() {
+            self.close_conn(idx);
+            return Drained::Empty;
+        }
+        let state = conn.read();
+        // Hand every complete frame to the engine.
+        loop {
+            let Some(conn) = self.conns.get_mut(idx) else { return Drained::Empty };
+            let len = match conn.frame_len() {
+                None => break,
+                Some(0) => {
+                    log::debug!("shard {}: closing {}: not a STUN/TURN stream", self.id, conn.tuple);
+                    self.close_conn(idx);
+                    return Drained::Empty;
+                }
+                Some(n) => n,
+            };
+            let tuple = conn.tuple;
+            conn.last_activity = now;
+            let body = self.pkt.body_mut();
+            let n = len.min(body.len());
+            body[..n].copy_from_slice(conn.frame(n));
+            conn.consume(len);
+            let action = self.engine.handle_client(now, tuple, &mut self.pkt, n, &mut self.relays);
+            self.perform(action, Some(tuple));
+        }
+        match state {
+            ReadState::Closed => {
+                self.close_conn(idx);
+                Drained::Empty
+            }
+            ReadState::MoreWaiting => Drained::MoreWaiting,
+            ReadState::Drained => Drained::Empty,
         }
     }
-}
 
-/// Sends one datagram; a full socket buffer drops it and counts (a relay never queues).
-fn send(sock: &UdpSocket, bytes: &[u8], to: SocketAddr, stats: &ShardStats) {
-    match sock.send_to(bytes, to) {
-        Ok(_) => {}
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => bump(&stats.send_would_block, 1),
-        Err(e) => log::trace!("send to {to} failed: {e}"),
+    fn check_conn(&mut self, now: Instant, idx: usize, generation: u32) {
+        let Some(conn) = self.conns.get_mut(idx) else { return };
+        if conn.generation != generation {
+            return;
+        }
+        let has_allocation = self.engine.table().find(&conn.tuple).is_some();
+        let expired = (conn.handshaking() && now.saturating_duration_since(conn.accepted) >= HANDSHAKE_TIMEOUT)
+            || (!has_allocation
+                && (now.saturating_duration_since(conn.last_activity) >= UNALLOCATED_IDLE
+                    || now.saturating_duration_since(conn.accepted) >= UNALLOCATED_MAX))
+            || (conn.closing && now.saturating_duration_since(conn.last_activity) >= CONN_CHECK);
+        if expired {
+            log::debug!("shard {}: closing idle or unauthenticated connection {}", self.id, conn.tuple);
+            self.close_conn(idx);
+        } else {
+            self.conn_timers.insert(now + CONN_CHECK, (idx, generation));
+        }
+    }
+
+    /// Closes connections whose allocation was deleted (after sending what is queued).
+    fn close_freed_streams(&mut self) {
+        while let Some(tuple) = self.relays.freed_streams.pop() {
+            let Some(&idx) = self.conns.by_tuple.get(&tuple) else { continue };
+            let Some(conn) = self.conns.get_mut(idx) else { continue };
+            conn.closing = true;
+            let _ = conn.flush();
+            if !conn.has_pending_writes() {
+                self.close_conn(idx);
+            }
+        }
+    }
+
+    fn serve(&mut self, now: Instant, token: Token) -> Drained {
+        match token.0 {
+            t if t == WAKER.0 => Drained::Empty,
+            t if t >= RELAY_BASE => self.drain_relay(now, t - RELAY_BASE),
+            t if t >= CONN_BASE => self.serve_conn(now, t - CONN_BASE),
+            t if t >= TLS_BASE => self.accept(now, t - TLS_BASE, Transport::Tls),
+            t if t >= TCP_BASE => self.accept(now, t - TCP_BASE, Transport::Tcp),
+            i => self.drain_udp(now, i),
+        }
     }
 }
 
 /// Runs a shard until it receives [`Ctl::Shutdown`].
 pub fn run(parts: ShardParts) {
-    let ShardParts {
-        id,
-        poll,
-        listeners,
-        engine,
-        inbox,
-        stats,
-        buffers,
-        recv_batch,
-    } = parts;
+    let ShardParts { id, poll, listeners, tls, engine, inbox, stats, buffers, recv_batch } = parts;
     let registry = match poll.registry().try_clone() {
         Ok(r) => r,
         Err(e) => {
@@ -235,41 +472,59 @@ pub fn run(parts: ShardParts) {
             return;
         }
     };
-    let mut mio_listeners = Vec::with_capacity(listeners.len());
-    for (i, l) in listeners.into_iter().enumerate() {
+    let mut initial = Vec::new();
+    let mut udp = Vec::new();
+    for (i, l) in listeners.udp.into_iter().enumerate() {
         let mut sock = UdpSocket::from_std(l);
         if let Err(e) = registry.register(&mut sock, Token(i), Interest::READABLE) {
-            log::error!("shard {id}: cannot register listener {i}: {e}");
+            log::error!("shard {id}: cannot register UDP listener {i}: {e}");
             return;
         }
-        mio_listeners.push(sock);
+        initial.push(Token(i));
+        udp.push(sock);
     }
+    let mut register_tcp = |list: Vec<std::net::TcpListener>, base: usize| -> Option<Vec<TcpListener>> {
+        let mut out = Vec::new();
+        for (i, l) in list.into_iter().enumerate() {
+            let mut sock = TcpListener::from_std(l);
+            if let Err(e) = registry.register(&mut sock, Token(base + i), Interest::READABLE) {
+                log::error!("shard {id}: cannot register TCP listener {i}: {e}");
+                return None;
+            }
+            initial.push(Token(base + i));
+            out.push(sock);
+        }
+        Some(out)
+    };
+    let Some(tcp) = register_tcp(listeners.tcp, TCP_BASE) else { return };
+    let Some(tls_listeners) = register_tcp(listeners.tls, TLS_BASE) else { return };
+    let now = clock::now();
     let mut shard = Shard {
         id,
         poll,
-        listeners: mio_listeners,
-        relays: RelaySlots {
-            registry,
-            sockets: Vec::new(),
-            buffers,
-        },
+        udp,
+        tcp,
+        tls_listeners,
+        tls,
+        conns: Conns::default(),
+        conn_timers: TimerWheel::new(now),
+        relays: RelaySlots { registry, sockets: Vec::new(), buffers, freed_streams: Vec::new() },
         engine,
         pkt: PacketBuf::default(),
         stats,
         recv_batch: recv_batch.max(1),
     };
     let mut events = Events::with_capacity(1024);
-    let mut pending: Vec<Token> = Vec::new();
+    // Listeners may hold work that arrived before registration: serve them once.
+    let mut pending: Vec<Token> = initial;
     let mut still_pending: Vec<Token> = Vec::new();
-    // Listeners may hold datagrams that arrived before registration: serve them once.
-    pending.extend((0..shard.listeners.len()).map(Token));
+    let mut due: Vec<(usize, u32)> = Vec::new();
     log::debug!("shard {id} running");
     loop {
         let timeout = if pending.is_empty() {
             let now = clock::now();
-            shard.engine.poll_timeout().map_or(MAX_SLEEP, |t| {
-                t.saturating_duration_since(now).min(MAX_SLEEP)
-            })
+            let next = [shard.engine.poll_timeout(), shard.conn_timers.next_deadline()].into_iter().flatten().min();
+            next.map_or(MAX_SLEEP, |t| t.saturating_duration_since(now).min(MAX_SLEEP))
         } else {
             Duration::ZERO
         };
@@ -295,10 +550,20 @@ pub fn run(parts: ShardParts) {
         still_pending.dedup();
         std::mem::swap(&mut pending, &mut still_pending);
         shard.engine.handle_timeout(now, &mut shard.relays);
+        shard.close_freed_streams();
+        shard.conn_timers.advance(now, &mut due);
+        for (idx, generation) in due.drain(..) {
+            shard.check_conn(now, idx, generation);
+        }
         while let Ok(ctl) = inbox.try_recv() {
             match ctl {
-                Ctl::Reload(settings) => shard.engine.reload(clock::now(), settings),
+                Ctl::Reload(settings) => shard.engine.reload(now, settings),
+                Ctl::ReloadTls(cfg) => shard.tls = Some(cfg),
                 Ctl::Shutdown => {
+                    let open: Vec<usize> = (0..shard.conns.slots.len()).filter(|&i| shard.conns.slots[i].is_some()).collect();
+                    for idx in open {
+                        shard.close_conn(idx);
+                    }
                     shard.engine.close_all(&mut shard.relays);
                     log::debug!("shard {id} stopped");
                     return;

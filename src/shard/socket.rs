@@ -59,3 +59,17 @@ pub fn route_source(probe: SocketAddr) -> Option<std::net::IpAddr> {
     s.connect(probe).ok()?;
     s.local_addr().ok().map(|a| a.ip())
 }
+
+/// A TCP listener that joins the `SO_REUSEPORT` group on `addr` (one per shard).
+pub fn reuseport_tcp(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    Ok(socket.into())
+}
