@@ -134,9 +134,17 @@ fn serve(cfg: &Config, dev: bool) -> Result<(), String> {
             );
         }
     }
-    for (what, list) in [("udp", &handle.addrs.udp), ("tcp", &handle.addrs.tcp), ("tls", &handle.addrs.tls)] {
+    for (what, list) in [
+        ("udp", &handle.addrs.udp),
+        ("tcp", &handle.addrs.tcp),
+        ("tls", &handle.addrs.tls),
+    ] {
         for a in list {
-            log::info!("listening on {a}/{what} with {} shards (realm {})", cfg.threads, cfg.realm);
+            log::info!(
+                "listening on {a}/{what} with {} shards (realm {})",
+                cfg.threads,
+                cfg.realm
+            );
         }
     }
     if dev {

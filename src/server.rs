@@ -204,7 +204,9 @@ fn bind_group<S>(
 ) -> io::Result<(Vec<S>, SocketAddr)> {
     let mut out = Vec::with_capacity(shards);
     for k in 0..shards {
-        let sock = bind(addr).map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}/{what}: {e}")))?;
+        let sock = bind(addr).map_err(|e| {
+            io::Error::new(e.kind(), format!("cannot listen on {addr}/{what}: {e}"))
+        })?;
         if k == 0 {
             addr = local(&sock)?;
         }
@@ -214,13 +216,25 @@ fn bind_group<S>(
 }
 
 /// Binds the listeners of every shard (all of them before any shard starts reading).
-fn bind_listeners(cfg: &Config, buffers: socket::Buffers, tls: bool) -> io::Result<(Vec<shard::Listeners>, ListenAddrs)> {
-    let mut per_shard: Vec<shard::Listeners> = (0..cfg.threads).map(|_| shard::Listeners::default()).collect();
+fn bind_listeners(
+    cfg: &Config,
+    buffers: socket::Buffers,
+    tls: bool,
+) -> io::Result<(Vec<shard::Listeners>, ListenAddrs)> {
+    let mut per_shard: Vec<shard::Listeners> = (0..cfg.threads)
+        .map(|_| shard::Listeners::default())
+        .collect();
     let mut addrs = ListenAddrs::default();
     for ip in &cfg.listen_ips {
         let mut port = cfg.listen_port;
         if cfg.listen_udp {
-            let (socks, addr) = bind_group(cfg.threads, SocketAddr::new(*ip, port), "udp", |a| socket::reuseport_udp(a, buffers), |s| s.local_addr())?;
+            let (socks, addr) = bind_group(
+                cfg.threads,
+                SocketAddr::new(*ip, port),
+                "udp",
+                |a| socket::reuseport_udp(a, buffers),
+                |s| s.local_addr(),
+            )?;
             port = addr.port();
             addrs.udp.push(addr);
             for (l, s) in per_shard.iter_mut().zip(socks) {
@@ -228,14 +242,26 @@ fn bind_listeners(cfg: &Config, buffers: socket::Buffers, tls: bool) -> io::Resu
             }
         }
         if cfg.listen_tcp {
-            let (socks, addr) = bind_group(cfg.threads, SocketAddr::new(*ip, port), "tcp", socket::reuseport_tcp, |s| s.local_addr())?;
+            let (socks, addr) = bind_group(
+                cfg.threads,
+                SocketAddr::new(*ip, port),
+                "tcp",
+                socket::reuseport_tcp,
+                |s| s.local_addr(),
+            )?;
             addrs.tcp.push(addr);
             for (l, s) in per_shard.iter_mut().zip(socks) {
                 l.tcp.push(s);
             }
         }
         if tls {
-            let (socks, addr) = bind_group(cfg.threads, SocketAddr::new(*ip, cfg.tls_port), "tls", socket::reuseport_tcp, |s| s.local_addr())?;
+            let (socks, addr) = bind_group(
+                cfg.threads,
+                SocketAddr::new(*ip, cfg.tls_port),
+                "tls",
+                socket::reuseport_tcp,
+                |s| s.local_addr(),
+            )?;
             addrs.tls.push(addr);
             for (l, s) in per_shard.iter_mut().zip(socks) {
                 l.tls.push(s);
@@ -254,7 +280,10 @@ pub fn start(cfg: &Config) -> io::Result<ServerHandle> {
         send: cfg.send_buffer,
     };
     let tls = match (&cfg.tls_cert, &cfg.tls_key) {
-        (Some(cert), Some(key)) => Some(crate::tls::server_config(cert, key).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?),
+        (Some(cert), Some(key)) => Some(
+            crate::tls::server_config(cert, key)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?,
+        ),
         _ => None,
     };
     let (listeners, addrs) = bind_listeners(cfg, buffers, tls.is_some())?;

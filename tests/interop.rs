@@ -52,6 +52,12 @@ fn free_udp_port() -> u16 {
 
 /// Starts the turnpike binary on an ephemeral port with relay ports `ports`; returns it and its address.
 fn start_turnpike(name: &str, ports: (u16, u16)) -> (Proc, SocketAddr) {
+    let (p, addrs) = start_turnpike_with(name, ports, "");
+    (p, addrs[0])
+}
+
+/// As [`start_turnpike`] with extra YAML; returns the addresses it reports, UDP first, then TCP and TLS.
+fn start_turnpike_with(name: &str, ports: (u16, u16), extra: &str) -> (Proc, Vec<SocketAddr>) {
     let dir: PathBuf =
         std::env::temp_dir().join(format!("turnpike-interop-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -59,9 +65,9 @@ fn start_turnpike(name: &str, ports: (u16, u16)) -> (Proc, SocketAddr) {
     std::fs::write(
         &cfg,
         format!(
-            "listen:\n  ips: [127.0.0.1]\n  port: 0\nrelay:\n  ips: [127.0.0.1]\n  min_port: {}\n  max_port: {}\n\
+            "listen:\n  ips: [127.0.0.1]\n  port: 0\n  tls_port: 0\nrelay:\n  ips: [127.0.0.1]\n  min_port: {}\n  max_port: {}\n\
              auth:\n  realm: interop.test\n  shared_secrets: [{SECRET}]\n  users: [\"alice:wonderland\"]\n\
-             peers:\n  allowed: [127.0.0.1]\nruntime:\n  threads: 2\n",
+             peers:\n  allowed: [127.0.0.1]\nruntime:\n  threads: 2\n{extra}",
             ports.0, ports.1
         ),
     )
@@ -84,10 +90,16 @@ fn start_turnpike(name: &str, ports: (u16, u16)) -> (Proc, SocketAddr) {
             }
         }
     });
-    let addr = rx
-        .recv_timeout(Duration::from_secs(20))
-        .expect("turnpike reports its address");
-    (Proc(child), addr.parse().unwrap())
+    let want = 2 + usize::from(extra.contains("tls:"));
+    let addrs = (0..want)
+        .map(|_| {
+            rx.recv_timeout(Duration::from_secs(20))
+                .expect("turnpike reports its addresses")
+                .parse()
+                .unwrap()
+        })
+        .collect();
+    (Proc(child), addrs)
 }
 
 fn start_peer() -> (Proc, u16) {
@@ -104,6 +116,7 @@ fn start_peer() -> (Proc, u16) {
 
 /// Runs uclient with 4 clients x 100 paced 170-byte messages and asserts every one came back.
 fn uclient(server: SocketAddr, peer_port: u16, extra: &[&str]) {
+    let total = 400;
     let mut args: Vec<String> = extra.iter().map(ToString::to_string).collect();
     args.extend(
         [
@@ -140,8 +153,8 @@ fn uclient(server: SocketAddr, peer_port: u16, extra: &[&str]) {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(
-        text.contains("tot_send_msgs=400, tot_recv_msgs=400"),
-        "uclient {args:?} did not get all 400 messages back:\n{text}"
+        text.contains(&format!("tot_send_msgs={total}, tot_recv_msgs={total}")),
+        "uclient {args:?} did not get all {total} messages back:\n{text}"
     );
     assert!(
         text.contains("Total lost packets 0 (0.000000%)"),
@@ -224,25 +237,61 @@ fn aioice_allocates_and_relays() {
         turnpike::proto::integrity::rest_password(SECRET.as_bytes(), username.as_bytes());
     let password = String::from_utf8(password.to_vec()).unwrap();
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/interop/aioice_turn.py");
-    let out = Command::new("timeout")
-        .args([
-            "60",
-            "python3",
-            script,
-            &addr.ip().to_string(),
-            &addr.port().to_string(),
-            &username,
-            &password,
-        ])
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+    for transport in ["udp", "tcp"] {
+        let (ip, port) = (addr.ip().to_string(), addr.port().to_string());
+        let out = Command::new("timeout")
+            .args([
+                "60", "python3", script, &ip, &port, &username, &password, transport,
+            ])
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            out.status.success() && text.contains("OK"),
+            "aioice over {transport} failed:\n{text}"
+        );
+    }
+}
+
+#[test]
+fn uclient_over_tcp_channel_and_send_modes() {
+    if !tool_available("turnutils_uclient", &["-h"]) {
+        return;
+    }
+    let (_server, addrs) = start_turnpike_with("tcp", (43500, 43599), "");
+    let (_peer, peer_port) = start_peer();
+    uclient(addrs[1], peer_port, &["-t", "-W", SECRET, "-u", "tcp-user"]);
+    uclient(
+        addrs[1],
+        peer_port,
+        &["-t", "-s", "-W", SECRET, "-u", "tcp-user"],
     );
-    assert!(
-        out.status.success() && text.contains("OK"),
-        "aioice failed:\n{text}"
+}
+
+#[test]
+fn uclient_over_tls() {
+    if !tool_available("turnutils_uclient", &["-h"]) {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("turnpike-interop-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    std::fs::write(dir.join("cert.pem"), cert.cert.pem()).unwrap();
+    std::fs::write(dir.join("key.pem"), cert.key_pair.serialize_pem()).unwrap();
+    let extra = format!(
+        "tls:\n  cert: {}\n  pkey: {}\n",
+        dir.join("cert.pem").display(),
+        dir.join("key.pem").display()
+    );
+    let (_server, addrs) = start_turnpike_with("tls", (43600, 43699), &extra);
+    let (_peer, peer_port) = start_peer();
+    uclient(
+        addrs[2],
+        peer_port,
+        &["-t", "-S", "-W", SECRET, "-u", "tls-user"],
     );
 }

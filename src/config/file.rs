@@ -37,7 +37,13 @@ pub struct ListenSection {
 
 impl Default for ListenSection {
     fn default() -> Self {
-        Self { ips: Vec::new(), port: 3478, tls_port: 5349, udp: true, tcp: true }
+        Self {
+            ips: Vec::new(),
+            port: 3478,
+            tls_port: 5349,
+            udp: true,
+            tcp: true,
+        }
     }
 }
 

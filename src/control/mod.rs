@@ -19,6 +19,10 @@ pub struct Totals {
     pub permissions: u64,
     /// Live channels.
     pub channels: u64,
+    /// Open TCP connections.
+    pub tcp_connections: u64,
+    /// Open TLS connections.
+    pub tls_connections: u64,
     /// Allocations ever created.
     pub allocations_created: u64,
     /// Packets client -> peer.
@@ -51,6 +55,8 @@ impl Totals {
             t.allocations += read(&s.allocations);
             t.permissions += read(&s.permissions);
             t.channels += read(&s.channels);
+            t.tcp_connections += read(&s.tcp_connections);
+            t.tls_connections += read(&s.tls_connections);
             t.allocations_created += read(&s.allocations_created);
             t.packets_to_peer += read(&s.packets_to_peer);
             t.bytes_to_peer += read(&s.bytes_to_peer);

@@ -8,7 +8,9 @@ use super::stun::{HEADER_LEN, MAGIC_COOKIE, pad4};
 /// The length of the first complete frame in `buf`: `Ok(Some(len))` when one is there, `Ok(None)` when
 /// more bytes are needed, and an error when the stream cannot be TURN (close the connection).
 pub fn frame_len(buf: &[u8]) -> Result<Option<usize>, ParseError> {
-    let Some(&first) = buf.first() else { return Ok(None) };
+    let Some(&first) = buf.first() else {
+        return Ok(None);
+    };
     match first & 0xC0 {
         0x00 => {
             if buf.len() >= 8 && buf[4..8] != MAGIC_COOKIE.to_be_bytes() {
@@ -41,21 +43,28 @@ pub const MAX_FRAME: usize = HEADER_LEN + 65_535 + 3;
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proto::{Class, Method, MsgWriter, TransactionId};
     use crate::proto::attr::AttrType;
+    use crate::proto::{Class, Method, MsgWriter, TransactionId};
 
     fn stream() -> (Vec<u8>, Vec<usize>) {
         let mut out = Vec::new();
         let mut lens = Vec::new();
         let mut buf = [0u8; 256];
-        let mut w = MsgWriter::new(&mut buf, Method::ALLOCATE, Class::Request, TransactionId([1; 12]));
+        let mut w = MsgWriter::new(
+            &mut buf,
+            Method::ALLOCATE,
+            Class::Request,
+            TransactionId([1; 12]),
+        );
         w.add_bytes(AttrType::USERNAME, b"user");
         w.add_fingerprint();
         let n = w.finish().unwrap();
         out.extend_from_slice(&buf[..n]);
         lens.push(n);
         // ChannelData with 5 bytes of data, padded to 8.
-        out.extend_from_slice(&[0x40, 0x01, 0x00, 0x05, b'h', b'e', b'l', b'l', b'o', 0, 0, 0]);
+        out.extend_from_slice(&[
+            0x40, 0x01, 0x00, 0x05, b'h', b'e', b'l', b'l', b'o', 0, 0, 0,
+        ]);
         lens.push(12);
         out.extend_from_slice(&[0x40, 0x02, 0x00, 0x00]);
         lens.push(4);
@@ -101,8 +110,14 @@ mod tests {
     fn garbage_is_an_error() {
         assert_eq!(frame_len(&[0x80, 1, 2, 3]), Err(ParseError::NotStun));
         // A TLS ClientHello on the plain port starts 0x16 0x03: STUN-shaped, but no magic cookie.
-        assert_eq!(frame_len(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01]), Err(ParseError::BadMagicCookie));
-        assert_eq!(frame_len(&[0, 1, 0, 0, 1, 2, 3, 4]), Err(ParseError::BadMagicCookie));
+        assert_eq!(
+            frame_len(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01]),
+            Err(ParseError::BadMagicCookie)
+        );
+        assert_eq!(
+            frame_len(&[0, 1, 0, 0, 1, 2, 3, 4]),
+            Err(ParseError::BadMagicCookie)
+        );
         assert!(frame_len(&[0, 1, 0, 3]).is_err());
         assert_eq!(frame_len(&[]), Ok(None));
     }

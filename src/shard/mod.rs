@@ -220,7 +220,12 @@ fn send_udp(sock: &UdpSocket, bytes: &[u8], to: SocketAddr, stats: &ShardStats) 
 
 impl Shard {
     /// Delivers bytes to a client over the transport its 5-tuple names.
-    fn send_to_client(&mut self, tuple: FiveTuple, bytes: Option<&[u8]>, range: Option<std::ops::Range<usize>>) {
+    fn send_to_client(
+        &mut self,
+        tuple: FiveTuple,
+        bytes: Option<&[u8]>,
+        range: Option<std::ops::Range<usize>>,
+    ) {
         let bytes = match (bytes, range) {
             (Some(b), _) => b,
             (None, Some(r)) => self.pkt.get(r),
@@ -233,8 +238,12 @@ impl Shard {
                 }
             }
             Transport::Tcp | Transport::Tls => {
-                let Some(&idx) = self.conns.by_tuple.get(&tuple) else { return };
-                let Some(conn) = self.conns.get_mut(idx) else { return };
+                let Some(&idx) = self.conns.by_tuple.get(&tuple) else {
+                    return;
+                };
+                let Some(conn) = self.conns.get_mut(idx) else {
+                    return;
+                };
                 if !conn.queue(bytes) {
                     // A slow reader: drop, never buffer without bound.
                     bump(&self.stats.send_would_block, 1);
@@ -245,7 +254,11 @@ impl Shard {
                 } else if conn.has_pending_writes() && !conn.write_interest {
                     conn.write_interest = true;
                     let token = Token(CONN_BASE + idx);
-                    let _ = self.poll.registry().reregister(&mut conn.stream, token, Interest::READABLE | Interest::WRITABLE);
+                    let _ = self.poll.registry().reregister(
+                        &mut conn.stream,
+                        token,
+                        Interest::READABLE | Interest::WRITABLE,
+                    );
                 }
             }
         }
@@ -276,11 +289,19 @@ impl Shard {
 
     fn drain_udp(&mut self, now: Instant, i: usize) -> Drained {
         for _ in 0..self.recv_batch {
-            let Some(listener) = self.udp.get(i) else { return Drained::Empty };
+            let Some(listener) = self.udp.get(i) else {
+                return Drained::Empty;
+            };
             match listener.recv_from(self.pkt.body_mut()) {
                 Ok((len, from)) => {
-                    let tuple = FiveTuple { client: from, listener: ListenerId(i as u16), transport: Transport::Udp };
-                    let action = self.engine.handle_client(now, tuple, &mut self.pkt, len, &mut self.relays);
+                    let tuple = FiveTuple {
+                        client: from,
+                        listener: ListenerId(i as u16),
+                        transport: Transport::Udp,
+                    };
+                    let action =
+                        self.engine
+                            .handle_client(now, tuple, &mut self.pkt, len, &mut self.relays);
                     self.perform(action, Some(tuple));
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Drained::Empty,
@@ -293,10 +314,14 @@ impl Shard {
 
     fn drain_relay(&mut self, now: Instant, idx: usize) -> Drained {
         for _ in 0..self.recv_batch {
-            let Some(Some(sock)) = self.relays.sockets.get(idx) else { return Drained::Empty };
+            let Some(Some(sock)) = self.relays.sockets.get(idx) else {
+                return Drained::Empty;
+            };
             match sock.recv_from(self.pkt.body_mut()) {
                 Ok((len, from)) => {
-                    let action = self.engine.handle_peer(now, idx as u32, from, &mut self.pkt, len);
+                    let action = self
+                        .engine
+                        .handle_peer(now, idx as u32, from, &mut self.pkt, len);
                     self.perform(action, None);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Drained::Empty,
@@ -314,32 +339,56 @@ impl Shard {
                 Transport::Tls => self.tls_listeners.get(i),
                 _ => self.tcp.get(i),
             };
-            let Some(listener) = listener else { return Drained::Empty };
+            let Some(listener) = listener else {
+                return Drained::Empty;
+            };
             match listener.accept() {
                 Ok((stream, from)) => {
                     let tls = match (transport, &self.tls) {
-                        (Transport::Tls, Some(cfg)) => match rustls::ServerConnection::new(Arc::clone(cfg)) {
-                            Ok(c) => Some(c),
-                            Err(e) => {
-                                log::warn!("shard {}: TLS session setup failed: {e}", self.id);
-                                continue;
+                        (Transport::Tls, Some(cfg)) => {
+                            match rustls::ServerConnection::new(Arc::clone(cfg)) {
+                                Ok(c) => Some(c),
+                                Err(e) => {
+                                    log::warn!("shard {}: TLS session setup failed: {e}", self.id);
+                                    continue;
+                                }
                             }
-                        },
+                        }
                         (Transport::Tls, None) => continue,
                         _ => None,
                     };
                     let _ = stream.set_nodelay(true);
-                    let tuple = FiveTuple { client: from, listener: ListenerId(i as u16), transport };
-                    let idx = self.conns.insert(|generation| Conn::new(stream, tuple, tls, now, generation));
-                    let Some(conn) = self.conns.get_mut(idx) else { continue };
-                    if let Err(e) = self.poll.registry().register(&mut conn.stream, Token(CONN_BASE + idx), Interest::READABLE) {
-                        log::warn!("shard {}: cannot register connection from {from}: {e}", self.id);
+                    let tuple = FiveTuple {
+                        client: from,
+                        listener: ListenerId(i as u16),
+                        transport,
+                    };
+                    let idx = self
+                        .conns
+                        .insert(|generation| Conn::new(stream, tuple, tls, now, generation));
+                    let Some(conn) = self.conns.get_mut(idx) else {
+                        continue;
+                    };
+                    if let Err(e) = self.poll.registry().register(
+                        &mut conn.stream,
+                        Token(CONN_BASE + idx),
+                        Interest::READABLE,
+                    ) {
+                        log::warn!(
+                            "shard {}: cannot register connection from {from}: {e}",
+                            self.id
+                        );
                         self.conns.remove(idx);
                         continue;
                     }
                     let generation = conn.generation;
-                    let first_check = if transport == Transport::Tls { HANDSHAKE_TIMEOUT } else { UNALLOCATED_IDLE };
-                    self.conn_timers.insert(now + first_check, (idx, generation));
+                    let first_check = if transport == Transport::Tls {
+                        HANDSHAKE_TIMEOUT
+                    } else {
+                        UNALLOCATED_IDLE
+                    };
+                    self.conn_timers
+                        .insert(now + first_check, (idx, generation));
                     self.update_conn_gauges();
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Drained::Empty,
@@ -357,14 +406,20 @@ impl Shard {
     fn update_conn_gauges(&self) {
         let (mut tcp, mut tls) = (0u64, 0u64);
         for c in self.conns.slots.iter().flatten() {
-            if c.tuple.transport == Transport::Tls { tls += 1 } else { tcp += 1 }
+            if c.tuple.transport == Transport::Tls {
+                tls += 1
+            } else {
+                tcp += 1
+            }
         }
         set(&self.stats.tcp_connections, tcp);
         set(&self.stats.tls_connections, tls);
     }
 
     fn close_conn(&mut self, idx: usize) {
-        let Some(mut conn) = self.conns.remove(idx) else { return };
+        let Some(mut conn) = self.conns.remove(idx) else {
+            return;
+        };
         let _ = conn.flush();
         let _ = self.poll.registry().deregister(&mut conn.stream);
         self.engine.client_closed(conn.tuple, &mut self.relays);
@@ -373,14 +428,20 @@ impl Shard {
     }
 
     fn serve_conn(&mut self, now: Instant, idx: usize) -> Drained {
-        let Some(conn) = self.conns.get_mut(idx) else { return Drained::Empty };
+        let Some(conn) = self.conns.get_mut(idx) else {
+            return Drained::Empty;
+        };
         if conn.flush().is_err() {
             self.close_conn(idx);
             return Drained::Empty;
         }
         if conn.write_interest && !conn.has_pending_writes() {
             conn.write_interest = false;
-            let _ = self.poll.registry().reregister(&mut conn.stream, Token(CONN_BASE + idx), Interest::READABLE);
+            let _ = self.poll.registry().reregister(
+                &mut conn.stream,
+                Token(CONN_BASE + idx),
+                Interest::READABLE,
+            );
         }
         if conn.closing && !conn.has_pending_writes() {
             self.close_conn(idx);
@@ -389,11 +450,17 @@ impl Shard {
         let state = conn.read();
         // Hand every complete frame to the engine.
         loop {
-            let Some(conn) = self.conns.get_mut(idx) else { return Drained::Empty };
+            let Some(conn) = self.conns.get_mut(idx) else {
+                return Drained::Empty;
+            };
             let len = match conn.frame_len() {
                 None => break,
                 Some(0) => {
-                    log::debug!("shard {}: closing {}: not a STUN/TURN stream", self.id, conn.tuple);
+                    log::debug!(
+                        "shard {}: closing {}: not a STUN/TURN stream",
+                        self.id,
+                        conn.tuple
+                    );
                     self.close_conn(idx);
                     return Drained::Empty;
                 }
@@ -405,7 +472,9 @@ impl Shard {
             let n = len.min(body.len());
             body[..n].copy_from_slice(conn.frame(n));
             conn.consume(len);
-            let action = self.engine.handle_client(now, tuple, &mut self.pkt, n, &mut self.relays);
+            let action = self
+                .engine
+                .handle_client(now, tuple, &mut self.pkt, n, &mut self.relays);
             self.perform(action, Some(tuple));
         }
         match state {
@@ -419,18 +488,25 @@ impl Shard {
     }
 
     fn check_conn(&mut self, now: Instant, idx: usize, generation: u32) {
-        let Some(conn) = self.conns.get_mut(idx) else { return };
+        let Some(conn) = self.conns.get_mut(idx) else {
+            return;
+        };
         if conn.generation != generation {
             return;
         }
         let has_allocation = self.engine.table().find(&conn.tuple).is_some();
-        let expired = (conn.handshaking() && now.saturating_duration_since(conn.accepted) >= HANDSHAKE_TIMEOUT)
+        let expired = (conn.handshaking()
+            && now.saturating_duration_since(conn.accepted) >= HANDSHAKE_TIMEOUT)
             || (!has_allocation
                 && (now.saturating_duration_since(conn.last_activity) >= UNALLOCATED_IDLE
                     || now.saturating_duration_since(conn.accepted) >= UNALLOCATED_MAX))
             || (conn.closing && now.saturating_duration_since(conn.last_activity) >= CONN_CHECK);
         if expired {
-            log::debug!("shard {}: closing idle or unauthenticated connection {}", self.id, conn.tuple);
+            log::debug!(
+                "shard {}: closing idle or unauthenticated connection {}",
+                self.id,
+                conn.tuple
+            );
             self.close_conn(idx);
         } else {
             self.conn_timers.insert(now + CONN_CHECK, (idx, generation));
@@ -440,8 +516,12 @@ impl Shard {
     /// Closes connections whose allocation was deleted (after sending what is queued).
     fn close_freed_streams(&mut self) {
         while let Some(tuple) = self.relays.freed_streams.pop() {
-            let Some(&idx) = self.conns.by_tuple.get(&tuple) else { continue };
-            let Some(conn) = self.conns.get_mut(idx) else { continue };
+            let Some(&idx) = self.conns.by_tuple.get(&tuple) else {
+                continue;
+            };
+            let Some(conn) = self.conns.get_mut(idx) else {
+                continue;
+            };
             conn.closing = true;
             let _ = conn.flush();
             if !conn.has_pending_writes() {
@@ -464,7 +544,17 @@ impl Shard {
 
 /// Runs a shard until it receives [`Ctl::Shutdown`].
 pub fn run(parts: ShardParts) {
-    let ShardParts { id, poll, listeners, tls, engine, inbox, stats, buffers, recv_batch } = parts;
+    let ShardParts {
+        id,
+        poll,
+        listeners,
+        tls,
+        engine,
+        inbox,
+        stats,
+        buffers,
+        recv_batch,
+    } = parts;
     let registry = match poll.registry().try_clone() {
         Ok(r) => r,
         Err(e) => {
@@ -483,21 +573,26 @@ pub fn run(parts: ShardParts) {
         initial.push(Token(i));
         udp.push(sock);
     }
-    let mut register_tcp = |list: Vec<std::net::TcpListener>, base: usize| -> Option<Vec<TcpListener>> {
-        let mut out = Vec::new();
-        for (i, l) in list.into_iter().enumerate() {
-            let mut sock = TcpListener::from_std(l);
-            if let Err(e) = registry.register(&mut sock, Token(base + i), Interest::READABLE) {
-                log::error!("shard {id}: cannot register TCP listener {i}: {e}");
-                return None;
+    let mut register_tcp =
+        |list: Vec<std::net::TcpListener>, base: usize| -> Option<Vec<TcpListener>> {
+            let mut out = Vec::new();
+            for (i, l) in list.into_iter().enumerate() {
+                let mut sock = TcpListener::from_std(l);
+                if let Err(e) = registry.register(&mut sock, Token(base + i), Interest::READABLE) {
+                    log::error!("shard {id}: cannot register TCP listener {i}: {e}");
+                    return None;
+                }
+                initial.push(Token(base + i));
+                out.push(sock);
             }
-            initial.push(Token(base + i));
-            out.push(sock);
-        }
-        Some(out)
+            Some(out)
+        };
+    let Some(tcp) = register_tcp(listeners.tcp, TCP_BASE) else {
+        return;
     };
-    let Some(tcp) = register_tcp(listeners.tcp, TCP_BASE) else { return };
-    let Some(tls_listeners) = register_tcp(listeners.tls, TLS_BASE) else { return };
+    let Some(tls_listeners) = register_tcp(listeners.tls, TLS_BASE) else {
+        return;
+    };
     let now = clock::now();
     let mut shard = Shard {
         id,
@@ -508,7 +603,12 @@ pub fn run(parts: ShardParts) {
         tls,
         conns: Conns::default(),
         conn_timers: TimerWheel::new(now),
-        relays: RelaySlots { registry, sockets: Vec::new(), buffers, freed_streams: Vec::new() },
+        relays: RelaySlots {
+            registry,
+            sockets: Vec::new(),
+            buffers,
+            freed_streams: Vec::new(),
+        },
         engine,
         pkt: PacketBuf::default(),
         stats,
@@ -523,8 +623,16 @@ pub fn run(parts: ShardParts) {
     loop {
         let timeout = if pending.is_empty() {
             let now = clock::now();
-            let next = [shard.engine.poll_timeout(), shard.conn_timers.next_deadline()].into_iter().flatten().min();
-            next.map_or(MAX_SLEEP, |t| t.saturating_duration_since(now).min(MAX_SLEEP))
+            let next = [
+                shard.engine.poll_timeout(),
+                shard.conn_timers.next_deadline(),
+            ]
+            .into_iter()
+            .flatten()
+            .min();
+            next.map_or(MAX_SLEEP, |t| {
+                t.saturating_duration_since(now).min(MAX_SLEEP)
+            })
         } else {
             Duration::ZERO
         };
@@ -560,7 +668,9 @@ pub fn run(parts: ShardParts) {
                 Ctl::Reload(settings) => shard.engine.reload(now, settings),
                 Ctl::ReloadTls(cfg) => shard.tls = Some(cfg),
                 Ctl::Shutdown => {
-                    let open: Vec<usize> = (0..shard.conns.slots.len()).filter(|&i| shard.conns.slots[i].is_some()).collect();
+                    let open: Vec<usize> = (0..shard.conns.slots.len())
+                        .filter(|&i| shard.conns.slots[i].is_some())
+                        .collect();
                     for idx in open {
                         shard.close_conn(idx);
                     }

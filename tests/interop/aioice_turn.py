@@ -1,5 +1,5 @@
 """Allocates through turnpike with aioice's TURN client and relays a datagram round trip to a local
-echo peer. Usage: aioice_turn.py HOST PORT USERNAME PASSWORD. Prints OK and exits 0 on success."""
+echo peer. Usage: aioice_turn.py HOST PORT USERNAME PASSWORD [udp|tcp]. Prints OK and exits 0 on success."""
 
 import asyncio
 import sys
@@ -25,12 +25,13 @@ class Collect(asyncio.DatagramProtocol):
         self.queue.put_nowait((data, addr))
 
 
-async def main(host, port, username, password):
+async def main(host, port, username, password, transport):
     loop = asyncio.get_running_loop()
     peer_transport, peer = await loop.create_datagram_endpoint(Echo, local_addr=("127.0.0.1", 0))
     peer_addr = peer_transport.get_extra_info("sockname")
     transport, client = await turn.create_turn_endpoint(
-        Collect, server_addr=(host, port), username=username, password=password, lifetime=600
+        Collect, server_addr=(host, port), username=username, password=password, lifetime=600,
+        transport=transport,
     )
     relayed = transport.get_extra_info("sockname")
     print("relayed address", relayed)
@@ -49,4 +50,5 @@ async def main(host, port, username, password):
 
 if __name__ == "__main__":
     h, p, u, w = sys.argv[1:5]
-    asyncio.run(asyncio.wait_for(main(h, int(p), u, w), 30))
+    t = sys.argv[5] if len(sys.argv) > 5 else "udp"
+    asyncio.run(asyncio.wait_for(main(h, int(p), u, w, t), 30))

@@ -1,0 +1,429 @@
+//! TURN over TCP and TLS against the real server: round trips, frames split at every byte boundary, a
+//! slow reader that must not stall the shard, and connection close freeing the allocation.
+
+#![allow(clippy::disallowed_methods)] // tests may read the clock and sleep
+
+mod common;
+
+use common::{EchoPeer, REALM, SECRET, start_server, unix_now};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use turnpike::proto::attr::{self, AttrType};
+use turnpike::proto::framing::frame_len;
+use turnpike::proto::integrity::{LongTermKey, long_term_key, rest_password};
+use turnpike::proto::{Class, Method, MsgWriter, StunMsg, TransactionId};
+
+/// A TURN client over any byte stream.
+struct StreamClient<S: Read + Write> {
+    io: S,
+    username: String,
+    key: LongTermKey,
+    nonce: Vec<u8>,
+    tid: u8,
+    pending: Vec<u8>,
+}
+
+enum Frame {
+    Stun(Vec<u8>),
+    Channel(u16, Vec<u8>),
+}
+
+impl<S: Read + Write> StreamClient<S> {
+    fn new(io: S, user: &str) -> Self {
+        let username = format!("{}:{user}", unix_now() + 3600);
+        let password = rest_password(SECRET.as_bytes(), username.as_bytes());
+        let key = long_term_key(username.as_bytes(), REALM.as_bytes(), &password);
+        Self {
+            io,
+            username,
+            key,
+            nonce: Vec::new(),
+            tid: 0,
+            pending: Vec::new(),
+        }
+    }
+
+    fn build(
+        &mut self,
+        method: Method,
+        class: Class,
+        auth: bool,
+        body: &dyn Fn(&mut MsgWriter<'_>),
+    ) -> Vec<u8> {
+        self.tid = self.tid.wrapping_add(1);
+        let mut buf = vec![0u8; 1024];
+        let mut w = MsgWriter::new(&mut buf, method, class, TransactionId([self.tid; 12]));
+        body(&mut w);
+        if auth {
+            w.add_bytes(AttrType::USERNAME, self.username.as_bytes());
+            w.add_bytes(AttrType::REALM, REALM.as_bytes());
+            w.add_bytes(AttrType::NONCE, &self.nonce);
+            w.add_message_integrity(&self.key);
+        }
+        let n = w.finish().unwrap();
+        buf.truncate(n);
+        buf
+    }
+
+    fn read_frame(&mut self) -> Frame {
+        loop {
+            if let Some(n) = frame_len(&self.pending).expect("server sends valid frames") {
+                let f: Vec<u8> = self.pending.drain(..n).collect();
+                if f[0] & 0xC0 == 0x40 {
+                    assert_eq!(n % 4, 0, "ChannelData over streams is padded to 4");
+                    let len = usize::from(u16::from_be_bytes([f[2], f[3]]));
+                    return Frame::Channel(
+                        u16::from_be_bytes([f[0], f[1]]),
+                        f[4..4 + len].to_vec(),
+                    );
+                }
+                return Frame::Stun(f);
+            }
+            let mut buf = [0u8; 4096];
+            let n = self.io.read(&mut buf).expect("read");
+            assert!(n > 0, "server closed the connection");
+            self.pending.extend_from_slice(&buf[..n]);
+        }
+    }
+
+    fn transact(&mut self, req: &[u8]) -> Vec<u8> {
+        self.io.write_all(req).unwrap();
+        loop {
+            if let Frame::Stun(f) = self.read_frame() {
+                if f[8..20] == req[8..20] {
+                    return f;
+                }
+            }
+        }
+    }
+
+    fn request(&mut self, method: Method, body: &dyn Fn(&mut MsgWriter<'_>)) -> Vec<u8> {
+        for _ in 0..3 {
+            let auth = !self.nonce.is_empty();
+            let req = self.build(method, Class::Request, auth, body);
+            let r = self.transact(&req);
+            let m = StunMsg::parse(&r).unwrap();
+            let code = m
+                .attr(AttrType::ERROR_CODE)
+                .map(|v| attr::decode_error_code(v).unwrap().0);
+            if matches!(code, Some(401 | 438)) && (code == Some(438) || !auth) {
+                self.nonce = m.attr(AttrType::NONCE).unwrap().to_vec();
+                continue;
+            }
+            return r;
+        }
+        panic!("authentication loop");
+    }
+
+    fn allocate(&mut self) -> SocketAddr {
+        let r = self.request(Method::ALLOCATE, &|w| {
+            w.add_bytes(AttrType::REQUESTED_TRANSPORT, &[17, 0, 0, 0])
+        });
+        let m = StunMsg::parse(&r).unwrap();
+        assert_eq!(m.class(), Class::Success);
+        attr::decode_xor_addr(
+            m.attr(AttrType::XOR_RELAYED_ADDRESS).unwrap(),
+            &m.transaction_id(),
+        )
+        .unwrap()
+    }
+
+    fn channel_bind(&mut self, number: u16, peer: SocketAddr) {
+        let r = self.request(Method::CHANNEL_BIND, &|w| {
+            w.add_bytes(
+                AttrType::CHANNEL_NUMBER,
+                &[(number >> 8) as u8, number as u8, 0, 0],
+            );
+            w.add_xor_addr(AttrType::XOR_PEER_ADDRESS, peer);
+        });
+        assert_eq!(StunMsg::parse(&r).unwrap().class(), Class::Success);
+    }
+
+    fn channel_frame(number: u16, payload: &[u8]) -> Vec<u8> {
+        let mut v = number.to_be_bytes().to_vec();
+        v.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+        v.extend_from_slice(payload);
+        while v.len() % 4 != 0 {
+            v.push(0);
+        }
+        v
+    }
+
+    /// ChannelData and Send/Data indication round trips through an echo peer.
+    fn round_trips(&mut self, peer: SocketAddr) {
+        self.channel_bind(0x4000, peer);
+        for payload in [&b"a"[..], b"odd length!", &[7u8; 1200]] {
+            self.io
+                .write_all(&Self::channel_frame(0x4000, payload))
+                .unwrap();
+            match self.read_frame() {
+                Frame::Channel(n, data) => assert_eq!((n, data.as_slice()), (0x4000, payload)),
+                Frame::Stun(_) => panic!("expected ChannelData"),
+            }
+        }
+        let ind = self.build(Method::SEND, Class::Indication, false, &|w| {
+            w.add_xor_addr(
+                AttrType::XOR_PEER_ADDRESS,
+                SocketAddr::new(peer.ip(), peer.port()),
+            );
+            w.add_bytes(AttrType::DATA, b"via indication");
+        });
+        self.io.write_all(&ind).unwrap();
+        // The peer is bound to a channel, so the echo comes back as ChannelData.
+        match self.read_frame() {
+            Frame::Channel(_, data) => assert_eq!(data, b"via indication"),
+            Frame::Stun(_) => panic!("expected ChannelData"),
+        }
+    }
+}
+
+fn tcp(addr: SocketAddr) -> TcpStream {
+    let s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.set_nodelay(true).unwrap();
+    s
+}
+
+#[test]
+fn tcp_allocate_permission_channel_and_indications() {
+    let server = start_server(2, (45000, 45019), "");
+    let peer = EchoPeer::start();
+    let mut c = StreamClient::new(tcp(server.addrs.tcp[0]), "tcp-user");
+    let relayed = c.allocate();
+    assert!((45000..=45019).contains(&relayed.port()));
+    c.round_trips(peer.addr);
+    // Data indication when no channel is bound for the peer's address.
+    let peer2 = EchoPeer::start();
+    let r = c.request(Method::CREATE_PERMISSION, &|w| {
+        w.add_xor_addr(AttrType::XOR_PEER_ADDRESS, peer2.addr)
+    });
+    assert_eq!(StunMsg::parse(&r).unwrap().class(), Class::Success);
+    let ind = c.build(Method::SEND, Class::Indication, false, &|w| {
+        w.add_xor_addr(AttrType::XOR_PEER_ADDRESS, peer2.addr);
+        w.add_bytes(AttrType::DATA, b"odd");
+    });
+    c.io.write_all(&ind).unwrap();
+    let Frame::Stun(f) = c.read_frame() else {
+        panic!("expected a Data indication")
+    };
+    let m = StunMsg::parse(&f).unwrap();
+    assert_eq!((m.method(), m.class()), (Method::DATA, Class::Indication));
+    assert_eq!(m.attr(AttrType::DATA).unwrap(), b"odd");
+    assert_eq!(server.totals().allocations, 1);
+}
+
+#[test]
+fn frames_split_at_every_byte_boundary() {
+    let server = start_server(1, (45100, 45109), "abuse:\n  unauth_rate: 0\n");
+    let peer = EchoPeer::start();
+    let mut c = StreamClient::new(tcp(server.addrs.tcp[0]), "splitter");
+    c.allocate();
+    c.channel_bind(0x4001, peer.addr);
+    let binding = c.build(Method::BINDING, Class::Request, false, &|_| {});
+    let frame = StreamClient::<TcpStream>::channel_frame(0x4001, b"split me!");
+    let mut two = binding.clone();
+    two.extend_from_slice(&frame);
+    for split in 1..two.len() {
+        c.io.write_all(&two[..split]).unwrap();
+        c.io.flush().unwrap();
+        std::thread::sleep(Duration::from_millis(3));
+        c.io.write_all(&two[split..]).unwrap();
+        let (mut got_binding, mut got_echo) = (false, false);
+        while !(got_binding && got_echo) {
+            match c.read_frame() {
+                Frame::Stun(f) => {
+                    assert_eq!(
+                        StunMsg::parse(&f).unwrap().class(),
+                        Class::Success,
+                        "split at {split}"
+                    );
+                    got_binding = true;
+                }
+                Frame::Channel(n, data) => {
+                    assert_eq!(
+                        (n, data.as_slice()),
+                        (0x4001, &b"split me!"[..]),
+                        "split at {split}"
+                    );
+                    got_echo = true;
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn closing_the_connection_frees_the_allocation() {
+    let server = start_server(2, (45200, 45203), "");
+    let mut c = StreamClient::new(tcp(server.addrs.tcp[0]), "leaver");
+    let relayed = c.allocate();
+    assert_eq!(server.totals().allocations, 1);
+    drop(c);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while server.totals().allocations > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(server.totals().allocations, 0);
+    assert!(
+        UdpSocket::bind(relayed).is_ok(),
+        "the relay port was released"
+    );
+    assert_eq!(server.shared.quotas.total(), 0);
+}
+
+#[test]
+fn garbage_on_the_stream_closes_it() {
+    let server = start_server(1, (45300, 45303), "");
+    let mut s = tcp(server.addrs.tcp[0]);
+    s.write_all(&[0x80, 0xFF, 0x00, 0x10, 1, 2, 3, 4]).unwrap();
+    let mut buf = [0u8; 16];
+    assert_eq!(
+        s.read(&mut buf).unwrap_or(0),
+        0,
+        "the server closed the connection"
+    );
+    assert_eq!(server.totals().tcp_connections, 0);
+}
+
+/// One client that never reads while a peer floods it must not stall another client on the same shard:
+/// its write buffer fills, relayed packets for it are dropped and counted, the other keeps going.
+#[test]
+fn a_slow_reader_does_not_stall_the_shard() {
+    let server = start_server(1, (45400, 45409), "");
+    let flood_peer = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let mut slow = StreamClient::new(tcp(server.addrs.tcp[0]), "slow");
+    let slow_relay = slow.allocate();
+    slow.channel_bind(0x4002, flood_peer.local_addr().unwrap());
+    // Shrink nothing: just never read from `slow` again.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flooder = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let payload = [0xAAu8; 1200];
+            let start = Instant::now();
+            let mut sent = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed)
+                && start.elapsed() < Duration::from_secs(10)
+                && sent < 200_000
+            {
+                let _ = flood_peer.send_to(&payload, slow_relay);
+                sent += 1;
+                if sent % 256 == 0 {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+            sent
+        })
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    let peer = EchoPeer::start();
+    let mut fast = StreamClient::new(tcp(server.addrs.tcp[0]), "fast");
+    fast.allocate();
+    fast.channel_bind(0x4003, peer.addr);
+    for i in 0..50u32 {
+        let payload = i.to_be_bytes();
+        fast.io
+            .write_all(&StreamClient::<TcpStream>::channel_frame(0x4003, &payload))
+            .unwrap();
+        match fast.read_frame() {
+            Frame::Channel(_, data) => assert_eq!(data, payload),
+            Frame::Stun(_) => panic!("expected ChannelData"),
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let sent = flooder.join().unwrap();
+    let totals = server.totals();
+    assert!(
+        totals.send_would_block > 0,
+        "the slow reader's packets were dropped ({sent} sent): {totals:?}"
+    );
+    drop(slow);
+}
+
+/// A self-signed certificate for "localhost", written to a temporary directory.
+fn self_signed(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf, Vec<u8>) {
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    std::fs::create_dir_all(dir).unwrap();
+    let (c, k) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&c, cert.cert.pem()).unwrap();
+    std::fs::write(&k, cert.key_pair.serialize_pem()).unwrap();
+    (c, k, cert.cert.der().to_vec())
+}
+
+fn tls_client(
+    addr: SocketAddr,
+    der: &[u8],
+    version: &'static rustls::SupportedProtocolVersion,
+) -> rustls::StreamOwned<rustls::ClientConnection, TcpStream> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls::pki_types::CertificateDer::from(der.to_vec()))
+        .unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[version])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let conn = rustls::ClientConnection::new(Arc::new(cfg), name).unwrap();
+    rustls::StreamOwned::new(conn, tcp(addr))
+}
+
+#[test]
+fn tls_1_2_and_1_3_round_trips() {
+    let dir = std::env::temp_dir().join(format!("turnpike-tls-{}", std::process::id()));
+    let (cert, key, der) = self_signed(&dir);
+    let extra = format!(
+        "tls:\n  cert: {}\n  pkey: {}\n",
+        cert.display(),
+        key.display()
+    );
+    let yaml = common::test_yaml(2, (45500, 45519), "127.0.0.1", &extra)
+        .replace("  port: 0\n", "  port: 0\n  tls_port: 0\n");
+    let cfg = turnpike::config::parse(std::path::Path::new("<test>.yaml"), &yaml).unwrap();
+    let server = turnpike::server::start(&cfg).unwrap();
+    let peer = EchoPeer::start();
+    let mut clients = Vec::new();
+    for version in [&rustls::version::TLS12, &rustls::version::TLS13] {
+        let mut c = StreamClient::new(tls_client(server.addrs.tls[0], &der, version), "tls-user");
+        c.allocate();
+        c.round_trips(peer.addr);
+        assert_eq!(c.io.conn.protocol_version(), Some(version.version));
+        clients.push(c);
+    }
+    assert_eq!(server.totals().tls_connections, 2);
+    assert_eq!(server.totals().allocations, 2);
+}
+
+#[test]
+fn tls_handshake_with_garbage_is_closed() {
+    let dir = std::env::temp_dir().join(format!("turnpike-tls-bad-{}", std::process::id()));
+    let (cert, key, _) = self_signed(&dir);
+    let extra = format!(
+        "tls:\n  cert: {}\n  pkey: {}\n",
+        cert.display(),
+        key.display()
+    );
+    let yaml = common::test_yaml(1, (45600, 45603), "127.0.0.1", &extra)
+        .replace("  port: 0\n", "  port: 0\n  tls_port: 0\n");
+    let cfg = turnpike::config::parse(std::path::Path::new("<test>.yaml"), &yaml).unwrap();
+    let server = turnpike::server::start(&cfg).unwrap();
+    let mut s = tcp(server.addrs.tls[0]);
+    s.write_all(b"this is not a TLS ClientHello at all....")
+        .unwrap();
+    let mut buf = [0u8; 64];
+    let mut total = 0;
+    // The server answers with an alert at most, then closes.
+    while let Ok(n) = s.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        total += n;
+        assert!(total < 4096);
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(server.totals().tls_connections, 0);
+}
