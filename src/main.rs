@@ -66,18 +66,7 @@ fn run(args: &[String]) -> Result<(), String> {
             let cfg = config::load(Path::new(path)).map_err(|e| e.to_string())?;
             let plan = server::relay_plan(&cfg).map_err(|e| format!("{path}: {e}"))?;
             print!("{cfg}");
-            for (name, r) in [("ipv4", plan.v4), ("ipv6", plan.v6)] {
-                match r {
-                    Some(r) if r.bind == r.advertised => {
-                        println!("relay {name}:        {}", r.bind)
-                    }
-                    Some(r) => println!(
-                        "relay {name}:        bind {} advertise {}",
-                        r.bind, r.advertised
-                    ),
-                    None => println!("relay {name}:        off"),
-                }
-            }
+            print_relay_plan(&plan, |line| println!("{line}"));
             println!("{path}: OK");
             Ok(())
         }
@@ -94,10 +83,7 @@ fn run(args: &[String]) -> Result<(), String> {
 fn credentials(args: &[String]) -> Result<(), String> {
     let secret = option(args, &["--secret"]).ok_or("credentials needs --secret S")?;
     let user = option(args, &["--user"]).unwrap_or("turnpike-test");
-    let ttl: u64 = option(args, &["--ttl"])
-        .unwrap_or("86400")
-        .parse()
-        .map_err(|_| "--ttl must be seconds")?;
+    let ttl: u64 = option(args, &["--ttl"]).unwrap_or("86400").parse().map_err(|_| "--ttl must be seconds")?;
     let username = format!("{}:{user}", clock::unix_now() + ttl);
     let password = rest_password(secret.as_bytes(), username.as_bytes());
     let password = String::from_utf8_lossy(&password);
@@ -106,6 +92,22 @@ fn credentials(args: &[String]) -> Result<(), String> {
         println!("uri:      {uri}");
     }
     Ok(())
+}
+
+/// States the final address plan: what each relay address binds and advertises.
+fn print_relay_plan(plan: &server::RelayPlan, mut out: impl FnMut(String)) {
+    for (name, list) in [("ipv4", &plan.v4), ("ipv6", &plan.v6)] {
+        if list.is_empty() {
+            out(format!("relay {name}: off"));
+        }
+        for r in list {
+            if r.bind == r.advertised {
+                out(format!("relay {name}: {}", r.bind));
+            } else {
+                out(format!("relay {name}: bind {} advertise {} (external-ip)", r.bind, r.advertised));
+            }
+        }
+    }
 }
 
 fn init_logging(level: log::LevelFilter) {
@@ -123,28 +125,10 @@ fn serve(cfg: &Config, dev: bool) -> Result<(), String> {
         log::warn!("{}: {w}", cfg.source.display());
     }
     let handle = server::start(cfg).map_err(|e| format!("{}: {e}", cfg.source.display()))?;
-    for (name, r) in [("ipv4", handle.relay.v4), ("ipv6", handle.relay.v6)] {
-        if let Some(r) = r {
-            log::info!(
-                "relay {name}: bind {} advertise {}, ports {}-{}",
-                r.bind,
-                r.advertised,
-                cfg.min_port,
-                cfg.max_port
-            );
-        }
-    }
-    for (what, list) in [
-        ("udp", &handle.addrs.udp),
-        ("tcp", &handle.addrs.tcp),
-        ("tls", &handle.addrs.tls),
-    ] {
+    print_relay_plan(&handle.relay, |line| log::info!("{line}"));
+    for (what, list) in [("udp", &handle.addrs.udp), ("tcp", &handle.addrs.tcp), ("tls", &handle.addrs.tls)] {
         for a in list {
-            log::info!(
-                "listening on {a}/{what} with {} shards (realm {})",
-                cfg.threads,
-                cfg.realm
-            );
+            log::info!("listening on {a}/{what} with {} shards (realm {})", cfg.threads, cfg.realm);
         }
     }
     if dev {
@@ -180,9 +164,7 @@ fn wait_for_signal() -> Result<(), String> {
         .map_err(|e| format!("cannot install signal handlers: {e}"))?;
     for sig in signals.forever() {
         if sig == SIGHUP {
-            log::warn!(
-                "SIGHUP: configuration reload arrives with the operations milestone; restart to apply changes"
-            );
+            log::warn!("SIGHUP: configuration reload arrives with the operations milestone; restart to apply changes");
             continue;
         }
         return Ok(());

@@ -19,60 +19,53 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 
 /// The relay addresses per family, after applying relay-ip, listening-ip and external-ip.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RelayPlan {
-    /// IPv4 relaying.
-    pub v4: Option<RelayAddr>,
-    /// IPv6 relaying.
-    pub v6: Option<RelayAddr>,
+    /// IPv4 relay addresses (empty: no IPv4 relaying).
+    pub v4: Vec<RelayAddr>,
+    /// IPv6 relay addresses (empty: no IPv6 relaying).
+    pub v6: Vec<RelayAddr>,
 }
 
-/// Decides which address relay sockets bind and which one clients are told, per family.
+/// Decides which addresses relay sockets bind and which ones clients are told, per family.
+///
+/// Bind addresses: `relay.ips` of the family when `relay.ips` is set (then it is the whole list, as
+/// coturn's `relay-ip`); otherwise a specific listening address of the family, else the private side of
+/// `external-ip`, else, when listening on the family's wildcard, the default route's source address.
+/// Advertised: `external-ip`'s public address when it names no private address or names this one.
 pub fn relay_plan(cfg: &Config) -> Result<RelayPlan, String> {
-    let pick = |v4: bool| -> Option<RelayAddr> {
+    let pick = |v4: bool| -> Vec<RelayAddr> {
         let fam = |ip: &IpAddr| ip.is_ipv4() == v4;
         let external = cfg.external_ips.iter().find(|e| fam(&e.public));
-        let bind = cfg
-            .relay_ips
-            .iter()
-            .copied()
-            .find(fam)
-            .or_else(|| {
-                cfg.listen_ips
-                    .iter()
-                    .copied()
-                    .find(|ip| fam(ip) && !ip.is_unspecified())
+        let mut binds: Vec<IpAddr> = cfg.relay_ips.iter().copied().filter(fam).collect();
+        if cfg.relay_ips.is_empty() {
+            let fallback = cfg
+                .listen_ips
+                .iter()
+                .copied()
+                .find(|ip| fam(ip) && !ip.is_unspecified())
+                .or_else(|| external.and_then(|e| e.private))
+                .or_else(|| {
+                    let wildcard = cfg.listen_ips.iter().any(|ip| fam(ip) && ip.is_unspecified());
+                    let probe: SocketAddr = if v4 { "192.0.2.1:9" } else { "[2001:db8::1]:9" }.parse().ok()?;
+                    if wildcard { socket::route_source(probe) } else { None }
+                });
+            binds.extend(fallback);
+        }
+        binds
+            .into_iter()
+            .map(|bind| {
+                let advertised = match external {
+                    Some(e) if e.private.is_none_or(|p| p == bind) => e.public,
+                    _ => bind,
+                };
+                RelayAddr { bind, advertised }
             })
-            .or_else(|| external.and_then(|e| e.private))
-            .or_else(|| {
-                // Listening on the wildcard of this family: use the default route's source address.
-                let wildcard = cfg
-                    .listen_ips
-                    .iter()
-                    .any(|ip| fam(ip) && ip.is_unspecified());
-                let probe: SocketAddr = if v4 { "192.0.2.1:9" } else { "[2001:db8::1]:9" }
-                    .parse()
-                    .ok()?;
-                if wildcard {
-                    socket::route_source(probe)
-                } else {
-                    None
-                }
-            })?;
-        let advertised = match external {
-            Some(e) if e.private.is_none_or(|p| p == bind) => e.public,
-            _ => bind,
-        };
-        Some(RelayAddr { bind, advertised })
+            .collect()
     };
-    let plan = RelayPlan {
-        v4: pick(true),
-        v6: pick(false),
-    };
-    if plan.v4.is_none() && plan.v6.is_none() {
-        return Err(
-            "no relay address: set relay.ips (relay-ip) or listen on a specific address".into(),
-        );
+    let plan = RelayPlan { v4: pick(true), v6: pick(false) };
+    if plan.v4.is_empty() && plan.v6.is_empty() {
+        return Err("no relay address: set relay.ips (relay-ip) or listen on a specific address".into());
     }
     Ok(plan)
 }
@@ -102,8 +95,8 @@ pub fn settings(cfg: &Config, plan: RelayPlan, nonce_key: NonceKey) -> Settings 
         software: cfg.software.as_deref().map(Into::into),
         reason_phrases: cfg.reason_phrases,
         legacy_channel_numbers: cfg.legacy_channel_numbers,
-        relay_v4: plan.v4,
-        relay_v6: plan.v6,
+        relay_v4: plan.v4.clone(),
+        relay_v6: plan.v6.clone(),
         relay_ports: cfg.relay_port_span(),
     }
 }
@@ -133,10 +126,7 @@ pub struct ServerHandle {
 
 impl std::fmt::Debug for ServerHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ServerHandle")
-            .field("udp_addrs", &self.udp_addrs)
-            .field("shards", &self.shards.len())
-            .finish()
+        f.debug_struct("ServerHandle").field("udp_addrs", &self.udp_addrs).field("shards", &self.shards.len()).finish()
     }
 }
 
@@ -204,9 +194,7 @@ fn bind_group<S>(
 ) -> io::Result<(Vec<S>, SocketAddr)> {
     let mut out = Vec::with_capacity(shards);
     for k in 0..shards {
-        let sock = bind(addr).map_err(|e| {
-            io::Error::new(e.kind(), format!("cannot listen on {addr}/{what}: {e}"))
-        })?;
+        let sock = bind(addr).map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}/{what}: {e}")))?;
         if k == 0 {
             addr = local(&sock)?;
         }
@@ -221,9 +209,7 @@ fn bind_listeners(
     buffers: socket::Buffers,
     tls: bool,
 ) -> io::Result<(Vec<shard::Listeners>, ListenAddrs)> {
-    let mut per_shard: Vec<shard::Listeners> = (0..cfg.threads)
-        .map(|_| shard::Listeners::default())
-        .collect();
+    let mut per_shard: Vec<shard::Listeners> = (0..cfg.threads).map(|_| shard::Listeners::default()).collect();
     let mut addrs = ListenAddrs::default();
     for ip in &cfg.listen_ips {
         let mut port = cfg.listen_port;
@@ -242,26 +228,18 @@ fn bind_listeners(
             }
         }
         if cfg.listen_tcp {
-            let (socks, addr) = bind_group(
-                cfg.threads,
-                SocketAddr::new(*ip, port),
-                "tcp",
-                socket::reuseport_tcp,
-                |s| s.local_addr(),
-            )?;
+            let (socks, addr) =
+                bind_group(cfg.threads, SocketAddr::new(*ip, port), "tcp", socket::reuseport_tcp, |s| s.local_addr())?;
             addrs.tcp.push(addr);
             for (l, s) in per_shard.iter_mut().zip(socks) {
                 l.tcp.push(s);
             }
         }
         if tls {
-            let (socks, addr) = bind_group(
-                cfg.threads,
-                SocketAddr::new(*ip, cfg.tls_port),
-                "tls",
-                socket::reuseport_tcp,
-                |s| s.local_addr(),
-            )?;
+            let (socks, addr) =
+                bind_group(cfg.threads, SocketAddr::new(*ip, cfg.tls_port), "tls", socket::reuseport_tcp, |s| {
+                    s.local_addr()
+                })?;
             addrs.tls.push(addr);
             for (l, s) in per_shard.iter_mut().zip(socks) {
                 l.tls.push(s);
@@ -274,26 +252,18 @@ fn bind_listeners(
 /// Starts a server: binds everything, spawns one shard per configured thread and the control thread.
 pub fn start(cfg: &Config) -> io::Result<ServerHandle> {
     let plan = relay_plan(cfg).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-    let settings = Arc::new(settings(cfg, plan, NonceKey::new(clock::random_bytes())));
-    let buffers = socket::Buffers {
-        recv: cfg.recv_buffer,
-        send: cfg.send_buffer,
-    };
+    let settings = Arc::new(settings(cfg, plan.clone(), NonceKey::new(clock::random_bytes())));
+    let buffers = socket::Buffers { recv: cfg.recv_buffer, send: cfg.send_buffer };
     let tls = match (&cfg.tls_cert, &cfg.tls_key) {
-        (Some(cert), Some(key)) => Some(
-            crate::tls::server_config(cert, key)
-                .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?,
-        ),
+        (Some(cert), Some(key)) => {
+            Some(crate::tls::server_config(cert, key).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?)
+        }
         _ => None,
     };
     let (listeners, addrs) = bind_listeners(cfg, buffers, tls.is_some())?;
     let udp_addrs = addrs.udp.clone();
     let shared = Arc::new(Shared::default());
-    let cores = if cfg.pin_cores {
-        core_affinity::get_core_ids().unwrap_or_default()
-    } else {
-        Vec::new()
-    };
+    let cores = if cfg.pin_cores { core_affinity::get_core_ids().unwrap_or_default() } else { Vec::new() };
     let origin = clock::now();
     let origin_unix = clock::unix_now();
     let mut stats = Vec::new();
@@ -323,6 +293,7 @@ pub fn start(cfg: &Config) -> io::Result<ServerHandle> {
             stats: Arc::clone(&shard_stats),
             buffers,
             recv_batch: cfg.recv_batch,
+            unallocated_timeout: cfg.unallocated_timeout,
         };
         let core = if cfg.pin_cores {
             let wanted = cfg.core_ids.get(k).copied().unwrap_or(k);
@@ -330,22 +301,16 @@ pub fn start(cfg: &Config) -> io::Result<ServerHandle> {
         } else {
             None
         };
-        let thread = std::thread::Builder::new()
-            .name(format!("turnpike-shard-{k}"))
-            .spawn(move || {
-                if let Some(core) = core {
-                    if !core_affinity::set_for_current(core) {
-                        log::warn!("shard {k}: could not pin to core {}", core.id);
-                    }
+        let thread = std::thread::Builder::new().name(format!("turnpike-shard-{k}")).spawn(move || {
+            if let Some(core) = core {
+                if !core_affinity::set_for_current(core) {
+                    log::warn!("shard {k}: could not pin to core {}", core.id);
                 }
-                shard::run(parts);
-            })?;
+            }
+            shard::run(parts);
+        })?;
         stats.push(shard_stats);
-        shards.push(ShardHandle {
-            thread: Some(thread),
-            inbox: tx,
-            waker,
-        });
+        shards.push(ShardHandle { thread: Some(thread), inbox: tx, waker });
     }
     let stop = Arc::new(AtomicBool::new(false));
     let control = {
@@ -356,14 +321,5 @@ pub fn start(cfg: &Config) -> io::Result<ServerHandle> {
             .name("turnpike-control".into())
             .spawn(move || control::run(&stats, &shared, &stop))?
     };
-    Ok(ServerHandle {
-        udp_addrs,
-        addrs,
-        relay: plan,
-        shared,
-        stats,
-        shards,
-        control: Some(control),
-        stop,
-    })
+    Ok(ServerHandle { udp_addrs, addrs, relay: plan, shared, stats, shards, control: Some(control), stop })
 }

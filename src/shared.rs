@@ -25,9 +25,7 @@ pub struct Directory {
 
 impl Default for Directory {
     fn default() -> Self {
-        Self {
-            stripes: (0..STRIPES).map(|_| RwLock::new(HashMap::new())).collect(),
-        }
+        Self { stripes: (0..STRIPES).map(|_| RwLock::new(HashMap::new())).collect() }
     }
 }
 
@@ -76,21 +74,13 @@ pub struct Quotas {
 
 impl Default for Quotas {
     fn default() -> Self {
-        Self {
-            total: AtomicU32::new(0),
-            users: (0..STRIPES).map(|_| Mutex::new(HashMap::new())).collect(),
-        }
+        Self { total: AtomicU32::new(0), users: (0..STRIPES).map(|_| Mutex::new(HashMap::new())).collect() }
     }
 }
 
 impl Quotas {
     /// Counts one more allocation for `user`, unless that exceeds a limit.
-    pub fn try_acquire(
-        &self,
-        user: &[u8],
-        user_limit: u32,
-        total_limit: u32,
-    ) -> Result<(), QuotaError> {
+    pub fn try_acquire(&self, user: &[u8], user_limit: u32, total_limit: u32) -> Result<(), QuotaError> {
         let prev = self.total.fetch_add(1, Ordering::AcqRel);
         if total_limit > 0 && prev >= total_limit {
             self.total.fetch_sub(1, Ordering::AcqRel);
@@ -170,10 +160,7 @@ pub struct ShardStats {
 /// Adds `n` to a single-writer counter without a locked instruction.
 #[inline]
 pub fn bump(counter: &AtomicU64, n: u64) {
-    counter.store(
-        counter.load(Ordering::Relaxed).wrapping_add(n),
-        Ordering::Relaxed,
-    );
+    counter.store(counter.load(Ordering::Relaxed).wrapping_add(n), Ordering::Relaxed);
 }
 
 /// Sets a single-writer gauge.

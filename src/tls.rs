@@ -14,10 +14,7 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, Strin
         .collect::<Result<_, _>>()
         .map_err(|e| format!("{}: bad PEM certificate: {e}", cert.display()))?;
     if chain.is_empty() {
-        return Err(format!(
-            "{}: no certificate found (expected the full chain, PEM)",
-            cert.display()
-        ));
+        return Err(format!("{}: no certificate found (expected the full chain, PEM)", cert.display()));
     }
     let key = PrivateKeyDer::from_pem_file(key)
         .map_err(|e| format!("{}: cannot read the private key: {e}", key.display()))?;
@@ -27,11 +24,6 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, Strin
         .map_err(|e| format!("TLS versions: {e}"))?
         .with_no_client_auth()
         .with_single_cert(chain, key)
-        .map_err(|e| {
-            format!(
-                "{}: certificate and key do not match or are unusable: {e}",
-                cert.display()
-            )
-        })?;
+        .map_err(|e| format!("{}: certificate and key do not match or are unusable: {e}", cert.display()))?;
     Ok(Arc::new(config))
 }

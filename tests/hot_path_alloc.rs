@@ -14,9 +14,7 @@ use turnpike::proto::allocation::{FiveTuple, ListenerId, Transport};
 use turnpike::proto::attr::{AttrType, PROTO_UDP};
 use turnpike::proto::engine::{BindError, RelaySockets};
 use turnpike::proto::integrity::{long_term_key, rest_password};
-use turnpike::proto::{
-    Action, Class, Engine, Method, MsgWriter, PacketBuf, StunMsg, TransactionId,
-};
+use turnpike::proto::{Action, Class, Engine, Method, MsgWriter, PacketBuf, StunMsg, TransactionId};
 use turnpike::shared::{ShardStats, Shared};
 
 struct Counting;
@@ -86,16 +84,9 @@ fn relaying_allocates_nothing() {
                 auth: {realm: alloc.test, shared_secrets: [s]}\nruntime: {threads: 1}\n";
     let cfg = turnpike::config::parse(Path::new("<test>.yaml"), yaml).unwrap();
     let plan = turnpike::server::relay_plan(&cfg).unwrap();
-    let settings = Arc::new(turnpike::server::settings(
-        &cfg,
-        plan,
-        NonceKey::new([1; 32]),
-    ));
+    let settings = Arc::new(turnpike::server::settings(&cfg, plan, NonceKey::new([1; 32])));
     let now = Instant::now();
-    let unix = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
+    let unix = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
     let mut engine = Engine::new(
         0,
         settings,
@@ -108,11 +99,8 @@ fn relaying_allocates_nothing() {
     );
     let mut io = NoSockets;
     let mut pkt = PacketBuf::default();
-    let tuple = FiveTuple {
-        client: "198.51.100.1:4000".parse().unwrap(),
-        listener: ListenerId(0),
-        transport: Transport::Udp,
-    };
+    let tuple =
+        FiveTuple { client: "198.51.100.1:4000".parse().unwrap(), listener: ListenerId(0), transport: Transport::Udp };
     let peer: SocketAddr = "8.8.8.8:9000".parse().unwrap();
     let other_port: SocketAddr = "8.8.8.8:9001".parse().unwrap();
 
@@ -123,55 +111,33 @@ fn relaying_allocates_nothing() {
         let n = pkt.fill(bytes);
         engine.handle_client(now, tuple, pkt, n, io)
     };
-    let transport =
-        |w: &mut MsgWriter<'_>| w.add_bytes(AttrType::REQUESTED_TRANSPORT, &[PROTO_UDP, 0, 0, 0]);
-    let Action::Reply { len } = send(
-        &mut engine,
-        &mut pkt,
-        &mut io,
-        &request(&key, &username, b"", Method::ALLOCATE, 1, transport),
-    ) else {
+    let transport = |w: &mut MsgWriter<'_>| w.add_bytes(AttrType::REQUESTED_TRANSPORT, &[PROTO_UDP, 0, 0, 0]);
+    let Action::Reply { len } =
+        send(&mut engine, &mut pkt, &mut io, &request(&key, &username, b"", Method::ALLOCATE, 1, transport))
+    else {
         panic!()
     };
-    let nonce = StunMsg::parse(engine.reply(len))
-        .unwrap()
-        .attr(AttrType::NONCE)
-        .unwrap()
-        .to_vec();
-    let Action::Reply { .. } = send(
-        &mut engine,
-        &mut pkt,
-        &mut io,
-        &request(&key, &username, &nonce, Method::ALLOCATE, 2, transport),
-    ) else {
+    let nonce = StunMsg::parse(engine.reply(len)).unwrap().attr(AttrType::NONCE).unwrap().to_vec();
+    let Action::Reply { .. } =
+        send(&mut engine, &mut pkt, &mut io, &request(&key, &username, &nonce, Method::ALLOCATE, 2, transport))
+    else {
         panic!()
     };
     let bind = |w: &mut MsgWriter<'_>| {
         w.add_bytes(AttrType::CHANNEL_NUMBER, &[0x40, 0x00, 0, 0]);
         w.add_xor_addr(AttrType::XOR_PEER_ADDRESS, peer);
     };
-    let Action::Reply { len } = send(
-        &mut engine,
-        &mut pkt,
-        &mut io,
-        &request(&key, &username, &nonce, Method::CHANNEL_BIND, 3, bind),
-    ) else {
+    let Action::Reply { len } =
+        send(&mut engine, &mut pkt, &mut io, &request(&key, &username, &nonce, Method::CHANNEL_BIND, 3, bind))
+    else {
         panic!()
     };
-    assert_eq!(
-        StunMsg::parse(engine.reply(len)).unwrap().class(),
-        Class::Success
-    );
+    assert_eq!(StunMsg::parse(engine.reply(len)).unwrap().class(), Class::Success);
 
     let mut channel_data = vec![0x40, 0x00, 0, 172];
     channel_data.extend_from_slice(&[0xAB; 172]);
     let mut buf = vec![0u8; 512];
-    let mut w = MsgWriter::new(
-        &mut buf,
-        Method::SEND,
-        Class::Indication,
-        TransactionId([4; 12]),
-    );
+    let mut w = MsgWriter::new(&mut buf, Method::SEND, Class::Indication, TransactionId([4; 12]));
     w.add_xor_addr(AttrType::XOR_PEER_ADDRESS, other_port);
     w.add_bytes(AttrType::DATA, &[0xCD; 172]);
     let n = w.finish().unwrap();
@@ -183,31 +149,15 @@ fn relaying_allocates_nothing() {
     COUNTING.store(true, Ordering::SeqCst);
     for _ in 0..1000 {
         let n = pkt.fill(&channel_data);
-        assert!(matches!(
-            engine.handle_client(now, tuple, &mut pkt, n, &mut io),
-            Action::ToPeer { .. }
-        ));
+        assert!(matches!(engine.handle_client(now, tuple, &mut pkt, n, &mut io), Action::ToPeer { .. }));
         let n = pkt.fill(&send_indication);
-        assert!(matches!(
-            engine.handle_client(now, tuple, &mut pkt, n, &mut io),
-            Action::ToPeer { .. }
-        ));
+        assert!(matches!(engine.handle_client(now, tuple, &mut pkt, n, &mut io), Action::ToPeer { .. }));
         let n = pkt.fill(&payload);
-        assert!(matches!(
-            engine.handle_peer(now, 0, peer, &mut pkt, n),
-            Action::ToClient { .. }
-        ));
+        assert!(matches!(engine.handle_peer(now, 0, peer, &mut pkt, n), Action::ToClient { .. }));
         let n = pkt.fill(&payload);
-        assert!(matches!(
-            engine.handle_peer(now, 0, other_port, &mut pkt, n),
-            Action::ToClient { .. }
-        ));
+        assert!(matches!(engine.handle_peer(now, 0, other_port, &mut pkt, n), Action::ToClient { .. }));
         engine.handle_timeout(now + Duration::from_millis(10), &mut io);
     }
     COUNTING.store(false, Ordering::SeqCst);
-    assert_eq!(
-        ALLOCATIONS.load(Ordering::SeqCst),
-        0,
-        "heap allocations on the relay path"
-    );
+    assert_eq!(ALLOCATIONS.load(Ordering::SeqCst), 0, "heap allocations on the relay path");
 }

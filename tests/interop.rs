@@ -16,12 +16,7 @@ use std::time::Duration;
 const SECRET: &str = "interop-secret";
 
 fn tool_available(cmd: &str, probe: &[&str]) -> bool {
-    let found = Command::new(cmd)
-        .args(probe)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok();
+    let found = Command::new(cmd).args(probe).stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok();
     if !found {
         assert!(
             std::env::var_os("TURNPIKE_REQUIRE_INTEROP").is_none(),
@@ -43,11 +38,7 @@ impl Drop for Proc {
 }
 
 fn free_udp_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// Starts the turnpike binary on an ephemeral port with relay ports `ports`; returns it and its address.
@@ -58,8 +49,7 @@ fn start_turnpike(name: &str, ports: (u16, u16)) -> (Proc, SocketAddr) {
 
 /// As [`start_turnpike`] with extra YAML; returns the addresses it reports, UDP first, then TCP and TLS.
 fn start_turnpike_with(name: &str, ports: (u16, u16), extra: &str) -> (Proc, Vec<SocketAddr>) {
-    let dir: PathBuf =
-        std::env::temp_dir().join(format!("turnpike-interop-{name}-{}", std::process::id()));
+    let dir: PathBuf = std::env::temp_dir().join(format!("turnpike-interop-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let cfg = dir.join("turnpike.yaml");
     std::fs::write(
@@ -92,12 +82,7 @@ fn start_turnpike_with(name: &str, ports: (u16, u16), extra: &str) -> (Proc, Vec
     });
     let want = 2 + usize::from(extra.contains("tls:"));
     let addrs = (0..want)
-        .map(|_| {
-            rx.recv_timeout(Duration::from_secs(20))
-                .expect("turnpike reports its addresses")
-                .parse()
-                .unwrap()
-        })
+        .map(|_| rx.recv_timeout(Duration::from_secs(20)).expect("turnpike reports its addresses").parse().unwrap())
         .collect();
     (Proc(child), addrs)
 }
@@ -119,51 +104,19 @@ fn uclient(server: SocketAddr, peer_port: u16, extra: &[&str]) {
     let total = 400;
     let mut args: Vec<String> = extra.iter().map(ToString::to_string).collect();
     args.extend(
-        [
-            "-e",
-            "127.0.0.1",
-            "-r",
-            &peer_port.to_string(),
-            "-n",
-            "100",
-            "-m",
-            "4",
-            "-l",
-            "170",
-            "-z",
-            "5",
-        ]
-        .iter()
-        .map(ToString::to_string),
+        ["-e", "127.0.0.1", "-r", &peer_port.to_string(), "-n", "100", "-m", "4", "-l", "170", "-z", "5"]
+            .iter()
+            .map(ToString::to_string),
     );
-    args.extend([
-        "-p".to_string(),
-        server.port().to_string(),
-        server.ip().to_string(),
-    ]);
-    let out = Command::new("timeout")
-        .arg("60")
-        .arg("turnutils_uclient")
-        .args(&args)
-        .output()
-        .expect("uclient runs");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    args.extend(["-p".to_string(), server.port().to_string(), server.ip().to_string()]);
+    let out = Command::new("timeout").arg("60").arg("turnutils_uclient").args(&args).output().expect("uclient runs");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(
         text.contains(&format!("tot_send_msgs={total}, tot_recv_msgs={total}")),
         "uclient {args:?} did not get all {total} messages back:\n{text}"
     );
-    assert!(
-        text.contains("Total lost packets 0 (0.000000%)"),
-        "loss reported:\n{text}"
-    );
-    assert!(
-        !text.contains("error 4") && !text.contains("error 5"),
-        "uclient saw STUN errors:\n{text}"
-    );
+    assert!(text.contains("Total lost packets 0 (0.000000%)"), "loss reported:\n{text}");
+    assert!(!text.contains("error 4") && !text.contains("error 5"), "uclient saw STUN errors:\n{text}");
 }
 
 #[test]
@@ -212,48 +165,26 @@ fn aioice_allocates_and_relays() {
     if !tool_available("python3", &["-c", "import aioice"]) {
         return;
     }
-    let import = Command::new("python3")
-        .args(["-c", "import aioice"])
-        .status()
-        .unwrap();
+    let import = Command::new("python3").args(["-c", "import aioice"]).status().unwrap();
     if !import.success() {
-        assert!(
-            std::env::var_os("TURNPIKE_REQUIRE_INTEROP").is_none(),
-            "aioice is required but not importable"
-        );
+        assert!(std::env::var_os("TURNPIKE_REQUIRE_INTEROP").is_none(), "aioice is required but not importable");
         eprintln!("SKIPPED: aioice not installed (scripts/test.sh installs it)");
         return;
     }
     let (_server, addr) = start_turnpike("aioice", (43400, 43499));
-    let username = format!(
-        "{}:erin",
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_secs()
-            + 600
-    );
-    let password =
-        turnpike::proto::integrity::rest_password(SECRET.as_bytes(), username.as_bytes());
+    let username =
+        format!("{}:erin", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() + 600);
+    let password = turnpike::proto::integrity::rest_password(SECRET.as_bytes(), username.as_bytes());
     let password = String::from_utf8(password.to_vec()).unwrap();
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/interop/aioice_turn.py");
     for transport in ["udp", "tcp"] {
         let (ip, port) = (addr.ip().to_string(), addr.port().to_string());
         let out = Command::new("timeout")
-            .args([
-                "60", "python3", script, &ip, &port, &username, &password, transport,
-            ])
+            .args(["60", "python3", script, &ip, &port, &username, &password, transport])
             .output()
             .unwrap();
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert!(
-            out.status.success() && text.contains("OK"),
-            "aioice over {transport} failed:\n{text}"
-        );
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success() && text.contains("OK"), "aioice over {transport} failed:\n{text}");
     }
 }
 
@@ -265,11 +196,7 @@ fn uclient_over_tcp_channel_and_send_modes() {
     let (_server, addrs) = start_turnpike_with("tcp", (43500, 43599), "");
     let (_peer, peer_port) = start_peer();
     uclient(addrs[1], peer_port, &["-t", "-W", SECRET, "-u", "tcp-user"]);
-    uclient(
-        addrs[1],
-        peer_port,
-        &["-t", "-s", "-W", SECRET, "-u", "tcp-user"],
-    );
+    uclient(addrs[1], peer_port, &["-t", "-s", "-W", SECRET, "-u", "tcp-user"]);
 }
 
 #[test]
@@ -282,16 +209,9 @@ fn uclient_over_tls() {
     let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
     std::fs::write(dir.join("cert.pem"), cert.cert.pem()).unwrap();
     std::fs::write(dir.join("key.pem"), cert.key_pair.serialize_pem()).unwrap();
-    let extra = format!(
-        "tls:\n  cert: {}\n  pkey: {}\n",
-        dir.join("cert.pem").display(),
-        dir.join("key.pem").display()
-    );
+    let extra =
+        format!("tls:\n  cert: {}\n  pkey: {}\n", dir.join("cert.pem").display(), dir.join("key.pem").display());
     let (_server, addrs) = start_turnpike_with("tls", (43600, 43699), &extra);
     let (_peer, peer_port) = start_peer();
-    uclient(
-        addrs[2],
-        peer_port,
-        &["-t", "-S", "-W", SECRET, "-u", "tls-user"],
-    );
+    uclient(addrs[2], peer_port, &["-t", "-S", "-W", SECRET, "-u", "tls-user"]);
 }

@@ -18,9 +18,8 @@ fn many_clients_relay_through_two_shards() {
     let server = start_server(2, (42000, 42199), "");
     let addr = server.udp_addrs[0];
     let peer = EchoPeer::start();
-    let mut clients: Vec<TurnClient> = (0..16)
-        .map(|i| TurnClient::rest(addr, &format!("@user{i}:example.org")))
-        .collect();
+    let mut clients: Vec<TurnClient> =
+        (0..16).map(|i| TurnClient::rest(addr, &format!("@user{i}:example.org"))).collect();
     let mut relays = HashSet::new();
     for c in &mut clients {
         let relayed = c.allocate();
@@ -43,16 +42,9 @@ fn many_clients_relay_through_two_shards() {
         assert_eq!((channel, from), (None, Some(peer2.addr)));
         assert_eq!(data, b"indication");
     }
-    let per_shard: Vec<u64> = server
-        .stats
-        .iter()
-        .map(|s| turnpike::shared::read(&s.allocations_created))
-        .collect();
+    let per_shard: Vec<u64> = server.stats.iter().map(|s| turnpike::shared::read(&s.allocations_created)).collect();
     assert_eq!(per_shard.iter().sum::<u64>(), 16);
-    assert!(
-        per_shard.iter().all(|&n| n > 0),
-        "SO_REUSEPORT spreads clients over both shards: {per_shard:?}"
-    );
+    assert!(per_shard.iter().all(|&n| n > 0), "SO_REUSEPORT spreads clients over both shards: {per_shard:?}");
     assert_eq!(server.shared.directory.len(), 16);
     for c in &mut clients {
         let r = c.refresh(0);
@@ -78,18 +70,12 @@ fn unauthenticated_requests_get_401_with_realm_and_nonce() {
     assert_eq!(r.attr(AttrType::REALM).unwrap(), common::REALM.as_bytes());
     assert!(r.attr(AttrType::NONCE).is_some());
     assert!(r.attr(AttrType::MESSAGE_INTEGRITY).is_none());
-    assert!(
-        r.attr(AttrType::SOFTWARE).is_none(),
-        "no SOFTWARE unless configured"
-    );
+    assert!(r.attr(AttrType::SOFTWARE).is_none(), "no SOFTWARE unless configured");
     // A Binding request needs no credentials.
     let req = c.build(Method::BINDING, Class::Request, false, &|_| {});
     let r = c.transact(&req);
     assert_eq!(r.class(), Class::Success);
-    assert_eq!(
-        r.xor_addr(AttrType::XOR_MAPPED_ADDRESS),
-        c.sock.local_addr().unwrap()
-    );
+    assert_eq!(r.xor_addr(AttrType::XOR_MAPPED_ADDRESS), c.sock.local_addr().unwrap());
 }
 
 /// Random, truncated and mutated datagrams never stop the server: afterwards it still answers Binding
@@ -120,9 +106,7 @@ fn malformed_barrage_is_dropped_and_service_continues() {
     };
     for i in 0..20_000u32 {
         let mut pkt = match i % 5 {
-            0 => (0..(rand() % 200) as usize)
-                .map(|_| rand() as u8)
-                .collect::<Vec<u8>>(),
+            0 => (0..(rand() % 200) as usize).map(|_| rand() as u8).collect::<Vec<u8>>(),
             1 => valid[..(rand() as usize % valid.len())].to_vec(),
             2 => {
                 let mut m = valid.clone();
@@ -152,10 +136,7 @@ fn malformed_barrage_is_dropped_and_service_continues() {
     let (_, _, data) = c.recv_data().expect("relay works after the barrage");
     assert_eq!(data, b"still relaying");
     let totals = server.totals();
-    assert!(
-        totals.dropped() > 1000,
-        "garbage was counted as dropped: {totals:?}"
-    );
+    assert!(totals.dropped() > 1000, "garbage was counted as dropped: {totals:?}");
     assert_eq!(totals.allocations, 1, "garbage created no allocation");
 }
 
@@ -168,20 +149,14 @@ fn relay_ports_exhausted_is_508_and_freed_on_delete() {
     let mut refused = 0;
     for i in 0..6 {
         let mut c = TurnClient::rest(addr, &format!("u{i}"));
-        let r = c.request(Method::ALLOCATE, &|w| {
-            w.add_bytes(AttrType::REQUESTED_TRANSPORT, &[17, 0, 0, 0])
-        });
+        let r = c.request(Method::ALLOCATE, &|w| w.add_bytes(AttrType::REQUESTED_TRANSPORT, &[17, 0, 0, 0]));
         match r.code() {
             None => ok.push(c),
             Some(508) => refused += 1,
             other => panic!("unexpected {other:?}"),
         }
     }
-    assert!(
-        ok.len() <= 4 && refused >= 2,
-        "{} granted, {refused} refused",
-        ok.len()
-    );
+    assert!(ok.len() <= 4 && refused >= 2, "{} granted, {refused} refused", ok.len());
     let mut first = ok.remove(0);
     assert_eq!(first.refresh(0).class(), Class::Success);
     assert_eq!(server.totals().allocations as usize, ok.len());
@@ -191,19 +166,12 @@ fn relay_ports_exhausted_is_508_and_freed_on_delete() {
 fn static_user_and_wrong_password() {
     let server = start_server(1, (42500, 42509), "");
     let addr = server.udp_addrs[0];
-    let key = turnpike::proto::integrity::long_term_key(
-        b"alice",
-        common::REALM.as_bytes(),
-        b"wonderland",
-    );
+    let key = turnpike::proto::integrity::long_term_key(b"alice", common::REALM.as_bytes(), b"wonderland");
     let mut alice = TurnClient::with_key(addr, "alice".into(), key);
     alice.allocate();
-    let bad =
-        turnpike::proto::integrity::long_term_key(b"alice", common::REALM.as_bytes(), b"guess");
+    let bad = turnpike::proto::integrity::long_term_key(b"alice", common::REALM.as_bytes(), b"guess");
     let mut mallory = TurnClient::with_key(addr, "alice".into(), bad);
-    let r = mallory.request(Method::ALLOCATE, &|w| {
-        w.add_bytes(AttrType::REQUESTED_TRANSPORT, &[17, 0, 0, 0])
-    });
+    let r = mallory.request(Method::ALLOCATE, &|w| w.add_bytes(AttrType::REQUESTED_TRANSPORT, &[17, 0, 0, 0]));
     assert_eq!(r.code(), Some(401));
     assert_eq!(server.totals().auth_failures, 1);
 }

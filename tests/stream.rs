@@ -35,23 +35,10 @@ impl<S: Read + Write> StreamClient<S> {
         let username = format!("{}:{user}", unix_now() + 3600);
         let password = rest_password(SECRET.as_bytes(), username.as_bytes());
         let key = long_term_key(username.as_bytes(), REALM.as_bytes(), &password);
-        Self {
-            io,
-            username,
-            key,
-            nonce: Vec::new(),
-            tid: 0,
-            pending: Vec::new(),
-        }
+        Self { io, username, key, nonce: Vec::new(), tid: 0, pending: Vec::new() }
     }
 
-    fn build(
-        &mut self,
-        method: Method,
-        class: Class,
-        auth: bool,
-        body: &dyn Fn(&mut MsgWriter<'_>),
-    ) -> Vec<u8> {
+    fn build(&mut self, method: Method, class: Class, auth: bool, body: &dyn Fn(&mut MsgWriter<'_>)) -> Vec<u8> {
         self.tid = self.tid.wrapping_add(1);
         let mut buf = vec![0u8; 1024];
         let mut w = MsgWriter::new(&mut buf, method, class, TransactionId([self.tid; 12]));
@@ -74,10 +61,7 @@ impl<S: Read + Write> StreamClient<S> {
                 if f[0] & 0xC0 == 0x40 {
                     assert_eq!(n % 4, 0, "ChannelData over streams is padded to 4");
                     let len = usize::from(u16::from_be_bytes([f[2], f[3]]));
-                    return Frame::Channel(
-                        u16::from_be_bytes([f[0], f[1]]),
-                        f[4..4 + len].to_vec(),
-                    );
+                    return Frame::Channel(u16::from_be_bytes([f[0], f[1]]), f[4..4 + len].to_vec());
                 }
                 return Frame::Stun(f);
             }
@@ -105,9 +89,7 @@ impl<S: Read + Write> StreamClient<S> {
             let req = self.build(method, Class::Request, auth, body);
             let r = self.transact(&req);
             let m = StunMsg::parse(&r).unwrap();
-            let code = m
-                .attr(AttrType::ERROR_CODE)
-                .map(|v| attr::decode_error_code(v).unwrap().0);
+            let code = m.attr(AttrType::ERROR_CODE).map(|v| attr::decode_error_code(v).unwrap().0);
             if matches!(code, Some(401 | 438)) && (code == Some(438) || !auth) {
                 self.nonce = m.attr(AttrType::NONCE).unwrap().to_vec();
                 continue;
@@ -118,24 +100,15 @@ impl<S: Read + Write> StreamClient<S> {
     }
 
     fn allocate(&mut self) -> SocketAddr {
-        let r = self.request(Method::ALLOCATE, &|w| {
-            w.add_bytes(AttrType::REQUESTED_TRANSPORT, &[17, 0, 0, 0])
-        });
+        let r = self.request(Method::ALLOCATE, &|w| w.add_bytes(AttrType::REQUESTED_TRANSPORT, &[17, 0, 0, 0]));
         let m = StunMsg::parse(&r).unwrap();
         assert_eq!(m.class(), Class::Success);
-        attr::decode_xor_addr(
-            m.attr(AttrType::XOR_RELAYED_ADDRESS).unwrap(),
-            &m.transaction_id(),
-        )
-        .unwrap()
+        attr::decode_xor_addr(m.attr(AttrType::XOR_RELAYED_ADDRESS).unwrap(), &m.transaction_id()).unwrap()
     }
 
     fn channel_bind(&mut self, number: u16, peer: SocketAddr) {
         let r = self.request(Method::CHANNEL_BIND, &|w| {
-            w.add_bytes(
-                AttrType::CHANNEL_NUMBER,
-                &[(number >> 8) as u8, number as u8, 0, 0],
-            );
+            w.add_bytes(AttrType::CHANNEL_NUMBER, &[(number >> 8) as u8, number as u8, 0, 0]);
             w.add_xor_addr(AttrType::XOR_PEER_ADDRESS, peer);
         });
         assert_eq!(StunMsg::parse(&r).unwrap().class(), Class::Success);
@@ -155,19 +128,14 @@ impl<S: Read + Write> StreamClient<S> {
     fn round_trips(&mut self, peer: SocketAddr) {
         self.channel_bind(0x4000, peer);
         for payload in [&b"a"[..], b"odd length!", &[7u8; 1200]] {
-            self.io
-                .write_all(&Self::channel_frame(0x4000, payload))
-                .unwrap();
+            self.io.write_all(&Self::channel_frame(0x4000, payload)).unwrap();
             match self.read_frame() {
                 Frame::Channel(n, data) => assert_eq!((n, data.as_slice()), (0x4000, payload)),
                 Frame::Stun(_) => panic!("expected ChannelData"),
             }
         }
         let ind = self.build(Method::SEND, Class::Indication, false, &|w| {
-            w.add_xor_addr(
-                AttrType::XOR_PEER_ADDRESS,
-                SocketAddr::new(peer.ip(), peer.port()),
-            );
+            w.add_xor_addr(AttrType::XOR_PEER_ADDRESS, SocketAddr::new(peer.ip(), peer.port()));
             w.add_bytes(AttrType::DATA, b"via indication");
         });
         self.io.write_all(&ind).unwrap();
@@ -196,18 +164,14 @@ fn tcp_allocate_permission_channel_and_indications() {
     c.round_trips(peer.addr);
     // Data indication when no channel is bound for the peer's address.
     let peer2 = EchoPeer::start();
-    let r = c.request(Method::CREATE_PERMISSION, &|w| {
-        w.add_xor_addr(AttrType::XOR_PEER_ADDRESS, peer2.addr)
-    });
+    let r = c.request(Method::CREATE_PERMISSION, &|w| w.add_xor_addr(AttrType::XOR_PEER_ADDRESS, peer2.addr));
     assert_eq!(StunMsg::parse(&r).unwrap().class(), Class::Success);
     let ind = c.build(Method::SEND, Class::Indication, false, &|w| {
         w.add_xor_addr(AttrType::XOR_PEER_ADDRESS, peer2.addr);
         w.add_bytes(AttrType::DATA, b"odd");
     });
     c.io.write_all(&ind).unwrap();
-    let Frame::Stun(f) = c.read_frame() else {
-        panic!("expected a Data indication")
-    };
+    let Frame::Stun(f) = c.read_frame() else { panic!("expected a Data indication") };
     let m = StunMsg::parse(&f).unwrap();
     assert_eq!((m.method(), m.class()), (Method::DATA, Class::Indication));
     assert_eq!(m.attr(AttrType::DATA).unwrap(), b"odd");
@@ -234,19 +198,11 @@ fn frames_split_at_every_byte_boundary() {
         while !(got_binding && got_echo) {
             match c.read_frame() {
                 Frame::Stun(f) => {
-                    assert_eq!(
-                        StunMsg::parse(&f).unwrap().class(),
-                        Class::Success,
-                        "split at {split}"
-                    );
+                    assert_eq!(StunMsg::parse(&f).unwrap().class(), Class::Success, "split at {split}");
                     got_binding = true;
                 }
                 Frame::Channel(n, data) => {
-                    assert_eq!(
-                        (n, data.as_slice()),
-                        (0x4001, &b"split me!"[..]),
-                        "split at {split}"
-                    );
+                    assert_eq!((n, data.as_slice()), (0x4001, &b"split me!"[..]), "split at {split}");
                     got_echo = true;
                 }
             }
@@ -266,10 +222,7 @@ fn closing_the_connection_frees_the_allocation() {
         std::thread::sleep(Duration::from_millis(20));
     }
     assert_eq!(server.totals().allocations, 0);
-    assert!(
-        UdpSocket::bind(relayed).is_ok(),
-        "the relay port was released"
-    );
+    assert!(UdpSocket::bind(relayed).is_ok(), "the relay port was released");
     assert_eq!(server.shared.quotas.total(), 0);
 }
 
@@ -279,11 +232,7 @@ fn garbage_on_the_stream_closes_it() {
     let mut s = tcp(server.addrs.tcp[0]);
     s.write_all(&[0x80, 0xFF, 0x00, 0x10, 1, 2, 3, 4]).unwrap();
     let mut buf = [0u8; 16];
-    assert_eq!(
-        s.read(&mut buf).unwrap_or(0),
-        0,
-        "the server closed the connection"
-    );
+    assert_eq!(s.read(&mut buf).unwrap_or(0), 0, "the server closed the connection");
     assert_eq!(server.totals().tcp_connections, 0);
 }
 
@@ -324,9 +273,7 @@ fn a_slow_reader_does_not_stall_the_shard() {
     fast.channel_bind(0x4003, peer.addr);
     for i in 0..50u32 {
         let payload = i.to_be_bytes();
-        fast.io
-            .write_all(&StreamClient::<TcpStream>::channel_frame(0x4003, &payload))
-            .unwrap();
+        fast.io.write_all(&StreamClient::<TcpStream>::channel_frame(0x4003, &payload)).unwrap();
         match fast.read_frame() {
             Frame::Channel(_, data) => assert_eq!(data, payload),
             Frame::Stun(_) => panic!("expected ChannelData"),
@@ -335,10 +282,7 @@ fn a_slow_reader_does_not_stall_the_shard() {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let sent = flooder.join().unwrap();
     let totals = server.totals();
-    assert!(
-        totals.send_would_block > 0,
-        "the slow reader's packets were dropped ({sent} sent): {totals:?}"
-    );
+    assert!(totals.send_would_block > 0, "the slow reader's packets were dropped ({sent} sent): {totals:?}");
     drop(slow);
 }
 
@@ -358,9 +302,7 @@ fn tls_client(
     version: &'static rustls::SupportedProtocolVersion,
 ) -> rustls::StreamOwned<rustls::ClientConnection, TcpStream> {
     let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(rustls::pki_types::CertificateDer::from(der.to_vec()))
-        .unwrap();
+    roots.add(rustls::pki_types::CertificateDer::from(der.to_vec())).unwrap();
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let cfg = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[version])
@@ -376,13 +318,9 @@ fn tls_client(
 fn tls_1_2_and_1_3_round_trips() {
     let dir = std::env::temp_dir().join(format!("turnpike-tls-{}", std::process::id()));
     let (cert, key, der) = self_signed(&dir);
-    let extra = format!(
-        "tls:\n  cert: {}\n  pkey: {}\n",
-        cert.display(),
-        key.display()
-    );
-    let yaml = common::test_yaml(2, (45500, 45519), "127.0.0.1", &extra)
-        .replace("  port: 0\n", "  port: 0\n  tls_port: 0\n");
+    let extra = format!("tls:\n  cert: {}\n  pkey: {}\n", cert.display(), key.display());
+    let yaml =
+        common::test_yaml(2, (45500, 45519), "127.0.0.1", &extra).replace("  port: 0\n", "  port: 0\n  tls_port: 0\n");
     let cfg = turnpike::config::parse(std::path::Path::new("<test>.yaml"), &yaml).unwrap();
     let server = turnpike::server::start(&cfg).unwrap();
     let peer = EchoPeer::start();
@@ -402,18 +340,13 @@ fn tls_1_2_and_1_3_round_trips() {
 fn tls_handshake_with_garbage_is_closed() {
     let dir = std::env::temp_dir().join(format!("turnpike-tls-bad-{}", std::process::id()));
     let (cert, key, _) = self_signed(&dir);
-    let extra = format!(
-        "tls:\n  cert: {}\n  pkey: {}\n",
-        cert.display(),
-        key.display()
-    );
-    let yaml = common::test_yaml(1, (45600, 45603), "127.0.0.1", &extra)
-        .replace("  port: 0\n", "  port: 0\n  tls_port: 0\n");
+    let extra = format!("tls:\n  cert: {}\n  pkey: {}\n", cert.display(), key.display());
+    let yaml =
+        common::test_yaml(1, (45600, 45603), "127.0.0.1", &extra).replace("  port: 0\n", "  port: 0\n  tls_port: 0\n");
     let cfg = turnpike::config::parse(std::path::Path::new("<test>.yaml"), &yaml).unwrap();
     let server = turnpike::server::start(&cfg).unwrap();
     let mut s = tcp(server.addrs.tls[0]);
-    s.write_all(b"this is not a TLS ClientHello at all....")
-        .unwrap();
+    s.write_all(b"this is not a TLS ClientHello at all....").unwrap();
     let mut buf = [0u8; 64];
     let mut total = 0;
     // The server answers with an alert at most, then closes.

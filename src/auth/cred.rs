@@ -2,9 +2,7 @@
 //! secrets (username `<unix-expiry><sep><user>`, password `base64(HMAC-SHA1(secret, username))`).
 
 use crate::proto::StunMsg;
-use crate::proto::integrity::{
-    LongTermKey, long_term_key, rest_password, verify_message_integrity,
-};
+use crate::proto::integrity::{LongTermKey, long_term_key, rest_password, verify_message_integrity};
 use std::collections::HashMap;
 
 /// The credentials one realm accepts.
@@ -45,11 +43,7 @@ pub enum Verdict {
 impl CredentialStore {
     /// A store for `realm` with no users or secrets.
     pub fn new(realm: &str, separator: u8) -> Self {
-        Self {
-            realm: realm.into(),
-            separator,
-            ..Self::default()
-        }
+        Self { realm: realm.into(), separator, ..Self::default() }
     }
 
     /// The realm.
@@ -92,9 +86,7 @@ impl CredentialStore {
         if ts.is_empty() || ts.len() > 19 || !ts.iter().all(u8::is_ascii_digit) {
             return None;
         }
-        let expiry = ts
-            .iter()
-            .fold(0u64, |acc, d| acc * 10 + u64::from(d - b'0'));
+        let expiry = ts.iter().fold(0u64, |acc, d| acc * 10 + u64::from(d - b'0'));
         Some((expiry, user))
     }
 
@@ -103,18 +95,13 @@ impl CredentialStore {
         if self.users.contains_key(username) || self.secrets.is_empty() {
             return username;
         }
-        self.split_rest_username(username)
-            .map_or(username, |(_, user)| user)
+        self.split_rest_username(username).map_or(username, |(_, user)| user)
     }
 
     /// Checks `msg`'s MESSAGE-INTEGRITY for `username` at `now_unix`.
     pub fn verify(&self, msg: &StunMsg<'_>, username: &[u8], now_unix: u64) -> Verdict {
         if let Some(key) = self.users.get(username) {
-            return if verify_message_integrity(msg, key) {
-                Verdict::Ok(*key)
-            } else {
-                Verdict::BadIntegrity
-            };
+            return if verify_message_integrity(msg, key) { Verdict::Ok(*key) } else { Verdict::BadIntegrity };
         }
         if self.secrets.is_empty() {
             return Verdict::UnknownUser;

@@ -84,15 +84,8 @@ impl NonceKey {
         let expiry = u64::from_be_bytes(exp);
         let mac = self.mac(expiry, client);
         // Constant-time comparison of the truncated MAC.
-        let diff = mac[..8]
-            .iter()
-            .zip(&raw[8..])
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b));
-        if diff != 0 || expiry < now {
-            NonceCheck::Stale
-        } else {
-            NonceCheck::Valid
-        }
+        let diff = mac[..8].iter().zip(&raw[8..]).fold(0u8, |acc, (a, b)| acc | (a ^ b));
+        if diff != 0 || expiry < now { NonceCheck::Stale } else { NonceCheck::Valid }
     }
 }
 
@@ -108,10 +101,7 @@ mod tests {
         assert_eq!(key.check(&n, ip, 999), NonceCheck::Valid);
         assert_eq!(key.check(&n, ip, 1000), NonceCheck::Valid);
         assert_eq!(key.check(&n, ip, 1001), NonceCheck::Stale);
-        assert_eq!(
-            key.check(&n, "192.0.2.2".parse().unwrap(), 999),
-            NonceCheck::Stale
-        );
+        assert_eq!(key.check(&n, "192.0.2.2".parse().unwrap(), 999), NonceCheck::Stale);
         assert_eq!(NonceKey::new([8; 32]).check(&n, ip, 999), NonceCheck::Stale);
         let mut forged = n;
         forged[15] = if forged[15] == b'f' { b'e' } else { b'f' };

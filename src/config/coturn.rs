@@ -31,38 +31,17 @@ pub struct CoturnError {
 /// Options accepted for compatibility that need no action here, with the reason shown once.
 const NO_OP: &[(&str, &str)] = &[
     ("lt-cred-mech", "long-term credentials are always on"),
-    (
-        "fingerprint",
-        "FINGERPRINT is always echoed when the client sends it",
-    ),
+    ("fingerprint", "FINGERPRINT is always echoed when the client sends it"),
     ("no-dtls", "turnpike has no DTLS listener"),
     ("no-cli", "turnpike has no telnet CLI"),
     ("no-stdout-log", "logging goes where `logging` says"),
     ("simple-log", "log files are never rotated by name"),
-    (
-        "no-loopback-peers",
-        "loopback peers are always denied unless allowed",
-    ),
-    (
-        "no-software-attribute",
-        "SOFTWARE is off unless protocol.software is set",
-    ),
-    (
-        "secure-stun",
-        "Binding requests are answered without authentication, as RFC 8489 intends",
-    ),
-    (
-        "no-rfc5780",
-        "RFC 5780 NAT behaviour discovery is not offered",
-    ),
-    (
-        "no-stun-backward-compatibility",
-        "classic RFC 3489 STUN is not offered",
-    ),
-    (
-        "response-origin-only-with-rfc5780",
-        "RFC 5780 is not offered",
-    ),
+    ("no-loopback-peers", "loopback peers are always denied unless allowed"),
+    ("no-software-attribute", "SOFTWARE is off unless protocol.software is set"),
+    ("secure-stun", "Binding requests are answered without authentication, as RFC 8489 intends"),
+    ("no-rfc5780", "RFC 5780 NAT behaviour discovery is not offered"),
+    ("no-stun-backward-compatibility", "classic RFC 3489 STUN is not offered"),
+    ("response-origin-only-with-rfc5780", "RFC 5780 is not offered"),
     ("mobility", "ICE mobility tickets are not supported"),
     ("pidfile", "use systemd's tracking instead of a pid file"),
     ("proc-user", "run under systemd's User= instead"),
@@ -81,11 +60,7 @@ impl CoturnFile {
     }
 
     fn warn_once(&mut self, key: &str, message: String) {
-        if !self
-            .warnings
-            .iter()
-            .any(|w| w.starts_with(&format!("`{key}`")))
-        {
+        if !self.warnings.iter().any(|w| w.starts_with(&format!("`{key}`"))) {
             self.warnings.push(format!("`{key}` {message}"));
         }
     }
@@ -104,28 +79,13 @@ pub fn parse(text: &str) -> Result<CoturnFile, CoturnError> {
         }
         let line = line.trim_start_matches("--");
         let (key, value) = match line.find(|c: char| c == '=' || c.is_whitespace()) {
-            Some(pos) => (
-                line[..pos].trim(),
-                line[pos + 1..].trim().trim_start_matches('=').trim(),
-            ),
+            Some(pos) => (line[..pos].trim(), line[pos + 1..].trim().trim_start_matches('=').trim()),
             None => (line, ""),
         };
         // Values may carry quotes and trailing comments, as in the Synapse how-to.
-        let value = value
-            .split(" #")
-            .next()
-            .unwrap_or("")
-            .trim()
-            .trim_matches('"');
-        let err = |message: String| CoturnError {
-            line: line_no,
-            option: key.to_string(),
-            message,
-        };
-        let number = |v: &str| {
-            v.parse::<u64>()
-                .map_err(|_| err(format!("`{v}` is not a number")))
-        };
+        let value = value.split(" #").next().unwrap_or("").trim().trim_matches('"');
+        let err = |message: String| CoturnError { line: line_no, option: key.to_string(), message };
+        let number = |v: &str| v.parse::<u64>().map_err(|_| err(format!("`{v}` is not a number")));
         let c = &mut out.config;
         match key {
             "use-auth-secret" => out.use_auth_secret = flag(value),
@@ -146,21 +106,15 @@ pub fn parse(text: &str) -> Result<CoturnFile, CoturnError> {
                 out.note("auth.rest_separator", line_no);
             }
             "stale-nonce" => {
-                c.auth.nonce_lifetime = if value.is_empty() {
-                    600
-                } else {
-                    number(value)?
-                };
+                c.auth.nonce_lifetime = if value.is_empty() { 600 } else { number(value)? };
                 out.note("auth.nonce_lifetime", line_no);
             }
             "listening-port" => {
-                c.listen.port =
-                    u16::try_from(number(value)?).map_err(|_| err("port out of range".into()))?;
+                c.listen.port = u16::try_from(number(value)?).map_err(|_| err("port out of range".into()))?;
                 out.note("listen.port", line_no);
             }
             "tls-listening-port" => {
-                c.listen.tls_port =
-                    u16::try_from(number(value)?).map_err(|_| err("port out of range".into()))?;
+                c.listen.tls_port = u16::try_from(number(value)?).map_err(|_| err("port out of range".into()))?;
                 out.note("listen.tls_port", line_no);
             }
             "listening-ip" => {
@@ -176,13 +130,11 @@ pub fn parse(text: &str) -> Result<CoturnFile, CoturnError> {
                 out.note("relay.external_ips", line_no);
             }
             "min-port" => {
-                c.relay.min_port =
-                    u16::try_from(number(value)?).map_err(|_| err("port out of range".into()))?;
+                c.relay.min_port = u16::try_from(number(value)?).map_err(|_| err("port out of range".into()))?;
                 out.note("relay.min_port", line_no);
             }
             "max-port" => {
-                c.relay.max_port =
-                    u16::try_from(number(value)?).map_err(|_| err("port out of range".into()))?;
+                c.relay.max_port = u16::try_from(number(value)?).map_err(|_| err("port out of range".into()))?;
                 out.note("relay.max_port", line_no);
             }
             "no-tcp-relay" => {
@@ -203,13 +155,11 @@ pub fn parse(text: &str) -> Result<CoturnFile, CoturnError> {
                 out.note("peers.allowed", line_no);
             }
             "user-quota" => {
-                c.allocations.user_quota =
-                    u32::try_from(number(value)?).map_err(|_| err("too large".into()))?;
+                c.allocations.user_quota = u32::try_from(number(value)?).map_err(|_| err("too large".into()))?;
                 out.note("allocations.user_quota", line_no);
             }
             "total-quota" => {
-                c.allocations.total_quota =
-                    u32::try_from(number(value)?).map_err(|_| err("too large".into()))?;
+                c.allocations.total_quota = u32::try_from(number(value)?).map_err(|_| err("too large".into()))?;
                 out.note("allocations.total_quota", line_no);
             }
             "max-allocate-lifetime" => {
@@ -219,11 +169,7 @@ pub fn parse(text: &str) -> Result<CoturnFile, CoturnError> {
             "max-bps" => {
                 c.allocations.max_bps = number(value)?;
                 out.note("allocations.max_bps", line_no);
-                out.warn_once(
-                    key,
-                    "is parsed; bandwidth limits are enforced from the security milestone on"
-                        .into(),
-                );
+                out.warn_once(key, "is parsed; bandwidth limits are enforced from the security milestone on".into());
             }
             "cert" => {
                 c.tls.cert = Some(value.to_string());
@@ -253,11 +199,7 @@ pub fn parse(text: &str) -> Result<CoturnFile, CoturnError> {
             "Verbose" | "V" => c.logging.level = "trace".into(),
             "relay-threads" | "general-threads" => {
                 let n = number(value)?;
-                c.runtime.threads = if n == 0 {
-                    Threads::default()
-                } else {
-                    Threads::Count(n as usize)
-                };
+                c.runtime.threads = if n == 0 { Threads::default() } else { Threads::Count(n as usize) };
                 out.note("runtime.threads", line_no);
             }
             "software-name" => c.protocol.software = Some(value.to_string()),
@@ -270,26 +212,17 @@ pub fn parse(text: &str) -> Result<CoturnFile, CoturnError> {
                         out.warn_once(key, format!("has no effect: {why}"));
                     }
                 } else {
-                    out.warn_once(
-                        key,
-                        format!("(line {line_no}) is not supported by turnpike and is ignored"),
-                    );
+                    out.warn_once(key, format!("(line {line_no}) is not supported by turnpike and is ignored"));
                 }
             }
         }
     }
     if !out.use_auth_secret && !out.config.auth.shared_secrets.is_empty() {
-        out.warnings.push(
-            "`static-auth-secret` is ignored because `use-auth-secret` is not set (as in coturn)"
-                .into(),
-        );
+        out.warnings.push("`static-auth-secret` is ignored because `use-auth-secret` is not set (as in coturn)".into());
         out.config.auth.shared_secrets.clear();
     }
     if out.config.tls.cert.is_some() || out.config.tls.pkey.is_some() {
-        out.warn_once(
-            "cert",
-            "is parsed; the TLS listener arrives with the TCP/TLS milestone".into(),
-        );
+        out.warn_once("cert", "is parsed; the TLS listener arrives with the TCP/TLS milestone".into());
     }
     Ok(out)
 }

@@ -37,13 +37,7 @@ pub struct ListenSection {
 
 impl Default for ListenSection {
     fn default() -> Self {
-        Self {
-            ips: Vec::new(),
-            port: 3478,
-            tls_port: 5349,
-            udp: true,
-            tcp: true,
-        }
+        Self { ips: Vec::new(), port: 3478, tls_port: 5349, udp: true, tcp: true }
     }
 }
 
@@ -63,12 +57,7 @@ pub struct RelaySection {
 
 impl Default for RelaySection {
     fn default() -> Self {
-        Self {
-            ips: Vec::new(),
-            external_ips: Vec::new(),
-            min_port: 49152,
-            max_port: 65535,
-        }
+        Self { ips: Vec::new(), external_ips: Vec::new(), min_port: 49152, max_port: 65535 }
     }
 }
 
@@ -150,10 +139,7 @@ pub struct AbuseSection {
 
 impl Default for AbuseSection {
     fn default() -> Self {
-        Self {
-            unauth_rate: 20,
-            unauth_burst: 40,
-        }
+        Self { unauth_rate: 20, unauth_burst: 40 }
     }
 }
 
@@ -175,13 +161,7 @@ pub struct PeerSection {
 
 impl Default for PeerSection {
     fn default() -> Self {
-        Self {
-            allowed: Vec::new(),
-            denied: Vec::new(),
-            no_multicast: true,
-            allow_private: false,
-            no_tcp_relay: true,
-        }
+        Self { allowed: Vec::new(), denied: Vec::new(), no_multicast: true, allow_private: false, no_tcp_relay: true }
     }
 }
 
@@ -213,6 +193,8 @@ pub struct RuntimeSection {
     pub send_buffer: usize,
     /// Most datagrams read from one socket per wake-up before moving on.
     pub recv_batch: usize,
+    /// Seconds a TCP/TLS connection may stay idle without an allocation (it never authenticated).
+    pub unallocated_timeout: u64,
 }
 
 impl Default for RuntimeSection {
@@ -225,6 +207,7 @@ impl Default for RuntimeSection {
             recv_buffer: 4 << 20,
             send_buffer: 4 << 20,
             recv_batch: 64,
+            unallocated_timeout: 30,
         }
     }
 }
@@ -243,11 +226,7 @@ pub struct LoggingSection {
 
 impl Default for LoggingSection {
     fn default() -> Self {
-        Self {
-            level: "info".into(),
-            syslog: false,
-            file: None,
-        }
+        Self { level: "info".into(), syslog: false, file: None }
     }
 }
 
@@ -265,11 +244,7 @@ pub struct ProtocolSection {
 
 impl Default for ProtocolSection {
     fn default() -> Self {
-        Self {
-            software: None,
-            reason_phrases: false,
-            legacy_channel_numbers: true,
-        }
+        Self { software: None, reason_phrases: false, legacy_channel_numbers: true }
     }
 }
 
@@ -313,9 +288,14 @@ pub fn parse_yaml(text: &str) -> Result<FileConfig, YamlError> {
     if text.trim().is_empty() {
         return Ok(FileConfig::default());
     }
-    serde_yaml::from_str(text).map_err(|e| YamlError {
-        line: e.location().map(|l| l.line()),
-        message: e.to_string(),
+    serde_yaml::from_str(text).map_err(|e| {
+        let message = e.to_string();
+        let message = if message.contains("unknown field `dtls") {
+            "DTLS is not supported: browsers reach TURN over UDP, TCP or TLS; remove the dtls option".to_string()
+        } else {
+            message
+        };
+        YamlError { line: e.location().map(|l| l.line()), message }
     })
 }
 
@@ -339,9 +319,5 @@ pub fn yaml_line_of(text: &str, section: &str, key: &str) -> Option<usize> {
             return Some(i + 1);
         }
     }
-    if section.is_empty() {
-        None
-    } else {
-        yaml_line_of(text, "", section)
-    }
+    if section.is_empty() { None } else { yaml_line_of(text, "", section) }
 }

@@ -157,6 +157,8 @@ pub struct Config {
     pub send_buffer: usize,
     /// Datagrams per socket per wake-up.
     pub recv_batch: usize,
+    /// TCP/TLS connections without an allocation are closed after this long idle.
+    pub unallocated_timeout: Duration,
     /// Log level.
     pub log_level: log::LevelFilter,
     /// Syslog.
@@ -188,21 +190,10 @@ impl Locator<'_> {
     fn error(&self, path: &str, message: impl Into<String>) -> ConfigError {
         let (section, key) = path.split_once('.').unwrap_or(("", path));
         let (line, option) = match self.format {
-            Format::Yaml => (
-                file::yaml_line_of(self.text, section, key),
-                path.to_string(),
-            ),
-            Format::Coturn => (
-                self.coturn_lines.get(path).copied(),
-                coturn_name(path).to_string(),
-            ),
+            Format::Yaml => (file::yaml_line_of(self.text, section, key), path.to_string()),
+            Format::Coturn => (self.coturn_lines.get(path).copied(), coturn_name(path).to_string()),
         };
-        ConfigError {
-            file: self.file.to_path_buf(),
-            line,
-            option,
-            message: message.into(),
-        }
+        ConfigError { file: self.file.to_path_buf(), line, option, message: message.into() }
     }
 }
 
@@ -241,20 +232,11 @@ pub fn detect_format(path: &Path, text: &str) -> Format {
         Some("conf") => return Format::Coturn,
         _ => {}
     }
-    let yamlish = text
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .any(|l| {
-            l.split_once(':').is_some_and(|(k, _)| {
-                !k.is_empty() && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
-            })
-        });
-    if yamlish {
-        Format::Yaml
-    } else {
-        Format::Coturn
-    }
+    let yamlish = text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).any(|l| {
+        l.split_once(':')
+            .is_some_and(|(k, _)| !k.is_empty() && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
+    });
+    if yamlish { Format::Yaml } else { Format::Coturn }
 }
 
 /// Reads and validates a configuration file.
@@ -271,12 +253,7 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
 /// Parses and validates configuration text; `path` is used for format detection and messages.
 pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
     let format = detect_format(path, text);
-    let mut loc = Locator {
-        file: path,
-        format,
-        text,
-        coturn_lines: HashMap::new(),
-    };
+    let mut loc = Locator { file: path, format, text, coturn_lines: HashMap::new() };
     let (model, warnings) = match format {
         Format::Yaml => {
             let model = file::parse_yaml(text).map_err(|e| ConfigError {
@@ -304,23 +281,12 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
 fn parse_ips(loc: &Locator<'_>, path: &str, items: &[String]) -> Result<Vec<IpAddr>, ConfigError> {
     items
         .iter()
-        .map(|s| {
-            s.trim()
-                .parse::<IpAddr>()
-                .map_err(|_| loc.error(path, format!("`{s}` is not an IP address")))
-        })
+        .map(|s| s.trim().parse::<IpAddr>().map_err(|_| loc.error(path, format!("`{s}` is not an IP address"))))
         .collect()
 }
 
-fn parse_ranges(
-    loc: &Locator<'_>,
-    path: &str,
-    items: &[String],
-) -> Result<Vec<IpRange>, ConfigError> {
-    items
-        .iter()
-        .map(|s| s.parse::<IpRange>().map_err(|e| loc.error(path, e)))
-        .collect()
+fn parse_ranges(loc: &Locator<'_>, path: &str, items: &[String]) -> Result<Vec<IpRange>, ConfigError> {
+    items.iter().map(|s| s.parse::<IpRange>().map_err(|e| loc.error(path, e))).collect()
 }
 
 fn parse_port_range(s: &str) -> Option<(u16, u16)> {
@@ -329,17 +295,12 @@ fn parse_port_range(s: &str) -> Option<(u16, u16)> {
     (a <= b && a > 0).then_some((a, b))
 }
 
-fn validate(
-    loc: &Locator<'_>,
-    m: FileConfig,
-    mut warnings: Vec<String>,
-) -> Result<Config, ConfigError> {
+fn validate(loc: &Locator<'_>, m: FileConfig, mut warnings: Vec<String>) -> Result<Config, ConfigError> {
     let realm = m.auth.realm.trim().to_string();
     if realm.is_empty() {
-        return Err(loc.error(
-            "auth.realm",
-            "a realm is required (conventionally your server name, e.g. turn.example.org)",
-        ));
+        return Err(
+            loc.error("auth.realm", "a realm is required (conventionally your server name, e.g. turn.example.org)")
+        );
     }
     if realm.len() > 127 {
         return Err(loc.error("auth.realm", "must be shorter than 128 characters"));
@@ -347,13 +308,9 @@ fn validate(
     let mut users = Vec::new();
     for u in &m.auth.users {
         let Some((name, secret)) = u.split_once(':') else {
-            return Err(loc.error(
-                "auth.users",
-                format!(
-                    "`{}` must be `name:password`",
-                    u.split(':').next().unwrap_or("")
-                ),
-            ));
+            return Err(
+                loc.error("auth.users", format!("`{}` must be `name:password`", u.split(':').next().unwrap_or("")))
+            );
         };
         if name.is_empty() || secret.is_empty() {
             return Err(loc.error("auth.users", "user name and password must not be empty"));
@@ -370,12 +327,7 @@ fn validate(
         };
         users.push((name.to_string(), secret));
     }
-    let secrets: Vec<String> = m
-        .auth
-        .shared_secrets
-        .iter()
-        .map(|s| s.trim().to_string())
-        .collect();
+    let secrets: Vec<String> = m.auth.shared_secrets.iter().map(|s| s.trim().to_string()).collect();
     if secrets.iter().any(String::is_empty) {
         return Err(loc.error("auth.shared_secrets", "a shared secret must not be empty"));
     }
@@ -388,17 +340,11 @@ fn validate(
     let rest_separator = match m.auth.rest_separator.as_bytes() {
         [b] if b.is_ascii() && !b.is_ascii_digit() => *b,
         _ => {
-            return Err(loc.error(
-                "auth.rest_separator",
-                "must be one ASCII character that is not a digit",
-            ));
+            return Err(loc.error("auth.rest_separator", "must be one ASCII character that is not a digit"));
         }
     };
     if !(30..=86_400).contains(&m.auth.nonce_lifetime) {
-        return Err(loc.error(
-            "auth.nonce_lifetime",
-            "must be between 30 and 86400 seconds",
-        ));
+        return Err(loc.error("auth.nonce_lifetime", "must be between 30 and 86400 seconds"));
     }
     let listen_ips = if m.listen.ips.is_empty() {
         vec![IpAddr::from([0, 0, 0, 0])]
@@ -416,102 +362,69 @@ fn validate(
             Some((p, q)) => (p, Some(q)),
             None => (e.as_str(), None),
         };
-        let bad = || {
-            loc.error(
-                "relay.external_ips",
-                format!("`{e}` must be PUBLIC or PUBLIC/PRIVATE IP addresses"),
-            )
-        };
+        let bad = || loc.error("relay.external_ips", format!("`{e}` must be PUBLIC or PUBLIC/PRIVATE IP addresses"));
         let public: IpAddr = public.trim().parse().map_err(|_| bad())?;
         let private: Option<IpAddr> = match private {
             Some(p) => Some(p.trim().parse().map_err(|_| bad())?),
             None => None,
         };
         if private.is_some_and(|p| p.is_ipv4() != public.is_ipv4()) {
-            return Err(loc.error(
-                "relay.external_ips",
-                format!("`{e}`: both addresses must be of one family"),
-            ));
+            return Err(loc.error("relay.external_ips", format!("`{e}`: both addresses must be of one family")));
         }
-        if external_ips
-            .iter()
-            .any(|x: &ExternalIp| x.public.is_ipv4() == public.is_ipv4())
-        {
-            return Err(loc.error(
-                "relay.external_ips",
-                "at most one external address per address family",
-            ));
+        if external_ips.iter().any(|x: &ExternalIp| x.public.is_ipv4() == public.is_ipv4()) {
+            return Err(loc.error("relay.external_ips", "at most one external address per address family"));
         }
         external_ips.push(ExternalIp { public, private });
     }
     let (min_port, max_port) = (m.relay.min_port, m.relay.max_port);
     if min_port == 0 || min_port > max_port {
-        return Err(loc.error(
-            "relay.min_port",
-            format!("the relay range {min_port}-{max_port} is empty or starts at 0"),
-        ));
+        return Err(
+            loc.error("relay.min_port", format!("the relay range {min_port}-{max_port} is empty or starts at 0"))
+        );
     }
     let threads = match &m.runtime.threads {
         Threads::Count(n) if (1..=1024).contains(n) => *n,
         Threads::Count(_) => {
             return Err(loc.error("runtime.threads", "must be between 1 and 1024, or `auto`"));
         }
-        Threads::Word(w) if w == "auto" => {
-            std::thread::available_parallelism().map_or(1, |n| n.get())
-        }
+        Threads::Word(w) if w == "auto" => std::thread::available_parallelism().map_or(1, |n| n.get()),
         Threads::Word(w) => {
-            return Err(loc.error(
-                "runtime.threads",
-                format!("`{w}`: must be a number or `auto`"),
-            ));
+            return Err(loc.error("runtime.threads", format!("`{w}`: must be a number or `auto`")));
         }
     };
     let mut shard_ports = Vec::new();
     for s in &m.runtime.shard_ports {
         let Some(r) = parse_port_range(s) else {
-            return Err(loc.error(
-                "runtime.shard_ports",
-                format!("`{s}` must be a port range `a-b`"),
-            ));
+            return Err(loc.error("runtime.shard_ports", format!("`{s}` must be a port range `a-b`")));
         };
         shard_ports.push(r);
     }
     if !shard_ports.is_empty() && shard_ports.len() != threads {
         return Err(loc.error(
             "runtime.shard_ports",
-            format!(
-                "{} ranges given for {threads} shards: give one per shard",
-                shard_ports.len()
-            ),
+            format!("{} ranges given for {threads} shards: give one per shard", shard_ports.len()),
         ));
     }
     let total_ports = if shard_ports.is_empty() {
         usize::from(max_port - min_port) + 1
     } else {
-        shard_ports
-            .iter()
-            .map(|(a, b)| usize::from(b - a) + 1)
-            .min()
-            .unwrap_or(0)
-            * threads
+        shard_ports.iter().map(|(a, b)| usize::from(b - a) + 1).min().unwrap_or(0) * threads
     };
     if total_ports < 2 * threads {
-        return Err(loc.error(
-            "relay.min_port",
-            format!("{total_ports} relay ports cannot be shared by {threads} shards"),
-        ));
+        return Err(
+            loc.error("relay.min_port", format!("{total_ports} relay ports cannot be shared by {threads} shards"))
+        );
+    }
+    if !(1..=3600).contains(&m.runtime.unallocated_timeout) {
+        return Err(loc.error("runtime.unallocated_timeout", "must be between 1 and 3600 seconds"));
     }
     if m.runtime.recv_batch == 0 || m.runtime.recv_batch > 1024 {
         return Err(loc.error("runtime.recv_batch", "must be between 1 and 1024"));
     }
     if !m.runtime.core_ids.is_empty() && m.runtime.core_ids.len() < threads {
-        return Err(loc.error(
-            "runtime.core_ids",
-            format!(
-                "{} cores listed for {threads} shards",
-                m.runtime.core_ids.len()
-            ),
-        ));
+        return Err(
+            loc.error("runtime.core_ids", format!("{} cores listed for {threads} shards", m.runtime.core_ids.len()))
+        );
     }
     let a = &m.allocations;
     if a.default_lifetime < 60 || a.max_lifetime < a.default_lifetime || a.max_lifetime > 86_400 {
@@ -532,16 +445,11 @@ fn validate(
     let allowed_peers = parse_ranges(loc, "peers.allowed", &m.peers.allowed)?;
     let denied_peers = parse_ranges(loc, "peers.denied", &m.peers.denied)?;
     if m.peers.allow_private {
-        warnings.push(
-            "peers.allow_private is on: the relay may reach private and reserved networks".into(),
-        );
+        warnings.push("peers.allow_private is on: the relay may reach private and reserved networks".into());
     }
     if !allowed_peers.is_empty() {
         let list: Vec<String> = allowed_peers.iter().map(ToString::to_string).collect();
-        warnings.push(format!(
-            "peers.allowed opens normally denied peers: {}",
-            list.join(", ")
-        ));
+        warnings.push(format!("peers.allowed opens normally denied peers: {}", list.join(", ")));
     }
     if !m.peers.no_multicast {
         warnings.push("peers.no_multicast is off: multicast peers may be reached".into());
@@ -550,13 +458,13 @@ fn validate(
         return Err(loc.error("tls.cert", "tls.cert and tls.pkey must be given together"));
     }
     if m.abuse.unauth_rate > 0 && m.abuse.unauth_burst == 0 {
-        return Err(loc.error(
-            "abuse.unauth_burst",
-            "must be at least 1 when abuse.unauth_rate is set",
-        ));
+        return Err(loc.error("abuse.unauth_burst", "must be at least 1 when abuse.unauth_rate is set"));
     }
     if m.abuse.unauth_rate == 0 {
-        warnings.push("abuse.unauth_rate is 0: unauthenticated requests are answered without limit (a reflection amplifier)".into());
+        warnings.push(
+            "abuse.unauth_rate is 0: unauthenticated requests are answered without limit (a reflection amplifier)"
+                .into(),
+        );
     }
     if (1..1024).contains(&a.max_bps) || (1..1024).contains(&a.total_bps) {
         return Err(loc.error(
@@ -565,11 +473,11 @@ fn validate(
         ));
     }
     if m.tls.cert.is_some() && loc.format == Format::Yaml {
-        warnings
-            .push("tls.cert is parsed; the TLS listener arrives with the TCP/TLS milestone".into());
+        warnings.push("tls.cert is parsed; the TLS listener arrives with the TCP/TLS milestone".into());
     }
     if m.logging.syslog || m.logging.file.is_some() {
-        warnings.push("logging.syslog / logging.file are parsed; until the operations milestone logs go to stderr".into());
+        warnings
+            .push("logging.syslog / logging.file are parsed; until the operations milestone logs go to stderr".into());
     }
     let log_level = match m.logging.level.to_ascii_lowercase().as_str() {
         "off" => log::LevelFilter::Off,
@@ -579,10 +487,7 @@ fn validate(
         "debug" => log::LevelFilter::Debug,
         "trace" => log::LevelFilter::Trace,
         other => {
-            return Err(loc.error(
-                "logging.level",
-                format!("`{other}`: use error, warn, info, debug or trace"),
-            ));
+            return Err(loc.error("logging.level", format!("`{other}`: use error, warn, info, debug or trace")));
         }
     };
     let software = m.protocol.software.filter(|s| !s.is_empty());
@@ -630,6 +535,7 @@ fn validate(
         recv_buffer: m.runtime.recv_buffer,
         send_buffer: m.runtime.send_buffer,
         recv_batch: m.runtime.recv_batch,
+        unallocated_timeout: Duration::from_secs(m.runtime.unallocated_timeout),
         log_level,
         syslog: m.logging.syslog,
         log_file: m.logging.file.map(PathBuf::from),
@@ -666,18 +572,8 @@ impl Config {
         if self.shard_ports.is_empty() {
             return (self.min_port, self.max_port);
         }
-        let lo = self
-            .shard_ports
-            .iter()
-            .map(|r| r.0)
-            .min()
-            .unwrap_or(self.min_port);
-        let hi = self
-            .shard_ports
-            .iter()
-            .map(|r| r.1)
-            .max()
-            .unwrap_or(self.max_port);
+        let lo = self.shard_ports.iter().map(|r| r.0).min().unwrap_or(self.min_port);
+        let hi = self.shard_ports.iter().map(|r| r.1).max().unwrap_or(self.max_port);
         (lo, hi)
     }
 
@@ -685,10 +581,7 @@ impl Config {
     pub fn shard_port_list(&self, shard: usize) -> Vec<u16> {
         match self.shard_ports.get(shard) {
             Some(&(a, b)) => (a..=b).collect(),
-            None => {
-                crate::proto::ports::shard_ports(self.min_port, self.max_port, shard, self.threads)
-                    .collect()
-            }
+            None => crate::proto::ports::shard_ports(self.min_port, self.max_port, shard, self.threads).collect(),
         }
     }
 }
@@ -696,24 +589,9 @@ impl Config {
 impl fmt::Display for Config {
     /// The effective settings, secrets redacted (`turnpike check`).
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let list = |v: &[IpAddr]| {
-            v.iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
-        let ranges = |v: &[IpRange]| {
-            v.iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
-        writeln!(
-            f,
-            "source:            {} ({:?})",
-            self.source.display(),
-            self.format
-        )?;
+        let list = |v: &[IpAddr]| v.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
+        let ranges = |v: &[IpRange]| v.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
+        writeln!(f, "source:            {} ({:?})", self.source.display(), self.format)?;
         writeln!(f, "realm:             {}", self.realm)?;
         writeln!(
             f,
@@ -725,11 +603,7 @@ impl fmt::Display for Config {
         writeln!(
             f,
             "relay ips:         {}",
-            if self.relay_ips.is_empty() {
-                "(from listen ips)".into()
-            } else {
-                list(&self.relay_ips)
-            }
+            if self.relay_ips.is_empty() { "(from listen ips)".into() } else { list(&self.relay_ips) }
         )?;
         for e in &self.external_ips {
             match e.private {
@@ -738,21 +612,9 @@ impl fmt::Display for Config {
             }
         }
         writeln!(f, "relay ports:       {}-{}", self.min_port, self.max_port)?;
-        writeln!(
-            f,
-            "shared secrets:    {} configured (redacted)",
-            self.secrets.len()
-        )?;
+        writeln!(f, "shared secrets:    {} configured (redacted)", self.secrets.len())?;
         let names: Vec<&str> = self.users.iter().map(|(n, _)| n.as_str()).collect();
-        writeln!(
-            f,
-            "static users:      {}",
-            if names.is_empty() {
-                "none".into()
-            } else {
-                names.join(", ")
-            }
-        )?;
+        writeln!(f, "static users:      {}", if names.is_empty() { "none".into() } else { names.join(", ") })?;
         writeln!(
             f,
             "lifetimes:         default {}s, max {}s, nonce {}s",
@@ -765,56 +627,24 @@ impl fmt::Display for Config {
             "per allocation:    {} permissions, {} channels, max-bps {}",
             self.max_permissions, self.max_channels, self.max_bps
         )?;
-        writeln!(
-            f,
-            "quotas:            user {}, total {} (0 = unlimited)",
-            self.user_quota, self.total_quota
-        )?;
+        writeln!(f, "quotas:            user {}, total {} (0 = unlimited)", self.user_quota, self.total_quota)?;
         writeln!(
             f,
             "peers allowed:     {}",
-            if self.allowed_peers.is_empty() {
-                "none beyond defaults".into()
-            } else {
-                ranges(&self.allowed_peers)
-            }
+            if self.allowed_peers.is_empty() { "none beyond defaults".into() } else { ranges(&self.allowed_peers) }
         )?;
         writeln!(
             f,
             "peers denied:      defaults{}{}",
-            if self.denied_peers.is_empty() {
-                ""
-            } else {
-                " + "
-            },
+            if self.denied_peers.is_empty() { "" } else { " + " },
             ranges(&self.denied_peers)
         )?;
-        writeln!(
-            f,
-            "private peers:     {}",
-            if self.allow_private_peers {
-                "ALLOWED"
-            } else {
-                "denied"
-            }
-        )?;
-        writeln!(
-            f,
-            "multicast peers:   {}",
-            if self.no_multicast_peers {
-                "denied"
-            } else {
-                "ALLOWED"
-            }
-        )?;
+        writeln!(f, "private peers:     {}", if self.allow_private_peers { "ALLOWED" } else { "denied" })?;
+        writeln!(f, "multicast peers:   {}", if self.no_multicast_peers { "denied" } else { "ALLOWED" })?;
         writeln!(
             f,
             "tcp relay:         {}",
-            if self.no_tcp_relay {
-                "refused (442)"
-            } else {
-                "refused until TCP relaying exists (442)"
-            }
+            if self.no_tcp_relay { "refused (442)" } else { "refused until TCP relaying exists (442)" }
         )?;
         writeln!(
             f,
@@ -830,12 +660,7 @@ impl fmt::Display for Config {
             if self.listen_udp { "on" } else { "off" },
             if self.listen_tcp { "on" } else { "off" }
         )?;
-        writeln!(
-            f,
-            "shards:            {} (pinning {})",
-            self.threads,
-            if self.pin_cores { "on" } else { "off" }
-        )?;
+        writeln!(f, "shards:            {} (pinning {})", self.threads, if self.pin_cores { "on" } else { "off" })?;
         writeln!(
             f,
             "socket buffers:    rcv {} snd {}; recv batch {}",
@@ -866,18 +691,13 @@ mod tests {
 
     #[test]
     fn example_config_is_valid() {
-        let c = parse(
-            Path::new("turnpike.example.yaml"),
-            include_str!("../../config/turnpike.example.yaml"),
-        )
-        .unwrap();
+        let c = parse(Path::new("turnpike.example.yaml"), include_str!("../../config/turnpike.example.yaml")).unwrap();
         assert_eq!(c.realm, "turn.example.org");
     }
 
     #[test]
     fn unknown_keys_name_the_line() {
-        let e =
-            yaml("auth:\n  realm: x\n  shared_secrets: [a]\nlisten:\n  portt: 3478\n").unwrap_err();
+        let e = yaml("auth:\n  realm: x\n  shared_secrets: [a]\nlisten:\n  portt: 3478\n").unwrap_err();
         let s = e.to_string();
         assert!(s.starts_with("/etc/turnpike.yaml:5"), "{s}");
         assert!(s.contains("portt"), "{s}");
@@ -885,12 +705,11 @@ mod tests {
 
     #[test]
     fn semantic_errors_name_file_line_and_option() {
-        let e = yaml("auth:\n  realm: x\n  shared_secrets: [a]\nrelay:\n  min_port: 6000\n  max_port: 5000\n").unwrap_err();
+        let e =
+            yaml("auth:\n  realm: x\n  shared_secrets: [a]\nrelay:\n  min_port: 6000\n  max_port: 5000\n").unwrap_err();
         assert_eq!(e.line, Some(5));
         assert_eq!(e.option, "relay.min_port");
-        let e =
-            yaml("auth:\n  realm: x\n  shared_secrets: [a]\npeers:\n  denied: [\"10.0.0.0/99\"]\n")
-                .unwrap_err();
+        let e = yaml("auth:\n  realm: x\n  shared_secrets: [a]\npeers:\n  denied: [\"10.0.0.0/99\"]\n").unwrap_err();
         assert_eq!((e.line, e.option.as_str()), (Some(5), "peers.denied"));
         let e = yaml("auth:\n  realm: x\n").unwrap_err();
         assert!(e.message.contains("no credentials"));
@@ -910,14 +729,15 @@ mod tests {
     }
 
     #[test]
+    fn dtls_is_refused_with_a_clear_message() {
+        let e = yaml("listen:\n  dtls_port: 5349\nauth:\n  realm: x\n  shared_secrets: [a]\n").unwrap_err();
+        assert!(e.to_string().contains("DTLS is not supported"), "{e}");
+        assert_eq!(e.line, Some(2));
+    }
+
+    #[test]
     fn detects_formats() {
-        assert_eq!(
-            detect_format(Path::new("x"), "realm=foo\nuse-auth-secret\n"),
-            Format::Coturn
-        );
-        assert_eq!(
-            detect_format(Path::new("x"), "auth:\n  realm: foo\n"),
-            Format::Yaml
-        );
+        assert_eq!(detect_format(Path::new("x"), "realm=foo\nuse-auth-secret\n"), Format::Coturn);
+        assert_eq!(detect_format(Path::new("x"), "auth:\n  realm: foo\n"), Format::Yaml);
     }
 }

@@ -35,28 +35,14 @@ impl IpRange {
     pub fn cidr(base: IpAddr, prefix: u8) -> Option<Self> {
         match base {
             IpAddr::V4(b) if prefix <= 32 => {
-                let mask = if prefix == 0 {
-                    0
-                } else {
-                    u32::MAX << (32 - prefix)
-                };
+                let mask = if prefix == 0 { 0 } else { u32::MAX << (32 - prefix) };
                 let lo = u32::from(b) & mask;
-                Some(Self {
-                    first: IpAddr::V4(lo.into()),
-                    last: IpAddr::V4((lo | !mask).into()),
-                })
+                Some(Self { first: IpAddr::V4(lo.into()), last: IpAddr::V4((lo | !mask).into()) })
             }
             IpAddr::V6(b) if prefix <= 128 => {
-                let mask = if prefix == 0 {
-                    0
-                } else {
-                    u128::MAX << (128 - prefix)
-                };
+                let mask = if prefix == 0 { 0 } else { u128::MAX << (128 - prefix) };
                 let lo = v6_bits(b) & mask;
-                Some(Self {
-                    first: IpAddr::V6(lo.into()),
-                    last: IpAddr::V6((lo | !mask).into()),
-                })
+                Some(Self { first: IpAddr::V6(lo.into()), last: IpAddr::V6((lo | !mask).into()) })
             }
             _ => None,
         }
@@ -87,37 +73,23 @@ impl FromStr for IpRange {
     /// Accepts `a.b.c.d`, `a-b` (coturn's form) and `base/prefix`.
     fn from_str(s: &str) -> Result<Self, String> {
         let s = s.trim();
-        let ip = |t: &str| {
-            t.trim()
-                .parse::<IpAddr>()
-                .map_err(|_| format!("`{t}` is not an IP address"))
-        };
+        let ip = |t: &str| t.trim().parse::<IpAddr>().map_err(|_| format!("`{t}` is not an IP address"));
         if let Some((a, b)) = s.split_once('-') {
             return Self::new(ip(a)?, ip(b)?)
                 .ok_or_else(|| format!("`{s}`: range ends differ in family or are reversed"));
         }
         if let Some((a, p)) = s.split_once('/') {
-            let prefix: u8 = p
-                .trim()
-                .parse()
-                .map_err(|_| format!("`{p}` is not a prefix length"))?;
+            let prefix: u8 = p.trim().parse().map_err(|_| format!("`{p}` is not a prefix length"))?;
             return Self::cidr(ip(a)?, prefix).ok_or_else(|| format!("`{s}`: prefix too long"));
         }
         let one = ip(s)?;
-        Ok(Self {
-            first: one,
-            last: one,
-        })
+        Ok(Self { first: one, last: one })
     }
 }
 
 impl std::fmt::Display for IpRange {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if self.first == self.last {
-            write!(f, "{}", self.first)
-        } else {
-            write!(f, "{}-{}", self.first, self.last)
-        }
+        if self.first == self.last { write!(f, "{}", self.first) } else { write!(f, "{}-{}", self.first, self.last) }
     }
 }
 
@@ -205,26 +177,10 @@ pub fn embedded_ipv4(v6: Ipv6Addr) -> [Option<Ipv4Addr>; 2] {
 
 impl PeerPolicy {
     /// A policy with the secure defaults, plus `allowed` and `denied` lists.
-    pub fn new(
-        allowed: Vec<IpRange>,
-        denied: Vec<IpRange>,
-        no_multicast: bool,
-        relay_private: bool,
-    ) -> Self {
-        let defaults = if relay_private {
-            Vec::new()
-        } else {
-            DEFAULT_DENIED
-                .iter()
-                .filter_map(|s| s.parse().ok())
-                .collect()
-        };
-        Self {
-            defaults,
-            allowed,
-            denied,
-            no_multicast,
-        }
+    pub fn new(allowed: Vec<IpRange>, denied: Vec<IpRange>, no_multicast: bool, relay_private: bool) -> Self {
+        let defaults =
+            if relay_private { Vec::new() } else { DEFAULT_DENIED.iter().filter_map(|s| s.parse().ok()).collect() };
+        Self { defaults, allowed, denied, no_multicast }
     }
 
     /// A policy that permits every unicast address (tests and fuzzing only).
@@ -240,10 +196,7 @@ impl PeerPolicy {
             return false;
         }
         match ip {
-            IpAddr::V6(v6) => embedded_ipv4(v6)
-                .into_iter()
-                .flatten()
-                .all(|v4| self.permits_one(IpAddr::V4(v4))),
+            IpAddr::V6(v6) => embedded_ipv4(v6).into_iter().flatten().all(|v4| self.permits_one(IpAddr::V4(v4))),
             IpAddr::V4(_) => true,
         }
     }
@@ -258,12 +211,7 @@ impl PeerPolicy {
         if ip == IpAddr::V4(Ipv4Addr::BROADCAST) {
             return false;
         }
-        let narrowest = |list: &[IpRange]| {
-            list.iter()
-                .filter(|r| r.contains(ip))
-                .map(IpRange::width)
-                .min()
-        };
+        let narrowest = |list: &[IpRange]| list.iter().filter(|r| r.contains(ip)).map(IpRange::width).min();
         match (narrowest(&self.allowed), narrowest(&self.denied)) {
             (Some(a), Some(d)) => return a < d,
             (Some(_), None) => return true,
@@ -313,12 +261,7 @@ mod tests {
 
     #[test]
     fn allow_punches_holes_and_narrower_deny_wins() {
-        let p = PeerPolicy::new(
-            vec!["127.0.0.0/8".parse().unwrap()],
-            vec!["127.0.0.53".parse().unwrap()],
-            true,
-            false,
-        );
+        let p = PeerPolicy::new(vec!["127.0.0.0/8".parse().unwrap()], vec!["127.0.0.53".parse().unwrap()], true, false);
         assert!(p.permits(ip("127.0.0.1")));
         assert!(p.permits(ip("::ffff:127.0.0.1")));
         assert!(!p.permits(ip("127.0.0.53")));
@@ -388,11 +331,7 @@ mod tests {
     #[test]
     fn embedded_spellings_of_loopback_and_metadata_are_denied() {
         let p = PeerPolicy::new(vec![], vec![], true, false);
-        for v4 in [
-            Ipv4Addr::new(127, 0, 0, 1),
-            Ipv4Addr::new(169, 254, 169, 254),
-            Ipv4Addr::new(10, 0, 0, 1),
-        ] {
+        for v4 in [Ipv4Addr::new(127, 0, 0, 1), Ipv4Addr::new(169, 254, 169, 254), Ipv4Addr::new(10, 0, 0, 1)] {
             for s in spellings(v4) {
                 assert!(!p.permits(s), "{s} spells {v4} and must be denied");
             }
@@ -401,26 +340,15 @@ mod tests {
         for s in spellings(Ipv4Addr::new(8, 8, 4, 4)) {
             assert!(p.permits(s), "{s} spells 8.8.4.4");
         }
-        assert!(
-            !p.permits(ip("64:ff9b:1::8.8.8.8")),
-            "local-use NAT64 is refused outright"
-        );
+        assert!(!p.permits(ip("64:ff9b:1::8.8.8.8")), "local-use NAT64 is refused outright");
     }
 
     #[test]
     fn explicit_allow_covers_embedded_spellings_and_explicit_deny_wins() {
-        let p = PeerPolicy::new(
-            vec!["127.0.0.1".parse().unwrap()],
-            vec!["2002::/16".parse().unwrap()],
-            true,
-            false,
-        );
+        let p = PeerPolicy::new(vec!["127.0.0.1".parse().unwrap()], vec!["2002::/16".parse().unwrap()], true, false);
         assert!(p.permits(ip("::ffff:127.0.0.1")));
         assert!(p.permits(ip("64:ff9b::127.0.0.1")));
-        assert!(
-            !p.permits(ip("2002:7f00:1::1")),
-            "an explicit deny of the IPv6 range still applies"
-        );
+        assert!(!p.permits(ip("2002:7f00:1::1")), "an explicit deny of the IPv6 range still applies");
         assert!(!p.permits(ip("2002:0808:0808::1")));
     }
 

@@ -19,12 +19,7 @@ pub struct TokenBucket {
 impl TokenBucket {
     /// A full bucket.
     pub fn new(rate: u64, capacity: u64, now: Instant) -> Self {
-        Self {
-            rate,
-            capacity,
-            tokens: capacity,
-            last: now,
-        }
+        Self { rate, capacity, tokens: capacity, last: now }
     }
 
     /// A bucket for a bandwidth limit of `bytes_per_sec`: bursts of 1/8 s, at least 16 KiB (a video
@@ -42,14 +37,8 @@ impl TokenBucket {
         if add > 0 {
             self.tokens = self.tokens.saturating_add(add).min(self.capacity);
             // Advance only by the time that produced whole tokens, so slow rates still accrue.
-            let used = Duration::from_nanos(
-                (u128::from(add) * 1_000_000_000 / u128::from(self.rate.max(1))) as u64,
-            );
-            self.last = if self.tokens == self.capacity {
-                now
-            } else {
-                self.last + used
-            };
+            let used = Duration::from_nanos((u128::from(add) * 1_000_000_000 / u128::from(self.rate.max(1))) as u64);
+            self.last = if self.tokens == self.capacity { now } else { self.last + used };
         }
     }
 
@@ -76,10 +65,7 @@ pub struct SourceLimiter {
 
 impl std::fmt::Debug for SourceLimiter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SourceLimiter")
-            .field("slots", &self.slots.len())
-            .field("rate", &self.rate)
-            .finish()
+        f.debug_struct("SourceLimiter").field("slots", &self.slots.len()).field("rate", &self.rate).finish()
     }
 }
 
@@ -132,7 +118,7 @@ const LOG_KINDS: usize = 4;
 const LOG_BURST: u32 = 10;
 const LOG_WINDOW: Duration = Duration::from_secs(10);
 
-/// Lets at most [`LOG_BURST`] lines per category through per 10 s window, and reports how many were
+/// Lets at most 10 lines per category through per 10 s window, and reports how many were
 /// suppressed when the next window opens.
 #[derive(Debug)]
 pub struct LogLimiter {
@@ -143,11 +129,7 @@ pub struct LogLimiter {
 
 impl Default for LogLimiter {
     fn default() -> Self {
-        Self {
-            window_start: [None; LOG_KINDS],
-            printed: [0; LOG_KINDS],
-            suppressed: [0; LOG_KINDS],
-        }
+        Self { window_start: [None; LOG_KINDS], printed: [0; LOG_KINDS], suppressed: [0; LOG_KINDS] }
     }
 }
 
@@ -157,8 +139,7 @@ impl LogLimiter {
     pub fn allow(&mut self, kind: LogKind, now: Instant, suppressed: &mut u64) -> bool {
         let k = kind as usize;
         *suppressed = 0;
-        let fresh = self.window_start[k]
-            .is_none_or(|start| now.saturating_duration_since(start) >= LOG_WINDOW);
+        let fresh = self.window_start[k].is_none_or(|start| now.saturating_duration_since(start) >= LOG_WINDOW);
         if fresh {
             *suppressed = self.suppressed[k];
             self.window_start[k] = Some(now);
@@ -228,14 +209,9 @@ mod tests {
         let t0 = Instant::now();
         let mut l = LogLimiter::default();
         let mut s = 0;
-        let printed = (0..100)
-            .filter(|_| l.allow(LogKind::Quota, t0, &mut s))
-            .count();
+        let printed = (0..100).filter(|_| l.allow(LogKind::Quota, t0, &mut s)).count();
         assert_eq!(printed, 10);
-        assert!(
-            l.allow(LogKind::PeerDenied, t0, &mut s),
-            "categories are independent"
-        );
+        assert!(l.allow(LogKind::PeerDenied, t0, &mut s), "categories are independent");
         assert!(l.allow(LogKind::Quota, t0 + LOG_WINDOW, &mut s));
         assert_eq!(s, 90);
     }

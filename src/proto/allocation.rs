@@ -53,13 +53,7 @@ pub struct FiveTuple {
 
 impl std::fmt::Display for FiveTuple {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{}/{}#{}",
-            self.client,
-            self.transport.name(),
-            self.listener.0
-        )
+        write!(f, "{}/{}#{}", self.client, self.transport.name(), self.listener.0)
     }
 }
 
@@ -111,6 +105,8 @@ pub struct Allocation {
     pub relayed: SocketAddr,
     /// The address the relay socket is bound to.
     pub bound: SocketAddr,
+    /// The IPv6 half of a dual allocation (RFC 8656 §7.2, ADDITIONAL-ADDRESS-FAMILY): relayed and bound.
+    pub second: Option<(SocketAddr, SocketAddr)>,
     /// When the allocation expires unless refreshed.
     pub expires: Instant,
     /// The deadline of the expiry timer currently armed for it.
@@ -131,15 +127,30 @@ pub struct Allocation {
     pub bandwidth: Option<[TokenBucket; 2]>,
 }
 
+/// The relay socket key of allocation slot `idx`: `half` 0 is the primary relayed address, 1 the IPv6
+/// half of a dual allocation.
+pub fn relay_key(idx: u32, half: u32) -> u32 {
+    idx * 2 + half
+}
+
 impl Allocation {
+    /// Whether a relayed address of `ip`'s family exists (else 443 / drop).
+    pub fn serves_family_of(&self, ip: IpAddr) -> bool {
+        self.relayed.is_ipv4() == ip.is_ipv4() || self.second.is_some_and(|(r, _)| r.is_ipv4() == ip.is_ipv4())
+    }
+
+    /// Which half's relay socket talks to `peer`.
+    pub fn half_for(&self, peer: SocketAddr) -> u32 {
+        u32::from(self.relayed.is_ipv4() != peer.is_ipv4())
+    }
+
     /// Whether an unexpired permission lets data to/from `peer` through at `now`; `relay_ports` is the
     /// server's relay port range, for permissions scoped to it.
     pub fn permits(&self, peer: SocketAddr, now: Instant, relay_ports: (u16, u16)) -> bool {
         self.permissions.iter().any(|p| {
             p.ip == peer.ip()
                 && now < p.expires
-                && (p.scope == PeerScope::Any
-                    || (relay_ports.0..=relay_ports.1).contains(&peer.port()))
+                && (p.scope == PeerScope::Any || (relay_ports.0..=relay_ports.1).contains(&peer.port()))
         })
     }
 

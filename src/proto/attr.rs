@@ -131,12 +131,7 @@ pub fn decode_xor_addr(value: &[u8], tid: &TransactionId) -> Result<SocketAddr, 
     let ip = match raw.ip() {
         IpAddr::V4(ip) => {
             let o = ip.octets();
-            IpAddr::V4(Ipv4Addr::new(
-                o[0] ^ cookie[0],
-                o[1] ^ cookie[1],
-                o[2] ^ cookie[2],
-                o[3] ^ cookie[3],
-            ))
+            IpAddr::V4(Ipv4Addr::new(o[0] ^ cookie[0], o[1] ^ cookie[1], o[2] ^ cookie[2], o[3] ^ cookie[3]))
         }
         IpAddr::V6(ip) => {
             let mut o = ip.octets();
@@ -156,10 +151,9 @@ pub fn decode_plain_addr(value: &[u8]) -> Result<SocketAddr, ParseError> {
     }
     let port = u16::from_be_bytes([value[2], value[3]]);
     match (value[1], value.len()) {
-        (FAMILY_IPV4, 8) => Ok(SocketAddr::new(
-            IpAddr::V4(Ipv4Addr::new(value[4], value[5], value[6], value[7])),
-            port,
-        )),
+        (FAMILY_IPV4, 8) => {
+            Ok(SocketAddr::new(IpAddr::V4(Ipv4Addr::new(value[4], value[5], value[6], value[7])), port))
+        }
         (FAMILY_IPV6, 20) => {
             let mut o = [0u8; 16];
             o.copy_from_slice(&value[4..20]);
@@ -171,9 +165,7 @@ pub fn decode_plain_addr(value: &[u8]) -> Result<SocketAddr, ParseError> {
 
 /// Decodes a 32-bit value (LIFETIME, ...).
 pub fn decode_u32(value: &[u8]) -> Result<u32, ParseError> {
-    let b: [u8; 4] = value
-        .try_into()
-        .map_err(|_| ParseError::BadAttribute("expected 4 bytes"))?;
+    let b: [u8; 4] = value.try_into().map_err(|_| ParseError::BadAttribute("expected 4 bytes"))?;
     Ok(u32::from_be_bytes(b))
 }
 
@@ -224,7 +216,5 @@ pub fn decode_even_port(value: &[u8]) -> Result<bool, ParseError> {
 
 /// Decodes RESERVATION-TOKEN (8 opaque bytes).
 pub fn decode_reservation_token(value: &[u8]) -> Result<[u8; 8], ParseError> {
-    value
-        .try_into()
-        .map_err(|_| ParseError::BadAttribute("RESERVATION-TOKEN length"))
+    value.try_into().map_err(|_| ParseError::BadAttribute("RESERVATION-TOKEN length"))
 }

@@ -56,9 +56,7 @@ impl<'a> ChannelData<'a> {
         let len = usize::from(u16::from_be_bytes([bytes[2], bytes[3]]));
         let data = bytes
             .get(CHANNEL_HEADER_LEN..CHANNEL_HEADER_LEN + len)
-            .ok_or(ParseError::BadLength(
-                "ChannelData length exceeds the datagram",
-            ))?;
+            .ok_or(ParseError::BadLength("ChannelData length exceeds the datagram"))?;
         Ok(Self { number, data })
     }
 }

@@ -9,17 +9,15 @@
 //! where they were received and headers are written into the [`PacketBuf`] headroom in front of them.
 
 use super::allocation::{
-    Allocation, CHANNEL_COOLDOWN, CHANNEL_LIFETIME, ChannelBinding, FiveTuple, PERMISSION_LIFETIME,
-    PeerScope, PermissionChange,
+    Allocation, CHANNEL_COOLDOWN, CHANNEL_LIFETIME, ChannelBinding, FiveTuple, PERMISSION_LIFETIME, PeerScope,
+    PermissionChange, relay_key,
 };
 use super::attr::{self, AttrType, FAMILY_IPV4, FAMILY_IPV6, PROTO_UDP};
 use super::channel::{self, CHANNEL_HEADER_LEN, ChannelData, ChannelNumber};
 use super::error::{DropReason, ErrorCode};
 use super::integrity::LongTermKey;
 use super::ports::PortPool;
-use super::stun::{
-    self, Class, HEADER_LEN, MAGIC_COOKIE, Method, MsgWriter, StunMsg, TransactionId, pad4,
-};
+use super::stun::{self, Class, HEADER_LEN, MAGIC_COOKIE, Method, MsgWriter, StunMsg, TransactionId, pad4};
 use super::table::{AllocId, AllocTable};
 use super::timer::TimerWheel;
 use crate::auth::{CredentialStore, NonceCheck, NonceKey, Verdict};
@@ -58,9 +56,7 @@ pub struct PacketBuf {
 
 impl Default for PacketBuf {
     fn default() -> Self {
-        Self {
-            buf: vec![0u8; HEADROOM + MAX_PAYLOAD + TAILROOM].into_boxed_slice(),
-        }
+        Self { buf: vec![0u8; HEADROOM + MAX_PAYLOAD + TAILROOM].into_boxed_slice() }
     }
 }
 
@@ -135,10 +131,10 @@ pub struct Settings {
     pub reason_phrases: bool,
     /// Accept channel numbers up to 0x7FFF (RFC 5766) and not only up to 0x4FFF (RFC 8656).
     pub legacy_channel_numbers: bool,
-    /// IPv4 relay address, if IPv4 relaying is offered.
-    pub relay_v4: Option<RelayAddr>,
-    /// IPv6 relay address, if IPv6 relaying is offered.
-    pub relay_v6: Option<RelayAddr>,
+    /// IPv4 relay addresses (used in turn), if IPv4 relaying is offered.
+    pub relay_v4: Vec<RelayAddr>,
+    /// IPv6 relay addresses (used in turn), if IPv6 relaying is offered.
+    pub relay_v6: Vec<RelayAddr>,
     /// The relay port range of the whole server (all shards), for TURN -> TURN permissions.
     pub relay_ports: (u16, u16),
 }
@@ -272,15 +268,14 @@ fn take_bandwidth(
     now: Instant,
 ) -> bool {
     let n = len as u64;
-    alloc.as_mut().is_none_or(|b| b[dir].take(n, now))
-        && total.as_mut().is_none_or(|b| b[dir].take(n, now))
+    alloc.as_mut().is_none_or(|b| b[dir].take(n, now)) && total.as_mut().is_none_or(|b| b[dir].take(n, now))
 }
 
 /// Decodes an XOR-PEER-ADDRESS of a request, checking family and policy (400/443/403), and says which
 /// ports of that IP the permission covers.
 fn check_peer(
     settings: &Settings,
-    relayed: SocketAddr,
+    alloc: &Allocation,
     value: &[u8],
     tid: &TransactionId,
 ) -> Result<(SocketAddr, PeerScope), ErrorCode> {
@@ -288,7 +283,7 @@ fn check_peer(
     //= RFC 8656 §9.1/§11.1: "If the XOR-PEER-ADDRESS attribute contains an address of an address
     //= family that is not the same as that of a relayed transport address for the allocation, the
     //= server MUST generate an error response with the 443 (Peer Address Family Mismatch)".
-    if family_of(peer.ip()) != family_of(relayed.ip()) {
+    if !alloc.serves_family_of(peer.ip()) {
         return Err(ErrorCode::PeerAddressFamilyMismatch);
     }
     //= RFC 8656 §9.1: "The server MAY impose restrictions on the IP address allowed in the
@@ -309,18 +304,15 @@ fn is_own_relay(settings: &Settings, peer: SocketAddr) -> bool {
     let ip = crate::policy::peer::canonical(peer.ip());
     let (lo, hi) = settings.relay_ports;
     (lo..=hi).contains(&peer.port())
-        && [settings.relay_v4, settings.relay_v6]
+        && settings
+            .relay_v4
             .iter()
-            .flatten()
+            .chain(&settings.relay_v6)
             .any(|r| (r.advertised == ip || r.bind == ip) && !ip.is_unspecified())
 }
 
 fn family_of(ip: IpAddr) -> u8 {
-    if ip.is_ipv4() {
-        FAMILY_IPV4
-    } else {
-        FAMILY_IPV6
-    }
+    if ip.is_ipv4() { FAMILY_IPV4 } else { FAMILY_IPV6 }
 }
 
 /// Offset of `inner` within `outer`, both slices of the same buffer.
@@ -348,6 +340,8 @@ pub struct Engine {
     total_bandwidth: Option<[TokenBucket; 2]>,
     limiter: SourceLimiter,
     logs: LogLimiter,
+    /// Round-robin position over relay addresses.
+    relay_turn: usize,
 }
 
 /// Slots of the per-source limiter of unauthenticated requests (fixed memory per shard).
@@ -355,10 +349,7 @@ const LIMITER_SLOTS: usize = 8192;
 
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Engine")
-            .field("shard", &self.shard)
-            .field("allocations", &self.table.len())
-            .finish()
+        f.debug_struct("Engine").field("shard", &self.shard).field("allocations", &self.table.len()).finish()
     }
 }
 
@@ -394,6 +385,7 @@ impl Engine {
                 .then(|| [TokenBucket::for_bandwidth(settings.shard_total_bps, origin); 2]),
             limiter: SourceLimiter::new(LIMITER_SLOTS, settings.unauth_rate, settings.unauth_burst),
             logs: LogLimiter::default(),
+            relay_turn: 0,
             settings,
         }
     }
@@ -405,15 +397,12 @@ impl Engine {
 
     /// Swaps in a new configuration (between packets).
     pub fn reload(&mut self, now: Instant, settings: Arc<Settings>) {
-        if settings.unauth_rate != self.settings.unauth_rate
-            || settings.unauth_burst != self.settings.unauth_burst
-        {
-            self.limiter =
-                SourceLimiter::new(LIMITER_SLOTS, settings.unauth_rate, settings.unauth_burst);
+        if settings.unauth_rate != self.settings.unauth_rate || settings.unauth_burst != self.settings.unauth_burst {
+            self.limiter = SourceLimiter::new(LIMITER_SLOTS, settings.unauth_rate, settings.unauth_burst);
         }
         if settings.shard_total_bps != self.settings.shard_total_bps {
-            self.total_bandwidth = (settings.shard_total_bps > 0)
-                .then(|| [TokenBucket::for_bandwidth(settings.shard_total_bps, now); 2]);
+            self.total_bandwidth =
+                (settings.shard_total_bps > 0).then(|| [TokenBucket::for_bandwidth(settings.shard_total_bps, now); 2]);
         }
         self.settings = settings;
     }
@@ -521,44 +510,25 @@ impl Engine {
         let Some(alloc) = self.table.get_mut(id) else {
             return Action::Drop(DropReason::NoAllocation);
         };
-        let Some(binding) = alloc
-            .channel_by_number(cd.number)
-            .filter(|c| c.is_active(now))
-            .copied()
-        else {
+        let Some(binding) = alloc.channel_by_number(cd.number).filter(|c| c.is_active(now)).copied() else {
             return Action::Drop(DropReason::NoChannel);
         };
         if !alloc.permits(binding.peer, now, self.settings.relay_ports) {
             return Action::Drop(DropReason::NoPermission);
         }
-        if !take_bandwidth(
-            &mut alloc.bandwidth,
-            &mut self.total_bandwidth,
-            0,
-            cd.data.len(),
-            now,
-        ) {
+        if !take_bandwidth(&mut alloc.bandwidth, &mut self.total_bandwidth, 0, cd.data.len(), now) {
             return Action::Drop(DropReason::OverBandwidth);
         }
+        let key = relay_key(id.idx, alloc.half_for(binding.peer));
         bump(&self.stats.packets_to_peer, 1);
         bump(&self.stats.bytes_to_peer, cd.data.len() as u64);
         let start = HEADROOM + CHANNEL_HEADER_LEN;
-        Action::ToPeer {
-            idx: id.idx,
-            peer: binding.peer,
-            range: start..start + cd.data.len(),
-        }
+        Action::ToPeer { idx: key, peer: binding.peer, range: start..start + cd.data.len() }
     }
 
     //= RFC 8656 §10.2: "the server MUST validate that the Send indication contains an XOR-PEER-ADDRESS
     //= attribute and a DATA attribute ... If there is no permission ... the server silently discards".
-    fn send_indication(
-        &mut self,
-        now: Instant,
-        tuple: FiveTuple,
-        msg: &StunMsg<'_>,
-        bytes: &[u8],
-    ) -> Action {
+    fn send_indication(&mut self, now: Instant, tuple: FiveTuple, msg: &StunMsg<'_>, bytes: &[u8]) -> Action {
         let Some(id) = self.table.find(&tuple) else {
             return Action::Drop(DropReason::NoAllocation);
         };
@@ -583,29 +553,20 @@ impl Engine {
         let Ok(peer) = attr::decode_xor_addr(peer, &msg.transaction_id()) else {
             return Action::Drop(DropReason::BadIndication);
         };
-        if family_of(peer.ip()) != family_of(alloc.relayed.ip()) {
+        if !alloc.serves_family_of(peer.ip()) {
             return Action::Drop(DropReason::BadIndication);
         }
+        let key = relay_key(id.idx, alloc.half_for(peer));
         if !alloc.permits(peer, now, self.settings.relay_ports) {
             return Action::Drop(DropReason::NoPermission);
         }
-        if !take_bandwidth(
-            &mut alloc.bandwidth,
-            &mut self.total_bandwidth,
-            0,
-            data.len(),
-            now,
-        ) {
+        if !take_bandwidth(&mut alloc.bandwidth, &mut self.total_bandwidth, 0, data.len(), now) {
             return Action::Drop(DropReason::OverBandwidth);
         }
         bump(&self.stats.packets_to_peer, 1);
         bump(&self.stats.bytes_to_peer, data.len() as u64);
         let start = HEADROOM + offset_in(bytes, data);
-        Action::ToPeer {
-            idx: id.idx,
-            peer,
-            range: start..start + data.len(),
-        }
+        Action::ToPeer { idx: key, peer, range: start..start + data.len() }
     }
 
     fn handle_request(
@@ -633,19 +594,11 @@ impl Engine {
 
     fn error(&mut self, msg: &StunMsg<'_>, code: ErrorCode, key: Option<&LongTermKey>) -> Action {
         let with_reason = self.settings.reason_phrases;
-        write_response(&mut self.out, &self.settings, msg, Class::Error, key, |w| {
-            w.add_error(code, with_reason)
-        })
+        write_response(&mut self.out, &self.settings, msg, Class::Error, key, |w| w.add_error(code, with_reason))
     }
 
     /// 401 or 438 with a fresh NONCE and the REALM, and no MESSAGE-INTEGRITY.
-    fn challenge(
-        &mut self,
-        now: Instant,
-        tuple: FiveTuple,
-        msg: &StunMsg<'_>,
-        code: ErrorCode,
-    ) -> Action {
+    fn challenge(&mut self, now: Instant, tuple: FiveTuple, msg: &StunMsg<'_>, code: ErrorCode) -> Action {
         let expiry = self.unix(now) + self.settings.nonce_lifetime.as_secs();
         let nonce = self.settings.nonce_key.mint(expiry, tuple.client.ip());
         let with_reason = self.settings.reason_phrases;
@@ -669,9 +622,7 @@ impl Engine {
         msg: &StunMsg<'m>,
     ) -> Result<Authenticated<'m>, Action> {
         let limited = |engine: &mut Self| {
-            engine
-                .over_source_limit(now, tuple)
-                .then_some(Action::Drop(DropReason::SourceRateLimited))
+            engine.over_source_limit(now, tuple).then_some(Action::Drop(DropReason::SourceRateLimited))
         };
         if msg.integrity_offset().is_none() {
             if let Some(drop) = limited(self) {
@@ -679,32 +630,17 @@ impl Engine {
             }
             return Err(self.challenge(now, tuple, msg, ErrorCode::Unauthorized));
         }
-        let (Some(username), Some(realm), Some(nonce)) = (
-            msg.attr(AttrType::USERNAME),
-            msg.attr(AttrType::REALM),
-            msg.attr(AttrType::NONCE),
-        ) else {
-            return Err(
-                limited(self).unwrap_or_else(|| self.error(msg, ErrorCode::BadRequest, None))
-            );
+        let (Some(username), Some(realm), Some(nonce)) =
+            (msg.attr(AttrType::USERNAME), msg.attr(AttrType::REALM), msg.attr(AttrType::NONCE))
+        else {
+            return Err(limited(self).unwrap_or_else(|| self.error(msg, ErrorCode::BadRequest, None)));
         };
-        if username.len() > MAX_USERNAME
-            || realm.len() > MAX_REALM_OR_NONCE
-            || nonce.len() > MAX_REALM_OR_NONCE
-        {
-            return Err(
-                limited(self).unwrap_or_else(|| self.error(msg, ErrorCode::BadRequest, None))
-            );
+        if username.len() > MAX_USERNAME || realm.len() > MAX_REALM_OR_NONCE || nonce.len() > MAX_REALM_OR_NONCE {
+            return Err(limited(self).unwrap_or_else(|| self.error(msg, ErrorCode::BadRequest, None)));
         }
         let unix = self.unix(now);
-        if self
-            .settings
-            .nonce_key
-            .check(nonce, tuple.client.ip(), unix)
-            == NonceCheck::Stale
-        {
-            return Err(limited(self)
-                .unwrap_or_else(|| self.challenge(now, tuple, msg, ErrorCode::StaleNonce)));
+        if self.settings.nonce_key.check(nonce, tuple.client.ip(), unix) == NonceCheck::Stale {
+            return Err(limited(self).unwrap_or_else(|| self.challenge(now, tuple, msg, ErrorCode::StaleNonce)));
         }
         let verdict = self.settings.credentials.verify(msg, username, unix);
         let reason = match verdict {
@@ -720,8 +656,7 @@ impl Engine {
             now,
             format_args!("authentication failed ({reason}): user={user} client={tuple}"),
         );
-        Err(limited(self)
-            .unwrap_or_else(|| self.challenge(now, tuple, msg, ErrorCode::Unauthorized)))
+        Err(limited(self).unwrap_or_else(|| self.challenge(now, tuple, msg, ErrorCode::Unauthorized)))
     }
 
     //= RFC 8489 §6.3.1: "If the request contains one or more unknown comprehension-required attributes,
@@ -733,11 +668,7 @@ impl Engine {
         let mut n = 0;
         for a in msg.attrs() {
             let listed = unknown[..n].contains(&a.typ.0);
-            if a.typ.comprehension_required()
-                && !KNOWN.contains(&a.typ)
-                && n < MAX_UNKNOWN_LISTED
-                && !listed
-            {
+            if a.typ.comprehension_required() && !KNOWN.contains(&a.typ) && n < MAX_UNKNOWN_LISTED && !listed {
                 unknown[n] = a.typ.0;
                 n += 1;
             }
@@ -746,33 +677,19 @@ impl Engine {
             return None;
         }
         let with_reason = self.settings.reason_phrases;
-        Some(write_response(
-            &mut self.out,
-            &self.settings,
-            msg,
-            Class::Error,
-            key,
-            |w| {
-                w.add_error(ErrorCode::UnknownAttribute, with_reason);
-                w.add_unknown_attributes(&unknown[..n]);
-            },
-        ))
+        Some(write_response(&mut self.out, &self.settings, msg, Class::Error, key, |w| {
+            w.add_error(ErrorCode::UnknownAttribute, with_reason);
+            w.add_unknown_attributes(&unknown[..n]);
+        }))
     }
 
     fn binding(&mut self, tuple: FiveTuple, msg: &StunMsg<'_>) -> Action {
         if let Some(action) = self.reject_unknown(msg, None) {
             return action;
         }
-        write_response(
-            &mut self.out,
-            &self.settings,
-            msg,
-            Class::Success,
-            None,
-            |w| {
-                w.add_xor_addr(AttrType::XOR_MAPPED_ADDRESS, tuple.client);
-            },
-        )
+        write_response(&mut self.out, &self.settings, msg, Class::Success, None, |w| {
+            w.add_xor_addr(AttrType::XOR_MAPPED_ADDRESS, tuple.client);
+        })
     }
 
     /// Authenticates, rejects unknown attributes, finds the 5-tuple's allocation and checks the username.
@@ -791,11 +708,7 @@ impl Engine {
         };
         //= RFC 8656 §5: "if the USERNAME ... does not match the username used to create the allocation,
         //= the request MUST be rejected with a 441 (Wrong Credentials) error."
-        if self
-            .table
-            .get(id)
-            .is_some_and(|a| a.username.as_bytes() != auth.username)
-        {
+        if self.table.get(id).is_some_and(|a| a.username.as_bytes() != auth.username) {
             return Err(self.error(msg, ErrorCode::WrongCredentials, Some(&auth.key)));
         }
         Ok((auth, id))
@@ -805,20 +718,12 @@ impl Engine {
     fn granted_lifetime(&self, requested: Option<u32>) -> Duration {
         let s = &self.settings;
         match requested {
-            Some(secs) => Duration::from_secs(u64::from(secs))
-                .min(s.max_lifetime)
-                .max(s.default_lifetime),
+            Some(secs) => Duration::from_secs(u64::from(secs)).min(s.max_lifetime).max(s.default_lifetime),
             None => s.default_lifetime,
         }
     }
 
-    fn allocate(
-        &mut self,
-        now: Instant,
-        tuple: FiveTuple,
-        msg: &StunMsg<'_>,
-        io: &mut dyn RelaySockets,
-    ) -> Action {
+    fn allocate(&mut self, now: Instant, tuple: FiveTuple, msg: &StunMsg<'_>, io: &mut dyn RelaySockets) -> Action {
         //= RFC 8656 §7.2 (1): retransmitted Allocate requests get the same success response, which is
         //= why it is kept with the allocation.
         if let Some(alloc) = self.table.find(&tuple).and_then(|id| self.table.get(id)) {
@@ -845,9 +750,7 @@ impl Engine {
         //= RFC 8656 §7.2 (3): "If the REQUESTED-TRANSPORT attribute is not included or is malformed,
         //= the server rejects the request with a 400 (Bad Request) error. Otherwise, if the attribute
         //= indicates an unsupported transport protocol, the server rejects the request with a 442".
-        let transport = msg
-            .attr(AttrType::REQUESTED_TRANSPORT)
-            .map(attr::decode_requested_transport);
+        let transport = msg.attr(AttrType::REQUESTED_TRANSPORT).map(attr::decode_requested_transport);
         match transport {
             None | Some(Err(_)) => return self.error(msg, ErrorCode::BadRequest, Some(&key)),
             Some(Ok(PROTO_UDP)) => {}
@@ -860,24 +763,16 @@ impl Engine {
             Some(Ok(reserve)) => Some(reserve),
             Some(Err(_)) => return self.error(msg, ErrorCode::BadRequest, Some(&key)),
         };
-        let token = match msg
-            .attr(AttrType::RESERVATION_TOKEN)
-            .map(attr::decode_reservation_token)
-        {
+        let token = match msg.attr(AttrType::RESERVATION_TOKEN).map(attr::decode_reservation_token) {
             None => None,
             Some(Ok(t)) => Some(t),
             Some(Err(_)) => return self.error(msg, ErrorCode::BadRequest, Some(&key)),
         };
-        let requested_family = msg
-            .attr(AttrType::REQUESTED_ADDRESS_FAMILY)
-            .map(attr::decode_family);
-        let additional_family = msg
-            .attr(AttrType::ADDITIONAL_ADDRESS_FAMILY)
-            .map(attr::decode_family);
+        let requested_family = msg.attr(AttrType::REQUESTED_ADDRESS_FAMILY).map(attr::decode_family);
+        let additional_family = msg.attr(AttrType::ADDITIONAL_ADDRESS_FAMILY).map(attr::decode_family);
         //= RFC 8656 §7.2 (4)-(6): RESERVATION-TOKEN together with EVEN-PORT, REQUESTED-ADDRESS-FAMILY
         //= or ADDITIONAL-ADDRESS-FAMILY, and REQUESTED- with ADDITIONAL-ADDRESS-FAMILY, are 400.
-        if (token.is_some()
-            && (even_port.is_some() || requested_family.is_some() || additional_family.is_some()))
+        if (token.is_some() && (even_port.is_some() || requested_family.is_some() || additional_family.is_some()))
             || (requested_family.is_some() && additional_family.is_some())
         {
             return self.error(msg, ErrorCode::BadRequest, Some(&key));
@@ -893,21 +788,14 @@ impl Engine {
         //= RFC 8656 §7.2 (6): "If the server does not support the address family requested by the
         //= client in ADDITIONAL-ADDRESS-FAMILY, ... it MUST NOT fail the request ... includes an
         //= ADDRESS-ERROR-CODE attribute". IPv4 there is a 400.
-        let mut dual_error = None;
-        match additional_family {
-            None => {}
-            Some(Ok(FAMILY_IPV6)) => dual_error = Some(FAMILY_IPV6),
+        let dual = match additional_family {
+            None => false,
+            Some(Ok(FAMILY_IPV6)) => true,
             Some(_) => return self.error(msg, ErrorCode::BadRequest, Some(&key)),
-        }
-        let relay = if token.is_some() {
-            // A reserved port was taken on the IPv4 relay address (the only family EVEN-PORT pairs use).
-            self.settings.relay_v4.or(self.settings.relay_v6)
-        } else if family == FAMILY_IPV4 {
-            self.settings.relay_v4
-        } else {
-            self.settings.relay_v6
         };
-        let Some(relay) = relay else {
+        // A RESERVATION-TOKEN names a port reserved on an IPv4 relay address (EVEN-PORT pairs).
+        let family = if token.is_some() && self.settings.relay_v4.is_empty() { FAMILY_IPV6 } else { family };
+        let Some(relay) = self.next_relay(family) else {
             return self.error(msg, ErrorCode::AddressFamilyNotSupported, Some(&key));
         };
         //= RFC 8656 §7.2 (10): "At any point, the server MAY choose to reject the request with a 486
@@ -915,70 +803,69 @@ impl Engine {
         //= defined allocation quota."
         let quota_user: Box<[u8]> = self.settings.credentials.quota_user(auth.username).into();
         let (user_limit, total_limit) = (self.settings.user_quota, self.settings.total_quota);
-        if let Err(which) = self
-            .shared
-            .quotas
-            .try_acquire(&quota_user, user_limit, total_limit)
-        {
+        if let Err(which) = self.shared.quotas.try_acquire(&quota_user, user_limit, total_limit) {
             bump(&self.stats.quota_refusals, 1);
-            log::info!(
-                "allocation refused: {} quota reached, user={} client={}",
-                if which == QuotaError::User {
-                    "user"
-                } else {
-                    "total"
-                },
-                String::from_utf8_lossy(&quota_user),
-                tuple
+            let which = if which == QuotaError::User { "user" } else { "total" };
+            let user = String::from_utf8_lossy(&quota_user).into_owned();
+            self.log_refusal(
+                LogKind::Quota,
+                now,
+                format_args!("allocation refused: {which} quota reached, user={user} client={tuple}"),
             );
             return self.error(msg, ErrorCode::AllocationQuotaReached, Some(&key));
         }
-        let Some((port, reserved)) = self.pick_port(now, relay.bind, token, even_port, io) else {
+        let idx = self.table.next_index();
+        let Some((port, reserved)) = self.pick_port(now, relay.bind, token, even_port, relay_key(idx, 0), io) else {
             self.shared.quotas.release(&quota_user);
             //= RFC 8656 §7.2 (7)/(8): an invalid RESERVATION-TOKEN, or no port available, is 508.
             return self.error(msg, ErrorCode::InsufficientCapacity, Some(&key));
         };
-        let lifetime = self.granted_lifetime(
-            msg.attr(AttrType::LIFETIME)
-                .and_then(|v| attr::decode_u32(v).ok()),
-        );
+        // The IPv6 half of a dual allocation, or the error code explaining why there is none.
+        let mut second = None;
+        let mut second_error = None;
+        if dual {
+            match self.next_relay(FAMILY_IPV6) {
+                None => second_error = Some(ErrorCode::AddressFamilyNotSupported),
+                Some(r6) => match self.pick_port(now, r6.bind, None, None, relay_key(idx, 1), io) {
+                    Some((p6, _)) => second = Some((SocketAddr::new(r6.advertised, p6), SocketAddr::new(r6.bind, p6))),
+                    None => second_error = Some(ErrorCode::InsufficientCapacity),
+                },
+            }
+        }
+        let lifetime = self.granted_lifetime(msg.attr(AttrType::LIFETIME).and_then(|v| attr::decode_u32(v).ok()));
         let relayed = SocketAddr::new(relay.advertised, port);
         let bound = SocketAddr::new(relay.bind, port);
         let lifetime_secs = u32::try_from(lifetime.as_secs()).unwrap_or(u32::MAX);
         let with_reason = self.settings.reason_phrases;
-        let action = write_response(
-            &mut self.out,
-            &self.settings,
-            msg,
-            Class::Success,
-            Some(&key),
-            |w| {
-                w.add_xor_addr(AttrType::XOR_RELAYED_ADDRESS, relayed);
-                w.add_u32(AttrType::LIFETIME, lifetime_secs);
-                if let Some((token, _)) = &reserved {
-                    w.add_bytes(AttrType::RESERVATION_TOKEN, token);
-                }
-                w.add_xor_addr(AttrType::XOR_MAPPED_ADDRESS, tuple.client);
-                if let Some(fam) = dual_error {
-                    let mut v = [0u8; 4 + 28];
-                    v[0] = fam;
-                    let code = ErrorCode::AddressFamilyNotSupported;
-                    v[2] = (code.code() / 100) as u8;
-                    v[3] = (code.code() % 100) as u8;
-                    let reason = if with_reason {
-                        code.reason().as_bytes()
-                    } else {
-                        &[]
-                    };
-                    let n = reason.len().min(28);
-                    v[4..4 + n].copy_from_slice(&reason[..n]);
-                    w.add_bytes(AttrType::ADDRESS_ERROR_CODE, &v[..4 + n]);
-                }
-            },
-        );
+        let action = write_response(&mut self.out, &self.settings, msg, Class::Success, Some(&key), |w| {
+            w.add_xor_addr(AttrType::XOR_RELAYED_ADDRESS, relayed);
+            if let Some((relayed6, _)) = second {
+                w.add_xor_addr(AttrType::XOR_RELAYED_ADDRESS, relayed6);
+            }
+            w.add_u32(AttrType::LIFETIME, lifetime_secs);
+            if let Some((token, _)) = &reserved {
+                w.add_bytes(AttrType::RESERVATION_TOKEN, token);
+            }
+            w.add_xor_addr(AttrType::XOR_MAPPED_ADDRESS, tuple.client);
+            if let Some(code) = second_error {
+                //= RFC 8656 §18.12: ADDRESS-ERROR-CODE is a family, a reserved byte, then as ERROR-CODE.
+                let mut v = [0u8; 4 + 32];
+                v[0] = FAMILY_IPV6;
+                v[2] = (code.code() / 100) as u8;
+                v[3] = (code.code() % 100) as u8;
+                let reason: &[u8] = if with_reason { code.reason().as_bytes() } else { &[] };
+                let n = reason.len().min(32);
+                v[4..4 + n].copy_from_slice(&reason[..n]);
+                w.add_bytes(AttrType::ADDRESS_ERROR_CODE, &v[..4 + n]);
+            }
+        });
         let Action::Reply { len } = action else {
-            io.close(self.table.next_index());
+            io.close(relay_key(idx, 0));
             self.ports.give_back(port);
+            if let Some((_, bound6)) = second {
+                io.close(relay_key(idx, 1));
+                self.ports.give_back(bound6.port());
+            }
             if let Some((_, r)) = reserved {
                 self.ports.give_back(r.port);
             }
@@ -990,12 +877,9 @@ impl Engine {
             self.shared.reservations.lock().insert(token, r);
         }
         let username: Box<str> = String::from_utf8_lossy(auth.username).into();
+        let also = second.map(|(r6, _)| format!(" + {r6}")).unwrap_or_default();
         log::info!(
-            "allocation created: user={} client={} relay={} bound={} lifetime={}s shard={}",
-            username,
-            tuple,
-            relayed,
-            bound,
+            "allocation created: user={username} client={tuple} relay={relayed}{also} bound={bound} lifetime={}s shard={}",
             lifetime.as_secs(),
             self.shard
         );
@@ -1003,6 +887,7 @@ impl Engine {
             five_tuple: tuple,
             relayed,
             bound,
+            second,
             expires: now + lifetime,
             armed_at: now + lifetime,
             username,
@@ -1011,16 +896,24 @@ impl Engine {
             channels: Vec::new(),
             allocate_tid: msg.transaction_id(),
             allocate_response: self.out[..len].into(),
-            bandwidth: (self.settings.max_bps > 0)
-                .then(|| [TokenBucket::for_bandwidth(self.settings.max_bps, now); 2]),
+            bandwidth: (self.settings.max_bps > 0).then(|| [TokenBucket::for_bandwidth(self.settings.max_bps, now); 2]),
         };
         let id = self.table.insert(alloc);
-        self.wheel
-            .insert(now + lifetime, Timer::Allocation(id, now + lifetime));
+        self.wheel.insert(now + lifetime, Timer::Allocation(id, now + lifetime));
         self.shared.directory.insert(tuple, self.shard);
         bump(&self.stats.allocations_created, 1);
         set(&self.stats.allocations, self.table.len() as u64);
         Action::Reply { len }
+    }
+
+    /// The next relay address of `family`, round robin over the configured ones.
+    fn next_relay(&mut self, family: u8) -> Option<RelayAddr> {
+        let list = if family == FAMILY_IPV4 { &self.settings.relay_v4 } else { &self.settings.relay_v6 };
+        if list.is_empty() {
+            return None;
+        }
+        self.relay_turn = self.relay_turn.wrapping_add(1);
+        Some(list[self.relay_turn % list.len()])
     }
 
     /// Chooses and binds a relay port. Returns the port and, for EVEN-PORT with R, the reservation.
@@ -1030,18 +923,13 @@ impl Engine {
         bind_ip: IpAddr,
         token: Option<[u8; 8]>,
         even_port: Option<bool>,
+        key: u32,
         io: &mut dyn RelaySockets,
     ) -> Option<(u16, Option<ReservedNext>)> {
-        let idx = self.table.next_index();
         if let Some(token) = token {
-            let r = self
-                .shared
-                .reservations
-                .lock()
-                .remove(&token)
-                .filter(|r| now < r.expires)?;
+            let r = self.shared.reservations.lock().remove(&token).filter(|r| now < r.expires)?;
             // The port may come from another shard's range; it joins this shard's pool when freed.
-            return match io.open(idx, SocketAddr::new(bind_ip, r.port)) {
+            return match io.open(key, SocketAddr::new(bind_ip, r.port)) {
                 Ok(()) => Some((r.port, None)),
                 Err(_) => {
                     self.ports.give_back(r.port);
@@ -1054,18 +942,12 @@ impl Engine {
                 Some(reserve) => self.ports.take_even(reserve)?,
                 None => (self.ports.take()?, None),
             };
-            match io.open(idx, SocketAddr::new(bind_ip, port)) {
+            match io.open(key, SocketAddr::new(bind_ip, port)) {
                 Ok(()) => {
                     let reservation = next.map(|next| {
                         let mut token = [0u8; 8];
                         token.copy_from_slice(&self.next_random().to_be_bytes());
-                        (
-                            token,
-                            Reservation {
-                                port: next,
-                                expires: now + RESERVATION_LIFETIME,
-                            },
-                        )
+                        (token, Reservation { port: next, expires: now + RESERVATION_LIFETIME })
                     });
                     return Some((port, reservation));
                 }
@@ -1086,13 +968,7 @@ impl Engine {
 
     //= RFC 8656 §8: "If the 'desired lifetime' is zero, then the request succeeds and the allocation is
     //= deleted." A retransmitted Refresh(0) then finds no allocation and gets 437, which the RFC accepts.
-    fn refresh(
-        &mut self,
-        now: Instant,
-        tuple: FiveTuple,
-        msg: &StunMsg<'_>,
-        io: &mut dyn RelaySockets,
-    ) -> Action {
+    fn refresh(&mut self, now: Instant, tuple: FiveTuple, msg: &StunMsg<'_>, io: &mut dyn RelaySockets) -> Action {
         let (auth, id) = match self.authorize_on_allocation(now, tuple, msg) {
             Ok(x) => x,
             Err(action) => return action,
@@ -1101,31 +977,19 @@ impl Engine {
         let Some(alloc) = self.table.get(id) else {
             return self.error(msg, ErrorCode::AllocationMismatch, Some(&key));
         };
-        //= RFC 8656 §8: a REQUESTED-ADDRESS-FAMILY that does not match the allocation's family is 443.
+        //= RFC 8656 §8: a REQUESTED-ADDRESS-FAMILY that does not match a family of the allocation is 443.
         if let Some(fam) = msg.attr(AttrType::REQUESTED_ADDRESS_FAMILY) {
-            if attr::decode_family(fam).ok() != Some(family_of(alloc.relayed.ip())) {
+            let families = [Some(family_of(alloc.relayed.ip())), alloc.second.map(|(r, _)| family_of(r.ip()))];
+            if !families.contains(&attr::decode_family(fam).ok()) {
                 return self.error(msg, ErrorCode::PeerAddressFamilyMismatch, Some(&key));
             }
         }
-        let requested = msg
-            .attr(AttrType::LIFETIME)
-            .and_then(|v| attr::decode_u32(v).ok());
-        let lifetime = if requested == Some(0) {
-            Duration::ZERO
-        } else {
-            self.granted_lifetime(requested)
-        };
+        let requested = msg.attr(AttrType::LIFETIME).and_then(|v| attr::decode_u32(v).ok());
+        let lifetime = if requested == Some(0) { Duration::ZERO } else { self.granted_lifetime(requested) };
         let secs = u32::try_from(lifetime.as_secs()).unwrap_or(u32::MAX);
-        let action = write_response(
-            &mut self.out,
-            &self.settings,
-            msg,
-            Class::Success,
-            Some(&key),
-            |w| {
-                w.add_u32(AttrType::LIFETIME, secs);
-            },
-        );
+        let action = write_response(&mut self.out, &self.settings, msg, Class::Success, Some(&key), |w| {
+            w.add_u32(AttrType::LIFETIME, secs);
+        });
         if lifetime.is_zero() {
             self.free(id, io, "deleted by client");
         } else if let Some(alloc) = self.table.get_mut(id) {
@@ -1134,8 +998,7 @@ impl Engine {
             // earlier timer (the later entry goes stale).
             if alloc.expires < alloc.armed_at {
                 alloc.armed_at = alloc.expires;
-                self.wheel
-                    .insert(alloc.expires, Timer::Allocation(id, alloc.expires));
+                self.wheel.insert(alloc.expires, Timer::Allocation(id, alloc.expires));
             }
             log::info!(
                 "allocation refreshed: user={} client={} relay={} lifetime={secs}s",
@@ -1147,13 +1010,7 @@ impl Engine {
         action
     }
 
-    fn note_peer_denied(
-        &mut self,
-        now: Instant,
-        tuple: FiveTuple,
-        value: &[u8],
-        tid: &TransactionId,
-    ) {
+    fn note_peer_denied(&mut self, now: Instant, tuple: FiveTuple, value: &[u8], tid: &TransactionId) {
         bump(&self.stats.peers_denied, 1);
         if let Ok(peer) = attr::decode_xor_addr(value, tid) {
             self.log_refusal(
@@ -1181,7 +1038,7 @@ impl Engine {
         let mut peers = 0usize;
         let mut new_ips = 0usize;
         for a in msg.attrs().filter(|a| a.typ == AttrType::XOR_PEER_ADDRESS) {
-            match check_peer(&self.settings, alloc.relayed, a.value, &tid) {
+            match check_peer(&self.settings, alloc, a.value, &tid) {
                 Ok((peer, _)) => {
                     peers += 1;
                     if !alloc.permissions.iter().any(|p| p.ip == peer.ip()) {
@@ -1208,14 +1065,11 @@ impl Engine {
         if let Some(alloc) = self.table.get_mut(id) {
             for a in msg.attrs().filter(|a| a.typ == AttrType::XOR_PEER_ADDRESS) {
                 // Validated above; the scope is recomputed the same way.
-                let Ok((peer, scope)) = check_peer(&self.settings, alloc.relayed, a.value, &tid)
-                else {
+                let Ok((peer, scope)) = check_peer(&self.settings, alloc, a.value, &tid) else {
                     continue;
                 };
                 {
-                    if alloc.install_permission(peer.ip(), expires, max, scope)
-                        == PermissionChange::Created
-                    {
+                    if alloc.install_permission(peer.ip(), expires, max, scope) == PermissionChange::Created {
                         self.wheel.insert(expires, Timer::Permission(id, peer.ip()));
                         created += 1;
                     }
@@ -1224,14 +1078,7 @@ impl Engine {
         }
         self.live_permissions += created;
         set(&self.stats.permissions, self.live_permissions);
-        write_response(
-            &mut self.out,
-            &self.settings,
-            msg,
-            Class::Success,
-            Some(&key),
-            |_| {},
-        )
+        write_response(&mut self.out, &self.settings, msg, Class::Success, Some(&key), |_| {})
     }
 
     fn channel_bind(&mut self, now: Instant, tuple: FiveTuple, msg: &StunMsg<'_>) -> Action {
@@ -1248,14 +1095,8 @@ impl Engine {
         //  RFC 5766 allowed up to 0x7FFF and deployed clients still pick from there, so that range is
         //  accepted unless `legacy_channel_numbers` is off.
         let legacy = self.settings.legacy_channel_numbers;
-        let number = match msg
-            .attr(AttrType::CHANNEL_NUMBER)
-            .map(attr::decode_channel_number)
-        {
-            Some(Ok(n))
-                if ChannelNumber(n).is_valid()
-                    || (legacy && ChannelNumber(n).is_valid_legacy()) =>
-            {
+        let number = match msg.attr(AttrType::CHANNEL_NUMBER).map(attr::decode_channel_number) {
+            Some(Ok(n)) if ChannelNumber(n).is_valid() || (legacy && ChannelNumber(n).is_valid_legacy()) => {
                 ChannelNumber(n)
             }
             other => {
@@ -1266,12 +1107,7 @@ impl Engine {
         let Some(peer_value) = msg.attr(AttrType::XOR_PEER_ADDRESS) else {
             return self.error(msg, ErrorCode::BadRequest, Some(&key));
         };
-        let (peer, scope) = match check_peer(
-            &self.settings,
-            alloc.relayed,
-            peer_value,
-            &msg.transaction_id(),
-        ) {
+        let (peer, scope) = match check_peer(&self.settings, alloc, peer_value, &msg.transaction_id()) {
             Ok(p) => p,
             Err(code) => {
                 if code == ErrorCode::Forbidden {
@@ -1304,13 +1140,8 @@ impl Engine {
         let permission_expires = now + PERMISSION_LIFETIME;
         if let Some(alloc) = self.table.get_mut(id) {
             if is_new {
-                alloc.channels.push(ChannelBinding {
-                    number,
-                    peer,
-                    expires: channel_expires,
-                });
-                self.wheel
-                    .insert(channel_expires, Timer::Channel(id, number));
+                alloc.channels.push(ChannelBinding { number, peer, expires: channel_expires });
+                self.wheel.insert(channel_expires, Timer::Channel(id, number));
                 self.live_channels += 1;
             } else if let Some(c) = alloc.channels.iter_mut().find(|c| c.number == number) {
                 c.expires = channel_expires;
@@ -1320,38 +1151,23 @@ impl Engine {
             if alloc.install_permission(peer.ip(), permission_expires, max_permissions, scope)
                 == PermissionChange::Created
             {
-                self.wheel
-                    .insert(permission_expires, Timer::Permission(id, peer.ip()));
+                self.wheel.insert(permission_expires, Timer::Permission(id, peer.ip()));
                 self.live_permissions += 1;
             }
         }
         set(&self.stats.channels, self.live_channels);
         set(&self.stats.permissions, self.live_permissions);
-        write_response(
-            &mut self.out,
-            &self.settings,
-            msg,
-            Class::Success,
-            Some(&key),
-            |_| {},
-        )
+        write_response(&mut self.out, &self.settings, msg, Class::Success, Some(&key), |_| {})
     }
 
     // ---------------------------------------------------------------------------------------------
     // Peer -> client
     // ---------------------------------------------------------------------------------------------
 
-    /// Handles a datagram of `len` bytes at the body of `pkt`, received by relay socket `idx` from `peer`.
-    pub fn handle_peer(
-        &mut self,
-        now: Instant,
-        idx: u32,
-        peer: SocketAddr,
-        pkt: &mut PacketBuf,
-        len: usize,
-    ) -> Action {
+    /// Handles a datagram of `len` bytes at the body of `pkt`, received by relay socket `key` (see [`relay_key`]) from `peer`.
+    pub fn handle_peer(&mut self, now: Instant, key: u32, peer: SocketAddr, pkt: &mut PacketBuf, len: usize) -> Action {
         let len = len.min(MAX_PAYLOAD);
-        let Some(alloc) = self.table.by_index_mut(idx) else {
+        let Some(alloc) = self.table.by_index_mut(key / 2) else {
             return Action::Drop(DropReason::NoAllocation);
         };
         //= RFC 8656 §11.3: "the server ... looks for a permission ... If no permission exists, the UDP
@@ -1363,10 +1179,7 @@ impl Engine {
             return Action::Drop(DropReason::OverBandwidth);
         }
         let tuple = alloc.five_tuple;
-        let channel = alloc
-            .channel_by_peer(peer)
-            .filter(|c| c.is_active(now))
-            .map(|c| c.number);
+        let channel = alloc.channel_by_peer(peer).filter(|c| c.is_active(now)).map(|c| c.number);
         let Ok(len16) = u16::try_from(len) else {
             return Action::Drop(DropReason::NoSpace);
         };
@@ -1399,12 +1212,7 @@ impl Engine {
 
     //= RFC 8656 §11.3: "Otherwise, the server MUST send a Data indication ... with an XOR-PEER-ADDRESS
     //= attribute ... and a DATA attribute containing the application data".
-    fn data_indication_header(
-        &mut self,
-        pkt: &mut PacketBuf,
-        peer: SocketAddr,
-        len: usize,
-    ) -> Option<Range<usize>> {
+    fn data_indication_header(&mut self, pkt: &mut PacketBuf, peer: SocketAddr, len: usize) -> Option<Range<usize>> {
         let addr_len = attr::xor_addr_len(&peer);
         let header_len = HEADER_LEN + 4 + addr_len + 4;
         let body_len = 4 + addr_len + 4 + pad4(len);
@@ -1455,8 +1263,7 @@ impl Engine {
                     self.free(id, io, "expired");
                 } else {
                     alloc.armed_at = alloc.expires;
-                    self.wheel
-                        .insert(alloc.expires, Timer::Allocation(id, alloc.expires));
+                    self.wheel.insert(alloc.expires, Timer::Allocation(id, alloc.expires));
                 }
             }
             Timer::Permission(id, ip) => {
@@ -1520,17 +1327,17 @@ impl Engine {
         let Some(alloc) = self.table.remove(id) else {
             return;
         };
-        io.close(id.idx);
+        io.close(relay_key(id.idx, 0));
+        if let Some((_, bound6)) = alloc.second {
+            io.close(relay_key(id.idx, 1));
+            self.ports.give_back(bound6.port());
+        }
         io.allocation_freed(alloc.five_tuple);
         self.ports.give_back(alloc.bound.port());
         self.shared.directory.remove(&alloc.five_tuple);
         self.shared.quotas.release(alloc.quota_user.as_bytes());
-        self.live_permissions = self
-            .live_permissions
-            .saturating_sub(alloc.permissions.len() as u64);
-        self.live_channels = self
-            .live_channels
-            .saturating_sub(alloc.channels.len() as u64);
+        self.live_permissions = self.live_permissions.saturating_sub(alloc.permissions.len() as u64);
+        self.live_channels = self.live_channels.saturating_sub(alloc.channels.len() as u64);
         set(&self.stats.permissions, self.live_permissions);
         set(&self.stats.channels, self.live_channels);
         set(&self.stats.allocations, self.table.len() as u64);

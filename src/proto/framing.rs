@@ -50,21 +50,14 @@ mod tests {
         let mut out = Vec::new();
         let mut lens = Vec::new();
         let mut buf = [0u8; 256];
-        let mut w = MsgWriter::new(
-            &mut buf,
-            Method::ALLOCATE,
-            Class::Request,
-            TransactionId([1; 12]),
-        );
+        let mut w = MsgWriter::new(&mut buf, Method::ALLOCATE, Class::Request, TransactionId([1; 12]));
         w.add_bytes(AttrType::USERNAME, b"user");
         w.add_fingerprint();
         let n = w.finish().unwrap();
         out.extend_from_slice(&buf[..n]);
         lens.push(n);
         // ChannelData with 5 bytes of data, padded to 8.
-        out.extend_from_slice(&[
-            0x40, 0x01, 0x00, 0x05, b'h', b'e', b'l', b'l', b'o', 0, 0, 0,
-        ]);
+        out.extend_from_slice(&[0x40, 0x01, 0x00, 0x05, b'h', b'e', b'l', b'l', b'o', 0, 0, 0]);
         lens.push(12);
         out.extend_from_slice(&[0x40, 0x02, 0x00, 0x00]);
         lens.push(4);
@@ -110,14 +103,8 @@ mod tests {
     fn garbage_is_an_error() {
         assert_eq!(frame_len(&[0x80, 1, 2, 3]), Err(ParseError::NotStun));
         // A TLS ClientHello on the plain port starts 0x16 0x03: STUN-shaped, but no magic cookie.
-        assert_eq!(
-            frame_len(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01]),
-            Err(ParseError::BadMagicCookie)
-        );
-        assert_eq!(
-            frame_len(&[0, 1, 0, 0, 1, 2, 3, 4]),
-            Err(ParseError::BadMagicCookie)
-        );
+        assert_eq!(frame_len(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01]), Err(ParseError::BadMagicCookie));
+        assert_eq!(frame_len(&[0, 1, 0, 0, 1, 2, 3, 4]), Err(ParseError::BadMagicCookie));
         assert!(frame_len(&[0, 1, 0, 3]).is_err());
         assert_eq!(frame_len(&[]), Ok(None));
     }

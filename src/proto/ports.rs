@@ -50,9 +50,10 @@ impl PortPool {
 
     /// Takes an even port; with `with_next`, also takes `port + 1` (for EVEN-PORT's R bit).
     pub fn take_even(&mut self, with_next: bool) -> Option<(u16, Option<u16>)> {
-        let pos = self.free.iter().position(|&p| {
-            p % 2 == 0 && (!with_next || p.checked_add(1).is_some_and(|n| self.free.contains(&n)))
-        })?;
+        let pos = self
+            .free
+            .iter()
+            .position(|&p| p % 2 == 0 && (!with_next || p.checked_add(1).is_some_and(|n| self.free.contains(&n))))?;
         let port = self.free.remove(pos)?;
         if !with_next {
             return Some((port, None));
@@ -85,9 +86,7 @@ mod tests {
 
     #[test]
     fn shards_partition_the_range_in_pairs() {
-        let all: Vec<Vec<u16>> = (0..3)
-            .map(|s| shard_ports(49152, 49171, s, 3).collect())
-            .collect();
+        let all: Vec<Vec<u16>> = (0..3).map(|s| shard_ports(49152, 49171, s, 3).collect()).collect();
         let total: usize = all.iter().map(Vec::len).sum();
         assert_eq!(total, 20);
         let set: HashSet<u16> = all.iter().flatten().copied().collect();

@@ -132,9 +132,7 @@ impl<'a> StunMsg<'a> {
             return Err(ParseError::BadLength("message length not a multiple of 4"));
         }
         if HEADER_LEN + body_len != bytes.len() {
-            return Err(ParseError::BadLength(
-                "message length does not match the datagram",
-            ));
+            return Err(ParseError::BadLength("message length does not match the datagram"));
         }
         let (method, class) = split_message_type(u16::from_be_bytes([bytes[0], bytes[1]]));
         let mut tid = [0u8; 12];
@@ -146,8 +144,7 @@ impl<'a> StunMsg<'a> {
         let mut at = HEADER_LEN;
         while at < bytes.len() {
             let typ = be16(bytes, at).ok_or(ParseError::Truncated("attribute header"))?;
-            let len =
-                usize::from(be16(bytes, at + 2).ok_or(ParseError::Truncated("attribute header"))?);
+            let len = usize::from(be16(bytes, at + 2).ok_or(ParseError::Truncated("attribute header"))?);
             let value_at = at + ATTR_HEADER_LEN;
             let next = value_at + pad4(len);
             if next > bytes.len() {
@@ -158,8 +155,7 @@ impl<'a> StunMsg<'a> {
                     if len != 4 || next != bytes.len() {
                         return Err(ParseError::BadFingerprint);
                     }
-                    if !integrity::fingerprint_matches(&bytes[..at], &bytes[value_at..value_at + 4])
-                    {
+                    if !integrity::fingerprint_matches(&bytes[..at], &bytes[value_at..value_at + 4]) {
                         return Err(ParseError::BadFingerprint);
                     }
                     has_fingerprint = true;
@@ -178,15 +174,7 @@ impl<'a> StunMsg<'a> {
             }
             at = next;
         }
-        Ok(Self {
-            bytes,
-            method,
-            class,
-            tid: TransactionId(tid),
-            integrity_at,
-            attrs_end,
-            has_fingerprint,
-        })
+        Ok(Self { bytes, method, class, tid: TransactionId(tid), integrity_at, attrs_end, has_fingerprint })
     }
 
     /// The whole message.
@@ -221,10 +209,7 @@ impl<'a> StunMsg<'a> {
 
     /// Iterates over the attributes that count: up to and including MESSAGE-INTEGRITY, FINGERPRINT excluded.
     pub fn attrs(&self) -> AttrIter<'a> {
-        AttrIter {
-            bytes: &self.bytes[..self.attrs_end],
-            at: HEADER_LEN,
-        }
+        AttrIter { bytes: &self.bytes[..self.attrs_end], at: HEADER_LEN }
     }
 
     /// The value of the first attribute of type `typ`, if any.
@@ -263,10 +248,7 @@ impl<'a> Iterator for AttrIter<'a> {
         let value_at = self.at + ATTR_HEADER_LEN;
         let value = self.bytes.get(value_at..value_at + len)?;
         self.at = value_at + pad4(len);
-        Some(Attr {
-            typ: AttrType(typ),
-            value,
-        })
+        Some(Attr { typ: AttrType(typ), value })
     }
 }
 
@@ -284,11 +266,7 @@ pub struct MsgWriter<'b> {
 impl<'b> MsgWriter<'b> {
     /// Starts a message with the given method, class and transaction ID.
     pub fn new(buf: &'b mut [u8], method: Method, class: Class, tid: TransactionId) -> Self {
-        let mut w = Self {
-            buf,
-            len: 0,
-            overflow: false,
-        };
+        let mut w = Self { buf, len: 0, overflow: false };
         if w.buf.len() < HEADER_LEN {
             w.overflow = true;
             return w;
@@ -328,9 +306,7 @@ impl<'b> MsgWriter<'b> {
             self.overflow = true;
             return None;
         };
-        if self.len + total > self.buf.len()
-            || self.len + total - HEADER_LEN > usize::from(u16::MAX)
-        {
+        if self.len + total > self.buf.len() || self.len + total - HEADER_LEN > usize::from(u16::MAX) {
             self.overflow = true;
             return None;
         }
@@ -367,11 +343,7 @@ impl<'b> MsgWriter<'b> {
 
     /// Appends ERROR-CODE; the reason phrase is written only when `with_reason` is set.
     pub fn add_error(&mut self, code: ErrorCode, with_reason: bool) {
-        let reason = if with_reason {
-            code.reason().as_bytes()
-        } else {
-            &[]
-        };
+        let reason = if with_reason { code.reason().as_bytes() } else { &[] };
         if let Some(slot) = self.reserve(AttrType::ERROR_CODE, 4 + reason.len()) {
             let n = code.code();
             slot[0] = 0;
@@ -397,16 +369,12 @@ impl<'b> MsgWriter<'b> {
             return;
         }
         let at = self.len;
-        if self
-            .reserve(AttrType::MESSAGE_INTEGRITY, integrity::HMAC_SHA1_LEN)
-            .is_none()
-        {
+        if self.reserve(AttrType::MESSAGE_INTEGRITY, integrity::HMAC_SHA1_LEN).is_none() {
             return;
         }
         // The length field already counts MESSAGE-INTEGRITY, as the HMAC input requires.
         let mac = integrity::hmac_sha1(key, &[&self.buf[..at]]);
-        self.buf[at + ATTR_HEADER_LEN..at + ATTR_HEADER_LEN + integrity::HMAC_SHA1_LEN]
-            .copy_from_slice(&mac);
+        self.buf[at + ATTR_HEADER_LEN..at + ATTR_HEADER_LEN + integrity::HMAC_SHA1_LEN].copy_from_slice(&mac);
     }
 
     /// Appends FINGERPRINT over everything written so far; must be the last attribute.
@@ -424,11 +392,7 @@ impl<'b> MsgWriter<'b> {
 
     /// Finishes the message and returns its length.
     pub fn finish(self) -> Result<usize, NoSpace> {
-        if self.overflow {
-            Err(NoSpace)
-        } else {
-            Ok(self.len)
-        }
+        if self.overflow { Err(NoSpace) } else { Ok(self.len) }
     }
 }
 

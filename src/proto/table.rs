@@ -55,10 +55,7 @@ impl AllocTable {
         };
         let slot = &mut self.slots[idx as usize];
         slot.alloc = Some(alloc);
-        let id = AllocId {
-            idx,
-            generation: slot.generation,
-        };
+        let id = AllocId { idx, generation: slot.generation };
         self.by_tuple.insert(tuple, id);
         id
     }
@@ -103,13 +100,7 @@ impl AllocTable {
     pub fn by_index(&self, idx: u32) -> Option<(AllocId, &Allocation)> {
         let slot = self.slots.get(idx as usize)?;
         let alloc = slot.alloc.as_ref()?;
-        Some((
-            AllocId {
-                idx,
-                generation: slot.generation,
-            },
-            alloc,
-        ))
+        Some((AllocId { idx, generation: slot.generation }, alloc))
     }
 
     /// Mutable access to the live allocation in slot `idx`.
@@ -119,16 +110,9 @@ impl AllocTable {
 
     /// Iterates over live allocations.
     pub fn iter(&self) -> impl Iterator<Item = (AllocId, &Allocation)> {
-        self.slots.iter().enumerate().filter_map(|(i, s)| {
-            s.alloc.as_ref().map(|a| {
-                (
-                    AllocId {
-                        idx: i as u32,
-                        generation: s.generation,
-                    },
-                    a,
-                )
-            })
-        })
+        self.slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| s.alloc.as_ref().map(|a| (AllocId { idx: i as u32, generation: s.generation }, a)))
     }
 }

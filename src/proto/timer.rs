@@ -21,12 +21,7 @@ pub struct TimerWheel<T> {
 impl<T: Copy> TimerWheel<T> {
     /// An empty wheel whose second 0 starts at `origin`.
     pub fn new(origin: Instant) -> Self {
-        Self {
-            origin,
-            slots: (0..SLOTS).map(|_| Vec::new()).collect(),
-            next_sec: 0,
-            len: 0,
-        }
+        Self { origin, slots: (0..SLOTS).map(|_| Vec::new()).collect(), next_sec: 0, len: 0 }
     }
 
     /// Number of pending entries.

@@ -11,9 +11,7 @@ pub fn now() -> Instant {
 /// Seconds since the Unix epoch.
 #[allow(clippy::disallowed_methods)]
 pub fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 /// 32 bytes of OS randomness (nonce keys, port shuffles). Falls back to clock-and-address entropy only if
@@ -21,10 +19,7 @@ pub fn unix_now() -> u64 {
 pub fn random_bytes() -> [u8; 32] {
     use std::io::Read;
     let mut out = [0u8; 32];
-    if std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut out))
-        .is_ok()
-    {
+    if std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut out)).is_ok() {
         return out;
     }
     use std::hash::{BuildHasher, Hasher};

@@ -39,10 +39,9 @@ const RELAY_BASE: usize = 1 << 30;
 const MAX_SLEEP: Duration = Duration::from_secs(1);
 /// Connections accepted per listener per wake-up.
 const ACCEPT_BUDGET: usize = 64;
-/// A connection without an allocation is closed after this long without a frame.
-const UNALLOCATED_IDLE: Duration = Duration::from_secs(30);
-/// ... and after this long in total, however chatty (it never authenticated).
-const UNALLOCATED_MAX: Duration = Duration::from_secs(120);
+/// A connection without an allocation is closed after `unallocated_timeout` without a frame, and after
+/// this many times that in total, however chatty (it never authenticated).
+const UNALLOCATED_MAX_FACTOR: u32 = 4;
 /// A TLS handshake must finish within this.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often a connection's timeouts are re-checked.
@@ -136,6 +135,8 @@ pub struct ShardParts {
     pub buffers: Buffers,
     /// Datagrams per socket per wake-up.
     pub recv_batch: usize,
+    /// How long a TCP/TLS connection may stay without an allocation and without a frame.
+    pub unallocated_timeout: Duration,
 }
 
 impl std::fmt::Debug for ShardParts {
@@ -207,6 +208,7 @@ struct Shard {
     pkt: PacketBuf,
     stats: Arc<ShardStats>,
     recv_batch: usize,
+    unallocated_timeout: Duration,
 }
 
 /// Sends one datagram; a full socket buffer drops it and counts (a relay never queues).
@@ -220,12 +222,7 @@ fn send_udp(sock: &UdpSocket, bytes: &[u8], to: SocketAddr, stats: &ShardStats) 
 
 impl Shard {
     /// Delivers bytes to a client over the transport its 5-tuple names.
-    fn send_to_client(
-        &mut self,
-        tuple: FiveTuple,
-        bytes: Option<&[u8]>,
-        range: Option<std::ops::Range<usize>>,
-    ) {
+    fn send_to_client(&mut self, tuple: FiveTuple, bytes: Option<&[u8]>, range: Option<std::ops::Range<usize>>) {
         let bytes = match (bytes, range) {
             (Some(b), _) => b,
             (None, Some(r)) => self.pkt.get(r),
@@ -294,14 +291,8 @@ impl Shard {
             };
             match listener.recv_from(self.pkt.body_mut()) {
                 Ok((len, from)) => {
-                    let tuple = FiveTuple {
-                        client: from,
-                        listener: ListenerId(i as u16),
-                        transport: Transport::Udp,
-                    };
-                    let action =
-                        self.engine
-                            .handle_client(now, tuple, &mut self.pkt, len, &mut self.relays);
+                    let tuple = FiveTuple { client: from, listener: ListenerId(i as u16), transport: Transport::Udp };
+                    let action = self.engine.handle_client(now, tuple, &mut self.pkt, len, &mut self.relays);
                     self.perform(action, Some(tuple));
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Drained::Empty,
@@ -319,9 +310,7 @@ impl Shard {
             };
             match sock.recv_from(self.pkt.body_mut()) {
                 Ok((len, from)) => {
-                    let action = self
-                        .engine
-                        .handle_peer(now, idx as u32, from, &mut self.pkt, len);
+                    let action = self.engine.handle_peer(now, idx as u32, from, &mut self.pkt, len);
                     self.perform(action, None);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Drained::Empty,
@@ -345,50 +334,33 @@ impl Shard {
             match listener.accept() {
                 Ok((stream, from)) => {
                     let tls = match (transport, &self.tls) {
-                        (Transport::Tls, Some(cfg)) => {
-                            match rustls::ServerConnection::new(Arc::clone(cfg)) {
-                                Ok(c) => Some(c),
-                                Err(e) => {
-                                    log::warn!("shard {}: TLS session setup failed: {e}", self.id);
-                                    continue;
-                                }
+                        (Transport::Tls, Some(cfg)) => match rustls::ServerConnection::new(Arc::clone(cfg)) {
+                            Ok(c) => Some(c),
+                            Err(e) => {
+                                log::warn!("shard {}: TLS session setup failed: {e}", self.id);
+                                continue;
                             }
-                        }
+                        },
                         (Transport::Tls, None) => continue,
                         _ => None,
                     };
                     let _ = stream.set_nodelay(true);
-                    let tuple = FiveTuple {
-                        client: from,
-                        listener: ListenerId(i as u16),
-                        transport,
-                    };
-                    let idx = self
-                        .conns
-                        .insert(|generation| Conn::new(stream, tuple, tls, now, generation));
+                    let tuple = FiveTuple { client: from, listener: ListenerId(i as u16), transport };
+                    let idx = self.conns.insert(|generation| Conn::new(stream, tuple, tls, now, generation));
                     let Some(conn) = self.conns.get_mut(idx) else {
                         continue;
                     };
-                    if let Err(e) = self.poll.registry().register(
-                        &mut conn.stream,
-                        Token(CONN_BASE + idx),
-                        Interest::READABLE,
-                    ) {
-                        log::warn!(
-                            "shard {}: cannot register connection from {from}: {e}",
-                            self.id
-                        );
+                    if let Err(e) =
+                        self.poll.registry().register(&mut conn.stream, Token(CONN_BASE + idx), Interest::READABLE)
+                    {
+                        log::warn!("shard {}: cannot register connection from {from}: {e}", self.id);
                         self.conns.remove(idx);
                         continue;
                     }
                     let generation = conn.generation;
-                    let first_check = if transport == Transport::Tls {
-                        HANDSHAKE_TIMEOUT
-                    } else {
-                        UNALLOCATED_IDLE
-                    };
-                    self.conn_timers
-                        .insert(now + first_check, (idx, generation));
+                    let first_check =
+                        if transport == Transport::Tls { HANDSHAKE_TIMEOUT } else { self.unallocated_timeout };
+                    self.conn_timers.insert(now + first_check, (idx, generation));
                     self.update_conn_gauges();
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Drained::Empty,
@@ -406,11 +378,7 @@ impl Shard {
     fn update_conn_gauges(&self) {
         let (mut tcp, mut tls) = (0u64, 0u64);
         for c in self.conns.slots.iter().flatten() {
-            if c.tuple.transport == Transport::Tls {
-                tls += 1
-            } else {
-                tcp += 1
-            }
+            if c.tuple.transport == Transport::Tls { tls += 1 } else { tcp += 1 }
         }
         set(&self.stats.tcp_connections, tcp);
         set(&self.stats.tls_connections, tls);
@@ -437,11 +405,7 @@ impl Shard {
         }
         if conn.write_interest && !conn.has_pending_writes() {
             conn.write_interest = false;
-            let _ = self.poll.registry().reregister(
-                &mut conn.stream,
-                Token(CONN_BASE + idx),
-                Interest::READABLE,
-            );
+            let _ = self.poll.registry().reregister(&mut conn.stream, Token(CONN_BASE + idx), Interest::READABLE);
         }
         if conn.closing && !conn.has_pending_writes() {
             self.close_conn(idx);
@@ -456,11 +420,7 @@ impl Shard {
             let len = match conn.frame_len() {
                 None => break,
                 Some(0) => {
-                    log::debug!(
-                        "shard {}: closing {}: not a STUN/TURN stream",
-                        self.id,
-                        conn.tuple
-                    );
+                    log::debug!("shard {}: closing {}: not a STUN/TURN stream", self.id, conn.tuple);
                     self.close_conn(idx);
                     return Drained::Empty;
                 }
@@ -472,9 +432,7 @@ impl Shard {
             let n = len.min(body.len());
             body[..n].copy_from_slice(conn.frame(n));
             conn.consume(len);
-            let action = self
-                .engine
-                .handle_client(now, tuple, &mut self.pkt, n, &mut self.relays);
+            let action = self.engine.handle_client(now, tuple, &mut self.pkt, n, &mut self.relays);
             self.perform(action, Some(tuple));
         }
         match state {
@@ -495,21 +453,17 @@ impl Shard {
             return;
         }
         let has_allocation = self.engine.table().find(&conn.tuple).is_some();
-        let expired = (conn.handshaking()
-            && now.saturating_duration_since(conn.accepted) >= HANDSHAKE_TIMEOUT)
+        let expired = (conn.handshaking() && now.saturating_duration_since(conn.accepted) >= HANDSHAKE_TIMEOUT)
             || (!has_allocation
-                && (now.saturating_duration_since(conn.last_activity) >= UNALLOCATED_IDLE
-                    || now.saturating_duration_since(conn.accepted) >= UNALLOCATED_MAX))
+                && (now.saturating_duration_since(conn.last_activity) >= self.unallocated_timeout
+                    || now.saturating_duration_since(conn.accepted)
+                        >= self.unallocated_timeout * UNALLOCATED_MAX_FACTOR))
             || (conn.closing && now.saturating_duration_since(conn.last_activity) >= CONN_CHECK);
         if expired {
-            log::debug!(
-                "shard {}: closing idle or unauthenticated connection {}",
-                self.id,
-                conn.tuple
-            );
+            log::debug!("shard {}: closing idle or unauthenticated connection {}", self.id, conn.tuple);
             self.close_conn(idx);
         } else {
-            self.conn_timers.insert(now + CONN_CHECK, (idx, generation));
+            self.conn_timers.insert(now + CONN_CHECK.min(self.unallocated_timeout), (idx, generation));
         }
     }
 
@@ -544,17 +498,7 @@ impl Shard {
 
 /// Runs a shard until it receives [`Ctl::Shutdown`].
 pub fn run(parts: ShardParts) {
-    let ShardParts {
-        id,
-        poll,
-        listeners,
-        tls,
-        engine,
-        inbox,
-        stats,
-        buffers,
-        recv_batch,
-    } = parts;
+    let ShardParts { id, poll, listeners, tls, engine, inbox, stats, buffers, recv_batch, unallocated_timeout } = parts;
     let registry = match poll.registry().try_clone() {
         Ok(r) => r,
         Err(e) => {
@@ -573,20 +517,19 @@ pub fn run(parts: ShardParts) {
         initial.push(Token(i));
         udp.push(sock);
     }
-    let mut register_tcp =
-        |list: Vec<std::net::TcpListener>, base: usize| -> Option<Vec<TcpListener>> {
-            let mut out = Vec::new();
-            for (i, l) in list.into_iter().enumerate() {
-                let mut sock = TcpListener::from_std(l);
-                if let Err(e) = registry.register(&mut sock, Token(base + i), Interest::READABLE) {
-                    log::error!("shard {id}: cannot register TCP listener {i}: {e}");
-                    return None;
-                }
-                initial.push(Token(base + i));
-                out.push(sock);
+    let mut register_tcp = |list: Vec<std::net::TcpListener>, base: usize| -> Option<Vec<TcpListener>> {
+        let mut out = Vec::new();
+        for (i, l) in list.into_iter().enumerate() {
+            let mut sock = TcpListener::from_std(l);
+            if let Err(e) = registry.register(&mut sock, Token(base + i), Interest::READABLE) {
+                log::error!("shard {id}: cannot register TCP listener {i}: {e}");
+                return None;
             }
-            Some(out)
-        };
+            initial.push(Token(base + i));
+            out.push(sock);
+        }
+        Some(out)
+    };
     let Some(tcp) = register_tcp(listeners.tcp, TCP_BASE) else {
         return;
     };
@@ -603,16 +546,12 @@ pub fn run(parts: ShardParts) {
         tls,
         conns: Conns::default(),
         conn_timers: TimerWheel::new(now),
-        relays: RelaySlots {
-            registry,
-            sockets: Vec::new(),
-            buffers,
-            freed_streams: Vec::new(),
-        },
+        relays: RelaySlots { registry, sockets: Vec::new(), buffers, freed_streams: Vec::new() },
         engine,
         pkt: PacketBuf::default(),
         stats,
         recv_batch: recv_batch.max(1),
+        unallocated_timeout,
     };
     let mut events = Events::with_capacity(1024);
     // Listeners may hold work that arrived before registration: serve them once.
@@ -623,16 +562,8 @@ pub fn run(parts: ShardParts) {
     loop {
         let timeout = if pending.is_empty() {
             let now = clock::now();
-            let next = [
-                shard.engine.poll_timeout(),
-                shard.conn_timers.next_deadline(),
-            ]
-            .into_iter()
-            .flatten()
-            .min();
-            next.map_or(MAX_SLEEP, |t| {
-                t.saturating_duration_since(now).min(MAX_SLEEP)
-            })
+            let next = [shard.engine.poll_timeout(), shard.conn_timers.next_deadline()].into_iter().flatten().min();
+            next.map_or(MAX_SLEEP, |t| t.saturating_duration_since(now).min(MAX_SLEEP))
         } else {
             Duration::ZERO
         };
@@ -668,9 +599,8 @@ pub fn run(parts: ShardParts) {
                 Ctl::Reload(settings) => shard.engine.reload(now, settings),
                 Ctl::ReloadTls(cfg) => shard.tls = Some(cfg),
                 Ctl::Shutdown => {
-                    let open: Vec<usize> = (0..shard.conns.slots.len())
-                        .filter(|&i| shard.conns.slots[i].is_some())
-                        .collect();
+                    let open: Vec<usize> =
+                        (0..shard.conns.slots.len()).filter(|&i| shard.conns.slots[i].is_some()).collect();
                     for idx in open {
                         shard.close_conn(idx);
                     }

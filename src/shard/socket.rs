@@ -48,13 +48,7 @@ pub fn relay_udp(addr: SocketAddr, buffers: Buffers) -> io::Result<std::net::Udp
 /// The local address the kernel would use to reach `probe` (no packet is sent: UDP `connect` only
 /// picks a route). Used to find a relay address to advertise when listening on a wildcard.
 pub fn route_source(probe: SocketAddr) -> Option<std::net::IpAddr> {
-    let bind: SocketAddr = if probe.is_ipv4() {
-        "0.0.0.0:0"
-    } else {
-        "[::]:0"
-    }
-    .parse()
-    .ok()?;
+    let bind: SocketAddr = if probe.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().ok()?;
     let s = std::net::UdpSocket::bind(bind).ok()?;
     s.connect(probe).ok()?;
     s.local_addr().ok().map(|a| a.ip())

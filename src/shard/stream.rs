@@ -52,10 +52,7 @@ pub struct Conn {
 
 impl std::fmt::Debug for Conn {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Conn")
-            .field("tuple", &self.tuple)
-            .field("tls", &self.tls.is_some())
-            .finish()
+        f.debug_struct("Conn").field("tuple", &self.tuple).field("tls", &self.tls.is_some()).finish()
     }
 }
 
@@ -175,11 +172,7 @@ impl Conn {
                 Some(tls) => {
                     // Plaintext into rustls (bounded by its buffer limit), then records to the socket.
                     let (front, _) = self.wbuf.as_slices();
-                    let n = if front.is_empty() || tls.is_handshaking() {
-                        0
-                    } else {
-                        tls.writer().write(front)?
-                    };
+                    let n = if front.is_empty() || tls.is_handshaking() { 0 } else { tls.writer().write(front)? };
                     while tls.wants_write() {
                         match tls.write_tls(&mut self.stream) {
                             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
@@ -205,11 +198,7 @@ impl Conn {
 
 /// Reads TLS records from the socket and decrypts what they hold into `out`. Returns the number of
 /// ciphertext bytes read (0 = the peer closed).
-fn read_tls(
-    tls: &mut rustls::ServerConnection,
-    stream: &mut TcpStream,
-    out: &mut Vec<u8>,
-) -> io::Result<usize> {
+fn read_tls(tls: &mut rustls::ServerConnection, stream: &mut TcpStream, out: &mut Vec<u8>) -> io::Result<usize> {
     let n = match tls.read_tls(stream) {
         Ok(n) => n,
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -221,9 +210,7 @@ fn read_tls(
     if n == 0 {
         return Ok(0);
     }
-    let state = tls
-        .process_new_packets()
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    let state = tls.process_new_packets().map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
     drain_plaintext(tls, out)?;
     if state.peer_has_closed() && state.plaintext_bytes_to_read() == 0 {
         return Ok(0);

@@ -23,12 +23,7 @@ pub fn start_server(threads: usize, ports: (u16, u16), extra: &str) -> ServerHan
 }
 
 /// As [`start_server`], with the relay addresses given (e.g. `"127.0.0.1, ::1"`).
-pub fn start_server_relaying(
-    threads: usize,
-    ports: (u16, u16),
-    relay_ips: &str,
-    extra: &str,
-) -> ServerHandle {
+pub fn start_server_relaying(threads: usize, ports: (u16, u16), relay_ips: &str, extra: &str) -> ServerHandle {
     let yaml = test_yaml(threads, ports, relay_ips, extra);
     let cfg = config::parse(Path::new("<test>.yaml"), &yaml).expect("test config");
     server::start(&cfg).expect("server starts")
@@ -42,18 +37,11 @@ pub fn test_yaml(threads: usize, ports: (u16, u16), relay_ips: &str, extra: &str
          runtime:\n  threads: {threads}\n{extra}",
         ports.0, ports.1
     );
-    if extra.contains("peers:") {
-        yaml
-    } else {
-        format!("{yaml}peers:\n  allowed: [127.0.0.1]\n")
-    }
+    if extra.contains("peers:") { yaml } else { format!("{yaml}peers:\n  allowed: [127.0.0.1]\n") }
 }
 
 pub fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
 }
 
 /// A UDP echo peer on loopback.
@@ -65,9 +53,12 @@ pub struct EchoPeer {
 
 impl EchoPeer {
     pub fn start() -> Self {
-        let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
-        sock.set_read_timeout(Some(Duration::from_millis(50)))
-            .unwrap();
+        Self::start_on("127.0.0.1:0")
+    }
+
+    pub fn start_on(local: &str) -> Self {
+        let sock = UdpSocket::bind(local).unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
         let addr = sock.local_addr().unwrap();
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let stop2 = stop.clone();
@@ -79,11 +70,7 @@ impl EchoPeer {
                 }
             }
         });
-        Self {
-            addr,
-            stop,
-            thread: Some(thread),
-        }
+        Self { addr, stop, thread: Some(thread) }
     }
 }
 
@@ -107,9 +94,7 @@ impl Response {
         self.msg().class()
     }
     pub fn code(&self) -> Option<u16> {
-        self.msg()
-            .attr(AttrType::ERROR_CODE)
-            .map(|v| attr::decode_error_code(v).unwrap().0)
+        self.msg().attr(AttrType::ERROR_CODE).map(|v| attr::decode_error_code(v).unwrap().0)
     }
     pub fn attr(&self, t: AttrType) -> Option<Vec<u8>> {
         self.msg().attr(t).map(<[u8]>::to_vec)
@@ -139,41 +124,21 @@ impl TurnClient {
     }
 
     pub fn with_key(server: SocketAddr, username: String, key: LongTermKey) -> Self {
-        let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let local = if server.is_ipv6() { "[::1]:0" } else { "127.0.0.1:0" };
+        let sock = UdpSocket::bind(local).unwrap();
         sock.set_read_timeout(Some(TIMEOUT)).unwrap();
-        Self {
-            sock,
-            server,
-            username,
-            key,
-            nonce: Vec::new(),
-            tid: rand_seed(),
-        }
+        Self { sock, server, username, key, nonce: Vec::new(), tid: rand_seed() }
     }
 
     fn next_tid(&mut self) -> TransactionId {
         self.tid = self.tid.wrapping_add(1);
         let mut t = [0u8; 12];
         t[..4].copy_from_slice(&self.tid.to_be_bytes());
-        t[4..8].copy_from_slice(
-            &self
-                .sock
-                .local_addr()
-                .unwrap()
-                .port()
-                .to_be_bytes()
-                .repeat(2),
-        );
+        t[4..8].copy_from_slice(&self.sock.local_addr().unwrap().port().to_be_bytes().repeat(2));
         TransactionId(t)
     }
 
-    pub fn build(
-        &mut self,
-        method: Method,
-        class: Class,
-        auth: bool,
-        body: &dyn Fn(&mut MsgWriter<'_>),
-    ) -> Vec<u8> {
+    pub fn build(&mut self, method: Method, class: Class, auth: bool, body: &dyn Fn(&mut MsgWriter<'_>)) -> Vec<u8> {
         let tid = self.next_tid();
         let mut buf = vec![0u8; 2048];
         let mut w = MsgWriter::new(&mut buf, method, class, tid);
@@ -226,33 +191,24 @@ impl TurnClient {
     }
 
     pub fn allocate(&mut self) -> SocketAddr {
-        let r = self.request(Method::ALLOCATE, &|w| {
-            w.add_bytes(AttrType::REQUESTED_TRANSPORT, &[PROTO_UDP, 0, 0, 0])
-        });
+        let r = self.request(Method::ALLOCATE, &|w| w.add_bytes(AttrType::REQUESTED_TRANSPORT, &[PROTO_UDP, 0, 0, 0]));
         assert_eq!(r.class(), Class::Success, "allocate failed: {:?}", r.code());
         r.xor_addr(AttrType::XOR_RELAYED_ADDRESS)
     }
 
     pub fn create_permission(&mut self, peer: SocketAddr) -> Response {
-        self.request(Method::CREATE_PERMISSION, &|w| {
-            w.add_xor_addr(AttrType::XOR_PEER_ADDRESS, peer)
-        })
+        self.request(Method::CREATE_PERMISSION, &|w| w.add_xor_addr(AttrType::XOR_PEER_ADDRESS, peer))
     }
 
     pub fn channel_bind(&mut self, number: u16, peer: SocketAddr) -> Response {
         self.request(Method::CHANNEL_BIND, &|w| {
-            w.add_bytes(
-                AttrType::CHANNEL_NUMBER,
-                &[(number >> 8) as u8, number as u8, 0, 0],
-            );
+            w.add_bytes(AttrType::CHANNEL_NUMBER, &[(number >> 8) as u8, number as u8, 0, 0]);
             w.add_xor_addr(AttrType::XOR_PEER_ADDRESS, peer);
         })
     }
 
     pub fn refresh(&mut self, lifetime: u32) -> Response {
-        self.request(Method::REFRESH, &|w| {
-            w.add_u32(AttrType::LIFETIME, lifetime)
-        })
+        self.request(Method::REFRESH, &|w| w.add_u32(AttrType::LIFETIME, lifetime))
     }
 
     pub fn send_channel(&self, number: u16, payload: &[u8]) {
@@ -279,19 +235,11 @@ impl TurnClient {
             let b = &buf[..n];
             if b[0] & 0xC0 == 0x40 {
                 let len = usize::from(u16::from_be_bytes([b[2], b[3]]));
-                return Some((
-                    Some(u16::from_be_bytes([b[0], b[1]])),
-                    None,
-                    b[4..4 + len].to_vec(),
-                ));
+                return Some((Some(u16::from_be_bytes([b[0], b[1]])), None, b[4..4 + len].to_vec()));
             }
             if let Ok(m) = StunMsg::parse(b) {
                 if m.method() == Method::DATA && m.class() == Class::Indication {
-                    let peer = attr::decode_xor_addr(
-                        m.attr(AttrType::XOR_PEER_ADDRESS)?,
-                        &m.transaction_id(),
-                    )
-                    .ok();
+                    let peer = attr::decode_xor_addr(m.attr(AttrType::XOR_PEER_ADDRESS)?, &m.transaction_id()).ok();
                     return Some((None, peer, m.attr(AttrType::DATA)?.to_vec()));
                 }
             }
@@ -342,13 +290,8 @@ impl Binary {
                 }
             }
         });
-        let addr = rx
-            .recv_timeout(Duration::from_secs(20))
-            .expect("turnpike reports its address");
-        Self {
-            child,
-            addr: addr.parse().unwrap(),
-        }
+        let addr = rx.recv_timeout(Duration::from_secs(20)).expect("turnpike reports its address");
+        Self { child, addr: addr.parse().unwrap() }
     }
 
     /// Resident memory of the process, KiB.

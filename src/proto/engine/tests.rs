@@ -37,10 +37,7 @@ fn settings() -> Settings {
     credentials.add_secret(SECRET);
     credentials.add_user("alice", "wonderland");
     credentials.add_user("bob", "builder");
-    let relay = RelayAddr {
-        bind: "127.0.0.1".parse().unwrap(),
-        advertised: "203.0.113.9".parse().unwrap(),
-    };
+    let relay = RelayAddr { bind: "127.0.0.1".parse().unwrap(), advertised: "203.0.113.9".parse().unwrap() };
     Settings {
         credentials,
         nonce_key: NonceKey::new([3; 32]),
@@ -59,8 +56,8 @@ fn settings() -> Settings {
         software: None,
         reason_phrases: false,
         legacy_channel_numbers: false,
-        relay_v4: Some(relay),
-        relay_v6: None,
+        relay_v4: vec![relay],
+        relay_v6: vec![],
         relay_ports: (50_000, 50_009),
     }
 }
@@ -86,13 +83,7 @@ fn harness_with(s: Settings) -> Harness {
         UNIX0,
         42,
     );
-    Harness {
-        engine,
-        io: FakeSockets::default(),
-        pkt: PacketBuf::default(),
-        now: t0,
-        shared,
-    }
+    Harness { engine, io: FakeSockets::default(), pkt: PacketBuf::default(), now: t0, shared }
 }
 
 fn harness() -> Harness {
@@ -132,23 +123,11 @@ impl Client {
         let username = format!("{expiry}:{user}");
         let password = rest_password(secret.as_bytes(), username.as_bytes());
         let key = long_term_key(username.as_bytes(), REALM.as_bytes(), &password);
-        Self {
-            tuple: tuple(port),
-            username,
-            key,
-            nonce: Vec::new(),
-            next_tid: 1,
-        }
+        Self { tuple: tuple(port), username, key, nonce: Vec::new(), next_tid: 1 }
     }
     fn static_user(port: u16, user: &str, password: &str) -> Self {
         let key = long_term_key(user.as_bytes(), REALM.as_bytes(), password.as_bytes());
-        Self {
-            tuple: tuple(port),
-            username: user.into(),
-            key,
-            nonce: Vec::new(),
-            next_tid: 1,
-        }
+        Self { tuple: tuple(port), username: user.into(), key, nonce: Vec::new(), next_tid: 1 }
     }
 
     fn tid(&mut self) -> TransactionId {
@@ -157,12 +136,7 @@ impl Client {
     }
 
     /// Builds a request; `auth` adds USERNAME/REALM/NONCE/MESSAGE-INTEGRITY.
-    fn request(
-        &mut self,
-        method: Method,
-        auth: bool,
-        body: impl FnOnce(&mut MsgWriter<'_>),
-    ) -> Vec<u8> {
+    fn request(&mut self, method: Method, auth: bool, body: impl FnOnce(&mut MsgWriter<'_>)) -> Vec<u8> {
         let tid = self.tid();
         self.request_with_tid(method, tid, auth, body)
     }
@@ -207,9 +181,7 @@ impl Resp {
         self.msg().class()
     }
     fn code(&self) -> Option<u16> {
-        self.msg()
-            .attr(AttrType::ERROR_CODE)
-            .map(|v| attr::decode_error_code(v).unwrap().0)
+        self.msg().attr(AttrType::ERROR_CODE).map(|v| attr::decode_error_code(v).unwrap().0)
     }
     fn attr(&self, t: AttrType) -> Option<Vec<u8>> {
         self.msg().attr(t).map(<[u8]>::to_vec)
@@ -231,32 +203,23 @@ impl Harness {
 
     fn send(&mut self, from: FiveTuple, bytes: &[u8]) -> Action {
         let len = self.pkt.fill(bytes);
-        self.engine
-            .handle_client(self.now, from, &mut self.pkt, len, &mut self.io)
+        self.engine.handle_client(self.now, from, &mut self.pkt, len, &mut self.io)
     }
 
     fn request(&mut self, from: FiveTuple, bytes: &[u8]) -> Resp {
         match self.send(from, bytes) {
-            Action::Reply { len } => Resp {
-                bytes: self.engine.reply(len).to_vec(),
-            },
+            Action::Reply { len } => Resp { bytes: self.engine.reply(len).to_vec() },
             other => panic!("expected a reply, got {other:?}"),
         }
     }
 
     fn peer_sends(&mut self, idx: u32, peer: SocketAddr, payload: &[u8]) -> Action {
         let len = self.pkt.fill(payload);
-        self.engine
-            .handle_peer(self.now, idx, peer, &mut self.pkt, len)
+        self.engine.handle_peer(self.now, idx, peer, &mut self.pkt, len)
     }
 
     /// 401 round trip, then an authenticated request: returns the response.
-    fn authed(
-        &mut self,
-        c: &mut Client,
-        method: Method,
-        body: impl Fn(&mut MsgWriter<'_>),
-    ) -> Resp {
+    fn authed(&mut self, c: &mut Client, method: Method, body: impl Fn(&mut MsgWriter<'_>)) -> Resp {
         if c.nonce.is_empty() {
             let req = c.request(method, false, &body);
             let r = self.request(c.tuple, &req);
@@ -285,10 +248,7 @@ fn peer_attr(addr: SocketAddr) -> impl Fn(&mut MsgWriter<'_>) {
 
 fn channel_bind_attrs(number: u16, addr: SocketAddr) -> impl Fn(&mut MsgWriter<'_>) {
     move |w| {
-        w.add_bytes(
-            AttrType::CHANNEL_NUMBER,
-            &[(number >> 8) as u8, number as u8, 0, 0],
-        );
+        w.add_bytes(AttrType::CHANNEL_NUMBER, &[(number >> 8) as u8, number as u8, 0, 0]);
         w.add_xor_addr(AttrType::XOR_PEER_ADDRESS, addr);
     }
 }
@@ -313,21 +273,14 @@ fn full_flow_over_rest_credentials() {
     assert_eq!((r.class(), r.code()), (Class::Error, Some(401)));
     assert_eq!(r.attr(AttrType::REALM).unwrap(), REALM.as_bytes());
     assert!(r.attr(AttrType::MESSAGE_INTEGRITY).is_none());
-    assert!(
-        r.attr(AttrType::ERROR_CODE).unwrap().len() == 4,
-        "no reason phrase by default"
-    );
+    assert!(r.attr(AttrType::ERROR_CODE).unwrap().len() == 4, "no reason phrase by default");
     c.nonce = r.attr(AttrType::NONCE).unwrap();
 
     let r = h.allocate(&mut c);
     assert_eq!(r.class(), Class::Success);
     assert!(verify_message_integrity(&r.msg(), &c.key));
     let relayed = r.xor_addr(AttrType::XOR_RELAYED_ADDRESS);
-    assert_eq!(
-        relayed.ip(),
-        "203.0.113.9".parse::<IpAddr>().unwrap(),
-        "advertises the external address"
-    );
+    assert_eq!(relayed.ip(), "203.0.113.9".parse::<IpAddr>().unwrap(), "advertises the external address");
     assert!((50_000..50_010).contains(&relayed.port()));
     assert_eq!(r.xor_addr(AttrType::XOR_MAPPED_ADDRESS), c.tuple.client);
     assert_eq!(r.lifetime(), 600);
@@ -335,99 +288,59 @@ fn full_flow_over_rest_credentials() {
     assert_eq!(h.shared.directory.owner(&c.tuple), Some(0));
 
     // No permission yet: peer data is dropped silently.
-    assert_eq!(
-        h.peer_sends(0, peer(), b"early"),
-        Action::Drop(DropReason::NoPermission)
-    );
+    assert_eq!(h.peer_sends(0, peer(), b"early"), Action::Drop(DropReason::NoPermission));
 
     let r = h.authed(&mut c, Method::CREATE_PERMISSION, peer_attr(peer()));
     assert_eq!(r.class(), Class::Success);
     assert!(verify_message_integrity(&r.msg(), &c.key));
 
-    let r = h.authed(
-        &mut c,
-        Method::CHANNEL_BIND,
-        channel_bind_attrs(0x4001, peer()),
-    );
+    let r = h.authed(&mut c, Method::CHANNEL_BIND, channel_bind_attrs(0x4001, peer()));
     assert_eq!(r.class(), Class::Success);
 
     // Client -> peer over the channel: the payload is forwarded in place.
     let action = h.send(c.tuple, &channel_data(0x4001, b"hello peer"));
-    let Action::ToPeer {
-        idx,
-        peer: to,
-        range,
-    } = action
-    else {
-        panic!("{action:?}")
-    };
+    let Action::ToPeer { idx, peer: to, range } = action else { panic!("{action:?}") };
     assert_eq!((idx, to), (0, peer()));
     assert_eq!(h.pkt.get(range), b"hello peer");
 
     // Peer -> client: a ChannelData header is written in front of the payload.
     let action = h.peer_sends(0, peer(), b"hi client");
-    let Action::ToClient { tuple: t, range } = action else {
-        panic!("{action:?}")
-    };
+    let Action::ToClient { tuple: t, range } = action else { panic!("{action:?}") };
     assert_eq!(t, c.tuple);
     assert_eq!(h.pkt.get(range), &channel_data(0x4001, b"hi client")[..]);
 
     // Another port of the same permitted IP has no channel: Data indication.
     let other_port: SocketAddr = "8.8.8.8:5001".parse().unwrap();
     let action = h.peer_sends(0, other_port, b"via indication");
-    let Action::ToClient { range, .. } = action else {
-        panic!("{action:?}")
-    };
+    let Action::ToClient { range, .. } = action else { panic!("{action:?}") };
     let bytes = h.pkt.get(range).to_vec();
     let msg = StunMsg::parse(&bytes).unwrap();
-    assert_eq!(
-        (msg.class(), msg.method()),
-        (Class::Indication, Method::DATA)
-    );
+    assert_eq!((msg.class(), msg.method()), (Class::Indication, Method::DATA));
     assert_eq!(msg.attr(AttrType::DATA), Some(&b"via indication"[..]));
     assert_eq!(
-        attr::decode_xor_addr(
-            msg.attr(AttrType::XOR_PEER_ADDRESS).unwrap(),
-            &msg.transaction_id()
-        )
-        .unwrap(),
+        attr::decode_xor_addr(msg.attr(AttrType::XOR_PEER_ADDRESS).unwrap(), &msg.transaction_id()).unwrap(),
         other_port
     );
 
     // Send indication client -> peer.
     let mut buf = [0u8; 128];
-    let mut w = MsgWriter::new(
-        &mut buf,
-        Method::SEND,
-        Class::Indication,
-        TransactionId([9; 12]),
-    );
+    let mut w = MsgWriter::new(&mut buf, Method::SEND, Class::Indication, TransactionId([9; 12]));
     w.add_xor_addr(AttrType::XOR_PEER_ADDRESS, other_port);
     w.add_bytes(AttrType::DATA, b"sent");
     let len = w.finish().unwrap();
     let action = h.send(c.tuple, &buf[..len]);
-    let Action::ToPeer {
-        peer: to, range, ..
-    } = action
-    else {
-        panic!("{action:?}")
-    };
+    let Action::ToPeer { peer: to, range, .. } = action else { panic!("{action:?}") };
     assert_eq!(to, other_port);
     assert_eq!(h.pkt.get(range), b"sent");
 
     // Refresh(0) deletes the allocation, closes the socket and frees the quota.
-    let r = h.authed(&mut c, Method::REFRESH, |w| {
-        w.add_u32(AttrType::LIFETIME, 0)
-    });
+    let r = h.authed(&mut c, Method::REFRESH, |w| w.add_u32(AttrType::LIFETIME, 0));
     assert_eq!(r.class(), Class::Success);
     assert_eq!(r.lifetime(), 0);
     assert!(h.io.open.is_empty());
     assert_eq!(h.shared.quotas.total(), 0);
     assert_eq!(h.shared.directory.owner(&c.tuple), None);
-    assert_eq!(
-        h.send(c.tuple, &channel_data(0x4001, b"late")),
-        Action::Drop(DropReason::NoAllocation)
-    );
+    assert_eq!(h.send(c.tuple, &channel_data(0x4001, b"late")), Action::Drop(DropReason::NoAllocation));
 }
 
 /// RFC 8656 §7.2 (2): a second Allocate on the same 5-tuple gets 437.
@@ -438,10 +351,7 @@ fn second_allocate_is_437() {
     assert_eq!(h.allocate(&mut c).class(), Class::Success);
     let r = h.allocate(&mut c);
     assert_eq!(r.code(), Some(437));
-    assert!(
-        verify_message_integrity(&r.msg(), &c.key),
-        "authenticated errors carry MESSAGE-INTEGRITY"
-    );
+    assert!(verify_message_integrity(&r.msg(), &c.key), "authenticated errors carry MESSAGE-INTEGRITY");
 }
 
 /// RFC 8656 §7.2: a retransmitted Allocate gets the very same success response.
@@ -471,16 +381,12 @@ fn stale_nonce_is_438() {
     });
     assert_eq!(r.class(), Class::Success);
     h.advance(601);
-    let req = c.request(Method::REFRESH, true, |w| {
-        w.add_u32(AttrType::LIFETIME, 600)
-    });
+    let req = c.request(Method::REFRESH, true, |w| w.add_u32(AttrType::LIFETIME, 600));
     let r = h.request(c.tuple, &req);
     assert_eq!(r.code(), Some(438));
     assert!(r.attr(AttrType::REALM).is_some());
     c.nonce = r.attr(AttrType::NONCE).unwrap();
-    let r = h.authed(&mut c, Method::REFRESH, |w| {
-        w.add_u32(AttrType::LIFETIME, 600)
-    });
+    let r = h.authed(&mut c, Method::REFRESH, |w| w.add_u32(AttrType::LIFETIME, 600));
     assert_eq!(r.class(), Class::Success);
 }
 
@@ -490,23 +396,12 @@ fn expiry_at_lifetime() {
     let mut h = harness();
     let mut c = Client::rest(40004, "u", UNIX0 + 7200);
     assert_eq!(h.allocate(&mut c).lifetime(), 600);
-    let r = h.authed(
-        &mut c,
-        Method::CHANNEL_BIND,
-        channel_bind_attrs(0x4000, peer()),
-    );
+    let r = h.authed(&mut c, Method::CHANNEL_BIND, channel_bind_attrs(0x4000, peer()));
     assert_eq!(r.class(), Class::Success);
     h.advance(299);
-    assert!(matches!(
-        h.peer_sends(0, peer(), b"x"),
-        Action::ToClient { .. }
-    ));
+    assert!(matches!(h.peer_sends(0, peer(), b"x"), Action::ToClient { .. }));
     h.advance(2);
-    assert_eq!(
-        h.peer_sends(0, peer(), b"x"),
-        Action::Drop(DropReason::NoPermission),
-        "permission expired at 300 s"
-    );
+    assert_eq!(h.peer_sends(0, peer(), b"x"), Action::Drop(DropReason::NoPermission), "permission expired at 300 s");
     h.advance(298);
     assert_eq!(h.engine.table().len(), 1, "still alive at 599 s");
     h.advance(2);
@@ -527,14 +422,10 @@ fn refresh_lifetimes() {
         w.add_u32(AttrType::LIFETIME, 100_000);
     });
     assert_eq!(r.lifetime(), 3600);
-    let r = h.authed(&mut c, Method::REFRESH, |w| {
-        w.add_u32(AttrType::LIFETIME, 30)
-    });
+    let r = h.authed(&mut c, Method::REFRESH, |w| w.add_u32(AttrType::LIFETIME, 30));
     assert_eq!(r.lifetime(), 600);
     h.advance(599);
-    let r = h.authed(&mut c, Method::REFRESH, |w| {
-        w.add_u32(AttrType::LIFETIME, 1200)
-    });
+    let r = h.authed(&mut c, Method::REFRESH, |w| w.add_u32(AttrType::LIFETIME, 1200));
     assert_eq!(r.lifetime(), 1200);
     h.advance(1100);
     assert_eq!(h.engine.table().len(), 1, "refresh moved the expiry");
@@ -552,10 +443,7 @@ fn dont_fragment_is_refused_as_unknown_420() {
         w.add_bytes(AttrType(0x7777), &[1, 2, 3]);
     });
     assert_eq!(r.code(), Some(420));
-    assert_eq!(
-        r.attr(AttrType::UNKNOWN_ATTRIBUTES).unwrap(),
-        vec![0x00, 0x1A, 0x77, 0x77]
-    );
+    assert_eq!(r.attr(AttrType::UNKNOWN_ATTRIBUTES).unwrap(), vec![0x00, 0x1A, 0x77, 0x77]);
     assert!(verify_message_integrity(&r.msg(), &c.key));
 }
 
@@ -563,9 +451,7 @@ fn dont_fragment_is_refused_as_unknown_420() {
 fn transport_and_family_errors() {
     let mut h = harness();
     let mut c = Client::rest(40007, "u", UNIX0 + 3600);
-    let r = h.authed(&mut c, Method::ALLOCATE, |w| {
-        w.add_bytes(AttrType::REQUESTED_TRANSPORT, &[6, 0, 0, 0])
-    });
+    let r = h.authed(&mut c, Method::ALLOCATE, |w| w.add_bytes(AttrType::REQUESTED_TRANSPORT, &[6, 0, 0, 0]));
     assert_eq!(r.code(), Some(442));
     let r = h.authed(&mut c, Method::ALLOCATE, |_| {});
     assert_eq!(r.code(), Some(400), "missing REQUESTED-TRANSPORT");
@@ -594,52 +480,23 @@ fn peer_policy_403_and_family_443() {
     let mut h = harness();
     let mut c = Client::rest(40008, "u", UNIX0 + 3600);
     assert_eq!(h.allocate(&mut c).class(), Class::Success);
-    for denied in [
-        "127.0.0.1:80",
-        "10.0.0.1:80",
-        "169.254.169.254:80",
-        "0.0.0.0:80",
-        "224.0.0.1:80",
-    ] {
-        let r = h.authed(
-            &mut c,
-            Method::CREATE_PERMISSION,
-            peer_attr(denied.parse().unwrap()),
-        );
+    for denied in ["127.0.0.1:80", "10.0.0.1:80", "169.254.169.254:80", "0.0.0.0:80", "224.0.0.1:80"] {
+        let r = h.authed(&mut c, Method::CREATE_PERMISSION, peer_attr(denied.parse().unwrap()));
         assert_eq!(r.code(), Some(403), "{denied}");
-        let r = h.authed(
-            &mut c,
-            Method::CHANNEL_BIND,
-            channel_bind_attrs(0x4000, denied.parse().unwrap()),
-        );
+        let r = h.authed(&mut c, Method::CHANNEL_BIND, channel_bind_attrs(0x4000, denied.parse().unwrap()));
         assert_eq!(r.code(), Some(403), "{denied}");
     }
-    let r = h.authed(
-        &mut c,
-        Method::CREATE_PERMISSION,
-        peer_attr("[::ffff:127.0.0.1]:80".parse().unwrap()),
-    );
-    assert_eq!(
-        r.code(),
-        Some(443),
-        "an IPv6 spelling on an IPv4 allocation is a family mismatch"
-    );
+    let r = h.authed(&mut c, Method::CREATE_PERMISSION, peer_attr("[::ffff:127.0.0.1]:80".parse().unwrap()));
+    assert_eq!(r.code(), Some(443), "an IPv6 spelling on an IPv4 allocation is a family mismatch");
     // All-or-nothing: one bad peer in the list installs none.
     let r = h.authed(&mut c, Method::CREATE_PERMISSION, |w| {
         w.add_xor_addr(AttrType::XOR_PEER_ADDRESS, peer());
         w.add_xor_addr(AttrType::XOR_PEER_ADDRESS, "10.1.1.1:1".parse().unwrap());
     });
     assert_eq!(r.code(), Some(403));
-    assert_eq!(
-        h.peer_sends(0, peer(), b"x"),
-        Action::Drop(DropReason::NoPermission)
-    );
+    assert_eq!(h.peer_sends(0, peer(), b"x"), Action::Drop(DropReason::NoPermission));
     // The server's own relay address is allowed even though 203.0.113.0/24 is reserved.
-    let r = h.authed(
-        &mut c,
-        Method::CREATE_PERMISSION,
-        peer_attr("203.0.113.9:50001".parse().unwrap()),
-    );
+    let r = h.authed(&mut c, Method::CREATE_PERMISSION, peer_attr("203.0.113.9:50001".parse().unwrap()));
     assert_eq!(r.class(), Class::Success);
 }
 
@@ -650,10 +507,7 @@ fn several_peers_in_one_create_permission_and_the_cap() {
     assert_eq!(h.allocate(&mut c).class(), Class::Success);
     let r = h.authed(&mut c, Method::CREATE_PERMISSION, |w| {
         for i in 1..=3u8 {
-            w.add_xor_addr(
-                AttrType::XOR_PEER_ADDRESS,
-                SocketAddr::new(IpAddr::from([8, 8, 4, i]), 1),
-            );
+            w.add_xor_addr(AttrType::XOR_PEER_ADDRESS, SocketAddr::new(IpAddr::from([8, 8, 4, i]), 1));
         }
     });
     assert_eq!(r.class(), Class::Success);
@@ -720,9 +574,7 @@ fn other_users_credentials_are_441() {
     let mut alice = Client::static_user(40018, "alice", "wonderland");
     assert_eq!(h.allocate(&mut alice).class(), Class::Success);
     let mut bob = Client::static_user(40018, "bob", "builder");
-    let r = h.authed(&mut bob, Method::REFRESH, |w| {
-        w.add_u32(AttrType::LIFETIME, 0)
-    });
+    let r = h.authed(&mut bob, Method::REFRESH, |w| w.add_u32(AttrType::LIFETIME, 0));
     assert_eq!(r.code(), Some(441));
     assert_eq!(h.engine.table().len(), 1);
 }
@@ -735,93 +587,24 @@ fn channel_bind_rules() {
     let mut c = Client::rest(40019, "u", UNIX0 + 99_999);
     assert_eq!(h.allocate(&mut c).class(), Class::Success);
     let p2: SocketAddr = PEER2.parse().unwrap();
-    assert_eq!(
-        h.authed(
-            &mut c,
-            Method::CHANNEL_BIND,
-            channel_bind_attrs(0x3FFF, peer())
-        )
-        .code(),
-        Some(400)
-    );
-    assert_eq!(
-        h.authed(
-            &mut c,
-            Method::CHANNEL_BIND,
-            channel_bind_attrs(0x5000, peer())
-        )
-        .code(),
-        Some(400)
-    );
-    assert_eq!(
-        h.authed(
-            &mut c,
-            Method::CHANNEL_BIND,
-            channel_bind_attrs(0x4000, peer())
-        )
-        .class(),
-        Class::Success
-    );
-    assert_eq!(
-        h.authed(&mut c, Method::CHANNEL_BIND, channel_bind_attrs(0x4000, p2))
-            .code(),
-        Some(400)
-    );
-    assert_eq!(
-        h.authed(
-            &mut c,
-            Method::CHANNEL_BIND,
-            channel_bind_attrs(0x4001, peer())
-        )
-        .code(),
-        Some(400)
-    );
-    assert_eq!(
-        h.authed(
-            &mut c,
-            Method::CHANNEL_BIND,
-            channel_bind_attrs(0x4000, peer())
-        )
-        .class(),
-        Class::Success
-    );
-    assert_eq!(
-        h.authed(&mut c, Method::CHANNEL_BIND, channel_bind_attrs(0x4001, p2))
-            .class(),
-        Class::Success
-    );
+    assert_eq!(h.authed(&mut c, Method::CHANNEL_BIND, channel_bind_attrs(0x3FFF, peer())).code(), Some(400));
+    assert_eq!(h.authed(&mut c, Method::CHANNEL_BIND, channel_bind_attrs(0x5000, peer())).code(), Some(400));
+    assert_eq!(h.authed(&mut c, Method::CHANNEL_BIND, channel_bind_attrs(0x4000, peer())).class(), Class::Success);
+    assert_eq!(h.authed(&mut c, Method::CHANNEL_BIND, channel_bind_attrs(0x4000, p2)).code(), Some(400));
+    assert_eq!(h.authed(&mut c, Method::CHANNEL_BIND, channel_bind_attrs(0x4001, peer())).code(), Some(400));
+    assert_eq!(h.authed(&mut c, Method::CHANNEL_BIND, channel_bind_attrs(0x4000, peer())).class(), Class::Success);
+    assert_eq!(h.authed(&mut c, Method::CHANNEL_BIND, channel_bind_attrs(0x4001, p2)).class(), Class::Success);
     // Keep the allocation alive, let the channels lapse.
     h.advance(590);
-    assert_eq!(
-        h.authed(&mut c, Method::REFRESH, |w| w
-            .add_u32(AttrType::LIFETIME, 3600))
-            .class(),
-        Class::Success
-    );
+    assert_eq!(h.authed(&mut c, Method::REFRESH, |w| w.add_u32(AttrType::LIFETIME, 3600)).class(), Class::Success);
     h.advance(20);
-    assert_eq!(
-        h.send(c.tuple, &channel_data(0x4000, b"x")),
-        Action::Drop(DropReason::NoChannel)
-    );
+    assert_eq!(h.send(c.tuple, &channel_data(0x4000, b"x")), Action::Drop(DropReason::NoChannel));
     // Cooling down: the number cannot move to another peer yet, but the same pair can be re-bound.
-    assert_eq!(
-        h.authed(&mut c, Method::CHANNEL_BIND, channel_bind_attrs(0x4000, p2))
-            .code(),
-        Some(400)
-    );
-    assert_eq!(
-        h.authed(&mut c, Method::CHANNEL_BIND, channel_bind_attrs(0x4001, p2))
-            .class(),
-        Class::Success
-    );
+    assert_eq!(h.authed(&mut c, Method::CHANNEL_BIND, channel_bind_attrs(0x4000, p2)).code(), Some(400));
+    assert_eq!(h.authed(&mut c, Method::CHANNEL_BIND, channel_bind_attrs(0x4001, p2)).class(), Class::Success);
     h.advance(301);
     assert_eq!(
-        h.authed(
-            &mut c,
-            Method::CHANNEL_BIND,
-            channel_bind_attrs(0x4000, "8.8.4.4:1".parse().unwrap())
-        )
-        .class(),
+        h.authed(&mut c, Method::CHANNEL_BIND, channel_bind_attrs(0x4000, "8.8.4.4:1".parse().unwrap())).class(),
         Class::Success
     );
 }
@@ -831,36 +614,17 @@ fn channel_data_edge_cases() {
     let mut h = harness();
     let mut c = Client::rest(40020, "u", UNIX0 + 3600);
     assert_eq!(h.allocate(&mut c).class(), Class::Success);
-    assert_eq!(
-        h.send(c.tuple, &channel_data(0x4000, b"x")),
-        Action::Drop(DropReason::NoChannel)
-    );
+    assert_eq!(h.send(c.tuple, &channel_data(0x4000, b"x")), Action::Drop(DropReason::NoChannel));
     let mut short = channel_data(0x4000, b"abcd");
     short.truncate(6);
     assert_eq!(h.send(c.tuple, &short), Action::Drop(DropReason::Malformed));
-    assert_eq!(
-        h.send(c.tuple, &[0x40]),
-        Action::Drop(DropReason::Malformed)
-    );
-    assert_eq!(
-        h.send(c.tuple, &channel_data(0x7000, b"x")),
-        Action::Drop(DropReason::NoChannel)
-    );
+    assert_eq!(h.send(c.tuple, &[0x40]), Action::Drop(DropReason::Malformed));
+    assert_eq!(h.send(c.tuple, &channel_data(0x7000, b"x")), Action::Drop(DropReason::NoChannel));
     // Padding after the data is allowed over UDP.
-    assert_eq!(
-        h.authed(
-            &mut c,
-            Method::CHANNEL_BIND,
-            channel_bind_attrs(0x4000, peer())
-        )
-        .class(),
-        Class::Success
-    );
+    assert_eq!(h.authed(&mut c, Method::CHANNEL_BIND, channel_bind_attrs(0x4000, peer())).class(), Class::Success);
     let mut padded = channel_data(0x4000, b"abc");
     padded.push(0);
-    let Action::ToPeer { range, .. } = h.send(c.tuple, &padded) else {
-        panic!()
-    };
+    let Action::ToPeer { range, .. } = h.send(c.tuple, &padded) else { panic!() };
     assert_eq!(h.pkt.get(range), b"abc");
 }
 
@@ -872,23 +636,13 @@ fn user_quota_is_486_at_exactly_the_limit() {
         assert_eq!(h.allocate(&mut c).class(), Class::Success);
     }
     let mut c = Client::rest(40023, "@q:example.org", UNIX0 + 7200);
-    assert_eq!(
-        h.allocate(&mut c).code(),
-        Some(486),
-        "the user part, not the whole username, is counted"
-    );
+    assert_eq!(h.allocate(&mut c).code(), Some(486), "the user part, not the whole username, is counted");
     let mut other = Client::rest(40024, "@r:example.org", UNIX0 + 7200);
     assert_eq!(h.allocate(&mut other).class(), Class::Success);
     let mut first = Client::rest(40021, "@q:example.org", UNIX0 + 3600 + 40021);
-    let r = h.authed(&mut first, Method::REFRESH, |w| {
-        w.add_u32(AttrType::LIFETIME, 0)
-    });
+    let r = h.authed(&mut first, Method::REFRESH, |w| w.add_u32(AttrType::LIFETIME, 0));
     assert_eq!(r.class(), Class::Success);
-    assert_eq!(
-        h.allocate(&mut c).class(),
-        Class::Success,
-        "freed by the delete"
-    );
+    assert_eq!(h.allocate(&mut c).class(), Class::Success, "freed by the delete");
 }
 
 #[test]
@@ -908,11 +662,7 @@ fn ports_exhausted_is_508_and_busy_ports_are_skipped() {
     }
     let mut c = Client::rest(41100, "u", UNIX0 + 3600);
     assert_eq!(h.allocate(&mut c).code(), Some(508));
-    assert_eq!(
-        h.shared.quotas.total(),
-        7,
-        "a refused allocation holds no quota"
-    );
+    assert_eq!(h.shared.quotas.total(), 7, "a refused allocation holds no quota");
 }
 
 /// RFC 8656 §7.2: EVEN-PORT with R reserves the next port; RESERVATION-TOKEN claims it.
@@ -955,24 +705,11 @@ fn binding_unknown_methods_and_junk() {
     let req = c.request_with_tid(Method(0x0FF), TransactionId([2; 12]), false, |_| {});
     assert_eq!(h.request(c.tuple, &req).code(), Some(400));
     assert_eq!(h.send(c.tuple, b""), Action::Drop(DropReason::Malformed));
-    assert_eq!(
-        h.send(c.tuple, &[0xFF; 40]),
-        Action::Drop(DropReason::Malformed)
-    );
+    assert_eq!(h.send(c.tuple, &[0xFF; 40]), Action::Drop(DropReason::Malformed));
     // A success response from a client is unexpected.
     let mut buf = [0u8; 64];
-    let len = MsgWriter::new(
-        &mut buf,
-        Method::BINDING,
-        Class::Success,
-        TransactionId([3; 12]),
-    )
-    .finish()
-    .unwrap();
-    assert_eq!(
-        h.send(c.tuple, &buf[..len]),
-        Action::Drop(DropReason::Unexpected)
-    );
+    let len = MsgWriter::new(&mut buf, Method::BINDING, Class::Success, TransactionId([3; 12])).finish().unwrap();
+    assert_eq!(h.send(c.tuple, &buf[..len]), Action::Drop(DropReason::Unexpected));
 }
 
 #[test]
@@ -982,15 +719,7 @@ fn software_and_reason_phrases_when_configured() {
     s.reason_phrases = true;
     let mut h = harness_with(s);
     let c = Client::rest(40050, "u", UNIX0 + 3600);
-    let r = h.request(
-        c.tuple,
-        &c.request_with_tid(
-            Method::ALLOCATE,
-            TransactionId([1; 12]),
-            false,
-            udp_transport,
-        ),
-    );
+    let r = h.request(c.tuple, &c.request_with_tid(Method::ALLOCATE, TransactionId([1; 12]), false, udp_transport));
     assert_eq!(r.attr(AttrType::SOFTWARE).unwrap(), b"turnpike test");
     assert_eq!(&r.attr(AttrType::ERROR_CODE).unwrap()[4..], b"Unauthorized");
 }
@@ -999,20 +728,10 @@ fn software_and_reason_phrases_when_configured() {
 fn fuzzed_sequences_never_panic_and_keep_invariants() {
     use proptest::prelude::*;
     use proptest::test_runner::{Config, TestRunner};
-    let mut runner = TestRunner::new(Config {
-        cases: 64,
-        ..Config::default()
-    });
+    let mut runner = TestRunner::new(Config { cases: 64, ..Config::default() });
     runner
         .run(
-            &proptest::collection::vec(
-                (
-                    0u8..6,
-                    any::<u16>(),
-                    proptest::collection::vec(any::<u8>(), 0..64),
-                ),
-                1..80,
-            ),
+            &proptest::collection::vec((0u8..6, any::<u16>(), proptest::collection::vec(any::<u8>(), 0..64)), 1..80),
             |ops| {
                 let mut h = harness();
                 let mut c = Client::rest(40060, "u", UNIX0 + 99_999);
@@ -1022,11 +741,8 @@ fn fuzzed_sequences_never_panic_and_keep_invariants() {
                             let _ = h.allocate(&mut c);
                         }
                         1 => {
-                            let _ = h.authed(
-                                &mut c,
-                                Method::CHANNEL_BIND,
-                                channel_bind_attrs(0x4000 + (n % 8), peer()),
-                            );
+                            let _ =
+                                h.authed(&mut c, Method::CHANNEL_BIND, channel_bind_attrs(0x4000 + (n % 8), peer()));
                         }
                         2 => {
                             let _ = h.send(c.tuple, &bytes);
@@ -1089,11 +805,7 @@ fn reservation_tokens_work_across_shards_and_lapse() {
     assert!(r.attr(AttrType::RESERVATION_TOKEN).is_some());
     assert_eq!(a.engine.free_ports(), free_before - 2);
     a.advance(31);
-    assert_eq!(
-        a.engine.free_ports(),
-        free_before - 1,
-        "the unclaimed reserved port came back"
-    );
+    assert_eq!(a.engine.free_ports(), free_before - 1, "the unclaimed reserved port came back");
     assert!(shared.reservations.lock().is_empty());
 }
 
@@ -1105,27 +817,12 @@ fn legacy_channel_numbers_when_enabled() {
     let mut h = harness_with(s);
     let mut c = Client::rest(40080, "u", UNIX0 + 3600);
     assert_eq!(h.allocate(&mut c).class(), Class::Success);
+    assert_eq!(h.authed(&mut c, Method::CHANNEL_BIND, channel_bind_attrs(0x7FFF, peer())).class(), Class::Success);
     assert_eq!(
-        h.authed(
-            &mut c,
-            Method::CHANNEL_BIND,
-            channel_bind_attrs(0x7FFF, peer())
-        )
-        .class(),
-        Class::Success
-    );
-    assert_eq!(
-        h.authed(
-            &mut c,
-            Method::CHANNEL_BIND,
-            channel_bind_attrs(0x8000, PEER2.parse().unwrap())
-        )
-        .code(),
+        h.authed(&mut c, Method::CHANNEL_BIND, channel_bind_attrs(0x8000, PEER2.parse().unwrap())).code(),
         Some(400)
     );
-    let Action::ToPeer { range, .. } = h.send(c.tuple, &channel_data(0x7FFF, b"old")) else {
-        panic!()
-    };
+    let Action::ToPeer { range, .. } = h.send(c.tuple, &channel_data(0x7FFF, b"old")) else { panic!() };
     assert_eq!(h.pkt.get(range), b"old");
 }
 
@@ -1137,41 +834,16 @@ fn max_bps_drops_excess_in_both_directions() {
     let mut h = harness_with(s);
     let mut c = Client::rest(40090, "u", UNIX0 + 3600);
     assert_eq!(h.allocate(&mut c).class(), Class::Success);
-    assert_eq!(
-        h.authed(
-            &mut c,
-            Method::CHANNEL_BIND,
-            channel_bind_attrs(0x4000, peer())
-        )
-        .class(),
-        Class::Success
-    );
+    assert_eq!(h.authed(&mut c, Method::CHANNEL_BIND, channel_bind_attrs(0x4000, peer())).class(), Class::Success);
     let frame = channel_data(0x4000, &[0u8; 1000]);
-    let sent_ok = (0..40)
-        .filter(|_| matches!(h.send(c.tuple, &frame), Action::ToPeer { .. }))
-        .count();
+    let sent_ok = (0..40).filter(|_| matches!(h.send(c.tuple, &frame), Action::ToPeer { .. })).count();
     assert_eq!(sent_ok, 16, "a 16 KiB burst of 1000-byte packets");
-    let back_ok = (0..40)
-        .filter(|_| {
-            matches!(
-                h.peer_sends(0, peer(), &[0u8; 1000]),
-                Action::ToClient { .. }
-            )
-        })
-        .count();
+    let back_ok = (0..40).filter(|_| matches!(h.peer_sends(0, peer(), &[0u8; 1000]), Action::ToClient { .. })).count();
     assert_eq!(back_ok, 16, "the other direction has its own bucket");
-    assert_eq!(
-        h.send(c.tuple, &frame),
-        Action::Drop(DropReason::OverBandwidth)
-    );
-    assert_eq!(
-        h.peer_sends(0, peer(), &[0u8; 1000]),
-        Action::Drop(DropReason::OverBandwidth)
-    );
+    assert_eq!(h.send(c.tuple, &frame), Action::Drop(DropReason::OverBandwidth));
+    assert_eq!(h.peer_sends(0, peer(), &[0u8; 1000]), Action::Drop(DropReason::OverBandwidth));
     h.now += Duration::from_secs(1);
-    let refilled = (0..40)
-        .filter(|_| matches!(h.send(c.tuple, &frame), Action::ToPeer { .. }))
-        .count();
+    let refilled = (0..40).filter(|_| matches!(h.send(c.tuple, &frame), Action::ToPeer { .. })).count();
     assert_eq!(refilled, 16, "16 KiB per second");
 }
 
@@ -1185,11 +857,7 @@ fn total_bandwidth_is_shared_by_allocations() {
     let mut b = Client::rest(40092, "b", UNIX0 + 3600);
     for c in [&mut a, &mut b] {
         assert_eq!(h.allocate(c).class(), Class::Success);
-        assert_eq!(
-            h.authed(c, Method::CHANNEL_BIND, channel_bind_attrs(0x4000, peer()))
-                .class(),
-            Class::Success
-        );
+        assert_eq!(h.authed(c, Method::CHANNEL_BIND, channel_bind_attrs(0x4000, peer())).class(), Class::Success);
     }
     let frame = channel_data(0x4000, &[0u8; 1000]);
     let mut ok = 0;
@@ -1218,18 +886,12 @@ fn unauthenticated_answers_are_rate_limited_per_source() {
         .count();
     assert_eq!(answered, 10);
     let binding = c.request(Method::BINDING, false, |_| {});
-    assert_eq!(
-        h.send(c.tuple, &binding),
-        Action::Drop(DropReason::SourceRateLimited)
-    );
+    assert_eq!(h.send(c.tuple, &binding), Action::Drop(DropReason::SourceRateLimited));
     // Another source is unaffected.
     let other = Client::rest(40094, "u", UNIX0 + 3600);
     let mut other_tuple = other.tuple;
     other_tuple.client = "203.0.113.50:1000".parse().unwrap();
-    assert!(matches!(
-        h.send(other_tuple, &binding),
-        Action::Reply { .. }
-    ));
+    assert!(matches!(h.send(other_tuple, &binding), Action::Reply { .. }));
     // After a second the source may try again; authenticated requests are never limited.
     h.advance(2);
     let r = h.request(c.tuple, &c.request(Method::ALLOCATE, false, udp_transport));
