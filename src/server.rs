@@ -15,7 +15,7 @@ use mio::Waker;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 
 /// The relay addresses per family, after applying relay-ip, listening-ip and external-ip.
@@ -105,6 +105,60 @@ struct ShardHandle {
     thread: Option<JoinHandle<()>>,
     inbox: Sender<Ctl>,
     waker: Arc<Waker>,
+    applied: Arc<AtomicU64>,
+}
+
+/// Server-wide counters kept outside the shards.
+#[derive(Debug, Default)]
+pub struct ServerCounters {
+    /// Successful reloads.
+    pub reloads: AtomicU64,
+    /// Reloads refused because the new file was invalid.
+    pub reload_failures: AtomicU64,
+    /// The configuration generation (0 at start).
+    pub generation: AtomicU64,
+}
+
+/// What a reload did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReloadReport {
+    /// The new configuration generation.
+    pub generation: u64,
+    /// Changed options that only take effect after a restart (kept at their running values).
+    pub restart_required: Vec<&'static str>,
+    /// Whether every shard acknowledged the new generation within the wait.
+    pub applied_everywhere: bool,
+}
+
+/// Options that need a restart, with a projection to compare them.
+fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
+    let mut out = Vec::new();
+    let mut check = |name: &'static str, same: bool| {
+        if !same {
+            out.push(name);
+        }
+    };
+    check("listen.ips", old.listen_ips == new.listen_ips);
+    check("listen.port", old.listen_port == new.listen_port);
+    check("listen.tls_port", old.tls_port == new.tls_port);
+    check("listen.udp/tcp", old.listen_udp == new.listen_udp && old.listen_tcp == new.listen_tcp);
+    check("tls (turning it on or off)", old.tls_cert.is_some() == new.tls_cert.is_some());
+    check("relay.ips", old.relay_ips == new.relay_ips);
+    check("relay.external_ips", old.external_ips == new.external_ips);
+    check("relay.min_port/max_port", old.min_port == new.min_port && old.max_port == new.max_port);
+    check("runtime.threads", old.threads == new.threads);
+    check("runtime.shard_ports", old.shard_ports == new.shard_ports);
+    check("runtime.pin_cores/core_ids", old.pin_cores == new.pin_cores && old.core_ids == new.core_ids);
+    check(
+        "runtime socket settings",
+        old.recv_buffer == new.recv_buffer
+            && old.send_buffer == new.send_buffer
+            && old.recv_batch == new.recv_batch
+            && old.unallocated_timeout == new.unallocated_timeout,
+    );
+    check("logging.syslog/file", old.syslog == new.syslog && old.log_file == new.log_file);
+    check("metrics.listen", old.metrics_listen == new.metrics_listen);
+    out
 }
 
 /// A running server.
@@ -119,8 +173,12 @@ pub struct ServerHandle {
     pub shared: Arc<Shared>,
     /// Per-shard counters.
     pub stats: Vec<Arc<ShardStats>>,
+    /// Reload counters.
+    pub counters: Arc<ServerCounters>,
+    config: parking_lot::Mutex<Config>,
+    nonce_key: NonceKey,
     shards: Vec<ShardHandle>,
-    control: Option<JoinHandle<()>>,
+    threads: Vec<JoinHandle<()>>,
     stop: Arc<AtomicBool>,
 }
 
@@ -136,12 +194,79 @@ impl ServerHandle {
         Totals::sum(&self.stats)
     }
 
-    /// Sends new settings to every shard (each swaps between packets).
-    pub fn reload(&self, settings: Arc<Settings>) {
+    /// Re-reads the configuration from `path` and applies it: validated whole first (an invalid file
+    /// changes nothing), then each shard swaps settings between two packets and acknowledges.
+    /// Allocations, permissions and channels survive (except those the new peer policy refuses).
+    /// Options that need a restart keep their running values and are reported.
+    pub fn reload_from(&self, path: &std::path::Path) -> Result<ReloadReport, String> {
+        let refused = |e: String| {
+            self.counters.reload_failures.fetch_add(1, Ordering::Relaxed);
+            e
+        };
+        let new = crate::config::load(path).map_err(|e| refused(e.to_string()))?;
+        let mut running = self.config.lock();
+        let restart_required = restart_only_changes(&running, &new);
+        let tls = match (&new.tls_cert, &new.tls_key, self.addrs.tls.is_empty()) {
+            (Some(cert), Some(key), false) => Some(crate::tls::server_config(cert, key).map_err(refused)?),
+            _ => None,
+        };
+        let settings = Arc::new(settings(&new, self.relay.clone(), self.nonce_key.clone()));
+        let generation = self.counters.generation.fetch_add(1, Ordering::AcqRel) + 1;
         for s in &self.shards {
-            let _ = s.inbox.send(Ctl::Reload(Arc::clone(&settings)));
+            let _ = s.inbox.send(Ctl::Reload(Arc::clone(&settings), generation));
+            if let Some(tls) = &tls {
+                let _ = s.inbox.send(Ctl::ReloadTls(Arc::clone(tls)));
+            }
             let _ = s.waker.wake();
         }
+        log::set_max_level(new.log_level);
+        // Keep the running values of restart-only options, so the next diff is against reality.
+        let mut merged = new;
+        merged.listen_ips.clone_from(&running.listen_ips);
+        merged.listen_port = running.listen_port;
+        merged.tls_port = running.tls_port;
+        merged.listen_udp = running.listen_udp;
+        merged.listen_tcp = running.listen_tcp;
+        merged.relay_ips.clone_from(&running.relay_ips);
+        merged.external_ips.clone_from(&running.external_ips);
+        merged.min_port = running.min_port;
+        merged.max_port = running.max_port;
+        merged.threads = running.threads;
+        merged.shard_ports.clone_from(&running.shard_ports);
+        merged.pin_cores = running.pin_cores;
+        merged.core_ids.clone_from(&running.core_ids);
+        merged.recv_buffer = running.recv_buffer;
+        merged.send_buffer = running.send_buffer;
+        merged.recv_batch = running.recv_batch;
+        merged.unallocated_timeout = running.unallocated_timeout;
+        merged.syslog = running.syslog;
+        merged.log_file.clone_from(&running.log_file);
+        merged.metrics_listen = running.metrics_listen;
+        if merged.tls_cert.is_some() != running.tls_cert.is_some() {
+            merged.tls_cert.clone_from(&running.tls_cert);
+            merged.tls_key.clone_from(&running.tls_key);
+        }
+        *running = merged;
+        drop(running);
+        self.counters.reloads.fetch_add(1, Ordering::Relaxed);
+        let applied_everywhere = self.wait_applied(generation);
+        Ok(ReloadReport { generation, restart_required, applied_everywhere })
+    }
+
+    #[allow(clippy::disallowed_methods)] // the control side may sleep while waiting for acknowledgements
+    fn wait_applied(&self, generation: u64) -> bool {
+        for _ in 0..200 {
+            if self.shards.iter().all(|s| s.applied.load(Ordering::Acquire) >= generation) {
+                return true;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        false
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> Config {
+        self.config.lock().clone()
     }
 
     /// Stops every shard (deleting their allocations) and the control thread, and waits for them.
@@ -160,8 +285,8 @@ impl ServerHandle {
                 let _ = t.join();
             }
         }
-        if let Some(c) = self.control.take() {
-            let _ = c.join();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
         }
     }
 }
@@ -252,7 +377,8 @@ fn bind_listeners(
 /// Starts a server: binds everything, spawns one shard per configured thread and the control thread.
 pub fn start(cfg: &Config) -> io::Result<ServerHandle> {
     let plan = relay_plan(cfg).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-    let settings = Arc::new(settings(cfg, plan.clone(), NonceKey::new(clock::random_bytes())));
+    let nonce_key = NonceKey::new(clock::random_bytes());
+    let settings = Arc::new(settings(cfg, plan.clone(), nonce_key.clone()));
     let buffers = socket::Buffers { recv: cfg.recv_buffer, send: cfg.send_buffer };
     let tls = match (&cfg.tls_cert, &cfg.tls_key) {
         (Some(cert), Some(key)) => {
@@ -272,6 +398,7 @@ pub fn start(cfg: &Config) -> io::Result<ServerHandle> {
         let shard_stats = Arc::new(ShardStats::default());
         let (poll, waker) = shard::new_poll()?;
         let (tx, rx) = crossbeam_channel::bounded(16);
+        let applied = Arc::new(AtomicU64::new(0));
         let seed = u64::from_be_bytes(clock::random_bytes()[..8].try_into().unwrap_or([1; 8]));
         let engine = Engine::new(
             k as u16,
@@ -294,6 +421,7 @@ pub fn start(cfg: &Config) -> io::Result<ServerHandle> {
             buffers,
             recv_batch: cfg.recv_batch,
             unallocated_timeout: cfg.unallocated_timeout,
+            applied: Arc::clone(&applied),
         };
         let core = if cfg.pin_cores {
             let wanted = cfg.core_ids.get(k).copied().unwrap_or(k);
@@ -310,7 +438,7 @@ pub fn start(cfg: &Config) -> io::Result<ServerHandle> {
             shard::run(parts);
         })?;
         stats.push(shard_stats);
-        shards.push(ShardHandle { thread: Some(thread), inbox: tx, waker });
+        shards.push(ShardHandle { thread: Some(thread), inbox: tx, waker, applied });
     }
     let stop = Arc::new(AtomicBool::new(false));
     let control = {
@@ -321,5 +449,32 @@ pub fn start(cfg: &Config) -> io::Result<ServerHandle> {
             .name("turnpike-control".into())
             .spawn(move || control::run(&stats, &shared, &stop))?
     };
-    Ok(ServerHandle { udp_addrs, addrs, relay: plan, shared, stats, shards, control: Some(control), stop })
+    let counters = Arc::new(ServerCounters::default());
+    let mut threads = vec![control];
+    if let Some(listen) = cfg.metrics_listen {
+        let listener = std::net::TcpListener::bind(listen)
+            .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {listen} for metrics: {e}")))?;
+        let stats = stats.clone();
+        let shared = Arc::clone(&shared);
+        let counters = Arc::clone(&counters);
+        let stop = Arc::clone(&stop);
+        threads.push(
+            std::thread::Builder::new()
+                .name("turnpike-metrics".into())
+                .spawn(move || control::metrics::serve(&listener, &stats, &shared, &counters, &stop))?,
+        );
+    }
+    Ok(ServerHandle {
+        udp_addrs,
+        addrs,
+        relay: plan,
+        shared,
+        stats,
+        counters,
+        config: parking_lot::Mutex::new(cfg.clone()),
+        nonce_key,
+        shards,
+        threads,
+        stop,
+    })
 }

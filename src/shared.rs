@@ -155,12 +155,34 @@ pub struct ShardStats {
     pub send_would_block: AtomicU64,
     /// Drops by [`DropReason`].
     pub drops: [AtomicU64; DropReason::ALL.len()],
+    /// Authentication failures by reason, in [`AUTH_FAILURE_REASONS`] order.
+    pub auth_failure_reasons: [AtomicU64; 4],
+    /// Live allocations by client transport: UDP, TCP, TLS.
+    pub allocations_by_transport: [AtomicU64; 3],
+}
+
+/// Labels of [`ShardStats::auth_failure_reasons`].
+pub const AUTH_FAILURE_REASONS: [&str; 4] = ["unknown_user", "expired", "bad_integrity", "stale_nonce"];
+
+/// Index of a transport in [`ShardStats::allocations_by_transport`].
+pub fn transport_index(t: crate::proto::allocation::Transport) -> usize {
+    match t {
+        crate::proto::allocation::Transport::Udp => 0,
+        crate::proto::allocation::Transport::Tcp => 1,
+        crate::proto::allocation::Transport::Tls => 2,
+    }
 }
 
 /// Adds `n` to a single-writer counter without a locked instruction.
 #[inline]
 pub fn bump(counter: &AtomicU64, n: u64) {
     counter.store(counter.load(Ordering::Relaxed).wrapping_add(n), Ordering::Relaxed);
+}
+
+/// Subtracts one from a single-writer gauge (never below zero).
+#[inline]
+pub fn bump_down(gauge: &AtomicU64) {
+    gauge.store(gauge.load(Ordering::Relaxed).saturating_sub(1), Ordering::Relaxed);
 }
 
 /// Sets a single-writer gauge.

@@ -185,6 +185,10 @@ pub fn parse(text: &str) -> Result<CoturnFile, CoturnError> {
                 c.tls.cert = None;
                 c.tls.pkey = None;
             }
+            "syslog-facility" => {
+                c.logging.syslog_facility = value.to_ascii_lowercase();
+                out.note("logging.syslog_facility", line_no);
+            }
             "syslog" => {
                 c.logging.syslog = true;
                 out.note("logging.syslog", line_no);

@@ -1,10 +1,10 @@
 //! The YAML file model. Every section and key is optional; unknown keys are errors (typos must not pass
 //! silently). `serde_yaml` stays behind [`parse_yaml`] so it can be swapped for a maintained fork.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// `threads: auto` or a number.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(untagged)]
 pub enum Threads {
     /// A fixed number of shards.
@@ -20,7 +20,7 @@ impl Default for Threads {
 }
 
 /// Where clients reach the server.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ListenSection {
     /// Addresses to listen on (coturn `listening-ip`). Default: 0.0.0.0.
@@ -42,7 +42,7 @@ impl Default for ListenSection {
 }
 
 /// Relay addresses and ports.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RelaySection {
     /// Addresses relay sockets bind (coturn `relay-ip`).
@@ -62,7 +62,7 @@ impl Default for RelaySection {
 }
 
 /// Credentials.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AuthSection {
     /// The realm (coturn `realm`).
@@ -90,7 +90,7 @@ impl Default for AuthSection {
 }
 
 /// Allocation limits.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AllocationSection {
     /// Seconds granted when the client asks for less or nothing.
@@ -127,7 +127,7 @@ impl Default for AllocationSection {
 }
 
 /// Abuse resistance.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AbuseSection {
     /// Unauthenticated requests (and Binding requests) answered per source address per second;
@@ -144,7 +144,7 @@ impl Default for AbuseSection {
 }
 
 /// Which peers the relay may reach.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct PeerSection {
     /// Addresses/ranges allowed even though denied by default (coturn `allowed-peer-ip`).
@@ -166,7 +166,7 @@ impl Default for PeerSection {
 }
 
 /// TLS.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TlsSection {
     /// Certificate chain, PEM (coturn `cert`).
@@ -176,7 +176,7 @@ pub struct TlsSection {
 }
 
 /// Per-core settings.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RuntimeSection {
     /// Shards (event loops): `auto` = one per core.
@@ -213,7 +213,7 @@ impl Default for RuntimeSection {
 }
 
 /// Logging.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LoggingSection {
     /// error, warn, info, debug or trace (coturn `verbose` = debug).
@@ -222,16 +222,18 @@ pub struct LoggingSection {
     pub syslog: bool,
     /// Log to this file (coturn `log-file`).
     pub file: Option<String>,
+    /// Syslog facility: daemon (default), user, auth, local0-local7.
+    pub syslog_facility: String,
 }
 
 impl Default for LoggingSection {
     fn default() -> Self {
-        Self { level: "info".into(), syslog: false, file: None }
+        Self { level: "info".into(), syslog: false, file: None, syslog_facility: "daemon".into() }
     }
 }
 
 /// Wire details.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ProtocolSection {
     /// SOFTWARE attribute value; none by default (it helps attackers fingerprint the server).
@@ -248,8 +250,16 @@ impl Default for ProtocolSection {
     }
 }
 
+/// The metrics endpoint.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsSection {
+    /// Address of the Prometheus endpoint (`GET /metrics`), e.g. `127.0.0.1:9641`; off when unset.
+    pub listen: Option<String>,
+}
+
 /// The whole file.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct FileConfig {
     /// `listen:` section.
@@ -272,6 +282,8 @@ pub struct FileConfig {
     pub logging: LoggingSection,
     /// `protocol:` section.
     pub protocol: ProtocolSection,
+    /// `metrics:` section.
+    pub metrics: MetricsSection,
 }
 
 /// A YAML syntax or schema error: line (1-based, if known) and message.
@@ -320,4 +332,9 @@ pub fn yaml_line_of(text: &str, section: &str, key: &str) -> Option<usize> {
         }
     }
     if section.is_empty() { None } else { yaml_line_of(text, "", section) }
+}
+
+/// Writes the model as YAML (`turnpike config convert`).
+pub fn to_yaml(model: &FileConfig) -> Result<String, String> {
+    serde_yaml::to_string(model).map_err(|e| e.to_string())
 }

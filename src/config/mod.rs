@@ -171,6 +171,10 @@ pub struct Config {
     pub reason_phrases: bool,
     /// Accept RFC 5766 channel numbers (0x5000-0x7FFF) too.
     pub legacy_channel_numbers: bool,
+    /// The metrics endpoint, if enabled.
+    pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Syslog facility (coturn has none; default daemon).
+    pub syslog_facility: u8,
     /// Warnings to log at start (ignored options, weakened defaults).
     pub warnings: Vec<String>,
 }
@@ -490,6 +494,36 @@ fn validate(loc: &Locator<'_>, m: FileConfig, mut warnings: Vec<String>) -> Resu
             return Err(loc.error("logging.level", format!("`{other}`: use error, warn, info, debug or trace")));
         }
     };
+    let metrics_listen = match &m.metrics.listen {
+        None => None,
+        Some(s) => {
+            let addr: std::net::SocketAddr = s
+                .parse()
+                .map_err(|_| loc.error("metrics.listen", format!("`{s}` must be IP:PORT, e.g. 127.0.0.1:9641")))?;
+            if !addr.ip().is_loopback() {
+                warnings.push(format!("metrics.listen {addr} is not loopback: put it behind a firewall or a proxy"));
+            }
+            Some(addr)
+        }
+    };
+    let syslog_facility = match m.logging.syslog_facility.as_str() {
+        "daemon" => 3,
+        "user" => 1,
+        "auth" => 4,
+        "local0" => 16,
+        "local1" => 17,
+        "local2" => 18,
+        "local3" => 19,
+        "local4" => 20,
+        "local5" => 21,
+        "local6" => 22,
+        "local7" => 23,
+        other => {
+            return Err(
+                loc.error("logging.syslog_facility", format!("`{other}`: use daemon, user, auth or local0-local7"))
+            );
+        }
+    };
     let software = m.protocol.software.filter(|s| !s.is_empty());
     if software.as_ref().is_some_and(|s| s.len() > 127) {
         return Err(loc.error("protocol.software", "must be shorter than 128 characters"));
@@ -542,6 +576,8 @@ fn validate(loc: &Locator<'_>, m: FileConfig, mut warnings: Vec<String>) -> Resu
         software,
         reason_phrases: m.protocol.reason_phrases,
         legacy_channel_numbers: m.protocol.legacy_channel_numbers,
+        metrics_listen,
+        syslog_facility,
         warnings,
     })
 }

@@ -1,6 +1,9 @@
 //! The control thread: aggregates per-shard counters once a second and logs a one-line summary
 //! periodically. (Signals and reload are handled by the binary's main thread.)
 
+pub mod metrics;
+pub mod notify;
+
 use crate::proto::DropReason;
 use crate::shared::{ShardStats, Shared, read};
 use std::sync::Arc;

@@ -23,7 +23,7 @@ use super::timer::TimerWheel;
 use crate::auth::{CredentialStore, NonceCheck, NonceKey, Verdict};
 use crate::policy::PeerPolicy;
 use crate::policy::rate::{LogKind, LogLimiter, SourceLimiter, TokenBucket};
-use crate::shared::{QuotaError, Reservation, ShardStats, Shared, bump, set};
+use crate::shared::{QuotaError, Reservation, ShardStats, Shared, bump, bump_down, set, transport_index};
 use std::net::{IpAddr, SocketAddr};
 use std::ops::Range;
 use std::sync::Arc;
@@ -404,6 +404,31 @@ impl Engine {
             self.total_bandwidth =
                 (settings.shard_total_bps > 0).then(|| [TokenBucket::for_bandwidth(settings.shard_total_bps, now); 2]);
         }
+        // Permissions and channels to peers the new policy refuses end now: the data path checks only
+        // permissions, so a stricter policy must not leave old ones open.
+        let (mut perms, mut chans, mut purged) = (0u64, 0u64, 0u64);
+        for alloc in self.table.iter_mut() {
+            let before = alloc.permissions.len() + alloc.channels.len();
+            alloc.permissions.retain(|p| match p.scope {
+                PeerScope::Any => settings.peer_policy.permits(p.ip),
+                PeerScope::RelayPorts => true,
+            });
+            alloc.channels.retain(|c| settings.peer_policy.permits(c.peer.ip()) || is_own_relay(&settings, c.peer));
+            let new_max = settings.max_bps;
+            if new_max != self.settings.max_bps {
+                alloc.bandwidth = (new_max > 0).then(|| [TokenBucket::for_bandwidth(new_max, now); 2]);
+            }
+            purged += (before - alloc.permissions.len() - alloc.channels.len()) as u64;
+            perms += alloc.permissions.len() as u64;
+            chans += alloc.channels.len() as u64;
+        }
+        if purged > 0 {
+            log::info!("reload: shard {} closed {purged} permissions/channels the new peer policy refuses", self.shard);
+        }
+        self.live_permissions = perms;
+        self.live_channels = chans;
+        set(&self.stats.permissions, perms);
+        set(&self.stats.channels, chans);
         self.settings = settings;
     }
 
@@ -640,16 +665,18 @@ impl Engine {
         }
         let unix = self.unix(now);
         if self.settings.nonce_key.check(nonce, tuple.client.ip(), unix) == NonceCheck::Stale {
+            bump(&self.stats.auth_failure_reasons[3], 1);
             return Err(limited(self).unwrap_or_else(|| self.challenge(now, tuple, msg, ErrorCode::StaleNonce)));
         }
         let verdict = self.settings.credentials.verify(msg, username, unix);
-        let reason = match verdict {
+        let (reason, which) = match verdict {
             Verdict::Ok(key) => return Ok(Authenticated { key, username }),
-            Verdict::UnknownUser => "unknown user",
-            Verdict::Expired => "expired REST credential",
-            Verdict::BadIntegrity => "wrong password or secret",
+            Verdict::UnknownUser => ("unknown user", 0),
+            Verdict::Expired => ("expired REST credential", 1),
+            Verdict::BadIntegrity => ("wrong password or secret", 2),
         };
         bump(&self.stats.auth_failures, 1);
+        bump(&self.stats.auth_failure_reasons[which], 1);
         let user = String::from_utf8_lossy(username);
         self.log_refusal(
             LogKind::AuthFailure,
@@ -903,6 +930,7 @@ impl Engine {
         self.shared.directory.insert(tuple, self.shard);
         bump(&self.stats.allocations_created, 1);
         set(&self.stats.allocations, self.table.len() as u64);
+        bump(&self.stats.allocations_by_transport[transport_index(tuple.transport)], 1);
         Action::Reply { len }
     }
 
@@ -1341,6 +1369,7 @@ impl Engine {
         set(&self.stats.permissions, self.live_permissions);
         set(&self.stats.channels, self.live_channels);
         set(&self.stats.allocations, self.table.len() as u64);
+        bump_down(&self.stats.allocations_by_transport[transport_index(alloc.five_tuple.transport)]);
         log::info!(
             "allocation deleted ({why}): user={} client={} relay={}",
             alloc.username,

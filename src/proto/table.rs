@@ -108,6 +108,11 @@ impl AllocTable {
         self.slots.get_mut(idx as usize)?.alloc.as_mut()
     }
 
+    /// Iterates mutably over live allocations (reload).
+    pub fn iter_mut(&mut self) -> impl Iterator<Item = &mut Allocation> {
+        self.slots.iter_mut().filter_map(|s| s.alloc.as_mut())
+    }
+
     /// Iterates over live allocations.
     pub fn iter(&self) -> impl Iterator<Item = (AllocId, &Allocation)> {
         self.slots

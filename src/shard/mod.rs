@@ -51,7 +51,7 @@ const CONN_CHECK: Duration = Duration::from_secs(5);
 #[derive(Debug)]
 pub enum Ctl {
     /// Swap in a new configuration between packets.
-    Reload(Arc<Settings>),
+    Reload(Arc<Settings>, u64),
     /// Swap in a new TLS configuration for new connections.
     ReloadTls(Arc<rustls::ServerConfig>),
     /// Delete all allocations and exit.
@@ -137,6 +137,8 @@ pub struct ShardParts {
     pub recv_batch: usize,
     /// How long a TCP/TLS connection may stay without an allocation and without a frame.
     pub unallocated_timeout: Duration,
+    /// The configuration generation this shard runs (set after each reload is applied).
+    pub applied: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl std::fmt::Debug for ShardParts {
@@ -498,7 +500,19 @@ impl Shard {
 
 /// Runs a shard until it receives [`Ctl::Shutdown`].
 pub fn run(parts: ShardParts) {
-    let ShardParts { id, poll, listeners, tls, engine, inbox, stats, buffers, recv_batch, unallocated_timeout } = parts;
+    let ShardParts {
+        id,
+        poll,
+        listeners,
+        tls,
+        engine,
+        inbox,
+        stats,
+        buffers,
+        recv_batch,
+        unallocated_timeout,
+        applied,
+    } = parts;
     let registry = match poll.registry().try_clone() {
         Ok(r) => r,
         Err(e) => {
@@ -596,7 +610,10 @@ pub fn run(parts: ShardParts) {
         }
         while let Ok(ctl) = inbox.try_recv() {
             match ctl {
-                Ctl::Reload(settings) => shard.engine.reload(now, settings),
+                Ctl::Reload(settings, generation) => {
+                    shard.engine.reload(now, settings);
+                    applied.store(generation, std::sync::atomic::Ordering::Release);
+                }
                 Ctl::ReloadTls(cfg) => shard.tls = Some(cfg),
                 Ctl::Shutdown => {
                     let open: Vec<usize> =

@@ -1,0 +1,180 @@
+//! The Prometheus endpoint: `GET /metrics` on a loopback address, text exposition format 0.0.4.
+//! Per-shard counters are written only by their shard; this thread reads and sums them.
+
+use crate::proto::DropReason;
+use crate::server::ServerCounters;
+use crate::shared::{AUTH_FAILURE_REASONS, ShardStats, Shared, read};
+use std::fmt::Write as _;
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+/// Renders every metric.
+pub fn render(stats: &[Arc<ShardStats>], shared: &Shared, counters: &ServerCounters) -> String {
+    let mut out = String::with_capacity(8192);
+    let mut family = |name: &str, kind: &str, help: &str, samples: &[(String, u64)]| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (labels, v) in samples {
+            if labels.is_empty() {
+                let _ = writeln!(out, "{name} {v}");
+            } else {
+                let _ = writeln!(out, "{name}{{{labels}}} {v}");
+            }
+        }
+    };
+    let per_shard = |f: &dyn Fn(&ShardStats) -> u64| -> Vec<(String, u64)> {
+        stats.iter().enumerate().map(|(k, s)| (format!("shard=\"{k}\""), f(s))).collect()
+    };
+    let per_shard_transport = || -> Vec<(String, u64)> {
+        let mut v = Vec::new();
+        for (k, s) in stats.iter().enumerate() {
+            for (i, t) in ["udp", "tcp", "tls"].iter().enumerate() {
+                v.push((format!("shard=\"{k}\",transport=\"{t}\""), read(&s.allocations_by_transport[i])));
+            }
+        }
+        v
+    };
+    let sum = |f: &dyn Fn(&ShardStats) -> u64| -> u64 { stats.iter().map(|s| f(s)).sum() };
+    family("turnpike_allocations", "gauge", "Live allocations.", &per_shard_transport());
+    family("turnpike_permissions", "gauge", "Live permissions.", &per_shard(&|s| read(&s.permissions)));
+    family("turnpike_channels", "gauge", "Live channel bindings.", &per_shard(&|s| read(&s.channels)));
+    let mut conns = Vec::new();
+    for (k, s) in stats.iter().enumerate() {
+        conns.push((format!("shard=\"{k}\",transport=\"tcp\""), read(&s.tcp_connections)));
+        conns.push((format!("shard=\"{k}\",transport=\"tls\""), read(&s.tls_connections)));
+    }
+    family("turnpike_connections", "gauge", "Open TCP and TLS client connections.", &conns);
+    family(
+        "turnpike_directory_entries",
+        "gauge",
+        "5-tuples in the shared directory.",
+        &[(String::new(), shared.directory.len() as u64)],
+    );
+    family(
+        "turnpike_allocations_created_total",
+        "counter",
+        "Allocations created.",
+        &per_shard(&|s| read(&s.allocations_created)),
+    );
+    family(
+        "turnpike_relayed_packets_total",
+        "counter",
+        "Datagrams relayed, by direction.",
+        &[
+            ("direction=\"to_peer\"".into(), sum(&|s| read(&s.packets_to_peer))),
+            ("direction=\"to_client\"".into(), sum(&|s| read(&s.packets_to_client))),
+        ],
+    );
+    family(
+        "turnpike_relayed_bytes_total",
+        "counter",
+        "Payload bytes relayed, by direction.",
+        &[
+            ("direction=\"to_peer\"".into(), sum(&|s| read(&s.bytes_to_peer))),
+            ("direction=\"to_client\"".into(), sum(&|s| read(&s.bytes_to_client))),
+        ],
+    );
+    let mut drops: Vec<(String, u64)> = DropReason::ALL
+        .iter()
+        .map(|r| (format!("reason=\"{}\"", r.name()), sum(&|s| read(&s.drops[r.index()]))))
+        .collect();
+    drops.push(("reason=\"socket_full\"".into(), sum(&|s| read(&s.send_would_block))));
+    family("turnpike_dropped_packets_total", "counter", "Datagrams dropped, by reason.", &drops);
+    family(
+        "turnpike_requests_total",
+        "counter",
+        "STUN/TURN requests handled.",
+        &[(String::new(), sum(&|s| read(&s.requests)))],
+    );
+    let auth: Vec<(String, u64)> = AUTH_FAILURE_REASONS
+        .iter()
+        .enumerate()
+        .map(|(i, r)| (format!("reason=\"{r}\""), sum(&|s| read(&s.auth_failure_reasons[i]))))
+        .collect();
+    family("turnpike_auth_failures_total", "counter", "Authentication failures, by reason.", &auth);
+    family(
+        "turnpike_peers_denied_total",
+        "counter",
+        "Peers refused by policy.",
+        &[(String::new(), sum(&|s| read(&s.peers_denied)))],
+    );
+    family(
+        "turnpike_quota_refusals_total",
+        "counter",
+        "Allocations refused by quota (486).",
+        &[(String::new(), sum(&|s| read(&s.quota_refusals)))],
+    );
+    family(
+        "turnpike_rate_limited_total",
+        "counter",
+        "Unauthenticated requests dropped by the per-source limit.",
+        &[(String::new(), sum(&|s| read(&s.drops[DropReason::SourceRateLimited.index()])))],
+    );
+    family(
+        "turnpike_reloads_total",
+        "counter",
+        "Configuration reloads, by result.",
+        &[
+            ("result=\"ok\"".into(), counters.reloads.load(Ordering::Relaxed)),
+            ("result=\"failed\"".into(), counters.reload_failures.load(Ordering::Relaxed)),
+        ],
+    );
+    family(
+        "turnpike_config_generation",
+        "gauge",
+        "Configuration generation in force.",
+        &[(String::new(), counters.generation.load(Ordering::Relaxed))],
+    );
+    out
+}
+
+/// Serves `GET /metrics` until `stop` is set. One request per connection, bounded in size and time.
+#[allow(clippy::disallowed_methods)] // this thread is not an event loop: it polls its listener and sleeps
+pub fn serve(
+    listener: &TcpListener,
+    stats: &[Arc<ShardStats>],
+    shared: &Shared,
+    counters: &ServerCounters,
+    stop: &AtomicBool,
+) {
+    if listener.set_nonblocking(true).is_err() {
+        return;
+    }
+    while !stop.load(Ordering::Acquire) {
+        let mut conn = match listener.accept() {
+            Ok((c, _)) => c,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(50));
+                continue;
+            }
+            Err(_) => continue,
+        };
+        let _ = conn.set_nonblocking(false);
+        let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
+        let _ = conn.set_write_timeout(Some(Duration::from_secs(2)));
+        let mut req = [0u8; 2048];
+        let mut n = 0;
+        while n < req.len() {
+            match conn.read(&mut req[n..]) {
+                Ok(0) | Err(_) => break,
+                Ok(k) => n += k,
+            }
+            if req[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+                break;
+            }
+        }
+        let (status, body) = if req[..n].starts_with(b"GET /metrics ") || req[..n].starts_with(b"GET / ") {
+            ("200 OK", render(stats, shared, counters))
+        } else {
+            ("404 Not Found", "try GET /metrics\n".to_string())
+        };
+        let head = format!(
+            "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        );
+        let _ = conn.write_all(head.as_bytes());
+        let _ = conn.write_all(body.as_bytes());
+    }
+}
