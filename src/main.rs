@@ -263,7 +263,7 @@ fn serve(cfg: &Config, path: Option<&Path>) -> Result<(), String> {
             log::info!("listening on {a}/{what} with {} shards (realm {})", cfg.threads, cfg.realm);
         }
     }
-    if let Some(m) = cfg.metrics_listen {
+    if let Some(m) = handle.metrics_addr {
         log::info!("metrics on http://{m}/metrics");
     }
     if path.is_none() {

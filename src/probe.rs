@@ -441,12 +441,9 @@ fn relayed_of(resp: &[u8]) -> Option<SocketAddr> {
 pub fn run(opts: &ProbeOptions) -> Report {
     let mut report = Report::default();
     let target = format!("{}:{}", opts.uri.host, opts.uri.port);
-    let addr = match target.to_socket_addrs().map(|mut a| a.next()) {
-        Ok(Some(a)) => a,
-        Ok(None) | Err(_) => {
-            report.step("resolve", false, format!("cannot resolve `{}`", opts.uri.host));
-            return report;
-        }
+    let Ok(Some(addr)) = target.to_socket_addrs().map(|mut a| a.next()) else {
+        report.step("resolve", false, format!("cannot resolve `{}`", opts.uri.host));
+        return report;
     };
     report.step("resolve", true, format!("{target} -> {addr}"));
     let (username, password) = match &opts.credentials {

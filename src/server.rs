@@ -177,6 +177,8 @@ pub struct ServerHandle {
     pub counters: Arc<ServerCounters>,
     config: parking_lot::Mutex<Config>,
     nonce_key: NonceKey,
+    /// The bound metrics address, when the endpoint is enabled.
+    pub metrics_addr: Option<SocketAddr>,
     shards: Vec<ShardHandle>,
     threads: Vec<JoinHandle<()>>,
     stop: Arc<AtomicBool>,
@@ -451,9 +453,11 @@ pub fn start(cfg: &Config) -> io::Result<ServerHandle> {
     };
     let counters = Arc::new(ServerCounters::default());
     let mut threads = vec![control];
+    let mut metrics_addr = None;
     if let Some(listen) = cfg.metrics_listen {
         let listener = std::net::TcpListener::bind(listen)
             .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {listen} for metrics: {e}")))?;
+        metrics_addr = listener.local_addr().ok();
         let stats = stats.clone();
         let shared = Arc::clone(&shared);
         let counters = Arc::clone(&counters);
@@ -473,6 +477,7 @@ pub fn start(cfg: &Config) -> io::Result<ServerHandle> {
         counters,
         config: parking_lot::Mutex::new(cfg.clone()),
         nonce_key,
+        metrics_addr,
         shards,
         threads,
         stop,

@@ -256,6 +256,10 @@ fn rand_seed() -> u32 {
 pub struct Binary {
     pub child: std::process::Child,
     pub addr: SocketAddr,
+    /// Every line it logged so far.
+    pub log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    /// Where its configuration file is.
+    pub config: std::path::PathBuf,
 }
 
 impl Drop for Binary {
@@ -268,6 +272,11 @@ impl Drop for Binary {
 impl Binary {
     /// Starts the binary on `yaml` (written to a temporary file) and waits for its listening address.
     pub fn start(name: &str, yaml: &str) -> Self {
+        Self::start_with_env(name, yaml, &[])
+    }
+
+    /// As [`Binary::start`] with extra environment variables.
+    pub fn start_with_env(name: &str, yaml: &str, env: &[(&str, &std::ffi::OsStr)]) -> Self {
         use std::io::{BufRead, BufReader};
         let dir = std::env::temp_dir().join(format!("turnpike-test-{name}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -277,21 +286,47 @@ impl Binary {
             .arg("--config")
             .arg(&cfg)
             .env("RUST_LOG", "info")
+            .envs(env.iter().map(|(k, v)| (*k, *v)))
             .stderr(std::process::Stdio::piped())
             .stdout(std::process::Stdio::null())
             .spawn()
             .expect("turnpike starts");
         let stderr = child.stderr.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
+        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log2 = log.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if let Some(rest) = line.split("listening on ").nth(1) {
                     let _ = tx.send(rest.split('/').next().unwrap_or_default().to_string());
                 }
+                log2.lock().unwrap().push(line);
             }
         });
         let addr = rx.recv_timeout(Duration::from_secs(20)).expect("turnpike reports its address");
-        Self { child, addr: addr.parse().unwrap() }
+        Self { child, addr: addr.parse().unwrap(), log, config: cfg }
+    }
+
+    /// Waits until a logged line contains `needle`.
+    pub fn wait_log(&self, needle: &str, timeout: Duration) -> Option<String> {
+        let deadline = std::time::Instant::now() + timeout;
+        while std::time::Instant::now() < deadline {
+            if let Some(l) = self.log.lock().unwrap().iter().find(|l| l.contains(needle)) {
+                return Some(l.clone());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// Sends a signal by name (HUP, TERM) to the process.
+    pub fn signal(&self, sig: &str) {
+        let ok = std::process::Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(ok.success());
     }
 
     /// Resident memory of the process, KiB.

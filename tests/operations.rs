@@ -1,0 +1,430 @@
+//! Operations: reload on SIGHUP mid-stream without losing a packet, metrics that match, SIGTERM, the
+//! systemd readiness protocol, the systemd unit, and the operator commands (probe, synapse-config,
+//! config convert, credentials).
+
+#![allow(clippy::disallowed_methods)] // tests may read the clock and sleep
+
+mod common;
+
+use common::{Binary, EchoPeer, REALM, SECRET, TurnClient, start_server};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use turnpike::proto::attr::AttrType;
+use turnpike::proto::integrity::{long_term_key, rest_password};
+use turnpike::proto::{Class, Method};
+
+fn temp_dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("turnpike-ops-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn write_cert(dir: &Path, tag: &str) -> (PathBuf, PathBuf, Vec<u8>) {
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let (c, k) = (dir.join(format!("{tag}-cert.pem")), dir.join(format!("{tag}-key.pem")));
+    std::fs::write(&c, cert.cert.pem()).unwrap();
+    std::fs::write(&k, cert.key_pair.serialize_pem()).unwrap();
+    (c, k, cert.cert.der().to_vec())
+}
+
+fn client_with_secret(server: SocketAddr, user: &str, secret: &str) -> TurnClient {
+    let username = format!("{}:{user}", common::unix_now() + 3600);
+    let password = rest_password(secret.as_bytes(), username.as_bytes());
+    let key = long_term_key(username.as_bytes(), REALM.as_bytes(), &password);
+    TurnClient::with_key(server, username, key)
+}
+
+fn try_allocate(c: &mut TurnClient) -> Option<u16> {
+    c.request(Method::ALLOCATE, &|w| w.add_bytes(AttrType::REQUESTED_TRANSPORT, &[17, 0, 0, 0])).code()
+}
+
+/// The DER of the certificate a TLS server presents.
+fn presented_cert(addr: SocketAddr) -> Vec<u8> {
+    #[derive(Debug)]
+    struct Grab(Arc<rustls::crypto::CryptoProvider>, Arc<std::sync::Mutex<Vec<u8>>>);
+    impl rustls::client::danger::ServerCertVerifier for Grab {
+        fn verify_server_cert(
+            &self,
+            end: &rustls::pki_types::CertificateDer<'_>,
+            _: &[rustls::pki_types::CertificateDer<'_>],
+            _: &rustls::pki_types::ServerName<'_>,
+            _: &[u8],
+            _: rustls::pki_types::UnixTime,
+        ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+            *self.1.lock().unwrap() = end.to_vec();
+            Ok(rustls::client::danger::ServerCertVerified::assertion())
+        }
+        fn verify_tls12_signature(
+            &self,
+            m: &[u8],
+            c: &rustls::pki_types::CertificateDer<'_>,
+            d: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls12_signature(m, c, d, &self.0.signature_verification_algorithms)
+        }
+        fn verify_tls13_signature(
+            &self,
+            m: &[u8],
+            c: &rustls::pki_types::CertificateDer<'_>,
+            d: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls13_signature(m, c, d, &self.0.signature_verification_algorithms)
+        }
+        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+            self.0.signature_verification_algorithms.supported_schemes()
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(Grab(provider, seen.clone())))
+        .with_no_client_auth();
+    let mut conn =
+        rustls::ClientConnection::new(Arc::new(cfg), rustls::pki_types::ServerName::try_from("localhost").unwrap())
+            .unwrap();
+    let mut sock = TcpStream::connect(addr).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    while conn.is_handshaking() {
+        conn.complete_io(&mut sock).unwrap();
+    }
+    let der = seen.lock().unwrap().clone();
+    der
+}
+
+/// A notification socket standing in for systemd.
+struct Notify {
+    sock: UnixDatagram,
+    path: PathBuf,
+}
+
+impl Notify {
+    fn new(dir: &Path) -> Self {
+        let path = dir.join("notify.sock");
+        let _ = std::fs::remove_file(&path);
+        let sock = UnixDatagram::bind(&path).unwrap();
+        sock.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        Self { sock, path }
+    }
+    fn expect(&self, needle: &str) -> String {
+        let mut buf = [0u8; 512];
+        loop {
+            let n = self.sock.recv(&mut buf).unwrap_or_else(|_| panic!("no `{needle}` notification"));
+            let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+            if msg.contains(needle) {
+                return msg;
+            }
+        }
+    }
+}
+
+#[test]
+fn sighup_mid_stream_reloads_everything_and_loses_nothing() {
+    let dir = temp_dir("reload");
+    let (cert1, key1, der1) = write_cert(&dir, "one");
+    let (cert2, key2, der2) = write_cert(&dir, "two");
+    let base = |secrets: &str, quota: u32, denied: &str, cert: &Path, key: &Path| {
+        format!(
+            "listen:\n  ips: [127.0.0.1]\n  port: 0\n  tls_port: 0\nrelay:\n  ips: [127.0.0.1]\n  min_port: 47000\n  max_port: 47039\n\
+             auth:\n  realm: {REALM}\n  shared_secrets: [{secrets}]\nallocations:\n  user_quota: {quota}\n\
+             peers:\n  allowed: [\"127.0.0.0/8\"]\n  denied: [{denied}]\ntls:\n  cert: {}\n  pkey: {}\nruntime:\n  threads: 2\n",
+            cert.display(),
+            key.display()
+        )
+    };
+    let notify = Notify::new(&dir);
+    let server = Binary::start_with_env(
+        "reload",
+        &base("old-secret", 5, "", &cert1, &key1),
+        &[("NOTIFY_SOCKET", notify.path.as_os_str())],
+    );
+    assert!(notify.expect("READY=1").contains("READY=1"), "Type=notify readiness after binding");
+    let tls_addr: SocketAddr = server
+        .wait_log("/tls with", Duration::from_secs(5))
+        .unwrap()
+        .split("listening on ")
+        .nth(1)
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(presented_cert(tls_addr), der1);
+
+    let peer = EchoPeer::start();
+    let mut a = client_with_secret(server.addr, "@alice:example.org", "old-secret");
+    assert_eq!(try_allocate(&mut a), None);
+    assert_eq!(a.channel_bind(0x4000, peer.addr).class(), Class::Success);
+    assert_eq!(a.create_permission("127.0.0.9:9".parse().unwrap()).class(), Class::Success, "allowed before");
+    // Stream 1500 paced packets through the channel while the configuration changes underneath.
+    let sock = a.sock.try_clone().unwrap();
+    let relay_server = server.addr;
+    let streamer = std::thread::spawn(move || {
+        sock.set_read_timeout(Some(Duration::from_millis(1))).unwrap();
+        let mut received = 0u32;
+        let mut buf = [0u8; 256];
+        let start = Instant::now();
+        for i in 0..1500u32 {
+            let mut frame = vec![0x40, 0x00, 0x00, 0x04];
+            frame.extend_from_slice(&i.to_be_bytes());
+            sock.send_to(&frame, relay_server).unwrap();
+            let due = start + Duration::from_millis(2 * u64::from(i + 1));
+            while Instant::now() < due {
+                if let Ok((n, _)) = sock.recv_from(&mut buf) {
+                    if n >= 8 && buf[0] == 0x40 {
+                        received += 1;
+                    }
+                }
+            }
+        }
+        sock.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+        while let Ok((n, _)) = sock.recv_from(&mut buf) {
+            if n >= 8 && buf[0] == 0x40 {
+                received += 1;
+            }
+        }
+        received
+    });
+    std::thread::sleep(Duration::from_millis(1000));
+    std::fs::write(&server.config, base("new-secret, old-secret", 1, "127.0.0.9", &cert2, &key2)).unwrap();
+    server.signal("HUP");
+    notify.expect("RELOADING=1");
+    notify.expect("READY=1");
+    assert!(server.wait_log("reload: generation 1 live on all shards", Duration::from_secs(5)).is_some());
+    let received = streamer.join().unwrap();
+    assert_eq!(received, 1500, "no relayed packet lost across the reload");
+
+    // Old credentials still work while the old secret is listed; the new secret works too.
+    assert_eq!(a.refresh(600).class(), Class::Success);
+    let mut b = client_with_secret(server.addr, "@bob:example.org", "new-secret");
+    assert_eq!(try_allocate(&mut b), None);
+    // Quota 5 -> 1: alice already holds one.
+    let mut a2 = client_with_secret(server.addr, "@alice:example.org", "old-secret");
+    assert_eq!(try_allocate(&mut a2), Some(486));
+    // Policy: 127.0.0.9 is now denied, and its old permission is gone.
+    assert_eq!(a.create_permission("127.0.0.9:9".parse().unwrap()).code(), Some(403));
+    // Certificate swapped for new connections.
+    assert_eq!(presented_cert(tls_addr), der2);
+
+    // An invalid file changes nothing.
+    std::fs::write(&server.config, "auth:\n  realm: x\n  shared_secrets: [\n").unwrap();
+    server.signal("HUP");
+    assert!(server.wait_log("reload refused", Duration::from_secs(5)).is_some());
+    let mut c = client_with_secret(server.addr, "@carol:example.org", "new-secret");
+    assert_eq!(try_allocate(&mut c), None, "the running configuration stayed");
+    assert_eq!(presented_cert(tls_addr), der2);
+
+    // SIGTERM: clean exit, quickly.
+    let mut server = server;
+    server.signal("TERM");
+    notify.expect("STOPPING=1");
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = server.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(start.elapsed() < Duration::from_secs(12), "did not exit");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "exit status {status:?}");
+    assert!(server.wait_log("allocation deleted (server shutting down)", Duration::from_secs(1)).is_some());
+}
+
+fn scrape(addr: SocketAddr) -> String {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    out
+}
+
+fn metric(text: &str, name_and_labels: &str) -> u64 {
+    text.lines()
+        .filter(|l| l.starts_with(name_and_labels) && !l.starts_with('#'))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+        .sum()
+}
+
+#[test]
+fn metrics_match_live_state_and_traffic() {
+    let server = start_server(2, (47100, 47119), "metrics:\n  listen: 127.0.0.1:0\n");
+    let addr = server.metrics_addr.expect("metrics enabled");
+    let peer = EchoPeer::start();
+    let mut clients: Vec<TurnClient> =
+        (0..3).map(|i| TurnClient::rest(server.udp_addrs[0], &format!("m{i}"))).collect();
+    for c in &mut clients {
+        c.allocate();
+    }
+    assert_eq!(clients[0].channel_bind(0x4000, peer.addr).class(), Class::Success);
+    let other: SocketAddr = "127.0.0.1:9".parse().unwrap();
+    assert_eq!(clients[1].create_permission(other).class(), Class::Success);
+    for i in 0..10u8 {
+        clients[0].send_channel(0x4000, &[i; 100]);
+        assert!(clients[0].recv_data().is_some());
+    }
+    let bad = client_with_secret(server.udp_addrs[0], "mallory", "wrong");
+    let mut bad = bad;
+    assert_eq!(try_allocate(&mut bad), Some(401));
+    let text = scrape(addr);
+    assert_eq!(metric(&text, "turnpike_allocations{"), 3, "{text}");
+    assert_eq!(
+        metric(&text, "turnpike_allocations{shard=\"0\",transport=\"udp\"}")
+            + metric(&text, "turnpike_allocations{shard=\"1\",transport=\"udp\"}"),
+        3
+    );
+    assert_eq!(metric(&text, "turnpike_permissions{"), 2, "channel bind installs one, CreatePermission one");
+    assert_eq!(metric(&text, "turnpike_channels{"), 1);
+    assert_eq!(metric(&text, "turnpike_relayed_packets_total{direction=\"to_peer\"}"), 10);
+    assert_eq!(metric(&text, "turnpike_relayed_packets_total{direction=\"to_client\"}"), 10);
+    assert_eq!(metric(&text, "turnpike_relayed_bytes_total{direction=\"to_peer\"}"), 1000);
+    assert_eq!(metric(&text, "turnpike_auth_failures_total{reason=\"bad_integrity\"}"), 1);
+    assert_eq!(metric(&text, "turnpike_allocations_created_total{"), 3);
+    assert_eq!(metric(&text, "turnpike_directory_entries"), 3);
+    assert!(text.contains("# TYPE turnpike_dropped_packets_total counter"));
+    for c in &mut clients {
+        assert_eq!(c.refresh(0).class(), Class::Success);
+    }
+    let text = scrape(addr);
+    assert_eq!(metric(&text, "turnpike_allocations{"), 0);
+    assert_eq!(metric(&text, "turnpike_permissions{"), 0);
+}
+
+fn turnpike(args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_turnpike")).args(args).output().unwrap();
+    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
+#[test]
+fn probe_succeeds_and_diagnoses_failures() {
+    let server = start_server(2, (47200, 47239), "");
+    let udp = format!("turn:{}", server.udp_addrs[0]);
+    let tcp = format!("turn:{}?transport=tcp", server.addrs.tcp[0]);
+    for uri in [&udp, &tcp] {
+        let (ok, out) = turnpike(&["probe", uri, "--secret", SECRET, "--count", "5"]);
+        assert!(ok, "{out}");
+        assert!(out.contains("5/5 datagrams relayed") && out.contains("TURN relaying works"), "{out}");
+    }
+    let (ok, out) = turnpike(&["probe", &udp, "--secret", "not-the-secret"]);
+    assert!(!ok && out.contains("wrong shared secret"), "{out}");
+    let (ok, out) = turnpike(&["probe", &udp, "--user", "alice", "--password", "wonderland", "--count", "2"]);
+    assert!(ok, "static user: {out}");
+    let closed = UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let (ok, out) = turnpike(&["probe", &format!("turn:{closed}"), "--secret", "x", "--timeout", "1"]);
+    assert!(!ok && out.contains("port closed"), "{out}");
+    let closed_tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let (ok, out) = turnpike(&["probe", &format!("turn:{closed_tcp}?transport=tcp"), "--secret", "x"]);
+    assert!(!ok && out.contains("port closed"), "{out}");
+}
+
+#[test]
+fn probe_succeeds_against_coturn() {
+    if Command::new("turnserver").arg("-h").output().is_err() {
+        assert!(std::env::var_os("TURNPIKE_REQUIRE_INTEROP").is_none(), "coturn's turnserver is required");
+        eprintln!("SKIPPED: turnserver (coturn) not installed");
+        return;
+    }
+    let port = UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let dir = temp_dir("coturn");
+    let mut coturn = Command::new("turnserver")
+        .args(["-n", "--listening-ip=127.0.0.1", &format!("--listening-port={port}"), "--relay-ip=127.0.0.1"])
+        .args(["--min-port=47300", "--max-port=47399", "--use-auth-secret", "--static-auth-secret=coturn-secret"])
+        .args(["--realm=coturn.test", "--allow-loopback-peers", "--no-cli", "--no-tls", "--no-dtls"])
+        .arg(format!("--pidfile={}", dir.join("pid").display()))
+        .arg(format!("--log-file={}", dir.join("log").display()))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let (ok, out) =
+        turnpike(&["probe", &format!("turn:127.0.0.1:{port}"), "--secret", "coturn-secret", "--count", "5"]);
+    let (ok_tcp, out_tcp) = turnpike(&[
+        "probe",
+        &format!("turn:127.0.0.1:{port}?transport=tcp"),
+        "--secret",
+        "coturn-secret",
+        "--count",
+        "5",
+    ]);
+    let (bad, out_bad) = turnpike(&["probe", &format!("turn:127.0.0.1:{port}"), "--secret", "wrong"]);
+    let _ = coturn.kill();
+    let _ = coturn.wait();
+    assert!(ok, "{out}");
+    assert!(ok_tcp, "{out_tcp}");
+    assert!(!bad && out_bad.contains("wrong shared secret"), "{out_bad}");
+}
+
+#[test]
+fn systemd_unit_verifies_with_the_built_binary() {
+    if Command::new("systemd-analyze").arg("--version").output().is_err() {
+        eprintln!("SKIPPED: systemd-analyze not installed");
+        return;
+    }
+    let dir = temp_dir("unit");
+    let unit = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/systemd/turnpike.service")).unwrap();
+    assert!(unit.contains("Type=notify") && unit.contains("ExecReload=/bin/kill -HUP $MAINPID"));
+    let unit = unit
+        .replace("/usr/local/bin/turnpike", env!("CARGO_BIN_EXE_turnpike"))
+        .replace("/etc/turnpike/turnpike.yaml", concat!(env!("CARGO_MANIFEST_DIR"), "/config/dev.yaml"));
+    let path = dir.join("turnpike.service");
+    std::fs::write(&path, unit).unwrap();
+    let out = Command::new("systemd-analyze").arg("verify").arg(&path).output().unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && text.trim().is_empty(), "systemd-analyze verify: {text}");
+}
+
+#[test]
+fn operator_commands() {
+    let dir = temp_dir("cli");
+    // credentials: the password is what the homeserver would mint.
+    let (ok, out) =
+        turnpike(&["credentials", "--secret", "s3", "--user", "@u:x", "--ttl", "60", "--uri", "turn:t.example:3478"]);
+    assert!(ok, "{out}");
+    let username = out.lines().find_map(|l| l.strip_prefix("username: ")).unwrap().to_string();
+    let password = out.lines().find_map(|l| l.strip_prefix("password: ")).unwrap().to_string();
+    assert!(username.ends_with(":@u:x"));
+    assert_eq!(password.as_bytes(), rest_password(b"s3", username.as_bytes()));
+    assert!(out.contains("\"urls\": \"turn:t.example:3478\""));
+
+    // config convert: the Synapse how-to's turnserver.conf becomes YAML turnpike reads back.
+    let conf = dir.join("turnserver.conf");
+    std::fs::write(
+        &conf,
+        "use-auth-secret\nstatic-auth-secret=howto\nrealm=turn.myserver.org\nsyslog\nno-tcp-relay\n\
+         denied-peer-ip=10.0.0.0-10.255.255.255\nallowed-peer-ip=10.0.0.1\nno-multicast-peers\nuser-quota=12\ntotal-quota=1200\n",
+    )
+    .unwrap();
+    let (ok, yaml) = turnpike(&["config", "convert", conf.to_str().unwrap()]);
+    assert!(ok, "{yaml}");
+    let converted = turnpike::config::parse(Path::new("converted.yaml"), &yaml).expect("converted YAML is valid");
+    assert_eq!(converted.realm, "turn.myserver.org");
+    assert_eq!(converted.secrets, ["howto"]);
+    assert_eq!((converted.user_quota, converted.total_quota), (12, 1200));
+
+    // synapse-config from the server's own settings.
+    let yaml_path = dir.join("t.yaml");
+    std::fs::write(&yaml_path, "auth:\n  realm: turn.example.org\n  shared_secrets: [abc]\ntls:\n  cert: null\n")
+        .unwrap();
+    let (ok, out) = turnpike(&["synapse-config", "--config", yaml_path.to_str().unwrap()]);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("turn_uris: [ \"turn:turn.example.org?transport=udp\", \"turn:turn.example.org?transport=tcp\" ]"),
+        "{out}"
+    );
+    assert!(out.contains("turn_shared_secret: \"abc\"") && out.contains("turn_user_lifetime: 86400000"));
+
+    // check reports errors with file, line and option.
+    std::fs::write(&yaml_path, "auth:\n  realm: x\n  shared_secrets: [a]\nrelay:\n  min_port: 9\n  max_port: 8\n")
+        .unwrap();
+    let (ok, out) = turnpike(&["check", "--config", yaml_path.to_str().unwrap()]);
+    assert!(!ok && out.contains("t.yaml:5: option `relay.min_port`"), "{out}");
+}
