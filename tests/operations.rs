@@ -95,8 +95,7 @@ fn presented_cert(addr: SocketAddr) -> Vec<u8> {
     while conn.is_handshaking() {
         conn.complete_io(&mut sock).unwrap();
     }
-    let der = seen.lock().unwrap().clone();
-    der
+    seen.lock().unwrap().clone()
 }
 
 /// A notification socket standing in for systemd.
