@@ -427,3 +427,32 @@ fn operator_commands() {
     let (ok, out) = turnpike(&["check", "--config", yaml_path.to_str().unwrap()]);
     assert!(!ok && out.contains("t.yaml:5: option `relay.min_port`"), "{out}");
 }
+
+#[test]
+fn logging_to_a_file() {
+    let dir = temp_dir("logfile");
+    let log = dir.join("turnpike.log");
+    let cfg = dir.join("t.yaml");
+    let yaml = common::test_yaml(1, (47400, 47409), "127.0.0.1", &format!("logging:\n  file: {}\n", log.display()));
+    std::fs::write(&cfg, yaml).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_turnpike"))
+        .arg("--config")
+        .arg(&cfg)
+        .env_remove("RUST_LOG")
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut text = String::new();
+    while Instant::now() < deadline && !text.contains("listening on") {
+        std::thread::sleep(Duration::from_millis(50));
+        text = std::fs::read_to_string(&log).unwrap_or_default();
+    }
+    let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+    let status = child.wait().unwrap();
+    assert!(text.contains("listening on 127.0.0.1:"), "log file: {text}");
+    assert!(status.success());
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("stopped"), "shutdown is logged too: {text}");
+    assert!(!text.contains(common::SECRET), "credentials are never logged");
+}

@@ -169,7 +169,14 @@ pub fn parse(text: &str) -> Result<CoturnFile, CoturnError> {
             "max-bps" => {
                 c.allocations.max_bps = number(value)?;
                 out.note("allocations.max_bps", line_no);
-                out.warn_once(key, "is parsed; bandwidth limits are enforced from the security milestone on".into());
+            }
+            "bps-capacity" => {
+                c.allocations.total_bps = number(value)?;
+                out.note("allocations.total_bps", line_no);
+                out.warn_once(
+                    key,
+                    "is enforced as a total bandwidth cap per direction, not as admission control".into(),
+                );
             }
             "cert" => {
                 c.tls.cert = Some(value.to_string());
@@ -224,9 +231,6 @@ pub fn parse(text: &str) -> Result<CoturnFile, CoturnError> {
     if !out.use_auth_secret && !out.config.auth.shared_secrets.is_empty() {
         out.warnings.push("`static-auth-secret` is ignored because `use-auth-secret` is not set (as in coturn)".into());
         out.config.auth.shared_secrets.clear();
-    }
-    if out.config.tls.cert.is_some() || out.config.tls.pkey.is_some() {
-        out.warn_once("cert", "is parsed; the TLS listener arrives with the TCP/TLS milestone".into());
     }
     Ok(out)
 }

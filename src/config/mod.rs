@@ -476,12 +476,12 @@ fn validate(loc: &Locator<'_>, m: FileConfig, mut warnings: Vec<String>) -> Resu
             "bandwidth limits are bytes per second; below 1024 nothing useful gets through",
         ));
     }
-    if m.tls.cert.is_some() && loc.format == Format::Yaml {
-        warnings.push("tls.cert is parsed; the TLS listener arrives with the TCP/TLS milestone".into());
+    if !m.listen.udp && !m.listen.tcp && m.tls.cert.is_none() {
+        return Err(loc.error("listen.udp", "UDP, TCP and TLS are all off: nothing to listen on"));
     }
-    if m.logging.syslog || m.logging.file.is_some() {
-        warnings
-            .push("logging.syslog / logging.file are parsed; until the operations milestone logs go to stderr".into());
+    if let (Some(cert), Some(key)) = (&m.tls.cert, &m.tls.pkey) {
+        // Fail at start (and refuse a reload) rather than at the first handshake.
+        crate::tls::server_config(Path::new(cert), Path::new(key)).map_err(|e| loc.error("tls.cert", e))?;
     }
     let log_level = match m.logging.level.to_ascii_lowercase().as_str() {
         "off" => log::LevelFilter::Off,
@@ -663,6 +663,8 @@ impl fmt::Display for Config {
             "per allocation:    {} permissions, {} channels, max-bps {}",
             self.max_permissions, self.max_channels, self.max_bps
         )?;
+        writeln!(f, "total bandwidth:   {} B/s per direction (0 = unlimited)", self.total_bps)?;
+        writeln!(f, "unauthenticated:   {} answers/s per source, burst {}", self.unauth_rate, self.unauth_burst)?;
         writeln!(f, "quotas:            user {}, total {} (0 = unlimited)", self.user_quota, self.total_quota)?;
         writeln!(
             f,
@@ -769,6 +771,25 @@ mod tests {
         let e = yaml("listen:\n  dtls_port: 5349\nauth:\n  realm: x\n  shared_secrets: [a]\n").unwrap_err();
         assert!(e.to_string().contains("DTLS is not supported"), "{e}");
         assert_eq!(e.line, Some(2));
+    }
+
+    #[test]
+    fn bad_tls_files_and_nothing_to_listen_on_are_errors() {
+        let e = yaml(
+            "auth:\n  realm: x\n  shared_secrets: [a]\ntls:\n  cert: /nonexistent.pem\n  pkey: /nonexistent.key\n",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("/nonexistent.pem"), "{e}");
+        assert_eq!(e.option, "tls.cert");
+        let e = yaml("auth:\n  realm: x\n  shared_secrets: [a]\nlisten:\n  udp: false\n  tcp: false\n").unwrap_err();
+        assert!(e.message.contains("nothing to listen on"));
+    }
+
+    #[test]
+    fn coturn_bps_capacity_is_the_total_cap() {
+        let c = parse(Path::new("t.conf"), "realm=x\nuse-auth-secret\nstatic-auth-secret=s\nbps-capacity=2000000\n")
+            .unwrap();
+        assert_eq!(c.total_bps, 2_000_000);
     }
 
     #[test]
