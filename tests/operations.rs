@@ -454,5 +454,5 @@ fn logging_to_a_file() {
     assert!(status.success());
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(text.contains("stopped"), "shutdown is logged too: {text}");
-    assert!(!text.contains(common::SECRET), "credentials are never logged");
+    assert!(!text.contains(SECRET), "credentials are never logged");
 }
