@@ -26,11 +26,14 @@ export TURNPIKE_REQUIRE_INTEROP=1
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check
 echo "==> cargo clippy"
-cargo clippy --all-targets --locked --quiet -- -D warnings
+cargo clippy --workspace --all-targets --locked --quiet -- -D warnings
 echo "==> cargo doc"
 RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --locked --quiet
 echo "==> cargo test"
 cargo test --locked
+# The load generator against turnpike, briefly: correctness only (loss, errors), no timing.
+echo "==> load generator smoke test"
+bash scripts/bench-smoke.sh
 # Bounded fuzzing of every target (codec and stateful engine), replaying fuzz/regressions first.
 echo "==> fuzz (${TURNPIKE_FUZZ_SECS:-20}s per target)"
 bash scripts/fuzz.sh "${TURNPIKE_FUZZ_SECS:-20}"

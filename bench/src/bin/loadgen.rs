@@ -1,0 +1,489 @@
+//! Load generator for TURN servers (turnpike, coturn, or a raw UDP forwarder as the kernel's baseline).
+//!
+//! Sets up N allocations with TURN REST credentials, binds each to a channel towards a UDP peer it runs
+//! itself (or, with `--calls`, to its partner's relayed address: client -> relay -> relay -> client, as
+//! in a call), then sends paced open-loop traffic and measures delivery, loss and one-way latency.
+//! Every payload carries its send time and a sequence number. The server's CPU time and RSS come from
+//! /proc/PID. Output: a human summary on stderr and one JSON line on stdout.
+//!
+//! `--raw ADDR` skips TURN: payloads go to ADDR (a plain forwarder) which must send them to
+//! `--peer-port` on 127.0.0.1.
+
+#![allow(clippy::disallowed_methods)] // a load generator reads the clock and sleeps
+
+use mio::net::UdpSocket;
+use mio::{Events, Interest, Poll, Token};
+use std::io;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use turnpike::proto::attr::{self, AttrType, PROTO_UDP};
+use turnpike::proto::integrity::{long_term_key, rest_password};
+use turnpike::proto::{Class, Method, MsgWriter, StunMsg, TransactionId};
+
+struct Args {
+    server: SocketAddr,
+    secret: String,
+    realm: String,
+    allocations: usize,
+    rate: u64,
+    size: usize,
+    duration: f64,
+    warmup: f64,
+    send_mode: bool,
+    calls: bool,
+    server_pid: Option<u32>,
+    raw: Option<SocketAddr>,
+    peer_port: u16,
+    setup_only: bool,
+}
+
+fn arg<'a>(args: &'a [String], name: &str) -> Option<&'a str> {
+    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).map(String::as_str)
+}
+
+fn parse_args() -> Result<Args, String> {
+    let a: Vec<String> = std::env::args().skip(1).collect();
+    let num = |name: &str, default: &str| -> Result<f64, String> {
+        arg(&a, name).unwrap_or(default).parse::<f64>().map_err(|_| format!("{name} must be a number"))
+    };
+    Ok(Args {
+        server: arg(&a, "--server").unwrap_or("127.0.0.1:3478").parse().map_err(|_| "--server IP:PORT")?,
+        secret: arg(&a, "--secret").unwrap_or("bench-secret").to_string(),
+        realm: arg(&a, "--realm").unwrap_or("").to_string(),
+        allocations: num("--allocations", "10")? as usize,
+        rate: num("--rate", "10000")? as u64,
+        size: (num("--size", "172")? as usize).clamp(24, 1400),
+        duration: num("--duration", "3")?,
+        warmup: num("--warmup", "0.5")?,
+        send_mode: a.iter().any(|x| x == "--send-indications"),
+        calls: a.iter().any(|x| x == "--calls"),
+        server_pid: arg(&a, "--server-pid").and_then(|p| p.parse().ok()),
+        raw: arg(&a, "--raw").map(|r| r.parse()).transpose().map_err(|_| "--raw IP:PORT")?,
+        peer_port: num("--peer-port", "0")? as u16,
+        setup_only: a.iter().any(|x| x == "--setup-only"),
+    })
+}
+
+/// CPU seconds (user + system) and RSS (KiB) of a process.
+fn proc_usage(pid: u32) -> Option<(f64, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let rss =
+        status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?.trim().trim_end_matches("kB").trim().parse().ok()?;
+    Some((ticks / 100.0, rss))
+}
+
+/// One client: its socket, credentials, nonce and relayed address.
+struct Client {
+    sock: UdpSocket,
+    username: String,
+    key: [u8; 16],
+    nonce: Vec<u8>,
+    realm: Vec<u8>,
+    relayed: Option<SocketAddr>,
+    tid: u32,
+    id: u32,
+}
+
+impl Client {
+    fn request(&mut self, method: Method, auth: bool, body: &dyn Fn(&mut MsgWriter<'_>)) -> Vec<u8> {
+        self.tid = self.tid.wrapping_add(1);
+        let mut t = [0u8; 12];
+        t[..4].copy_from_slice(&self.id.to_be_bytes());
+        t[4..8].copy_from_slice(&self.tid.to_be_bytes());
+        let mut buf = vec![0u8; 512];
+        let mut w = MsgWriter::new(&mut buf, method, Class::Request, TransactionId(t));
+        body(&mut w);
+        if auth {
+            w.add_bytes(AttrType::USERNAME, self.username.as_bytes());
+            w.add_bytes(AttrType::REALM, &self.realm);
+            w.add_bytes(AttrType::NONCE, &self.nonce);
+            w.add_message_integrity(&self.key);
+        }
+        let n = w.finish().unwrap_or(0);
+        buf.truncate(n);
+        buf
+    }
+}
+
+/// Sends one request from every client in `which` and waits (pipelined) for all answers.
+fn round(
+    poll: &mut Poll,
+    clients: &mut [Client],
+    which: &[usize],
+    server: SocketAddr,
+    build: &dyn Fn(&mut Client) -> Vec<u8>,
+) -> Vec<Option<Vec<u8>>> {
+    let mut out: Vec<Option<Vec<u8>>> = vec![None; clients.len()];
+    let mut pending = which.len();
+    let mut requests: Vec<Option<Vec<u8>>> = vec![None; clients.len()];
+    for &i in which {
+        let req = build(&mut clients[i]);
+        let _ = clients[i].sock.send_to(&req, server);
+        requests[i] = Some(req);
+    }
+    let mut events = Events::with_capacity(1024);
+    let mut buf = [0u8; 2048];
+    let mut last_progress = Instant::now();
+    while pending > 0 {
+        let _ = poll.poll(&mut events, Some(Duration::from_millis(100)));
+        for ev in events.iter() {
+            let i = ev.token().0;
+            while let Ok((n, _)) = clients[i].sock.recv_from(&mut buf) {
+                if out[i].is_none() && n >= 20 && buf[0] & 0xC0 == 0 {
+                    out[i] = Some(buf[..n].to_vec());
+                    pending -= 1;
+                    last_progress = Instant::now();
+                }
+            }
+        }
+        if last_progress.elapsed() > Duration::from_millis(500) {
+            // Retransmit what is still unanswered (UDP may drop under a burst of set-ups).
+            for &i in which {
+                if let (None, Some(req)) = (&out[i], &requests[i]) {
+                    let _ = clients[i].sock.send_to(req, server);
+                }
+            }
+            last_progress = Instant::now();
+        }
+    }
+    out
+}
+
+fn error_code(resp: &[u8]) -> Option<u16> {
+    let m = StunMsg::parse(resp).ok()?;
+    m.attr(AttrType::ERROR_CODE).and_then(|v| attr::decode_error_code(v).ok()).map(|c| c.0)
+}
+
+/// A microsecond latency histogram (1 us buckets up to 100 ms, then overflow), allocated up front.
+struct Histogram {
+    buckets: Vec<u32>,
+    count: u64,
+}
+
+impl Histogram {
+    fn new() -> Self {
+        Self { buckets: vec![0; 100_001], count: 0 }
+    }
+    fn record(&mut self, us: u64) {
+        let i = (us as usize).min(self.buckets.len() - 1);
+        self.buckets[i] += 1;
+        self.count += 1;
+    }
+    fn percentile(&self, p: f64) -> u64 {
+        let want = ((self.count as f64) * p).ceil() as u64;
+        let mut seen = 0u64;
+        for (i, &c) in self.buckets.iter().enumerate() {
+            seen += u64::from(c);
+            if seen >= want.max(1) {
+                return i as u64;
+            }
+        }
+        self.buckets.len() as u64
+    }
+}
+
+fn main() {
+    let args = match parse_args() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("loadgen: {e}");
+            std::process::exit(2);
+        }
+    };
+    if let Err(e) = run(&args) {
+        eprintln!("loadgen: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn run(args: &Args) -> io::Result<()> {
+    let mut poll = Poll::new()?;
+    let epoch = Instant::now();
+    let unix = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let n = if args.calls { args.allocations.max(2) & !1 } else { args.allocations.max(1) };
+    let mut clients = Vec::with_capacity(n);
+    for i in 0..n {
+        let mut sock = UdpSocket::bind("127.0.0.1:0".parse().unwrap())?;
+        poll.registry().register(&mut sock, Token(i), Interest::READABLE)?;
+        let username = format!("{}:bench{i}", unix + 3600);
+        clients.push(Client {
+            sock,
+            username,
+            key: [0; 16],
+            nonce: Vec::new(),
+            realm: args.realm.as_bytes().to_vec(),
+            relayed: None,
+            tid: 0,
+            id: i as u32,
+        });
+    }
+    // Peers: one UDP socket per 64 allocations (client <-> peer mode).
+    let peer_count = if args.calls { 0 } else { n.div_ceil(64).max(1) };
+    let mut peers = Vec::new();
+    for p in 0..peer_count {
+        let port = if args.raw.is_some() && p == 0 { args.peer_port } else { 0 };
+        let mut sock = UdpSocket::bind(SocketAddr::from(([127, 0, 0, 1], port)))?;
+        poll.registry().register(&mut sock, Token(1_000_000 + p), Interest::READABLE)?;
+        peers.push(sock);
+    }
+    let server_usage = |pid: Option<u32>| pid.and_then(proc_usage);
+    let rss_before = server_usage(args.server_pid).map(|u| u.1);
+    let mut setup_rate = 0.0;
+    let mut setup_cpu_us = f64::NAN;
+    if args.raw.is_none() {
+        let all: Vec<usize> = (0..n).collect();
+        // Phase 1: unauthenticated Allocate -> 401 with realm and nonce.
+        let transport = |w: &mut MsgWriter<'_>| w.add_bytes(AttrType::REQUESTED_TRANSPORT, &[PROTO_UDP, 0, 0, 0]);
+        let answers =
+            round(&mut poll, &mut clients, &all, args.server, &|c| c.request(Method::ALLOCATE, false, &transport));
+        for (c, a) in clients.iter_mut().zip(&answers) {
+            let Some(a) = a else { continue };
+            let m = StunMsg::parse(a).map_err(|e| io::Error::other(e.to_string()))?;
+            c.nonce = m.attr(AttrType::NONCE).unwrap_or_default().to_vec();
+            c.realm = m.attr(AttrType::REALM).unwrap_or_default().to_vec();
+            let pw = rest_password(args.secret.as_bytes(), c.username.as_bytes());
+            c.key = long_term_key(c.username.as_bytes(), &c.realm, &pw);
+        }
+        // Phase 2: authenticated Allocate, pipelined from every client: the set-up rate, and the server
+        // CPU it took (the rate alone may be bounded by this generator).
+        let cpu_before = server_usage(args.server_pid).map(|u| u.0);
+        let start = Instant::now();
+        let answers =
+            round(&mut poll, &mut clients, &all, args.server, &|c| c.request(Method::ALLOCATE, true, &transport));
+        let took = start.elapsed().as_secs_f64();
+        let mut ok = 0usize;
+        for (c, a) in clients.iter_mut().zip(&answers) {
+            let Some(a) = a else { continue };
+            if let Some(code) = error_code(a) {
+                return Err(io::Error::other(format!("Allocate failed with {code}")));
+            }
+            let m = StunMsg::parse(a).map_err(|e| io::Error::other(e.to_string()))?;
+            c.relayed =
+                m.attr(AttrType::XOR_RELAYED_ADDRESS).and_then(|v| attr::decode_xor_addr(v, &m.transaction_id()).ok());
+            ok += 1;
+        }
+        setup_rate = ok as f64 / took;
+        let cpu_after = server_usage(args.server_pid).map(|u| u.0);
+        setup_cpu_us = match (cpu_before, cpu_after) {
+            (Some(a), Some(b)) => (b - a) * 1e6 / ok.max(1) as f64,
+            _ => f64::NAN,
+        };
+        // Channels (or permissions, in Send-indication mode) towards the peers or the partners.
+        let targets: Vec<SocketAddr> = (0..n)
+            .map(|i| {
+                if args.calls {
+                    clients[i ^ 1].relayed.unwrap_or(args.server)
+                } else {
+                    peers[i / 64].local_addr().unwrap_or(args.server)
+                }
+            })
+            .collect();
+        let send_mode = args.send_mode;
+        let answers = round(&mut poll, &mut clients, &all, args.server, &|c| {
+            let peer = targets[c.id as usize];
+            if send_mode {
+                c.request(Method::CREATE_PERMISSION, true, &|w| w.add_xor_addr(AttrType::XOR_PEER_ADDRESS, peer))
+            } else {
+                c.request(Method::CHANNEL_BIND, true, &|w| {
+                    w.add_bytes(AttrType::CHANNEL_NUMBER, &[0x40, 0x00, 0, 0]);
+                    w.add_xor_addr(AttrType::XOR_PEER_ADDRESS, peer);
+                })
+            }
+        });
+        if let Some(code) = answers.iter().flatten().find_map(|a| error_code(a)) {
+            return Err(io::Error::other(format!("ChannelBind/CreatePermission failed with {code}")));
+        }
+        if args.setup_only {
+            std::thread::sleep(Duration::from_millis(300));
+            let rss_after = server_usage(args.server_pid).map(|u| u.1);
+            let per_alloc = match (rss_before, rss_after) {
+                (Some(b), Some(a)) => (a.saturating_sub(b)) as f64 / n as f64,
+                _ => f64::NAN,
+            };
+            eprintln!(
+                "{n} allocations: {setup_rate:.0} authenticated allocations/s, server CPU {setup_cpu_us:.1} us per allocation, RSS +{per_alloc:.2} KiB per allocation"
+            );
+            println!(
+                "{{\"allocations\":{n},\"setup_per_sec\":{setup_rate:.1},\"cpu_us_per_alloc\":{setup_cpu_us:.2},\"rss_before_kib\":{},\"rss_after_kib\":{},\"rss_per_alloc_kib\":{per_alloc:.3}}}",
+                rss_before.unwrap_or(0),
+                rss_after.unwrap_or(0)
+            );
+            return Ok(());
+        }
+    }
+
+    // Traffic. Payload: [send time ns since epoch (8)] [sequence (8)] [client (4)] [padding].
+    let mut frame = vec![0u8; 4 + args.size + 48];
+    let mut indication = vec![0u8; 0];
+    let total_secs = args.warmup + args.duration;
+    let interval_ns = 1e9 / args.rate.max(1) as f64;
+    let mut hist = Histogram::new();
+    let mut sent_measured = 0u64;
+    let mut recv_measured = 0u64;
+    let mut lagging = 0u64;
+    let mut events = Events::with_capacity(4096);
+    let mut buf = vec![0u8; 65536];
+    let start = Instant::now();
+    let measure_from = start + Duration::from_secs_f64(args.warmup);
+    let measure_to = start + Duration::from_secs_f64(total_secs);
+    let mut usage_start = None;
+    let mut seq = 0u64;
+    let mut next_client = 0usize;
+    loop {
+        let now = Instant::now();
+        if now >= measure_to {
+            break;
+        }
+        if usage_start.is_none() && now >= measure_from {
+            usage_start = Some((server_usage(args.server_pid), now));
+        }
+        // Packets due by now.
+        let due = ((now - start).as_nanos() as f64 / interval_ns) as u64;
+        let mut burst = 0;
+        while seq < due && burst < 256 {
+            let c = &clients[next_client];
+            next_client = (next_client + 1) % clients.len();
+            let t = Instant::now();
+            let ts = (t - epoch).as_nanos() as u64;
+            let payload_at = if args.raw.is_some() { 0 } else { 4 };
+            frame[payload_at..payload_at + 8].copy_from_slice(&ts.to_be_bytes());
+            frame[payload_at + 8..payload_at + 16].copy_from_slice(&seq.to_be_bytes());
+            frame[payload_at + 16..payload_at + 20].copy_from_slice(&c.id.to_be_bytes());
+            let result = if let Some(raw) = args.raw {
+                c.sock.send_to(&frame[..args.size], raw)
+            } else if args.send_mode {
+                let peer = if args.calls {
+                    clients[(c.id ^ 1) as usize].relayed.unwrap_or(args.server)
+                } else {
+                    peers[c.id as usize / 64].local_addr()?
+                };
+                indication.clear();
+                indication.resize(args.size + 64, 0);
+                let mut w = MsgWriter::new(&mut indication, Method::SEND, Class::Indication, TransactionId([7; 12]));
+                w.add_xor_addr(AttrType::XOR_PEER_ADDRESS, peer);
+                w.add_bytes(AttrType::DATA, &frame[4..4 + args.size]);
+                let len = w.finish().unwrap_or(0);
+                c.sock.send_to(&indication[..len], args.server)
+            } else {
+                frame[0..2].copy_from_slice(&0x4000u16.to_be_bytes());
+                frame[2..4].copy_from_slice(&(args.size as u16).to_be_bytes());
+                c.sock.send_to(&frame[..4 + args.size], args.server)
+            };
+            if result.is_ok() && t >= measure_from {
+                sent_measured += 1;
+            }
+            seq += 1;
+            burst += 1;
+        }
+        if seq + 1000 < due {
+            lagging += 1;
+        }
+        // Receive whatever is ready (peers, or clients in calls mode).
+        let _ = poll.poll(&mut events, Some(Duration::ZERO));
+        for ev in events.iter() {
+            let tok = ev.token().0;
+            loop {
+                let r = if tok >= 1_000_000 {
+                    peers[tok - 1_000_000].recv_from(&mut buf)
+                } else {
+                    clients[tok].sock.recv_from(&mut buf)
+                };
+                let Ok((len, _)) = r else { break };
+                // Where the payload starts: bare at peers; after a ChannelData header, or inside a Data
+                // indication, at clients.
+                let payload: &[u8] = if tok >= 1_000_000 {
+                    &buf[..len]
+                } else if buf[0] & 0xC0 == 0x40 {
+                    &buf[4..len]
+                } else {
+                    match StunMsg::parse(&buf[..len]).ok().and_then(|m| m.attr(AttrType::DATA)) {
+                        Some(d) => d,
+                        None => continue,
+                    }
+                };
+                if payload.len() < 20 {
+                    continue;
+                }
+                let ts = u64::from_be_bytes(payload[0..8].try_into().unwrap_or([0; 8]));
+                let sent_at = epoch + Duration::from_nanos(ts);
+                if sent_at >= measure_from && sent_at < measure_to {
+                    recv_measured += 1;
+                    hist.record(Instant::now().saturating_duration_since(sent_at).as_micros() as u64);
+                }
+            }
+        }
+        if seq >= due {
+            std::hint::spin_loop();
+        }
+    }
+    // Drain late arrivals for 300 ms.
+    let drain_until = Instant::now() + Duration::from_millis(300);
+    let usage_end = server_usage(args.server_pid);
+    while Instant::now() < drain_until {
+        let _ = poll.poll(&mut events, Some(Duration::from_millis(10)));
+        for ev in events.iter() {
+            let tok = ev.token().0;
+            loop {
+                let r = if tok >= 1_000_000 {
+                    peers[tok - 1_000_000].recv_from(&mut buf)
+                } else {
+                    clients[tok].sock.recv_from(&mut buf)
+                };
+                let Ok((len, _)) = r else { break };
+                let off = if tok >= 1_000_000 {
+                    0
+                } else if buf[0] & 0xC0 == 0x40 {
+                    4
+                } else {
+                    len
+                };
+                if len >= off + 20 {
+                    let ts = u64::from_be_bytes(buf[off..off + 8].try_into().unwrap_or([0; 8]));
+                    let sent_at = epoch + Duration::from_nanos(ts);
+                    if sent_at >= measure_from && sent_at < measure_to {
+                        recv_measured += 1;
+                        hist.record(Instant::now().saturating_duration_since(sent_at).as_micros() as u64);
+                    }
+                }
+            }
+        }
+    }
+    let measured_secs = args.duration;
+    let offered = sent_measured as f64 / measured_secs;
+    let delivered = recv_measured as f64 / measured_secs;
+    let loss =
+        if sent_measured == 0 { 0.0 } else { 1.0 - (recv_measured.min(sent_measured) as f64 / sent_measured as f64) };
+    let (cpu, rss) = match (usage_start.and_then(|u| u.0), usage_end) {
+        (Some((c0, _)), Some((c1, rss))) => (c1 - c0, rss),
+        _ => (f64::NAN, 0),
+    };
+    // Packets the server handled in the window: each delivered packet crossed it once (twice in calls
+    // mode, where it is relayed from one allocation to the other).
+    let hops = if args.calls { 2.0 } else { 1.0 };
+    let cpu_us_per_packet = cpu * 1e6 / (recv_measured.max(1) as f64 * hops);
+    let saturated = offered < 0.97 * args.rate as f64;
+    let _ = lagging;
+    eprintln!(
+        "offered {offered:.0} pkt/s, delivered {delivered:.0} pkt/s, loss {:.3} %, latency p50 {} us p99 {} us p99.9 {} us, server CPU {cpu:.2} s = {cpu_us_per_packet:.2} us/packet, RSS {rss} KiB{}",
+        loss * 100.0,
+        hist.percentile(0.5),
+        hist.percentile(0.99),
+        hist.percentile(0.999),
+        if saturated { " (generator could not keep the schedule: offered rate below target)" } else { "" }
+    );
+    println!(
+        "{{\"rate\":{},\"size\":{},\"allocations\":{},\"calls\":{},\"offered_pps\":{offered:.1},\"delivered_pps\":{delivered:.1},\"loss\":{loss:.6},\"p50_us\":{},\"p99_us\":{},\"p999_us\":{},\"server_cpu_s\":{cpu:.4},\"cpu_us_per_packet\":{cpu_us_per_packet:.4},\"rss_kib\":{rss},\"setup_per_sec\":{setup_rate:.1},\"cpu_us_per_alloc\":{setup_cpu_us:.2},\"generator_saturated\":{saturated}}}",
+        args.rate,
+        args.size,
+        n,
+        args.calls,
+        hist.percentile(0.5),
+        hist.percentile(0.99),
+        hist.percentile(0.999)
+    );
+    Ok(())
+}

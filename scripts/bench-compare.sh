@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Side-by-side benchmark on loopback: turnpike vs coturn (Debian package, configured equivalently) vs a
+# raw recvmmsg/sendmmsg forwarder (the kernel's limit for one core), under the same load, with the
+# server pinned to core 0 and the load generator to core 1. Servers alternate for every configuration.
+# Prints a markdown table of ratios and writes bench/results/latest.{md,svg,json}.
+# Environment: BENCH_SECS (measured seconds per run, default 2), BENCH_QUICK=1 (fewer configurations).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if ! command -v turnserver >/dev/null 2>&1; then
+    echo "==> installing coturn"
+    if [ "$(id -u)" -eq 0 ]; then SUDO=""; else SUDO=sudo; fi
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends coturn >/dev/null
+    $SUDO systemctl stop coturn >/dev/null 2>&1 || true
+fi
+echo "==> building turnpike, loadgen and the raw forwarder"
+cargo build --release --locked -p turnpike -p turnpike-bench --quiet
+mkdir -p target/bench
+gcc -O2 -o target/bench/raw-forwarder scripts/raw-forwarder.c
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+exec python3 scripts/bench_compare.py "$@"

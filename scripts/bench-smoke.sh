@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# CI smoke test of the load generator against turnpike: client <-> peer over channels, over Send
+# indications, and client -> relay -> relay -> client calls, at a low paced rate. Checks correctness
+# (every packet delivered, no error), never timing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cargo build --locked --quiet -p turnpike -p turnpike-bench
+dir="$(mktemp -d)"
+trap 'kill "$pid" 2>/dev/null || true; rm -rf "$dir"' EXIT
+cat > "$dir/turnpike.yaml" <<'YAML'
+listen: {ips: [127.0.0.1], port: 0}
+relay: {ips: [127.0.0.1], min_port: 42000, max_port: 42999}
+auth: {realm: smoke, shared_secrets: [smoke-secret]}
+peers: {allowed: [127.0.0.1]}
+abuse: {unauth_rate: 0}
+runtime: {threads: 2}
+YAML
+RUST_LOG=info target/debug/turnpike --config "$dir/turnpike.yaml" 2> "$dir/log" &
+pid=$!
+addr=""
+for _ in $(seq 100); do
+    addr="$(grep -o 'listening on [0-9.:]*/udp' "$dir/log" | head -1 | sed 's/listening on //; s|/udp||')" || true
+    [ -n "$addr" ] && break
+    sleep 0.1
+done
+[ -n "$addr" ] || { echo "turnpike did not start"; cat "$dir/log"; exit 1; }
+status=0
+for mode in "" "--send-indications" "--calls"; do
+    out="$(target/debug/loadgen --server "$addr" --secret smoke-secret --allocations 20 --rate 2000 \
+        --duration 1 --warmup 0.3 --size 172 --server-pid "$pid" $mode)"
+    echo "loadgen ${mode:-(channels)}: $out"
+    python3 -c '
+import json, sys
+r = json.loads(sys.argv[1])
+ok = r["loss"] == 0 and r["delivered_pps"] > 0 and r["offered_pps"] > 0
+print("  ok" if ok else "  FAILED: packets lost or nothing delivered")
+sys.exit(0 if ok else 1)' "$out" || status=1
+done
+exit $status

@@ -1,0 +1,246 @@
+"""Runs the comparison for scripts/bench-compare.sh. See bench/README.md for the method."""
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+SECS = float(os.environ.get("BENCH_SECS", "2"))
+QUICK = os.environ.get("BENCH_QUICK") == "1"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LOADGEN = os.path.join(ROOT, "target/release/loadgen")
+TURNPIKE = os.path.join(ROOT, "target/release/turnpike")
+RAW = os.path.join(ROOT, "target/bench/raw-forwarder")
+OUT = os.path.join(ROOT, "bench/results")
+SECRET = "bench-secret"
+PORTS = {"turnpike": 3478, "coturn": 3479, "raw": 41000}
+PEER_PORT = 41001
+
+TURNPIKE_YAML = """listen: {ips: [127.0.0.1], port: 3478, tcp: false}
+relay: {ips: [127.0.0.1], min_port: 20000, max_port: 39999}
+auth: {realm: bench, shared_secrets: [bench-secret]}
+peers: {allowed: [127.0.0.1]}
+abuse: {unauth_rate: 0}
+runtime: {threads: 1}
+logging: {level: warn}
+"""
+
+
+def start(name):
+    pin = ["taskset", "-c", "0"]
+    if name == "turnpike":
+        path = os.path.join(ROOT, "target/bench/turnpike.yaml")
+        with open(path, "w") as f:
+            f.write(TURNPIKE_YAML)
+        cmd = pin + [TURNPIKE, "--config", path]
+    elif name == "coturn":
+        cmd = pin + ["turnserver", "-n", "--listening-ip=127.0.0.1", "--listening-port=3479",
+                     "--relay-ip=127.0.0.1", "--min-port=40000", "--max-port=59999", "--use-auth-secret",
+                     "--static-auth-secret=" + SECRET, "--realm=bench", "--allow-loopback-peers", "--no-cli",
+                     "--no-tls", "--no-dtls", "--no-tcp", "--relay-threads=1", "--no-stdout-log",
+                     "--log-file=/dev/null", "--pidfile=" + os.path.join(ROOT, "target/bench/coturn.pid")]
+    else:
+        cmd = pin + [RAW, str(PORTS["raw"]), "127.0.0.1", str(PEER_PORT)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(1.0 if name != "raw" else 0.2)
+    return proc
+
+
+def stop(proc):
+    proc.terminate()
+    try:
+        proc.wait(5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def loadgen(name, proc, *extra):
+    cmd = ["taskset", "-c", "1", LOADGEN, "--secret", SECRET, "--server-pid", str(proc.pid),
+           "--duration", str(SECS), "--warmup", "0.5"] + [str(e) for e in extra]
+    if name == "raw":
+        cmd += ["--raw", "127.0.0.1:%d" % PORTS["raw"], "--peer-port", str(PEER_PORT)]
+    else:
+        cmd += ["--server", "127.0.0.1:%d" % PORTS[name]]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    line = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else "{}"
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        return {"error": out.stderr.strip()[-300:]}
+
+
+def run_one(name, *extra):
+    proc = start(name)
+    try:
+        return loadgen(name, proc, *extra)
+    finally:
+        stop(proc)
+
+
+def fmt(x, digits=2):
+    return "n/a" if x is None or x != x else ("%.*f" % (digits, x))
+
+
+def ratio(a, b):
+    return None if not a or not b or a != a or b != b else a / b
+
+
+def main():
+    order = ["turnpike", "coturn", "raw"]
+    results = {"machine": platform.platform(), "cpus": os.cpu_count(), "secs": SECS, "runs": []}
+    rates = [50000, 100000, 200000]
+    sizes = [172] if QUICK else [172, 1200]
+    allocs = [10] if QUICK else [10, 1000]
+    table = []
+    k = 0
+    for a in allocs:
+        for size in sizes:
+            for rate in rates:
+                row = {"allocations": a, "size": size, "rate": rate}
+                # Alternate which server goes first, so drift on a shared machine spreads evenly.
+                rot = order[k % 3:] + order[:k % 3]
+                k += 1
+                for name in rot:
+                    r = run_one(name, "--allocations", a, "--size", size, "--rate", rate)
+                    row[name] = r
+                    results["runs"].append({"server": name, **r})
+                    print("  %-8s %5d allocs %4d B %6d pps: %s" % (name, a, size, rate, json.dumps(r)), file=sys.stderr)
+                table.append(row)
+    # Highest paced rate with < 0.1 % loss (10 allocations, 172 B).
+    sweep_rates = [100000, 200000, 300000] if QUICK else [100000, 150000, 200000, 250000, 300000, 350000, 400000]
+    sweep = {n: [] for n in order}
+    for rate in sweep_rates:
+        for name in order:
+            r = run_one(name, "--allocations", 10, "--size", 172, "--rate", rate)
+            sweep[name].append((rate, r.get("offered_pps", 0), r.get("delivered_pps", 0), r.get("loss", 1.0),
+                                r.get("generator_saturated", False)))
+            print("  sweep %-8s %6d pps: %s" % (name, rate, json.dumps(r)), file=sys.stderr)
+    # Memory and set-up rate.
+    mem = {}
+    for n_alloc in ([1000] if QUICK else [1000, 10000]):
+        for name in ["turnpike", "coturn"]:
+            mem[(name, n_alloc)] = run_one(name, "--allocations", n_alloc, "--setup-only")
+            print("  setup %-8s %5d: %s" % (name, n_alloc, json.dumps(mem[(name, n_alloc)])), file=sys.stderr)
+    render(results, table, sweep, sweep_rates, mem)
+
+
+def from_log(path):
+    """Rebuilds the tables from the progress lines of an earlier run (its stderr)."""
+    table, sweep, mem, rows = [], {"turnpike": [], "coturn": [], "raw": []}, {}, {}
+    for line in open(path):
+        if ": {" not in line:
+            continue
+        head, body = line.split(": {", 1)
+        r = json.loads("{" + body)
+        words = head.split()
+        if words[0] == "sweep":
+            sweep[words[1]].append((int(words[2]), r.get("offered_pps", 0), r.get("delivered_pps", 0),
+                                    r.get("loss", 1.0), r.get("generator_saturated", False)))
+        elif words[0] == "setup":
+            mem[(words[1], int(words[2]))] = r
+        else:
+            key = (int(words[1]), int(words[3]), int(words[5]))
+            if key not in rows:
+                rows[key] = {"allocations": key[0], "size": key[1], "rate": key[2]}
+                table.append(rows[key])
+            rows[key][words[0]] = r
+    rates = sorted({rate for pts in sweep.values() for (rate, *_rest) in pts})
+    results = {"machine": platform.platform(), "cpus": os.cpu_count(), "secs": SECS, "runs": [], "from_log": path}
+    render(results, table, sweep, rates, mem)
+
+
+def render(results, table, sweep, sweep_rates, mem):
+    order = ["turnpike", "coturn", "raw"]
+    best = {}
+    for name in order:
+        ok = [rate for (rate, off, dlv, loss, sat) in sweep[name] if loss < 0.001 and not sat]
+        best[name] = max(ok) if ok else None
+    results["sweep"] = sweep
+    results["best_lossless"] = best
+    results["memory"] = {"%s/%d" % k2: v for k2, v in mem.items()}
+
+    lines = []
+    lines.append("Machine: %s, %s CPUs; server pinned to core 0, generator to core 1; %.1f s measured per run." %
+                 (results["machine"], results["cpus"], SECS))
+    lines.append("")
+    lines.append("### CPU per relayed packet and loss (ChannelData client -> peer, paced)")
+    lines.append("")
+    lines.append("| allocs | size | rate | turnpike us/pkt | coturn us/pkt | raw us/pkt | turnpike/coturn | turnpike/raw | loss turnpike | loss coturn | loss raw | p99 us turnpike | p99 us coturn |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for row in table:
+        t, c, r = (row[n].get("cpu_us_per_packet") for n in order)
+        lt, lc, lr = (row[n].get("loss") for n in order)
+        lines.append("| %d | %d | %dk | %s | %s | %s | %s | %s | %s %% | %s %% | %s %% | %s | %s |" % (
+            row["allocations"], row["size"], row["rate"] // 1000, fmt(t), fmt(c), fmt(r),
+            fmt(ratio(t, c)), fmt(ratio(t, r)),
+            fmt(None if lt is None else lt * 100, 3), fmt(None if lc is None else lc * 100, 3),
+            fmt(None if lr is None else lr * 100, 3),
+            row["turnpike"].get("p99_us", "n/a"), row["coturn"].get("p99_us", "n/a")))
+    lines.append("")
+    lines.append("### Highest paced rate with < 0.1 %% loss (10 allocations, 172 B; rates tried: %s)" %
+                 ", ".join("%dk" % (x // 1000) for x in sweep_rates))
+    lines.append("")
+    lines.append("| turnpike | coturn | raw forwarder |")
+    lines.append("|---|---|---|")
+    lines.append("| %s | %s | %s |" % tuple(("%dk pps" % (best[n] // 1000)) if best[n] else "below %dk" % (sweep_rates[0] // 1000) for n in order))
+    lines.append("")
+    lines.append("### Memory and authenticated allocations per second (pipelined Allocate from N sockets)")
+    lines.append("")
+    lines.append("| allocations | turnpike KiB/alloc | coturn KiB/alloc | turnpike alloc/s | coturn alloc/s | alloc/s ratio | turnpike server CPU us/alloc | coturn server CPU us/alloc | CPU ratio coturn/turnpike |")
+    lines.append("|---|---|---|---|---|---|---|---|---|")
+    for n_alloc in sorted({k2[1] for k2 in mem}):
+        t, c = mem[("turnpike", n_alloc)], mem[("coturn", n_alloc)]
+        lines.append("| %d | %s | %s | %s | %s | %s | %s | %s | %s |" % (
+            n_alloc, fmt(t.get("rss_per_alloc_kib")), fmt(c.get("rss_per_alloc_kib")),
+            fmt(t.get("setup_per_sec"), 0), fmt(c.get("setup_per_sec"), 0),
+            fmt(ratio(t.get("setup_per_sec"), c.get("setup_per_sec"))),
+            fmt(t.get("cpu_us_per_alloc"), 1), fmt(c.get("cpu_us_per_alloc"), 1),
+            fmt(ratio(c.get("cpu_us_per_alloc"), t.get("cpu_us_per_alloc")))))
+    report = "\n".join(lines) + "\n"
+    os.makedirs(OUT, exist_ok=True)
+    with open(os.path.join(OUT, "latest.md"), "w") as f:
+        f.write(report)
+    with open(os.path.join(OUT, "latest.json"), "w") as f:
+        json.dump(results, f, indent=1, default=str)
+    with open(os.path.join(OUT, "latest.svg"), "w") as f:
+        f.write(svg(sweep, sweep_rates))
+    print(report)
+    print("wrote bench/results/latest.md, latest.json, latest.svg")
+
+
+def svg(sweep, rates):
+    """Delivered vs offered packets/s for the three servers."""
+    w, h, pad = 640, 400, 60
+    top = max(rates) * 1.05
+    x = lambda v: pad + (w - 2 * pad) * v / top
+    y = lambda v: h - pad - (h - 2 * pad) * v / top
+    colors = {"turnpike": "#1f77b4", "coturn": "#d62728", "raw": "#2ca02c"}
+    parts = ['<svg xmlns="http://www.w3.org/2000/svg" width="%d" height="%d" font-family="sans-serif" font-size="12">' % (w, h),
+             '<rect width="100%" height="100%" fill="white"/>',
+             '<line x1="%d" y1="%d" x2="%d" y2="%d" stroke="black"/>' % (pad, h - pad, w - pad, h - pad),
+             '<line x1="%d" y1="%d" x2="%d" y2="%d" stroke="black"/>' % (pad, h - pad, pad, pad),
+             '<line x1="%.1f" y1="%.1f" x2="%.1f" y2="%.1f" stroke="#bbb" stroke-dasharray="4"/>' % (x(0), y(0), x(top), y(top)),
+             '<text x="%d" y="%d" text-anchor="middle">offered packets/s (target)</text>' % (w // 2, h - 15),
+             '<text x="15" y="%d" transform="rotate(-90 15 %d)" text-anchor="middle">delivered packets/s</text>' % (h // 2, h // 2),
+             '<text x="%d" y="25" text-anchor="middle">Delivered vs offered, 10 allocations, 172 B, one core</text>' % (w // 2)]
+    for v in range(0, int(top) + 1, 100000):
+        parts.append('<text x="%.1f" y="%d" text-anchor="middle">%dk</text>' % (x(v), h - pad + 18, v // 1000))
+        parts.append('<text x="%d" y="%.1f" text-anchor="end">%dk</text>' % (pad - 6, y(v) + 4, v // 1000))
+    for i, (name, pts) in enumerate(sweep.items()):
+        coords = " ".join("%.1f,%.1f" % (x(rate), y(dlv)) for (rate, off, dlv, loss, sat) in pts)
+        parts.append('<polyline fill="none" stroke="%s" stroke-width="2" points="%s"/>' % (colors[name], coords))
+        for (rate, off, dlv, loss, sat) in pts:
+            parts.append('<circle cx="%.1f" cy="%.1f" r="3" fill="%s"/>' % (x(rate), y(dlv), colors[name]))
+        parts.append('<text x="%d" y="%d" fill="%s">%s</text>' % (pad + 10, pad + 15 + 16 * i, colors[name], name))
+    parts.append("</svg>")
+    return "\n".join(parts)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 2 and sys.argv[1] == "--from-log":
+        from_log(sys.argv[2])
+    else:
+        main()
