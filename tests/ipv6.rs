@@ -81,7 +81,7 @@ fn dual_allocation_relays_both_families() {
     for (peer, n) in [(peer4.addr, 0x4000u16), (peer6.addr, 0x4001)] {
         assert_eq!(c.create_permission(peer).class(), Class::Success);
         c.send_indication(peer, b"dual");
-        let (_, from, data) = c.recv_data().expect("echo");
+        let (_, from, data) = c.recv_data().unwrap_or_else(|| panic!("no echo from {peer}"));
         assert_eq!((from, data.as_slice()), (Some(peer), &b"dual"[..]));
         assert_eq!(c.channel_bind(n, peer).class(), Class::Success);
         c.send_channel(n, b"dual channel");

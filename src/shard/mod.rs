@@ -62,6 +62,8 @@ pub enum Ctl {
 struct RelaySlots {
     registry: Registry,
     sockets: Vec<Option<UdpSocket>>,
+    /// Whether each relay socket is IPv6 (recorded at open, so receiving needs no getsockname).
+    v6: Vec<bool>,
     buffers: Buffers,
     /// Stream clients whose allocation was deleted: their connections are closed next.
     freed_streams: Vec<FiveTuple>,
@@ -86,8 +88,10 @@ impl RelaySockets for RelaySlots {
         let idx = idx as usize;
         if self.sockets.len() <= idx {
             self.sockets.resize_with(idx + 1, || None);
+            self.v6.resize(idx + 1, false);
         }
         self.sockets[idx] = Some(sock);
+        self.v6[idx] = addr.is_ipv6();
         Ok(())
     }
 
@@ -154,6 +158,15 @@ pub fn new_poll() -> io::Result<(Poll, Arc<Waker>)> {
     Ok((poll, waker))
 }
 
+/// Where a batch of datagrams is read from.
+#[derive(Clone, Copy, Debug)]
+enum BatchSource {
+    /// UDP listener `i`.
+    Listener(usize),
+    /// Relay socket `key`.
+    Relay(usize),
+}
+
 /// Whether a socket may still have data waiting after its budget ran out.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Drained {
@@ -200,6 +213,8 @@ struct Shard {
     id: u16,
     poll: Poll,
     udp: Vec<UdpSocket>,
+    /// Whether each UDP listener is IPv6.
+    udp_v6: Vec<bool>,
     tcp: Vec<TcpListener>,
     tls_listeners: Vec<TcpListener>,
     tls: Option<Arc<rustls::ServerConfig>>,
@@ -208,6 +223,7 @@ struct Shard {
     relays: RelaySlots,
     engine: Engine,
     pkt: PacketBuf,
+    batch: socket::RecvBatch,
     stats: Arc<ShardStats>,
     recv_batch: usize,
     unallocated_timeout: Duration,
@@ -286,39 +302,53 @@ impl Shard {
         }
     }
 
-    fn drain_udp(&mut self, now: Instant, i: usize) -> Drained {
-        for _ in 0..self.recv_batch {
-            let Some(listener) = self.udp.get(i) else {
-                return Drained::Empty;
+    /// Receives a batch from the UDP listener `i` or the relay socket `key` (`recvmmsg`) and hands each
+    /// datagram to the engine. The batch buffer being processed is swapped into `self.pkt`, so the engine
+    /// and the send path see one packet buffer as before.
+    fn drain_batch(&mut self, now: Instant, source: BatchSource) -> Drained {
+        let mut done = 0;
+        while done < self.recv_batch {
+            let received = match source {
+                BatchSource::Listener(i) => match (self.udp.get(i), self.udp_v6.get(i)) {
+                    (Some(sock), Some(&v6)) => self.batch.recv(sock, v6),
+                    _ => return Drained::Empty,
+                },
+                BatchSource::Relay(key) => match (self.relays.sockets.get(key), self.relays.v6.get(key)) {
+                    (Some(Some(sock)), Some(&v6)) => self.batch.recv(sock, v6),
+                    _ => return Drained::Empty,
+                },
             };
-            match listener.recv_from(self.pkt.body_mut()) {
-                Ok((len, from)) => {
-                    let tuple = FiveTuple { client: from, listener: ListenerId(i as u16), transport: Transport::Udp };
-                    let action = self.engine.handle_client(now, tuple, &mut self.pkt, len, &mut self.relays);
-                    self.perform(action, Some(tuple));
+            let n = match received {
+                Ok(0) => return Drained::Empty,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    // ICMP errors surface here on some kernels; nothing to do but go on.
+                    log::trace!("shard {}: receive error on {source:?}: {e}", self.id);
+                    return Drained::Empty;
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Drained::Empty,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => log::debug!("shard {}: listener {i} receive error: {e}", self.id),
+            };
+            for k in 0..n {
+                let (len, Some(from)) = self.batch.meta[k] else { continue };
+                std::mem::swap(&mut self.pkt, &mut self.batch.bufs[k]);
+                match source {
+                    BatchSource::Listener(i) => {
+                        let tuple =
+                            FiveTuple { client: from, listener: ListenerId(i as u16), transport: Transport::Udp };
+                        let action = self.engine.handle_client(now, tuple, &mut self.pkt, len, &mut self.relays);
+                        self.perform(action, Some(tuple));
+                    }
+                    BatchSource::Relay(key) => {
+                        let action = self.engine.handle_peer(now, key as u32, from, &mut self.pkt, len);
+                        self.perform(action, None);
+                    }
+                }
+                std::mem::swap(&mut self.pkt, &mut self.batch.bufs[k]);
             }
-        }
-        Drained::MoreWaiting
-    }
-
-    fn drain_relay(&mut self, now: Instant, idx: usize) -> Drained {
-        for _ in 0..self.recv_batch {
-            let Some(Some(sock)) = self.relays.sockets.get(idx) else {
+            done += n;
+            if n < self.batch.bufs.len() {
+                // A short batch: the queue is empty (new datagrams raise a new edge).
                 return Drained::Empty;
-            };
-            match sock.recv_from(self.pkt.body_mut()) {
-                Ok((len, from)) => {
-                    let action = self.engine.handle_peer(now, idx as u32, from, &mut self.pkt, len);
-                    self.perform(action, None);
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Drained::Empty,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                // ICMP errors surface here on some kernels; nothing to do but go on.
-                Err(e) => log::trace!("shard {}: relay {idx} receive error: {e}", self.id),
             }
         }
         Drained::MoreWaiting
@@ -489,11 +519,11 @@ impl Shard {
     fn serve(&mut self, now: Instant, token: Token) -> Drained {
         match token.0 {
             t if t == WAKER.0 => Drained::Empty,
-            t if t >= RELAY_BASE => self.drain_relay(now, t - RELAY_BASE),
+            t if t >= RELAY_BASE => self.drain_batch(now, BatchSource::Relay(t - RELAY_BASE)),
             t if t >= CONN_BASE => self.serve_conn(now, t - CONN_BASE),
             t if t >= TLS_BASE => self.accept(now, t - TLS_BASE, Transport::Tls),
             t if t >= TCP_BASE => self.accept(now, t - TCP_BASE, Transport::Tcp),
-            i => self.drain_udp(now, i),
+            i => self.drain_batch(now, BatchSource::Listener(i)),
         }
     }
 }
@@ -522,6 +552,7 @@ pub fn run(parts: ShardParts) {
     };
     let mut initial = Vec::new();
     let mut udp = Vec::new();
+    let udp_v6: Vec<bool> = listeners.udp.iter().map(|l| l.local_addr().is_ok_and(|a| a.is_ipv6())).collect();
     for (i, l) in listeners.udp.into_iter().enumerate() {
         let mut sock = UdpSocket::from_std(l);
         if let Err(e) = registry.register(&mut sock, Token(i), Interest::READABLE) {
@@ -555,14 +586,16 @@ pub fn run(parts: ShardParts) {
         id,
         poll,
         udp,
+        udp_v6,
         tcp,
         tls_listeners,
         tls,
         conns: Conns::default(),
         conn_timers: TimerWheel::new(now),
-        relays: RelaySlots { registry, sockets: Vec::new(), buffers, freed_streams: Vec::new() },
+        relays: RelaySlots { registry, sockets: Vec::new(), v6: Vec::new(), buffers, freed_streams: Vec::new() },
         engine,
         pkt: PacketBuf::default(),
+        batch: socket::RecvBatch::new(recv_batch.clamp(1, socket::MAX_BATCH)),
         stats,
         recv_batch: recv_batch.max(1),
         unallocated_timeout,
