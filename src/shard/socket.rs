@@ -141,6 +141,7 @@ impl RecvBatch {
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)] // tests wait for loopback delivery
 mod tests {
     use super::*;
 

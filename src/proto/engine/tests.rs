@@ -1,4 +1,4 @@
-//! Engine scenarios on a fake clock, asserting the actions (RFC 8656 sections named per test).
+//! Engine scenarios (compiled only under #[cfg(test)]) on a fake clock, asserting the actions (RFC 8656 sections named per test).
 
 #![allow(clippy::disallowed_methods)] // the fake clock starts at a real Instant
 

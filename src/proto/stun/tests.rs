@@ -1,4 +1,4 @@
-//! Codec tests: RFC 5769 test vectors, round trips, and never-panic properties.
+//! Codec tests, compiled only under #[cfg(test)]: RFC 5769 test vectors, round trips, and never-panic properties.
 
 use super::*;
 use crate::proto::attr::{decode_plain_addr, decode_xor_addr};
