@@ -71,7 +71,7 @@ pub fn reuseport_tcp(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
 /// Most datagrams one `recvmmsg` call takes.
 pub const MAX_BATCH: usize = 32;
 
-/// Batched receiving with `recvmmsg(2)` into full-size [`PacketBuf`]s (nothing is ever truncated),
+/// Batched receiving with `recvmmsg(2)` into full-size [`PacketBuf`](crate::proto::PacketBuf)s (nothing is ever truncated),
 /// through nix's safe wrapper. Everything is allocated once; a call allocates nothing.
 pub struct RecvBatch {
     /// The buffers; the caller swaps the one it processes into place.
