@@ -186,6 +186,49 @@ impl Histogram {
     }
 }
 
+/// Reads everything waiting on the socket of `token` (a peer, or a client in calls mode), records the
+/// latency of payloads sent inside the measurement window, and returns how many those were.
+fn receive_ready(
+    token: usize,
+    peers: &[UdpSocket],
+    clients: &[Client],
+    buf: &mut [u8],
+    epoch: Instant,
+    window: (Instant, Instant),
+    hist: &mut Histogram,
+) -> u64 {
+    let mut counted = 0;
+    loop {
+        let r = if token >= 1_000_000 {
+            peers[token - 1_000_000].recv_from(buf)
+        } else {
+            clients[token].sock.recv_from(buf)
+        };
+        let Ok((len, _)) = r else { return counted };
+        // The payload is bare at peers; at clients it follows a ChannelData header or sits in a Data
+        // indication.
+        let payload: &[u8] = if token >= 1_000_000 {
+            &buf[..len]
+        } else if buf[0] & 0xC0 == 0x40 {
+            &buf[4..len]
+        } else {
+            match StunMsg::parse(&buf[..len]).ok().and_then(|m| m.attr(AttrType::DATA)) {
+                Some(d) => d,
+                None => continue,
+            }
+        };
+        if payload.len() < 20 {
+            continue;
+        }
+        let ts = u64::from_be_bytes(payload[0..8].try_into().unwrap_or([0; 8]));
+        let sent_at = epoch + Duration::from_nanos(ts);
+        if sent_at >= window.0 && sent_at < window.1 {
+            counted += 1;
+            hist.record(Instant::now().saturating_duration_since(sent_at).as_micros() as u64);
+        }
+    }
+}
+
 fn main() {
     let args = match parse_args() {
         Ok(a) => a,
@@ -385,36 +428,9 @@ fn run(args: &Args) -> io::Result<()> {
         // Receive whatever is ready (peers, or clients in calls mode).
         let _ = poll.poll(&mut events, Some(Duration::ZERO));
         for ev in events.iter() {
-            let tok = ev.token().0;
-            loop {
-                let r = if tok >= 1_000_000 {
-                    peers[tok - 1_000_000].recv_from(&mut buf)
-                } else {
-                    clients[tok].sock.recv_from(&mut buf)
-                };
-                let Ok((len, _)) = r else { break };
-                // Where the payload starts: bare at peers; after a ChannelData header, or inside a Data
-                // indication, at clients.
-                let payload: &[u8] = if tok >= 1_000_000 {
-                    &buf[..len]
-                } else if buf[0] & 0xC0 == 0x40 {
-                    &buf[4..len]
-                } else {
-                    match StunMsg::parse(&buf[..len]).ok().and_then(|m| m.attr(AttrType::DATA)) {
-                        Some(d) => d,
-                        None => continue,
-                    }
-                };
-                if payload.len() < 20 {
-                    continue;
-                }
-                let ts = u64::from_be_bytes(payload[0..8].try_into().unwrap_or([0; 8]));
-                let sent_at = epoch + Duration::from_nanos(ts);
-                if sent_at >= measure_from && sent_at < measure_to {
-                    recv_measured += 1;
-                    hist.record(Instant::now().saturating_duration_since(sent_at).as_micros() as u64);
-                }
-            }
+            let counted =
+                receive_ready(ev.token().0, &peers, &clients, &mut buf, epoch, (measure_from, measure_to), &mut hist);
+            recv_measured += counted;
         }
         if seq >= due {
             std::hint::spin_loop();
@@ -426,30 +442,9 @@ fn run(args: &Args) -> io::Result<()> {
     while Instant::now() < drain_until {
         let _ = poll.poll(&mut events, Some(Duration::from_millis(10)));
         for ev in events.iter() {
-            let tok = ev.token().0;
-            loop {
-                let r = if tok >= 1_000_000 {
-                    peers[tok - 1_000_000].recv_from(&mut buf)
-                } else {
-                    clients[tok].sock.recv_from(&mut buf)
-                };
-                let Ok((len, _)) = r else { break };
-                let off = if tok >= 1_000_000 {
-                    0
-                } else if buf[0] & 0xC0 == 0x40 {
-                    4
-                } else {
-                    len
-                };
-                if len >= off + 20 {
-                    let ts = u64::from_be_bytes(buf[off..off + 8].try_into().unwrap_or([0; 8]));
-                    let sent_at = epoch + Duration::from_nanos(ts);
-                    if sent_at >= measure_from && sent_at < measure_to {
-                        recv_measured += 1;
-                        hist.record(Instant::now().saturating_duration_since(sent_at).as_micros() as u64);
-                    }
-                }
-            }
+            let counted =
+                receive_ready(ev.token().0, &peers, &clients, &mut buf, epoch, (measure_from, measure_to), &mut hist);
+            recv_measured += counted;
         }
     }
     let measured_secs = args.duration;
