@@ -7,7 +7,7 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 use turnpike::auth::NonceKey;
 use turnpike::proto::allocation::{FiveTuple, ListenerId, Transport};
@@ -19,13 +19,24 @@ use turnpike::shared::{ShardStats, Shared};
 
 struct Counting;
 
-static COUNTING: AtomicBool = AtomicBool::new(false);
+thread_local! {
+    /// Only the thread under test counts (the test harness allocates on its own threads meanwhile).
+    static COUNTING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
 static ALLOCATIONS: AtomicUsize = AtomicUsize::new(0);
+
+fn counting(on: bool) {
+    COUNTING.with(|c| c.set(on));
+}
+
+fn is_counting() -> bool {
+    COUNTING.try_with(std::cell::Cell::get).unwrap_or(false)
+}
 
 // SAFETY: delegates every call to the system allocator unchanged; only counts.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        if COUNTING.load(Ordering::Relaxed) {
+        if is_counting() {
             ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
         }
         // SAFETY: same contract as the caller's.
@@ -36,7 +47,7 @@ unsafe impl GlobalAlloc for Counting {
         unsafe { System.dealloc(ptr, layout) }
     }
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        if COUNTING.load(Ordering::Relaxed) {
+        if is_counting() {
             ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
         }
         // SAFETY: same contract as the caller's.
@@ -46,6 +57,9 @@ unsafe impl GlobalAlloc for Counting {
 
 #[global_allocator]
 static GLOBAL: Counting = Counting;
+
+/// The counter is global: tests that count take turns.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 struct NoSockets;
 
@@ -80,6 +94,7 @@ fn request(
 
 #[test]
 fn relaying_allocates_nothing() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let yaml = "listen: {ips: [127.0.0.1]}\nrelay: {ips: [127.0.0.1], min_port: 50000, max_port: 50009}\n\
                 auth: {realm: alloc.test, shared_secrets: [s]}\nruntime: {threads: 1}\n";
     let cfg = turnpike::config::parse(Path::new("<test>.yaml"), yaml).unwrap();
@@ -146,7 +161,8 @@ fn relaying_allocates_nothing() {
 
     // Warm up once, then count.
     let _ = send(&mut engine, &mut pkt, &mut io, &channel_data);
-    COUNTING.store(true, Ordering::SeqCst);
+    let before = ALLOCATIONS.load(Ordering::SeqCst);
+    counting(true);
     for _ in 0..1000 {
         let n = pkt.fill(&channel_data);
         assert!(matches!(engine.handle_client(now, tuple, &mut pkt, n, &mut io), Action::ToPeer { .. }));
@@ -158,6 +174,43 @@ fn relaying_allocates_nothing() {
         assert!(matches!(engine.handle_peer(now, 0, other_port, &mut pkt, n), Action::ToClient { .. }));
         engine.handle_timeout(now + Duration::from_millis(10), &mut io);
     }
-    COUNTING.store(false, Ordering::SeqCst);
-    assert_eq!(ALLOCATIONS.load(Ordering::SeqCst), 0, "heap allocations on the relay path");
+    counting(false);
+    assert_eq!(ALLOCATIONS.load(Ordering::SeqCst), before, "heap allocations on the relay path");
+}
+
+/// The batched receive (`recvmmsg` through nix) allocates nothing either, for either family.
+#[test]
+fn batched_receive_allocates_nothing() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    for (local, v6) in [("127.0.0.1:0", false), ("[::1]:0", true)] {
+        let rx = std::net::UdpSocket::bind(local).unwrap();
+        rx.set_nonblocking(true).unwrap();
+        let tx = std::net::UdpSocket::bind(local).unwrap();
+        let mut batch = turnpike::shard::socket::RecvBatch::new(8);
+        // Warm up once.
+        tx.send_to(b"warm", rx.local_addr().unwrap()).unwrap();
+        std::thread::sleep(Duration::from_millis(10));
+        assert_eq!(batch.recv(&rx, v6).unwrap(), 1);
+        for _ in 0..20 {
+            for _ in 0..8 {
+                tx.send_to(&[7u8; 172], rx.local_addr().unwrap()).unwrap();
+            }
+            let before = ALLOCATIONS.load(Ordering::SeqCst);
+            counting(true);
+            // Collect all 8, however the loopback delivery is spread over time (bounded wait).
+            let mut got = 0;
+            for _ in 0..2000 {
+                got += batch.recv(&rx, v6).unwrap();
+                if got >= 8 {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            let empty = batch.recv(&rx, v6).unwrap();
+            counting(false);
+            assert_eq!((got, empty), (8, 0));
+            assert_eq!(batch.meta[0].1, Some(tx.local_addr().unwrap()));
+            assert_eq!(ALLOCATIONS.load(Ordering::SeqCst), before, "heap allocations in recvmmsg ({local})");
+        }
+    }
 }
