@@ -171,53 +171,43 @@ impl Pipe {
                 return Ok(None);
             }
             let left = left.max(Duration::from_millis(1));
-            match self {
+            let mut buf = [0u8; 4096];
+            let (got, pending) = match self {
                 Self::Udp(s) => {
                     s.set_read_timeout(Some(left))?;
-                    let mut buf = [0u8; 2048];
                     match s.recv(&mut buf) {
                         Ok(n) => return Ok(Some(buf[..n].to_vec())),
-                        Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
-                            return Ok(None);
-                        }
+                        Err(e) if is_timeout(&e) => return Ok(None),
                         Err(e) => return Err(e),
                     }
                 }
-                Self::Tcp(_, pending) | Self::Tls(_, pending) => {
+                Self::Tcp(s, pending) => {
                     if let Ok(Some(n)) = frame_len(pending) {
                         return Ok(Some(pending.drain(..n).collect()));
                     }
-                    let mut buf = [0u8; 4096];
-                    let got = match self {
-                        Self::Tcp(s, _) => {
-                            s.set_read_timeout(Some(left))?;
-                            s.read(&mut buf)
-                        }
-                        Self::Tls(s, _) => {
-                            s.sock.set_read_timeout(Some(left))?;
-                            s.read(&mut buf)
-                        }
-                        Self::Udp(_) => unreachable_udp(),
-                    };
-                    match got {
-                        Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
-                        Ok(n) => match self {
-                            Self::Tcp(_, p) | Self::Tls(_, p) => p.extend_from_slice(&buf[..n]),
-                            Self::Udp(_) => {}
-                        },
-                        Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
-                            return Ok(None);
-                        }
-                        Err(e) => return Err(e),
-                    }
+                    s.set_read_timeout(Some(left))?;
+                    (s.read(&mut buf), pending)
                 }
+                Self::Tls(s, pending) => {
+                    if let Ok(Some(n)) = frame_len(pending) {
+                        return Ok(Some(pending.drain(..n).collect()));
+                    }
+                    s.sock.set_read_timeout(Some(left))?;
+                    (s.read(&mut buf), pending)
+                }
+            };
+            match got {
+                Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+                Ok(n) => pending.extend_from_slice(&buf[..n]),
+                Err(e) if is_timeout(&e) => return Ok(None),
+                Err(e) => return Err(e),
             }
         }
     }
 }
 
-fn unreachable_udp() -> std::io::Result<usize> {
-    Err(std::io::ErrorKind::Unsupported.into())
+fn is_timeout(e: &std::io::Error) -> bool {
+    matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut)
 }
 
 #[allow(clippy::disallowed_methods)] // the probe is a client tool, not the event loop

@@ -456,3 +456,20 @@ fn logging_to_a_file() {
     assert!(text.contains("stopped"), "shutdown is logged too: {text}");
     assert!(!text.contains(SECRET), "credentials are never logged");
 }
+
+#[test]
+fn probe_over_tls() {
+    let dir = temp_dir("probe-tls");
+    let (cert, key, _) = write_cert(&dir, "probe");
+    let extra = format!("tls:\n  cert: {}\n  pkey: {}\n", cert.display(), key.display());
+    let yaml =
+        common::test_yaml(1, (47500, 47519), "127.0.0.1", &extra).replace("  port: 0\n", "  port: 0\n  tls_port: 0\n");
+    let cfg = turnpike::config::parse(Path::new("<test>.yaml"), &yaml).unwrap();
+    let server = turnpike::server::start(&cfg).unwrap();
+    let uri = format!("turns:{}", server.addrs.tls[0]);
+    let (ok, out) = turnpike(&["probe", &uri, "--secret", SECRET, "--count", "3", "--insecure"]);
+    assert!(ok && out.contains("3/3 datagrams relayed"), "{out}");
+    // Without --insecure the self-signed certificate is refused, and the probe says where.
+    let (ok, out) = turnpike(&["probe", &uri, "--secret", SECRET, "--count", "1"]);
+    assert!(!ok && out.contains("TLS handshake"), "{out}");
+}
