@@ -330,6 +330,32 @@ fn bind_group<S>(
     Ok((out, addr))
 }
 
+/// UDP and TCP listener groups on one address (each present when enabled), sharing one port.
+type UdpTcpGroups = ((Vec<std::net::UdpSocket>, Option<SocketAddr>), (Vec<std::net::TcpListener>, Option<SocketAddr>));
+
+fn bind_udp_tcp(cfg: &Config, ip: IpAddr, buffers: socket::Buffers) -> io::Result<UdpTcpGroups> {
+    let mut port = cfg.listen_port;
+    let mut udp = (Vec::new(), None);
+    if cfg.listen_udp {
+        let (socks, addr) = bind_group(
+            cfg.threads,
+            SocketAddr::new(ip, port),
+            "udp",
+            |a| socket::reuseport_udp(a, buffers),
+            |s| s.local_addr(),
+        )?;
+        port = addr.port();
+        udp = (socks, Some(addr));
+    }
+    let mut tcp = (Vec::new(), None);
+    if cfg.listen_tcp {
+        let (socks, addr) =
+            bind_group(cfg.threads, SocketAddr::new(ip, port), "tcp", socket::reuseport_tcp, |s| s.local_addr())?;
+        tcp = (socks, Some(addr));
+    }
+    Ok((udp, tcp))
+}
+
 /// Binds the listeners of every shard (all of them before any shard starts reading).
 fn bind_listeners(
     cfg: &Config,
@@ -339,28 +365,30 @@ fn bind_listeners(
     let mut per_shard: Vec<shard::Listeners> = (0..cfg.threads).map(|_| shard::Listeners::default()).collect();
     let mut addrs = ListenAddrs::default();
     for ip in &cfg.listen_ips {
-        let mut port = cfg.listen_port;
-        if cfg.listen_udp {
-            let (socks, addr) = bind_group(
-                cfg.threads,
-                SocketAddr::new(*ip, port),
-                "udp",
-                |a| socket::reuseport_udp(a, buffers),
-                |s| s.local_addr(),
-            )?;
-            port = addr.port();
-            addrs.udp.push(addr);
-            for (l, s) in per_shard.iter_mut().zip(socks) {
-                l.udp.push(s);
+        // UDP and TCP share the port. With port 0 (tests), the port UDP was given may already be taken
+        // for TCP: then try another ephemeral port.
+        let attempts = if cfg.listen_port == 0 { 32 } else { 1 };
+        let mut bound = None;
+        for attempt in 1..=attempts {
+            match bind_udp_tcp(cfg, *ip, buffers) {
+                Ok(pair) => {
+                    bound = Some(pair);
+                    break;
+                }
+                Err(e) if e.kind() == io::ErrorKind::AddrInUse && attempt < attempts => continue,
+                Err(e) => return Err(e),
             }
         }
-        if cfg.listen_tcp {
-            let (socks, addr) =
-                bind_group(cfg.threads, SocketAddr::new(*ip, port), "tcp", socket::reuseport_tcp, |s| s.local_addr())?;
-            addrs.tcp.push(addr);
-            for (l, s) in per_shard.iter_mut().zip(socks) {
-                l.tcp.push(s);
-            }
+        let Some(((udp, udp_addr), (tcp, tcp_addr))) = bound else {
+            return Err(io::Error::new(io::ErrorKind::AddrInUse, format!("cannot listen on {ip}")));
+        };
+        addrs.udp.extend(udp_addr);
+        addrs.tcp.extend(tcp_addr);
+        for (l, s) in per_shard.iter_mut().zip(udp) {
+            l.udp.push(s);
+        }
+        for (l, s) in per_shard.iter_mut().zip(tcp) {
+            l.tcp.push(s);
         }
         if tls {
             let (socks, addr) =

@@ -15,6 +15,14 @@ use std::time::Duration;
 
 const SECRET: &str = "interop-secret";
 
+/// Each test runs a server, turnutils_peer and a client: run them one at a time, so a 2-core machine
+/// is not measuring its own contention (uclient counts late datagrams as lost).
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serialized() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 fn tool_available(cmd: &str, probe: &[&str]) -> bool {
     let found = Command::new(cmd).args(probe).stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok();
     if !found {
@@ -121,6 +129,7 @@ fn uclient(server: SocketAddr, peer_port: u16, extra: &[&str]) {
 
 #[test]
 fn uclient_rest_credentials_channel_mode() {
+    let _turn = serialized();
     if !tool_available("turnutils_uclient", &["-h"]) {
         return;
     }
@@ -131,6 +140,7 @@ fn uclient_rest_credentials_channel_mode() {
 
 #[test]
 fn uclient_rest_credentials_send_indication_mode() {
+    let _turn = serialized();
     if !tool_available("turnutils_uclient", &["-h"]) {
         return;
     }
@@ -141,6 +151,7 @@ fn uclient_rest_credentials_send_indication_mode() {
 
 #[test]
 fn uclient_static_user_channel_and_send_modes() {
+    let _turn = serialized();
     if !tool_available("turnutils_uclient", &["-h"]) {
         return;
     }
@@ -152,6 +163,7 @@ fn uclient_static_user_channel_and_send_modes() {
 
 #[test]
 fn uclient_client_to_client_through_two_relays() {
+    let _turn = serialized();
     if !tool_available("turnutils_uclient", &["-h"]) {
         return;
     }
@@ -162,6 +174,7 @@ fn uclient_client_to_client_through_two_relays() {
 
 #[test]
 fn aioice_allocates_and_relays() {
+    let _turn = serialized();
     if !tool_available("python3", &["-c", "import aioice"]) {
         return;
     }
@@ -190,6 +203,7 @@ fn aioice_allocates_and_relays() {
 
 #[test]
 fn uclient_over_tcp_channel_and_send_modes() {
+    let _turn = serialized();
     if !tool_available("turnutils_uclient", &["-h"]) {
         return;
     }
@@ -201,6 +215,7 @@ fn uclient_over_tcp_channel_and_send_modes() {
 
 #[test]
 fn uclient_over_tls() {
+    let _turn = serialized();
     if !tool_available("turnutils_uclient", &["-h"]) {
         return;
     }

@@ -6,6 +6,14 @@
 
 mod common;
 
+/// These tests measure rates or require zero loss: run them one at a time, so a 2-core machine is not
+/// measuring its own contention.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serialized() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 use common::{Binary, EchoPeer, REALM, SECRET, TurnClient, start_server};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
@@ -126,6 +134,7 @@ impl Notify {
 
 #[test]
 fn sighup_mid_stream_reloads_everything_and_loses_nothing() {
+    let _turn = serialized();
     let dir = temp_dir("reload");
     let (cert1, key1, der1) = write_cert(&dir, "one");
     let (cert2, key2, der2) = write_cert(&dir, "two");
@@ -255,6 +264,7 @@ fn metric(text: &str, name_and_labels: &str) -> u64 {
 
 #[test]
 fn metrics_match_live_state_and_traffic() {
+    let _turn = serialized();
     let server = start_server(2, (47100, 47119), "metrics:\n  listen: 127.0.0.1:0\n");
     let addr = server.metrics_addr.expect("metrics enabled");
     let peer = EchoPeer::start();
@@ -304,6 +314,7 @@ fn turnpike(args: &[&str]) -> (bool, String) {
 
 #[test]
 fn probe_succeeds_and_diagnoses_failures() {
+    let _turn = serialized();
     let server = start_server(2, (47200, 47239), "");
     let udp = format!("turn:{}", server.udp_addrs[0]);
     let tcp = format!("turn:{}?transport=tcp", server.addrs.tcp[0]);
@@ -326,6 +337,7 @@ fn probe_succeeds_and_diagnoses_failures() {
 
 #[test]
 fn probe_succeeds_against_coturn() {
+    let _turn = serialized();
     if Command::new("turnserver").arg("-h").output().is_err() {
         assert!(std::env::var_os("TURNPIKE_REQUIRE_INTEROP").is_none(), "coturn's turnserver is required");
         eprintln!("SKIPPED: turnserver (coturn) not installed");
@@ -364,6 +376,7 @@ fn probe_succeeds_against_coturn() {
 
 #[test]
 fn systemd_unit_verifies_with_the_built_binary() {
+    let _turn = serialized();
     if Command::new("systemd-analyze").arg("--version").output().is_err() {
         eprintln!("SKIPPED: systemd-analyze not installed");
         return;
@@ -383,6 +396,7 @@ fn systemd_unit_verifies_with_the_built_binary() {
 
 #[test]
 fn operator_commands() {
+    let _turn = serialized();
     let dir = temp_dir("cli");
     // credentials: the password is what the homeserver would mint.
     let (ok, out) =
@@ -430,6 +444,7 @@ fn operator_commands() {
 
 #[test]
 fn logging_to_a_file() {
+    let _turn = serialized();
     let dir = temp_dir("logfile");
     let log = dir.join("turnpike.log");
     let cfg = dir.join("t.yaml");
@@ -459,6 +474,7 @@ fn logging_to_a_file() {
 
 #[test]
 fn probe_over_tls() {
+    let _turn = serialized();
     let dir = temp_dir("probe-tls");
     let (cert, key, _) = write_cert(&dir, "probe");
     let extra = format!("tls:\n  cert: {}\n  pkey: {}\n", cert.display(), key.display());

@@ -5,6 +5,14 @@
 
 mod common;
 
+/// These tests measure rates or require zero loss: run them one at a time, so a 2-core machine is not
+/// measuring its own contention.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serialized() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 use common::{Binary, TurnClient, start_server, start_server_relaying, test_yaml};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
@@ -77,6 +85,7 @@ fn spellings_of(v4: Ipv4Addr, port: u16) -> Vec<SocketAddr> {
 
 #[test]
 fn denied_ranges_and_every_ipv6_spelling_are_refused_and_nothing_arrives() {
+    let _turn = serialized();
     // Pure defaults: no `peers.allowed`.
     let server = start_server_relaying(2, (44000, 44019), "127.0.0.1, \"::1\"", "peers:\n  no_multicast: true\n");
     let addr = server.udp_addrs[0];
@@ -145,6 +154,7 @@ fn denied_ranges_and_every_ipv6_spelling_are_refused_and_nothing_arrives() {
 
 #[test]
 fn allowed_peers_relay() {
+    let _turn = serialized();
     let server = start_server(2, (44100, 44119), "peers:\n  allowed: [\"127.0.0.0/8\"]\n  denied: [127.0.0.2]\n");
     let target = Target::bind("127.0.0.1:0");
     let mut c = TurnClient::rest(server.udp_addrs[0], "ok");
@@ -159,6 +169,7 @@ fn allowed_peers_relay() {
 
 #[test]
 fn quotas_refuse_at_exactly_the_limit_and_free_on_delete() {
+    let _turn = serialized();
     let server = start_server(2, (44200, 44239), "allocations:\n  user_quota: 2\n  total_quota: 3\n");
     let addr = server.udp_addrs[0];
     let alloc = |c: &mut TurnClient| {
@@ -209,6 +220,7 @@ fn measure(rate: u64, send: &dyn Fn(&[u8]), recv: &UdpSocket) -> (u64, Duration)
 
 #[test]
 fn max_bps_holds_within_ten_percent_in_both_directions() {
+    let _turn = serialized();
     const RATE: u64 = 100_000;
     let server = start_server(1, (44300, 44309), &format!("allocations:\n  max_bps: {RATE}\n"));
     let peer = UdpSocket::bind("127.0.0.1:0").unwrap();
@@ -235,6 +247,7 @@ fn max_bps_holds_within_ten_percent_in_both_directions() {
 /// keeps answering Binding and relaying, and its memory returns to the baseline.
 #[test]
 fn garbage_barrage_leaves_memory_at_baseline() {
+    let _turn = serialized();
     let yaml = test_yaml(2, (44400, 44419), "127.0.0.1", "");
     let server = Binary::start("barrage", &yaml);
     let addr_tcp = server.addr;
@@ -329,6 +342,7 @@ fn garbage_barrage_leaves_memory_at_baseline() {
 /// allocation stays.
 #[test]
 fn unauthenticated_tcp_connections_time_out() {
+    let _turn = serialized();
     let yaml = test_yaml(1, (44510, 44519), "127.0.0.1", "")
         .replace("  threads: 1\n", "  threads: 1\n  unallocated_timeout: 1\n");
     let cfg = turnpike::config::parse(std::path::Path::new("<test>.yaml"), &yaml).unwrap();
