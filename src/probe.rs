@@ -360,9 +360,9 @@ fn tls_client_config(opts: &ProbeOptions) -> Result<Arc<rustls::ClientConfig>, S
     Ok(Arc::new(builder.with_root_certificates(roots).with_no_client_auth()))
 }
 
-/// `--insecure`: accepts any certificate (still a real TLS handshake).
+/// `--insecure`: accepts any certificate (still a real TLS handshake, signatures still checked).
 #[derive(Debug)]
-struct AcceptAny(Arc<rustls::crypto::CryptoProvider>);
+pub struct AcceptAny(pub Arc<rustls::crypto::CryptoProvider>);
 
 impl rustls::client::danger::ServerCertVerifier for AcceptAny {
     fn verify_server_cert(

@@ -53,47 +53,12 @@ fn try_allocate(c: &mut TurnClient) -> Option<u16> {
 
 /// The DER of the certificate a TLS server presents.
 fn presented_cert(addr: SocketAddr) -> Vec<u8> {
-    #[derive(Debug)]
-    struct Grab(Arc<rustls::crypto::CryptoProvider>, Arc<std::sync::Mutex<Vec<u8>>>);
-    impl rustls::client::danger::ServerCertVerifier for Grab {
-        fn verify_server_cert(
-            &self,
-            end: &rustls::pki_types::CertificateDer<'_>,
-            _: &[rustls::pki_types::CertificateDer<'_>],
-            _: &rustls::pki_types::ServerName<'_>,
-            _: &[u8],
-            _: rustls::pki_types::UnixTime,
-        ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-            *self.1.lock().unwrap() = end.to_vec();
-            Ok(rustls::client::danger::ServerCertVerified::assertion())
-        }
-        fn verify_tls12_signature(
-            &self,
-            m: &[u8],
-            c: &rustls::pki_types::CertificateDer<'_>,
-            d: &rustls::DigitallySignedStruct,
-        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-            rustls::crypto::verify_tls12_signature(m, c, d, &self.0.signature_verification_algorithms)
-        }
-        fn verify_tls13_signature(
-            &self,
-            m: &[u8],
-            c: &rustls::pki_types::CertificateDer<'_>,
-            d: &rustls::DigitallySignedStruct,
-        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-            rustls::crypto::verify_tls13_signature(m, c, d, &self.0.signature_verification_algorithms)
-        }
-        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-            self.0.signature_verification_algorithms.supported_schemes()
-        }
-    }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
     let cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .unwrap()
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(Grab(provider, seen.clone())))
+        .with_custom_certificate_verifier(Arc::new(turnpike::probe::AcceptAny(provider)))
         .with_no_client_auth();
     let mut conn =
         rustls::ClientConnection::new(Arc::new(cfg), rustls::pki_types::ServerName::try_from("localhost").unwrap())
@@ -103,7 +68,7 @@ fn presented_cert(addr: SocketAddr) -> Vec<u8> {
     while conn.is_handshaking() {
         conn.complete_io(&mut sock).unwrap();
     }
-    seen.lock().unwrap().clone()
+    conn.peer_certificates().unwrap()[0].to_vec()
 }
 
 /// A notification socket standing in for systemd.

@@ -14,7 +14,7 @@ use crate::proto::allocation::{FiveTuple, ListenerId, Transport};
 use crate::proto::engine::{BindError, RelaySockets};
 use crate::proto::timer::TimerWheel;
 use crate::proto::{Action, Engine, PacketBuf, Settings};
-use crate::shared::{ShardStats, bump, set};
+use crate::shared::{ShardStats, bump, bump_down};
 use crossbeam_channel::Receiver;
 use mio::net::{TcpListener, UdpSocket};
 use mio::{Events, Interest, Poll, Registry, Token, Waker};
@@ -393,7 +393,7 @@ impl Shard {
                     let first_check =
                         if transport == Transport::Tls { HANDSHAKE_TIMEOUT } else { self.unallocated_timeout };
                     self.conn_timers.insert(now + first_check, (idx, generation));
-                    self.update_conn_gauges();
+                    self.count_conn(transport, true);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Drained::Empty,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -407,13 +407,10 @@ impl Shard {
         Drained::MoreWaiting
     }
 
-    fn update_conn_gauges(&self) {
-        let (mut tcp, mut tls) = (0u64, 0u64);
-        for c in self.conns.slots.iter().flatten() {
-            if c.tuple.transport == Transport::Tls { tls += 1 } else { tcp += 1 }
-        }
-        set(&self.stats.tcp_connections, tcp);
-        set(&self.stats.tls_connections, tls);
+    /// Keeps the connection gauges current on accept and close (no scan over connections).
+    fn count_conn(&self, transport: Transport, opened: bool) {
+        let gauge = if transport == Transport::Tls { &self.stats.tls_connections } else { &self.stats.tcp_connections };
+        if opened { bump(gauge, 1) } else { bump_down(gauge) }
     }
 
     fn close_conn(&mut self, idx: usize) {
@@ -424,7 +421,7 @@ impl Shard {
         let _ = self.poll.registry().deregister(&mut conn.stream);
         self.engine.client_closed(conn.tuple, &mut self.relays);
         self.relays.freed_streams.retain(|t| *t != conn.tuple);
-        self.update_conn_gauges();
+        self.count_conn(conn.tuple.transport, false);
     }
 
     fn serve_conn(&mut self, now: Instant, idx: usize) -> Drained {
