@@ -154,6 +154,7 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
         old.recv_buffer == new.recv_buffer
             && old.send_buffer == new.send_buffer
             && old.recv_batch == new.recv_batch
+            && old.udp_gso == new.udp_gso
             && old.unallocated_timeout == new.unallocated_timeout,
     );
     check("logging.syslog/file", old.syslog == new.syslog && old.log_file == new.log_file);
@@ -240,6 +241,7 @@ impl ServerHandle {
         merged.recv_buffer = running.recv_buffer;
         merged.send_buffer = running.send_buffer;
         merged.recv_batch = running.recv_batch;
+        merged.udp_gso = running.udp_gso;
         merged.unallocated_timeout = running.unallocated_timeout;
         merged.syslog = running.syslog;
         merged.log_file.clone_from(&running.log_file);
@@ -450,6 +452,7 @@ pub fn start(cfg: &Config) -> io::Result<ServerHandle> {
             stats: Arc::clone(&shard_stats),
             buffers,
             recv_batch: cfg.recv_batch,
+            udp_gso: cfg.udp_gso,
             unallocated_timeout: cfg.unallocated_timeout,
             applied: Arc::clone(&applied),
         };

@@ -153,6 +153,10 @@ pub struct ShardStats {
     pub peers_denied: AtomicU64,
     /// Packets dropped because the socket would block.
     pub send_would_block: AtomicU64,
+    /// `sendmmsg` calls that sent relayed UDP datagrams (batching: datagrams relayed per call).
+    pub send_calls: AtomicU64,
+    /// Relayed datagrams that left inside a UDP GSO message.
+    pub datagrams_segmented: AtomicU64,
     /// Drops by [`DropReason`].
     pub drops: [AtomicU64; DropReason::ALL.len()],
     /// Authentication failures by reason, in [`AUTH_FAILURE_REASONS`] order.

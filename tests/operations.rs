@@ -264,6 +264,10 @@ fn metrics_match_live_state_and_traffic() {
     assert_eq!(metric(&text, "turnpike_allocations_created_total{"), 3);
     assert_eq!(metric(&text, "turnpike_directory_entries"), 3);
     assert!(text.contains("# TYPE turnpike_dropped_packets_total counter"));
+    // Every relayed UDP datagram left through a counted send call, at most one call per datagram.
+    let calls = metric(&text, "turnpike_send_calls_total");
+    assert!((1..=20).contains(&calls), "send calls {calls}");
+    assert!(text.contains("# TYPE turnpike_segmented_datagrams_total counter"));
     for c in &mut clients {
         assert_eq!(c.refresh(0).class(), Class::Success);
     }

@@ -193,6 +193,9 @@ pub struct RuntimeSection {
     pub send_buffer: usize,
     /// Most datagrams read from one socket per wake-up before moving on.
     pub recv_batch: usize,
+    /// Send relayed datagrams that share a socket, destination and size as one UDP GSO (generic
+    /// segmentation offload) message; falls back by itself where the kernel cannot.
+    pub udp_gso: bool,
     /// Seconds a TCP/TLS connection may stay idle without an allocation (it never authenticated).
     pub unallocated_timeout: u64,
 }
@@ -207,6 +210,7 @@ impl Default for RuntimeSection {
             recv_buffer: 4 << 20,
             send_buffer: 4 << 20,
             recv_batch: 64,
+            udp_gso: true,
             unallocated_timeout: 30,
         }
     }

@@ -157,6 +157,8 @@ pub struct Config {
     pub send_buffer: usize,
     /// Datagrams per socket per wake-up.
     pub recv_batch: usize,
+    /// UDP generic segmentation offload for relayed datagrams.
+    pub udp_gso: bool,
     /// TCP/TLS connections without an allocation are closed after this long idle.
     pub unallocated_timeout: Duration,
     /// Log level.
@@ -569,6 +571,7 @@ fn validate(loc: &Locator<'_>, m: FileConfig, mut warnings: Vec<String>) -> Resu
         recv_buffer: m.runtime.recv_buffer,
         send_buffer: m.runtime.send_buffer,
         recv_batch: m.runtime.recv_batch,
+        udp_gso: m.runtime.udp_gso,
         unallocated_timeout: Duration::from_secs(m.runtime.unallocated_timeout),
         log_level,
         syslog: m.logging.syslog,
@@ -701,8 +704,11 @@ impl fmt::Display for Config {
         writeln!(f, "shards:            {} (pinning {})", self.threads, if self.pin_cores { "on" } else { "off" })?;
         writeln!(
             f,
-            "socket buffers:    rcv {} snd {}; recv batch {}",
-            self.recv_buffer, self.send_buffer, self.recv_batch
+            "socket buffers:    rcv {} snd {}; recv batch {}; UDP GSO {}",
+            self.recv_buffer,
+            self.send_buffer,
+            self.recv_batch,
+            if self.udp_gso { "on" } else { "off" }
         )?;
         writeln!(f, "log level:         {}", self.log_level)?;
         for w in &self.warnings {

@@ -83,6 +83,18 @@ pub fn render(stats: &[Arc<ShardStats>], shared: &Shared, counters: &ServerCount
     drops.push(("reason=\"socket_full\"".into(), sum(&|s| read(&s.send_would_block))));
     family("turnpike_dropped_packets_total", "counter", "Datagrams dropped, by reason.", &drops);
     family(
+        "turnpike_send_calls_total",
+        "counter",
+        "sendmmsg calls that sent relayed UDP datagrams (relayed UDP datagrams / this = batch size).",
+        &[(String::new(), sum(&|s| read(&s.send_calls)))],
+    );
+    family(
+        "turnpike_segmented_datagrams_total",
+        "counter",
+        "Relayed UDP datagrams sent inside a UDP GSO message.",
+        &[(String::new(), sum(&|s| read(&s.datagrams_segmented)))],
+    );
+    family(
         "turnpike_requests_total",
         "counter",
         "STUN/TURN requests handled.",

@@ -4,11 +4,15 @@
 //!
 //! Per wake-up the loop reads `now` once, drains each ready socket up to a budget (a socket with more
 //! waiting is revisited before the next poll, since edge-triggered readiness will not fire again),
-//! performs the engine's [`Action`]s, runs due timers and reads its control inbox.
+//! performs the engine's [`Action`]s, runs due timers and reads its control inbox. Relayed UDP
+//! datagrams wait in a [`send::SendQueue`] and leave in batches (`sendmmsg`, UDP GSO) when the queue
+//! fills and at the end of every wake-up.
 
 pub mod clock;
+pub mod send;
 pub mod socket;
 pub mod stream;
+pub mod sys;
 
 use crate::proto::allocation::{FiveTuple, ListenerId, Transport};
 use crate::proto::engine::{BindError, RelaySockets};
@@ -62,6 +66,8 @@ pub enum Ctl {
 struct RelaySlots {
     registry: Registry,
     sockets: Vec<Option<UdpSocket>>,
+    /// How often each key has been opened: queued datagrams name the opening they belong to.
+    generations: Vec<u32>,
     /// Whether each relay socket is IPv6 (recorded at open, so receiving needs no getsockname).
     v6: Vec<bool>,
     buffers: Buffers,
@@ -89,8 +95,10 @@ impl RelaySockets for RelaySlots {
         if self.sockets.len() <= idx {
             self.sockets.resize_with(idx + 1, || None);
             self.v6.resize(idx + 1, false);
+            self.generations.resize(idx + 1, 0);
         }
         self.sockets[idx] = Some(sock);
+        self.generations[idx] = self.generations[idx].wrapping_add(1);
         self.v6[idx] = addr.is_ipv6();
         Ok(())
     }
@@ -139,6 +147,8 @@ pub struct ShardParts {
     pub buffers: Buffers,
     /// Datagrams per socket per wake-up.
     pub recv_batch: usize,
+    /// Whether relayed datagrams may leave as UDP GSO messages.
+    pub udp_gso: bool,
     /// How long a TCP/TLS connection may stay without an allocation and without a frame.
     pub unallocated_timeout: Duration,
     /// The configuration generation this shard runs (set after each reload is applied).
@@ -224,6 +234,7 @@ struct Shard {
     engine: Engine,
     pkt: PacketBuf,
     batch: socket::RecvBatch,
+    sendq: send::SendQueue,
     stats: Arc<ShardStats>,
     recv_batch: usize,
     unallocated_timeout: Duration,
@@ -294,11 +305,43 @@ impl Shard {
                 }
             }
             Action::ToPeer { idx, peer, range } => {
-                if let Some(Some(sock)) = self.relays.sockets.get(idx as usize) {
-                    send_udp(sock, self.pkt.get(range), peer, &self.stats);
-                }
+                let generation = self.relays.generations.get(idx as usize).copied().unwrap_or(0);
+                self.queue(send::Via::Relay { key: idx, generation }, peer, range);
+            }
+            Action::ToClient { tuple, range } if tuple.transport == Transport::Udp => {
+                self.queue(send::Via::Listener(tuple.listener.0), tuple.client, range);
             }
             Action::ToClient { tuple, range } => self.send_to_client(tuple, None, Some(range)),
+        }
+    }
+
+    /// Queues the relayed datagram in `self.pkt[range]` (its buffer moves into the queue).
+    fn queue(&mut self, via: send::Via, to: SocketAddr, range: std::ops::Range<usize>) {
+        if self.sendq.is_full() {
+            self.flush_sends();
+        }
+        self.sendq.push(via, to, &mut self.pkt, range);
+    }
+
+    /// Sends every queued datagram.
+    fn flush_sends(&mut self) {
+        if self.sendq.is_empty() {
+            return;
+        }
+        let (udp, relays) = (&self.udp, &self.relays);
+        let done = self.sendq.flush(|via| match via {
+            send::Via::Listener(i) => udp.get(usize::from(i)),
+            send::Via::Relay { key, generation } => match relays.sockets.get(key as usize) {
+                Some(Some(sock)) if relays.generations.get(key as usize) == Some(&generation) => Some(sock),
+                _ => None,
+            },
+        });
+        if done.would_block > 0 {
+            bump(&self.stats.send_would_block, done.would_block);
+        }
+        bump(&self.stats.send_calls, done.syscalls);
+        if done.segmented > 0 {
+            bump(&self.stats.datagrams_segmented, done.segmented);
         }
     }
 
@@ -537,6 +580,7 @@ pub fn run(parts: ShardParts) {
         stats,
         buffers,
         recv_batch,
+        udp_gso,
         unallocated_timeout,
         applied,
     } = parts;
@@ -589,10 +633,18 @@ pub fn run(parts: ShardParts) {
         tls,
         conns: Conns::default(),
         conn_timers: TimerWheel::new(now),
-        relays: RelaySlots { registry, sockets: Vec::new(), v6: Vec::new(), buffers, freed_streams: Vec::new() },
+        relays: RelaySlots {
+            registry,
+            sockets: Vec::new(),
+            generations: Vec::new(),
+            v6: Vec::new(),
+            buffers,
+            freed_streams: Vec::new(),
+        },
         engine,
         pkt: PacketBuf::default(),
         batch: socket::RecvBatch::new(recv_batch.clamp(1, socket::MAX_BATCH)),
+        sendq: send::SendQueue::new(udp_gso),
         stats,
         recv_batch: recv_batch.max(1),
         unallocated_timeout,
@@ -629,6 +681,7 @@ pub fn run(parts: ShardParts) {
                 still_pending.push(token);
             }
         }
+        shard.flush_sends();
         still_pending.sort_unstable_by_key(|t| t.0);
         still_pending.dedup();
         std::mem::swap(&mut pending, &mut still_pending);
