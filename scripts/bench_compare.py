@@ -109,8 +109,20 @@ def main():
                     results["runs"].append({"server": name, **r})
                     print("  %-8s %5d allocs %4d B %6d pps: %s" % (name, a, size, rate, json.dumps(r)), file=sys.stderr)
                 table.append(row)
+    # RTP-like calls: client -> relay -> relay -> client (the raw forwarder cannot play this part).
+    calls = []
+    for a in allocs:
+        for rate in ([100000] if QUICK else [50000, 100000]):
+            row = {"allocations": a, "rate": rate}
+            for name in (["turnpike", "coturn"] if k % 2 == 0 else ["coturn", "turnpike"]):
+                r = run_one(name, "--allocations", a, "--rate", rate, "--calls")
+                row[name] = r
+                results["runs"].append({"server": name, "calls": True, **r})
+                print("  calls %-8s %5d allocs %6d pps: %s" % (name, a, rate, json.dumps(r)), file=sys.stderr)
+            k += 1
+            calls.append(row)
     # Highest paced rate with < 0.1 % loss (10 allocations, 172 B).
-    sweep_rates = [100000, 200000, 300000] if QUICK else [100000, 150000, 200000, 250000, 300000, 350000, 400000]
+    sweep_rates = [100000, 200000, 300000] if QUICK else list(range(100000, 650000, 50000))
     sweep = {n: [] for n in order}
     for rate in sweep_rates:
         for name in order:
@@ -124,12 +136,12 @@ def main():
         for name in ["turnpike", "coturn"]:
             mem[(name, n_alloc)] = run_one(name, "--allocations", n_alloc, "--setup-only")
             print("  setup %-8s %5d: %s" % (name, n_alloc, json.dumps(mem[(name, n_alloc)])), file=sys.stderr)
-    render(results, table, sweep, sweep_rates, mem)
+    render(results, table, calls, sweep, sweep_rates, mem)
 
 
 def from_log(path):
     """Rebuilds the tables from the progress lines of an earlier run (its stderr)."""
-    table, sweep, mem, rows = [], {"turnpike": [], "coturn": [], "raw": []}, {}, {}
+    table, calls, sweep, mem, rows = [], [], {"turnpike": [], "coturn": [], "raw": []}, {}, {}
     for line in open(path):
         if ": {" not in line:
             continue
@@ -141,6 +153,12 @@ def from_log(path):
                                     r.get("loss", 1.0), r.get("generator_saturated", False)))
         elif words[0] == "setup":
             mem[(words[1], int(words[2]))] = r
+        elif words[0] == "calls":
+            key = ("calls", int(words[2]), int(words[4]))
+            if key not in rows:
+                rows[key] = {"allocations": key[1], "rate": key[2]}
+                calls.append(rows[key])
+            rows[key][words[1]] = r
         else:
             key = (int(words[1]), int(words[3]), int(words[5]))
             if key not in rows:
@@ -149,10 +167,10 @@ def from_log(path):
             rows[key][words[0]] = r
     rates = sorted({rate for pts in sweep.values() for (rate, *_rest) in pts})
     results = {"machine": platform.platform(), "cpus": os.cpu_count(), "secs": SECS, "runs": [], "from_log": path}
-    render(results, table, sweep, rates, mem)
+    render(results, table, calls, sweep, rates, mem)
 
 
-def render(results, table, sweep, sweep_rates, mem):
+def render(results, table, calls, sweep, sweep_rates, mem):
     order = ["turnpike", "coturn", "raw"]
     best = {}
     for name in order:
@@ -179,6 +197,20 @@ def render(results, table, sweep, sweep_rates, mem):
             fmt(None if lt is None else lt * 100, 3), fmt(None if lc is None else lc * 100, 3),
             fmt(None if lr is None else lr * 100, 3),
             row["turnpike"].get("p99_us", "n/a"), row["coturn"].get("p99_us", "n/a")))
+    if calls:
+        lines.append("")
+        lines.append("### RTP-like calls, paced (client -> relay -> relay -> client: both directions of the server)")
+        lines.append("")
+        lines.append("| allocs | rate | turnpike us/pkt | coturn us/pkt | turnpike/coturn | loss turnpike | loss coturn | p99 us turnpike | p99 us coturn |")
+        lines.append("|---|---|---|---|---|---|---|---|---|")
+        for row in calls:
+            t, c = row.get("turnpike", {}), row.get("coturn", {})
+            lines.append("| %d | %dk | %s | %s | %s | %s %% | %s %% | %s | %s |" % (
+                row["allocations"], row["rate"] // 1000, fmt(t.get("cpu_us_per_packet")), fmt(c.get("cpu_us_per_packet")),
+                fmt(ratio(t.get("cpu_us_per_packet"), c.get("cpu_us_per_packet"))),
+                fmt(None if t.get("loss") is None else t["loss"] * 100, 3),
+                fmt(None if c.get("loss") is None else c["loss"] * 100, 3),
+                t.get("p99_us", "n/a"), c.get("p99_us", "n/a")))
     lines.append("")
     lines.append("### Highest paced rate with < 0.1 %% loss (10 allocations, 172 B; rates tried: %s)" %
                  ", ".join("%dk" % (x // 1000) for x in sweep_rates))
