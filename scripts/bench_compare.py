@@ -65,7 +65,9 @@ def loadgen(name, proc, *extra):
     else:
         cmd += ["--server", "127.0.0.1:%d" % PORTS[name]]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    line = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else "{}"
+    if not out.stdout.strip():
+        return {"error": out.stderr.strip()[-300:] or "no output (exit %d)" % out.returncode}
+    line = out.stdout.strip().splitlines()[-1]
     try:
         return json.loads(line)
     except json.JSONDecodeError:

@@ -229,7 +229,20 @@ fn receive_ready(
     }
 }
 
+/// `--help` text.
+const USAGE: &str = "usage: loadgen [--server IP:PORT] [--secret S] [--realm R] [--allocations N] [--rate PPS]
+               [--size BYTES] [--duration S] [--warmup S] [--send-indications] [--calls]
+               [--server-pid PID] [--setup-only] [--raw IP:PORT --peer-port P]
+Sets up N TURN allocations (REST credentials from --secret), binds channels to local peers (or, with
+--calls, to each other's relayed addresses), sends paced traffic and prints loss, latency and the
+server's CPU and RSS (with --server-pid) as a human line on stderr and a JSON line on stdout.
+Defaults: 127.0.0.1:3478, 10 allocations, 10000 pps, 172 bytes, 3 s after 0.5 s of warm-up.";
+
 fn main() {
+    if std::env::args().any(|a| a == "--help" || a == "-h") {
+        println!("{USAGE}");
+        return;
+    }
     let args = match parse_args() {
         Ok(a) => a,
         Err(e) => {
@@ -256,6 +269,16 @@ fn run(args: &Args) -> io::Result<()> {
     let epoch = Instant::now();
     let unix = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
     let n = if args.calls { args.allocations.max(2) & !1 } else { args.allocations.max(1) };
+    // Peers: one UDP socket per 64 allocations (client <-> peer mode). Bound before the clients, whose
+    // ephemeral ports could otherwise take the fixed `--peer-port`.
+    let peer_count = if args.calls { 0 } else { n.div_ceil(64).max(1) };
+    let mut peers = Vec::new();
+    for p in 0..peer_count {
+        let port = if args.raw.is_some() && p == 0 { args.peer_port } else { 0 };
+        let mut sock = bench_socket(SocketAddr::from(([127, 0, 0, 1], port)))?;
+        poll.registry().register(&mut sock, Token(1_000_000 + p), Interest::READABLE)?;
+        peers.push(sock);
+    }
     let mut clients = Vec::with_capacity(n);
     for i in 0..n {
         let mut sock = bench_socket(SocketAddr::from(([127, 0, 0, 1], 0)))?;
@@ -271,15 +294,6 @@ fn run(args: &Args) -> io::Result<()> {
             tid: 0,
             id: i as u32,
         });
-    }
-    // Peers: one UDP socket per 64 allocations (client <-> peer mode).
-    let peer_count = if args.calls { 0 } else { n.div_ceil(64).max(1) };
-    let mut peers = Vec::new();
-    for p in 0..peer_count {
-        let port = if args.raw.is_some() && p == 0 { args.peer_port } else { 0 };
-        let mut sock = bench_socket(SocketAddr::from(([127, 0, 0, 1], port)))?;
-        poll.registry().register(&mut sock, Token(1_000_000 + p), Interest::READABLE)?;
-        peers.push(sock);
     }
     let server_usage = |pid: Option<u32>| pid.and_then(proc_usage);
     let rss_before = server_usage(args.server_pid).map(|u| u.1);
