@@ -82,10 +82,7 @@ fn request(
     let mut w = MsgWriter::new(&mut buf, method, Class::Request, TransactionId([tid; 12]));
     body(&mut w);
     if !nonce.is_empty() {
-        w.add_bytes(AttrType::USERNAME, username.as_bytes());
-        w.add_bytes(AttrType::REALM, b"alloc.test");
-        w.add_bytes(AttrType::NONCE, nonce);
-        w.add_message_integrity(key);
+        w.add_long_term_credentials(username.as_bytes(), b"alloc.test", nonce, key);
     }
     let n = w.finish().unwrap();
     buf.truncate(n);

@@ -44,10 +44,7 @@ impl<S: Read + Write> StreamClient<S> {
         let mut w = MsgWriter::new(&mut buf, method, class, TransactionId([self.tid; 12]));
         body(&mut w);
         if auth {
-            w.add_bytes(AttrType::USERNAME, self.username.as_bytes());
-            w.add_bytes(AttrType::REALM, REALM.as_bytes());
-            w.add_bytes(AttrType::NONCE, &self.nonce);
-            w.add_message_integrity(&self.key);
+            w.add_long_term_credentials(self.username.as_bytes(), REALM.as_bytes(), &self.nonce, &self.key);
         }
         let n = w.finish().unwrap();
         buf.truncate(n);

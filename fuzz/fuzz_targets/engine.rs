@@ -112,10 +112,7 @@ fuzz_target!(|data: &[u8]| {
                     _ => {}
                 }
                 if a & 0x80 == 0 && method != Method::BINDING {
-                    w.add_bytes(AttrType::USERNAME, username.as_bytes());
-                    w.add_bytes(AttrType::REALM, b"fuzz");
-                    w.add_bytes(AttrType::NONCE, &nonce);
-                    w.add_message_integrity(&key);
+                    w.add_long_term_credentials(username.as_bytes(), b"fuzz", &nonce, &key);
                 }
                 let Ok(n) = w.finish() else { continue };
                 let len = pkt.fill(&buf[..n]);

@@ -37,6 +37,8 @@ pub fn render(stats: &[Arc<ShardStats>], shared: &Shared, counters: &ServerCount
         v
     };
     let sum = |f: &dyn Fn(&ShardStats) -> u64| -> u64 { stats.iter().map(|s| f(s)).sum() };
+    // An unlabelled sample: the sum over shards.
+    let total = |f: &dyn Fn(&ShardStats) -> u64| -> [(String, u64); 1] { [(String::new(), sum(f))] };
     family("turnpike_allocations", "gauge", "Live allocations.", &per_shard_transport());
     family("turnpike_permissions", "gauge", "Live permissions.", &per_shard(&|s| read(&s.permissions)));
     family("turnpike_channels", "gauge", "Live channel bindings.", &per_shard(&|s| read(&s.channels)));
@@ -86,43 +88,33 @@ pub fn render(stats: &[Arc<ShardStats>], shared: &Shared, counters: &ServerCount
         "turnpike_send_calls_total",
         "counter",
         "sendmmsg calls that sent relayed UDP datagrams (relayed UDP datagrams / this = batch size).",
-        &[(String::new(), sum(&|s| read(&s.send_calls)))],
+        &total(&|s| read(&s.send_calls)),
     );
     family(
         "turnpike_segmented_datagrams_total",
         "counter",
         "Relayed UDP datagrams sent inside a UDP GSO message.",
-        &[(String::new(), sum(&|s| read(&s.datagrams_segmented)))],
+        &total(&|s| read(&s.datagrams_segmented)),
     );
-    family(
-        "turnpike_requests_total",
-        "counter",
-        "STUN/TURN requests handled.",
-        &[(String::new(), sum(&|s| read(&s.requests)))],
-    );
+    family("turnpike_requests_total", "counter", "STUN/TURN requests handled.", &total(&|s| read(&s.requests)));
     let auth: Vec<(String, u64)> = AUTH_FAILURE_REASONS
         .iter()
         .enumerate()
         .map(|(i, r)| (format!("reason=\"{r}\""), sum(&|s| read(&s.auth_failure_reasons[i]))))
         .collect();
     family("turnpike_auth_failures_total", "counter", "Authentication failures, by reason.", &auth);
-    family(
-        "turnpike_peers_denied_total",
-        "counter",
-        "Peers refused by policy.",
-        &[(String::new(), sum(&|s| read(&s.peers_denied)))],
-    );
+    family("turnpike_peers_denied_total", "counter", "Peers refused by policy.", &total(&|s| read(&s.peers_denied)));
     family(
         "turnpike_quota_refusals_total",
         "counter",
         "Allocations refused by quota (486).",
-        &[(String::new(), sum(&|s| read(&s.quota_refusals)))],
+        &total(&|s| read(&s.quota_refusals)),
     );
     family(
         "turnpike_rate_limited_total",
         "counter",
         "Unauthenticated requests dropped by the per-source limit.",
-        &[(String::new(), sum(&|s| read(&s.drops[DropReason::SourceRateLimited.index()])))],
+        &total(&|s| read(&s.drops[DropReason::SourceRateLimited.index()])),
     );
     family(
         "turnpike_reloads_total",

@@ -363,6 +363,15 @@ impl<'b> MsgWriter<'b> {
         }
     }
 
+    /// Appends a client's long-term credentials (RFC 8489 §9.2.3): USERNAME, REALM and NONCE, then
+    /// MESSAGE-INTEGRITY keyed with `key` (from [`long_term_key`](super::integrity::long_term_key)).
+    pub fn add_long_term_credentials(&mut self, username: &[u8], realm: &[u8], nonce: &[u8], key: &[u8]) {
+        self.add_bytes(AttrType::USERNAME, username);
+        self.add_bytes(AttrType::REALM, realm);
+        self.add_bytes(AttrType::NONCE, nonce);
+        self.add_message_integrity(key);
+    }
+
     /// Appends MESSAGE-INTEGRITY (HMAC-SHA1 keyed with `key`) over everything written so far.
     pub fn add_message_integrity(&mut self, key: &[u8]) {
         if self.overflow {

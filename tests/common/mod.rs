@@ -144,10 +144,7 @@ impl TurnClient {
         let mut w = MsgWriter::new(&mut buf, method, class, tid);
         body(&mut w);
         if auth {
-            w.add_bytes(AttrType::USERNAME, self.username.as_bytes());
-            w.add_bytes(AttrType::REALM, REALM.as_bytes());
-            w.add_bytes(AttrType::NONCE, &self.nonce);
-            w.add_message_integrity(&self.key);
+            w.add_long_term_credentials(self.username.as_bytes(), REALM.as_bytes(), &self.nonce, &self.key);
         }
         w.add_fingerprint();
         let n = w.finish().unwrap();

@@ -98,10 +98,7 @@ impl Client {
         let mut w = MsgWriter::new(&mut buf, method, Class::Request, TransactionId(t));
         body(&mut w);
         if auth {
-            w.add_bytes(AttrType::USERNAME, self.username.as_bytes());
-            w.add_bytes(AttrType::REALM, &self.realm);
-            w.add_bytes(AttrType::NONCE, &self.nonce);
-            w.add_message_integrity(&self.key);
+            w.add_long_term_credentials(self.username.as_bytes(), &self.realm, &self.nonce, &self.key);
         }
         let n = w.finish().unwrap_or(0);
         buf.truncate(n);
