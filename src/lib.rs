@@ -63,6 +63,7 @@
 pub mod auth;
 pub mod config;
 pub mod control;
+pub mod descriptors;
 pub mod policy;
 pub mod probe;
 pub mod proto;

@@ -6,6 +6,7 @@
 use crate::auth::NonceKey;
 use crate::config::Config;
 use crate::control::{self, Totals};
+use crate::descriptors;
 use crate::policy::PeerPolicy;
 use crate::proto::{Engine, RelayAddr, Settings};
 use crate::shard::{self, Ctl, ShardParts, clock, socket};
@@ -406,6 +407,25 @@ fn bind_listeners(
     Ok((per_shard, addrs))
 }
 
+/// Raises the descriptor limit and grows the descriptor table for the relay range up front (see
+/// [`descriptors`]); warns when the limit caps allocations below what the range allows.
+fn reserve_descriptors(cfg: &Config, plan: &RelayPlan) {
+    let ports = u64::from(cfg.max_port.saturating_sub(cfg.min_port)) + 1;
+    let addresses = (plan.v4.len() + plan.v6.len()) as u64;
+    let wanted = descriptors::relay_sockets_wanted(ports, addresses, cfg.total_quota) + descriptors::HEADROOM;
+    match descriptors::prepare(wanted) {
+        Ok(budget) if budget.short() => log::warn!(
+            "the descriptor limit ({}) is below what the relay range can use ({}): allocations fail with 508 \
+             beyond about {}; raise it (LimitNOFILE= in the systemd unit, ulimit -n)",
+            budget.limit,
+            budget.wanted,
+            budget.limit.saturating_sub(descriptors::HEADROOM.min(budget.limit / 2))
+        ),
+        Ok(budget) => log::debug!("descriptor limit {}, table sized for {}", budget.limit, budget.reserved),
+        Err(e) => log::warn!("cannot prepare the descriptor table: {e}"),
+    }
+}
+
 /// Starts a server: binds everything, spawns one shard per configured thread and the control thread.
 pub fn start(cfg: &Config) -> io::Result<ServerHandle> {
     let plan = relay_plan(cfg).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
@@ -418,6 +438,7 @@ pub fn start(cfg: &Config) -> io::Result<ServerHandle> {
         }
         _ => None,
     };
+    reserve_descriptors(cfg, &plan);
     let (listeners, addrs) = bind_listeners(cfg, buffers, tls.is_some())?;
     let udp_addrs = addrs.udp.clone();
     let shared = Arc::new(Shared::default());

@@ -153,7 +153,7 @@ pub struct ShardStats {
     pub peers_denied: AtomicU64,
     /// Packets dropped because the socket would block.
     pub send_would_block: AtomicU64,
-    /// `sendmmsg` calls that sent relayed UDP datagrams (batching: datagrams relayed per call).
+    /// System calls (`sendmmsg`, `sendto`) that sent UDP datagrams: relayed data and replies to UDP clients.
     pub send_calls: AtomicU64,
     /// Relayed datagrams that left inside a UDP GSO message.
     pub datagrams_segmented: AtomicU64,

@@ -87,7 +87,7 @@ pub fn render(stats: &[Arc<ShardStats>], shared: &Shared, counters: &ServerCount
     family(
         "turnpike_send_calls_total",
         "counter",
-        "sendmmsg calls that sent relayed UDP datagrams (relayed UDP datagrams / this = batch size).",
+        "System calls (sendmmsg, sendto) that sent UDP datagrams: relayed data and replies to UDP clients.",
         &total(&|s| read(&s.send_calls)),
     );
     family(

@@ -295,7 +295,15 @@ impl Shard {
             Action::Done => {}
             Action::Drop(reason) => bump(&self.stats.drops[reason.index()], 1),
             Action::Reply { len } => {
-                if let Some(tuple) = reply_to {
+                if let Some(tuple) = reply_to.filter(|t| t.transport == Transport::Udp) {
+                    // Replies to UDP clients leave with the wake-up's other datagrams (one sendmmsg for a
+                    // batch of requests); the queue keeps their order with relayed data to that client.
+                    if self.sendq.is_full() {
+                        self.flush_sends();
+                    }
+                    let via = send::Via::Listener(tuple.listener.0);
+                    self.sendq.push_copy(via, tuple.client, self.engine.reply(len));
+                } else if let Some(tuple) = reply_to {
                     // The reply lives in the engine; copy it out of the borrow (control path only).
                     let mut reply = [0u8; 1500];
                     let bytes = self.engine.reply(len);

@@ -15,6 +15,7 @@
 
 use super::sys::{self, MAX_MESSAGES, Outgoing};
 use crate::proto::PacketBuf;
+use crate::proto::engine::HEADROOM;
 use socket2::SockAddr;
 use std::io::IoSlice;
 use std::net::SocketAddr;
@@ -133,6 +134,18 @@ impl SendQueue {
         true
     }
 
+    /// Queues a copy of `bytes` (a reply built outside the packet buffer, at most one full datagram) for
+    /// `to` via `via`. A full queue refuses (returns false); flush first.
+    pub fn push_copy(&mut self, via: Via, to: SocketAddr, bytes: &[u8]) -> bool {
+        let slot = self.pending.len();
+        let Some(buf) = self.bufs.get_mut(slot) else {
+            return false;
+        };
+        let n = buf.fill(bytes);
+        self.pending.push(Pending { via, to, name: SockAddr::from(to), range: HEADROOM..HEADROOM + n });
+        true
+    }
+
     /// Sends everything queued, one socket after the other; `socket` finds the socket for a [`Via`]
     /// (`None`: it has closed, its datagrams are dropped).
     pub fn flush<'s, S: AsFd + 's>(&mut self, socket: impl Fn(Via) -> Option<&'s S>) -> Flushed {
@@ -161,27 +174,30 @@ impl SendQueue {
         done
     }
 
+    /// Sends one datagram (queue index `i`) with a plain `sendto`.
+    fn send_one(&self, fd: BorrowedFd<'_>, i: u8, done: &mut Flushed) {
+        let p = &self.pending[usize::from(i)];
+        done.syscalls += 1;
+        match socket2::SockRef::from(&fd).send_to(self.bufs[usize::from(i)].get(p.range.clone()), &p.name) {
+            Ok(_) => done.sent += 1,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => done.would_block += 1,
+            Err(e) => {
+                log::trace!("send to {} failed: {e}", p.to);
+                done.failed += 1;
+            }
+        }
+    }
+
     /// Sends the datagrams at flush positions `group` (one socket) in as few `sendmmsg` calls as the
     /// kernel allows: runs of one destination and size as one segmented message each, the rest as one
     /// message per datagram, in order.
     fn send_group(&mut self, fd: BorrowedFd<'_>, group: Range<usize>, done: &mut Flushed) {
-        let Self { bufs, pending, order, gso } = self;
         if group.len() == 1 {
             // Nothing to batch (many allocations, one datagram each): a plain sendto.
-            let p = &pending[usize::from(order[group.start])];
-            done.syscalls += 1;
-            match socket2::SockRef::from(&fd)
-                .send_to(bufs[usize::from(order[group.start])].get(p.range.clone()), &p.name)
-            {
-                Ok(_) => done.sent += 1,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => done.would_block += 1,
-                Err(e) => {
-                    log::trace!("send to {} failed: {e}", p.to);
-                    done.failed += 1;
-                }
-            }
+            self.send_one(fd, self.order[group.start], done);
             return;
         }
+        let Self { bufs, pending, order, gso } = self;
         let mut use_gso = *gso;
         let mut pos = group.start;
         while pos < group.end {
@@ -377,6 +393,33 @@ mod tests {
         let done = queue.flush(|via| (via == Via::Relay { key: 2, generation: 1 }).then_some(&out));
         assert_eq!((done.sent, done.failed), (1, 1));
         assert_eq!(receive_all(&dest), vec![b"relayed".to_vec()]);
+    }
+
+    /// Copied replies and moved relayed datagrams to one client leave in the order they were queued,
+    /// in one flush, and a copy leaves the caller's bytes untouched.
+    #[test]
+    fn copied_replies_keep_their_place_among_relayed_datagrams() {
+        let out = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let to = client.local_addr().unwrap();
+        let mut queue = SendQueue::new(true);
+        let via = Via::Listener(0);
+        let reply = b"success response".to_vec();
+        let (mut pkt, range) = packet(b"data-1");
+        assert!(queue.push(via, to, &mut pkt, range));
+        assert!(queue.push_copy(via, to, &reply));
+        let (mut pkt, range) = packet(b"data-2");
+        assert!(queue.push(via, to, &mut pkt, range));
+        assert_eq!(reply, b"success response");
+        let done = queue.flush(|_| Some(&out));
+        assert_eq!(done.sent, 3);
+        assert_eq!(receive_all(&client), vec![b"data-1".to_vec(), reply, b"data-2".to_vec()]);
+        // A full queue refuses a copy as it refuses a move.
+        for _ in 0..QUEUE_CAPACITY {
+            assert!(queue.push_copy(via, to, b"x"));
+        }
+        assert!(!queue.push_copy(via, to, b"x"));
+        assert_eq!(queue.flush(|_| Some(&out)).sent, QUEUE_CAPACITY as u64);
     }
 
     #[test]

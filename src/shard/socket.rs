@@ -14,11 +14,11 @@ pub struct Buffers {
 }
 
 fn base_udp(addr: SocketAddr, buffers: Buffers) -> io::Result<Socket> {
-    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    // Non-blocking from the start (SOCK_NONBLOCK): no fcntl round trip per relay socket.
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM.nonblocking(), Some(Protocol::UDP))?;
     if addr.is_ipv6() {
         socket.set_only_v6(true)?;
     }
-    socket.set_nonblocking(true)?;
     if buffers.recv > 0 {
         // The kernel caps this at net.core.rmem_max; a smaller buffer is not an error.
         let _ = socket.set_recv_buffer_size(buffers.recv);

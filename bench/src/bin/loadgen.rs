@@ -73,7 +73,15 @@ fn proc_usage(pid: u32) -> Option<(f64, u64)> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let rss =
         status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?.trim().trim_end_matches("kB").trim().parse().ok()?;
-    Some((ticks / 100.0, rss))
+    Some((process_cpu_seconds(pid).unwrap_or(ticks / 100.0), rss))
+}
+
+/// The process's CPU time (all threads, user + system) to the nanosecond, from its CPU-time clock
+/// (`clock_getcpuclockid`); `/proc/PID/stat` counts only 10-ms ticks, too coarse for short runs.
+fn process_cpu_seconds(pid: u32) -> Option<f64> {
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(pid).ok()?);
+    let now = nix::time::clock_getcpuclockid(pid).ok()?.now().ok()?;
+    Some(now.tv_sec() as f64 + now.tv_nsec() as f64 * 1e-9)
 }
 
 /// One client: its socket, credentials, nonce and relayed address.
@@ -106,7 +114,20 @@ impl Client {
     }
 }
 
-/// Sends one request from every client in `which` and waits (pipelined) for all answers.
+/// Builds one request per client in `which` (indexed by client; `None` for the others).
+fn build_requests(
+    clients: &mut [Client],
+    which: &[usize],
+    build: &dyn Fn(&mut Client) -> Vec<u8>,
+) -> Vec<Option<Vec<u8>>> {
+    let mut requests: Vec<Option<Vec<u8>>> = vec![None; clients.len()];
+    for &i in which {
+        requests[i] = Some(build(&mut clients[i]));
+    }
+    requests
+}
+
+/// Builds and sends one request from every client in `which` and waits (pipelined) for all answers.
 fn round(
     poll: &mut Poll,
     clients: &mut [Client],
@@ -114,13 +135,26 @@ fn round(
     server: SocketAddr,
     build: &dyn Fn(&mut Client) -> Vec<u8>,
 ) -> Vec<Option<Vec<u8>>> {
+    let requests = build_requests(clients, which, build);
+    exchange(poll, clients, &requests, server)
+}
+
+/// Sends every request (one per client at most, all at once) and waits for the answer to each: a
+/// datagram carrying that request's transaction ID (a late answer to an earlier retransmitted request
+/// is skipped). Unanswered requests are retransmitted after 500 ms without progress.
+fn exchange(
+    poll: &mut Poll,
+    clients: &[Client],
+    requests: &[Option<Vec<u8>>],
+    server: SocketAddr,
+) -> Vec<Option<Vec<u8>>> {
     let mut out: Vec<Option<Vec<u8>>> = vec![None; clients.len()];
-    let mut pending = which.len();
-    let mut requests: Vec<Option<Vec<u8>>> = vec![None; clients.len()];
-    for &i in which {
-        let req = build(&mut clients[i]);
-        let _ = clients[i].sock.send_to(&req, server);
-        requests[i] = Some(req);
+    let mut pending = 0;
+    for (c, req) in clients.iter().zip(requests) {
+        if let Some(req) = req {
+            let _ = c.sock.send_to(req, server);
+            pending += 1;
+        }
     }
     let mut events = Events::with_capacity(1024);
     let mut buf = [0u8; 2048];
@@ -129,19 +163,24 @@ fn round(
         let _ = poll.poll(&mut events, Some(Duration::from_millis(100)));
         for ev in events.iter() {
             let i = ev.token().0;
-            while let Ok((n, _)) = clients[i].sock.recv_from(&mut buf) {
-                if out[i].is_none() && n >= 20 && buf[0] & 0xC0 == 0 {
+            let (Some(c), Some(Some(req))) = (clients.get(i), requests.get(i)) else { continue };
+            // Read until this request's answer (or nothing is left): one read per client in the
+            // normal case. What stays queued is stale and is skipped by a later round.
+            while let Ok((n, _)) = c.sock.recv_from(&mut buf) {
+                let answers_it = n >= 20 && buf[0] & 0xC0 == 0 && buf[8..20] == req[8..20];
+                if answers_it && out[i].is_none() {
                     out[i] = Some(buf[..n].to_vec());
                     pending -= 1;
                     last_progress = Instant::now();
+                    break;
                 }
             }
         }
         if last_progress.elapsed() > Duration::from_millis(500) {
             // Retransmit what is still unanswered (UDP may drop under a burst of set-ups).
-            for &i in which {
-                if let (None, Some(req)) = (&out[i], &requests[i]) {
-                    let _ = clients[i].sock.send_to(req, server);
+            for ((c, req), answer) in clients.iter().zip(requests).zip(&out) {
+                if let (None, Some(req)) = (answer, req) {
+                    let _ = c.sock.send_to(req, server);
                 }
             }
             last_progress = Instant::now();
@@ -312,10 +351,12 @@ fn run(args: &Args) -> io::Result<()> {
         }
         // Phase 2: authenticated Allocate, pipelined from every client: the set-up rate, and the server
         // CPU it took (the rate alone may be bounded by this generator).
+        // The requests (and their MESSAGE-INTEGRITY) are built before the clock starts: the generator's
+        // own work is not the server's set-up rate.
+        let requests = build_requests(&mut clients, &all, &|c| c.request(Method::ALLOCATE, true, &transport));
         let cpu_before = server_usage(args.server_pid).map(|u| u.0);
         let start = Instant::now();
-        let answers =
-            round(&mut poll, &mut clients, &all, args.server, &|c| c.request(Method::ALLOCATE, true, &transport));
+        let answers = exchange(&mut poll, &clients, &requests, args.server);
         let took = start.elapsed().as_secs_f64();
         let mut ok = 0usize;
         for (c, a) in clients.iter_mut().zip(&answers) {
