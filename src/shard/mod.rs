@@ -240,53 +240,31 @@ struct Shard {
     unallocated_timeout: Duration,
 }
 
-/// Sends one datagram; a full socket buffer drops it and counts (a relay never queues).
-fn send_udp(sock: &UdpSocket, bytes: &[u8], to: SocketAddr, stats: &ShardStats) {
-    match sock.send_to(bytes, to) {
-        Ok(_) => {}
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => bump(&stats.send_would_block, 1),
-        Err(e) => log::trace!("send to {to} failed: {e}"),
-    }
-}
-
 impl Shard {
-    /// Delivers bytes to a client over the transport its 5-tuple names.
-    fn send_to_client(&mut self, tuple: FiveTuple, bytes: Option<&[u8]>, range: Option<std::ops::Range<usize>>) {
+    /// Delivers bytes to a TCP or TLS client (UDP clients are served through the send queue).
+    fn send_to_stream(&mut self, tuple: FiveTuple, bytes: Option<&[u8]>, range: Option<std::ops::Range<usize>>) {
         let bytes = match (bytes, range) {
             (Some(b), _) => b,
             (None, Some(r)) => self.pkt.get(r),
             (None, None) => return,
         };
-        match tuple.transport {
-            Transport::Udp => {
-                if let Some(listener) = self.udp.get(usize::from(tuple.listener.0)) {
-                    send_udp(listener, bytes, tuple.client, &self.stats);
-                }
-            }
-            Transport::Tcp | Transport::Tls => {
-                let Some(&idx) = self.conns.by_tuple.get(&tuple) else {
-                    return;
-                };
-                let Some(conn) = self.conns.get_mut(idx) else {
-                    return;
-                };
-                if !conn.queue(bytes) {
-                    // A slow reader: drop, never buffer without bound.
-                    bump(&self.stats.send_would_block, 1);
-                    return;
-                }
-                if conn.flush().is_err() {
-                    conn.closing = true;
-                } else if conn.has_pending_writes() && !conn.write_interest {
-                    conn.write_interest = true;
-                    let token = Token(CONN_BASE + idx);
-                    let _ = self.poll.registry().reregister(
-                        &mut conn.stream,
-                        token,
-                        Interest::READABLE | Interest::WRITABLE,
-                    );
-                }
-            }
+        let Some(&idx) = self.conns.by_tuple.get(&tuple) else {
+            return;
+        };
+        let Some(conn) = self.conns.get_mut(idx) else {
+            return;
+        };
+        if !conn.queue(bytes) {
+            // A slow reader: drop, never buffer without bound.
+            bump(&self.stats.send_would_block, 1);
+            return;
+        }
+        if conn.flush().is_err() {
+            conn.closing = true;
+        } else if conn.has_pending_writes() && !conn.write_interest {
+            conn.write_interest = true;
+            let token = Token(CONN_BASE + idx);
+            let _ = self.poll.registry().reregister(&mut conn.stream, token, Interest::READABLE | Interest::WRITABLE);
         }
     }
 
@@ -294,8 +272,8 @@ impl Shard {
         match action {
             Action::Done => {}
             Action::Drop(reason) => bump(&self.stats.drops[reason.index()], 1),
-            Action::Reply { len } => {
-                if let Some(tuple) = reply_to.filter(|t| t.transport == Transport::Udp) {
+            Action::Reply { len } => match reply_to {
+                Some(tuple) if tuple.transport == Transport::Udp => {
                     // Replies to UDP clients leave with the wake-up's other datagrams (one sendmmsg for a
                     // batch of requests); the queue keeps their order with relayed data to that client.
                     if self.sendq.is_full() {
@@ -303,15 +281,17 @@ impl Shard {
                     }
                     let via = send::Via::Listener(tuple.listener.0);
                     self.sendq.push_copy(via, tuple.client, self.engine.reply(len));
-                } else if let Some(tuple) = reply_to {
+                }
+                Some(tuple) => {
                     // The reply lives in the engine; copy it out of the borrow (control path only).
                     let mut reply = [0u8; 1500];
                     let bytes = self.engine.reply(len);
                     let n = bytes.len().min(reply.len());
                     reply[..n].copy_from_slice(&bytes[..n]);
-                    self.send_to_client(tuple, Some(&reply[..n]), None);
+                    self.send_to_stream(tuple, Some(&reply[..n]), None);
                 }
-            }
+                None => {}
+            },
             Action::ToPeer { idx, peer, range } => {
                 let generation = self.relays.generations.get(idx as usize).copied().unwrap_or(0);
                 self.queue(send::Via::Relay { key: idx, generation }, peer, range);
@@ -319,7 +299,7 @@ impl Shard {
             Action::ToClient { tuple, range } if tuple.transport == Transport::Udp => {
                 self.queue(send::Via::Listener(tuple.listener.0), tuple.client, range);
             }
-            Action::ToClient { tuple, range } => self.send_to_client(tuple, None, Some(range)),
+            Action::ToClient { tuple, range } => self.send_to_stream(tuple, None, Some(range)),
         }
     }
 

@@ -125,8 +125,7 @@ impl SendQueue {
     /// Queues the bytes `range` of `pkt` for `to` via `via`: `pkt`'s buffer moves into the queue and a
     /// spare buffer takes its place. A full queue refuses (returns false); flush first.
     pub fn push(&mut self, via: Via, to: SocketAddr, pkt: &mut PacketBuf, range: Range<usize>) -> bool {
-        let slot = self.pending.len();
-        let Some(buf) = self.bufs.get_mut(slot) else {
+        let Some(buf) = self.bufs.get_mut(self.pending.len()) else {
             return false;
         };
         std::mem::swap(buf, pkt);
@@ -137,8 +136,7 @@ impl SendQueue {
     /// Queues a copy of `bytes` (a reply built outside the packet buffer, at most one full datagram) for
     /// `to` via `via`. A full queue refuses (returns false); flush first.
     pub fn push_copy(&mut self, via: Via, to: SocketAddr, bytes: &[u8]) -> bool {
-        let slot = self.pending.len();
-        let Some(buf) = self.bufs.get_mut(slot) else {
+        let Some(buf) = self.bufs.get_mut(self.pending.len()) else {
             return false;
         };
         let n = buf.fill(bytes);
