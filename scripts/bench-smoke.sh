@@ -14,6 +14,7 @@ auth: {realm: smoke, shared_secrets: [smoke-secret]}
 peers: {allowed: [127.0.0.1]}
 abuse: {unauth_rate: 0}
 runtime: {threads: 2}
+metrics: {listen: "127.0.0.1:0"}
 YAML
 RUST_LOG=info target/debug/turnpike --config "$dir/turnpike.yaml" 2> "$dir/log" &
 pid=$!
@@ -24,8 +25,10 @@ for _ in $(seq 100); do
     sleep 0.1
 done
 [ -n "$addr" ] || { echo "turnpike did not start"; cat "$dir/log"; exit 1; }
+metrics="$(grep -o 'metrics on http://[0-9.:]*/metrics' "$dir/log" | head -1 | sed 's/metrics on //')"
 status=0
 for mode in "" "--send-indications" "--calls"; do
+    snmp_before="$(grep '^Udp:' /proc/net/snmp | tail -1)"
     out="$(target/debug/loadgen --server "$addr" --secret smoke-secret --allocations 20 --rate 2000 \
         --duration 1 --warmup 0.3 --size 172 --server-pid "$pid" $mode)"
     echo "loadgen ${mode:-(channels)}: $out"
@@ -34,6 +37,17 @@ import json, sys
 r = json.loads(sys.argv[1])
 ok = r["loss"] == 0 and r["delivered_pps"] > 0 and r["offered_pps"] > 0
 print("  ok" if ok else "  FAILED: packets lost or nothing delivered")
-sys.exit(0 if ok else 1)' "$out" || status=1
+sys.exit(0 if ok else 1)' "$out" || {
+        status=1
+        # Where did the packets go? The server's own counters of relayed and dropped datagrams.
+        python3 -c 'import sys, urllib.request
+for line in urllib.request.urlopen(sys.argv[1], timeout=5).read().decode().splitlines():
+    if line.startswith(("turnpike_dropped", "turnpike_relayed_packets", "turnpike_rate_limited")):
+        print("   ", line)' "$metrics" || true
+        # And the kernel's UDP counters (a full receive buffer drops before anyone reads).
+        echo "    $(grep '^Udp:' /proc/net/snmp | head -1)"
+        echo "    before: $snmp_before"
+        echo "    after:  $(grep '^Udp:' /proc/net/snmp | tail -1)"
+    }
 done
 exit $status

@@ -141,7 +141,8 @@ fn round(
 
 /// Sends every request (one per client at most, all at once) and waits for the answer to each: a
 /// datagram carrying that request's transaction ID (a late answer to an earlier retransmitted request
-/// is skipped). Unanswered requests are retransmitted after 500 ms without progress.
+/// is skipped). Unanswered requests are retransmitted after 500 ms without progress; after
+/// `GIVE_UP` without any answer the rest stay `None`.
 fn exchange(
     poll: &mut Poll,
     clients: &[Client],
@@ -159,7 +160,8 @@ fn exchange(
     let mut events = Events::with_capacity(1024);
     let mut buf = [0u8; 2048];
     let mut last_progress = Instant::now();
-    while pending > 0 {
+    let mut last_answer = Instant::now();
+    while pending > 0 && last_answer.elapsed() < GIVE_UP {
         let _ = poll.poll(&mut events, Some(Duration::from_millis(100)));
         for ev in events.iter() {
             let i = ev.token().0;
@@ -172,6 +174,7 @@ fn exchange(
                     out[i] = Some(buf[..n].to_vec());
                     pending -= 1;
                     last_progress = Instant::now();
+                    last_answer = last_progress;
                     break;
                 }
             }
@@ -187,6 +190,28 @@ fn exchange(
         }
     }
     out
+}
+
+/// How long [`exchange`] waits without any answer before it gives up on the rest.
+const GIVE_UP: Duration = Duration::from_secs(5);
+
+/// Fails with a message naming the step when some requests of a round went unanswered.
+fn all_answered(answers: &[Option<Vec<u8>>], which: &[usize], step: &str) -> io::Result<()> {
+    let missing = which.iter().filter(|&&i| answers.get(i).is_none_or(Option::is_none)).count();
+    if missing == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::other(format!("{missing} {step} requests unanswered after {} s", GIVE_UP.as_secs())))
+    }
+}
+
+/// Deletes every allocation (Refresh with LIFETIME 0), so that the next run, whose sockets may get
+/// the same ports, is not refused with 437 (Allocation Mismatch). Best effort: answers are not checked.
+fn release(poll: &mut Poll, clients: &mut [Client], server: SocketAddr) {
+    let which: Vec<usize> = (0..clients.len()).filter(|&i| clients[i].relayed.is_some()).collect();
+    round(poll, clients, &which, server, &|c| {
+        c.request(Method::REFRESH, true, &|w| w.add_bytes(AttrType::LIFETIME, &[0, 0, 0, 0]))
+    });
 }
 
 fn error_code(resp: &[u8]) -> Option<u16> {
@@ -341,6 +366,7 @@ fn run(args: &Args) -> io::Result<()> {
         let transport = |w: &mut MsgWriter<'_>| w.add_bytes(AttrType::REQUESTED_TRANSPORT, &[PROTO_UDP, 0, 0, 0]);
         let answers =
             round(&mut poll, &mut clients, &all, args.server, &|c| c.request(Method::ALLOCATE, false, &transport));
+        all_answered(&answers, &all, "Allocate")?;
         for (c, a) in clients.iter_mut().zip(&answers) {
             let Some(a) = a else { continue };
             let m = StunMsg::parse(a).map_err(|e| io::Error::other(e.to_string()))?;
@@ -358,6 +384,7 @@ fn run(args: &Args) -> io::Result<()> {
         let start = Instant::now();
         let answers = exchange(&mut poll, &clients, &requests, args.server);
         let took = start.elapsed().as_secs_f64();
+        all_answered(&answers, &all, "authenticated Allocate")?;
         let mut ok = 0usize;
         for (c, a) in clients.iter_mut().zip(&answers) {
             let Some(a) = a else { continue };
@@ -397,6 +424,7 @@ fn run(args: &Args) -> io::Result<()> {
                 })
             }
         });
+        all_answered(&answers, &all, "ChannelBind/CreatePermission")?;
         if let Some(code) = answers.iter().flatten().find_map(|a| error_code(a)) {
             return Err(io::Error::other(format!("ChannelBind/CreatePermission failed with {code}")));
         }
@@ -415,6 +443,7 @@ fn run(args: &Args) -> io::Result<()> {
                 rss_before.unwrap_or(0),
                 rss_after.unwrap_or(0)
             );
+            release(&mut poll, &mut clients, args.server);
             return Ok(());
         }
     }
@@ -451,6 +480,11 @@ fn run(args: &Args) -> io::Result<()> {
             let c = &clients[next_client];
             next_client = (next_client + 1) % clients.len();
             let t = Instant::now();
+            // A long burst can cross the end of the window; the receiver counts only payloads sent
+            // inside it, so nothing is sent (and counted) past the end.
+            if t >= measure_to {
+                break;
+            }
             let ts = (t - epoch).as_nanos() as u64;
             let payload_at = if args.raw.is_some() { 0 } else { 4 };
             frame[payload_at..payload_at + 8].copy_from_slice(&ts.to_be_bytes());
@@ -507,6 +541,7 @@ fn run(args: &Args) -> io::Result<()> {
             recv_measured += counted;
         }
     }
+    release(&mut poll, &mut clients, args.server);
     let measured_secs = args.duration;
     let offered = sent_measured as f64 / measured_secs;
     let delivered = recv_measured as f64 / measured_secs;
