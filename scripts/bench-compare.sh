@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Side-by-side benchmark on loopback: turnpike vs coturn (Debian package, configured equivalently) vs a
-# raw recvmmsg/sendmmsg forwarder (the kernel's limit for one core), under the same load, with the
-# server pinned to core 0 and the load generator to core 1. Servers alternate for every configuration.
+# raw recvmmsg/sendmmsg forwarder (the kernel's limit for one core; also run with one output socket per
+# allocation, the least any TURN relay pays), under the same load, with the server pinned to core 0 and
+# the load generator to core 1. Servers alternate for every configuration.
 # Prints a markdown table of ratios and writes bench/results/latest.{md,svg,json}.
-# Environment: BENCH_SECS (measured seconds per run, default 2), BENCH_QUICK=1 (fewer configurations).
+# Environment: BENCH_SECS (measured seconds per run, default 2), BENCH_ROUNDS (alternating rounds per
+# configuration, default 1; medians are reported), BENCH_QUICK=1 (fewer configurations).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if ! command -v turnserver >/dev/null 2>&1; then

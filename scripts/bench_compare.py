@@ -9,13 +9,14 @@ import time
 
 SECS = float(os.environ.get("BENCH_SECS", "2"))
 QUICK = os.environ.get("BENCH_QUICK") == "1"
+ROUNDS = max(1, int(os.environ.get("BENCH_ROUNDS", "1")))
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOADGEN = os.path.join(ROOT, "target/release/loadgen")
 TURNPIKE = os.path.join(ROOT, "target/release/turnpike")
 RAW = os.path.join(ROOT, "target/bench/raw-forwarder")
 OUT = os.path.join(ROOT, "bench/results")
 SECRET = "bench-secret"
-PORTS = {"turnpike": 3478, "coturn": 3479, "raw": 41000}
+PORTS = {"turnpike": 3478, "coturn": 3479, "raw": 41000, "fanout": 41000}
 PEER_PORT = 41001
 
 TURNPIKE_YAML = """listen: {ips: [127.0.0.1], port: 3478, tcp: false}
@@ -28,7 +29,9 @@ logging: {level: warn}
 """
 
 
-def start(name):
+def start(name, sockets=1):
+    """Starts one server. `fanout` is the raw forwarder sending through `sockets` sockets, one per source:
+    the least any relay pays for traffic whose allocations each send from their own address."""
     pin = ["taskset", "-c", "0"]
     if name == "turnpike":
         path = os.path.join(ROOT, "target/bench/turnpike.yaml")
@@ -42,9 +45,9 @@ def start(name):
                      "--no-tls", "--no-dtls", "--no-tcp", "--relay-threads=1", "--no-stdout-log",
                      "--log-file=/dev/null", "--pidfile=" + os.path.join(ROOT, "target/bench/coturn.pid")]
     else:
-        cmd = pin + [RAW, str(PORTS["raw"]), "127.0.0.1", str(PEER_PORT)]
+        cmd = pin + [RAW, str(PORTS["raw"]), "127.0.0.1", str(PEER_PORT), str(sockets)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    time.sleep(1.0 if name != "raw" else 0.2)
+    time.sleep(0.2 if name in ("raw", "fanout") else 1.0)
     return proc
 
 
@@ -60,8 +63,8 @@ def stop(proc):
 def loadgen(name, proc, *extra):
     cmd = ["taskset", "-c", "1", LOADGEN, "--secret", SECRET, "--server-pid", str(proc.pid),
            "--duration", str(SECS), "--warmup", "0.5"] + [str(e) for e in extra]
-    if name == "raw":
-        cmd += ["--raw", "127.0.0.1:%d" % PORTS["raw"], "--peer-port", str(PEER_PORT)]
+    if name in ("raw", "fanout"):
+        cmd += ["--raw", "127.0.0.1:%d" % PORTS[name], "--peer-port", str(PEER_PORT)]
     else:
         cmd += ["--server", "127.0.0.1:%d" % PORTS[name]]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
@@ -74,8 +77,8 @@ def loadgen(name, proc, *extra):
         return {"error": out.stderr.strip()[-300:]}
 
 
-def run_one(name, *extra):
-    proc = start(name)
+def run_one(name, *extra, sockets=1):
+    proc = start(name, sockets)
     try:
         return loadgen(name, proc, *extra)
     finally:
@@ -90,44 +93,75 @@ def ratio(a, b):
     return None if not a or not b or a != a or b != b else a / b
 
 
+def median(values):
+    values = sorted(values)
+    if not values:
+        return None
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+
+
+def combine(runs):
+    """One figure per server and configuration from its rounds: the median CPU per packet, p99 and
+    rates, and the worst loss of any round."""
+    ok = [r for r in runs if "error" not in r]
+    if not ok:
+        return runs[-1] if runs else {}
+    out = dict(ok[0])
+    for key in ("cpu_us_per_packet", "p99_us", "offered_pps", "delivered_pps"):
+        vals = [r[key] for r in ok if r.get(key) is not None and r[key] == r[key]]
+        out[key] = median(vals)
+    out["loss"] = max(r.get("loss", 0.0) for r in ok)
+    out["rounds"] = len(ok)
+    return out
+
+
+def combine_rows(rows):
+    """Replaces each row's per-server list of rounds by their combination."""
+    for row in rows:
+        for name, value in list(row.items()):
+            if isinstance(value, list):
+                row[name] = combine(value)
+    return rows
+
+
 def main():
-    order = ["turnpike", "coturn", "raw"]
-    results = {"machine": platform.platform(), "cpus": os.cpu_count(), "secs": SECS, "runs": []}
+    order = ["turnpike", "coturn", "raw", "fanout"]
+    results = {"machine": platform.platform(), "cpus": os.cpu_count(), "secs": SECS, "rounds": ROUNDS, "runs": []}
     rates = [50000, 100000, 200000]
     sizes = [172] if QUICK else [172, 1200]
     allocs = [10] if QUICK else [10, 1000]
-    table = []
+    table = [{"allocations": a, "size": size, "rate": rate} for a in allocs for size in sizes for rate in rates]
+    calls = [{"allocations": a, "rate": rate} for a in allocs for rate in ([100000] if QUICK else [50000, 100000])]
     k = 0
-    for a in allocs:
-        for size in sizes:
-            for rate in rates:
-                row = {"allocations": a, "size": size, "rate": rate}
-                # Alternate which server goes first, so drift on a shared machine spreads evenly.
-                rot = order[k % 3:] + order[:k % 3]
-                k += 1
-                for name in rot:
-                    r = run_one(name, "--allocations", a, "--size", size, "--rate", rate)
-                    row[name] = r
-                    results["runs"].append({"server": name, **r})
-                    print("  %-8s %5d allocs %4d B %6d pps: %s" % (name, a, size, rate, json.dumps(r)), file=sys.stderr)
-                table.append(row)
-    # RTP-like calls: client -> relay -> relay -> client (the raw forwarder cannot play this part).
-    calls = []
-    for a in allocs:
-        for rate in ([100000] if QUICK else [50000, 100000]):
-            row = {"allocations": a, "rate": rate}
+    # Every round measures every configuration once; servers alternate which goes first, so drift on a
+    # shared machine spreads evenly, and rounds spread each configuration over the whole run.
+    for _ in range(ROUNDS):
+        for row in table:
+            a, size, rate = row["allocations"], row["size"], row["rate"]
+            rot = order[k % len(order):] + order[:k % len(order)]
+            k += 1
+            for name in rot:
+                r = run_one(name, "--allocations", a, "--size", size, "--rate", rate, sockets=a)
+                row.setdefault(name, []).append(r)
+                results["runs"].append({"server": name, **r})
+                print("  %-8s %5d allocs %4d B %6d pps: %s" % (name, a, size, rate, json.dumps(r)), file=sys.stderr)
+        # RTP-like calls: client -> relay -> relay -> client (the raw forwarder cannot play this part).
+        for row in calls:
+            a, rate = row["allocations"], row["rate"]
             for name in (["turnpike", "coturn"] if k % 2 == 0 else ["coturn", "turnpike"]):
                 r = run_one(name, "--allocations", a, "--rate", rate, "--calls")
-                row[name] = r
+                row.setdefault(name, []).append(r)
                 results["runs"].append({"server": name, "calls": True, **r})
                 print("  calls %-8s %5d allocs %6d pps: %s" % (name, a, rate, json.dumps(r)), file=sys.stderr)
             k += 1
-            calls.append(row)
+    combine_rows(table)
+    combine_rows(calls)
     # Highest paced rate with < 0.1 % loss (10 allocations, 172 B).
     sweep_rates = [100000, 200000, 300000] if QUICK else list(range(100000, 650000, 50000))
-    sweep = {n: [] for n in order}
+    sweep = {n: [] for n in order[:3]}
     for rate in sweep_rates:
-        for name in order:
+        for name in order[:3]:
             r = run_one(name, "--allocations", 10, "--size", 172, "--rate", rate)
             sweep[name].append((rate, r.get("offered_pps", 0), r.get("delivered_pps", 0), r.get("loss", 1.0),
                                 r.get("generator_saturated", False)))
@@ -160,15 +194,19 @@ def from_log(path):
             if key not in rows:
                 rows[key] = {"allocations": key[1], "rate": key[2]}
                 calls.append(rows[key])
-            rows[key][words[1]] = r
+            rows[key].setdefault(words[1], []).append(r)
         else:
             key = (int(words[1]), int(words[3]), int(words[5]))
             if key not in rows:
                 rows[key] = {"allocations": key[0], "size": key[1], "rate": key[2]}
                 table.append(rows[key])
-            rows[key][words[0]] = r
+            rows[key].setdefault(words[0], []).append(r)
+    rounds = max([len(v) for row in table for v in row.values() if isinstance(v, list)] or [1])
+    combine_rows(table)
+    combine_rows(calls)
     rates = sorted({rate for pts in sweep.values() for (rate, *_rest) in pts})
-    results = {"machine": platform.platform(), "cpus": os.cpu_count(), "secs": SECS, "runs": [], "from_log": path}
+    results = {"machine": platform.platform(), "cpus": os.cpu_count(), "secs": SECS, "rounds": rounds, "runs": [],
+               "from_log": path}
     render(results, table, calls, sweep, rates, mem)
 
 
@@ -183,22 +221,29 @@ def render(results, table, calls, sweep, sweep_rates, mem):
     results["memory"] = {"%s/%d" % k2: v for k2, v in mem.items()}
 
     lines = []
-    lines.append("Machine: %s, %s CPUs; server pinned to core 0, generator to core 1; %.1f s measured per run." %
-                 (results["machine"], results["cpus"], SECS))
+    rounds = results.get("rounds", 1)
+    lines.append("Machine: %s, %s CPUs; server pinned to core 0, generator to core 1; %.1f s measured per run; "
+                 "%d alternating round(s) per configuration (median CPU and p99, worst loss)." %
+                 (results["machine"], results["cpus"], SECS, rounds))
     lines.append("")
     lines.append("### CPU per relayed packet and loss (ChannelData client -> peer, paced)")
     lines.append("")
-    lines.append("| allocs | size | rate | turnpike us/pkt | coturn us/pkt | raw us/pkt | turnpike/coturn | turnpike/raw | loss turnpike | loss coturn | loss raw | p99 us turnpike | p99 us coturn |")
-    lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    lines.append("raw: the raw forwarder, one socket out. fan-out: the same forwarder sending through one socket")
+    lines.append("per allocation, as any TURN relay must (each allocation has its own relayed address). The p99 of")
+    lines.append("the two forwarders, which do no work of their own, is the latency noise floor of the machine.")
+    lines.append("")
+    lines.append("| allocs | size | rate | turnpike us/pkt | coturn us/pkt | raw us/pkt | fan-out us/pkt | turnpike/coturn | turnpike/raw | turnpike/fan-out | loss turnpike | loss coturn | loss raw | p99 us turnpike | p99 us coturn | p99 us raw | p99 us fan-out |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    servers = ["turnpike", "coturn", "raw", "fanout"]
     for row in table:
-        t, c, r = (row[n].get("cpu_us_per_packet") for n in order)
-        lt, lc, lr = (row[n].get("loss") for n in order)
-        lines.append("| %d | %d | %dk | %s | %s | %s | %s | %s | %s %% | %s %% | %s %% | %s | %s |" % (
-            row["allocations"], row["size"], row["rate"] // 1000, fmt(t), fmt(c), fmt(r),
-            fmt(ratio(t, c)), fmt(ratio(t, r)),
+        t, c, r, f = (row.get(n, {}).get("cpu_us_per_packet") for n in servers)
+        lt, lc, lr = (row.get(n, {}).get("loss") for n in servers[:3])
+        p99 = [fmt(row.get(n, {}).get("p99_us"), 0) for n in servers]
+        lines.append("| %d | %d | %dk | %s | %s | %s | %s | %s | %s | %s | %s %% | %s %% | %s %% | %s | %s | %s | %s |" % (
+            row["allocations"], row["size"], row["rate"] // 1000, fmt(t), fmt(c), fmt(r), fmt(f),
+            fmt(ratio(t, c)), fmt(ratio(t, r)), fmt(ratio(t, f)),
             fmt(None if lt is None else lt * 100, 3), fmt(None if lc is None else lc * 100, 3),
-            fmt(None if lr is None else lr * 100, 3),
-            row["turnpike"].get("p99_us", "n/a"), row["coturn"].get("p99_us", "n/a")))
+            fmt(None if lr is None else lr * 100, 3), *p99))
     if calls:
         lines.append("")
         lines.append("### RTP-like calls, paced (client -> relay -> relay -> client: both directions of the server)")
@@ -212,7 +257,7 @@ def render(results, table, calls, sweep, sweep_rates, mem):
                 fmt(ratio(t.get("cpu_us_per_packet"), c.get("cpu_us_per_packet"))),
                 fmt(None if t.get("loss") is None else t["loss"] * 100, 3),
                 fmt(None if c.get("loss") is None else c["loss"] * 100, 3),
-                t.get("p99_us", "n/a"), c.get("p99_us", "n/a")))
+                fmt(t.get("p99_us"), 0), fmt(c.get("p99_us"), 0)))
     lines.append("")
     lines.append("### Highest paced rate with < 0.1 %% loss (10 allocations, 172 B; rates tried: %s)" %
                  ", ".join("%dk" % (x // 1000) for x in sweep_rates))

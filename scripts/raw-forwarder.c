@@ -1,7 +1,13 @@
 /* The kernel's limit for one core: receive UDP datagrams in batches (recvmmsg) on one socket and send
  * them in batches (sendmmsg) to one fixed destination. No parsing, no state. Built and run by
  * scripts/bench-compare.sh as the baseline turnpike and coturn are compared against.
- * Usage: raw-forwarder LISTEN_PORT DEST_IP DEST_PORT */
+ *
+ * With SOCKETS > 1 it sends through that many sockets, one per source (by source port, first come first
+ * served, wrapping around): the shape of TURN relaying, where every allocation's data must leave from
+ * its own relayed address. Each batch goes out with one sendmmsg per socket it touches. This is the
+ * least a relay can do for that traffic: any TURN server pays at least this.
+ *
+ * Usage: raw-forwarder LISTEN_PORT DEST_IP DEST_PORT [SOCKETS] */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <netinet/in.h>
@@ -13,27 +19,53 @@
 
 #define BATCH 32
 #define SIZE 2048
+#define MAX_SOCKETS 4096
+
+static int out_socket(void) {
+    int s = socket(AF_INET, SOCK_DGRAM, 0);
+    int big = 4 << 20;
+    setsockopt(s, SOL_SOCKET, SO_SNDBUF, &big, sizeof big);
+    struct sockaddr_in any = {.sin_family = AF_INET};
+    inet_pton(AF_INET, "127.0.0.1", &any.sin_addr);
+    if (s < 0 || bind(s, (struct sockaddr *)&any, sizeof any) != 0) {
+        perror("out socket");
+        exit(1);
+    }
+    return s;
+}
 
 int main(int argc, char **argv) {
-    if (argc != 4) {
-        fprintf(stderr, "usage: %s LISTEN_PORT DEST_IP DEST_PORT\n", argv[0]);
+    if (argc != 4 && argc != 5) {
+        fprintf(stderr, "usage: %s LISTEN_PORT DEST_IP DEST_PORT [SOCKETS]\n", argv[0]);
         return 2;
     }
-    int in = socket(AF_INET, SOCK_DGRAM, 0), out = socket(AF_INET, SOCK_DGRAM, 0);
+    int nsock = argc == 5 ? atoi(argv[4]) : 1;
+    if (nsock < 1 || nsock > MAX_SOCKETS) {
+        fprintf(stderr, "SOCKETS must be 1..%d\n", MAX_SOCKETS);
+        return 2;
+    }
+    int in = socket(AF_INET, SOCK_DGRAM, 0);
     int big = 4 << 20;
     setsockopt(in, SOL_SOCKET, SO_RCVBUF, &big, sizeof big);
-    setsockopt(out, SOL_SOCKET, SO_SNDBUF, &big, sizeof big);
     struct sockaddr_in local = {.sin_family = AF_INET, .sin_port = htons(atoi(argv[1]))};
     inet_pton(AF_INET, "127.0.0.1", &local.sin_addr);
     if (bind(in, (struct sockaddr *)&local, sizeof local) != 0) {
         perror("bind");
         return 1;
     }
+    static int outs[MAX_SOCKETS];
+    for (int i = 0; i < nsock; i++) outs[i] = out_socket();
+    /* Socket of each source port (sources are on loopback), -1 until first seen. */
+    static short slot_of_port[65536];
+    memset(slot_of_port, 0xff, sizeof slot_of_port);
+    int next_slot = 0;
     struct sockaddr_in dest = {.sin_family = AF_INET, .sin_port = htons(atoi(argv[3]))};
     inet_pton(AF_INET, argv[2], &dest.sin_addr);
     static char bufs[BATCH][SIZE];
+    struct sockaddr_in from[BATCH];
     struct iovec iov[BATCH];
-    struct mmsghdr msgs[BATCH];
+    struct mmsghdr msgs[BATCH], group[BATCH];
+    int slot[BATCH];
     for (;;) {
         memset(msgs, 0, sizeof msgs);
         for (int i = 0; i < BATCH; i++) {
@@ -41,14 +73,33 @@ int main(int argc, char **argv) {
             iov[i].iov_len = SIZE;
             msgs[i].msg_hdr.msg_iov = &iov[i];
             msgs[i].msg_hdr.msg_iovlen = 1;
+            msgs[i].msg_hdr.msg_name = &from[i];
+            msgs[i].msg_hdr.msg_namelen = sizeof from[i];
         }
         int n = recvmmsg(in, msgs, BATCH, MSG_WAITFORONE, NULL);
         if (n <= 0) continue;
         for (int i = 0; i < n; i++) {
+            unsigned short port = ntohs(from[i].sin_port);
+            if (slot_of_port[port] < 0) {
+                slot_of_port[port] = (short)next_slot;
+                next_slot = (next_slot + 1) % nsock;
+            }
+            slot[i] = slot_of_port[port];
             iov[i].iov_len = msgs[i].msg_len;
             msgs[i].msg_hdr.msg_name = &dest;
             msgs[i].msg_hdr.msg_namelen = sizeof dest;
         }
-        sendmmsg(out, msgs, n, 0);
+        /* One sendmmsg per socket, in order of first appearance; order per socket is kept. */
+        for (int i = 0; i < n; i++) {
+            if (slot[i] < 0) continue;
+            int s = slot[i], count = 0;
+            for (int j = i; j < n; j++) {
+                if (slot[j] == s) {
+                    group[count++] = msgs[j];
+                    slot[j] = -1;
+                }
+            }
+            sendmmsg(outs[s], group, count, 0);
+        }
     }
 }
