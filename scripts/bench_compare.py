@@ -16,7 +16,7 @@ TURNPIKE = os.path.join(ROOT, "target/release/turnpike")
 RAW = os.path.join(ROOT, "target/bench/raw-forwarder")
 OUT = os.path.join(ROOT, "bench/results")
 SECRET = "bench-secret"
-PORTS = {"turnpike": 3478, "coturn": 3479, "raw": 41000, "fanout": 41000}
+PORTS = {"turnpike": 3478, "coturn": 3479, "raw": 41000, "floor": 41000}
 PEER_PORT = 41001
 
 TURNPIKE_YAML = """listen: {ips: [127.0.0.1], port: 3478, tcp: false}
@@ -30,8 +30,9 @@ logging: {level: warn}
 
 
 def start(name, sockets=1):
-    """Starts one server. `fanout` is the raw forwarder sending through `sockets` sockets, one per source:
-    the least any relay pays for traffic whose allocations each send from their own address."""
+    """Starts one server. `floor` is the raw forwarder shaped like a relay: it sends through `sockets`
+    sockets, one per source (each allocation sends from its own address) and waits on all of them with
+    epoll_wait (a relay's peers may send to any of them): the least any TURN server pays."""
     pin = ["taskset", "-c", "0"]
     if name == "turnpike":
         path = os.path.join(ROOT, "target/bench/turnpike.yaml")
@@ -45,9 +46,11 @@ def start(name, sockets=1):
                      "--no-tls", "--no-dtls", "--no-tcp", "--relay-threads=1", "--no-stdout-log",
                      "--log-file=/dev/null", "--pidfile=" + os.path.join(ROOT, "target/bench/coturn.pid")]
     else:
-        cmd = pin + [RAW, str(PORTS["raw"]), "127.0.0.1", str(PEER_PORT), str(sockets)]
+        cmd = pin + [RAW, str(PORTS["raw"]), "127.0.0.1", str(PEER_PORT)]
+        if name == "floor":
+            cmd += [str(sockets), "wait"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    time.sleep(0.2 if name in ("raw", "fanout") else 1.0)
+    time.sleep(0.2 if name in ("raw", "floor") else 1.0)
     return proc
 
 
@@ -63,7 +66,7 @@ def stop(proc):
 def loadgen(name, proc, *extra):
     cmd = ["taskset", "-c", "1", LOADGEN, "--secret", SECRET, "--server-pid", str(proc.pid),
            "--duration", str(SECS), "--warmup", "0.5"] + [str(e) for e in extra]
-    if name in ("raw", "fanout"):
+    if name in ("raw", "floor"):
         cmd += ["--raw", "127.0.0.1:%d" % PORTS[name], "--peer-port", str(PEER_PORT)]
     else:
         cmd += ["--server", "127.0.0.1:%d" % PORTS[name]]
@@ -126,7 +129,7 @@ def combine_rows(rows):
 
 
 def main():
-    order = ["turnpike", "coturn", "raw", "fanout"]
+    order = ["turnpike", "coturn", "raw", "floor"]
     results = {"machine": platform.platform(), "cpus": os.cpu_count(), "secs": SECS, "rounds": ROUNDS, "runs": []}
     rates = [50000, 100000, 200000]
     sizes = [172] if QUICK else [172, 1200]
@@ -228,22 +231,23 @@ def render(results, table, calls, sweep, sweep_rates, mem):
     lines.append("")
     lines.append("### CPU per relayed packet and loss (ChannelData client -> peer, paced)")
     lines.append("")
-    lines.append("raw: the raw forwarder, one socket out. fan-out: the same forwarder sending through one socket")
-    lines.append("per allocation, as any TURN relay must (each allocation has its own relayed address). The p99 of")
+    lines.append("raw: the raw forwarder, one socket in, one out, blocking in recvmmsg. floor: the same forwarder")
+    lines.append("shaped like a relay, as any TURN server must be: one output socket per allocation (each allocation")
+    lines.append("has its own relayed address) and epoll_wait on all of them (peers may send to any). The p99 of")
     lines.append("the two forwarders, which do no work of their own, is the latency noise floor of the machine.")
     lines.append("")
-    lines.append("| allocs | size | rate | turnpike us/pkt | coturn us/pkt | raw us/pkt | fan-out us/pkt | turnpike/coturn | turnpike/raw | turnpike/fan-out | loss turnpike | loss coturn | loss raw | p99 us turnpike | p99 us coturn | p99 us raw | p99 us fan-out |")
-    lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    servers = ["turnpike", "coturn", "raw", "fanout"]
+    lines.append("| allocs | size | rate | turnpike us/pkt | coturn us/pkt | raw us/pkt | floor us/pkt | turnpike/coturn | turnpike/raw | turnpike/floor | loss turnpike | loss coturn | loss raw | loss floor | p99 us turnpike | p99 us coturn | p99 us raw | p99 us floor |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    servers = ["turnpike", "coturn", "raw", "floor"]
     for row in table:
         t, c, r, f = (row.get(n, {}).get("cpu_us_per_packet") for n in servers)
-        lt, lc, lr = (row.get(n, {}).get("loss") for n in servers[:3])
+        lt, lc, lr, lf = (row.get(n, {}).get("loss") for n in servers)
         p99 = [fmt(row.get(n, {}).get("p99_us"), 0) for n in servers]
-        lines.append("| %d | %d | %dk | %s | %s | %s | %s | %s | %s | %s | %s %% | %s %% | %s %% | %s | %s | %s | %s |" % (
+        lines.append("| %d | %d | %dk | %s | %s | %s | %s | %s | %s | %s | %s %% | %s %% | %s %% | %s %% | %s | %s | %s | %s |" % (
             row["allocations"], row["size"], row["rate"] // 1000, fmt(t), fmt(c), fmt(r), fmt(f),
             fmt(ratio(t, c)), fmt(ratio(t, r)), fmt(ratio(t, f)),
             fmt(None if lt is None else lt * 100, 3), fmt(None if lc is None else lc * 100, 3),
-            fmt(None if lr is None else lr * 100, 3), *p99))
+            fmt(None if lr is None else lr * 100, 3), fmt(None if lf is None else lf * 100, 3), *p99))
     if calls:
         lines.append("")
         lines.append("### RTP-like calls, paced (client -> relay -> relay -> client: both directions of the server)")

@@ -4,16 +4,21 @@
  *
  * With SOCKETS > 1 it sends through that many sockets, one per source (by source port, first come first
  * served, wrapping around): the shape of TURN relaying, where every allocation's data must leave from
- * its own relayed address. Each batch goes out with one sendmmsg per socket it touches. This is the
- * least a relay can do for that traffic: any TURN server pays at least this.
+ * its own relayed address. Each batch goes out with one sendmmsg per socket it touches.
  *
- * Usage: raw-forwarder LISTEN_PORT DEST_IP DEST_PORT [SOCKETS] */
+ * With the word `wait` after SOCKETS it also waits the way a relay must: a relay's peers may send to any
+ * of its relay sockets at any time, so it cannot block reading one socket; it waits on all of them with
+ * epoll_wait (level-triggered) and then reads the ready ones (datagrams on the output sockets are read
+ * and dropped). This is the least any TURN server pays for the traffic of the benchmark.
+ *
+ * Usage: raw-forwarder LISTEN_PORT DEST_IP DEST_PORT [SOCKETS [wait]] */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/epoll.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -35,11 +40,12 @@ static int out_socket(void) {
 }
 
 int main(int argc, char **argv) {
-    if (argc != 4 && argc != 5) {
-        fprintf(stderr, "usage: %s LISTEN_PORT DEST_IP DEST_PORT [SOCKETS]\n", argv[0]);
+    if (argc < 4 || argc > 6 || (argc == 6 && strcmp(argv[5], "wait") != 0)) {
+        fprintf(stderr, "usage: %s LISTEN_PORT DEST_IP DEST_PORT [SOCKETS [wait]]\n", argv[0]);
         return 2;
     }
-    int nsock = argc == 5 ? atoi(argv[4]) : 1;
+    int nsock = argc >= 5 ? atoi(argv[4]) : 1;
+    int wait_all = argc == 6;
     if (nsock < 1 || nsock > MAX_SOCKETS) {
         fprintf(stderr, "SOCKETS must be 1..%d\n", MAX_SOCKETS);
         return 2;
@@ -55,6 +61,20 @@ int main(int argc, char **argv) {
     }
     static int outs[MAX_SOCKETS];
     for (int i = 0; i < nsock; i++) outs[i] = out_socket();
+    /* In `wait` mode: one epoll set over the input socket (data = nsock) and every output socket. */
+    int ep = -1;
+    if (wait_all) {
+        ep = epoll_create1(0);
+        for (int i = 0; i <= nsock; i++) {
+            struct epoll_event ev = {.events = EPOLLIN, .data.u32 = (unsigned)i};
+            if (epoll_ctl(ep, EPOLL_CTL_ADD, i == nsock ? in : outs[i], &ev) != 0) {
+                perror("epoll_ctl");
+                return 1;
+            }
+        }
+    }
+    struct epoll_event ready[64];
+    char discard[SIZE];
     /* Socket of each source port (sources are on loopback), -1 until first seen. */
     static short slot_of_port[65536];
     memset(slot_of_port, 0xff, sizeof slot_of_port);
@@ -76,7 +96,21 @@ int main(int argc, char **argv) {
             msgs[i].msg_hdr.msg_name = &from[i];
             msgs[i].msg_hdr.msg_namelen = sizeof from[i];
         }
-        int n = recvmmsg(in, msgs, BATCH, MSG_WAITFORONE, NULL);
+        int n;
+        if (wait_all) {
+            int input_ready = 0;
+            int nready = epoll_wait(ep, ready, 64, -1);
+            for (int e = 0; e < nready; e++) {
+                if (ready[e].data.u32 == (unsigned)nsock)
+                    input_ready = 1;
+                else
+                    while (recv(outs[ready[e].data.u32], discard, sizeof discard, MSG_DONTWAIT) > 0) {}
+            }
+            if (!input_ready) continue;
+            n = recvmmsg(in, msgs, BATCH, MSG_DONTWAIT, NULL);
+        } else {
+            n = recvmmsg(in, msgs, BATCH, MSG_WAITFORONE, NULL);
+        }
         if (n <= 0) continue;
         for (int i = 0; i < n; i++) {
             unsigned short port = ntohs(from[i].sin_port);
