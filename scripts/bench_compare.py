@@ -322,8 +322,37 @@ def svg(sweep, rates):
     return "\n".join(parts)
 
 
+def p99_study(rounds):
+    """The p99 target (100k pps, turnpike vs coturn) with many alternating rounds: each round runs every
+    100k configuration on both servers, in alternating order; prints the median p99 of each server, and
+    in how many rounds turnpike's p99 was the lower."""
+    configs = [(a, size, False) for a in (10, 1000) for size in (172, 1200)] + [(a, 172, True) for a in (10, 1000)]
+    p99 = {(c, n): [] for c in configs for n in ("turnpike", "coturn")}
+    for i in range(rounds):
+        for j, (a, size, calls) in enumerate(configs):
+            names = ["turnpike", "coturn"] if (i + j) % 2 == 0 else ["coturn", "turnpike"]
+            for name in names:
+                extra = ["--allocations", a, "--size", size, "--rate", 100000] + (["--calls"] if calls else [])
+                r = run_one(name, *extra)
+                p99[((a, size, calls), name)].append(r.get("p99_us"))
+                print("  p99 %-8s %5d allocs %4d B%s: %s" % (name, a, size, " calls" if calls else "", json.dumps(r)),
+                      file=sys.stderr)
+    lines = ["### p99 at 100k pps, %d alternating rounds per configuration (%.1f s measured per run)" % (rounds, SECS), "",
+             "| allocs | size | mode | turnpike median p99 us | coturn median p99 us | rounds turnpike lower |",
+             "|---|---|---|---|---|---|"]
+    for (a, size, calls) in configs:
+        t, c = p99[((a, size, calls), "turnpike")], p99[((a, size, calls), "coturn")]
+        wins = sum(1 for x, y in zip(t, c) if x is not None and y is not None and x < y)
+        lines.append("| %d | %d | %s | %s | %s | %d of %d |" % (a, size, "calls" if calls else "client -> peer",
+                     fmt(median([x for x in t if x is not None]), 0), fmt(median([y for y in c if y is not None]), 0),
+                     wins, len(t)))
+    print("\n".join(lines))
+
+
 if __name__ == "__main__":
     if len(sys.argv) > 2 and sys.argv[1] == "--from-log":
         from_log(sys.argv[2])
+    elif len(sys.argv) > 1 and sys.argv[1] == "--p99":
+        p99_study(int(sys.argv[2]) if len(sys.argv) > 2 else 10)
     else:
         main()
