@@ -68,8 +68,6 @@ struct RelaySlots {
     sockets: Vec<Option<UdpSocket>>,
     /// How often each key has been opened: queued datagrams name the opening they belong to.
     generations: Vec<u32>,
-    /// Whether each relay socket is IPv6 (recorded at open, so receiving needs no getsockname).
-    v6: Vec<bool>,
     buffers: Buffers,
     /// Stream clients whose allocation was deleted: their connections are closed next.
     freed_streams: Vec<FiveTuple>,
@@ -94,12 +92,10 @@ impl RelaySockets for RelaySlots {
         let idx = idx as usize;
         if self.sockets.len() <= idx {
             self.sockets.resize_with(idx + 1, || None);
-            self.v6.resize(idx + 1, false);
             self.generations.resize(idx + 1, 0);
         }
         self.sockets[idx] = Some(sock);
         self.generations[idx] = self.generations[idx].wrapping_add(1);
-        self.v6[idx] = addr.is_ipv6();
         Ok(())
     }
 
@@ -223,8 +219,6 @@ struct Shard {
     id: u16,
     poll: Poll,
     udp: Vec<UdpSocket>,
-    /// Whether each UDP listener is IPv6.
-    udp_v6: Vec<bool>,
     tcp: Vec<TcpListener>,
     tls_listeners: Vec<TcpListener>,
     tls: Option<Arc<rustls::ServerConfig>>,
@@ -340,12 +334,12 @@ impl Shard {
         let mut done = 0;
         while done < self.recv_batch {
             let received = match source {
-                BatchSource::Listener(i) => match (self.udp.get(i), self.udp_v6.get(i)) {
-                    (Some(sock), Some(&v6)) => self.batch.recv(sock, v6),
-                    _ => return Drained::Empty,
+                BatchSource::Listener(i) => match self.udp.get(i) {
+                    Some(sock) => self.batch.recv(sock),
+                    None => return Drained::Empty,
                 },
-                BatchSource::Relay(key) => match (self.relays.sockets.get(key), self.relays.v6.get(key)) {
-                    (Some(Some(sock)), Some(&v6)) => self.batch.recv(sock, v6),
+                BatchSource::Relay(key) => match self.relays.sockets.get(key) {
+                    Some(Some(sock)) => self.batch.recv(sock),
                     _ => return Drained::Empty,
                 },
             };
@@ -581,7 +575,6 @@ pub fn run(parts: ShardParts) {
     };
     let mut initial = Vec::new();
     let mut udp = Vec::new();
-    let udp_v6: Vec<bool> = listeners.udp.iter().map(|l| l.local_addr().is_ok_and(|a| a.is_ipv6())).collect();
     for (i, l) in listeners.udp.into_iter().enumerate() {
         let mut sock = UdpSocket::from_std(l);
         if let Err(e) = registry.register(&mut sock, Token(i), Interest::READABLE) {
@@ -615,7 +608,6 @@ pub fn run(parts: ShardParts) {
         id,
         poll,
         udp,
-        udp_v6,
         tcp,
         tls_listeners,
         tls,
@@ -625,7 +617,6 @@ pub fn run(parts: ShardParts) {
             registry,
             sockets: Vec::new(),
             generations: Vec::new(),
-            v6: Vec::new(),
             buffers,
             freed_streams: Vec::new(),
         },

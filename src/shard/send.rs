@@ -74,6 +74,8 @@ pub struct SendQueue {
     pending: Vec<Pending>,
     /// Flush order (indices into `pending`), reused between flushes.
     order: Vec<u8>,
+    /// Sort keys of the flush order (see [`flush_key`]), reused between flushes.
+    keys: Vec<u128>,
     gso: bool,
 }
 
@@ -98,6 +100,7 @@ impl SendQueue {
             bufs: (0..QUEUE_CAPACITY).map(|_| PacketBuf::default()).collect(),
             pending: Vec::with_capacity(QUEUE_CAPACITY),
             order: Vec::with_capacity(QUEUE_CAPACITY),
+            keys: Vec::with_capacity(QUEUE_CAPACITY),
             gso,
         }
     }
@@ -153,10 +156,11 @@ impl SendQueue {
             return done;
         }
         // Group by socket, then destination, keeping queue order inside each (the index breaks ties).
+        self.keys.clear();
+        self.keys.extend(self.pending.iter().enumerate().map(|(i, p)| flush_key(p.via, p.to, i as u8)));
+        self.keys.sort_unstable();
         self.order.clear();
-        self.order.extend((0..n).map(|i| i as u8));
-        let pending = &self.pending;
-        self.order.sort_unstable_by_key(|&i| (pending[usize::from(i)].via, pending[usize::from(i)].to, i));
+        self.order.extend(self.keys.iter().map(|&k| k as u8));
         let mut start = 0;
         while start < n {
             let via = self.pending[usize::from(self.order[start])].via;
@@ -176,7 +180,7 @@ impl SendQueue {
     fn send_one(&self, fd: BorrowedFd<'_>, i: u8, done: &mut Flushed) {
         let p = &self.pending[usize::from(i)];
         done.syscalls += 1;
-        match socket2::SockRef::from(&fd).send_to(self.bufs[usize::from(i)].get(p.range.clone()), &p.name) {
+        match sys::send_to(fd, self.bufs[usize::from(i)].get(p.range.clone()), &p.name) {
             Ok(_) => done.sent += 1,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => done.would_block += 1,
             Err(e) => {
@@ -195,7 +199,7 @@ impl SendQueue {
             self.send_one(fd, self.order[group.start], done);
             return;
         }
-        let Self { bufs, pending, order, gso } = self;
+        let Self { bufs, pending, order, gso, .. } = self;
         let mut use_gso = *gso;
         let mut pos = group.start;
         while pos < group.end {
@@ -273,6 +277,27 @@ impl SendQueue {
             pos = restart.unwrap_or(group.end);
         }
     }
+}
+
+/// The flush order as one integer, so that sorting compares integers rather than addresses: the socket
+/// (listener or relay key and its generation) in the top 65 bits, then the destination (an IPv4
+/// address and port exactly, an IPv6 one folded: two destinations that fold alike only interleave,
+/// which costs a segmented run, never order), and the queue index last, which keeps queue order per
+/// destination and makes every key distinct.
+fn flush_key(via: Via, to: SocketAddr, index: u8) -> u128 {
+    let socket = match via {
+        Via::Listener(i) => u128::from(i) << 63,
+        Via::Relay { key, generation } => 1 << 127 | u128::from(key) << 95 | u128::from(generation) << 63,
+    };
+    let host = match to {
+        SocketAddr::V4(a) => u64::from(a.ip().to_bits()),
+        SocketAddr::V6(a) => {
+            let bits = a.ip().to_bits();
+            let folded = (bits as u64) ^ (bits >> 64) as u64;
+            (folded ^ folded >> 32) & 0xffff_ffff
+        }
+    };
+    socket | u128::from(host << 16 | u64::from(to.port())) << 8 | u128::from(index)
 }
 
 /// How many datagrams from flush position `pos` on can leave as one segmented message: one
@@ -418,6 +443,29 @@ mod tests {
         }
         assert!(!queue.push_copy(via, to, b"x"));
         assert_eq!(queue.flush(|_| Some(&out)).sent, QUEUE_CAPACITY as u64);
+    }
+
+    #[test]
+    fn flush_keys_group_by_socket_then_destination_then_queue_order() {
+        let relay = |key, generation| Via::Relay { key, generation };
+        let a: SocketAddr = "192.0.2.1:4000".parse().unwrap();
+        let b: SocketAddr = "192.0.2.1:4001".parse().unwrap();
+        let v6: SocketAddr = "[2001:db8::1]:4000".parse().unwrap();
+        let queued = [
+            (relay(7, 1), b),
+            (Via::Listener(1), a),
+            (relay(7, 1), a),
+            (relay(3, 2), a),
+            (relay(7, 2), a),
+            (relay(7, 1), b),
+            (Via::Listener(0), v6),
+            (relay(7, 1), a),
+        ];
+        let mut keys: Vec<u128> =
+            queued.iter().enumerate().map(|(i, &(via, to))| flush_key(via, to, i as u8)).collect();
+        keys.sort_unstable();
+        let order: Vec<u8> = keys.iter().map(|&k| k as u8).collect();
+        assert_eq!(order, [6, 1, 3, 2, 7, 0, 5, 4]);
     }
 
     #[test]

@@ -69,17 +69,15 @@ pub fn reuseport_tcp(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
 }
 
 /// Most datagrams one `recvmmsg` call takes.
-pub const MAX_BATCH: usize = 32;
+pub const MAX_BATCH: usize = super::sys::MAX_RECV;
 
-/// Batched receiving with `recvmmsg(2)` into full-size [`PacketBuf`](crate::proto::PacketBuf)s (nothing is ever truncated),
-/// through nix's safe wrapper. Everything is allocated once; a call allocates nothing.
+/// Batched receiving with `recvmmsg(2)` into full-size [`PacketBuf`](crate::proto::PacketBuf)s (nothing is ever truncated).
+/// Everything is allocated once; a call allocates nothing.
 pub struct RecvBatch {
     /// The buffers; the caller swaps the one it processes into place.
     pub bufs: Vec<crate::proto::PacketBuf>,
-    /// Message headers per address family: nix sets `msg_namelen` once, when preallocating, and the
-    /// kernel shrinks it to the size of the address it wrote; sharing one set between IPv4 and IPv6
-    /// sockets would truncate IPv6 source addresses after an IPv4 datagram.
-    headers: [nix::sys::socket::MultiHeaders<nix::sys::socket::SockaddrStorage>; 2],
+    /// Message headers and source addresses for the kernel.
+    headers: super::sys::RecvHeaders,
     /// Length and source of each datagram of the last call.
     pub meta: [(usize, Option<SocketAddr>); MAX_BATCH],
 }
@@ -90,53 +88,25 @@ impl std::fmt::Debug for RecvBatch {
     }
 }
 
-fn to_std(addr: &nix::sys::socket::SockaddrStorage) -> Option<SocketAddr> {
-    if let Some(v4) = addr.as_sockaddr_in() {
-        return Some(SocketAddr::V4((*v4).into()));
-    }
-    addr.as_sockaddr_in6().map(|v6| SocketAddr::V6((*v6).into()))
-}
-
 impl RecvBatch {
     /// Up to `size` (at most [`MAX_BATCH`]) datagrams per call.
     pub fn new(size: usize) -> Self {
         let size = size.clamp(1, MAX_BATCH);
         Self {
             bufs: (0..size).map(|_| crate::proto::PacketBuf::default()).collect(),
-            headers: [
-                nix::sys::socket::MultiHeaders::preallocate(size, None),
-                nix::sys::socket::MultiHeaders::preallocate(size, None),
-            ],
+            headers: super::sys::RecvHeaders::default(),
             meta: [(0, None); MAX_BATCH],
         }
     }
 
-    /// Receives what is waiting on `fd` (an IPv6 socket when `v6`) without blocking; returns how many
-    /// datagrams arrived (0: none).
-    pub fn recv(&mut self, fd: &impl std::os::fd::AsRawFd, v6: bool) -> io::Result<usize> {
-        use nix::sys::socket::{MsgFlags, recvmmsg};
+    /// Receives what is waiting on `fd` without blocking; returns how many datagrams arrived (0: none).
+    pub fn recv(&mut self, fd: &impl std::os::fd::AsFd) -> io::Result<usize> {
         use std::io::IoSliceMut;
         let n = self.bufs.len();
         let mut bufs = self.bufs.iter_mut();
-        let mut slices: [[IoSliceMut<'_>; 1]; MAX_BATCH] =
-            std::array::from_fn(|_| [IoSliceMut::new(bufs.next().map_or(&mut [][..], |b| b.body_mut()))]);
-        let results = match recvmmsg(
-            fd.as_raw_fd(),
-            &mut self.headers[usize::from(v6)],
-            slices[..n].iter_mut(),
-            MsgFlags::MSG_DONTWAIT,
-            None,
-        ) {
-            Ok(r) => r,
-            Err(nix::errno::Errno::EAGAIN) => return Ok(0),
-            Err(e) => return Err(io::Error::from(e)),
-        };
-        let mut count = 0;
-        for (slot, msg) in self.meta.iter_mut().zip(results) {
-            *slot = (msg.bytes, msg.address.as_ref().and_then(to_std));
-            count += 1;
-        }
-        Ok(count)
+        let mut slices: [IoSliceMut<'_>; MAX_BATCH] =
+            std::array::from_fn(|_| IoSliceMut::new(bufs.next().map_or(&mut [][..], |b| b.body_mut())));
+        self.headers.recv(fd.as_fd(), &mut slices[..n], &mut self.meta)
     }
 }
 
@@ -155,7 +125,7 @@ mod tests {
             let tx = std::net::UdpSocket::bind(from).unwrap();
             tx.send_to(b"hello", rx.local_addr().unwrap()).unwrap();
             std::thread::sleep(std::time::Duration::from_millis(20));
-            assert_eq!(batch.recv(&rx, local.starts_with('[')).unwrap(), 1);
+            assert_eq!(batch.recv(&rx).unwrap(), 1);
             assert_eq!(batch.meta[0], (5, Some(tx.local_addr().unwrap())), "{local}");
         }
     }
@@ -167,19 +137,19 @@ mod tests {
             rx.set_nonblocking(true).unwrap();
             let tx = std::net::UdpSocket::bind(from).unwrap();
             let mut batch = RecvBatch::new(4);
-            assert_eq!(batch.recv(&rx, local.starts_with('[')).unwrap(), 0, "nothing waiting yet");
+            assert_eq!(batch.recv(&rx).unwrap(), 0, "nothing waiting yet");
             for i in 0..6u8 {
                 tx.send_to(&[i; 10], rx.local_addr().unwrap()).unwrap();
             }
             std::thread::sleep(std::time::Duration::from_millis(20));
-            assert_eq!(batch.recv(&rx, local.starts_with('[')).unwrap(), 4);
+            assert_eq!(batch.recv(&rx).unwrap(), 4);
             assert_eq!(batch.meta[0], (10, Some(tx.local_addr().unwrap())), "{local}");
             assert_eq!(
                 batch.bufs[3].get(crate::proto::engine::HEADROOM..crate::proto::engine::HEADROOM + 10),
                 &[3u8; 10]
             );
-            assert_eq!(batch.recv(&rx, local.starts_with('[')).unwrap(), 2);
-            assert_eq!(batch.recv(&rx, local.starts_with('[')).unwrap(), 0);
+            assert_eq!(batch.recv(&rx).unwrap(), 2);
+            assert_eq!(batch.recv(&rx).unwrap(), 0);
         }
     }
 }
