@@ -3,6 +3,7 @@
 import json
 import os
 import platform
+import socket
 import subprocess
 import sys
 import time
@@ -27,6 +28,24 @@ abuse: {unauth_rate: 0}
 runtime: {threads: 1}
 logging: {level: warn}
 """
+
+
+def require_free_ports():
+    """Stops the run unless every port the servers and the generator bind on 127.0.0.1 is free: a server
+    already there (a turnpike on 3478 would share it through SO_REUSEPORT) would take part of the
+    traffic and falsify every figure."""
+    busy = []
+    for port in sorted(set(PORTS.values()) | {PEER_PORT}):
+        probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            busy.append(str(port))
+        finally:
+            probe.close()
+    if busy:
+        sys.exit("bench-compare: UDP port %s on 127.0.0.1 already in use (a TURN server, or an earlier benchmark "
+                 "still running?); stop it and run again" % ", ".join(busy))
 
 
 def start(name, sockets=1):
@@ -353,6 +372,8 @@ if __name__ == "__main__":
     if len(sys.argv) > 2 and sys.argv[1] == "--from-log":
         from_log(sys.argv[2])
     elif len(sys.argv) > 1 and sys.argv[1] == "--p99":
+        require_free_ports()
         p99_study(int(sys.argv[2]) if len(sys.argv) > 2 else 10)
     else:
+        require_free_ports()
         main()

@@ -314,14 +314,25 @@ pub struct ListenAddrs {
 }
 
 /// Binds one reuse-port socket per shard at `addr`; port 0 is resolved by the first and reused by the
-/// rest, so all shards share one group. Returns the sockets and the bound address.
+/// rest, so all shards share one group. A fixed port held by another process is refused first (see
+/// [`socket::ensure_unused`]). Returns the sockets and the bound address.
 fn bind_group<S>(
     shards: usize,
     mut addr: SocketAddr,
-    what: &str,
+    (what, ty): (&str, socket2::Type),
     bind: impl Fn(SocketAddr) -> io::Result<S>,
     local: impl Fn(&S) -> io::Result<SocketAddr>,
 ) -> io::Result<(Vec<S>, SocketAddr)> {
+    if addr.port() != 0 {
+        socket::ensure_unused(addr, ty).map_err(|e| {
+            let why = if e.kind() == io::ErrorKind::AddrInUse {
+                "another process is already using this port (another turnpike, or coturn?)".to_string()
+            } else {
+                e.to_string()
+            };
+            io::Error::new(e.kind(), format!("cannot listen on {addr}/{what}: {why}"))
+        })?;
+    }
     let mut out = Vec::with_capacity(shards);
     for k in 0..shards {
         let sock = bind(addr).map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}/{what}: {e}")))?;
@@ -343,7 +354,7 @@ fn bind_udp_tcp(cfg: &Config, ip: IpAddr, buffers: socket::Buffers) -> io::Resul
         let (socks, addr) = bind_group(
             cfg.threads,
             SocketAddr::new(ip, port),
-            "udp",
+            ("udp", socket2::Type::DGRAM),
             |a| socket::reuseport_udp(a, buffers),
             |s| s.local_addr(),
         )?;
@@ -352,8 +363,13 @@ fn bind_udp_tcp(cfg: &Config, ip: IpAddr, buffers: socket::Buffers) -> io::Resul
     }
     let mut tcp = (Vec::new(), None);
     if cfg.listen_tcp {
-        let (socks, addr) =
-            bind_group(cfg.threads, SocketAddr::new(ip, port), "tcp", socket::reuseport_tcp, |s| s.local_addr())?;
+        let (socks, addr) = bind_group(
+            cfg.threads,
+            SocketAddr::new(ip, port),
+            ("tcp", socket2::Type::STREAM),
+            socket::reuseport_tcp,
+            |s| s.local_addr(),
+        )?;
         tcp = (socks, Some(addr));
     }
     Ok((udp, tcp))
@@ -394,10 +410,13 @@ fn bind_listeners(
             l.tcp.push(s);
         }
         if tls {
-            let (socks, addr) =
-                bind_group(cfg.threads, SocketAddr::new(*ip, cfg.tls_port), "tls", socket::reuseport_tcp, |s| {
-                    s.local_addr()
-                })?;
+            let (socks, addr) = bind_group(
+                cfg.threads,
+                SocketAddr::new(*ip, cfg.tls_port),
+                ("tls", socket2::Type::STREAM),
+                socket::reuseport_tcp,
+                |s| s.local_addr(),
+            )?;
             addrs.tls.push(addr);
             for (l, s) in per_shard.iter_mut().zip(socks) {
                 l.tls.push(s);

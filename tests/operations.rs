@@ -460,3 +460,39 @@ fn probe_over_tls() {
     let (ok, out) = turnpike(&["probe", &uri, "--secret", SECRET, "--count", "1"]);
     assert!(!ok && out.contains("TLS handshake"), "{out}");
 }
+
+/// Starts a one-shard server listening on `port` (UDP and TCP) with relay ports `relay`.
+fn start_on_port(port: u16, relay: (u16, u16)) -> std::io::Result<turnpike::server::ServerHandle> {
+    let yaml = common::test_yaml(1, relay, "127.0.0.1", "").replace("  port: 0\n", &format!("  port: {port}\n"));
+    let cfg = turnpike::config::parse(Path::new("<test>.yaml"), &yaml).unwrap();
+    turnpike::server::start(&cfg)
+}
+
+/// A port another process holds is refused with an error that says so, instead of binding beside it
+/// (the shards' SO_REUSEPORT would allow it) and silently taking part of its traffic; once the holder
+/// is gone the port is used.
+#[test]
+fn a_listening_port_already_in_use_is_refused() {
+    let first = start_server(1, (47600, 47609), "");
+    let port = first.udp_addrs[0].port();
+    let err = start_on_port(port, (47610, 47619)).expect_err("a second server on the same port");
+    let want = format!("cannot listen on 127.0.0.1:{port}/udp: another process is already using this port");
+    assert!(err.to_string().contains(&want), "{err}");
+    first.shutdown();
+
+    // Any holder, not only turnpike: a plain UDP socket, then a plain TCP listener.
+    let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let port = udp.local_addr().unwrap().port();
+    let err = start_on_port(port, (47620, 47629)).expect_err("UDP port held");
+    assert!(err.to_string().contains(&format!("127.0.0.1:{port}/udp: another process")), "{err}");
+    let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let tcp_port = tcp.local_addr().unwrap().port();
+    if UdpSocket::bind(("127.0.0.1", tcp_port)).is_ok() {
+        let err = start_on_port(tcp_port, (47620, 47629)).expect_err("TCP port held");
+        assert!(err.to_string().contains(&format!("127.0.0.1:{tcp_port}/tcp: another process")), "{err}");
+    }
+    drop((udp, tcp));
+    let server = start_on_port(port, (47630, 47639)).expect("the port is free again");
+    assert_eq!(server.udp_addrs[0].port(), port);
+    server.shutdown();
+}

@@ -38,6 +38,23 @@ pub fn reuseport_udp(addr: SocketAddr, buffers: Buffers) -> io::Result<std::net:
     Ok(socket.into())
 }
 
+/// Fails with `AddrInUse` when some socket already holds `addr` for this transport (`ty`: datagram or
+/// stream). Called before a shard group binds a fixed port, so another process on that port is found:
+/// the shards bind with `SO_REUSEPORT` (UDP also with `SO_REUSEADDR`), which would otherwise let a
+/// second server on the same port bind without error and take part of the traffic. The probe has no
+/// reuse option, so any holder of the port conflicts with it; a stream probe keeps `SO_REUSEADDR`, so
+/// connections of an earlier run waiting in TIME_WAIT do not count.
+pub fn ensure_unused(addr: SocketAddr, ty: Type) -> io::Result<()> {
+    let socket = Socket::new(Domain::for_address(addr), ty, None)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    if ty == Type::STREAM {
+        socket.set_reuse_address(true)?;
+    }
+    socket.bind(&addr.into())
+}
+
 /// A relay socket bound to `addr` (exclusive: no reuse options).
 pub fn relay_udp(addr: SocketAddr, buffers: Buffers) -> io::Result<std::net::UdpSocket> {
     let socket = base_udp(addr, buffers)?;
