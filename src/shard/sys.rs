@@ -21,7 +21,7 @@ use std::os::fd::{AsRawFd, BorrowedFd};
 
 /// Most messages one call takes.
 pub const MAX_MESSAGES: usize = 64;
-/// Most datagrams one [`recv_batch`] call takes.
+/// Most datagrams one [`RecvHeaders::recv`] call takes.
 pub const MAX_RECV: usize = 32;
 
 /// `SOL_UDP` / `UDP_SEGMENT` (linux/udp.h): the segment size of a GSO send.
