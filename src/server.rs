@@ -313,26 +313,47 @@ pub struct ListenAddrs {
     pub tls: Vec<SocketAddr>,
 }
 
+/// Refuses fixed listening ports that another process holds (see [`socket::ensure_unused`]). Every
+/// address is checked before any shard socket is bound, so listeners of this server that overlap (a
+/// wildcard beside a specific address) do not count as another process.
+fn ensure_ports_unused(cfg: &Config, tls: bool) -> io::Result<()> {
+    for ip in &cfg.listen_ips {
+        let mut wanted = Vec::new();
+        if cfg.listen_port != 0 {
+            if cfg.listen_udp {
+                wanted.push((cfg.listen_port, "udp", socket2::Type::DGRAM));
+            }
+            if cfg.listen_tcp {
+                wanted.push((cfg.listen_port, "tcp", socket2::Type::STREAM));
+            }
+        }
+        if tls && cfg.tls_port != 0 {
+            wanted.push((cfg.tls_port, "tls", socket2::Type::STREAM));
+        }
+        for (port, what, ty) in wanted {
+            let addr = SocketAddr::new(*ip, port);
+            socket::ensure_unused(addr, ty).map_err(|e| {
+                let why = if e.kind() == io::ErrorKind::AddrInUse {
+                    "another process is already using this port (another turnpike, or coturn?)".to_string()
+                } else {
+                    e.to_string()
+                };
+                io::Error::new(e.kind(), format!("cannot listen on {addr}/{what}: {why}"))
+            })?;
+        }
+    }
+    Ok(())
+}
+
 /// Binds one reuse-port socket per shard at `addr`; port 0 is resolved by the first and reused by the
-/// rest, so all shards share one group. A fixed port held by another process is refused first (see
-/// [`socket::ensure_unused`]). Returns the sockets and the bound address.
+/// rest, so all shards share one group. Returns the sockets and the bound address.
 fn bind_group<S>(
     shards: usize,
     mut addr: SocketAddr,
-    (what, ty): (&str, socket2::Type),
+    what: &str,
     bind: impl Fn(SocketAddr) -> io::Result<S>,
     local: impl Fn(&S) -> io::Result<SocketAddr>,
 ) -> io::Result<(Vec<S>, SocketAddr)> {
-    if addr.port() != 0 {
-        socket::ensure_unused(addr, ty).map_err(|e| {
-            let why = if e.kind() == io::ErrorKind::AddrInUse {
-                "another process is already using this port (another turnpike, or coturn?)".to_string()
-            } else {
-                e.to_string()
-            };
-            io::Error::new(e.kind(), format!("cannot listen on {addr}/{what}: {why}"))
-        })?;
-    }
     let mut out = Vec::with_capacity(shards);
     for k in 0..shards {
         let sock = bind(addr).map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}/{what}: {e}")))?;
@@ -354,7 +375,7 @@ fn bind_udp_tcp(cfg: &Config, ip: IpAddr, buffers: socket::Buffers) -> io::Resul
         let (socks, addr) = bind_group(
             cfg.threads,
             SocketAddr::new(ip, port),
-            ("udp", socket2::Type::DGRAM),
+            "udp",
             |a| socket::reuseport_udp(a, buffers),
             |s| s.local_addr(),
         )?;
@@ -363,13 +384,8 @@ fn bind_udp_tcp(cfg: &Config, ip: IpAddr, buffers: socket::Buffers) -> io::Resul
     }
     let mut tcp = (Vec::new(), None);
     if cfg.listen_tcp {
-        let (socks, addr) = bind_group(
-            cfg.threads,
-            SocketAddr::new(ip, port),
-            ("tcp", socket2::Type::STREAM),
-            socket::reuseport_tcp,
-            |s| s.local_addr(),
-        )?;
+        let (socks, addr) =
+            bind_group(cfg.threads, SocketAddr::new(ip, port), "tcp", socket::reuseport_tcp, |s| s.local_addr())?;
         tcp = (socks, Some(addr));
     }
     Ok((udp, tcp))
@@ -381,6 +397,7 @@ fn bind_listeners(
     buffers: socket::Buffers,
     tls: bool,
 ) -> io::Result<(Vec<shard::Listeners>, ListenAddrs)> {
+    ensure_ports_unused(cfg, tls)?;
     let mut per_shard: Vec<shard::Listeners> = (0..cfg.threads).map(|_| shard::Listeners::default()).collect();
     let mut addrs = ListenAddrs::default();
     for ip in &cfg.listen_ips {
@@ -410,13 +427,10 @@ fn bind_listeners(
             l.tcp.push(s);
         }
         if tls {
-            let (socks, addr) = bind_group(
-                cfg.threads,
-                SocketAddr::new(*ip, cfg.tls_port),
-                ("tls", socket2::Type::STREAM),
-                socket::reuseport_tcp,
-                |s| s.local_addr(),
-            )?;
+            let (socks, addr) =
+                bind_group(cfg.threads, SocketAddr::new(*ip, cfg.tls_port), "tls", socket::reuseport_tcp, |s| {
+                    s.local_addr()
+                })?;
             addrs.tls.push(addr);
             for (l, s) in per_shard.iter_mut().zip(socks) {
                 l.tls.push(s);
