@@ -224,7 +224,9 @@ def main():
     for rnd in range(ROUNDS):
         for n_alloc in ([1000] if QUICK else [1000, 10000]):
             for name in (["turnpike", "coturn"] if rnd % 2 == 0 else ["coturn", "turnpike"]):
-                r = run_one(name, "--allocations", n_alloc, "--setup-only")
+                # At least 10,000 Allocates are timed per run (1,000 allocations: ten set-up rounds,
+                # deleted in between): one set-up of 1,000 takes about 10 ms, too short to time.
+                r = run_one(name, "--allocations", n_alloc, "--setup-only", "--setup-rounds", max(1, 10000 // n_alloc))
                 mem.setdefault((name, n_alloc), []).append(r)
                 print("  setup %-8s %5d: %s" % (name, n_alloc, json.dumps(r)), file=sys.stderr)
     mem = {key: combine_setup(runs) for key, runs in mem.items()}

@@ -35,6 +35,9 @@ struct Args {
     raw: Option<SocketAddr>,
     peer_port: u16,
     setup_only: bool,
+    /// With --setup-only: how many times the authenticated Allocates are measured (allocations deleted
+    /// in between), so that a small N still makes a measurement long enough to time.
+    setup_rounds: usize,
 }
 
 fn arg<'a>(args: &'a [String], name: &str) -> Option<&'a str> {
@@ -61,6 +64,7 @@ fn parse_args() -> Result<Args, String> {
         raw: arg(&a, "--raw").map(|r| r.parse()).transpose().map_err(|_| "--raw IP:PORT")?,
         peer_port: num("--peer-port", "0")? as u16,
         setup_only: a.iter().any(|x| x == "--setup-only"),
+        setup_rounds: (num("--setup-rounds", "1")? as usize).clamp(1, 1000),
     })
 }
 
@@ -205,6 +209,23 @@ fn all_answered(answers: &[Option<Vec<u8>>], which: &[usize], step: &str) -> io:
     }
 }
 
+/// Sends an unauthenticated Allocate from each of `which` and keeps the realm and nonce of its 401
+/// answer, with the long-term key for the client's REST credentials.
+fn challenge(poll: &mut Poll, clients: &mut [Client], which: &[usize], args: &Args) -> io::Result<()> {
+    let transport = |w: &mut MsgWriter<'_>| w.add_bytes(AttrType::REQUESTED_TRANSPORT, &[PROTO_UDP, 0, 0, 0]);
+    let answers = round(poll, clients, which, args.server, &|c| c.request(Method::ALLOCATE, false, &transport));
+    all_answered(&answers, which, "Allocate")?;
+    for &i in which {
+        let (Some(Some(a)), Some(c)) = (answers.get(i), clients.get_mut(i)) else { continue };
+        let m = StunMsg::parse(a).map_err(|e| io::Error::other(e.to_string()))?;
+        c.nonce = m.attr(AttrType::NONCE).unwrap_or_default().to_vec();
+        c.realm = m.attr(AttrType::REALM).unwrap_or_default().to_vec();
+        let pw = rest_password(args.secret.as_bytes(), c.username.as_bytes());
+        c.key = long_term_key(c.username.as_bytes(), &c.realm, &pw);
+    }
+    Ok(())
+}
+
 /// Deletes every allocation (Refresh with LIFETIME 0), so that the next run, whose sockets may get
 /// the same ports, is not refused with 437 (Allocation Mismatch). Best effort: answers are not checked.
 fn release(poll: &mut Poll, clients: &mut [Client], server: SocketAddr) {
@@ -293,10 +314,12 @@ fn receive_ready(
 /// `--help` text.
 const USAGE: &str = "usage: loadgen [--server IP:PORT] [--secret S] [--realm R] [--allocations N] [--rate PPS]
                [--size BYTES] [--duration S] [--warmup S] [--send-indications] [--calls]
-               [--server-pid PID] [--setup-only] [--raw IP:PORT --peer-port P]
+               [--server-pid PID] [--setup-only [--setup-rounds K]] [--raw IP:PORT --peer-port P]
 Sets up N TURN allocations (REST credentials from --secret), binds channels to local peers (or, with
 --calls, to each other's relayed addresses), sends paced traffic and prints loss, latency and the
 server's CPU and RSS (with --server-pid) as a human line on stderr and a JSON line on stdout.
+--setup-only measures the set-up alone (rate, server CPU per Allocate, RSS per allocation); with
+--setup-rounds K the authenticated Allocates are measured K times, the allocations deleted in between.
 Defaults: 127.0.0.1:3478, 10 allocations, 10000 pps, 172 bytes, 3 s after 0.5 s of warm-up.";
 
 fn main() {
@@ -364,17 +387,7 @@ fn run(args: &Args) -> io::Result<()> {
         let all: Vec<usize> = (0..n).collect();
         // Phase 1: unauthenticated Allocate -> 401 with realm and nonce.
         let transport = |w: &mut MsgWriter<'_>| w.add_bytes(AttrType::REQUESTED_TRANSPORT, &[PROTO_UDP, 0, 0, 0]);
-        let answers =
-            round(&mut poll, &mut clients, &all, args.server, &|c| c.request(Method::ALLOCATE, false, &transport));
-        all_answered(&answers, &all, "Allocate")?;
-        for (c, a) in clients.iter_mut().zip(&answers) {
-            let Some(a) = a else { continue };
-            let m = StunMsg::parse(a).map_err(|e| io::Error::other(e.to_string()))?;
-            c.nonce = m.attr(AttrType::NONCE).unwrap_or_default().to_vec();
-            c.realm = m.attr(AttrType::REALM).unwrap_or_default().to_vec();
-            let pw = rest_password(args.secret.as_bytes(), c.username.as_bytes());
-            c.key = long_term_key(c.username.as_bytes(), &c.realm, &pw);
-        }
+        challenge(&mut poll, &mut clients, &all, args)?;
         // Phase 2: authenticated Allocate, pipelined from every client: the set-up rate, and the server
         // CPU it took (the rate alone may be bounded by this generator).
         // The requests (and their MESSAGE-INTEGRITY) are built before the clock starts: the generator's
@@ -435,6 +448,38 @@ fn run(args: &Args) -> io::Result<()> {
                 (Some(b), Some(a)) => (a.saturating_sub(b)) as f64 / n as f64,
                 _ => f64::NAN,
             };
+            // Further rounds: delete every allocation (not timed), then time the authenticated
+            // Allocates again from the same sockets.
+            let (mut total_ok, mut total_took) = (ok, took);
+            let mut total_cpu = match (cpu_before, cpu_after) {
+                (Some(a), Some(b)) => Some(b - a),
+                _ => None,
+            };
+            for _ in 1..args.setup_rounds {
+                release(&mut poll, &mut clients, args.server);
+                // coturn frees a deleted allocation on its next one-second timer tick and until then
+                // answers a new Allocate from the same 5-tuple with 437; wait for it, and fetch fresh
+                // nonces (coturn's ended with the allocation) - neither is timed.
+                std::thread::sleep(Duration::from_millis(1200));
+                challenge(&mut poll, &mut clients, &all, args)?;
+                let requests = build_requests(&mut clients, &all, &|c| c.request(Method::ALLOCATE, true, &transport));
+                let cpu_before = server_usage(args.server_pid).map(|u| u.0);
+                let start = Instant::now();
+                let answers = exchange(&mut poll, &clients, &requests, args.server);
+                total_took += start.elapsed().as_secs_f64();
+                let cpu_after = server_usage(args.server_pid).map(|u| u.0);
+                all_answered(&answers, &all, "authenticated Allocate")?;
+                if let Some(code) = answers.iter().flatten().find_map(|a| error_code(a)) {
+                    return Err(io::Error::other(format!("Allocate failed with {code} in a later set-up round")));
+                }
+                total_ok += n;
+                total_cpu = match (total_cpu, cpu_before, cpu_after) {
+                    (Some(t), Some(a), Some(b)) => Some(t + b - a),
+                    _ => None,
+                };
+            }
+            let setup_rate = total_ok as f64 / total_took;
+            let setup_cpu_us = total_cpu.map_or(f64::NAN, |c| c * 1e6 / total_ok.max(1) as f64);
             eprintln!(
                 "{n} allocations: {setup_rate:.0} authenticated allocations/s, server CPU {setup_cpu_us:.1} us per allocation, RSS +{per_alloc:.2} KiB per allocation"
             );
