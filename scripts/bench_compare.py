@@ -141,32 +141,25 @@ def median(values):
     return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
 
 
-def combine(runs):
-    """One figure per server and configuration from its rounds: the median CPU per packet, p99 and
-    rates, and the worst loss of any round."""
+def combine(runs, keys=("cpu_us_per_packet", "p99_us", "offered_pps", "delivered_pps")):
+    """One figure per server and configuration from its rounds: the median of each of `keys` (by
+    default CPU per packet, p99 and rates) and, for traffic runs, the worst loss of any round."""
     ok = [r for r in runs if "error" not in r]
     if not ok:
         return runs[-1] if runs else {}
     out = dict(ok[0])
-    for key in ("cpu_us_per_packet", "p99_us", "offered_pps", "delivered_pps"):
+    for key in keys:
         vals = [r[key] for r in ok if r.get(key) is not None and r[key] == r[key]]
         out[key] = median(vals)
-    out["loss"] = max(r.get("loss", 0.0) for r in ok)
+    if "loss" in out:
+        out["loss"] = max(r.get("loss", 0.0) for r in ok)
     out["rounds"] = len(ok)
     return out
 
 
 def combine_setup(runs):
     """One figure per server and allocation count from its set-up rounds: medians."""
-    ok = [r for r in runs if "error" not in r]
-    if not ok:
-        return runs[-1] if runs else {}
-    out = dict(ok[0])
-    for key in ("setup_per_sec", "cpu_us_per_alloc", "rss_per_alloc_kib"):
-        vals = [r[key] for r in ok if r.get(key) is not None and r[key] == r[key]]
-        out[key] = median(vals)
-    out["rounds"] = len(ok)
-    return out
+    return combine(runs, ("setup_per_sec", "cpu_us_per_alloc", "rss_per_alloc_kib"))
 
 
 def combine_rows(rows):

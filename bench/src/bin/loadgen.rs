@@ -118,13 +118,12 @@ impl Client {
     }
 }
 
+/// One message (or none) per client, indexed by client.
+type PerClient = Vec<Option<Vec<u8>>>;
+
 /// Builds one request per client in `which` (indexed by client; `None` for the others).
-fn build_requests(
-    clients: &mut [Client],
-    which: &[usize],
-    build: &dyn Fn(&mut Client) -> Vec<u8>,
-) -> Vec<Option<Vec<u8>>> {
-    let mut requests: Vec<Option<Vec<u8>>> = vec![None; clients.len()];
+fn build_requests(clients: &mut [Client], which: &[usize], build: &dyn Fn(&mut Client) -> Vec<u8>) -> PerClient {
+    let mut requests: PerClient = vec![None; clients.len()];
     for &i in which {
         requests[i] = Some(build(&mut clients[i]));
     }
@@ -138,7 +137,7 @@ fn round(
     which: &[usize],
     server: SocketAddr,
     build: &dyn Fn(&mut Client) -> Vec<u8>,
-) -> Vec<Option<Vec<u8>>> {
+) -> PerClient {
     let requests = build_requests(clients, which, build);
     exchange(poll, clients, &requests, server)
 }
@@ -147,13 +146,8 @@ fn round(
 /// datagram carrying that request's transaction ID (a late answer to an earlier retransmitted request
 /// is skipped). Unanswered requests are retransmitted after 500 ms without progress; after
 /// `GIVE_UP` without any answer the rest stay `None`.
-fn exchange(
-    poll: &mut Poll,
-    clients: &[Client],
-    requests: &[Option<Vec<u8>>],
-    server: SocketAddr,
-) -> Vec<Option<Vec<u8>>> {
-    let mut out: Vec<Option<Vec<u8>>> = vec![None; clients.len()];
+fn exchange(poll: &mut Poll, clients: &[Client], requests: &[Option<Vec<u8>>], server: SocketAddr) -> PerClient {
+    let mut out: PerClient = vec![None; clients.len()];
     let mut pending = 0;
     for (c, req) in clients.iter().zip(requests) {
         if let Some(req) = req {
@@ -224,6 +218,27 @@ fn challenge(poll: &mut Poll, clients: &mut [Client], which: &[usize], args: &Ar
         c.key = long_term_key(c.username.as_bytes(), &c.realm, &pw);
     }
     Ok(())
+}
+
+/// Sends an authenticated Allocate from each of `which` at once and times the answers: returns them
+/// (every one present), the seconds they took and the server's CPU seconds meanwhile (with
+/// --server-pid). The requests (and their MESSAGE-INTEGRITY) are built before the clock starts: the
+/// generator's own work is not the server's set-up rate.
+fn timed_allocate(
+    poll: &mut Poll,
+    clients: &mut [Client],
+    which: &[usize],
+    args: &Args,
+) -> io::Result<(PerClient, f64, Option<f64>)> {
+    let transport = |w: &mut MsgWriter<'_>| w.add_bytes(AttrType::REQUESTED_TRANSPORT, &[PROTO_UDP, 0, 0, 0]);
+    let requests = build_requests(clients, which, &|c| c.request(Method::ALLOCATE, true, &transport));
+    let cpu_before = args.server_pid.and_then(proc_usage).map(|u| u.0);
+    let start = Instant::now();
+    let answers = exchange(poll, clients, &requests, args.server);
+    let took = start.elapsed().as_secs_f64();
+    let cpu_after = args.server_pid.and_then(proc_usage).map(|u| u.0);
+    all_answered(&answers, which, "authenticated Allocate")?;
+    Ok((answers, took, cpu_before.zip(cpu_after).map(|(a, b)| b - a)))
 }
 
 /// Deletes every allocation (Refresh with LIFETIME 0), so that the next run, whose sockets may get
@@ -386,18 +401,10 @@ fn run(args: &Args) -> io::Result<()> {
     if args.raw.is_none() {
         let all: Vec<usize> = (0..n).collect();
         // Phase 1: unauthenticated Allocate -> 401 with realm and nonce.
-        let transport = |w: &mut MsgWriter<'_>| w.add_bytes(AttrType::REQUESTED_TRANSPORT, &[PROTO_UDP, 0, 0, 0]);
         challenge(&mut poll, &mut clients, &all, args)?;
         // Phase 2: authenticated Allocate, pipelined from every client: the set-up rate, and the server
         // CPU it took (the rate alone may be bounded by this generator).
-        // The requests (and their MESSAGE-INTEGRITY) are built before the clock starts: the generator's
-        // own work is not the server's set-up rate.
-        let requests = build_requests(&mut clients, &all, &|c| c.request(Method::ALLOCATE, true, &transport));
-        let cpu_before = server_usage(args.server_pid).map(|u| u.0);
-        let start = Instant::now();
-        let answers = exchange(&mut poll, &clients, &requests, args.server);
-        let took = start.elapsed().as_secs_f64();
-        all_answered(&answers, &all, "authenticated Allocate")?;
+        let (answers, took, cpu) = timed_allocate(&mut poll, &mut clients, &all, args)?;
         let mut ok = 0usize;
         for (c, a) in clients.iter_mut().zip(&answers) {
             let Some(a) = a else { continue };
@@ -410,11 +417,7 @@ fn run(args: &Args) -> io::Result<()> {
             ok += 1;
         }
         setup_rate = ok as f64 / took;
-        let cpu_after = server_usage(args.server_pid).map(|u| u.0);
-        setup_cpu_us = match (cpu_before, cpu_after) {
-            (Some(a), Some(b)) => (b - a) * 1e6 / ok.max(1) as f64,
-            _ => f64::NAN,
-        };
+        setup_cpu_us = cpu.map_or(f64::NAN, |c| c * 1e6 / ok.max(1) as f64);
         // Channels (or permissions, in Send-indication mode) towards the peers or the partners.
         let targets: Vec<SocketAddr> = (0..n)
             .map(|i| {
@@ -450,11 +453,7 @@ fn run(args: &Args) -> io::Result<()> {
             };
             // Further rounds: delete every allocation (not timed), then time the authenticated
             // Allocates again from the same sockets.
-            let (mut total_ok, mut total_took) = (ok, took);
-            let mut total_cpu = match (cpu_before, cpu_after) {
-                (Some(a), Some(b)) => Some(b - a),
-                _ => None,
-            };
+            let (mut total_ok, mut total_took, mut total_cpu) = (ok, took, cpu);
             for _ in 1..args.setup_rounds {
                 release(&mut poll, &mut clients, args.server);
                 // coturn frees a deleted allocation on its next one-second timer tick and until then
@@ -462,21 +461,13 @@ fn run(args: &Args) -> io::Result<()> {
                 // nonces (coturn's ended with the allocation) - neither is timed.
                 std::thread::sleep(Duration::from_millis(1200));
                 challenge(&mut poll, &mut clients, &all, args)?;
-                let requests = build_requests(&mut clients, &all, &|c| c.request(Method::ALLOCATE, true, &transport));
-                let cpu_before = server_usage(args.server_pid).map(|u| u.0);
-                let start = Instant::now();
-                let answers = exchange(&mut poll, &clients, &requests, args.server);
-                total_took += start.elapsed().as_secs_f64();
-                let cpu_after = server_usage(args.server_pid).map(|u| u.0);
-                all_answered(&answers, &all, "authenticated Allocate")?;
+                let (answers, took, cpu) = timed_allocate(&mut poll, &mut clients, &all, args)?;
                 if let Some(code) = answers.iter().flatten().find_map(|a| error_code(a)) {
                     return Err(io::Error::other(format!("Allocate failed with {code} in a later set-up round")));
                 }
                 total_ok += n;
-                total_cpu = match (total_cpu, cpu_before, cpu_after) {
-                    (Some(t), Some(a), Some(b)) => Some(t + b - a),
-                    _ => None,
-                };
+                total_took += took;
+                total_cpu = total_cpu.zip(cpu).map(|(t, c)| t + c);
             }
             let setup_rate = total_ok as f64 / total_took;
             let setup_cpu_us = total_cpu.map_or(f64::NAN, |c| c * 1e6 / total_ok.max(1) as f64);
