@@ -50,4 +50,20 @@ for line in urllib.request.urlopen(sys.argv[1], timeout=5).read().decode().split
         echo "    after:  $(grep '^Udp:' /proc/net/snmp | tail -1)"
     }
 done
+# The scaling script (scripts/bench-scaling.sh) with one shard, briefly: turnpike and the floor forwarder,
+# the generators started together with --start-at. Correctness only: every run completes without loss.
+gcc -O2 -o "$dir/raw-forwarder" scripts/raw-forwarder.c
+ln -s "$PWD/target/debug/turnpike" "$PWD/target/debug/loadgen" "$dir/"
+if python3 scripts/bench_scaling.py --bin "$dir" --shards 1 --server-cores 0 --generator-cores 0 --rates 2000 \
+    --sweep "" --rounds 1 --secs 0.5 --allocations 10 --out "$dir/scaling" > /dev/null; then
+    python3 -c '
+import json, sys
+runs = json.load(open(sys.argv[1]))["runs"]
+bad = [r for r in runs if r["loss"] != 0 or r["delivered_pps"] <= 0]
+print("scaling script: %d runs, %s" % (len(runs), "ok" if not bad and len(runs) == 2 else "FAILED: %s" % bad))
+sys.exit(1 if bad or len(runs) != 2 else 0)' "$dir/scaling/scaling.json" || status=1
+else
+    echo "scaling script: FAILED"
+    status=1
+fi
 exit $status

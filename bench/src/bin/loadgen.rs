@@ -38,6 +38,9 @@ struct Args {
     /// With --setup-only: how many times the authenticated Allocates are measured (allocations deleted
     /// in between), so that a small N still makes a measurement long enough to time.
     setup_rounds: usize,
+    /// Wall-clock time (seconds since the Unix epoch) at which the traffic starts, after the set-up:
+    /// several generators given the same instant share one measurement window.
+    start_at: Option<f64>,
 }
 
 fn arg<'a>(args: &'a [String], name: &str) -> Option<&'a str> {
@@ -65,6 +68,7 @@ fn parse_args() -> Result<Args, String> {
         peer_port: num("--peer-port", "0")? as u16,
         setup_only: a.iter().any(|x| x == "--setup-only"),
         setup_rounds: (num("--setup-rounds", "1")? as usize).clamp(1, 1000),
+        start_at: arg(&a, "--start-at").map(str::parse).transpose().map_err(|_| "--start-at UNIX-SECONDS")?,
     })
 }
 
@@ -326,15 +330,30 @@ fn receive_ready(
     }
 }
 
+/// Sleeps until `unix_secs` (seconds since the Unix epoch) and returns how many milliseconds late the
+/// caller already was (0 when it was early enough to wait).
+fn wait_until_unix(unix_secs: f64) -> f64 {
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+    if unix_secs > now {
+        std::thread::sleep(Duration::from_secs_f64(unix_secs - now));
+        0.0
+    } else {
+        (now - unix_secs) * 1000.0
+    }
+}
+
 /// `--help` text.
 const USAGE: &str = "usage: loadgen [--server IP:PORT] [--secret S] [--realm R] [--allocations N] [--rate PPS]
                [--size BYTES] [--duration S] [--warmup S] [--send-indications] [--calls]
                [--server-pid PID] [--setup-only [--setup-rounds K]] [--raw IP:PORT --peer-port P]
+               [--start-at UNIX-SECONDS]
 Sets up N TURN allocations (REST credentials from --secret), binds channels to local peers (or, with
 --calls, to each other's relayed addresses), sends paced traffic and prints loss, latency and the
 server's CPU and RSS (with --server-pid) as a human line on stderr and a JSON line on stdout.
 --setup-only measures the set-up alone (rate, server CPU per Allocate, RSS per allocation); with
 --setup-rounds K the authenticated Allocates are measured K times, the allocations deleted in between.
+--start-at starts the traffic (warm-up, then the window) at that wall-clock time, after the set-up, so
+that several generators measure the same window; `late_start_ms` says how late one was.
 Defaults: 127.0.0.1:3478, 10 allocations, 10000 pps, 172 bytes, 3 s after 0.5 s of warm-up.";
 
 fn main() {
@@ -484,6 +503,10 @@ fn run(args: &Args) -> io::Result<()> {
         }
     }
 
+    let late_start_ms = match args.start_at {
+        Some(at) => wait_until_unix(at),
+        None => 0.0,
+    };
     // Traffic. Payload: [send time ns since epoch (8)] [sequence (8)] [client (4)] [padding].
     let mut frame = vec![0u8; 4 + args.size + 48];
     let mut indication = vec![0u8; 0];
@@ -603,7 +626,7 @@ fn run(args: &Args) -> io::Result<()> {
         if saturated { " (generator could not keep the schedule: offered rate below target)" } else { "" }
     );
     println!(
-        "{{\"rate\":{},\"size\":{},\"allocations\":{},\"calls\":{},\"offered_pps\":{offered:.1},\"delivered_pps\":{delivered:.1},\"loss\":{loss:.6},\"p50_us\":{},\"p99_us\":{},\"p999_us\":{},\"server_cpu_s\":{cpu:.4},\"cpu_us_per_packet\":{cpu_us_per_packet:.4},\"rss_kib\":{rss},\"setup_per_sec\":{setup_rate:.1},\"cpu_us_per_alloc\":{setup_cpu_us:.2},\"generator_saturated\":{saturated},\"generator_max_lag_us\":{max_lag_us}}}",
+        "{{\"rate\":{},\"size\":{},\"allocations\":{},\"calls\":{},\"offered_pps\":{offered:.1},\"delivered_pps\":{delivered:.1},\"loss\":{loss:.6},\"p50_us\":{},\"p99_us\":{},\"p999_us\":{},\"server_cpu_s\":{cpu:.4},\"cpu_us_per_packet\":{cpu_us_per_packet:.4},\"rss_kib\":{rss},\"setup_per_sec\":{setup_rate:.1},\"cpu_us_per_alloc\":{setup_cpu_us:.2},\"generator_saturated\":{saturated},\"generator_max_lag_us\":{max_lag_us},\"late_start_ms\":{late_start_ms:.1}}}",
         args.rate,
         args.size,
         n,
