@@ -54,7 +54,7 @@ done
 # the generators started together with --start-at. Correctness only: every run completes without loss.
 gcc -O2 -o "$dir/raw-forwarder" scripts/raw-forwarder.c
 ln -s "$PWD/target/debug/turnpike" "$PWD/target/debug/loadgen" "$dir/"
-if python3 scripts/bench_scaling.py --bin "$dir" --shards 1 --server-cores 0 --generator-cores 0 --rates 2000 \
+if python3 scripts/bench_scaling.py --bin "$dir" --shards 1 --server-cores 0 --generator-cores 0 --coturn "" --rates 2000 \
     --sweep "" --rounds 1 --secs 0.5 --allocations 10 --out "$dir/scaling" > /dev/null; then
     python3 -c '
 import json, sys

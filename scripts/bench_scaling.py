@@ -5,6 +5,7 @@ per generator core, each with its own allocations) offer the same per-shard rate
 measurement window (`loadgen --start-at`). The reference is the floor forwarder of bench-compare (a raw
 recvmmsg/sendmmsg forwarder shaped like a relay: one output socket per allocation, epoll_wait on all)
 run as N processes on the same N cores, each fed by one generator: what the kernel itself gives N cores.
+Where coturn is installed it runs too, with `--relay-threads=N` on the same N cores.
 Linear scaling means the CPU per relayed packet stays what it is with one shard while the relayed rate
 grows N-fold, without loss.
 """
@@ -13,6 +14,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -24,6 +26,7 @@ from bench_compare import fmt, median, ratio, stop
 SECRET = "bench-secret"
 TURN_PORT = 3478
 METRICS_PORT = 9641
+COTURN_PORT = 3479
 # Forwarder k listens on FLOOR_PORT + 2k and sends to FLOOR_PORT + 2k + 1: below the kernel's ephemeral
 # range (32768-60999 by default), where the generators' and forwarders' own sockets could take them, and
 # below turnpike's relay range here (10000-31999).
@@ -97,6 +100,21 @@ def start_turnpike(opts, shards):
     return [proc]
 
 
+def start_coturn(opts, shards):
+    cores = ",".join(map(str, opts.server_cores[:shards]))
+    cmd = ["taskset", "-c", cores, opts.coturn, "-n", "--listening-ip=127.0.0.1", "--listening-port=%d" % COTURN_PORT,
+           "--relay-ip=127.0.0.1", "--min-port=10000", "--max-port=31999", "--use-auth-secret",
+           "--static-auth-secret=" + SECRET, "--realm=bench", "--allow-loopback-peers", "--no-cli", "--no-tls",
+           "--no-dtls", "--no-tcp", "--relay-threads=%d" % shards, "--no-stdout-log", "--log-file=/dev/null",
+           "--pidfile=" + os.path.join(opts.work, "scaling-coturn.pid"),
+           "--db=" + os.path.join(opts.work, "scaling-coturn.sqlite")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(1.0)
+    if proc.poll() is not None:
+        sys.exit("bench-scaling: coturn exited at start (exit %d): %s" % (proc.returncode, " ".join(cmd)))
+    return [proc]
+
+
 def start_floor(opts, shards):
     procs = []
     for k in range(shards):
@@ -140,7 +158,8 @@ def run(opts, server, shards, rate, generators=None):
     """One measurement: N servers' worth of load at `rate` per shard, from one generator per shard or, with
     `generators` (turnpike only), from that many generators sharing the load and the allocations.
     Returns the combined figures."""
-    procs = start_turnpike(opts, shards) if server == "turnpike" else start_floor(opts, shards)
+    starters = {"turnpike": start_turnpike, "coturn": start_coturn, "floor": start_floor}
+    procs = starters[server](opts, shards)
     count = generators or shards
     per_gen_rate = rate * shards // count
     per_gen_allocs = max(1, round(opts.allocations * shards / count))
@@ -152,8 +171,9 @@ def run(opts, server, shards, rate, generators=None):
             cmd = ["taskset", "-c", str(opts.generator_cores[k]), opts.loadgen, "--secret", SECRET,
                    "--allocations", str(per_gen_allocs), "--rate", str(per_gen_rate), "--size", str(opts.size),
                    "--duration", str(opts.secs), "--warmup", "0.5", "--start-at", "%.3f" % start_at]
-            if server == "turnpike":
-                cmd += ["--server", "127.0.0.1:%d" % TURN_PORT, "--server-pid", str(procs[0].pid)]
+            if server in ("turnpike", "coturn"):
+                port = TURN_PORT if server == "turnpike" else COTURN_PORT
+                cmd += ["--server", "127.0.0.1:%d" % port, "--server-pid", str(procs[0].pid)]
             else:
                 cmd += ["--raw", "127.0.0.1:%d" % (FLOOR_PORT + 2 * k), "--peer-port", str(FLOOR_PORT + 2 * k + 1),
                         "--server-pid", str(procs[k].pid)]
@@ -172,7 +192,8 @@ def run(opts, server, shards, rate, generators=None):
                 errors.append(err.strip()[-300:] or "no output (exit %d)" % g.returncode)
         spread = allocations_per_shard() if server == "turnpike" else []
         drops_after, by_port = udp_drops()
-        server_ports = [TURN_PORT] if server == "turnpike" else [FLOOR_PORT + 2 * k for k in range(shards)]
+        server_ports = {"turnpike": [TURN_PORT], "coturn": [COTURN_PORT]}.get(
+            server, [FLOOR_PORT + 2 * k for k in range(shards)])
         server_drops = sum(by_port.get(p, 0) for p in server_ports)
     finally:
         for p in procs:
@@ -181,10 +202,10 @@ def run(opts, server, shards, rate, generators=None):
         return {"server": server, "shards": shards, "rate_per_shard": rate, "error": errors[0]}
     offered = sum(r["offered_pps"] for r in results)
     delivered = sum(r["delivered_pps"] for r in results)
-    # turnpike: every generator read the one process's CPU over the same window (take the median);
-    # floor: each generator read its own forwarder's.
+    # turnpike, coturn: every generator read the one process's CPU over the same window (take the
+    # median); floor: each generator read its own forwarder's.
     cpus = [r["server_cpu_s"] for r in results]
-    cpu = median(cpus) if server == "turnpike" else sum(cpus)
+    cpu = sum(cpus) if server == "floor" else median(cpus)
     return {
         "server": server, "shards": shards, "rate_per_shard": rate, "generators": count,
         "offered_pps": offered, "delivered_pps": delivered,
@@ -223,6 +244,8 @@ def main():
     half = len(physical) // 2
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--bin", default=None, help="folder holding turnpike, loadgen and raw-forwarder")
+    ap.add_argument("--coturn", default=shutil.which("turnserver"),
+                    help="coturn's turnserver (default: the one on PATH; without it coturn is not run)")
     ap.add_argument("--server-cores", default=",".join(map(str, physical[:half])),
                     help="CPUs for the shards (default: the first half of the physical cores, one CPU each)")
     ap.add_argument("--generator-cores", default=",".join(map(str, physical[half:2 * half])),
@@ -253,7 +276,8 @@ def main():
     if not counts or max(counts) > most:
         sys.exit("bench-scaling: %s shards need as many server cores and generator cores; this machine offers "
                  "%d and %d" % (max(counts or [0]), len(opts.server_cores), len(opts.generator_cores)))
-    require_free([TURN_PORT, METRICS_PORT] + [FLOOR_PORT + i for i in range(2 * max(counts))])
+    servers = ["turnpike", "floor"] + (["coturn"] if opts.coturn else [])
+    require_free([TURN_PORT, COTURN_PORT, METRICS_PORT] + [FLOOR_PORT + i for i in range(2 * max(counts))])
     rates = [int(x) for x in opts.rates.split(",") if x]
     sweep = [int(x) for x in opts.sweep.split(",") if x]
     print("bench-scaling: %d CPUs on %d physical cores; server cores %s, generator cores %s; shard counts %s; %d allocations and one "
@@ -263,7 +287,8 @@ def main():
     runs = []
     for i in range(opts.rounds):
         for j, (n, rate) in enumerate((n, r) for n in counts for r in rates):
-            for server in (["turnpike", "floor"] if (i + j) % 2 == 0 else ["floor", "turnpike"]):
+            first = (i + j) % len(servers)
+            for server in servers[first:] + servers[:first]:
                 r = run(opts, server, n, rate)
                 r["round"] = i
                 runs.append(r)
@@ -274,7 +299,7 @@ def main():
             r["round"] = "sweep"
             runs.append(r)
             print("  " + show(r), file=sys.stderr)
-    report = render(opts, counts, rates, sweep, runs)
+    report = render(opts, counts, rates, sweep, runs, servers)
     print(report)
     if opts.out:
         os.makedirs(opts.out, exist_ok=True)
@@ -294,7 +319,7 @@ def pick(runs, server, n, rate, rounds):
             and r["round"] in rounds and "error" not in r]
 
 
-def render(opts, counts, rates, sweep, runs):
+def render(opts, counts, rates, sweep, runs, servers=("turnpike", "floor")):
     timed = list(range(opts.rounds))
     lines = ["### Scaling with shards: CPU per relayed packet at a fixed rate per shard",
              "", "Medians of %d rounds; loss is the worst round's. Efficiency: CPU per packet with one shard over "
@@ -315,12 +340,26 @@ def render(opts, counts, rates, sweep, runs):
                 n, rate // 1000, fmt(median([r["delivered_pps"] for r in tp]), 0), fmt(tcpu), fmt(ratio(base["turnpike"], tcpu)),
                 "%.3f %%" % (100 * max(r["loss"] for r in tp)) if tp else "n/a", fmt(fcpu), fmt(ratio(base["floor"], fcpu)),
                 fmt(ratio(tcpu, fcpu)), "%d-%d" % (min(spread), max(spread_hi)) if spread else "n/a"))
+    if "coturn" in servers:
+        lines += ["", "### coturn with --relay-threads=N on the same N cores", "",
+                  "| threads | rate/thread | relayed pps | coturn us/pkt | efficiency | loss | turnpike / coturn |",
+                  "|---|---|---|---|---|---|---|"]
+        for rate in rates:
+            base = median([r["cpu_us_per_packet"] for r in pick(runs, "coturn", counts[0], rate, timed)])
+            for n in counts:
+                ct, tp = pick(runs, "coturn", n, rate, timed), pick(runs, "turnpike", n, rate, timed)
+                ccpu = median([r["cpu_us_per_packet"] for r in ct])
+                tcpu = median([r["cpu_us_per_packet"] for r in tp])
+                lines.append("| %d | %dk | %s | %s | %s | %s | %s |" % (
+                    n, rate // 1000, fmt(median([r["delivered_pps"] for r in ct]), 0), fmt(ccpu), fmt(ratio(base, ccpu)),
+                    "%.3f %%" % (100 * max(r["loss"] for r in ct)) if ct else "n/a", fmt(ratio(tcpu, ccpu))))
     lines += ["", "### Highest rate per shard without loss (< 0.1 %% in every round) among %s" % (
         ", ".join("%dk" % (r // 1000) for r in rates)), "",
-              "| shards | turnpike: rate/shard | relayed pps | floor: rate/shard | relayed pps |", "|---|---|---|---|---|"]
+              "| shards |" + "".join(" %s: rate/shard | relayed pps |" % s for s in servers),
+              "|---|" + "---|---|" * len(servers)]
     for n in counts:
         cells = []
-        for server in ("turnpike", "floor"):
+        for server in servers:
             best = None
             for rate in rates:
                 got = pick(runs, server, n, rate, timed)
