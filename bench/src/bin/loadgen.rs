@@ -19,6 +19,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use turnpike::proto::attr::{self, AttrType, PROTO_UDP};
 use turnpike::proto::integrity::{long_term_key, rest_password};
 use turnpike::proto::{Class, Method, MsgWriter, StunMsg, TransactionId};
+use turnpike::shard::socket::RecvBatch;
 
 struct Args {
     server: SocketAddr,
@@ -287,45 +288,54 @@ impl Histogram {
     }
 }
 
-/// Reads everything waiting on the socket of `token` (a peer, or a client in calls mode), records the
-/// latency of payloads sent inside the measurement window, and returns how many those were.
+/// Reads everything waiting on the socket of `token` (a peer, or a client in calls mode) in batches
+/// (`recvmmsg`: the generator must not be what limits the rate), records the latency of payloads sent
+/// inside the measurement window, and returns how many those were.
 fn receive_ready(
     token: usize,
     peers: &[UdpSocket],
     clients: &[Client],
-    buf: &mut [u8],
+    batch: &mut RecvBatch,
     epoch: Instant,
     window: (Instant, Instant),
     hist: &mut Histogram,
 ) -> u64 {
     let mut counted = 0;
     loop {
-        let r = if token >= 1_000_000 {
-            peers[token - 1_000_000].recv_from(buf)
+        let got = if token >= 1_000_000 {
+            peers.get(token - 1_000_000).map(|p| batch.recv(p))
         } else {
-            clients[token].sock.recv_from(buf)
+            clients.get(token).map(|c| batch.recv(&c.sock))
         };
-        let Ok((len, _)) = r else { return counted };
-        // The payload is bare at peers; at clients it follows a ChannelData header or sits in a Data
-        // indication.
-        let payload: &[u8] = if token >= 1_000_000 {
-            &buf[..len]
-        } else if buf[0] & 0xC0 == 0x40 {
-            &buf[4..len]
-        } else {
-            match StunMsg::parse(&buf[..len]).ok().and_then(|m| m.attr(AttrType::DATA)) {
-                Some(d) => d,
-                None => continue,
+        let n = match got {
+            Some(Ok(n)) if n > 0 => n,
+            _ => return counted,
+        };
+        let now = Instant::now();
+        for i in 0..n {
+            let len = batch.meta[i].0;
+            let buf = &batch.bufs[i].body_mut()[..len];
+            // The payload is bare at peers; at clients it follows a ChannelData header or sits in a Data
+            // indication.
+            let payload: &[u8] = if token >= 1_000_000 {
+                buf
+            } else if len >= 4 && buf[0] & 0xC0 == 0x40 {
+                &buf[4..]
+            } else {
+                match StunMsg::parse(buf).ok().and_then(|m| m.attr(AttrType::DATA)) {
+                    Some(d) => d,
+                    None => continue,
+                }
+            };
+            if payload.len() < 20 {
+                continue;
             }
-        };
-        if payload.len() < 20 {
-            continue;
-        }
-        let ts = u64::from_be_bytes(payload[0..8].try_into().unwrap_or([0; 8]));
-        let sent_at = epoch + Duration::from_nanos(ts);
-        if sent_at >= window.0 && sent_at < window.1 {
-            counted += 1;
-            hist.record(Instant::now().saturating_duration_since(sent_at).as_micros() as u64);
+            let ts = u64::from_be_bytes(payload[0..8].try_into().unwrap_or([0; 8]));
+            let sent_at = epoch + Duration::from_nanos(ts);
+            if sent_at >= window.0 && sent_at < window.1 {
+                counted += 1;
+                hist.record(now.saturating_duration_since(sent_at).as_micros() as u64);
+            }
         }
     }
 }
@@ -503,6 +513,13 @@ fn run(args: &Args) -> io::Result<()> {
         }
     }
 
+    // Each client sends to one address from here on: a connected socket spares the kernel a route
+    // lookup per datagram (the generator must not be what limits the rate). Answers still come from
+    // that address, and `release` may still name it.
+    let destination = args.raw.unwrap_or(args.server);
+    for c in &clients {
+        c.sock.connect(destination)?;
+    }
     let late_start_ms = match args.start_at {
         Some(at) => wait_until_unix(at),
         None => 0.0,
@@ -519,7 +536,7 @@ fn run(args: &Args) -> io::Result<()> {
     // (or of its core) is followed by a catch-up burst, whose queueing in the server shows up as latency.
     let mut max_lag_us = 0u64;
     let mut events = Events::with_capacity(4096);
-    let mut buf = vec![0u8; 65536];
+    let mut batch = RecvBatch::new(turnpike::shard::socket::MAX_BATCH);
     let start = Instant::now();
     let measure_from = start + Duration::from_secs_f64(args.warmup);
     let measure_to = start + Duration::from_secs_f64(total_secs);
@@ -554,8 +571,8 @@ fn run(args: &Args) -> io::Result<()> {
             frame[payload_at..payload_at + 8].copy_from_slice(&ts.to_be_bytes());
             frame[payload_at + 8..payload_at + 16].copy_from_slice(&seq.to_be_bytes());
             frame[payload_at + 16..payload_at + 20].copy_from_slice(&c.id.to_be_bytes());
-            let result = if let Some(raw) = args.raw {
-                c.sock.send_to(&frame[..args.size], raw)
+            let result = if args.raw.is_some() {
+                c.sock.send(&frame[..args.size])
             } else if args.send_mode {
                 let peer = if args.calls {
                     clients[(c.id ^ 1) as usize].relayed.unwrap_or(args.server)
@@ -568,11 +585,11 @@ fn run(args: &Args) -> io::Result<()> {
                 w.add_xor_addr(AttrType::XOR_PEER_ADDRESS, peer);
                 w.add_bytes(AttrType::DATA, &frame[4..4 + args.size]);
                 let len = w.finish().unwrap_or(0);
-                c.sock.send_to(&indication[..len], args.server)
+                c.sock.send(&indication[..len])
             } else {
                 frame[0..2].copy_from_slice(&0x4000u16.to_be_bytes());
                 frame[2..4].copy_from_slice(&(args.size as u16).to_be_bytes());
-                c.sock.send_to(&frame[..4 + args.size], args.server)
+                c.sock.send(&frame[..4 + args.size])
             };
             if result.is_ok() && t >= measure_from {
                 sent_measured += 1;
@@ -584,7 +601,7 @@ fn run(args: &Args) -> io::Result<()> {
         let _ = poll.poll(&mut events, Some(Duration::ZERO));
         for ev in events.iter() {
             let counted =
-                receive_ready(ev.token().0, &peers, &clients, &mut buf, epoch, (measure_from, measure_to), &mut hist);
+                receive_ready(ev.token().0, &peers, &clients, &mut batch, epoch, (measure_from, measure_to), &mut hist);
             recv_measured += counted;
         }
         if seq >= due {
@@ -598,7 +615,7 @@ fn run(args: &Args) -> io::Result<()> {
         let _ = poll.poll(&mut events, Some(Duration::from_millis(10)));
         for ev in events.iter() {
             let counted =
-                receive_ready(ev.token().0, &peers, &clients, &mut buf, epoch, (measure_from, measure_to), &mut hist);
+                receive_ready(ev.token().0, &peers, &clients, &mut batch, epoch, (measure_from, measure_to), &mut hist);
             recv_measured += counted;
         }
     }
