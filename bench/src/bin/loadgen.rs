@@ -69,8 +69,19 @@ fn parse_args() -> Result<Args, String> {
         peer_port: num("--peer-port", "0")? as u16,
         setup_only: a.iter().any(|x| x == "--setup-only"),
         setup_rounds: (num("--setup-rounds", "1")? as usize).clamp(1, 1000),
-        start_at: arg(&a, "--start-at").map(str::parse).transpose().map_err(|_| "--start-at UNIX-SECONDS")?,
+        start_at: match arg(&a, "--start-at").map(str::parse::<f64>).transpose() {
+            Ok(Some(at)) if (at - unix_now()).abs() > 600.0 => {
+                return Err("--start-at must be within 10 minutes of now (seconds since the Unix epoch)".into());
+            }
+            Ok(at) => at,
+            Err(_) => return Err("--start-at UNIX-SECONDS".into()),
+        },
     })
+}
+
+/// Seconds since the Unix epoch.
+fn unix_now() -> f64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
 }
 
 /// CPU seconds (user + system) and RSS (KiB) of a process.
@@ -343,7 +354,7 @@ fn receive_ready(
 /// Sleeps until `unix_secs` (seconds since the Unix epoch) and returns how many milliseconds late the
 /// caller already was (0 when it was early enough to wait).
 fn wait_until_unix(unix_secs: f64) -> f64 {
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+    let now = unix_now();
     if unix_secs > now {
         std::thread::sleep(Duration::from_secs_f64(unix_secs - now));
         0.0
