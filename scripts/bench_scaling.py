@@ -27,6 +27,7 @@ SECRET = "bench-secret"
 TURN_PORT = 3478
 METRICS_PORT = 9641
 COTURN_PORT = 3479
+PROCS_PORT = 3500  # "turnpike-procs": process k listens on PROCS_PORT + k
 # Forwarder k listens on FLOOR_PORT + 2k and sends to FLOOR_PORT + 2k + 1: below the kernel's ephemeral
 # range (32768-60999 by default), where the generators' and forwarders' own sockets could take them, and
 # below turnpike's relay range here (10000-31999).
@@ -74,17 +75,18 @@ def require_free(ports):
                  % ", ".join(busy))
 
 
-def start_turnpike(opts, shards):
-    cores = opts.server_cores[:shards]
-    path = os.path.join(opts.work, "scaling-turnpike.yaml")
+def turnpike_process(opts, name, port, metrics_port, relay_ports, cores):
+    """Starts one turnpike listening on `port` with one shard per core of `cores`, and waits until it
+    answers on its metrics port."""
+    path = os.path.join(opts.work, "scaling-%s.yaml" % name)
     with open(path, "w") as f:
-        f.write("listen: {ips: [127.0.0.1], port: %d, tcp: false}\n" % TURN_PORT)
-        f.write("relay: {ips: [127.0.0.1], min_port: 10000, max_port: 31999}\n")
+        f.write("listen: {ips: [127.0.0.1], port: %d, tcp: false}\n" % port)
+        f.write("relay: {ips: [127.0.0.1], min_port: %d, max_port: %d}\n" % relay_ports)
         f.write("auth: {realm: bench, shared_secrets: [%s]}\n" % SECRET)
         f.write("peers: {allowed: [127.0.0.1]}\n")
         f.write("abuse: {unauth_rate: 0}\n")
-        f.write("runtime: {threads: %d, pin_cores: true, core_ids: [%s]}\n" % (shards, ", ".join(map(str, cores))))
-        f.write("metrics: {listen: '127.0.0.1:%d'}\n" % METRICS_PORT)
+        f.write("runtime: {threads: %d, pin_cores: true, core_ids: [%s]}\n" % (len(cores), ", ".join(map(str, cores))))
+        f.write("metrics: {listen: '127.0.0.1:%d'}\n" % metrics_port)
         f.write("logging: {level: warn}\n")
     proc = subprocess.Popen([opts.turnpike, "--config", path], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 10
@@ -92,12 +94,28 @@ def start_turnpike(opts, shards):
         if proc.poll() is not None:
             sys.exit("bench-scaling: turnpike exited: %s" % proc.stderr.read().decode(errors="replace")[-500:])
         try:
-            with socket.create_connection(("127.0.0.1", METRICS_PORT), timeout=0.2):
+            with socket.create_connection(("127.0.0.1", metrics_port), timeout=0.2):
                 break
         except OSError:
             time.sleep(0.05)
+    return proc
+
+
+def start_turnpike(opts, shards):
+    proc = turnpike_process(opts, "turnpike", TURN_PORT, METRICS_PORT, (10000, 31999), opts.server_cores[:shards])
     time.sleep(0.2)
     return [proc]
+
+
+def start_turnpike_processes(opts, shards):
+    """N turnpikes of one shard each, on their own ports and cores, each fed by one generator like the
+    floor's forwarders: no listening socket is fed by more than one generator core."""
+    width = 22000 // shards
+    procs = [turnpike_process(opts, "turnpike-%d" % k, PROCS_PORT + k, METRICS_PORT + 1 + k,
+                              (10000 + k * width, 10000 + (k + 1) * width - 1), [opts.server_cores[k]])
+             for k in range(shards)]
+    time.sleep(0.2)
+    return procs
 
 
 def start_coturn(opts, shards):
@@ -158,7 +176,8 @@ def run(opts, server, shards, rate, generators=None):
     """One measurement: N servers' worth of load at `rate` per shard, from one generator per shard or, with
     `generators` (turnpike only), from that many generators sharing the load and the allocations.
     Returns the combined figures."""
-    starters = {"turnpike": start_turnpike, "coturn": start_coturn, "floor": start_floor}
+    starters = {"turnpike": start_turnpike, "coturn": start_coturn, "floor": start_floor,
+                "turnpike-procs": start_turnpike_processes}
     procs = starters[server](opts, shards)
     count = generators or shards
     per_gen_rate = rate * shards // count
@@ -174,6 +193,8 @@ def run(opts, server, shards, rate, generators=None):
             if server in ("turnpike", "coturn"):
                 port = TURN_PORT if server == "turnpike" else COTURN_PORT
                 cmd += ["--server", "127.0.0.1:%d" % port, "--server-pid", str(procs[0].pid)]
+            elif server == "turnpike-procs":
+                cmd += ["--server", "127.0.0.1:%d" % (PROCS_PORT + k), "--server-pid", str(procs[k].pid)]
             else:
                 cmd += ["--raw", "127.0.0.1:%d" % (FLOOR_PORT + 2 * k), "--peer-port", str(FLOOR_PORT + 2 * k + 1),
                         "--server-pid", str(procs[k].pid)]
@@ -192,7 +213,8 @@ def run(opts, server, shards, rate, generators=None):
                 errors.append(err.strip()[-300:] or "no output (exit %d)" % g.returncode)
         spread = allocations_per_shard() if server == "turnpike" else []
         drops_after, by_port = udp_drops()
-        server_ports = {"turnpike": [TURN_PORT], "coturn": [COTURN_PORT]}.get(
+        server_ports = {"turnpike": [TURN_PORT], "coturn": [COTURN_PORT],
+                        "turnpike-procs": [PROCS_PORT + k for k in range(shards)]}.get(
             server, [FLOOR_PORT + 2 * k for k in range(shards)])
         server_drops = sum(by_port.get(p, 0) for p in server_ports)
     finally:
@@ -203,9 +225,9 @@ def run(opts, server, shards, rate, generators=None):
     offered = sum(r["offered_pps"] for r in results)
     delivered = sum(r["delivered_pps"] for r in results)
     # turnpike, coturn: every generator read the one process's CPU over the same window (take the
-    # median); floor: each generator read its own forwarder's.
+    # median); floor, turnpike-procs: each generator read its own process's.
     cpus = [r["server_cpu_s"] for r in results]
-    cpu = sum(cpus) if server == "floor" else median(cpus)
+    cpu = sum(cpus) if server in ("floor", "turnpike-procs") else median(cpus)
     return {
         "server": server, "shards": shards, "rate_per_shard": rate, "generators": count,
         "offered_pps": offered, "delivered_pps": delivered,
@@ -258,6 +280,8 @@ def main():
     ap.add_argument("--size", type=int, default=172)
     ap.add_argument("--secs", type=float, default=2.0)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--processes", action="store_true",
+                    help="also run N one-shard turnpikes on their own ports, each fed by one generator")
     ap.add_argument("--out", default=None, help="folder for scaling.json and scaling.md")
     opts = ap.parse_args()
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -276,8 +300,9 @@ def main():
     if not counts or max(counts) > most:
         sys.exit("bench-scaling: %s shards need as many server cores and generator cores; this machine offers "
                  "%d and %d" % (max(counts or [0]), len(opts.server_cores), len(opts.generator_cores)))
-    servers = ["turnpike", "floor"] + (["coturn"] if opts.coturn else [])
-    require_free([TURN_PORT, COTURN_PORT, METRICS_PORT] + [FLOOR_PORT + i for i in range(2 * max(counts))])
+    servers = ["turnpike", "floor"] + (["coturn"] if opts.coturn else []) + (["turnpike-procs"] if opts.processes else [])
+    require_free([TURN_PORT, COTURN_PORT, METRICS_PORT] + [PROCS_PORT + i for i in range(max(counts))]
+                 + [FLOOR_PORT + i for i in range(2 * max(counts))])
     rates = [int(x) for x in opts.rates.split(",") if x]
     sweep = [int(x) for x in opts.sweep.split(",") if x]
     print("bench-scaling: %d CPUs on %d physical cores; server cores %s, generator cores %s; shard counts %s; %d allocations and one "
@@ -340,19 +365,21 @@ def render(opts, counts, rates, sweep, runs, servers=("turnpike", "floor")):
                 n, rate // 1000, fmt(median([r["delivered_pps"] for r in tp]), 0), fmt(tcpu), fmt(ratio(base["turnpike"], tcpu)),
                 "%.3f %%" % (100 * max(r["loss"] for r in tp)) if tp else "n/a", fmt(fcpu), fmt(ratio(base["floor"], fcpu)),
                 fmt(ratio(tcpu, fcpu)), "%d-%d" % (min(spread), max(spread_hi)) if spread else "n/a"))
-    if "coturn" in servers:
-        lines += ["", "### coturn with --relay-threads=N on the same N cores", "",
-                  "| threads | rate/thread | relayed pps | coturn us/pkt | efficiency | loss | turnpike / coturn |",
+    titles = {"coturn": "coturn with --relay-threads=N on the same N cores",
+              "turnpike-procs": "N turnpikes of one shard each, on their own ports and cores, one generator each"}
+    for other in [s for s in servers if s in titles]:
+        lines += ["", "### " + titles[other], "",
+                  "| N | rate each | relayed pps | %s us/pkt | efficiency | loss | turnpike / %s |" % (other, other),
                   "|---|---|---|---|---|---|---|"]
         for rate in rates:
-            base = median([r["cpu_us_per_packet"] for r in pick(runs, "coturn", counts[0], rate, timed)])
+            base = median([r["cpu_us_per_packet"] for r in pick(runs, other, counts[0], rate, timed)])
             for n in counts:
-                ct, tp = pick(runs, "coturn", n, rate, timed), pick(runs, "turnpike", n, rate, timed)
-                ccpu = median([r["cpu_us_per_packet"] for r in ct])
+                ot, tp = pick(runs, other, n, rate, timed), pick(runs, "turnpike", n, rate, timed)
+                ocpu = median([r["cpu_us_per_packet"] for r in ot])
                 tcpu = median([r["cpu_us_per_packet"] for r in tp])
                 lines.append("| %d | %dk | %s | %s | %s | %s | %s |" % (
-                    n, rate // 1000, fmt(median([r["delivered_pps"] for r in ct]), 0), fmt(ccpu), fmt(ratio(base, ccpu)),
-                    "%.3f %%" % (100 * max(r["loss"] for r in ct)) if ct else "n/a", fmt(ratio(tcpu, ccpu))))
+                    n, rate // 1000, fmt(median([r["delivered_pps"] for r in ot]), 0), fmt(ocpu), fmt(ratio(base, ocpu)),
+                    "%.3f %%" % (100 * max(r["loss"] for r in ot)) if ot else "n/a", fmt(ratio(tcpu, ocpu))))
     lines += ["", "### Highest rate per shard without loss (< 0.1 %% in every round) among %s" % (
         ", ".join("%dk" % (r // 1000) for r in rates)), "",
               "| shards |" + "".join(" %s: rate/shard | relayed pps |" % s for s in servers),
