@@ -30,12 +30,10 @@ logging: {level: warn}
 """
 
 
-def require_free_ports():
-    """Stops the run unless every port the servers and the generator bind on 127.0.0.1 is free: a server
-    already there (a turnpike on 3478 would share it through SO_REUSEPORT) would take part of the
-    traffic and falsify every figure."""
+def busy_ports(ports):
+    """The UDP ports among `ports` that some socket already holds on 127.0.0.1."""
     busy = []
-    for port in sorted(set(PORTS.values()) | {PEER_PORT}):
+    for port in ports:
         probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         try:
             probe.bind(("127.0.0.1", port))
@@ -43,6 +41,14 @@ def require_free_ports():
             busy.append(str(port))
         finally:
             probe.close()
+    return busy
+
+
+def require_free_ports():
+    """Stops the run unless every port the servers and the generator bind on 127.0.0.1 is free: a server
+    already there (a turnpike on 3478 would share it through SO_REUSEPORT) would take part of the
+    traffic and falsify every figure."""
+    busy = busy_ports(sorted(set(PORTS.values()) | {PEER_PORT}))
     if busy:
         sys.exit("bench-compare: UDP port %s on 127.0.0.1 already in use (a TURN server, or an earlier benchmark "
                  "still running?); stop it and run again" % ", ".join(busy))

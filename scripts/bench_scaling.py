@@ -21,7 +21,7 @@ import sys
 import time
 import urllib.request
 
-from bench_compare import fmt, median, ratio, stop
+from bench_compare import busy_ports, fmt, median, ratio, stop
 
 SECRET = "bench-secret"
 TURN_PORT = 3478
@@ -61,15 +61,7 @@ def one_cpu_per_core(cpus):
 
 
 def require_free(ports):
-    busy = []
-    for port in ports:
-        probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        try:
-            probe.bind(("127.0.0.1", port))
-        except OSError:
-            busy.append(str(port))
-        finally:
-            probe.close()
+    busy = busy_ports(ports)
     if busy:
         sys.exit("bench-scaling: UDP port %s on 127.0.0.1 already in use; stop what holds it and run again"
                  % ", ".join(busy))
