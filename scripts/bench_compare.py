@@ -54,6 +54,16 @@ def require_free_ports():
                  "still running?); stop it and run again" % ", ".join(busy))
 
 
+def coturn_command(binary, port, relay_ports, threads, pidfile):
+    """coturn configured like the benchmark's turnpike: REST credentials from SECRET, loopback peers
+    allowed, UDP only, `threads` relay threads, no logging."""
+    return [binary, "-n", "--listening-ip=127.0.0.1", "--listening-port=%d" % port, "--relay-ip=127.0.0.1",
+            "--min-port=%d" % relay_ports[0], "--max-port=%d" % relay_ports[1], "--use-auth-secret",
+            "--static-auth-secret=" + SECRET, "--realm=bench", "--allow-loopback-peers", "--no-cli", "--no-tls",
+            "--no-dtls", "--no-tcp", "--relay-threads=%d" % threads, "--no-stdout-log", "--log-file=/dev/null",
+            "--pidfile=" + pidfile]
+
+
 def start(name, sockets=1):
     """Starts one server. `floor` is the raw forwarder shaped like a relay: it sends through `sockets`
     sockets, one per source (each allocation sends from its own address) and waits on all of them with
@@ -65,11 +75,8 @@ def start(name, sockets=1):
             f.write(TURNPIKE_YAML)
         cmd = pin + [TURNPIKE, "--config", path]
     elif name == "coturn":
-        cmd = pin + ["turnserver", "-n", "--listening-ip=127.0.0.1", "--listening-port=3479",
-                     "--relay-ip=127.0.0.1", "--min-port=40000", "--max-port=59999", "--use-auth-secret",
-                     "--static-auth-secret=" + SECRET, "--realm=bench", "--allow-loopback-peers", "--no-cli",
-                     "--no-tls", "--no-dtls", "--no-tcp", "--relay-threads=1", "--no-stdout-log",
-                     "--log-file=/dev/null", "--pidfile=" + os.path.join(ROOT, "target/bench/coturn.pid")]
+        cmd = pin + coturn_command("turnserver", PORTS["coturn"], (40000, 59999), 1,
+                                   os.path.join(ROOT, "target/bench/coturn.pid"))
     else:
         cmd = pin + [RAW, str(PORTS["raw"]), "127.0.0.1", str(PEER_PORT)]
         if name == "floor":

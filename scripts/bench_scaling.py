@@ -21,9 +21,8 @@ import sys
 import time
 import urllib.request
 
-from bench_compare import busy_ports, fmt, median, ratio, stop
+from bench_compare import SECRET, busy_ports, coturn_command, fmt, median, ratio, stop
 
-SECRET = "bench-secret"
 TURN_PORT = 3478
 METRICS_PORT = 9641
 COTURN_PORT = 3479
@@ -112,12 +111,10 @@ def start_turnpike_processes(opts, shards):
 
 def start_coturn(opts, shards):
     cores = ",".join(map(str, opts.server_cores[:shards]))
-    cmd = ["taskset", "-c", cores, opts.coturn, "-n", "--listening-ip=127.0.0.1", "--listening-port=%d" % COTURN_PORT,
-           "--relay-ip=127.0.0.1", "--min-port=10000", "--max-port=31999", "--use-auth-secret",
-           "--static-auth-secret=" + SECRET, "--realm=bench", "--allow-loopback-peers", "--no-cli", "--no-tls",
-           "--no-dtls", "--no-tcp", "--relay-threads=%d" % shards, "--no-stdout-log", "--log-file=/dev/null",
-           "--pidfile=" + os.path.join(opts.work, "scaling-coturn.pid"),
-           "--db=" + os.path.join(opts.work, "scaling-coturn.sqlite")]
+    # --db: a machine where coturn was not installed by its package has no default database folder.
+    cmd = (["taskset", "-c", cores]
+           + coturn_command(opts.coturn, COTURN_PORT, (10000, 31999), shards, os.path.join(opts.work, "scaling-coturn.pid"))
+           + ["--db=" + os.path.join(opts.work, "scaling-coturn.sqlite")])
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(1.0)
     if proc.poll() is not None:

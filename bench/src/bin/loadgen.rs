@@ -438,6 +438,9 @@ fn run(args: &Args) -> io::Result<()> {
     let rss_before = server_usage(args.server_pid).map(|u| u.1);
     let mut setup_rate = 0.0;
     let mut setup_cpu_us = f64::NAN;
+    // Where each client's data goes through its allocation: a peer, or (calls) its partner's relayed
+    // address. Empty in raw mode.
+    let mut targets: Vec<SocketAddr> = Vec::new();
     if args.raw.is_none() {
         let all: Vec<usize> = (0..n).collect();
         // Phase 1: unauthenticated Allocate -> 401 with realm and nonce.
@@ -459,7 +462,7 @@ fn run(args: &Args) -> io::Result<()> {
         setup_rate = ok as f64 / took;
         setup_cpu_us = cpu.map_or(f64::NAN, |c| c * 1e6 / ok.max(1) as f64);
         // Channels (or permissions, in Send-indication mode) towards the peers or the partners.
-        let targets: Vec<SocketAddr> = (0..n)
+        targets = (0..n)
             .map(|i| {
                 if args.calls {
                     clients[i ^ 1].relayed.unwrap_or(args.server)
@@ -585,11 +588,7 @@ fn run(args: &Args) -> io::Result<()> {
             let result = if args.raw.is_some() {
                 c.sock.send(&frame[..args.size])
             } else if args.send_mode {
-                let peer = if args.calls {
-                    clients[(c.id ^ 1) as usize].relayed.unwrap_or(args.server)
-                } else {
-                    peers[c.id as usize / 64].local_addr()?
-                };
+                let peer = targets.get(c.id as usize).copied().unwrap_or(args.server);
                 indication.clear();
                 indication.resize(args.size + 64, 0);
                 let mut w = MsgWriter::new(&mut indication, Method::SEND, Class::Indication, TransactionId([7; 12]));
