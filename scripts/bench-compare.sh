@@ -16,9 +16,10 @@ if ! command -v turnserver >/dev/null 2>&1; then
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends coturn >/dev/null
     $SUDO systemctl stop coturn >/dev/null 2>&1 || true
 fi
-echo "==> building turnpike, loadgen and the raw forwarder"
+echo "==> building turnpike, loadgen, the raw forwarder and the set-up floor"
 cargo build --release --locked -p turnpike -p turnpike-bench --quiet
 mkdir -p target/bench
 gcc -O2 -o target/bench/raw-forwarder scripts/raw-forwarder.c
+gcc -O2 -o target/bench/setup-floor scripts/setup-floor.c
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 exec python3 scripts/bench_compare.py "$@"

@@ -66,4 +66,26 @@ else
     echo "scaling script: FAILED"
     status=1
 fi
+# The set-up floor of bench-compare (scripts/setup-floor.c) must still answer the generator's set-up:
+# the 401, the Allocates (one relay socket each), the channels and the deletions, in two timed rounds.
+gcc -O2 -o "$dir/setup-floor" scripts/setup-floor.c
+"$dir/setup-floor" 0 42000 42999 > "$dir/floor.log" 2>&1 &
+floor_pid=$!
+floor_addr=""
+for _ in $(seq 50); do
+    floor_addr="$(sed -n 's/^listening on //p' "$dir/floor.log")"
+    [ -n "$floor_addr" ] && break
+    sleep 0.1
+done
+if out="$(target/debug/loadgen --server "$floor_addr" --secret x --allocations 50 --setup-only \
+    --setup-rounds 2 --server-pid "$floor_pid")"; then
+    echo "set-up floor: $out"
+    # Only the listening socket is left: every relay socket was closed with its deletion.
+    sockets="$(find "/proc/$floor_pid/fd" -lname 'socket:*' | wc -l)"
+    if [ "$sockets" -ne 1 ]; then echo "  FAILED: $sockets sockets open after the deletions"; status=1; else echo "  ok"; fi
+else
+    echo "set-up floor: FAILED"
+    status=1
+fi
+kill "$floor_pid" 2>/dev/null || true
 exit $status

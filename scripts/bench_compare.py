@@ -15,9 +15,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOADGEN = os.path.join(ROOT, "target/release/loadgen")
 TURNPIKE = os.path.join(ROOT, "target/release/turnpike")
 RAW = os.path.join(ROOT, "target/bench/raw-forwarder")
+SETUP_FLOOR = os.path.join(ROOT, "target/bench/setup-floor")
 OUT = os.path.join(ROOT, "bench/results")
 SECRET = "bench-secret"
-PORTS = {"turnpike": 3478, "coturn": 3479, "raw": 41000, "floor": 41000}
+PORTS = {"turnpike": 3478, "coturn": 3479, "raw": 41000, "floor": 41000, "setup-floor": 41002}
 PEER_PORT = 41001
 
 TURNPIKE_YAML = """listen: {ips: [127.0.0.1], port: 3478, tcp: false}
@@ -77,12 +78,15 @@ def start(name, sockets=1):
     elif name == "coturn":
         cmd = pin + coturn_command("turnserver", PORTS["coturn"], (40000, 59999), 1,
                                    os.path.join(ROOT, "target/bench/coturn.pid"))
+    elif name == "setup-floor":
+        # The kernel's part of an Allocate (scripts/setup-floor.c), relay ports as turnpike's.
+        cmd = pin + [SETUP_FLOOR, str(PORTS[name]), "20000", "39999"]
     else:
         cmd = pin + [RAW, str(PORTS["raw"]), "127.0.0.1", str(PEER_PORT)]
         if name == "floor":
             cmd += [str(sockets), "wait"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    time.sleep(0.2 if name in ("raw", "floor") else 1.0)
+    time.sleep(0.2 if name in ("raw", "floor", "setup-floor") else 1.0)
     return proc
 
 
@@ -229,7 +233,8 @@ def main():
     mem = {}
     for rnd in range(ROUNDS):
         for n_alloc in ([1000] if QUICK else [1000, 10000]):
-            for name in (["turnpike", "coturn"] if rnd % 2 == 0 else ["coturn", "turnpike"]):
+            setup_order = ["turnpike", "coturn", "setup-floor"]
+            for name in setup_order[rnd % 3:] + setup_order[:rnd % 3]:
                 # At least 10,000 Allocates are timed per run (1,000 allocations: ten set-up rounds,
                 # deleted in between): one set-up of 1,000 takes about 10 ms, too short to time.
                 r = run_one(name, "--allocations", n_alloc, "--setup-only", "--setup-rounds", max(1, 10000 // n_alloc))
@@ -343,16 +348,22 @@ def render(results, table, calls, sweep, sweep_rates, mem):
     lines.append("")
     lines.append("### Memory and authenticated allocations per second (pipelined Allocate from N sockets)")
     lines.append("")
-    lines.append("| allocations | turnpike KiB/alloc | coturn KiB/alloc | turnpike alloc/s | coturn alloc/s | alloc/s ratio | turnpike server CPU us/alloc | coturn server CPU us/alloc | CPU ratio coturn/turnpike |")
-    lines.append("|---|---|---|---|---|---|---|---|---|")
+    lines.append("set-up floor: scripts/setup-floor.c, the kernel's part of an Allocate with a relay socket "
+                 "(socket, bind, epoll_ctl, answers of turnpike's sizes in batches; no credentials, no state).")
+    lines.append("")
+    lines.append("| allocations | turnpike KiB/alloc | coturn KiB/alloc | turnpike alloc/s | coturn alloc/s | set-up floor alloc/s | alloc/s ratio | floor/coturn | turnpike server CPU us/alloc | coturn server CPU us/alloc | floor CPU us/alloc | CPU ratio coturn/turnpike | CPU turnpike/floor |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for n_alloc in sorted({k2[1] for k2 in mem}):
         t, c = mem[("turnpike", n_alloc)], mem[("coturn", n_alloc)]
-        lines.append("| %d | %s | %s | %s | %s | %s | %s | %s | %s |" % (
+        f = mem.get(("setup-floor", n_alloc), {})
+        lines.append("| %d | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (
             n_alloc, fmt(t.get("rss_per_alloc_kib")), fmt(c.get("rss_per_alloc_kib")),
-            fmt(t.get("setup_per_sec"), 0), fmt(c.get("setup_per_sec"), 0),
+            fmt(t.get("setup_per_sec"), 0), fmt(c.get("setup_per_sec"), 0), fmt(f.get("setup_per_sec"), 0),
             fmt(ratio(t.get("setup_per_sec"), c.get("setup_per_sec"))),
-            fmt(t.get("cpu_us_per_alloc"), 1), fmt(c.get("cpu_us_per_alloc"), 1),
-            fmt(ratio(c.get("cpu_us_per_alloc"), t.get("cpu_us_per_alloc")))))
+            fmt(ratio(f.get("setup_per_sec"), c.get("setup_per_sec"))),
+            fmt(t.get("cpu_us_per_alloc"), 1), fmt(c.get("cpu_us_per_alloc"), 1), fmt(f.get("cpu_us_per_alloc"), 1),
+            fmt(ratio(c.get("cpu_us_per_alloc"), t.get("cpu_us_per_alloc"))),
+            fmt(ratio(t.get("cpu_us_per_alloc"), f.get("cpu_us_per_alloc")))))
     report = "\n".join(lines) + "\n"
     os.makedirs(OUT, exist_ok=True)
     with open(os.path.join(OUT, "latest.md"), "w") as f:
