@@ -2,7 +2,7 @@
 //! secrets (username `<unix-expiry><sep><user>`, password `base64(HMAC-SHA1(secret, username))`).
 
 use crate::proto::StunMsg;
-use crate::proto::integrity::{LongTermKey, long_term_key, rest_password, verify_message_integrity};
+use crate::proto::integrity::{HmacKey, LongTermKey, long_term_key, rest_password_with, verify_message_integrity};
 use std::collections::HashMap;
 
 /// The credentials one realm accepts.
@@ -11,8 +11,8 @@ pub struct CredentialStore {
     realm: Box<str>,
     /// Static users: name -> precomputed long-term key.
     users: HashMap<Box<[u8]>, LongTermKey>,
-    /// REST API secrets, all accepted (several at once make rotation painless).
-    secrets: Vec<Box<[u8]>>,
+    /// REST API secrets, all accepted (several at once make rotation painless), prepared for HMAC.
+    secrets: Vec<HmacKey>,
     /// Separator between expiry and user in REST usernames.
     separator: u8,
 }
@@ -64,7 +64,7 @@ impl CredentialStore {
 
     /// Adds a REST API shared secret.
     pub fn add_secret(&mut self, secret: &str) {
-        self.secrets.push(secret.as_bytes().into());
+        self.secrets.push(HmacKey::new(secret.as_bytes()));
     }
 
     /// Whether any credential is configured at all.
@@ -113,7 +113,7 @@ impl CredentialStore {
             return Verdict::Expired;
         }
         for secret in &self.secrets {
-            let password = rest_password(secret, username);
+            let password = rest_password_with(secret, username);
             let key = long_term_key(username, self.realm.as_bytes(), &password);
             if verify_message_integrity(msg, &key) {
                 return Verdict::Ok(key);

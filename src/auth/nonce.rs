@@ -1,7 +1,7 @@
 //! Stateless, time-limited nonces: `hex(expiry) || hex(HMAC(key, expiry || client IP)[..8])`.
 //! Nothing is stored per client; any shard can check a nonce any other shard issued.
 
-use crate::proto::integrity::hmac_sha1;
+use crate::proto::integrity::HmacKey;
 use std::net::IpAddr;
 
 /// Length of a nonce: 16 hex digits of expiry + 16 hex digits of MAC.
@@ -9,7 +9,7 @@ pub const NONCE_LEN: usize = 32;
 
 /// The secret that signs nonces; random per process (nonces die with a restart and clients get 438).
 #[derive(Clone)]
-pub struct NonceKey([u8; 32]);
+pub struct NonceKey(HmacKey);
 
 impl std::fmt::Debug for NonceKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -41,7 +41,7 @@ fn from_hex(b: u8) -> Option<u8> {
 impl NonceKey {
     /// A key from 32 bytes of randomness.
     pub fn new(bytes: [u8; 32]) -> Self {
-        Self(bytes)
+        Self(HmacKey::new(&bytes))
     }
 
     fn mac(&self, expiry: u64, ip: IpAddr) -> [u8; 20] {
@@ -49,7 +49,7 @@ impl NonceKey {
             IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
             IpAddr::V6(v6) => v6.octets(),
         };
-        hmac_sha1(&self.0, &[&expiry.to_be_bytes(), &ip_bytes])
+        self.0.mac(&[&expiry.to_be_bytes(), &ip_bytes])
     }
 
     /// Mints a nonce for `client` valid until `expiry` (unix seconds).

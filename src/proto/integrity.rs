@@ -15,15 +15,37 @@ type HmacSha1 = Hmac<Sha1>;
 
 /// HMAC-SHA1 of the concatenation of `parts`.
 pub fn hmac_sha1(key: &[u8], parts: &[&[u8]]) -> [u8; HMAC_SHA1_LEN] {
-    let mut out = [0u8; HMAC_SHA1_LEN];
-    // HMAC accepts keys of any length; the error arm cannot happen.
-    if let Ok(mut mac) = HmacSha1::new_from_slice(key) {
+    HmacKey::new(key).mac(parts)
+}
+
+/// An HMAC-SHA1 key made ready once: the key's inner and outer SHA-1 blocks are hashed when it is made,
+/// so each MAC with it costs two compression calls fewer than [`hmac_sha1`]. For keys used on every
+/// request (the nonce key, REST API secrets).
+#[derive(Clone)]
+pub struct HmacKey(HmacSha1);
+
+impl std::fmt::Debug for HmacKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("HmacKey(..)")
+    }
+}
+
+impl HmacKey {
+    /// Prepares `key` (any length).
+    pub fn new(key: &[u8]) -> Self {
+        // HMAC accepts keys of any length, so `new_from_slice` cannot fail; the fallback keeps this
+        // free of panics all the same.
+        Self(HmacSha1::new_from_slice(key).unwrap_or_else(|_| <HmacSha1 as Mac>::new(&Default::default())))
+    }
+
+    /// HMAC-SHA1 of the concatenation of `parts` under this key.
+    pub fn mac(&self, parts: &[&[u8]]) -> [u8; HMAC_SHA1_LEN] {
+        let mut mac = self.0.clone();
         for p in parts {
             mac.update(p);
         }
-        out.copy_from_slice(&mac.finalize().into_bytes());
+        mac.finalize().into_bytes().into()
     }
-    out
 }
 
 /// CRC-32 of `bytes` XOR 0x5354554E, as FINGERPRINT carries it.
@@ -79,10 +101,44 @@ pub const REST_PASSWORD_LEN: usize = 28;
 
 /// The TURN REST API password for `username`: base64(HMAC-SHA1(secret, username)), written on the stack.
 pub fn rest_password(secret: &[u8], username: &[u8]) -> [u8; REST_PASSWORD_LEN] {
+    rest_password_with(&HmacKey::new(secret), username)
+}
+
+/// [`rest_password`] with the secret prepared once ([`HmacKey`]), as the server checks it.
+pub fn rest_password_with(secret: &HmacKey, username: &[u8]) -> [u8; REST_PASSWORD_LEN] {
     use base64::Engine as _;
-    let mac = hmac_sha1(secret, &[username]);
+    let mac = secret.mac(&[username]);
     let mut out = [0u8; REST_PASSWORD_LEN];
     // 20 bytes always encode to exactly 28 base64 characters, so this cannot fail.
     let _ = base64::engine::general_purpose::STANDARD.encode_slice(mac, &mut out);
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// RFC 2202 test case 2 (HMAC-SHA1, key "Jefe"), with the prepared key used repeatedly: each MAC
+    /// starts from the prepared state, never from the previous MAC's.
+    #[test]
+    fn prepared_key_matches_rfc_2202_every_time() {
+        let expected = [
+            0xef, 0xfc, 0xdf, 0x6a, 0xe5, 0xeb, 0x2f, 0xa2, 0xd2, 0x74, 0x16, 0xd5, 0xf1, 0x84, 0xdf, 0x9c, 0x25, 0x9a,
+            0x7c, 0x79,
+        ];
+        let key = HmacKey::new(b"Jefe");
+        for _ in 0..3 {
+            assert_eq!(key.mac(&[b"what do ya want ", b"for nothing?"]), expected);
+        }
+        assert_eq!(hmac_sha1(b"Jefe", &[b"what do ya want for nothing?"]), expected);
+    }
+
+    /// The REST password from a prepared secret is the one clients compute from the plain secret.
+    #[test]
+    fn rest_password_with_prepared_secret_is_the_same() {
+        let secret = HmacKey::new(b"north");
+        for user in [&b"1700000000:alice"[..], b"1700000000:bob", b""] {
+            assert_eq!(rest_password_with(&secret, user), rest_password(b"north", user));
+        }
+    }
 }
