@@ -13,6 +13,7 @@
  *
  * Usage: raw-forwarder LISTEN_PORT DEST_IP DEST_PORT [SOCKETS [wait]] */
 #define _GNU_SOURCE
+#include "mmsg.h"
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <stdio.h>
@@ -87,15 +88,7 @@ int main(int argc, char **argv) {
     struct mmsghdr msgs[BATCH], group[BATCH];
     int slot[BATCH];
     for (;;) {
-        memset(msgs, 0, sizeof msgs);
-        for (int i = 0; i < BATCH; i++) {
-            iov[i].iov_base = bufs[i];
-            iov[i].iov_len = SIZE;
-            msgs[i].msg_hdr.msg_iov = &iov[i];
-            msgs[i].msg_hdr.msg_iovlen = 1;
-            msgs[i].msg_hdr.msg_name = &from[i];
-            msgs[i].msg_hdr.msg_namelen = sizeof from[i];
-        }
+        prepare_recv_batch(msgs, iov, bufs, SIZE, from, BATCH);
         int n;
         if (wait_all) {
             int input_ready = 0;

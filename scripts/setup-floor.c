@@ -17,6 +17,7 @@
  * Usage: setup-floor LISTEN_PORT [RELAY_MIN RELAY_MAX]   (default relay range 20000-39999; prints the
  * address it listens on, so that LISTEN_PORT 0 can be used) */
 #define _GNU_SOURCE
+#include "mmsg.h"
 #include <arpa/inet.h>
 #include <errno.h>
 #include <netinet/in.h>
@@ -202,15 +203,7 @@ int main(int argc, char **argv) {
                 continue;
             }
             for (;;) {
-                memset(msgs, 0, sizeof msgs);
-                for (int i = 0; i < BATCH; i++) {
-                    iov[i].iov_base = bufs[i];
-                    iov[i].iov_len = SIZE;
-                    msgs[i].msg_hdr.msg_iov = &iov[i];
-                    msgs[i].msg_hdr.msg_iovlen = 1;
-                    msgs[i].msg_hdr.msg_name = &from[i];
-                    msgs[i].msg_hdr.msg_namelen = sizeof from[i];
-                }
+                prepare_recv_batch(msgs, iov, bufs, SIZE, from, BATCH);
                 int n = recvmmsg(in, msgs, BATCH, MSG_DONTWAIT, NULL);
                 if (n <= 0) {
                     break;
