@@ -231,9 +231,9 @@ def main():
             print("  sweep %-8s %6d pps: %s" % (name, rate, json.dumps(r)), file=sys.stderr)
     # Memory and set-up rate.
     mem = {}
+    setup_order = ["turnpike", "coturn", "setup-floor"]
     for rnd in range(ROUNDS):
         for n_alloc in ([1000] if QUICK else [1000, 10000]):
-            setup_order = ["turnpike", "coturn", "setup-floor"]
             for name in setup_order[rnd % 3:] + setup_order[:rnd % 3]:
                 # At least 10,000 Allocates are timed per run (1,000 allocations: ten set-up rounds,
                 # deleted in between): one set-up of 1,000 takes about 10 ms, too short to time.

@@ -51,15 +51,7 @@ int main(int argc, char **argv) {
         fprintf(stderr, "SOCKETS must be 1..%d\n", MAX_SOCKETS);
         return 2;
     }
-    int in = socket(AF_INET, SOCK_DGRAM, 0);
-    int big = 4 << 20;
-    setsockopt(in, SOL_SOCKET, SO_RCVBUF, &big, sizeof big);
-    struct sockaddr_in local = {.sin_family = AF_INET, .sin_port = htons(atoi(argv[1]))};
-    inet_pton(AF_INET, "127.0.0.1", &local.sin_addr);
-    if (bind(in, (struct sockaddr *)&local, sizeof local) != 0) {
-        perror("bind");
-        return 1;
-    }
+    int in = listen_loopback(argv[1], SOCK_DGRAM, 0);
     static int outs[MAX_SOCKETS];
     for (int i = 0; i < nsock; i++) outs[i] = out_socket();
     /* In `wait` mode: one epoll set over the input socket (data = nsock) and every output socket. */

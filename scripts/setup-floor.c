@@ -167,16 +167,8 @@ int main(int argc, char **argv) {
         return 2;
     }
     memset(relay_fd, -1, sizeof relay_fd);
-    int in = socket(AF_INET, SOCK_DGRAM | SOCK_NONBLOCK, 0);
-    int big = 4 << 20;
-    setsockopt(in, SOL_SOCKET, SO_RCVBUF, &big, sizeof big);
-    setsockopt(in, SOL_SOCKET, SO_SNDBUF, &big, sizeof big);
-    struct sockaddr_in local = {.sin_family = AF_INET, .sin_port = htons(atoi(argv[1]))};
-    inet_pton(AF_INET, "127.0.0.1", &local.sin_addr);
-    if (bind(in, (struct sockaddr *)&local, sizeof local) != 0) {
-        perror("bind");
-        return 1;
-    }
+    int in = listen_loopback(argv[1], SOCK_DGRAM | SOCK_NONBLOCK, 1);
+    struct sockaddr_in local;
     socklen_t local_len = sizeof local;
     getsockname(in, (struct sockaddr *)&local, &local_len);
     printf("listening on 127.0.0.1:%u\n", ntohs(local.sin_port)); /* LISTEN_PORT 0 takes a free one */
