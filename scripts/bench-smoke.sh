@@ -36,7 +36,11 @@ for mode in "" "--send-indications" "--calls"; do
 import json, sys
 r = json.loads(sys.argv[1])
 ok = r["loss"] == 0 and r["delivered_pps"] > 0 and r["offered_pps"] > 0
-print("  ok" if ok else "  FAILED: packets lost or nothing delivered")
+# Every datagram must carry the kernel receive stamp the added latency is measured from.
+stamped = r["unstamped"] == 0 and 0 < r["p99_us"] <= r["p99_observed_us"]
+print("  ok" if ok and stamped else "  FAILED: " + ("packets lost or nothing delivered" if not ok
+      else "latency not measured from kernel receive stamps"))
+ok = ok and stamped
 sys.exit(0 if ok else 1)' "$out" || {
         status=1
         # Where did the packets go? The server's own counters of relayed and dropped datagrams.

@@ -118,13 +118,23 @@ def loadgen(name, proc, *extra):
 
 # A paced run in which the generator fell this far behind its own schedule, although it could offer
 # the rate, did not measure the configuration: the generator (or its core) was stopped, then caught up
-# with one burst at full speed. Such a run is repeated, at most twice.
+# with one burst at full speed. Nor did one in which the hypervisor took this much time from the
+# server's or the generator's core (steal time, /proc/stat). Such a run is repeated, at most twice.
 STALL_US = 50000
+STEAL_MS = 50
 STALLS = []
 
 
-def stalled(r):
-    return "error" not in r and not r.get("generator_saturated") and r.get("generator_max_lag_us", 0) > STALL_US
+def stall_reason(r):
+    """Why run `r` did not measure its configuration, or None."""
+    if "error" in r:
+        return None
+    if not r.get("generator_saturated") and r.get("generator_max_lag_us", 0) > STALL_US:
+        return "generator %d ms behind" % (r["generator_max_lag_us"] // 1000)
+    steal = r.get("steal_ms", [])[:2]
+    if steal and max(steal) >= STEAL_MS:
+        return "%d ms stolen by the hypervisor" % max(steal)
+    return None
 
 
 def run_one(name, *extra, sockets=1):
@@ -134,11 +144,12 @@ def run_one(name, *extra, sockets=1):
             r = loadgen(name, proc, *extra)
         finally:
             stop(proc)
-        if attempt == 2 or not stalled(r):
+        reason = stall_reason(r)
+        if attempt == 2 or reason is None:
             return r
-        STALLS.append({"server": name, "args": [str(e) for e in extra], **r})
-        print("  stalled %-8s %s (generator %d ms behind, repeated): %s"
-              % (name, " ".join(str(e) for e in extra), r["generator_max_lag_us"] // 1000, json.dumps(r)), file=sys.stderr)
+        STALLS.append({"server": name, "args": [str(e) for e in extra], "reason": reason, **r})
+        print("  stalled %-8s %s (%s, repeated): %s"
+              % (name, " ".join(str(e) for e in extra), reason, json.dumps(r)), file=sys.stderr)
     return r
 
 
@@ -258,7 +269,8 @@ def from_log(path):
             sweep[words[1]].append((int(words[2]), r.get("offered_pps", 0), r.get("delivered_pps", 0),
                                     r.get("loss", 1.0), r.get("generator_saturated", False)))
         elif words[0] == "stalled":
-            STALLS.append({"server": words[1], **r})
+            reason = head.rsplit("(", 1)[-1].split(", repeated")[0] if ", repeated" in head else None
+            STALLS.append({"server": words[1], "reason": reason, **r})
         elif words[0] == "setup":
             mem.setdefault((words[1], int(words[2])), []).append(r)
         elif words[0] == "calls":
@@ -301,8 +313,10 @@ def render(results, table, calls, sweep, sweep_rates, mem):
     stalls = results.get("stalled_runs_repeated", [])
     lines.append("")
     lines.append("Runs repeated because the generator stalled (over %d ms behind its schedule while able to offer "
-                 "the rate, then catching up in one burst): %d%s." % (STALL_US // 1000, len(stalls), "".join(
-                     "; %s at %s pps, %d ms" % (r.get("server"), r.get("rate"), r.get("generator_max_lag_us", 0) // 1000)
+                 "the rate, then catching up in one burst) or the hypervisor took %d ms or more from the server's "
+                 "or the generator's core (steal time): %d%s." % (STALL_US // 1000, STEAL_MS, len(stalls), "".join(
+                     "; %s at %s pps, %s" % (r.get("server"), r.get("rate"), r.get("reason") or
+                                             "%d ms" % (r.get("generator_max_lag_us", 0) // 1000))
                      for r in stalls)))
     lines.append("")
     lines.append("### CPU per relayed packet and loss (ChannelData client -> peer, paced)")

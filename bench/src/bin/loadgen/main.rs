@@ -19,7 +19,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use turnpike::proto::attr::{self, AttrType, PROTO_UDP};
 use turnpike::proto::integrity::{long_term_key, rest_password};
 use turnpike::proto::{Class, Method, MsgWriter, StunMsg, TransactionId};
-use turnpike::shard::socket::RecvBatch;
+
+mod stamped;
+use stamped::StampedBatch;
 
 struct Args {
     server: SocketAddr,
@@ -77,6 +79,22 @@ fn parse_args() -> Result<Args, String> {
             Err(_) => return Err("--start-at UNIX-SECONDS".into()),
         },
     })
+}
+
+/// Nanoseconds since the Unix epoch: the clock of the payloads' send times, which the kernel's
+/// receive timestamps share.
+fn unix_nanos() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
+}
+
+/// Steal time of each CPU so far, in milliseconds (`/proc/stat`, 10-ms resolution): time the
+/// hypervisor ran something else while this machine's CPU wanted to run.
+fn steal_ms() -> Vec<u64> {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    stat.lines()
+        .filter(|l| l.starts_with("cpu") && l.as_bytes().get(3).is_some_and(u8::is_ascii_digit))
+        .map(|l| l.split_whitespace().nth(8).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0) * 10)
+        .collect()
 }
 
 /// Seconds since the Unix epoch.
@@ -299,38 +317,46 @@ impl Histogram {
     }
 }
 
+/// Latency histograms of the traffic window: from the generator's send to the kernel's arrival stamp
+/// (what the server added), and to the generator reading the datagram (also the generator's own delay).
+struct Latency {
+    /// Send to the kernel's arrival stamp at the receiving socket.
+    added: Histogram,
+    /// Send to this generator reading it.
+    observed: Histogram,
+    /// Datagrams that came without a kernel stamp (their added latency is the observed one).
+    unstamped: u64,
+}
+
 /// Reads everything waiting on the socket of `token` (a peer, or a client in calls mode) in batches
 /// (`recvmmsg`: the generator must not be what limits the rate), records the latency of payloads sent
-/// inside the measurement window, and returns how many those were.
+/// inside the measurement window (Unix nanoseconds), and returns how many those were.
 fn receive_ready(
     token: usize,
     peers: &[UdpSocket],
     clients: &[Client],
-    batch: &mut RecvBatch,
-    epoch: Instant,
-    window: (Instant, Instant),
-    hist: &mut Histogram,
+    batch: &mut StampedBatch,
+    window: (u64, u64),
+    latency: &mut Latency,
 ) -> u64 {
     let mut counted = 0;
     loop {
-        let got = if token >= 1_000_000 {
-            peers.get(token - 1_000_000).map(|p| batch.recv(p))
+        let n = if token >= 1_000_000 {
+            peers.get(token - 1_000_000).map_or(0, |p| batch.recv(p))
         } else {
-            clients.get(token).map(|c| batch.recv(&c.sock))
+            clients.get(token).map_or(0, |c| batch.recv(&c.sock))
         };
-        let n = match got {
-            Some(Ok(n)) if n > 0 => n,
-            _ => return counted,
-        };
-        let now = Instant::now();
+        if n == 0 {
+            return counted;
+        }
+        let now = unix_nanos();
         for i in 0..n {
-            let len = batch.meta[i].0;
-            let buf = &batch.bufs[i].body_mut()[..len];
+            let (buf, stamp) = batch.get(i);
             // The payload is bare at peers; at clients it follows a ChannelData header or sits in a Data
             // indication.
             let payload: &[u8] = if token >= 1_000_000 {
                 buf
-            } else if len >= 4 && buf[0] & 0xC0 == 0x40 {
+            } else if buf.len() >= 4 && buf[0] & 0xC0 == 0x40 {
                 &buf[4..]
             } else {
                 match StunMsg::parse(buf).ok().and_then(|m| m.attr(AttrType::DATA)) {
@@ -341,11 +367,15 @@ fn receive_ready(
             if payload.len() < 20 {
                 continue;
             }
-            let ts = u64::from_be_bytes(payload[0..8].try_into().unwrap_or([0; 8]));
-            let sent_at = epoch + Duration::from_nanos(ts);
+            let sent_at = u64::from_be_bytes(payload[0..8].try_into().unwrap_or([0; 8]));
             if sent_at >= window.0 && sent_at < window.1 {
                 counted += 1;
-                hist.record(now.saturating_duration_since(sent_at).as_micros() as u64);
+                latency.observed.record(now.saturating_sub(sent_at) / 1000);
+                let arrived = stamp.unwrap_or_else(|| {
+                    latency.unstamped += 1;
+                    now
+                });
+                latency.added.record(arrived.saturating_sub(sent_at) / 1000);
             }
         }
     }
@@ -405,7 +435,6 @@ fn bench_socket(addr: SocketAddr) -> io::Result<UdpSocket> {
 
 fn run(args: &Args) -> io::Result<()> {
     let mut poll = Poll::new()?;
-    let epoch = Instant::now();
     let unix = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
     let n = if args.calls { args.allocations.max(2) & !1 } else { args.allocations.max(1) };
     // Peers: one UDP socket per 64 allocations (client <-> peer mode). Bound before the clients, whose
@@ -538,23 +567,35 @@ fn run(args: &Args) -> io::Result<()> {
         Some(at) => wait_until_unix(at),
         None => 0.0,
     };
-    // Traffic. Payload: [send time ns since epoch (8)] [sequence (8)] [client (4)] [padding].
+    // Receive times from the kernel (see `stamped`); a socket that refuses leaves its datagrams
+    // unstamped, and they are counted as such.
+    for sock in peers.iter().chain(clients.iter().map(|c| &c.sock)) {
+        if let Err(e) = stamped::enable(sock) {
+            eprintln!("no kernel receive timestamps ({e}): latency includes the generator's own delay");
+            break;
+        }
+    }
+    // Traffic. Payload: [send time, ns since the Unix epoch (8)] [sequence (8)] [client (4)] [padding].
     let mut frame = vec![0u8; 4 + args.size + 48];
     let mut indication = vec![0u8; 0];
     let total_secs = args.warmup + args.duration;
     let interval_ns = 1e9 / args.rate.max(1) as f64;
-    let mut hist = Histogram::new();
+    let mut latency = Latency { added: Histogram::new(), observed: Histogram::new(), unstamped: 0 };
     let mut sent_measured = 0u64;
     let mut recv_measured = 0u64;
     // The generator's worst lateness against its own schedule in the window: a stall of this process
     // (or of its core) is followed by a catch-up burst, whose queueing in the server shows up as latency.
     let mut max_lag_us = 0u64;
     let mut events = Events::with_capacity(4096);
-    let mut batch = RecvBatch::new(turnpike::shard::socket::MAX_BATCH);
+    let mut batch = StampedBatch::new();
     let start = Instant::now();
     let measure_from = start + Duration::from_secs_f64(args.warmup);
     let measure_to = start + Duration::from_secs_f64(total_secs);
+    // The same window in send times (Unix ns), which decide what counts.
+    let start_unix = unix_nanos();
+    let window = (start_unix + (args.warmup * 1e9) as u64, start_unix + (total_secs * 1e9) as u64);
     let mut usage_start = None;
+    let mut steal_start = Vec::new();
     let mut seq = 0u64;
     let mut next_client = 0usize;
     loop {
@@ -564,6 +605,7 @@ fn run(args: &Args) -> io::Result<()> {
         }
         if usage_start.is_none() && now >= measure_from {
             usage_start = Some((server_usage(args.server_pid), now));
+            steal_start = steal_ms();
         }
         // Packets due by now.
         let due = ((now - start).as_nanos() as f64 / interval_ns) as u64;
@@ -574,13 +616,12 @@ fn run(args: &Args) -> io::Result<()> {
         while seq < due && burst < 256 {
             let c = &clients[next_client];
             next_client = (next_client + 1) % clients.len();
-            let t = Instant::now();
+            let ts = unix_nanos();
             // A long burst can cross the end of the window; the receiver counts only payloads sent
             // inside it, so nothing is sent (and counted) past the end.
-            if t >= measure_to {
+            if ts >= window.1 {
                 break;
             }
-            let ts = (t - epoch).as_nanos() as u64;
             let payload_at = if args.raw.is_some() { 0 } else { 4 };
             frame[payload_at..payload_at + 8].copy_from_slice(&ts.to_be_bytes());
             frame[payload_at + 8..payload_at + 16].copy_from_slice(&seq.to_be_bytes());
@@ -601,7 +642,7 @@ fn run(args: &Args) -> io::Result<()> {
                 frame[2..4].copy_from_slice(&(args.size as u16).to_be_bytes());
                 c.sock.send(&frame[..4 + args.size])
             };
-            if result.is_ok() && t >= measure_from {
+            if result.is_ok() && ts >= window.0 {
                 sent_measured += 1;
             }
             seq += 1;
@@ -610,8 +651,7 @@ fn run(args: &Args) -> io::Result<()> {
         // Receive whatever is ready (peers, or clients in calls mode).
         let _ = poll.poll(&mut events, Some(Duration::ZERO));
         for ev in events.iter() {
-            let counted =
-                receive_ready(ev.token().0, &peers, &clients, &mut batch, epoch, (measure_from, measure_to), &mut hist);
+            let counted = receive_ready(ev.token().0, &peers, &clients, &mut batch, window, &mut latency);
             recv_measured += counted;
         }
         if seq >= due {
@@ -621,11 +661,12 @@ fn run(args: &Args) -> io::Result<()> {
     // Drain late arrivals for 300 ms.
     let drain_until = Instant::now() + Duration::from_millis(300);
     let usage_end = server_usage(args.server_pid);
+    let steal: Vec<String> =
+        steal_ms().iter().zip(&steal_start).map(|(end, start)| end.saturating_sub(*start).to_string()).collect();
     while Instant::now() < drain_until {
         let _ = poll.poll(&mut events, Some(Duration::from_millis(10)));
         for ev in events.iter() {
-            let counted =
-                receive_ready(ev.token().0, &peers, &clients, &mut batch, epoch, (measure_from, measure_to), &mut hist);
+            let counted = receive_ready(ev.token().0, &peers, &clients, &mut batch, window, &mut latency);
             recv_measured += counted;
         }
     }
@@ -644,23 +685,30 @@ fn run(args: &Args) -> io::Result<()> {
     let hops = if args.calls { 2.0 } else { 1.0 };
     let cpu_us_per_packet = cpu * 1e6 / (recv_measured.max(1) as f64 * hops);
     let saturated = offered < 0.97 * args.rate as f64;
+    let (added, observed) = (&latency.added, &latency.observed);
     eprintln!(
-        "offered {offered:.0} pkt/s, delivered {delivered:.0} pkt/s, loss {:.3} %, latency p50 {} us p99 {} us p99.9 {} us, server CPU {cpu:.2} s = {cpu_us_per_packet:.2} us/packet, RSS {rss} KiB, generator at most {max_lag_us} us behind schedule{}",
+        "offered {offered:.0} pkt/s, delivered {delivered:.0} pkt/s, loss {:.3} %, added latency p50 {} us p99 {} us p99.9 {} us ({} unstamped; p99 {} us as read by the generator), server CPU {cpu:.2} s = {cpu_us_per_packet:.2} us/packet, RSS {rss} KiB, generator at most {max_lag_us} us behind schedule, steal ms per CPU [{}]{}",
         loss * 100.0,
-        hist.percentile(0.5),
-        hist.percentile(0.99),
-        hist.percentile(0.999),
+        added.percentile(0.5),
+        added.percentile(0.99),
+        added.percentile(0.999),
+        latency.unstamped,
+        observed.percentile(0.99),
+        steal.join(", "),
         if saturated { " (generator could not keep the schedule: offered rate below target)" } else { "" }
     );
     println!(
-        "{{\"rate\":{},\"size\":{},\"allocations\":{},\"calls\":{},\"offered_pps\":{offered:.1},\"delivered_pps\":{delivered:.1},\"loss\":{loss:.6},\"p50_us\":{},\"p99_us\":{},\"p999_us\":{},\"server_cpu_s\":{cpu:.4},\"cpu_us_per_packet\":{cpu_us_per_packet:.4},\"rss_kib\":{rss},\"setup_per_sec\":{setup_rate:.1},\"cpu_us_per_alloc\":{setup_cpu_us:.2},\"generator_saturated\":{saturated},\"generator_max_lag_us\":{max_lag_us},\"late_start_ms\":{late_start_ms:.1}}}",
+        "{{\"rate\":{},\"size\":{},\"allocations\":{},\"calls\":{},\"offered_pps\":{offered:.1},\"delivered_pps\":{delivered:.1},\"loss\":{loss:.6},\"p50_us\":{},\"p99_us\":{},\"p999_us\":{},\"p99_observed_us\":{},\"unstamped\":{},\"steal_ms\":[{}],\"server_cpu_s\":{cpu:.4},\"cpu_us_per_packet\":{cpu_us_per_packet:.4},\"rss_kib\":{rss},\"setup_per_sec\":{setup_rate:.1},\"cpu_us_per_alloc\":{setup_cpu_us:.2},\"generator_saturated\":{saturated},\"generator_max_lag_us\":{max_lag_us},\"late_start_ms\":{late_start_ms:.1}}}",
         args.rate,
         args.size,
         n,
         args.calls,
-        hist.percentile(0.5),
-        hist.percentile(0.99),
-        hist.percentile(0.999)
+        added.percentile(0.5),
+        added.percentile(0.99),
+        added.percentile(0.999),
+        observed.percentile(0.99),
+        latency.unstamped,
+        steal.join(",")
     );
     Ok(())
 }
