@@ -20,7 +20,11 @@ use turnpike::proto::attr::{self, AttrType, PROTO_UDP};
 use turnpike::proto::integrity::{long_term_key, rest_password};
 use turnpike::proto::{Class, Method, MsgWriter, StunMsg, TransactionId};
 
+mod host;
+mod latency;
 mod stamped;
+use host::{proc_usage, steal_ms, unix_nanos, unix_now, wait_until_unix};
+use latency::Latency;
 use stamped::StampedBatch;
 
 struct Args {
@@ -79,47 +83,6 @@ fn parse_args() -> Result<Args, String> {
             Err(_) => return Err("--start-at UNIX-SECONDS".into()),
         },
     })
-}
-
-/// Nanoseconds since the Unix epoch: the clock of the payloads' send times, which the kernel's
-/// receive timestamps share.
-fn unix_nanos() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
-}
-
-/// Steal time of each CPU so far, in milliseconds (`/proc/stat`, 10-ms resolution): time the
-/// hypervisor ran something else while this machine's CPU wanted to run.
-fn steal_ms() -> Vec<u64> {
-    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    stat.lines()
-        .filter(|l| l.starts_with("cpu") && l.as_bytes().get(3).is_some_and(u8::is_ascii_digit))
-        .map(|l| l.split_whitespace().nth(8).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0) * 10)
-        .collect()
-}
-
-/// Seconds since the Unix epoch.
-fn unix_now() -> f64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
-}
-
-/// CPU seconds (user + system) and RSS (KiB) of a process.
-fn proc_usage(pid: u32) -> Option<(f64, u64)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = stat.rsplit_once(')')?.1;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let rss =
-        status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?.trim().trim_end_matches("kB").trim().parse().ok()?;
-    Some((process_cpu_seconds(pid).unwrap_or(ticks / 100.0), rss))
-}
-
-/// The process's CPU time (all threads, user + system) to the nanosecond, from its CPU-time clock
-/// (`clock_getcpuclockid`); `/proc/PID/stat` counts only 10-ms ticks, too coarse for short runs.
-fn process_cpu_seconds(pid: u32) -> Option<f64> {
-    let pid = nix::unistd::Pid::from_raw(i32::try_from(pid).ok()?);
-    let now = nix::time::clock_getcpuclockid(pid).ok()?.now().ok()?;
-    Some(now.tv_sec() as f64 + now.tv_nsec() as f64 * 1e-9)
 }
 
 /// One client: its socket, credentials, nonce and relayed address.
@@ -289,45 +252,6 @@ fn error_code(resp: &[u8]) -> Option<u16> {
     m.attr(AttrType::ERROR_CODE).and_then(|v| attr::decode_error_code(v).ok()).map(|c| c.0)
 }
 
-/// A microsecond latency histogram (1 us buckets up to 100 ms, then overflow), allocated up front.
-struct Histogram {
-    buckets: Vec<u32>,
-    count: u64,
-}
-
-impl Histogram {
-    fn new() -> Self {
-        Self { buckets: vec![0; 100_001], count: 0 }
-    }
-    fn record(&mut self, us: u64) {
-        let i = (us as usize).min(self.buckets.len() - 1);
-        self.buckets[i] += 1;
-        self.count += 1;
-    }
-    fn percentile(&self, p: f64) -> u64 {
-        let want = ((self.count as f64) * p).ceil() as u64;
-        let mut seen = 0u64;
-        for (i, &c) in self.buckets.iter().enumerate() {
-            seen += u64::from(c);
-            if seen >= want.max(1) {
-                return i as u64;
-            }
-        }
-        self.buckets.len() as u64
-    }
-}
-
-/// Latency histograms of the traffic window: from the generator's send to the kernel's arrival stamp
-/// (what the server added), and to the generator reading the datagram (also the generator's own delay).
-struct Latency {
-    /// Send to the kernel's arrival stamp at the receiving socket.
-    added: Histogram,
-    /// Send to this generator reading it.
-    observed: Histogram,
-    /// Datagrams that came without a kernel stamp (their added latency is the observed one).
-    unstamped: u64,
-}
-
 /// Reads everything waiting on the socket of `token` (a peer, or a client in calls mode) in batches
 /// (`recvmmsg`: the generator must not be what limits the rate), records the latency of payloads sent
 /// inside the measurement window (Unix nanoseconds), and returns how many those were.
@@ -378,18 +302,6 @@ fn receive_ready(
                 latency.added.record(arrived.saturating_sub(sent_at) / 1000);
             }
         }
-    }
-}
-
-/// Sleeps until `unix_secs` (seconds since the Unix epoch) and returns how many milliseconds late the
-/// caller already was (0 when it was early enough to wait).
-fn wait_until_unix(unix_secs: f64) -> f64 {
-    let now = unix_now();
-    if unix_secs > now {
-        std::thread::sleep(Duration::from_secs_f64(unix_secs - now));
-        0.0
-    } else {
-        (now - unix_secs) * 1000.0
     }
 }
 
@@ -580,7 +492,7 @@ fn run(args: &Args) -> io::Result<()> {
     let mut indication = vec![0u8; 0];
     let total_secs = args.warmup + args.duration;
     let interval_ns = 1e9 / args.rate.max(1) as f64;
-    let mut latency = Latency { added: Histogram::new(), observed: Histogram::new(), unstamped: 0 };
+    let mut latency = Latency::new();
     let mut sent_measured = 0u64;
     let mut recv_measured = 0u64;
     // The generator's worst lateness against its own schedule in the window: a stall of this process
