@@ -2,6 +2,7 @@
 //! ChannelData and Data indications peer -> client, counted with a global allocator.
 
 #![allow(clippy::disallowed_methods, unsafe_code)] // a counting allocator needs `unsafe impl GlobalAlloc`
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a failed step fails the test
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::net::SocketAddr;

@@ -5,6 +5,7 @@
 //! `scripts/test.sh`, which installs the tools), in which case a missing tool is a failure.
 
 #![allow(clippy::disallowed_methods)] // tests may read the clock and sleep
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a failed step fails the test
 
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, UdpSocket};

@@ -2,6 +2,7 @@
 //! `external-ip`: the advertised relay address differs from the bound one and data still flows.
 
 #![allow(clippy::disallowed_methods)] // tests may read the clock and sleep
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a failed step fails the test
 
 mod common;
 

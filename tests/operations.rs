@@ -3,6 +3,7 @@
 //! config convert, credentials).
 
 #![allow(clippy::disallowed_methods)] // tests may read the clock and sleep
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a failed step fails the test
 
 mod common;
 

@@ -1,6 +1,7 @@
 //! The real server on loopback with 2 shards, driven by a small TURN client over UDP.
 
 #![allow(clippy::disallowed_methods)] // tests may read the clock and sleep
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a failed step fails the test
 
 mod common;
 

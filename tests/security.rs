@@ -2,6 +2,7 @@
 //! a datagram, quotas hold at exactly their limit, `max-bps` holds, and a garbage barrage costs nothing.
 
 #![allow(clippy::disallowed_methods)] // tests may read the clock and sleep
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a failed step fails the test
 
 mod common;
 

@@ -2,6 +2,7 @@
 //! slow reader that must not stall the shard, and connection close freeing the allocation.
 
 #![allow(clippy::disallowed_methods)] // tests may read the clock and sleep
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a failed step fails the test
 
 mod common;
 
