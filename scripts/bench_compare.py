@@ -295,6 +295,16 @@ def from_log(path):
     render(results, table, calls, sweep, rates, mem)
 
 
+def repeats_line(stalls):
+    """One sentence naming the runs that were repeated, and why."""
+    return ("Runs repeated because the generator stalled (over %d ms behind its schedule while able to offer "
+            "the rate, then catching up in one burst) or the hypervisor took %d ms or more from the server's "
+            "or the generator's core (steal time): %d%s." % (STALL_US // 1000, STEAL_MS, len(stalls), "".join(
+                "; %s at %s pps, %s" % (r.get("server"), r.get("rate"), r.get("reason") or
+                                        "%d ms" % (r.get("generator_max_lag_us", 0) // 1000))
+                for r in stalls)))
+
+
 def render(results, table, calls, sweep, sweep_rates, mem):
     order = ["turnpike", "coturn", "raw"]
     best = {}
@@ -310,14 +320,8 @@ def render(results, table, calls, sweep, sweep_rates, mem):
     lines.append("Machine: %s, %s CPUs; server pinned to core 0, generator to core 1; %.1f s measured per run; "
                  "%d alternating round(s) per configuration (median CPU and p99, worst loss)." %
                  (results["machine"], results["cpus"], SECS, rounds))
-    stalls = results.get("stalled_runs_repeated", [])
     lines.append("")
-    lines.append("Runs repeated because the generator stalled (over %d ms behind its schedule while able to offer "
-                 "the rate, then catching up in one burst) or the hypervisor took %d ms or more from the server's "
-                 "or the generator's core (steal time): %d%s." % (STALL_US // 1000, STEAL_MS, len(stalls), "".join(
-                     "; %s at %s pps, %s" % (r.get("server"), r.get("rate"), r.get("reason") or
-                                             "%d ms" % (r.get("generator_max_lag_us", 0) // 1000))
-                     for r in stalls)))
+    lines.append(repeats_line(results.get("stalled_runs_repeated", [])))
     lines.append("")
     lines.append("### CPU per relayed packet and loss (ChannelData client -> peer, paced)")
     lines.append("")
@@ -442,6 +446,7 @@ def p99_study(rounds):
         lines.append("| %d | %d | %s | %s | %s | %d of %d |" % (a, size, "calls" if calls else "client -> peer",
                      fmt(median([x for x in t if x is not None]), 0), fmt(median([y for y in c if y is not None]), 0),
                      wins, len(t)))
+    lines += ["", repeats_line(STALLS)]
     print("\n".join(lines))
 
 
