@@ -15,7 +15,7 @@ use mio::net::UdpSocket;
 use mio::{Events, Interest, Poll, Token};
 use std::io;
 use std::net::SocketAddr;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 use turnpike::proto::attr::{self, AttrType, PROTO_UDP};
 use turnpike::proto::integrity::{long_term_key, rest_password};
 use turnpike::proto::{Class, Method, MsgWriter, StunMsg, TransactionId};
@@ -347,7 +347,7 @@ fn bench_socket(addr: SocketAddr) -> io::Result<UdpSocket> {
 
 fn run(args: &Args) -> io::Result<()> {
     let mut poll = Poll::new()?;
-    let unix = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let unix = unix_nanos() / 1_000_000_000;
     let n = if args.calls { args.allocations.max(2) & !1 } else { args.allocations.max(1) };
     // Peers: one UDP socket per 64 allocations (client <-> peer mode). Bound before the clients, whose
     // ephemeral ports could otherwise take the fixed `--peer-port`.
