@@ -980,8 +980,9 @@ impl Engine {
                     return Some((port, reservation));
                 }
                 Err(e) => {
-                    // A port in use elsewhere goes to the back of the queue; try the next one.
-                    self.ports.give_back(port);
+                    // A port in use elsewhere goes back to a random place in the pool (the reserved
+                    // next port, not tried, to the back); try the next one.
+                    self.ports.set_aside(port);
                     if let Some(next) = next {
                         self.ports.give_back(next);
                     }

@@ -15,22 +15,28 @@ pub fn shard_ports(min: u16, max: u16, shard: usize, shards: usize) -> impl Iter
 #[derive(Debug, Clone)]
 pub struct PortPool {
     free: VecDeque<u16>,
+    /// xorshift64* state: shuffles the pool and places ports found busy.
+    rng: u64,
 }
 
 impl PortPool {
     /// Builds a pool from `ports`, shuffled with `seed` so relay ports are not predictable.
     pub fn new(ports: impl IntoIterator<Item = u16>, seed: u64) -> Self {
-        let mut v: Vec<u16> = ports.into_iter().collect();
-        let mut state = seed | 1;
-        for i in (1..v.len()).rev() {
-            // xorshift64*: enough to spread ports; not a security boundary.
-            state ^= state >> 12;
-            state ^= state << 25;
-            state ^= state >> 27;
-            let r = state.wrapping_mul(0x2545_F491_4F6C_DD1D);
-            v.swap(i, (r % (i as u64 + 1)) as usize);
+        let v: Vec<u16> = ports.into_iter().collect();
+        let mut pool = Self { free: v.into(), rng: seed | 1 };
+        for i in (1..pool.free.len()).rev() {
+            let j = pool.below(i + 1);
+            pool.free.swap(i, j);
         }
-        Self { free: v.into() }
+        pool
+    }
+
+    /// A pseudo-random index below `n` (xorshift64*: enough to spread ports; not a security boundary).
+    fn below(&mut self, n: usize) -> usize {
+        self.rng ^= self.rng >> 12;
+        self.rng ^= self.rng << 25;
+        self.rng ^= self.rng >> 27;
+        (self.rng.wrapping_mul(0x2545_F491_4F6C_DD1D) % n.max(1) as u64) as usize
     }
 
     /// Number of free ports.
@@ -76,6 +82,20 @@ impl PortPool {
     pub fn give_back(&mut self, port: u16) {
         self.free.push_back(port);
     }
+
+    /// Returns a port that could not be bound (another program holds it) to a random place in the list.
+    ///
+    /// At the back, ports found busy would gather into one run (each round of allocations pushes the
+    /// busy ports it met behind the ports it frees, and the next pass pushes the whole run back again),
+    /// and an Allocate, which tries a bounded number of ports, would fail with 508 on reaching the run
+    /// while most of the range is free. Scattered, a run of busy ports is as rare as in the shuffled
+    /// range. The port it displaces moves to the back, which only delays that port's reuse.
+    pub fn set_aside(&mut self, port: u16) {
+        self.free.push_back(port);
+        let last = self.free.len() - 1;
+        let at = self.below(self.free.len());
+        self.free.swap(at, last);
+    }
 }
 
 #[cfg(test)]
@@ -109,7 +129,7 @@ mod tests {
 
     proptest! {
         #[test]
-        fn never_hands_out_a_port_twice(ops in proptest::collection::vec(0u8..4, 1..200), seed in any::<u64>()) {
+        fn never_hands_out_a_port_twice(ops in proptest::collection::vec(0u8..5, 1..200), seed in any::<u64>()) {
             let mut pool = PortPool::new(50000..50020, seed);
             let mut out: HashSet<u16> = HashSet::new();
             for op in ops {
@@ -120,6 +140,7 @@ mod tests {
                         prop_assert!(out.insert(n.unwrap()));
                     },
                     2 => if let Some(&p) = out.iter().next() { out.remove(&p); pool.give_back(p); },
+                    3 => if let Some(&p) = out.iter().next() { out.remove(&p); pool.set_aside(p); },
                     _ => if let Some((p, _)) = pool.take_even(false) { prop_assert!(out.insert(p)); },
                 }
                 prop_assert_eq!(out.len() + pool.len(), 20);

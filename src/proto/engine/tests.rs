@@ -73,12 +73,13 @@ struct Harness {
 fn harness_with(s: Settings) -> Harness {
     let t0 = Instant::now();
     let shared = Arc::new(Shared::default());
+    let (min_port, max_port) = s.relay_ports;
     let engine = Engine::new(
         0,
         Arc::new(s),
         Arc::clone(&shared),
         Arc::new(ShardStats::default()),
-        50_000..50_010,
+        min_port..=max_port,
         t0,
         UNIX0,
         42,
@@ -660,6 +661,33 @@ fn ports_exhausted_is_508_and_busy_ports_are_skipped() {
     let mut c = Client::rest(41100, "u", UNIX0 + 3600);
     assert_eq!(h.allocate(&mut c).code(), Some(508));
     assert_eq!(h.shared.quotas.total(), 7, "a refused allocation holds no quota");
+}
+
+/// Ports held by other programs (a relay range overlapping the ephemeral range) must not gather in one
+/// run of the free list: each Allocate tries a bounded number of ports, so a run of busy ports longer
+/// than that would refuse allocations while most of the range is free.
+#[test]
+fn busy_ports_do_not_gather_into_a_run_that_refuses_allocations() {
+    let mut s = settings();
+    s.user_quota = 0;
+    s.relay_ports = (50_000, 50_199);
+    let mut h = harness_with(s);
+    // Every fourth port is in use elsewhere: 50 of 200. A round of 60 Allocates meets about 20 of them,
+    // more than one Allocate tries, and with all 200 ports cycling every round meets each of them.
+    h.io.busy_ports.extend((50_000..=50_199).filter(|p| p % 4 == 0));
+    for round in 0..12u16 {
+        let mut clients: Vec<Client> =
+            (0..60u16).map(|i| Client::rest(41000 + i, "u", UNIX0 + 3600 + u64::from(round))).collect();
+        for c in &mut clients {
+            let r = h.allocate(c);
+            assert_eq!(r.class(), Class::Success, "round {round}, port {}: {:?}", c.tuple.client.port(), r.code());
+            assert!(!h.io.busy_ports.contains(&r.xor_addr(AttrType::XOR_RELAYED_ADDRESS).port()));
+        }
+        for c in &mut clients {
+            let r = h.authed(c, Method::REFRESH, |w| w.add_u32(AttrType::LIFETIME, 0));
+            assert_eq!(r.class(), Class::Success);
+        }
+    }
 }
 
 /// RFC 8656 §7.2: EVEN-PORT with R reserves the next port; RESERVATION-TOKEN claims it.
