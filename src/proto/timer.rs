@@ -51,6 +51,20 @@ impl<T: Copy> TimerWheel<T> {
         (self.len > 0).then(|| self.origin + Duration::from_secs(self.next_sec))
     }
 
+    /// Keeps only the entries for which `keep` is true (the owner drops entries it knows to be stale),
+    /// and gives back the memory of slots left mostly empty.
+    pub fn retain(&mut self, mut keep: impl FnMut(&T) -> bool) {
+        let mut len = 0;
+        for slot in &mut self.slots {
+            slot.retain(|(_, item)| keep(item));
+            if slot.capacity() > 2 * slot.len() + 8 {
+                slot.shrink_to(2 * slot.len());
+            }
+            len += slot.len();
+        }
+        self.len = len;
+    }
+
     /// Moves the wheel to `now`, appending every due item to `due`.
     pub fn advance(&mut self, now: Instant, due: &mut Vec<T>) {
         let target = now.saturating_duration_since(self.origin).as_secs();
@@ -107,6 +121,22 @@ mod tests {
         assert!(due.is_empty());
         w.advance(t0 + Duration::from_secs(SLOTS as u64 * 2 + 5), &mut due);
         assert_eq!(due, [9]);
+    }
+
+    #[test]
+    fn retain_drops_entries_and_keeps_the_rest_due() {
+        let t0 = Instant::now();
+        let mut w = TimerWheel::new(t0);
+        for i in 0..1000u32 {
+            w.insert(t0 + Duration::from_secs(u64::from(i % 7) + 1), i);
+        }
+        w.retain(|&i| i % 10 == 0);
+        assert_eq!(w.len(), 100);
+        let mut due = Vec::new();
+        w.advance(t0 + Duration::from_secs(8), &mut due);
+        due.sort_unstable();
+        assert_eq!(due, (0..100).map(|i| i * 10).collect::<Vec<_>>());
+        assert!(w.is_empty());
     }
 
     proptest! {

@@ -690,6 +690,42 @@ fn busy_ports_do_not_gather_into_a_run_that_refuses_allocations() {
     }
 }
 
+/// Deleted allocations leave their timer entries behind (lazily dropped); a client creating and
+/// deleting allocations in a loop must not grow the timer wheel by its whole churn.
+#[test]
+fn churned_allocations_leave_a_bounded_number_of_timer_entries() {
+    let mut s = settings();
+    s.user_quota = 0;
+    s.total_quota = 0;
+    s.relay_ports = (50_000, 51_999);
+    let mut h = harness_with(s);
+    let rounds = 2 * TIMER_SWEEP_SLACK / 1000 + 2;
+    for round in 0..rounds as u64 {
+        let mut clients: Vec<Client> =
+            (0..1000u16).map(|i| Client::rest(20_000 + i, "churn", UNIX0 + 3600 + round)).collect();
+        for c in &mut clients {
+            assert_eq!(h.allocate(c).class(), Class::Success);
+            assert_eq!(h.authed(c, Method::CHANNEL_BIND, channel_bind_attrs(0x4000, peer())).class(), Class::Success);
+        }
+        for c in &mut clients {
+            assert_eq!(h.authed(c, Method::REFRESH, |w| w.add_u32(AttrType::LIFETIME, 0)).class(), Class::Success);
+        }
+        h.engine.handle_timeout(h.now, &mut h.io);
+    }
+    // Each round armed 3,000 entries (allocation, permission, channel) that all went stale.
+    assert!(
+        h.engine.pending_timers() <= 2 * TIMER_SWEEP_SLACK,
+        "{} timer entries pending after {rounds} rounds with nothing live",
+        h.engine.pending_timers()
+    );
+    // The sweep kept what is live: a new allocation still expires on time.
+    let mut c = Client::rest(40_000, "late", UNIX0 + 3600);
+    assert_eq!(h.allocate(&mut c).class(), Class::Success);
+    h.now += Duration::from_secs(601);
+    h.engine.handle_timeout(h.now, &mut h.io);
+    assert!(h.io.open.is_empty(), "expired allocation's socket closed");
+}
+
 /// RFC 8656 §7.2: EVEN-PORT with R reserves the next port; RESERVATION-TOKEN claims it.
 #[test]
 fn even_port_and_reservation_token() {
