@@ -42,15 +42,6 @@ const OUT_LEN: usize = 1_500;
 const MAX_UNKNOWN_LISTED: usize = 8;
 /// How long a RESERVATION-TOKEN holds its port (RFC 8656 §7.2 suggests about 30 seconds).
 const RESERVATION_LIFETIME: Duration = Duration::from_secs(30);
-/// Timer entries beyond twice the live ones that are tolerated before stale entries are swept.
-///
-/// Entries are dropped lazily (a deleted allocation's entries stay until their deadline), which costs
-/// nothing per delete but would let a client that creates and deletes allocations in a loop grow the
-/// wheel by its whole churn over a lifetime (600 s at 100k deletes/s is 60 M entries). Sweeping when the
-/// wheel holds more than twice the live entries plus this slack bounds it; a sweep visits every entry
-/// but follows at least this many inserts, so its cost per insert is constant.
-pub const TIMER_SWEEP_SLACK: usize = 4096;
-
 /// How many busy ports an Allocate skips before giving up with 508.
 const BIND_ATTEMPTS: usize = 16;
 /// Longest USERNAME accepted (RFC 8489 §14.3: less than 513 bytes).
@@ -339,8 +330,6 @@ pub struct Engine {
     ports: PortPool,
     wheel: TimerWheel<Timer>,
     due: Vec<Timer>,
-    /// Timer entries kept by the last sweep of stale ones.
-    timers_after_sweep: usize,
     out: Box<[u8]>,
     origin: Instant,
     origin_unix: u64,
@@ -386,7 +375,6 @@ impl Engine {
             ports: PortPool::new(ports, seed),
             wheel: TimerWheel::new(origin),
             due: Vec::new(),
-            timers_after_sweep: 0,
             out: vec![0u8; OUT_LEN].into_boxed_slice(),
             origin,
             origin_unix,
@@ -1298,24 +1286,20 @@ impl Engine {
     }
 
     /// Drops the timer entries of deleted allocations, permissions and channels, and allocation entries
-    /// superseded by an earlier deadline, once they outnumber the live ones (see [`TIMER_SWEEP_SLACK`]).
+    /// superseded by an earlier deadline, once they outnumber the live ones ([`TimerWheel::sweep_stale`]).
     fn sweep_stale_timers(&mut self) {
-        let pending = self.wheel.len();
+        // Live reservations are not counted; sweep_stale's second bound keeps them from sweeping often.
         let live = self.table.len() + (self.live_permissions + self.live_channels) as usize;
-        // Live reservations are not counted in `live`; the second bound keeps them from causing a sweep
-        // at every call.
-        if pending <= 2 * live + TIMER_SWEEP_SLACK || pending <= 2 * self.timers_after_sweep + TIMER_SWEEP_SLACK {
-            return;
-        }
         let table = &self.table;
-        self.wheel.retain(|timer| match *timer {
+        let swept = self.wheel.sweep_stale(live, |timer| match *timer {
             Timer::Allocation(id, armed) => table.get(id).is_some_and(|a| a.armed_at == armed),
             Timer::Permission(id, ip) => table.get(id).is_some_and(|a| a.permissions.iter().any(|p| p.ip == ip)),
             Timer::Channel(id, number) => table.get(id).is_some_and(|a| a.channels.iter().any(|c| c.number == number)),
             Timer::Reservation(_) => true,
         });
-        self.timers_after_sweep = self.wheel.len();
-        log::debug!("shard {}: swept {} stale timer entries", self.shard, pending - self.timers_after_sweep);
+        if swept > 0 {
+            log::debug!("shard {}: swept {swept} stale timer entries", self.shard);
+        }
     }
 
     fn fire(&mut self, now: Instant, timer: Timer, io: &mut dyn RelaySockets) {

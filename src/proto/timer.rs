@@ -8,6 +8,9 @@ use std::time::{Duration, Instant};
 /// across rotations until due.
 const SLOTS: usize = 4096;
 
+/// Entries beyond twice the live ones tolerated before [`TimerWheel::sweep_stale`] sweeps.
+pub const SWEEP_SLACK: usize = 4096;
+
 /// A timer wheel holding `T` items.
 #[derive(Debug)]
 pub struct TimerWheel<T> {
@@ -16,12 +19,14 @@ pub struct TimerWheel<T> {
     /// The next second not yet processed.
     next_sec: u64,
     len: usize,
+    /// Entries kept by the last [`TimerWheel::sweep_stale`] that swept.
+    kept_by_sweep: usize,
 }
 
 impl<T: Copy> TimerWheel<T> {
     /// An empty wheel whose second 0 starts at `origin`.
     pub fn new(origin: Instant) -> Self {
-        Self { origin, slots: (0..SLOTS).map(|_| Vec::new()).collect(), next_sec: 0, len: 0 }
+        Self { origin, slots: (0..SLOTS).map(|_| Vec::new()).collect(), next_sec: 0, len: 0, kept_by_sweep: 0 }
     }
 
     /// Number of pending entries.
@@ -51,8 +56,27 @@ impl<T: Copy> TimerWheel<T> {
         (self.len > 0).then(|| self.origin + Duration::from_secs(self.next_sec))
     }
 
-    /// Keeps only the entries for which `keep` is true (the owner drops entries it knows to be stale),
-    /// and gives back the memory of slots left mostly empty.
+    /// Drops the stale entries (those `keep` rejects) once the wheel holds more than twice the `live`
+    /// entries and twice what the last sweep kept, plus [`SWEEP_SLACK`]; returns how many it dropped.
+    ///
+    /// Owners drop entries lazily (a deleted object's entry stays until its deadline), which costs
+    /// nothing per delete but would let a remote that creates and deletes objects in a loop grow the
+    /// wheel by its whole churn over a lifetime (600 s at 100k deletes/s is 60 M entries). A sweep visits
+    /// every entry but follows at least [`SWEEP_SLACK`] inserts since the last one, so its cost per insert
+    /// is constant. The second bound keeps entries the owner does not count as `live` from causing a
+    /// sweep at every call.
+    pub fn sweep_stale(&mut self, live: usize, keep: impl FnMut(&T) -> bool) -> usize {
+        let pending = self.len;
+        if pending <= 2 * live + SWEEP_SLACK || pending <= 2 * self.kept_by_sweep + SWEEP_SLACK {
+            return 0;
+        }
+        self.retain(keep);
+        self.kept_by_sweep = self.len;
+        pending - self.len
+    }
+
+    /// Keeps only the entries for which `keep` is true, and gives back the memory of slots left mostly
+    /// empty.
     pub fn retain(&mut self, mut keep: impl FnMut(&T) -> bool) {
         let mut len = 0;
         for slot in &mut self.slots {
@@ -137,6 +161,25 @@ mod tests {
         due.sort_unstable();
         assert_eq!(due, (0..100).map(|i| i * 10).collect::<Vec<_>>());
         assert!(w.is_empty());
+    }
+
+    #[test]
+    fn sweeps_only_when_stale_entries_outnumber_live_ones() {
+        let t0 = Instant::now();
+        let mut w = TimerWheel::new(t0);
+        let n = 2 * SWEEP_SLACK as u32;
+        for i in 0..n {
+            w.insert(t0 + Duration::from_secs(60), i);
+        }
+        // Half live: 2 x 4096 + 4096 > 8192 pending, so nothing is swept.
+        assert_eq!(w.sweep_stale(n as usize / 2, |&i| i % 2 == 0), 0);
+        assert_eq!(w.sweep_stale(10, |&i| i < 10), n as usize - 10);
+        assert_eq!(w.len(), 10);
+        // Right after a sweep, a few new entries do not trigger another.
+        for i in 0..100 {
+            w.insert(t0 + Duration::from_secs(60), n + i);
+        }
+        assert_eq!(w.sweep_stale(0, |_| false), 0);
     }
 
     proptest! {

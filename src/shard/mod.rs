@@ -522,6 +522,18 @@ impl Shard {
         }
     }
 
+    /// Drops the timer entries of closed connections once they outnumber the open ones, so that a
+    /// remote opening and closing connections in a loop cannot grow the wheel for a whole timeout.
+    fn sweep_conn_timers(&mut self) {
+        let conns = &self.conns;
+        let swept = self.conn_timers.sweep_stale(conns.by_tuple.len(), |&(idx, generation)| {
+            conns.slots.get(idx).and_then(Option::as_ref).is_some_and(|c| c.generation == generation)
+        });
+        if swept > 0 {
+            log::debug!("shard {}: swept {swept} timer entries of closed connections", self.id);
+        }
+    }
+
     /// Closes connections whose allocation was deleted (after sending what is queued).
     fn close_freed_streams(&mut self) {
         while let Some(tuple) = self.relays.freed_streams.pop() {
@@ -671,6 +683,7 @@ pub fn run(parts: ShardParts) {
         for (idx, generation) in due.drain(..) {
             shard.check_conn(now, idx, generation);
         }
+        shard.sweep_conn_timers();
         while let Ok(ctl) = inbox.try_recv() {
             match ctl {
                 Ctl::Reload(settings, generation) => {

@@ -699,7 +699,7 @@ fn churned_allocations_leave_a_bounded_number_of_timer_entries() {
     s.total_quota = 0;
     s.relay_ports = (50_000, 51_999);
     let mut h = harness_with(s);
-    let rounds = 2 * TIMER_SWEEP_SLACK / 1000 + 2;
+    let rounds = 2 * crate::proto::timer::SWEEP_SLACK / 1000 + 2;
     for round in 0..rounds as u64 {
         let mut clients: Vec<Client> =
             (0..1000u16).map(|i| Client::rest(20_000 + i, "churn", UNIX0 + 3600 + round)).collect();
@@ -714,7 +714,7 @@ fn churned_allocations_leave_a_bounded_number_of_timer_entries() {
     }
     // Each round armed 3,000 entries (allocation, permission, channel) that all went stale.
     assert!(
-        h.engine.pending_timers() <= 2 * TIMER_SWEEP_SLACK,
+        h.engine.pending_timers() <= 2 * crate::proto::timer::SWEEP_SLACK,
         "{} timer entries pending after {rounds} rounds with nothing live",
         h.engine.pending_timers()
     );
