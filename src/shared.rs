@@ -149,6 +149,8 @@ pub struct ShardStats {
     pub auth_failures: AtomicU64,
     /// Requests refused by quota (486).
     pub quota_refusals: AtomicU64,
+    /// Allocations refused for want of a relay port or socket (508).
+    pub capacity_refusals: AtomicU64,
     /// Peers refused by policy (403 or dropped Send).
     pub peers_denied: AtomicU64,
     /// Packets dropped because the socket would block.

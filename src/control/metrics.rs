@@ -111,6 +111,12 @@ pub fn render(stats: &[Arc<ShardStats>], shared: &Shared, counters: &ServerCount
         &total(&|s| read(&s.quota_refusals)),
     );
     family(
+        "turnpike_capacity_refusals_total",
+        "counter",
+        "Allocations refused for want of a relay port or socket (508): range used up, ports held by other programs, out of descriptors.",
+        &total(&|s| read(&s.capacity_refusals)),
+    );
+    family(
         "turnpike_rate_limited_total",
         "counter",
         "Unauthenticated requests dropped by the per-source limit.",

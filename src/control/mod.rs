@@ -42,6 +42,8 @@ pub struct Totals {
     pub auth_failures: u64,
     /// Quota refusals.
     pub quota_refusals: u64,
+    /// Allocations refused for want of a relay port or socket.
+    pub capacity_refusals: u64,
     /// Peers denied.
     pub peers_denied: u64,
     /// Sends dropped because the socket was full.
@@ -68,6 +70,7 @@ impl Totals {
             t.requests += read(&s.requests);
             t.auth_failures += read(&s.auth_failures);
             t.quota_refusals += read(&s.quota_refusals);
+            t.capacity_refusals += read(&s.capacity_refusals);
             t.peers_denied += read(&s.peers_denied);
             t.send_would_block += read(&s.send_would_block);
             for (d, c) in t.drops.iter_mut().zip(&s.drops) {

@@ -111,9 +111,11 @@ pub enum LogKind {
     AuthFailure,
     /// A source over its unauthenticated request rate.
     RateLimited,
+    /// An allocation refused for want of a relay port or socket (508).
+    Capacity,
 }
 
-const LOG_KINDS: usize = 4;
+const LOG_KINDS: usize = 5;
 /// Lines per category per window.
 const LOG_BURST: u32 = 10;
 const LOG_WINDOW: Duration = Duration::from_secs(10);

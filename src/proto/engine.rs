@@ -144,8 +144,34 @@ pub struct Settings {
 pub enum BindError {
     /// The port is taken (by another process): try another.
     AddrInUse,
-    /// Anything else (out of descriptors, ...).
-    Other,
+    /// Anything else (out of descriptors, ...), with the OS error number (0 if none).
+    Failed(i32),
+}
+
+/// Why an Allocate got no relay port (each answered with 508).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum NoPort {
+    /// The RESERVATION-TOKEN is unknown, expired, or its port could not be bound.
+    Reservation,
+    /// The shard's share of the relay port range is used up.
+    RangeExhausted,
+    /// Every port tried was held by another program.
+    AllBusy,
+    /// The relay socket could not be opened.
+    Socket(i32),
+}
+
+impl std::fmt::Display for NoPort {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Reservation => f.write_str("reservation token unknown, expired or its port unusable"),
+            Self::RangeExhausted => f.write_str("no relay port left in this shard's share of the range"),
+            Self::AllBusy => write!(f, "the {BIND_ATTEMPTS} relay ports tried are all held by other programs"),
+            Self::Socket(errno) => {
+                write!(f, "cannot open a relay socket: {}", std::io::Error::from_raw_os_error(*errno))
+            }
+        }
+    }
 }
 
 /// The I/O layer's side of relay socket management.
@@ -458,14 +484,15 @@ impl Engine {
         self.rng.wrapping_mul(0x2545_F491_4F6C_DD1D)
     }
 
-    /// Logs a refusal unless its category is over its log budget (an attack must not fill the disk).
-    fn log_refusal(&mut self, kind: LogKind, now: Instant, message: std::fmt::Arguments<'_>) {
+    /// Logs a refusal at `level` unless its category is over its log budget (an attack must not fill
+    /// the disk).
+    fn log_refusal(&mut self, kind: LogKind, level: log::Level, now: Instant, message: std::fmt::Arguments<'_>) {
         let mut suppressed = 0;
         if self.logs.allow(kind, now, &mut suppressed) {
             if suppressed > 0 {
-                log::info!("{message} ({suppressed} similar messages suppressed)");
+                log::log!(level, "{message} ({suppressed} similar messages suppressed)");
             } else {
-                log::info!("{message}");
+                log::log!(level, "{message}");
             }
         }
     }
@@ -479,6 +506,7 @@ impl Engine {
         let ip = tuple.client.ip();
         self.log_refusal(
             LogKind::RateLimited,
+            log::Level::Info,
             now,
             format_args!("unauthenticated requests from {ip} over the rate limit: dropped"),
         );
@@ -680,6 +708,7 @@ impl Engine {
         let user = String::from_utf8_lossy(username);
         self.log_refusal(
             LogKind::AuthFailure,
+            log::Level::Info,
             now,
             format_args!("authentication failed ({reason}): user={user} client={tuple}"),
         );
@@ -836,16 +865,29 @@ impl Engine {
             let user = String::from_utf8_lossy(&quota_user).into_owned();
             self.log_refusal(
                 LogKind::Quota,
+                log::Level::Info,
                 now,
                 format_args!("allocation refused: {which} quota reached, user={user} client={tuple}"),
             );
             return self.error(msg, ErrorCode::AllocationQuotaReached, Some(&key));
         }
         let idx = self.table.next_index();
-        let Some((port, reserved)) = self.pick_port(now, relay.bind, token, even_port, relay_key(idx, 0), io) else {
-            self.shared.quotas.release(&quota_user);
-            //= RFC 8656 §7.2 (7)/(8): an invalid RESERVATION-TOKEN, or no port available, is 508.
-            return self.error(msg, ErrorCode::InsufficientCapacity, Some(&key));
+        let (port, reserved) = match self.pick_port(now, relay.bind, token, even_port, relay_key(idx, 0), io) {
+            Ok(picked) => picked,
+            Err(why) => {
+                self.shared.quotas.release(&quota_user);
+                bump(&self.stats.capacity_refusals, 1);
+                // Out of descriptors is the operator's to fix; the rest is load or a client's token.
+                let level = if matches!(why, NoPort::Socket(_)) { log::Level::Warn } else { log::Level::Info };
+                self.log_refusal(
+                    LogKind::Capacity,
+                    level,
+                    now,
+                    format_args!("allocation refused (508): {why}, client={tuple}"),
+                );
+                //= RFC 8656 §7.2 (7)/(8): an invalid RESERVATION-TOKEN, or no port available, is 508.
+                return self.error(msg, ErrorCode::InsufficientCapacity, Some(&key));
+            }
         };
         // The IPv6 half of a dual allocation, or the error code explaining why there is none.
         let mut second = None;
@@ -854,8 +896,11 @@ impl Engine {
             match self.next_relay(FAMILY_IPV6) {
                 None => second_error = Some(ErrorCode::AddressFamilyNotSupported),
                 Some(r6) => match self.pick_port(now, r6.bind, None, None, relay_key(idx, 1), io) {
-                    Some((p6, _)) => second = Some((SocketAddr::new(r6.advertised, p6), SocketAddr::new(r6.bind, p6))),
-                    None => second_error = Some(ErrorCode::InsufficientCapacity),
+                    Ok((p6, _)) => second = Some((SocketAddr::new(r6.advertised, p6), SocketAddr::new(r6.bind, p6))),
+                    Err(why) => {
+                        log::debug!("dual allocation without its IPv6 half: {why}, client={tuple}");
+                        second_error = Some(ErrorCode::InsufficientCapacity);
+                    }
                 },
             }
         }
@@ -953,22 +998,23 @@ impl Engine {
         even_port: Option<bool>,
         key: u32,
         io: &mut dyn RelaySockets,
-    ) -> Option<(u16, Option<ReservedNext>)> {
+    ) -> Result<(u16, Option<ReservedNext>), NoPort> {
         if let Some(token) = token {
-            let r = self.shared.reservations.lock().remove(&token).filter(|r| now < r.expires)?;
+            let r = self.shared.reservations.lock().remove(&token).filter(|r| now < r.expires);
+            let r = r.ok_or(NoPort::Reservation)?;
             // The port may come from another shard's range; it joins this shard's pool when freed.
             return match io.open(key, SocketAddr::new(bind_ip, r.port)) {
-                Ok(()) => Some((r.port, None)),
+                Ok(()) => Ok((r.port, None)),
                 Err(_) => {
                     self.ports.give_back(r.port);
-                    None
+                    Err(NoPort::Reservation)
                 }
             };
         }
         for _ in 0..BIND_ATTEMPTS {
             let (port, next) = match even_port {
-                Some(reserve) => self.ports.take_even(reserve)?,
-                None => (self.ports.take()?, None),
+                Some(reserve) => self.ports.take_even(reserve).ok_or(NoPort::RangeExhausted)?,
+                None => (self.ports.take().ok_or(NoPort::RangeExhausted)?, None),
             };
             match io.open(key, SocketAddr::new(bind_ip, port)) {
                 Ok(()) => {
@@ -977,22 +1023,25 @@ impl Engine {
                         token.copy_from_slice(&self.next_random().to_be_bytes());
                         (token, Reservation { port: next, expires: now + RESERVATION_LIFETIME })
                     });
-                    return Some((port, reservation));
+                    return Ok((port, reservation));
                 }
                 Err(e) => {
-                    // A port in use elsewhere goes back to a random place in the pool (the reserved
-                    // next port, not tried, to the back); try the next one.
-                    self.ports.set_aside(port);
+                    // The reserved next port was not tried: back to the end of the pool.
                     if let Some(next) = next {
                         self.ports.give_back(next);
                     }
-                    if e == BindError::Other {
-                        return None;
+                    match e {
+                        // A port in use elsewhere goes back to a random place in the pool; try another.
+                        BindError::AddrInUse => self.ports.set_aside(port),
+                        BindError::Failed(errno) => {
+                            self.ports.give_back(port);
+                            return Err(NoPort::Socket(errno));
+                        }
                     }
                 }
             }
         }
-        None
+        Err(NoPort::AllBusy)
     }
 
     //= RFC 8656 §8: "If the 'desired lifetime' is zero, then the request succeeds and the allocation is
@@ -1044,6 +1093,7 @@ impl Engine {
         if let Ok(peer) = attr::decode_xor_addr(value, tid) {
             self.log_refusal(
                 LogKind::PeerDenied,
+                log::Level::Info,
                 now,
                 format_args!("peer refused by policy: {peer} requested by {tuple}"),
             );

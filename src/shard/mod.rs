@@ -75,20 +75,13 @@ struct RelaySlots {
 
 impl RelaySockets for RelaySlots {
     fn open(&mut self, idx: u32, addr: SocketAddr) -> Result<(), BindError> {
-        let std_socket = socket::relay_udp(addr, self.buffers).map_err(|e| {
-            if e.kind() == io::ErrorKind::AddrInUse {
-                BindError::AddrInUse
-            } else {
-                log::warn!("cannot open relay socket {addr}: {e}");
-                BindError::Other
-            }
-        })?;
+        // Failures are logged by the engine, which limits how often.
+        let failed = |e: io::Error| BindError::Failed(e.raw_os_error().unwrap_or(0));
+        let std_socket = socket::relay_udp(addr, self.buffers)
+            .map_err(|e| if e.kind() == io::ErrorKind::AddrInUse { BindError::AddrInUse } else { failed(e) })?;
         let mut sock = UdpSocket::from_std(std_socket);
         let token = Token(RELAY_BASE + idx as usize);
-        if let Err(e) = self.registry.register(&mut sock, token, Interest::READABLE) {
-            log::warn!("cannot register relay socket {addr}: {e}");
-            return Err(BindError::Other);
-        }
+        self.registry.register(&mut sock, token, Interest::READABLE).map_err(failed)?;
         let idx = idx as usize;
         if self.sockets.len() <= idx {
             self.sockets.resize_with(idx + 1, || None);

@@ -16,10 +16,15 @@ const UNIX0: u64 = 1_700_000_000;
 struct FakeSockets {
     open: HashSet<u32>,
     busy_ports: HashSet<u16>,
+    /// Every open fails with this OS error (out of descriptors, ...).
+    failing: Option<i32>,
 }
 
 impl RelaySockets for FakeSockets {
     fn open(&mut self, idx: u32, addr: SocketAddr) -> Result<(), BindError> {
+        if let Some(errno) = self.failing {
+            return Err(BindError::Failed(errno));
+        }
         if self.busy_ports.contains(&addr.port()) {
             return Err(BindError::AddrInUse);
         }
@@ -661,6 +666,23 @@ fn ports_exhausted_is_508_and_busy_ports_are_skipped() {
     let mut c = Client::rest(41100, "u", UNIX0 + 3600);
     assert_eq!(h.allocate(&mut c).code(), Some(508));
     assert_eq!(h.shared.quotas.total(), 7, "a refused allocation holds no quota");
+    assert_eq!(read(&h.engine.stats.capacity_refusals), 1);
+}
+
+/// A relay socket that cannot be opened (out of descriptors) refuses the Allocate with 508 and loses
+/// no port: once sockets open again, the whole range is there.
+#[test]
+fn socket_failure_is_508_and_keeps_the_port() {
+    let mut h = harness();
+    h.io.failing = Some(libc::EMFILE);
+    let mut c = Client::rest(41000, "u", UNIX0 + 3600);
+    assert_eq!(h.allocate(&mut c).code(), Some(508));
+    assert_eq!(h.allocate(&mut c).code(), Some(508));
+    assert_eq!(read(&h.engine.stats.capacity_refusals), 2);
+    assert_eq!(h.shared.quotas.total(), 0);
+    assert_eq!(h.engine.free_ports(), 10);
+    h.io.failing = None;
+    assert_eq!(h.allocate(&mut c).class(), Class::Success);
 }
 
 /// Ports held by other programs (a relay range overlapping the ephemeral range) must not gather in one
