@@ -113,9 +113,11 @@ pub enum LogKind {
     RateLimited,
     /// An allocation refused for want of a relay port or socket (508).
     Capacity,
+    /// A TCP or TLS connection that could not be accepted (out of descriptors, typically).
+    Accept,
 }
 
-const LOG_KINDS: usize = 5;
+const LOG_KINDS: usize = 6;
 /// Lines per category per window.
 const LOG_BURST: u32 = 10;
 const LOG_WINDOW: Duration = Duration::from_secs(10);

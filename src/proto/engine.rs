@@ -1078,7 +1078,8 @@ impl Engine {
                 alloc.armed_at = alloc.expires;
                 self.wheel.insert(alloc.expires, Timer::Allocation(id, alloc.expires));
             }
-            log::info!(
+            // Debug, not info: a client may refresh as often as it likes, and each line would be logged.
+            log::debug!(
                 "allocation refreshed: user={} client={} relay={} lifetime={secs}s",
                 alloc.username,
                 tuple,

@@ -14,6 +14,7 @@ pub mod socket;
 pub mod stream;
 pub mod sys;
 
+use crate::policy::rate::{LogKind, LogLimiter};
 use crate::proto::allocation::{FiveTuple, ListenerId, Transport};
 use crate::proto::engine::{BindError, RelaySockets};
 use crate::proto::timer::TimerWheel;
@@ -226,6 +227,8 @@ struct Shard {
     stats: Arc<ShardStats>,
     recv_batch: usize,
     unallocated_timeout: Duration,
+    /// Budget for log lines a remote can cause.
+    logs: LogLimiter,
 }
 
 impl Shard {
@@ -417,8 +420,19 @@ impl Shard {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Drained::Empty,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
-                    // Out of descriptors, typically: stop for this wake-up, the backlog keeps them.
-                    log::warn!("shard {}: accept failed: {e}", self.id);
+                    // Out of descriptors, typically: stop for this wake-up, the backlog keeps them. Each
+                    // new connection attempt brings us here again, so the log is limited.
+                    let mut suppressed = 0;
+                    if self.logs.allow(LogKind::Accept, now, &mut suppressed) {
+                        let id = self.id;
+                        if suppressed > 0 {
+                            log::warn!(
+                                "shard {id}: cannot accept a connection: {e} ({suppressed} similar messages suppressed)"
+                            );
+                        } else {
+                            log::warn!("shard {id}: cannot accept a connection: {e}");
+                        }
+                    }
                     return Drained::Empty;
                 }
             }
@@ -633,6 +647,7 @@ pub fn run(parts: ShardParts) {
         stats,
         recv_batch: recv_batch.max(1),
         unallocated_timeout,
+        logs: LogLimiter::default(),
     };
     let mut events = Events::with_capacity(1024);
     // Listeners may hold work that arrived before registration: serve them once.
