@@ -748,6 +748,35 @@ fn churned_allocations_leave_a_bounded_number_of_timer_entries() {
     assert!(h.io.open.is_empty(), "expired allocation's socket closed");
 }
 
+/// Allocations expiring together are freed a budget at a time, so the shard goes back to its sockets
+/// in between; none is forgotten.
+#[test]
+fn mass_expiry_is_spread_over_calls() {
+    let mut s = settings();
+    s.user_quota = 0;
+    s.total_quota = 0;
+    s.relay_ports = (50_000, 50_999);
+    let mut h = harness_with(s);
+    let n = 3 * TIMER_BUDGET + 10;
+    for i in 0..n as u16 {
+        let mut c = Client::rest(20_000 + i, "many", UNIX0 + 3600);
+        assert_eq!(h.allocate(&mut c).class(), Class::Success);
+    }
+    h.now += Duration::from_secs(601);
+    let mut calls = 0;
+    while !h.io.open.is_empty() {
+        assert!(h.engine.poll_timeout().is_some_and(|t| t <= h.now), "work waiting must not wait for a deadline");
+        let before = h.io.open.len();
+        h.engine.handle_timeout(h.now, &mut h.io);
+        assert!(before - h.io.open.len() <= TIMER_BUDGET);
+        calls += 1;
+        assert!(calls <= 4, "{} allocations left after {calls} calls", h.io.open.len());
+    }
+    assert_eq!(calls, 4);
+    assert_eq!(h.engine.table().len(), 0);
+    assert!(h.engine.poll_timeout().is_none_or(|t| t > h.now), "nothing left to do now");
+}
+
 /// RFC 8656 §7.2: EVEN-PORT with R reserves the next port; RESERVATION-TOKEN claims it.
 #[test]
 fn even_port_and_reservation_token() {
