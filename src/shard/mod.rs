@@ -16,7 +16,7 @@ pub mod sys;
 
 use crate::policy::rate::{LogKind, LogLimiter};
 use crate::proto::allocation::{FiveTuple, ListenerId, Transport};
-use crate::proto::engine::{BindError, RelaySockets};
+use crate::proto::engine::{BindError, RelaySockets, TIMER_BUDGET};
 use crate::proto::timer::TimerWheel;
 use crate::proto::{Action, Engine, PacketBuf, Settings};
 use crate::shared::{ShardStats, bump, bump_down};
@@ -656,7 +656,7 @@ pub fn run(parts: ShardParts) {
     let mut due: Vec<(usize, u32)> = Vec::new();
     log::debug!("shard {id} running");
     loop {
-        let timeout = if pending.is_empty() {
+        let timeout = if pending.is_empty() && due.is_empty() {
             let now = clock::now();
             let next = [shard.engine.poll_timeout(), shard.conn_timers.next_deadline()].into_iter().flatten().min();
             next.map_or(MAX_SLEEP, |t| t.saturating_duration_since(now).min(MAX_SLEEP))
@@ -687,10 +687,14 @@ pub fn run(parts: ShardParts) {
         std::mem::swap(&mut pending, &mut still_pending);
         shard.engine.handle_timeout(now, &mut shard.relays);
         shard.close_freed_streams();
+        // Connection checks share the engine's budget per wake-up (closing a connection costs a few
+        // microseconds; thousands timing out together must not hold up relaying).
         shard.conn_timers.advance(now, &mut due);
-        for (idx, generation) in due.drain(..) {
+        let checked = due.len().min(TIMER_BUDGET);
+        for &(idx, generation) in &due[..checked] {
             shard.check_conn(now, idx, generation);
         }
+        due.drain(..checked);
         shard.sweep_conn_timers();
         while let Ok(ctl) = inbox.try_recv() {
             match ctl {
