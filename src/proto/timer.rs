@@ -11,6 +11,10 @@ const SLOTS: usize = 4096;
 /// Entries beyond twice the live ones tolerated before [`TimerWheel::sweep_stale`] sweeps.
 pub const SWEEP_SLACK: usize = 4096;
 
+/// Entries one [`TimerWheel::sweep_stale`] call visits, about 0.1 ms of work (a sweep continues over
+/// the following calls).
+pub const SWEEP_STEP: usize = 4096;
+
 /// A timer wheel holding `T` items.
 #[derive(Debug)]
 pub struct TimerWheel<T> {
@@ -19,14 +23,23 @@ pub struct TimerWheel<T> {
     /// The next second not yet processed.
     next_sec: u64,
     len: usize,
-    /// Entries kept by the last [`TimerWheel::sweep_stale`] that swept.
+    /// Entries kept by the last complete sweep.
     kept_by_sweep: usize,
+    /// The next slot of the sweep in progress, if one is.
+    sweep_at: Option<usize>,
 }
 
 impl<T: Copy> TimerWheel<T> {
     /// An empty wheel whose second 0 starts at `origin`.
     pub fn new(origin: Instant) -> Self {
-        Self { origin, slots: (0..SLOTS).map(|_| Vec::new()).collect(), next_sec: 0, len: 0, kept_by_sweep: 0 }
+        Self {
+            origin,
+            slots: (0..SLOTS).map(|_| Vec::new()).collect(),
+            next_sec: 0,
+            len: 0,
+            kept_by_sweep: 0,
+            sweep_at: None,
+        }
     }
 
     /// Number of pending entries.
@@ -56,37 +69,47 @@ impl<T: Copy> TimerWheel<T> {
         (self.len > 0).then(|| self.origin + Duration::from_secs(self.next_sec))
     }
 
-    /// Drops the stale entries (those `keep` rejects) once the wheel holds more than twice the `live`
+    /// Drops stale entries (those `keep` rejects) once the wheel holds more than twice the `live`
     /// entries and twice what the last sweep kept, plus [`SWEEP_SLACK`]; returns how many it dropped.
     ///
     /// Owners drop entries lazily (a deleted object's entry stays until its deadline), which costs
     /// nothing per delete but would let a remote that creates and deletes objects in a loop grow the
-    /// wheel by its whole churn over a lifetime (600 s at 100k deletes/s is 60 M entries). A sweep visits
-    /// every entry but follows at least [`SWEEP_SLACK`] inserts since the last one, so its cost per insert
-    /// is constant. The second bound keeps entries the owner does not count as `live` from causing a
-    /// sweep at every call.
-    pub fn sweep_stale(&mut self, live: usize, keep: impl FnMut(&T) -> bool) -> usize {
-        let pending = self.len;
-        if pending <= 2 * live + SWEEP_SLACK || pending <= 2 * self.kept_by_sweep + SWEEP_SLACK {
-            return 0;
-        }
-        self.retain(keep);
-        self.kept_by_sweep = self.len;
-        pending - self.len
-    }
-
-    /// Keeps only the entries for which `keep` is true, and gives back the memory of slots left mostly
-    /// empty.
-    pub fn retain(&mut self, mut keep: impl FnMut(&T) -> bool) {
-        let mut len = 0;
-        for slot in &mut self.slots {
+    /// wheel by its whole churn over a lifetime (600 s at 100k deletes/s is 60 M entries). A sweep
+    /// follows at least [`SWEEP_SLACK`] inserts since the last one, so its cost per insert is constant.
+    /// The second bound keeps entries the owner does not count as `live` from causing a sweep at every
+    /// call. One call visits about [`SWEEP_STEP`] entries: a sweep of a large wheel (600,000 entries took
+    /// 17 ms in one go) is spread over the calls that follow, which the owner makes once per wake-up.
+    pub fn sweep_stale(&mut self, live: usize, mut keep: impl FnMut(&T) -> bool) -> usize {
+        let mut at = match self.sweep_at {
+            Some(at) => at,
+            None => {
+                let pending = self.len;
+                if pending <= 2 * live + SWEEP_SLACK || pending <= 2 * self.kept_by_sweep + SWEEP_SLACK {
+                    return 0;
+                }
+                0
+            }
+        };
+        let (mut visited, mut dropped) = (0, 0);
+        while at < SLOTS && visited < SWEEP_STEP {
+            let slot = &mut self.slots[at];
+            let before = slot.len();
             slot.retain(|(_, item)| keep(item));
             if slot.capacity() > 2 * slot.len() + 8 {
                 slot.shrink_to(2 * slot.len());
             }
-            len += slot.len();
+            visited += before;
+            dropped += before - slot.len();
+            at += 1;
         }
-        self.len = len;
+        self.len -= dropped;
+        if at == SLOTS {
+            self.sweep_at = None;
+            self.kept_by_sweep = self.len;
+        } else {
+            self.sweep_at = Some(at);
+        }
+        dropped
     }
 
     /// Moves the wheel to `now`, appending every due item to `due`.
@@ -147,19 +170,31 @@ mod tests {
         assert_eq!(due, [9]);
     }
 
+    /// Runs a sweep to its end; returns the entries dropped and the calls it took.
+    fn sweep_fully(w: &mut TimerWheel<u32>, live: usize, keep: impl Fn(&u32) -> bool) -> (usize, usize) {
+        let (mut dropped, mut calls) = (w.sweep_stale(live, &keep), 1);
+        while w.sweep_at.is_some() {
+            dropped += w.sweep_stale(live, &keep);
+            calls += 1;
+        }
+        (dropped, calls)
+    }
+
     #[test]
-    fn retain_drops_entries_and_keeps_the_rest_due() {
+    fn sweep_drops_stale_entries_and_the_rest_still_fire() {
         let t0 = Instant::now();
         let mut w = TimerWheel::new(t0);
-        for i in 0..1000u32 {
+        let n = 3 * SWEEP_SLACK as u32;
+        for i in 0..n {
             w.insert(t0 + Duration::from_secs(u64::from(i % 7) + 1), i);
         }
-        w.retain(|&i| i % 10 == 0);
-        assert_eq!(w.len(), 100);
+        let (dropped, _) = sweep_fully(&mut w, 0, |&i| i % 10 == 0);
+        let kept = (0..n).filter(|i| i % 10 == 0).count();
+        assert_eq!((dropped, w.len()), (n as usize - kept, kept));
         let mut due = Vec::new();
         w.advance(t0 + Duration::from_secs(8), &mut due);
         due.sort_unstable();
-        assert_eq!(due, (0..100).map(|i| i * 10).collect::<Vec<_>>());
+        assert_eq!(due, (0..n).filter(|i| i % 10 == 0).collect::<Vec<_>>());
         assert!(w.is_empty());
     }
 
@@ -173,13 +208,29 @@ mod tests {
         }
         // Half live: 2 x 4096 + 4096 > 8192 pending, so nothing is swept.
         assert_eq!(w.sweep_stale(n as usize / 2, |&i| i % 2 == 0), 0);
-        assert_eq!(w.sweep_stale(10, |&i| i < 10), n as usize - 10);
+        assert_eq!(sweep_fully(&mut w, 10, |&i| i < 10).0, n as usize - 10);
         assert_eq!(w.len(), 10);
         // Right after a sweep, a few new entries do not trigger another.
         for i in 0..100 {
             w.insert(t0 + Duration::from_secs(60), n + i);
         }
         assert_eq!(w.sweep_stale(0, |_| false), 0);
+    }
+
+    #[test]
+    fn a_large_sweep_is_spread_over_calls() {
+        let t0 = Instant::now();
+        let mut w = TimerWheel::new(t0);
+        let n = 20 * SWEEP_STEP as u32;
+        for i in 0..n {
+            w.insert(t0 + Duration::from_secs(u64::from(i % 600) + 1), i);
+        }
+        let first = w.sweep_stale(0, |_| false);
+        assert!(first > 0 && first < 2 * SWEEP_STEP, "one call visits about SWEEP_STEP entries: {first}");
+        let (rest, calls) = sweep_fully(&mut w, 0, |_| false);
+        assert_eq!(first + rest, n as usize);
+        assert!(calls >= 19, "{calls}");
+        assert!(w.is_empty());
     }
 
     proptest! {
