@@ -364,7 +364,10 @@ pub struct Engine {
     due: Vec<Timer>,
     out: Box<[u8]>,
     origin: Instant,
-    origin_unix: u64,
+    /// A moment of the monotonic clock and the unix time (seconds) it was: REST expiries and nonces are
+    /// judged against unix time, derived from the two ([`Engine::set_wall_clock`] renews them).
+    wall_at: Instant,
+    wall_unix: u64,
     rng: u64,
     live_permissions: u64,
     live_channels: u64,
@@ -409,7 +412,8 @@ impl Engine {
             due: Vec::new(),
             out: vec![0u8; OUT_LEN].into_boxed_slice(),
             origin,
-            origin_unix,
+            wall_at: origin,
+            wall_unix: origin_unix,
             rng: seed | 1,
             live_permissions: 0,
             live_channels: 0,
@@ -480,7 +484,23 @@ impl Engine {
     }
 
     fn unix(&self, now: Instant) -> u64 {
-        self.origin_unix + now.saturating_duration_since(self.origin).as_secs()
+        self.wall_unix + now.saturating_duration_since(self.wall_at).as_secs()
+    }
+
+    /// Ties the monotonic clock to unix time again: `now` is `unix_secs`. The shard calls this about
+    /// once a second, so REST expiries and nonces follow the wall clock when it is stepped (NTP setting
+    /// the clock after boot, a virtual machine resumed: the monotonic clock does not count a suspend).
+    /// Reading the wall clock once at start would judge every credential by a wrong clock until restart.
+    pub fn set_wall_clock(&mut self, now: Instant, unix_secs: u64) {
+        let expected = self.unix(now);
+        // The two clocks agree within a second between calls (both are read in whole seconds).
+        if unix_secs.abs_diff(expected) > 2 && self.shard == 0 {
+            let (by, way) =
+                if unix_secs > expected { (unix_secs - expected, "forward") } else { (expected - unix_secs, "back") };
+            log::warn!("the wall clock moved {way} by {by} s: REST credential expiries and nonces follow it");
+        }
+        self.wall_at = now;
+        self.wall_unix = unix_secs;
     }
 
     fn next_random(&mut self) -> u64 {

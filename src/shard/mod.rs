@@ -42,6 +42,8 @@ const CONN_BASE: usize = 1 << 16;
 const RELAY_BASE: usize = 1 << 30;
 /// Longest sleep when nothing is due (keeps timers at 1 s resolution).
 const MAX_SLEEP: Duration = Duration::from_secs(1);
+/// How often the engine's unix time is set from the wall clock again (see `Engine::set_wall_clock`).
+const WALL_CLOCK_SYNC: Duration = Duration::from_secs(1);
 /// Connections accepted per listener per wake-up.
 const ACCEPT_BUDGET: usize = 64;
 /// A connection without an allocation is closed after `unallocated_timeout` without a frame, and after
@@ -654,6 +656,7 @@ pub fn run(parts: ShardParts) {
     let mut pending: Vec<Token> = initial;
     let mut still_pending: Vec<Token> = Vec::new();
     let mut due: Vec<(usize, u32)> = Vec::new();
+    let mut next_wall_sync = clock::now();
     log::debug!("shard {id} running");
     loop {
         let timeout = if pending.is_empty() && due.is_empty() {
@@ -669,8 +672,12 @@ pub fn run(parts: ShardParts) {
                 return;
             }
         }
-        // The clock is read once per wake-up.
+        // The clock is read once per wake-up; the wall clock about once a second.
         let now = clock::now();
+        if now >= next_wall_sync {
+            shard.engine.set_wall_clock(now, clock::unix_now());
+            next_wall_sync = now + WALL_CLOCK_SYNC;
+        }
         for event in events.iter() {
             if shard.serve(now, event.token()) == Drained::MoreWaiting {
                 still_pending.push(event.token());

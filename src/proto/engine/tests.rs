@@ -777,6 +777,28 @@ fn mass_expiry_is_spread_over_calls() {
     assert!(h.engine.poll_timeout().is_none_or(|t| t > h.now), "nothing left to do now");
 }
 
+/// REST expiries are judged by the wall clock the shard last reported, not the one at start: a clock
+/// stepped forward (NTP after boot, a resumed VM) expires credentials, one stepped back revives them.
+#[test]
+fn rest_expiry_follows_a_stepped_wall_clock() {
+    let mut h = harness();
+    let mut soon = Client::rest(40050, "u", UNIX0 + 100);
+    assert_eq!(h.allocate(&mut soon).class(), Class::Success);
+    h.now += Duration::from_secs(1);
+    h.engine.set_wall_clock(h.now, UNIX0 + 3600);
+    let mut c = Client::rest(40051, "u", UNIX0 + 100);
+    assert_eq!(h.allocate(&mut c).code(), Some(401), "expired by the new wall clock");
+    let mut c = Client::rest(40052, "u", UNIX0 + 7200);
+    assert_eq!(h.allocate(&mut c).class(), Class::Success);
+    h.engine.set_wall_clock(h.now, UNIX0 + 50);
+    let mut c = Client::rest(40053, "v", UNIX0 + 100);
+    assert_eq!(h.allocate(&mut c).class(), Class::Success, "valid again by the clock stepped back");
+    // Between reports, unix time advances with the monotonic clock.
+    h.now += Duration::from_secs(60);
+    let mut c = Client::rest(40054, "v", UNIX0 + 100);
+    assert_eq!(h.allocate(&mut c).code(), Some(401), "50 + 60 s is past the expiry");
+}
+
 /// RFC 8656 §7.2: EVEN-PORT with R reserves the next port; RESERVATION-TOKEN claims it.
 #[test]
 fn even_port_and_reservation_token() {
