@@ -170,6 +170,16 @@ mod tests {
         assert_eq!(due, [9]);
     }
 
+    /// A wheel holding items `0..n`, item `i` due `i % spread + 1` seconds after the returned origin.
+    fn wheel_of(n: u32, spread: u32) -> (Instant, TimerWheel<u32>) {
+        let t0 = Instant::now();
+        let mut w = TimerWheel::new(t0);
+        for i in 0..n {
+            w.insert(t0 + Duration::from_secs(u64::from(i % spread) + 1), i);
+        }
+        (t0, w)
+    }
+
     /// Runs a sweep to its end; returns the entries dropped and the calls it took.
     fn sweep_fully(w: &mut TimerWheel<u32>, live: usize, keep: impl Fn(&u32) -> bool) -> (usize, usize) {
         let (mut dropped, mut calls) = (w.sweep_stale(live, &keep), 1);
@@ -182,12 +192,8 @@ mod tests {
 
     #[test]
     fn sweep_drops_stale_entries_and_the_rest_still_fire() {
-        let t0 = Instant::now();
-        let mut w = TimerWheel::new(t0);
         let n = 3 * SWEEP_SLACK as u32;
-        for i in 0..n {
-            w.insert(t0 + Duration::from_secs(u64::from(i % 7) + 1), i);
-        }
+        let (t0, mut w) = wheel_of(n, 7);
         let (dropped, _) = sweep_fully(&mut w, 0, |&i| i % 10 == 0);
         let kept = (0..n).filter(|i| i % 10 == 0).count();
         assert_eq!((dropped, w.len()), (n as usize - kept, kept));
@@ -200,12 +206,8 @@ mod tests {
 
     #[test]
     fn sweeps_only_when_stale_entries_outnumber_live_ones() {
-        let t0 = Instant::now();
-        let mut w = TimerWheel::new(t0);
         let n = 2 * SWEEP_SLACK as u32;
-        for i in 0..n {
-            w.insert(t0 + Duration::from_secs(60), i);
-        }
+        let (t0, mut w) = wheel_of(n, 60);
         // Half live: 2 x 4096 + 4096 > 8192 pending, so nothing is swept.
         assert_eq!(w.sweep_stale(n as usize / 2, |&i| i % 2 == 0), 0);
         assert_eq!(sweep_fully(&mut w, 10, |&i| i < 10).0, n as usize - 10);
@@ -219,12 +221,8 @@ mod tests {
 
     #[test]
     fn a_large_sweep_is_spread_over_calls() {
-        let t0 = Instant::now();
-        let mut w = TimerWheel::new(t0);
         let n = 20 * SWEEP_STEP as u32;
-        for i in 0..n {
-            w.insert(t0 + Duration::from_secs(u64::from(i % 600) + 1), i);
-        }
+        let (_, mut w) = wheel_of(n, 600);
         let first = w.sweep_stale(0, |_| false);
         assert!(first > 0 && first < 2 * SWEEP_STEP, "one call visits about SWEEP_STEP entries: {first}");
         let (rest, calls) = sweep_fully(&mut w, 0, |_| false);

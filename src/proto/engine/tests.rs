@@ -96,6 +96,15 @@ fn harness() -> Harness {
     harness_with(settings())
 }
 
+/// A harness without quotas over the relay ports `min..=max` (tests with many allocations).
+fn harness_unlimited(min: u16, max: u16) -> Harness {
+    let mut s = settings();
+    s.user_quota = 0;
+    s.total_quota = 0;
+    s.relay_ports = (min, max);
+    harness_with(s)
+}
+
 fn tuple(port: u16) -> FiveTuple {
     FiveTuple {
         client: SocketAddr::new("198.51.100.7".parse().unwrap(), port),
@@ -690,10 +699,7 @@ fn socket_failure_is_508_and_keeps_the_port() {
 /// than that would refuse allocations while most of the range is free.
 #[test]
 fn busy_ports_do_not_gather_into_a_run_that_refuses_allocations() {
-    let mut s = settings();
-    s.user_quota = 0;
-    s.relay_ports = (50_000, 50_199);
-    let mut h = harness_with(s);
+    let mut h = harness_unlimited(50_000, 50_199);
     // Every fourth port is in use elsewhere: 50 of 200. A round of 60 Allocates meets about 20 of them,
     // more than one Allocate tries, and with all 200 ports cycling every round meets each of them.
     h.io.busy_ports.extend((50_000..=50_199).filter(|p| p % 4 == 0));
@@ -716,11 +722,7 @@ fn busy_ports_do_not_gather_into_a_run_that_refuses_allocations() {
 /// deleting allocations in a loop must not grow the timer wheel by its whole churn.
 #[test]
 fn churned_allocations_leave_a_bounded_number_of_timer_entries() {
-    let mut s = settings();
-    s.user_quota = 0;
-    s.total_quota = 0;
-    s.relay_ports = (50_000, 51_999);
-    let mut h = harness_with(s);
+    let mut h = harness_unlimited(50_000, 51_999);
     let rounds = 2 * crate::proto::timer::SWEEP_SLACK / 1000 + 2;
     for round in 0..rounds as u64 {
         let mut clients: Vec<Client> =
@@ -752,11 +754,7 @@ fn churned_allocations_leave_a_bounded_number_of_timer_entries() {
 /// in between; none is forgotten.
 #[test]
 fn mass_expiry_is_spread_over_calls() {
-    let mut s = settings();
-    s.user_quota = 0;
-    s.total_quota = 0;
-    s.relay_ports = (50_000, 50_999);
-    let mut h = harness_with(s);
+    let mut h = harness_unlimited(50_000, 50_999);
     let n = 3 * TIMER_BUDGET + 10;
     for i in 0..n as u16 {
         let mut c = Client::rest(20_000 + i, "many", UNIX0 + 3600);
