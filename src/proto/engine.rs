@@ -45,7 +45,8 @@ const RESERVATION_LIFETIME: Duration = Duration::from_secs(30);
 /// Most timers fired per [`Engine::handle_timeout`]; the rest wait for the next call, which the shard
 /// makes at once after serving its sockets. Freeing an allocation costs a few microseconds (its socket
 /// is closed), so 10,000 allocations expiring in the same second would otherwise hold up relaying for
-/// tens of milliseconds (measured: p99 of a call relayed meanwhile 13 ms instead of 0.3 ms).
+/// tens of milliseconds (`scripts/bench-expiry.sh`: a call's p99 13-21 ms during such an expiry when
+/// all were freed at once; see bench/README.md, "Churn and mass expiry").
 pub const TIMER_BUDGET: usize = 128;
 
 /// How many busy ports an Allocate skips before giving up with 508.
