@@ -497,3 +497,48 @@ fn a_listening_port_already_in_use_is_refused() {
     assert_eq!(server.udp_addrs[0].port(), port);
     server.shutdown();
 }
+
+/// A server out of descriptors cannot accept; connections the kernel completed meanwhile wait in its
+/// backlog and are accepted once descriptors free up, without waiting for yet another connection.
+#[test]
+fn accept_resumes_when_descriptors_free_up() {
+    let _turn = serialized();
+    let dir = temp_dir("emfile");
+    let log = dir.join("turnpike.log");
+    let cfg = dir.join("t.yaml");
+    let yaml = common::test_yaml(1, (47600, 47609), "127.0.0.1", &format!("logging:\n  file: {}\n", log.display()))
+        .replace("  port: 0\n", "  port: 47650\n");
+    std::fs::write(&cfg, yaml).unwrap();
+    let command = format!("ulimit -n 48 && exec {} --config {}", env!("CARGO_BIN_EXE_turnpike"), cfg.display());
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg(command)
+        .env_remove("RUST_LOG")
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline && !std::fs::read_to_string(&log).unwrap_or_default().contains("listening on") {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // More idle connections than the server has descriptors for: the rest wait in the backlog.
+    let addr: SocketAddr = "127.0.0.1:47650".parse().unwrap();
+    let mut held: Vec<TcpStream> = (0..70).map(|_| TcpStream::connect(addr).unwrap()).collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut last = held.pop().unwrap();
+    // A STUN Binding request (type, length 0, magic cookie, transaction ID).
+    let mut binding = vec![0x00, 0x01, 0x00, 0x00, 0x21, 0x12, 0xA4, 0x42];
+    binding.extend_from_slice(b"emfile-test!");
+    last.write_all(&binding).unwrap();
+    // Free descriptors: the server sees these connections end and closes them. No new connection comes.
+    held.drain(..50);
+    last.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buf = [0u8; 64];
+    let answer = last.read(&mut buf);
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+    assert!(child.wait().unwrap().success());
+    assert!(text.contains("cannot accept a connection"), "the server ran out of descriptors: {text}");
+    let n = answer.unwrap();
+    assert!(n >= 20 && buf[..2] == [0x01, 0x01] && buf[8..20] == *b"emfile-test!", "Binding success");
+}

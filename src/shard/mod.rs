@@ -46,6 +46,10 @@ const MAX_SLEEP: Duration = Duration::from_secs(1);
 const WALL_CLOCK_SYNC: Duration = Duration::from_secs(1);
 /// Connections accepted per listener per wake-up.
 const ACCEPT_BUDGET: usize = 64;
+/// How soon a listener whose `accept` failed (out of descriptors) is tried again. Connections the kernel
+/// completed meanwhile wait in its backlog, and with edge-triggered readiness nothing else would wake
+/// the listener until yet another connection arrived.
+const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 /// A connection without an allocation is closed after `unallocated_timeout` without a frame, and after
 /// this many times that in total, however chatty (it never authenticated).
 const UNALLOCATED_MAX_FACTOR: u32 = 4;
@@ -231,6 +235,9 @@ struct Shard {
     unallocated_timeout: Duration,
     /// Budget for log lines a remote can cause.
     logs: LogLimiter,
+    /// Listeners whose `accept` failed, to be served again at `accept_retry_at`.
+    accept_retry: Vec<Token>,
+    accept_retry_at: Option<Instant>,
 }
 
 impl Shard {
@@ -422,8 +429,13 @@ impl Shard {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Drained::Empty,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
-                    // Out of descriptors, typically: stop for this wake-up, the backlog keeps them. Each
-                    // new connection attempt brings us here again, so the log is limited.
+                    // Out of descriptors, typically: the backlog keeps the connections; try again soon.
+                    // Each new connection attempt brings us here again too, so the log is limited.
+                    let base = if transport == Transport::Tls { TLS_BASE } else { TCP_BASE };
+                    if !self.accept_retry.contains(&Token(base + i)) {
+                        self.accept_retry.push(Token(base + i));
+                    }
+                    self.accept_retry_at.get_or_insert(now + ACCEPT_RETRY);
                     let mut suppressed = 0;
                     if self.logs.allow(LogKind::Accept, now, &mut suppressed) {
                         let id = self.id;
@@ -650,6 +662,8 @@ pub fn run(parts: ShardParts) {
         recv_batch: recv_batch.max(1),
         unallocated_timeout,
         logs: LogLimiter::default(),
+        accept_retry: Vec::new(),
+        accept_retry_at: None,
     };
     let mut events = Events::with_capacity(1024);
     // Listeners may hold work that arrived before registration: serve them once.
@@ -661,7 +675,10 @@ pub fn run(parts: ShardParts) {
     loop {
         let timeout = if pending.is_empty() && due.is_empty() {
             let now = clock::now();
-            let next = [shard.engine.poll_timeout(), shard.conn_timers.next_deadline()].into_iter().flatten().min();
+            let next = [shard.engine.poll_timeout(), shard.conn_timers.next_deadline(), shard.accept_retry_at]
+                .into_iter()
+                .flatten()
+                .min();
             next.map_or(MAX_SLEEP, |t| t.saturating_duration_since(now).min(MAX_SLEEP))
         } else {
             Duration::ZERO
@@ -686,6 +703,14 @@ pub fn run(parts: ShardParts) {
         for token in pending.drain(..) {
             if shard.serve(now, token) == Drained::MoreWaiting {
                 still_pending.push(token);
+            }
+        }
+        if shard.accept_retry_at.is_some_and(|at| now >= at) {
+            shard.accept_retry_at = None;
+            for token in std::mem::take(&mut shard.accept_retry) {
+                if shard.serve(now, token) == Drained::MoreWaiting {
+                    still_pending.push(token);
+                }
             }
         }
         shard.flush_sends();
