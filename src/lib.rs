@@ -64,6 +64,7 @@ pub mod auth;
 pub mod config;
 pub mod control;
 pub mod descriptors;
+pub mod ephemeral;
 pub mod policy;
 pub mod probe;
 pub mod proto;

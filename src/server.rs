@@ -472,6 +472,7 @@ pub fn start(cfg: &Config) -> io::Result<ServerHandle> {
         _ => None,
     };
     reserve_descriptors(cfg, &plan);
+    crate::ephemeral::warn_if_shared(cfg.min_port..=cfg.max_port);
     let (listeners, addrs) = bind_listeners(cfg, buffers, tls.is_some())?;
     let udp_addrs = addrs.udp.clone();
     let shared = Arc::new(Shared::default());
