@@ -138,6 +138,19 @@ impl Default for LogLimiter {
 }
 
 impl LogLimiter {
+    /// Logs `message` at `level` unless its category is over its budget; the first line of a new window
+    /// says how many were suppressed in the last one.
+    pub fn log(&mut self, kind: LogKind, level: log::Level, now: Instant, message: std::fmt::Arguments<'_>) {
+        let mut suppressed = 0;
+        if self.allow(kind, now, &mut suppressed) {
+            if suppressed > 0 {
+                log::log!(level, "{message} ({suppressed} similar messages suppressed)");
+            } else {
+                log::log!(level, "{message}");
+            }
+        }
+    }
+
     /// Whether a line of `kind` may be logged now. When a window closes with lines suppressed, returns
     /// that count through `suppressed` so the caller can say so.
     pub fn allow(&mut self, kind: LogKind, now: Instant, suppressed: &mut u64) -> bool {

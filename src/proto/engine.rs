@@ -514,14 +514,7 @@ impl Engine {
     /// Logs a refusal at `level` unless its category is over its log budget (an attack must not fill
     /// the disk).
     fn log_refusal(&mut self, kind: LogKind, level: log::Level, now: Instant, message: std::fmt::Arguments<'_>) {
-        let mut suppressed = 0;
-        if self.logs.allow(kind, now, &mut suppressed) {
-            if suppressed > 0 {
-                log::log!(level, "{message} ({suppressed} similar messages suppressed)");
-            } else {
-                log::log!(level, "{message}");
-            }
-        }
+        self.logs.log(kind, level, now, message);
     }
 
     /// Charges an answer to an unauthenticated request to its source; true when over the limit (drop).

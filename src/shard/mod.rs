@@ -238,6 +238,8 @@ struct Shard {
     /// Listeners whose `accept` failed, to be served again at `accept_retry_at`.
     accept_retry: Vec<Token>,
     accept_retry_at: Option<Instant>,
+    /// Connection checks that are due, at most [`TIMER_BUDGET`] of them done per wake-up.
+    conn_due: Vec<(usize, u32)>,
 }
 
 impl Shard {
@@ -436,17 +438,9 @@ impl Shard {
                         self.accept_retry.push(Token(base + i));
                     }
                     self.accept_retry_at.get_or_insert(now + ACCEPT_RETRY);
-                    let mut suppressed = 0;
-                    if self.logs.allow(LogKind::Accept, now, &mut suppressed) {
-                        let id = self.id;
-                        if suppressed > 0 {
-                            log::warn!(
-                                "shard {id}: cannot accept a connection: {e} ({suppressed} similar messages suppressed)"
-                            );
-                        } else {
-                            log::warn!("shard {id}: cannot accept a connection: {e}");
-                        }
-                    }
+                    let id = self.id;
+                    let message = format_args!("shard {id}: cannot accept a connection: {e}");
+                    self.logs.log(LogKind::Accept, log::Level::Warn, now, message);
                     return Drained::Empty;
                 }
             }
@@ -541,6 +535,49 @@ impl Shard {
         } else {
             self.conn_timers.insert(now + CONN_CHECK.min(self.unallocated_timeout), (idx, generation));
         }
+    }
+
+    /// How long the loop may sleep when no socket has work left over: until the next timer, accept
+    /// retry or fired-but-waiting timer (then not at all), and at most [`MAX_SLEEP`].
+    fn sleep_for(&self, now: Instant) -> Duration {
+        if !self.conn_due.is_empty() {
+            return Duration::ZERO;
+        }
+        let next = [self.engine.poll_timeout(), self.conn_timers.next_deadline(), self.accept_retry_at]
+            .into_iter()
+            .flatten()
+            .min();
+        next.map_or(MAX_SLEEP, |t| t.saturating_duration_since(now).min(MAX_SLEEP))
+    }
+
+    /// Serves listeners whose `accept` failed once their retry time has come (see [`ACCEPT_RETRY`]).
+    fn retry_accepts(&mut self, now: Instant, still_pending: &mut Vec<Token>) {
+        if self.accept_retry_at.is_none_or(|at| now < at) {
+            return;
+        }
+        self.accept_retry_at = None;
+        for token in std::mem::take(&mut self.accept_retry) {
+            if self.serve(now, token) == Drained::MoreWaiting {
+                still_pending.push(token);
+            }
+        }
+    }
+
+    /// The wake-up's timer work: the engine's (allocations, permissions, channels, reservations), closing
+    /// streams whose allocation went, and connection checks, each within [`TIMER_BUDGET`] (closing costs
+    /// a few microseconds; thousands due together must not hold up relaying).
+    fn run_timers(&mut self, now: Instant) {
+        self.engine.handle_timeout(now, &mut self.relays);
+        self.close_freed_streams();
+        let mut due = std::mem::take(&mut self.conn_due);
+        self.conn_timers.advance(now, &mut due);
+        let checked = due.len().min(TIMER_BUDGET);
+        for &(idx, generation) in &due[..checked] {
+            self.check_conn(now, idx, generation);
+        }
+        due.drain(..checked);
+        self.conn_due = due;
+        self.sweep_conn_timers();
     }
 
     /// Drops the timer entries of closed connections once they outnumber the open ones, so that a
@@ -664,25 +701,16 @@ pub fn run(parts: ShardParts) {
         logs: LogLimiter::default(),
         accept_retry: Vec::new(),
         accept_retry_at: None,
+        conn_due: Vec::new(),
     };
     let mut events = Events::with_capacity(1024);
     // Listeners may hold work that arrived before registration: serve them once.
     let mut pending: Vec<Token> = initial;
     let mut still_pending: Vec<Token> = Vec::new();
-    let mut due: Vec<(usize, u32)> = Vec::new();
     let mut next_wall_sync = clock::now();
     log::debug!("shard {id} running");
     loop {
-        let timeout = if pending.is_empty() && due.is_empty() {
-            let now = clock::now();
-            let next = [shard.engine.poll_timeout(), shard.conn_timers.next_deadline(), shard.accept_retry_at]
-                .into_iter()
-                .flatten()
-                .min();
-            next.map_or(MAX_SLEEP, |t| t.saturating_duration_since(now).min(MAX_SLEEP))
-        } else {
-            Duration::ZERO
-        };
+        let timeout = if pending.is_empty() { shard.sleep_for(clock::now()) } else { Duration::ZERO };
         if let Err(e) = shard.poll.poll(&mut events, Some(timeout)) {
             if e.kind() != io::ErrorKind::Interrupted {
                 log::error!("shard {id}: poll failed: {e}");
@@ -705,29 +733,12 @@ pub fn run(parts: ShardParts) {
                 still_pending.push(token);
             }
         }
-        if shard.accept_retry_at.is_some_and(|at| now >= at) {
-            shard.accept_retry_at = None;
-            for token in std::mem::take(&mut shard.accept_retry) {
-                if shard.serve(now, token) == Drained::MoreWaiting {
-                    still_pending.push(token);
-                }
-            }
-        }
+        shard.retry_accepts(now, &mut still_pending);
         shard.flush_sends();
         still_pending.sort_unstable_by_key(|t| t.0);
         still_pending.dedup();
         std::mem::swap(&mut pending, &mut still_pending);
-        shard.engine.handle_timeout(now, &mut shard.relays);
-        shard.close_freed_streams();
-        // Connection checks share the engine's budget per wake-up (closing a connection costs a few
-        // microseconds; thousands timing out together must not hold up relaying).
-        shard.conn_timers.advance(now, &mut due);
-        let checked = due.len().min(TIMER_BUDGET);
-        for &(idx, generation) in &due[..checked] {
-            shard.check_conn(now, idx, generation);
-        }
-        due.drain(..checked);
-        shard.sweep_conn_timers();
+        shard.run_timers(now);
         while let Ok(ctl) = inbox.try_recv() {
             match ctl {
                 Ctl::Reload(settings, generation) => {
