@@ -414,27 +414,47 @@ fn operator_commands() {
     assert!(!ok && out.contains("t.yaml:5: option `relay.min_port`"), "{out}");
 }
 
-#[test]
-fn logging_to_a_file() {
-    let _turn = serialized();
-    let dir = temp_dir("logfile");
+/// Writes a configuration that logs to a file (relay ports `ports`, then changed by `edit`) into a fresh
+/// directory `name`, and starts the binary on it through `sh -c` after `shell_prefix` (e.g. a `ulimit`),
+/// stderr discarded. Returns the child and the log file.
+fn spawn_logging(
+    name: &str,
+    ports: (u16, u16),
+    edit: impl FnOnce(String) -> String,
+    shell_prefix: &str,
+) -> (std::process::Child, PathBuf) {
+    let dir = temp_dir(name);
     let log = dir.join("turnpike.log");
     let cfg = dir.join("t.yaml");
-    let yaml = common::test_yaml(1, (47400, 47409), "127.0.0.1", &format!("logging:\n  file: {}\n", log.display()));
-    std::fs::write(&cfg, yaml).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_turnpike"))
-        .arg("--config")
-        .arg(&cfg)
+    let yaml = common::test_yaml(1, ports, "127.0.0.1", &format!("logging:\n  file: {}\n", log.display()));
+    std::fs::write(&cfg, edit(yaml)).unwrap();
+    let command = format!("{shell_prefix} exec {} --config {}", env!("CARGO_BIN_EXE_turnpike"), cfg.display());
+    let child = Command::new("sh")
+        .arg("-c")
+        .arg(command)
         .env_remove("RUST_LOG")
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
+    (child, log)
+}
+
+/// The log file's text once it contains `needle` (or after 10 s).
+fn wait_for_log(log: &Path, needle: &str) -> String {
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut text = String::new();
-    while Instant::now() < deadline && !text.contains("listening on") {
+    while Instant::now() < deadline && !text.contains(needle) {
         std::thread::sleep(Duration::from_millis(50));
-        text = std::fs::read_to_string(&log).unwrap_or_default();
+        text = std::fs::read_to_string(log).unwrap_or_default();
     }
+    text
+}
+
+#[test]
+fn logging_to_a_file() {
+    let _turn = serialized();
+    let (mut child, log) = spawn_logging("logfile", (47400, 47409), |yaml| yaml, "");
+    let text = wait_for_log(&log, "listening on");
     let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
     let status = child.wait().unwrap();
     assert!(text.contains("listening on 127.0.0.1:"), "log file: {text}");
@@ -503,24 +523,9 @@ fn a_listening_port_already_in_use_is_refused() {
 #[test]
 fn accept_resumes_when_descriptors_free_up() {
     let _turn = serialized();
-    let dir = temp_dir("emfile");
-    let log = dir.join("turnpike.log");
-    let cfg = dir.join("t.yaml");
-    let yaml = common::test_yaml(1, (47600, 47609), "127.0.0.1", &format!("logging:\n  file: {}\n", log.display()))
-        .replace("  port: 0\n", "  port: 47650\n");
-    std::fs::write(&cfg, yaml).unwrap();
-    let command = format!("ulimit -n 48 && exec {} --config {}", env!("CARGO_BIN_EXE_turnpike"), cfg.display());
-    let mut child = Command::new("sh")
-        .arg("-c")
-        .arg(command)
-        .env_remove("RUST_LOG")
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline && !std::fs::read_to_string(&log).unwrap_or_default().contains("listening on") {
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let fixed_port = |yaml: String| yaml.replace("  port: 0\n", "  port: 47650\n");
+    let (mut child, log) = spawn_logging("emfile", (47600, 47609), fixed_port, "ulimit -n 48 &&");
+    wait_for_log(&log, "listening on");
     // More idle connections than the server has descriptors for: the rest wait in the backlog.
     let addr: SocketAddr = "127.0.0.1:47650".parse().unwrap();
     let mut held: Vec<TcpStream> = (0..70).map(|_| TcpStream::connect(addr).unwrap()).collect();
