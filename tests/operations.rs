@@ -277,6 +277,12 @@ fn metrics_match_live_state_and_traffic() {
     let text = scrape(addr);
     assert_eq!(metric(&text, "turnpike_allocations{"), 0);
     assert_eq!(metric(&text, "turnpike_permissions{"), 0);
+    // More allocations than the 20 relay ports: the 508s are counted.
+    let mut crowd: Vec<TurnClient> =
+        (0..21).map(|i| client_with_secret(server.udp_addrs[0], &format!("c{i}"), SECRET)).collect();
+    let refused = crowd.iter_mut().map(try_allocate).filter(|code| *code == Some(508)).count() as u64;
+    assert!(refused >= 1);
+    assert_eq!(metric(&scrape(addr), "turnpike_capacity_refusals_total"), refused);
 }
 
 fn turnpike(args: &[&str]) -> (bool, String) {
