@@ -21,21 +21,15 @@ cleanup() {
     rm -rf "$dir"
 }
 trap cleanup EXIT
-if ss -Hulpn | grep -q '127.0.0.1:3478 '; then
+# The port check and the configuration are bench-compare's (scripts/bench_compare.py).
+if ! python3 -c 'import sys; sys.path.insert(0, "scripts"); from bench_compare import busy_ports
+sys.exit(1 if busy_ports([3478]) else 0)'; then
     echo "127.0.0.1:3478/udp is in use; stop what holds it first" >&2
     exit 1
 fi
-config() { # LIFETIME
-    cat <<YAML
-listen: {ips: [127.0.0.1], port: 3478, tcp: false}
-relay: {ips: [127.0.0.1], min_port: 20000, max_port: 39999}
-auth: {realm: bench, shared_secrets: [bench-secret]}
-peers: {allowed: [127.0.0.1]}
-abuse: {unauth_rate: 0}
-allocations: {default_lifetime: $1, max_lifetime: $1, user_quota: 0, total_quota: 0}
-runtime: {threads: 1}
-logging: {level: warn}
-YAML
+config() { # LIFETIME: bench-compare's turnpike configuration with that lifetime and no quotas
+    python3 -c 'import sys; sys.path.insert(0, "scripts"); from bench_compare import TURNPIKE_YAML
+print(TURNPIKE_YAML + "allocations: {default_lifetime: %s, max_lifetime: %s, user_quota: 0, total_quota: 0}" % (sys.argv[1], sys.argv[1]))' "$1"
 }
 run() { # MODE LIFETIME
     config "$2" > "$dir/turnpike.yaml"

@@ -17,6 +17,7 @@ use super::channel::{self, CHANNEL_HEADER_LEN, ChannelData, ChannelNumber};
 use super::error::{DropReason, ErrorCode};
 use super::integrity::LongTermKey;
 use super::ports::PortPool;
+use super::rng::XorShift;
 use super::stun::{self, Class, HEADER_LEN, MAGIC_COOKIE, Method, MsgWriter, StunMsg, TransactionId, pad4};
 use super::table::{AllocId, AllocTable};
 use super::timer::TimerWheel;
@@ -369,12 +370,13 @@ pub struct Engine {
     /// judged against unix time, derived from the two ([`Engine::set_wall_clock`] renews them).
     wall_at: Instant,
     wall_unix: u64,
-    rng: u64,
+    rng: XorShift,
     live_permissions: u64,
     live_channels: u64,
     /// The shard's share of the total bandwidth, [client -> peer, peer -> client].
     total_bandwidth: Option<[TokenBucket; 2]>,
     limiter: SourceLimiter,
+    /// Budget for log lines a remote can cause (an attack must not fill the disk).
     logs: LogLimiter,
     /// Round-robin position over relay addresses.
     relay_turn: usize,
@@ -415,7 +417,7 @@ impl Engine {
             origin,
             wall_at: origin,
             wall_unix: origin_unix,
-            rng: seed | 1,
+            rng: XorShift::new(seed),
             live_permissions: 0,
             live_channels: 0,
             total_bandwidth: (settings.shard_total_bps > 0)
@@ -504,19 +506,6 @@ impl Engine {
         self.wall_unix = unix_secs;
     }
 
-    fn next_random(&mut self) -> u64 {
-        self.rng ^= self.rng >> 12;
-        self.rng ^= self.rng << 25;
-        self.rng ^= self.rng >> 27;
-        self.rng.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    /// Logs a refusal at `level` unless its category is over its log budget (an attack must not fill
-    /// the disk).
-    fn log_refusal(&mut self, kind: LogKind, level: log::Level, now: Instant, message: std::fmt::Arguments<'_>) {
-        self.logs.log(kind, level, now, message);
-    }
-
     /// Charges an answer to an unauthenticated request to its source; true when over the limit (drop).
     /// Unauthenticated answers are bigger than the requests, so an unlimited server is a reflector.
     fn over_source_limit(&mut self, now: Instant, tuple: FiveTuple) -> bool {
@@ -524,7 +513,7 @@ impl Engine {
             return false;
         }
         let ip = tuple.client.ip();
-        self.log_refusal(
+        self.logs.log(
             LogKind::RateLimited,
             log::Level::Info,
             now,
@@ -726,7 +715,7 @@ impl Engine {
         bump(&self.stats.auth_failures, 1);
         bump(&self.stats.auth_failure_reasons[which], 1);
         let user = String::from_utf8_lossy(username);
-        self.log_refusal(
+        self.logs.log(
             LogKind::AuthFailure,
             log::Level::Info,
             now,
@@ -883,7 +872,7 @@ impl Engine {
             bump(&self.stats.quota_refusals, 1);
             let which = if which == QuotaError::User { "user" } else { "total" };
             let user = String::from_utf8_lossy(&quota_user).into_owned();
-            self.log_refusal(
+            self.logs.log(
                 LogKind::Quota,
                 log::Level::Info,
                 now,
@@ -899,7 +888,7 @@ impl Engine {
                 bump(&self.stats.capacity_refusals, 1);
                 // Out of descriptors is the operator's to fix; the rest is load or a client's token.
                 let level = if matches!(why, NoPort::Socket(_)) { log::Level::Warn } else { log::Level::Info };
-                self.log_refusal(
+                self.logs.log(
                     LogKind::Capacity,
                     level,
                     now,
@@ -1040,7 +1029,7 @@ impl Engine {
                 Ok(()) => {
                     let reservation = next.map(|next| {
                         let mut token = [0u8; 8];
-                        token.copy_from_slice(&self.next_random().to_be_bytes());
+                        token.copy_from_slice(&self.rng.next_u64().to_be_bytes());
                         (token, Reservation { port: next, expires: now + RESERVATION_LIFETIME })
                     });
                     return Ok((port, reservation));
@@ -1112,7 +1101,7 @@ impl Engine {
     fn note_peer_denied(&mut self, now: Instant, tuple: FiveTuple, value: &[u8], tid: &TransactionId) {
         bump(&self.stats.peers_denied, 1);
         if let Ok(peer) = attr::decode_xor_addr(value, tid) {
-            self.log_refusal(
+            self.logs.log(
                 LogKind::PeerDenied,
                 log::Level::Info,
                 now,
@@ -1319,8 +1308,8 @@ impl Engine {
         let body16 = u16::try_from(body_len).ok()?;
         let start = HEADROOM - header_len;
         let mut tid = TransactionId::default();
-        tid.0[..8].copy_from_slice(&self.next_random().to_be_bytes());
-        tid.0[8..].copy_from_slice(&(self.next_random() as u32).to_be_bytes());
+        tid.0[..8].copy_from_slice(&self.rng.next_u64().to_be_bytes());
+        tid.0[8..].copy_from_slice(&(self.rng.next_u64() as u32).to_be_bytes());
         let h = &mut pkt.buf[start..HEADROOM];
         h[0..2].copy_from_slice(&stun::message_type(Method::DATA, Class::Indication).to_be_bytes());
         h[2..4].copy_from_slice(&body16.to_be_bytes());
@@ -1344,12 +1333,9 @@ impl Engine {
     /// [`TIMER_BUDGET`] of them, oldest first; [`Engine::poll_timeout`] says when more are waiting.
     pub fn handle_timeout(&mut self, now: Instant, io: &mut dyn RelaySockets) {
         let mut due = std::mem::take(&mut self.due);
-        self.wheel.advance(now, &mut due);
-        let fired = due.len().min(TIMER_BUDGET);
-        for &timer in &due[..fired] {
+        for timer in self.wheel.drain_due(now, &mut due, TIMER_BUDGET) {
             self.fire(now, timer, io);
         }
-        due.drain(..fired);
         self.due = due;
         self.sweep_stale_timers();
     }

@@ -13,6 +13,7 @@ pub mod error;
 pub mod framing;
 pub mod integrity;
 pub mod ports;
+pub mod rng;
 pub mod stun;
 pub mod table;
 pub mod timer;

@@ -3,6 +3,7 @@
 //! Shards own port *pairs* `(2k, 2k+1)`, dealt round-robin, so every shard can satisfy EVEN-PORT with the
 //! R bit (an even port plus the next one reserved), which a plain `port % shards` split cannot.
 
+use super::rng::XorShift;
 use std::collections::VecDeque;
 
 /// Which ports shard `shard` of `shards` owns in `min..=max`.
@@ -15,28 +16,20 @@ pub fn shard_ports(min: u16, max: u16, shard: usize, shards: usize) -> impl Iter
 #[derive(Debug, Clone)]
 pub struct PortPool {
     free: VecDeque<u16>,
-    /// xorshift64* state: shuffles the pool and places ports found busy.
-    rng: u64,
+    /// Shuffles the pool and places ports found busy.
+    rng: XorShift,
 }
 
 impl PortPool {
     /// Builds a pool from `ports`, shuffled with `seed` so relay ports are not predictable.
     pub fn new(ports: impl IntoIterator<Item = u16>, seed: u64) -> Self {
         let v: Vec<u16> = ports.into_iter().collect();
-        let mut pool = Self { free: v.into(), rng: seed | 1 };
+        let mut pool = Self { free: v.into(), rng: XorShift::new(seed) };
         for i in (1..pool.free.len()).rev() {
-            let j = pool.below(i + 1);
+            let j = pool.rng.below(i + 1);
             pool.free.swap(i, j);
         }
         pool
-    }
-
-    /// A pseudo-random index below `n` (xorshift64*: enough to spread ports; not a security boundary).
-    fn below(&mut self, n: usize) -> usize {
-        self.rng ^= self.rng >> 12;
-        self.rng ^= self.rng << 25;
-        self.rng ^= self.rng >> 27;
-        (self.rng.wrapping_mul(0x2545_F491_4F6C_DD1D) % n.max(1) as u64) as usize
     }
 
     /// Number of free ports.
@@ -93,7 +86,7 @@ impl PortPool {
     pub fn set_aside(&mut self, port: u16) {
         self.free.push_back(port);
         let last = self.free.len() - 1;
-        let at = self.below(self.free.len());
+        let at = self.rng.below(self.free.len());
         self.free.swap(at, last);
     }
 }

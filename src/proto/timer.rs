@@ -112,6 +112,14 @@ impl<T: Copy> TimerWheel<T> {
         dropped
     }
 
+    /// Moves the wheel to `now`, appends every item due to the backlog `due`, and hands out at most
+    /// `budget` of the backlog, oldest first; the rest stay in `due` for the next call.
+    pub fn drain_due<'d>(&mut self, now: Instant, due: &'d mut Vec<T>, budget: usize) -> std::vec::Drain<'d, T> {
+        self.advance(now, due);
+        let n = due.len().min(budget);
+        due.drain(..n)
+    }
+
     /// Moves the wheel to `now`, appending every due item to `due`.
     pub fn advance(&mut self, now: Instant, due: &mut Vec<T>) {
         let target = now.saturating_duration_since(self.origin).as_secs();

@@ -570,12 +570,9 @@ impl Shard {
         self.engine.handle_timeout(now, &mut self.relays);
         self.close_freed_streams();
         let mut due = std::mem::take(&mut self.conn_due);
-        self.conn_timers.advance(now, &mut due);
-        let checked = due.len().min(TIMER_BUDGET);
-        for &(idx, generation) in &due[..checked] {
+        for (idx, generation) in self.conn_timers.drain_due(now, &mut due, TIMER_BUDGET) {
             self.check_conn(now, idx, generation);
         }
-        due.drain(..checked);
         self.conn_due = due;
         self.sweep_conn_timers();
     }
