@@ -224,6 +224,27 @@ fn closing_the_connection_frees_the_allocation() {
     assert_eq!(server.shared.quotas.total(), 0);
 }
 
+/// The server stops reading a TCP connection once a read comes back short (the socket is empty), but
+/// a close that arrived together with the last bytes raises no further event: the server must still
+/// see it, and free the allocation at once, not at its expiry.
+#[test]
+fn data_and_close_arriving_together_free_the_allocation() {
+    let server = start_server(1, (45220, 45239), "");
+    for round in 0..20 {
+        let mut c = StreamClient::new(tcp(server.addrs.tcp[0]), &format!("leaver{round}"));
+        c.allocate();
+        // A frame the server drops without answering (no channel bound), and the close right behind it.
+        c.io.write_all(&StreamClient::<TcpStream>::channel_frame(0x4000, b"last words")).unwrap();
+        c.io.shutdown(std::net::Shutdown::Write).unwrap();
+        drop(c);
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while server.totals().allocations > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(server.totals().allocations, 0, "allocations of closed connections still held");
+}
+
 #[test]
 fn garbage_on_the_stream_closes_it() {
     let server = start_server(1, (45300, 45303), "");
@@ -336,6 +357,54 @@ fn tls_1_2_and_1_3_round_trips() {
     }
     assert_eq!(server.totals().tls_connections, 2);
     assert_eq!(server.totals().allocations, 2);
+}
+
+/// The server writes what one wake-up relays to a stream client in one go, but over TLS each message
+/// keeps a record of its own: coturn's client tools (and clients like them) read one message per record.
+/// A burst from a peer is read here record by record, and every record must hold exactly one message.
+#[test]
+fn tls_burst_arrives_one_message_per_record() {
+    let dir = std::env::temp_dir().join(format!("turnpike-tls-burst-{}", std::process::id()));
+    let (cert, key, der) = self_signed(&dir);
+    let extra = format!("tls:\n  cert: {}\n  pkey: {}\n", cert.display(), key.display());
+    let yaml =
+        common::test_yaml(1, (45700, 45703), "127.0.0.1", &extra).replace("  port: 0\n", "  port: 0\n  tls_port: 0\n");
+    let cfg = turnpike::config::parse(std::path::Path::new("<test>.yaml"), &yaml).unwrap();
+    let server = turnpike::server::start(&cfg).unwrap();
+    let peer = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let mut c = StreamClient::new(tls_client(server.addrs.tls[0], &der, &rustls::version::TLS13), "burst");
+    let relayed = c.allocate();
+    c.channel_bind(0x4000, peer.local_addr().unwrap());
+    const BURST: usize = 200;
+    for i in 0..BURST as u32 {
+        peer.send_to(&[i.to_be_bytes(), [0xAB; 4]].concat(), relayed).unwrap();
+    }
+    let (conn, sock) = (&mut c.io.conn, &mut c.io.sock);
+    let (mut raw, mut messages, mut records) = (Vec::new(), 0, 0);
+    let mut plain = vec![0u8; 1 << 16];
+    while messages < BURST {
+        let mut buf = [0u8; 16384];
+        let n = sock.read(&mut buf).expect("the whole burst arrives");
+        assert!(n > 0, "server closed the connection");
+        raw.extend_from_slice(&buf[..n]);
+        // Whole records only, one at a time.
+        while raw.len() >= 5 && raw.len() >= 5 + usize::from(u16::from_be_bytes([raw[3], raw[4]])) {
+            let len = 5 + usize::from(u16::from_be_bytes([raw[3], raw[4]]));
+            let record: Vec<u8> = raw.drain(..len).collect();
+            conn.read_tls(&mut &record[..]).unwrap();
+            conn.process_new_packets().unwrap();
+            let got = match conn.reader().read(&mut plain) {
+                Ok(got) => got,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue, // no application data
+                Err(e) => panic!("{e}"),
+            };
+            records += 1;
+            assert_eq!(frame_len(&plain[..got]).unwrap(), Some(got), "record {records} holds {got} bytes");
+            assert_eq!(&plain[..4], &[0x40, 0x00, 0x00, 0x08], "one ChannelData message");
+            messages += 1;
+        }
+    }
+    assert_eq!(records, BURST);
 }
 
 #[test]

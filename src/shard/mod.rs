@@ -9,6 +9,7 @@
 //! fills and at the end of every wake-up.
 
 pub mod clock;
+pub mod readbuf;
 pub mod send;
 pub mod socket;
 pub mod stream;
@@ -240,6 +241,8 @@ struct Shard {
     accept_retry_at: Option<Instant>,
     /// Connection checks that are due, at most [`TIMER_BUDGET`] of them done per wake-up.
     conn_due: Vec<(usize, u32)>,
+    /// Stream connections with writes queued in this wake-up.
+    to_flush: Vec<usize>,
 }
 
 impl Shard {
@@ -256,17 +259,39 @@ impl Shard {
         let Some(conn) = self.conns.get_mut(idx) else {
             return;
         };
+        // Written at the end of the wake-up (flush_streams), so that the packets of one batch towards
+        // this client leave in one write (and, over TLS, one record) instead of one each.
         if !conn.queue(bytes) {
-            // A slow reader: drop, never buffer without bound.
-            bump(&self.stats.send_would_block, 1);
-            return;
+            // Make room by writing what waits; a reader still too slow loses the packet: never buffer
+            // without bound.
+            if conn.flush().is_err() {
+                conn.closing = true;
+            }
+            if !conn.queue(bytes) {
+                bump(&self.stats.send_would_block, 1);
+                return;
+            }
         }
-        if conn.flush().is_err() {
-            conn.closing = true;
-        } else if conn.has_pending_writes() && !conn.write_interest {
-            conn.write_interest = true;
-            let token = Token(CONN_BASE + idx);
-            let _ = self.poll.registry().reregister(&mut conn.stream, token, Interest::READABLE | Interest::WRITABLE);
+        if !conn.flush_listed {
+            conn.flush_listed = true;
+            self.to_flush.push(idx);
+        }
+    }
+
+    /// Writes what the wake-up queued for stream clients; a connection the socket does not take
+    /// everything from waits for WRITABLE.
+    fn flush_streams(&mut self) {
+        for idx in self.to_flush.drain(..) {
+            let Some(conn) = self.conns.get_mut(idx) else { continue };
+            conn.flush_listed = false;
+            if conn.flush().is_err() {
+                conn.closing = true;
+            } else if conn.has_pending_writes() && !conn.write_interest {
+                conn.write_interest = true;
+                let token = Token(CONN_BASE + idx);
+                let interest = Interest::READABLE | Interest::WRITABLE;
+                let _ = self.poll.registry().reregister(&mut conn.stream, token, interest);
+            }
         }
     }
 
@@ -465,10 +490,11 @@ impl Shard {
         self.count_conn(conn.tuple.transport, false);
     }
 
-    fn serve_conn(&mut self, now: Instant, idx: usize) -> Drained {
+    fn serve_conn(&mut self, now: Instant, idx: usize, hangup: bool) -> Drained {
         let Some(conn) = self.conns.get_mut(idx) else {
             return Drained::Empty;
         };
+        conn.hangup_seen |= hangup;
         if conn.flush().is_err() {
             self.close_conn(idx);
             return Drained::Empty;
@@ -557,7 +583,7 @@ impl Shard {
         }
         self.accept_retry_at = None;
         for token in std::mem::take(&mut self.accept_retry) {
-            if self.serve(now, token) == Drained::MoreWaiting {
+            if self.serve(now, token, false) == Drained::MoreWaiting {
                 still_pending.push(token);
             }
         }
@@ -606,11 +632,12 @@ impl Shard {
         }
     }
 
-    fn serve(&mut self, now: Instant, token: Token) -> Drained {
+    /// Serves the source of `token`; `hangup`: its event reported a close or an error.
+    fn serve(&mut self, now: Instant, token: Token, hangup: bool) -> Drained {
         match token.0 {
             t if t == WAKER.0 => Drained::Empty,
             t if t >= RELAY_BASE => self.drain_batch(now, BatchSource::Relay(t - RELAY_BASE)),
-            t if t >= CONN_BASE => self.serve_conn(now, t - CONN_BASE),
+            t if t >= CONN_BASE => self.serve_conn(now, t - CONN_BASE, hangup),
             t if t >= TLS_BASE => self.accept(now, t - TLS_BASE, Transport::Tls),
             t if t >= TCP_BASE => self.accept(now, t - TCP_BASE, Transport::Tcp),
             i => self.drain_batch(now, BatchSource::Listener(i)),
@@ -699,6 +726,7 @@ pub fn run(parts: ShardParts) {
         accept_retry: Vec::new(),
         accept_retry_at: None,
         conn_due: Vec::new(),
+        to_flush: Vec::new(),
     };
     let mut events = Events::with_capacity(1024);
     // Listeners may hold work that arrived before registration: serve them once.
@@ -721,17 +749,19 @@ pub fn run(parts: ShardParts) {
             next_wall_sync = now + WALL_CLOCK_SYNC;
         }
         for event in events.iter() {
-            if shard.serve(now, event.token()) == Drained::MoreWaiting {
+            let hangup = event.is_read_closed() || event.is_error();
+            if shard.serve(now, event.token(), hangup) == Drained::MoreWaiting {
                 still_pending.push(event.token());
             }
         }
         for token in pending.drain(..) {
-            if shard.serve(now, token) == Drained::MoreWaiting {
+            if shard.serve(now, token, false) == Drained::MoreWaiting {
                 still_pending.push(token);
             }
         }
         shard.retry_accepts(now, &mut still_pending);
         shard.flush_sends();
+        shard.flush_streams();
         still_pending.sort_unstable_by_key(|t| t.0);
         still_pending.dedup();
         std::mem::swap(&mut pending, &mut still_pending);

@@ -3,7 +3,12 @@
 //!
 //! A full write buffer drops the relayed packet (counted by the caller); buffers never grow past their
 //! bounds, so a slow reader costs at most [`WRITE_MAX`] bytes and never stalls the shard.
+//!
+//! What the shard queues in one wake-up leaves in one write. Over TLS every queued message still gets
+//! a record of its own (coturn's client tools read one message per record, as coturn sends them), and
+//! the records of a wake-up go out together.
 
+use super::readbuf::ReadBuf;
 use crate::proto::allocation::FiveTuple;
 use crate::proto::framing::{self, MAX_FRAME};
 use mio::net::TcpStream;
@@ -13,6 +18,9 @@ use std::time::Instant;
 
 /// Most plaintext bytes waiting to be written to one connection.
 pub const WRITE_MAX: usize = 256 * 1024;
+/// Most plaintext bytes turned into TLS records per round of [`Conn::flush`] (the records of one round
+/// leave in one write).
+const TLS_ROUND: usize = 64 * 1024;
 /// Most bytes read from one connection per wake-up before the loop serves others.
 pub const READ_BUDGET: usize = 256 * 1024;
 const READ_CHUNK: usize = 16 * 1024;
@@ -36,8 +44,14 @@ pub struct Conn {
     /// The client side of its (future) allocation.
     pub tuple: FiveTuple,
     tls: Option<Box<rustls::ServerConnection>>,
-    rbuf: Vec<u8>,
+    rbuf: ReadBuf,
     wbuf: VecDeque<u8>,
+    /// TLS only: the length of each message in `wbuf`, oldest first (one record each).
+    wframes: VecDeque<usize>,
+    /// An event reported the peer's close (or an error): read to the end, whatever a read returns.
+    pub hangup_seen: bool,
+    /// Whether the shard has this connection on its list of writes to flush.
+    pub flush_listed: bool,
     /// When it was accepted.
     pub accepted: Instant,
     /// Last time a frame arrived.
@@ -68,9 +82,17 @@ impl Conn {
         Self {
             stream,
             tuple,
-            tls: tls.map(Box::new),
-            rbuf: Vec::new(),
+            tls: tls.map(|mut t| {
+                // Messages are fed to rustls only once its records have left (see `flush`), so its
+                // own buffer never holds more than a round and the largest message.
+                t.set_buffer_limit(Some(TLS_ROUND + MAX_FRAME + 1024));
+                Box::new(t)
+            }),
+            rbuf: ReadBuf::default(),
             wbuf: VecDeque::new(),
+            wframes: VecDeque::new(),
+            hangup_seen: false,
+            flush_listed: false,
             accepted: now,
             last_activity: now,
             write_interest: false,
@@ -85,21 +107,28 @@ impl Conn {
     }
 
     /// Reads what is available (up to [`READ_BUDGET`]) into the plaintext buffer.
+    ///
+    /// A plain TCP read that returns less than it asked for has emptied the socket: the connection
+    /// counts as drained without a further read that would only fail with `WouldBlock` (bytes that
+    /// arrive later raise a new edge). Not once the peer's close was reported: its end-of-stream
+    /// raises no further edge, so the reads go on until they see it.
     pub fn read(&mut self) -> ReadState {
         let mut total = 0usize;
         while total < READ_BUDGET {
-            if self.rbuf.len() >= READ_MAX {
+            if self.rbuf.waiting().len() >= READ_MAX {
                 // A frame larger than any legal one cannot be waiting: the caller consumes frames
                 // before reading more, so a full buffer means garbage.
                 return ReadState::Closed;
             }
+            let mut emptied = false;
             let got = match &mut self.tls {
                 None => {
-                    let old = self.rbuf.len();
-                    self.rbuf.resize(old + READ_CHUNK.min(READ_MAX - old), 0);
-                    let r = self.stream.read(&mut self.rbuf[old..]);
+                    let room = self.rbuf.room(READ_CHUNK, READ_MAX);
+                    let asked = room.len();
+                    let r = self.stream.read(room);
                     let n = *r.as_ref().unwrap_or(&0);
-                    self.rbuf.truncate(old + n);
+                    self.rbuf.filled(n);
+                    emptied = n > 0 && n < asked && !self.hangup_seen;
                     r
                 }
                 Some(tls) => read_tls(tls, &mut self.stream, &mut self.rbuf),
@@ -111,6 +140,9 @@ impl Conn {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(_) => return ReadState::Closed,
             }
+            if emptied {
+                return ReadState::Drained;
+            }
             if self.frame_len().is_some_and(|n| n > 0) {
                 // Hand complete frames over before reading more (keeps the buffer small).
                 return ReadState::MoreWaiting;
@@ -121,7 +153,7 @@ impl Conn {
 
     /// Length of the next complete frame; `Some(0)` means the stream is not TURN (close it).
     pub fn frame_len(&self) -> Option<usize> {
-        match framing::frame_len(&self.rbuf) {
+        match framing::frame_len(self.rbuf.waiting()) {
             Ok(n) => n,
             Err(_) => Some(0),
         }
@@ -129,21 +161,25 @@ impl Conn {
 
     /// The first `len` buffered bytes.
     pub fn frame(&self, len: usize) -> &[u8] {
-        &self.rbuf[..len.min(self.rbuf.len())]
+        let waiting = self.rbuf.waiting();
+        &waiting[..len.min(waiting.len())]
     }
 
     /// Drops the first `len` buffered bytes.
     pub fn consume(&mut self, len: usize) {
-        let len = len.min(self.rbuf.len());
-        self.rbuf.drain(..len);
+        self.rbuf.consume(len);
     }
 
-    /// Queues bytes for writing; false (nothing queued) when the buffer has no room for all of them.
+    /// Queues one message (a STUN message or ChannelData frame) for writing; false (nothing queued)
+    /// when the buffer has no room for it.
     pub fn queue(&mut self, bytes: &[u8]) -> bool {
         if self.wbuf.len() + bytes.len() > WRITE_MAX {
             return false;
         }
         self.wbuf.extend(bytes);
+        if self.tls.is_some() {
+            self.wframes.push_back(bytes.len());
+        }
         true
     }
 
@@ -154,51 +190,75 @@ impl Conn {
 
     /// Writes as much as the socket takes. An error means the connection is dead.
     pub fn flush(&mut self) -> io::Result<()> {
+        let Some(tls) = &mut self.tls else {
+            return flush_plain(&mut self.stream, &mut self.wbuf);
+        };
         loop {
-            let moved = match &mut self.tls {
-                None => {
-                    let (front, _) = self.wbuf.as_slices();
-                    if front.is_empty() {
-                        return Ok(());
-                    }
-                    match self.stream.write(front) {
-                        Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                        Ok(n) => n,
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
-                        Err(e) if e.kind() == io::ErrorKind::Interrupted => 0,
-                        Err(e) => return Err(e),
-                    }
+            // Records already made go out first, together (rustls writes them with one writev).
+            while tls.wants_write() {
+                match tls.write_tls(&mut self.stream) {
+                    Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
                 }
-                Some(tls) => {
-                    // Plaintext into rustls (bounded by its buffer limit), then records to the socket.
-                    let (front, _) = self.wbuf.as_slices();
-                    let n = if front.is_empty() || tls.is_handshaking() { 0 } else { tls.writer().write(front)? };
-                    while tls.wants_write() {
-                        match tls.write_tls(&mut self.stream) {
-                            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                            Ok(_) => {}
-                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                                self.wbuf.drain(..n);
-                                return Ok(());
-                            }
-                            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                            Err(e) => return Err(e),
-                        }
-                    }
-                    if n == 0 {
-                        return Ok(());
-                    }
-                    n
+            }
+            if tls.is_handshaking() || self.wframes.is_empty() {
+                return Ok(());
+            }
+            // Then a round of queued messages, one record each.
+            let mut fed = 0;
+            while let Some(&len) = self.wframes.front() {
+                if fed > 0 && fed + len > TLS_ROUND {
+                    break;
                 }
-            };
-            self.wbuf.drain(..moved);
+                if self.wbuf.as_slices().0.len() < len {
+                    self.wbuf.make_contiguous();
+                }
+                let message = &self.wbuf.as_slices().0[..len.min(self.wbuf.len())];
+                let took = tls.writer().write(message)?;
+                if took == 0 {
+                    return Ok(());
+                }
+                self.wbuf.drain(..took);
+                if took < len {
+                    // Not expected (the buffer limit leaves room for a round); the rest follows in
+                    // the next record.
+                    if let Some(front) = self.wframes.front_mut() {
+                        *front = len - took;
+                    }
+                    break;
+                }
+                self.wframes.pop_front();
+                fed += len;
+            }
+        }
+    }
+}
+
+/// Writes the queued bytes of a plain TCP connection, as far as the socket takes them.
+fn flush_plain(stream: &mut TcpStream, wbuf: &mut VecDeque<u8>) -> io::Result<()> {
+    loop {
+        let (front, _) = wbuf.as_slices();
+        if front.is_empty() {
+            return Ok(());
+        }
+        match stream.write(front) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => {
+                wbuf.drain(..n);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
         }
     }
 }
 
 /// Reads TLS records from the socket and decrypts what they hold into `out`. Returns the number of
 /// ciphertext bytes read (0 = the peer closed).
-fn read_tls(tls: &mut rustls::ServerConnection, stream: &mut TcpStream, out: &mut Vec<u8>) -> io::Result<usize> {
+fn read_tls(tls: &mut rustls::ServerConnection, stream: &mut TcpStream, out: &mut ReadBuf) -> io::Result<usize> {
     let n = match tls.read_tls(stream) {
         Ok(n) => n,
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -226,16 +286,15 @@ fn read_tls(tls: &mut rustls::ServerConnection, stream: &mut TcpStream, out: &mu
     Ok(n)
 }
 
-fn drain_plaintext(tls: &mut rustls::ServerConnection, out: &mut Vec<u8>) -> io::Result<()> {
-    let mut chunk = [0u8; 4096];
+fn drain_plaintext(tls: &mut rustls::ServerConnection, out: &mut ReadBuf) -> io::Result<()> {
     loop {
-        if out.len() >= READ_MAX {
+        let room = out.room(READ_CHUNK, READ_MAX);
+        if room.is_empty() {
             return Ok(());
         }
-        let room = chunk.len().min(READ_MAX - out.len());
-        match tls.reader().read(&mut chunk[..room]) {
+        match tls.reader().read(room) {
             Ok(0) => return Ok(()),
-            Ok(n) => out.extend_from_slice(&chunk[..n]),
+            Ok(n) => out.filled(n),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
             Err(e) => return Err(e),
         }

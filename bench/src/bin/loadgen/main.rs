@@ -6,6 +6,8 @@
 //! Every payload carries its send time and a sequence number. The server's CPU time and RSS come from
 //! /proc/PID. Output: a human summary on stderr and one JSON line on stdout.
 //!
+//! `--tcp` reaches the server over TCP (one connection per client; the relay side stays UDP).
+//!
 //! `--raw ADDR` skips TURN: payloads go to ADDR (a plain forwarder) which must send them to
 //! `--peer-port` on 127.0.0.1.
 
@@ -22,9 +24,11 @@ use turnpike::proto::{Class, Method, MsgWriter, StunMsg, TransactionId};
 
 mod host;
 mod latency;
+mod link;
 mod stamped;
 use host::{proc_usage, steal_ms, unix_nanos, unix_now, wait_until_unix};
 use latency::Latency;
+use link::Link;
 use stamped::StampedBatch;
 
 struct Args {
@@ -38,6 +42,8 @@ struct Args {
     warmup: f64,
     send_mode: bool,
     calls: bool,
+    /// Clients reach the server over TCP.
+    tcp: bool,
     server_pid: Option<u32>,
     raw: Option<SocketAddr>,
     peer_port: u16,
@@ -70,6 +76,7 @@ fn parse_args() -> Result<Args, String> {
         warmup: num("--warmup", "0.5")?,
         send_mode: a.iter().any(|x| x == "--send-indications"),
         calls: a.iter().any(|x| x == "--calls"),
+        tcp: a.iter().any(|x| x == "--tcp"),
         server_pid: arg(&a, "--server-pid").and_then(|p| p.parse().ok()),
         raw: arg(&a, "--raw").map(|r| r.parse()).transpose().map_err(|_| "--raw IP:PORT")?,
         peer_port: num("--peer-port", "0")? as u16,
@@ -87,7 +94,7 @@ fn parse_args() -> Result<Args, String> {
 
 /// One client: its socket, credentials, nonce and relayed address.
 struct Client {
-    sock: UdpSocket,
+    link: Link,
     username: String,
     key: [u8; 16],
     nonce: Vec<u8>,
@@ -143,12 +150,12 @@ fn round(
 /// datagram carrying that request's transaction ID (a late answer to an earlier retransmitted request
 /// is skipped). Unanswered requests are retransmitted after 500 ms without progress; after
 /// `GIVE_UP` without any answer the rest stay `None`.
-fn exchange(poll: &mut Poll, clients: &[Client], requests: &[Option<Vec<u8>>], server: SocketAddr) -> PerClient {
+fn exchange(poll: &mut Poll, clients: &mut [Client], requests: &[Option<Vec<u8>>], server: SocketAddr) -> PerClient {
     let mut out: PerClient = vec![None; clients.len()];
     let mut pending = 0;
-    for (c, req) in clients.iter().zip(requests) {
+    for (c, req) in clients.iter_mut().zip(requests) {
         if let Some(req) = req {
-            let _ = c.sock.send_to(req, server);
+            let _ = c.link.send_to(req, server);
             pending += 1;
         }
     }
@@ -160,10 +167,10 @@ fn exchange(poll: &mut Poll, clients: &[Client], requests: &[Option<Vec<u8>>], s
         let _ = poll.poll(&mut events, Some(Duration::from_millis(100)));
         for ev in events.iter() {
             let i = ev.token().0;
-            let (Some(c), Some(Some(req))) = (clients.get(i), requests.get(i)) else { continue };
+            let (Some(c), Some(Some(req))) = (clients.get_mut(i), requests.get(i)) else { continue };
             // Read until this request's answer (or nothing is left): one read per client in the
             // normal case. What stays queued is stale and is skipped by a later round.
-            while let Ok((n, _)) = c.sock.recv_from(&mut buf) {
+            while let Ok(n) = c.link.recv(&mut buf) {
                 let answers_it = n >= 20 && buf[0] & 0xC0 == 0 && buf[8..20] == req[8..20];
                 if answers_it && out[i].is_none() {
                     out[i] = Some(buf[..n].to_vec());
@@ -175,10 +182,11 @@ fn exchange(poll: &mut Poll, clients: &[Client], requests: &[Option<Vec<u8>>], s
             }
         }
         if last_progress.elapsed() > Duration::from_millis(500) {
-            // Retransmit what is still unanswered (UDP may drop under a burst of set-ups).
-            for ((c, req), answer) in clients.iter().zip(requests).zip(&out) {
-                if let (None, Some(req)) = (answer, req) {
-                    let _ = c.sock.send_to(req, server);
+            // Retransmit what is still unanswered (UDP may drop under a burst of set-ups; a stream
+            // does not, and is not retransmitted on).
+            for ((c, req), answer) in clients.iter_mut().zip(requests).zip(&out) {
+                if let (None, Some(req), Some(_)) = (answer, req, c.link.udp()) {
+                    let _ = c.link.send_to(req, server);
                 }
             }
             last_progress = Instant::now();
@@ -258,17 +266,20 @@ fn error_code(resp: &[u8]) -> Option<u16> {
 fn receive_ready(
     token: usize,
     peers: &[UdpSocket],
-    clients: &[Client],
+    clients: &mut [Client],
     batch: &mut StampedBatch,
     window: (u64, u64),
     latency: &mut Latency,
 ) -> u64 {
+    if let Some(Link::Tcp(_)) = clients.get(token).map(|c| &c.link) {
+        return receive_stream(&mut clients[token].link, window, latency);
+    }
     let mut counted = 0;
     loop {
         let n = if token >= 1_000_000 {
             peers.get(token - 1_000_000).map_or(0, |p| batch.recv(p))
         } else {
-            clients.get(token).map_or(0, |c| batch.recv(&c.sock))
+            clients.get(token).and_then(|c| c.link.udp()).map_or(0, |s| batch.recv(s))
         };
         if n == 0 {
             return counted;
@@ -276,43 +287,71 @@ fn receive_ready(
         let now = unix_nanos();
         for i in 0..n {
             let (buf, stamp) = batch.get(i);
-            // The payload is bare at peers; at clients it follows a ChannelData header or sits in a Data
-            // indication.
-            let payload: &[u8] = if token >= 1_000_000 {
-                buf
-            } else if buf.len() >= 4 && buf[0] & 0xC0 == 0x40 {
-                &buf[4..]
-            } else {
-                match StunMsg::parse(buf).ok().and_then(|m| m.attr(AttrType::DATA)) {
-                    Some(d) => d,
-                    None => continue,
-                }
-            };
-            if payload.len() < 20 {
-                continue;
-            }
-            let sent_at = u64::from_be_bytes(payload[0..8].try_into().unwrap_or([0; 8]));
-            if sent_at >= window.0 && sent_at < window.1 {
-                counted += 1;
-                latency.observed.record(now.saturating_sub(sent_at) / 1000);
-                let arrived = stamp.unwrap_or_else(|| {
-                    latency.unstamped += 1;
-                    now
-                });
-                latency.added.record(arrived.saturating_sub(sent_at) / 1000);
-            }
+            counted += record_arrival(buf, token >= 1_000_000, stamp, now, window, latency);
         }
     }
 }
 
+/// Reads every frame waiting on a client's TCP connection (calls mode) and records its latency. A
+/// stream has no per-datagram kernel stamp: the time of the read is used, and the frame counted as
+/// unstamped.
+fn receive_stream(link: &mut Link, window: (u64, u64), latency: &mut Latency) -> u64 {
+    let mut buf = [0u8; 2048];
+    let mut counted = 0;
+    while let Ok(n) = link.recv(&mut buf) {
+        let now = unix_nanos();
+        counted += record_arrival(&buf[..n], false, None, now, window, latency);
+    }
+    counted
+}
+
+/// Records one arrival (at a peer, `bare`, or at a client) sent inside the window; returns 1 if it was.
+fn record_arrival(
+    buf: &[u8],
+    bare: bool,
+    stamp: Option<u64>,
+    now: u64,
+    window: (u64, u64),
+    latency: &mut Latency,
+) -> u64 {
+    // The payload is bare at peers; at clients it follows a ChannelData header or sits in a Data
+    // indication.
+    let payload: &[u8] = if bare {
+        buf
+    } else if buf.len() >= 4 && buf[0] & 0xC0 == 0x40 {
+        &buf[4..]
+    } else {
+        match StunMsg::parse(buf).ok().and_then(|m| m.attr(AttrType::DATA)) {
+            Some(d) => d,
+            None => return 0,
+        }
+    };
+    if payload.len() < 20 {
+        return 0;
+    }
+    let sent_at = u64::from_be_bytes(payload[0..8].try_into().unwrap_or([0; 8]));
+    if sent_at < window.0 || sent_at >= window.1 {
+        return 0;
+    }
+    latency.observed.record(now.saturating_sub(sent_at) / 1000);
+    let arrived = stamp.unwrap_or_else(|| {
+        latency.unstamped += 1;
+        now
+    });
+    latency.added.record(arrived.saturating_sub(sent_at) / 1000);
+    1
+}
+
 /// `--help` text.
 const USAGE: &str = "usage: loadgen [--server IP:PORT] [--secret S] [--realm R] [--allocations N] [--rate PPS]
-               [--size BYTES] [--duration S] [--warmup S] [--send-indications] [--calls]
+               [--size BYTES] [--duration S] [--warmup S] [--send-indications] [--calls] [--tcp]
                [--server-pid PID] [--setup-only [--setup-rounds K]] [--raw IP:PORT --peer-port P]
                [--start-at UNIX-SECONDS]
 Sets up N TURN allocations (REST credentials from --secret), binds channels to local peers (or, with
 --calls, to each other's relayed addresses), sends paced traffic and prints loss, latency and the
 server's CPU and RSS (with --server-pid) as a human line on stderr and a JSON line on stdout.
+--tcp: each client reaches the server over its own TCP connection (TURN over TCP; relaying stays UDP);
+latency at TCP clients (--calls) is taken when the generator reads, so those arrivals count as unstamped.
 --setup-only measures the set-up alone (rate, server CPU per Allocate, RSS per allocation); with
 --setup-rounds K the authenticated Allocates are measured K times, the allocations deleted in between.
 --start-at starts the traffic (warm-up, then the window) at that wall-clock time, after the set-up, so
@@ -346,6 +385,9 @@ fn bench_socket(addr: SocketAddr) -> io::Result<UdpSocket> {
 }
 
 fn run(args: &Args) -> io::Result<()> {
+    if args.tcp && args.raw.is_some() {
+        return Err(io::Error::other("--tcp and --raw cannot be combined (the raw forwarder is UDP)"));
+    }
     let mut poll = Poll::new()?;
     let unix = unix_nanos() / 1_000_000_000;
     let n = if args.calls { args.allocations.max(2) & !1 } else { args.allocations.max(1) };
@@ -361,11 +403,15 @@ fn run(args: &Args) -> io::Result<()> {
     }
     let mut clients = Vec::with_capacity(n);
     for i in 0..n {
-        let mut sock = bench_socket(SocketAddr::from(([127, 0, 0, 1], 0)))?;
-        poll.registry().register(&mut sock, Token(i), Interest::READABLE)?;
+        let mut link = if args.tcp {
+            Link::tcp(args.server)?
+        } else {
+            Link::Udp(bench_socket(SocketAddr::from(([127, 0, 0, 1], 0)))?)
+        };
+        poll.registry().register(link.source(), Token(i), Interest::READABLE)?;
         let username = format!("{}:bench{i}", unix + 3600);
         clients.push(Client {
-            sock,
+            link,
             username,
             key: [0; 16],
             nonce: Vec::new(),
@@ -472,8 +518,8 @@ fn run(args: &Args) -> io::Result<()> {
     // lookup per datagram (the generator must not be what limits the rate). Answers still come from
     // that address, and `release` may still name it.
     let destination = args.raw.unwrap_or(args.server);
-    for c in &clients {
-        c.sock.connect(destination)?;
+    for s in clients.iter().filter_map(|c| c.link.udp()) {
+        s.connect(destination)?;
     }
     let late_start_ms = match args.start_at {
         Some(at) => wait_until_unix(at),
@@ -481,7 +527,7 @@ fn run(args: &Args) -> io::Result<()> {
     };
     // Receive times from the kernel (see `stamped`); a socket that refuses leaves its datagrams
     // unstamped, and they are counted as such.
-    for sock in peers.iter().chain(clients.iter().map(|c| &c.sock)) {
+    for sock in peers.iter().chain(clients.iter().filter_map(|c| c.link.udp())) {
         if let Err(e) = stamped::enable(sock) {
             eprintln!("no kernel receive timestamps ({e}): latency includes the generator's own delay");
             break;
@@ -510,6 +556,7 @@ fn run(args: &Args) -> io::Result<()> {
     let mut steal_start = Vec::new();
     let mut seq = 0u64;
     let mut next_client = 0usize;
+    let mut backlogged: Vec<u32> = Vec::new();
     loop {
         let now = Instant::now();
         if now >= measure_to {
@@ -526,8 +573,9 @@ fn run(args: &Args) -> io::Result<()> {
         }
         let mut burst = 0;
         while seq < due && burst < 256 {
-            let c = &clients[next_client];
-            next_client = (next_client + 1) % clients.len();
+            let count = clients.len();
+            let c = &mut clients[next_client];
+            next_client = (next_client + 1) % count;
             let ts = unix_nanos();
             // A long burst can cross the end of the window; the receiver counts only payloads sent
             // inside it, so nothing is sent (and counted) past the end.
@@ -539,7 +587,7 @@ fn run(args: &Args) -> io::Result<()> {
             frame[payload_at + 8..payload_at + 16].copy_from_slice(&seq.to_be_bytes());
             frame[payload_at + 16..payload_at + 20].copy_from_slice(&c.id.to_be_bytes());
             let result = if args.raw.is_some() {
-                c.sock.send(&frame[..args.size])
+                c.link.send(&frame[..args.size])
             } else if args.send_mode {
                 let peer = targets.get(c.id as usize).copied().unwrap_or(args.server);
                 indication.clear();
@@ -548,22 +596,31 @@ fn run(args: &Args) -> io::Result<()> {
                 w.add_xor_addr(AttrType::XOR_PEER_ADDRESS, peer);
                 w.add_bytes(AttrType::DATA, &frame[4..4 + args.size]);
                 let len = w.finish().unwrap_or(0);
-                c.sock.send(&indication[..len])
+                c.link.send(&indication[..len])
             } else {
                 frame[0..2].copy_from_slice(&0x4000u16.to_be_bytes());
                 frame[2..4].copy_from_slice(&(args.size as u16).to_be_bytes());
-                c.sock.send(&frame[..4 + args.size])
+                c.link.send(&frame[..4 + args.size])
             };
             if result.is_ok() && ts >= window.0 {
                 sent_measured += 1;
             }
+            if c.link.backlog() > 0 && !backlogged.contains(&c.id) {
+                backlogged.push(c.id);
+            }
             seq += 1;
             burst += 1;
         }
+        // TCP connections the server has not yet taken everything from.
+        backlogged.retain(|&id| {
+            let link = &mut clients[id as usize].link;
+            link.flush();
+            link.backlog() > 0
+        });
         // Receive whatever is ready (peers, or clients in calls mode).
         let _ = poll.poll(&mut events, Some(Duration::ZERO));
         for ev in events.iter() {
-            let counted = receive_ready(ev.token().0, &peers, &clients, &mut batch, window, &mut latency);
+            let counted = receive_ready(ev.token().0, &peers, &mut clients, &mut batch, window, &mut latency);
             recv_measured += counted;
         }
         if seq >= due {
@@ -578,7 +635,7 @@ fn run(args: &Args) -> io::Result<()> {
     while Instant::now() < drain_until {
         let _ = poll.poll(&mut events, Some(Duration::from_millis(10)));
         for ev in events.iter() {
-            let counted = receive_ready(ev.token().0, &peers, &clients, &mut batch, window, &mut latency);
+            let counted = receive_ready(ev.token().0, &peers, &mut clients, &mut batch, window, &mut latency);
             recv_measured += counted;
         }
     }
