@@ -1,0 +1,108 @@
+"""TURN over TCP, side by side: turnpike and coturn (and optionally an earlier turnpike build) relaying
+for clients that reach the server over TCP (the relay side stays UDP), paced, the servers alternating
+round by round, server on core 0 and generator on core 1 as in scripts/bench-compare.sh.
+
+Usage: python3 scripts/bench_tcp.py [--rounds N] [--baseline PATH-TO-TURNPIKE] [--no-coturn]
+Prints a markdown table of CPU per relayed packet (medians), worst loss and median p99 per server and
+configuration; every run's JSON goes to stderr. In calls mode a packet crosses the server twice (client
+-> relay -> relay -> client) and the CPU is per crossing; the latency at TCP clients is taken when the
+generator reads (no kernel stamp on a stream)."""
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_compare as bc  # noqa: E402
+
+CONFIGS = [
+    # (allocations, size, rate, calls)
+    (10, 172, 50000, False),
+    (10, 1200, 50000, False),
+    (10, 172, 50000, True),
+    (1000, 172, 50000, True),
+]
+
+
+def start(name, binary):
+    pin = ["taskset", "-c", "0"]
+    if name == "coturn":
+        cmd = bc.coturn_command("turnserver", bc.PORTS["coturn"], (40000, 59999), 1,
+                                os.path.join(bc.ROOT, "target/bench/coturn.pid"))
+        cmd = pin + [c for c in cmd if c != "--no-tcp"]
+    else:
+        path = os.path.join(bc.ROOT, "target/bench/turnpike-tcp.yaml")
+        with open(path, "w") as f:
+            f.write(bc.TURNPIKE_YAML.replace("tcp: false", "tcp: true"))
+        cmd = pin + [binary, "--config", path]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(1.0)
+    return proc
+
+
+def run(name, binary, allocations, size, rate, calls):
+    port = bc.PORTS["coturn" if name == "coturn" else "turnpike"]
+    extra = ["--tcp", "--allocations", allocations, "--size", size, "--rate", rate] + (["--calls"] if calls else [])
+    for attempt in range(3):
+        proc = start(name, binary)
+        try:
+            cmd = ["taskset", "-c", "1", bc.LOADGEN, "--secret", bc.SECRET, "--server-pid", str(proc.pid),
+                   "--server", "127.0.0.1:%d" % port, "--duration", str(bc.SECS), "--warmup", "0.5"]
+            out = subprocess.run(cmd + [str(e) for e in extra], capture_output=True, text=True, timeout=120)
+        finally:
+            bc.stop(proc)
+        lines = out.stdout.strip().splitlines()
+        try:
+            r = bc.json.loads(lines[-1]) if lines else {"error": out.stderr.strip()[-300:]}
+        except ValueError:
+            r = {"error": out.stderr.strip()[-300:]}
+        reason = bc.stall_reason(r)
+        print("  %-8s %5d allocs %4d B %6d pps %s: %s%s" % (name, allocations, size, rate, "calls" if calls else "c->p",
+                                                           bc.json.dumps(r), " (repeated: %s)" % reason if reason and
+                                                           attempt < 2 else ""), file=sys.stderr)
+        if reason is None or attempt == 2:
+            return r
+    return r
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--baseline", help="an earlier turnpike binary, measured as 'baseline'")
+    ap.add_argument("--no-coturn", action="store_true")
+    args = ap.parse_args()
+    bc.require_free_ports()
+    servers = [("turnpike", bc.TURNPIKE)]
+    if args.baseline:
+        servers.append(("baseline", args.baseline))
+    if not args.no_coturn and shutil.which("turnserver"):
+        servers.append(("coturn", None))
+    results = {}
+    for config in CONFIGS:
+        for rnd in range(args.rounds):
+            order = servers[rnd % len(servers):] + servers[:rnd % len(servers)]
+            for name, binary in order:
+                results.setdefault((config, name), []).append(run(name, binary, *config))
+    names = [n for n, _ in servers]
+    head = ["allocs", "size", "rate", "mode"] + ["%s us/pkt" % n for n in names]
+    head += ["turnpike/%s" % n for n in names[1:]] + ["loss %s" % n for n in names] + ["p99 us %s" % n for n in names]
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for config in CONFIGS:
+        combined = {n: bc.combine(results[(config, n)]) for n in names}
+        cpu = {n: combined[n].get("cpu_us_per_packet") for n in names}
+        row = [str(config[0]), str(config[1]), "%dk" % (config[2] // 1000), "calls" if config[3] else "client -> peer"]
+        row += [bc.fmt(cpu[n]) for n in names]
+        row += [bc.fmt(bc.ratio(cpu["turnpike"], cpu[n])) for n in names[1:]]
+        row += ["%.3f %%" % (100 * combined[n].get("loss", 1.0)) for n in names]
+        row += [bc.fmt(combined[n].get("p99_us"), 0) for n in names]
+        print("| " + " | ".join(row) + " |")
+    print("\n%d rounds, %s s measured per run, servers alternating; medians (loss: the worst round)."
+          % (args.rounds, bc.SECS))
+
+
+if __name__ == "__main__":
+    main()
