@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
 # CI smoke test of the load generator against turnpike: client <-> peer over channels, over Send
 # indications, and client -> relay -> relay -> client calls, at a low paced rate, with the clients on
-# UDP and (--tcp) on TCP. Checks correctness
+# UDP, on TCP (--tcp) and on TLS (--tls). Checks correctness
 # (every packet delivered, no error), never timing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --locked --quiet -p turnpike -p turnpike-bench
 dir="$(mktemp -d)"
 trap 'kill "$pid" 2>/dev/null || true; rm -rf "$dir"' EXIT
-cat > "$dir/turnpike.yaml" <<'YAML'
-listen: {ips: [127.0.0.1], port: 0}
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout "$dir/key.pem" \
+    -out "$dir/cert.pem" -days 2 -subj /CN=localhost 2> /dev/null
+cat > "$dir/turnpike.yaml" <<YAML
+listen: {ips: [127.0.0.1], port: 0, tls_port: 0}
+tls: {cert: $dir/cert.pem, pkey: $dir/key.pem}
 relay: {ips: [127.0.0.1], min_port: 42000, max_port: 42999}
 auth: {realm: smoke, shared_secrets: [smoke-secret]}
 peers: {allowed: [127.0.0.1]}
@@ -27,12 +30,13 @@ for _ in $(seq 100); do
 done
 [ -n "$addr" ] || { echo "turnpike did not start"; cat "$dir/log"; exit 1; }
 tcp_addr="$(grep -o 'listening on [0-9.:]*/tcp' "$dir/log" | head -1 | sed 's/listening on //; s|/tcp||')"
+tls_addr="$(grep -o 'listening on [0-9.:]*/tls' "$dir/log" | head -1 | sed 's/listening on //; s|/tls||')"
 metrics="$(grep -o 'metrics on http://[0-9.:]*/metrics' "$dir/log" | head -1 | sed 's/metrics on //')"
 status=0
-for mode in "" "--send-indications" "--calls" "--tcp" "--tcp --calls"; do
+for mode in "" "--send-indications" "--calls" "--tcp" "--tcp --calls" "--tls --calls"; do
     snmp_before="$(grep '^Udp:' /proc/net/snmp | tail -1)"
     server="$addr"
-    case "$mode" in --tcp*) server="$tcp_addr" ;; esac
+    case "$mode" in --tcp*) server="$tcp_addr" ;; --tls*) server="$tls_addr" ;; esac
     out="$(target/debug/loadgen --server "$server" --secret smoke-secret --allocations 20 --rate 2000 \
         --duration 1 --warmup 0.3 --size 172 --server-pid "$pid" $mode)"
     echo "loadgen ${mode:-(channels)}: $out"
@@ -42,7 +46,7 @@ r = json.loads(sys.argv[1])
 ok = r["loss"] == 0 and r["delivered_pps"] > 0 and r["offered_pps"] > 0
 # Every datagram must carry the kernel receive stamp the added latency is measured from (a stream
 # has none: TCP clients in calls mode read their arrivals unstamped, every one of them).
-if sys.argv[2] == "--tcp --calls":
+if sys.argv[2] in ("--tcp --calls", "--tls --calls"):
     stamped = r["unstamped"] > 0 and 0 < r["p99_us"]
 else:
     stamped = r["unstamped"] == 0 and 0 < r["p99_us"] <= r["p99_observed_us"]

@@ -16,6 +16,11 @@ if ! command -v turnutils_uclient >/dev/null 2>&1; then
     DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends coturn >/dev/null
     as_root systemctl stop coturn >/dev/null 2>&1 || true
 fi
+if ! command -v openssl >/dev/null 2>&1; then
+    echo "==> installing openssl (certificates for the TLS smoke runs)"
+    as_root apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends openssl >/dev/null
+fi
 if ! python3 -c "import aioice" >/dev/null 2>&1; then
     echo "==> installing aioice (Python TURN client)"
     python3 -m pip install --quiet --disable-pip-version-check aioice 2>/dev/null \

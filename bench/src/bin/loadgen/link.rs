@@ -1,9 +1,11 @@
-//! How a client reaches the server: its own UDP socket, or (`--tcp`) a TCP connection carrying framed
-//! STUN messages and ChannelData (RFC 8656 §12.5: over a stream, ChannelData is padded to 4 bytes).
+//! How a client reaches the server: its own UDP socket, or (`--tcp`, `--tls`) a TCP connection, plain
+//! or TLS, carrying framed STUN messages and ChannelData (RFC 8656 §12.5: over a stream, ChannelData is
+//! padded to 4 bytes).
 
 use mio::net::{TcpStream, UdpSocket};
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
+use std::sync::Arc;
 use turnpike::proto::framing;
 
 /// Most bytes a TCP client keeps waiting to be written when the server reads slower than the schedule:
@@ -16,13 +18,15 @@ const READ_CHUNK: usize = 64 * 1024;
 pub enum Link {
     /// One UDP socket (connected to the server once the set-up is done).
     Udp(UdpSocket),
-    /// One TCP connection.
+    /// One TCP connection, plain or TLS.
     Tcp(TcpLink),
 }
 
-/// A TCP connection with its read buffer (frames not yet handed out) and write backlog.
+/// A TCP connection (TLS over it, if `tls`) with its read buffer (frames not yet handed out) and, for
+/// plain TCP, its write backlog (over TLS the backlog is the records rustls holds).
 pub struct TcpLink {
     stream: TcpStream,
+    tls: Option<Box<rustls::ClientConnection>>,
     rbuf: Vec<u8>,
     /// Where the next frame in `rbuf` starts.
     start: usize,
@@ -30,14 +34,28 @@ pub struct TcpLink {
 }
 
 impl Link {
-    /// A TCP connection to `server`, connected before it returns (Nagle off: the generator measures
-    /// latency, and batches its own writes).
-    pub fn tcp(server: SocketAddr) -> io::Result<Self> {
-        let stream = std::net::TcpStream::connect(server)?;
+    /// A TCP connection to `server`, connected (and with `tls`, the handshake done) before it returns
+    /// (Nagle off: the generator measures latency).
+    pub fn tcp(server: SocketAddr, tls: Option<&Arc<rustls::ClientConfig>>) -> io::Result<Self> {
+        let mut stream = std::net::TcpStream::connect(server)?;
         stream.set_nodelay(true)?;
+        let tls = match tls {
+            Some(cfg) => {
+                let name = rustls::pki_types::ServerName::try_from("localhost").map_err(io::Error::other)?;
+                let mut conn = rustls::ClientConnection::new(Arc::clone(cfg), name).map_err(io::Error::other)?;
+                // Records wait in rustls while the server reads slower than the schedule.
+                conn.set_buffer_limit(None);
+                while conn.is_handshaking() {
+                    conn.complete_io(&mut stream)?;
+                }
+                Some(Box::new(conn))
+            }
+            None => None,
+        };
         stream.set_nonblocking(true)?;
         Ok(Link::Tcp(TcpLink {
             stream: TcpStream::from_std(stream),
+            tls,
             rbuf: Vec::with_capacity(READ_CHUNK),
             start: 0,
             out: Vec::new(),
@@ -77,11 +95,11 @@ impl Link {
         }
     }
 
-    /// Bytes still waiting to be written (TCP only).
+    /// Bytes still waiting to be written (TCP only; over TLS, 1 while rustls holds records).
     pub fn backlog(&self) -> usize {
         match self {
             Link::Udp(_) => 0,
-            Link::Tcp(t) => t.out.len(),
+            Link::Tcp(t) => t.out.len() + t.tls.as_ref().map_or(0, |c| usize::from(c.wants_write())),
         }
     }
 
@@ -105,6 +123,14 @@ impl Link {
 
 impl TcpLink {
     fn send(&mut self, bytes: &[u8]) -> io::Result<usize> {
+        // ChannelData over a stream is padded to a multiple of 4 (STUN messages always are).
+        let pad = &[0u8; 3][..(4 - bytes.len() % 4) % 4];
+        if let Some(tls) = &mut self.tls {
+            // One record per message, as a client sends them.
+            tls.writer().write_all(&[bytes, pad].concat())?;
+            self.flush();
+            return Ok(bytes.len());
+        }
         if self.out.len() + bytes.len() > WRITE_BACKLOG {
             self.flush();
             if self.out.len() + bytes.len() > WRITE_BACKLOG {
@@ -112,14 +138,20 @@ impl TcpLink {
             }
         }
         self.out.extend_from_slice(bytes);
-        // ChannelData over a stream is padded to a multiple of 4 (STUN messages always are).
-        let pad = (4 - bytes.len() % 4) % 4;
-        self.out.extend_from_slice(&[0u8; 3][..pad]);
+        self.out.extend_from_slice(pad);
         self.flush();
         Ok(bytes.len())
     }
 
     fn flush(&mut self) {
+        if let Some(tls) = &mut self.tls {
+            while tls.wants_write() {
+                if tls.write_tls(&mut self.stream).is_err() {
+                    break;
+                }
+            }
+            return;
+        }
         let mut written = 0;
         while written < self.out.len() {
             match self.stream.write(&self.out[written..]) {
@@ -150,7 +182,10 @@ impl TcpLink {
             self.start = 0;
             let old = self.rbuf.len();
             self.rbuf.resize(old + READ_CHUNK, 0);
-            let got = self.stream.read(&mut self.rbuf[old..]);
+            let got = match &mut self.tls {
+                None => self.stream.read(&mut self.rbuf[old..]),
+                Some(tls) => read_tls(tls, &mut self.stream, &mut self.rbuf[old..]),
+            };
             self.rbuf.truncate(old + *got.as_ref().unwrap_or(&0));
             match got {
                 Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
@@ -160,4 +195,31 @@ impl TcpLink {
             }
         }
     }
+}
+
+/// Plaintext from a TLS connection into `buf`: what rustls has decrypted, else records read from the
+/// socket and decrypted. `Ok(0)` at the end of the stream; `WouldBlock` when nothing is waiting.
+fn read_tls(tls: &mut rustls::ClientConnection, stream: &mut TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    loop {
+        match tls.reader().read(buf) {
+            Ok(n) => return Ok(n),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+        if tls.read_tls(stream)? == 0 {
+            return Ok(0);
+        }
+        tls.process_new_packets().map_err(io::Error::other)?;
+    }
+}
+
+/// A client configuration that accepts the server's certificate whatever it is (the generator measures
+/// a server it was pointed at; the handshake and its signatures are still real).
+pub fn tls_config() -> io::Result<Arc<rustls::ClientConfig>> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = Arc::new(turnpike::probe::AcceptAny(Arc::clone(&provider)));
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(io::Error::other)?;
+    Ok(Arc::new(builder.dangerous().with_custom_certificate_verifier(verifier).with_no_client_auth()))
 }

@@ -6,7 +6,8 @@
 //! Every payload carries its send time and a sequence number. The server's CPU time and RSS come from
 //! /proc/PID. Output: a human summary on stderr and one JSON line on stdout.
 //!
-//! `--tcp` reaches the server over TCP (one connection per client; the relay side stays UDP).
+//! `--tcp` reaches the server over TCP, `--tls` over TLS (one connection per client; the relay side
+//! stays UDP).
 //!
 //! `--raw ADDR` skips TURN: payloads go to ADDR (a plain forwarder) which must send them to
 //! `--peer-port` on 127.0.0.1.
@@ -44,6 +45,8 @@ struct Args {
     calls: bool,
     /// Clients reach the server over TCP.
     tcp: bool,
+    /// ... over TLS (implies `tcp`).
+    tls: bool,
     server_pid: Option<u32>,
     raw: Option<SocketAddr>,
     peer_port: u16,
@@ -76,7 +79,8 @@ fn parse_args() -> Result<Args, String> {
         warmup: num("--warmup", "0.5")?,
         send_mode: a.iter().any(|x| x == "--send-indications"),
         calls: a.iter().any(|x| x == "--calls"),
-        tcp: a.iter().any(|x| x == "--tcp"),
+        tcp: a.iter().any(|x| x == "--tcp" || x == "--tls"),
+        tls: a.iter().any(|x| x == "--tls"),
         server_pid: arg(&a, "--server-pid").and_then(|p| p.parse().ok()),
         raw: arg(&a, "--raw").map(|r| r.parse()).transpose().map_err(|_| "--raw IP:PORT")?,
         peer_port: num("--peer-port", "0")? as u16,
@@ -344,14 +348,15 @@ fn record_arrival(
 
 /// `--help` text.
 const USAGE: &str = "usage: loadgen [--server IP:PORT] [--secret S] [--realm R] [--allocations N] [--rate PPS]
-               [--size BYTES] [--duration S] [--warmup S] [--send-indications] [--calls] [--tcp]
+               [--size BYTES] [--duration S] [--warmup S] [--send-indications] [--calls] [--tcp | --tls]
                [--server-pid PID] [--setup-only [--setup-rounds K]] [--raw IP:PORT --peer-port P]
                [--start-at UNIX-SECONDS]
 Sets up N TURN allocations (REST credentials from --secret), binds channels to local peers (or, with
 --calls, to each other's relayed addresses), sends paced traffic and prints loss, latency and the
 server's CPU and RSS (with --server-pid) as a human line on stderr and a JSON line on stdout.
 --tcp: each client reaches the server over its own TCP connection (TURN over TCP; relaying stays UDP);
-latency at TCP clients (--calls) is taken when the generator reads, so those arrivals count as unstamped.
+--tls: over TLS (the server's certificate is accepted whatever it is). Latency at TCP and TLS clients
+(--calls) is taken when the generator reads, so those arrivals count as unstamped.
 --setup-only measures the set-up alone (rate, server CPU per Allocate, RSS per allocation); with
 --setup-rounds K the authenticated Allocates are measured K times, the allocations deleted in between.
 --start-at starts the traffic (warm-up, then the window) at that wall-clock time, after the set-up, so
@@ -386,7 +391,7 @@ fn bench_socket(addr: SocketAddr) -> io::Result<UdpSocket> {
 
 fn run(args: &Args) -> io::Result<()> {
     if args.tcp && args.raw.is_some() {
-        return Err(io::Error::other("--tcp and --raw cannot be combined (the raw forwarder is UDP)"));
+        return Err(io::Error::other("--tcp/--tls and --raw cannot be combined (the raw forwarder is UDP)"));
     }
     let mut poll = Poll::new()?;
     let unix = unix_nanos() / 1_000_000_000;
@@ -402,9 +407,10 @@ fn run(args: &Args) -> io::Result<()> {
         peers.push(sock);
     }
     let mut clients = Vec::with_capacity(n);
+    let tls = if args.tls { Some(link::tls_config()?) } else { None };
     for i in 0..n {
         let mut link = if args.tcp {
-            Link::tcp(args.server)?
+            Link::tcp(args.server, tls.as_ref())?
         } else {
             Link::Udp(bench_socket(SocketAddr::from(([127, 0, 0, 1], 0)))?)
         };
