@@ -407,6 +407,36 @@ fn tls_burst_arrives_one_message_per_record() {
     assert_eq!(records, BURST);
 }
 
+/// As `data_and_close_arriving_together_free_the_allocation`, over TLS: the last record and the close
+/// (close_notify, then FIN) arrive together.
+#[test]
+fn tls_data_and_close_arriving_together_free_the_allocation() {
+    let dir = std::env::temp_dir().join(format!("turnpike-tls-close-{}", std::process::id()));
+    let (cert, key, der) = self_signed(&dir);
+    let extra = format!("tls:\n  cert: {}\n  pkey: {}\n", cert.display(), key.display());
+    let yaml =
+        common::test_yaml(1, (45720, 45739), "127.0.0.1", &extra).replace("  port: 0\n", "  port: 0\n  tls_port: 0\n");
+    let cfg = turnpike::config::parse(std::path::Path::new("<test>.yaml"), &yaml).unwrap();
+    let server = turnpike::server::start(&cfg).unwrap();
+    for round in 0..20 {
+        let mut c = StreamClient::new(
+            tls_client(server.addrs.tls[0], &der, &rustls::version::TLS13),
+            &format!("tls-leaver{round}"),
+        );
+        c.allocate();
+        c.io.write_all(&StreamClient::<TcpStream>::channel_frame(0x4000, b"last words")).unwrap();
+        c.io.conn.send_close_notify();
+        c.io.flush().unwrap();
+        c.io.sock.shutdown(std::net::Shutdown::Write).unwrap();
+        drop(c);
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while server.totals().allocations > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(server.totals().allocations, 0, "allocations of closed connections still held");
+}
+
 #[test]
 fn tls_handshake_with_garbage_is_closed() {
     let dir = std::env::temp_dir().join(format!("turnpike-tls-bad-{}", std::process::id()));

@@ -108,10 +108,11 @@ impl Conn {
 
     /// Reads what is available (up to [`READ_BUDGET`]) into the plaintext buffer.
     ///
-    /// A plain TCP read that returns less than it asked for has emptied the socket: the connection
-    /// counts as drained without a further read that would only fail with `WouldBlock` (bytes that
-    /// arrive later raise a new edge). Not once the peer's close was reported: its end-of-stream
-    /// raises no further edge, so the reads go on until they see it.
+    /// A read that returns less than it asked for has emptied the socket: the connection counts as
+    /// drained without a further read that would only fail with `WouldBlock` (bytes that arrive later
+    /// raise a new edge); over TLS only once rustls has handed out all the plaintext it decrypted. Not
+    /// once the peer's close was reported: its end-of-stream raises no further edge, so the reads go
+    /// on until they see it.
     pub fn read(&mut self) -> ReadState {
         let mut total = 0usize;
         while total < READ_BUDGET {
@@ -131,7 +132,13 @@ impl Conn {
                     emptied = n > 0 && n < asked && !self.hangup_seen;
                     r
                 }
-                Some(tls) => read_tls(tls, &mut self.stream, &mut self.rbuf),
+                Some(tls) => match read_tls(tls, &mut self.stream, &mut self.rbuf) {
+                    Ok((n, drained)) => {
+                        emptied = n > 0 && drained && !self.hangup_seen;
+                        Ok(n)
+                    }
+                    Err(e) => Err(e),
+                },
             };
             match got {
                 Ok(0) => return ReadState::Closed,
@@ -256,10 +263,35 @@ fn flush_plain(stream: &mut TcpStream, wbuf: &mut VecDeque<u8>) -> io::Result<()
     }
 }
 
+/// The socket as rustls reads it, noting how much its last read asked for and got.
+struct CountedReads<'a> {
+    stream: &'a mut TcpStream,
+    asked: usize,
+    got: usize,
+}
+
+impl Read for CountedReads<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.asked = buf.len();
+        self.got = 0;
+        let n = self.stream.read(buf)?;
+        self.got = n;
+        Ok(n)
+    }
+}
+
 /// Reads TLS records from the socket and decrypts what they hold into `out`. Returns the number of
-/// ciphertext bytes read (0 = the peer closed).
-fn read_tls(tls: &mut rustls::ServerConnection, stream: &mut TcpStream, out: &mut ReadBuf) -> io::Result<usize> {
-    let n = match tls.read_tls(stream) {
+/// ciphertext bytes read (0 = the peer closed), and whether the socket is empty (the read was short)
+/// and every byte of plaintext rustls decrypted is in `out`.
+fn read_tls(
+    tls: &mut rustls::ServerConnection,
+    stream: &mut TcpStream,
+    out: &mut ReadBuf,
+) -> io::Result<(usize, bool)> {
+    let mut counted = CountedReads { stream, asked: 0, got: 0 };
+    let read = tls.read_tls(&mut counted);
+    let short = counted.got < counted.asked;
+    let n = match read {
         Ok(n) => n,
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
             drain_plaintext(tls, out)?;
@@ -268,12 +300,12 @@ fn read_tls(tls: &mut rustls::ServerConnection, stream: &mut TcpStream, out: &mu
         Err(e) => return Err(e),
     };
     if n == 0 {
-        return Ok(0);
+        return Ok((0, false));
     }
     let state = tls.process_new_packets().map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-    drain_plaintext(tls, out)?;
+    let all_out = drain_plaintext(tls, out)?;
     if state.peer_has_closed() && state.plaintext_bytes_to_read() == 0 {
-        return Ok(0);
+        return Ok((0, false));
     }
     // Handshake messages and alerts go out right away.
     while tls.wants_write() {
@@ -283,19 +315,20 @@ fn read_tls(tls: &mut rustls::ServerConnection, stream: &mut TcpStream, out: &mu
             Err(e) => return Err(e),
         }
     }
-    Ok(n)
+    Ok((n, short && all_out))
 }
 
-fn drain_plaintext(tls: &mut rustls::ServerConnection, out: &mut ReadBuf) -> io::Result<()> {
+/// Moves the plaintext rustls holds into `out`, as far as `out` takes it; true when none is left.
+fn drain_plaintext(tls: &mut rustls::ServerConnection, out: &mut ReadBuf) -> io::Result<bool> {
     loop {
         let room = out.room(READ_CHUNK, READ_MAX);
         if room.is_empty() {
-            return Ok(());
+            return Ok(false);
         }
         match tls.reader().read(room) {
-            Ok(0) => return Ok(()),
+            Ok(0) => return Ok(true),
             Ok(n) => out.filled(n),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(true),
             Err(e) => return Err(e),
         }
     }
