@@ -208,6 +208,15 @@ fn frames_split_at_every_byte_boundary() {
     }
 }
 
+/// The server's allocations once those of closed connections are gone (waits up to 5 s for them).
+fn allocations_after_closes(server: &turnpike::server::ServerHandle) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while server.totals().allocations > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    server.totals().allocations
+}
+
 #[test]
 fn closing_the_connection_frees_the_allocation() {
     let server = start_server(2, (45200, 45203), "");
@@ -215,11 +224,7 @@ fn closing_the_connection_frees_the_allocation() {
     let relayed = c.allocate();
     assert_eq!(server.totals().allocations, 1);
     drop(c);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while server.totals().allocations > 0 && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    assert_eq!(server.totals().allocations, 0);
+    assert_eq!(allocations_after_closes(&server), 0, "allocations of closed connections still held");
     assert!(UdpSocket::bind(relayed).is_ok(), "the relay port was released");
     assert_eq!(server.shared.quotas.total(), 0);
 }
@@ -238,11 +243,7 @@ fn data_and_close_arriving_together_free_the_allocation() {
         c.io.shutdown(std::net::Shutdown::Write).unwrap();
         drop(c);
     }
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while server.totals().allocations > 0 && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    assert_eq!(server.totals().allocations, 0, "allocations of closed connections still held");
+    assert_eq!(allocations_after_closes(&server), 0, "allocations of closed connections still held");
 }
 
 #[test]
@@ -337,15 +338,21 @@ fn tls_client(
     rustls::StreamOwned::new(conn, tcp(addr))
 }
 
-#[test]
-fn tls_1_2_and_1_3_round_trips() {
-    let dir = std::env::temp_dir().join(format!("turnpike-tls-{}", std::process::id()));
+/// A server with a TLS listener on a fresh self-signed certificate for "localhost" (written under a
+/// temporary directory named `name`); returns it with the certificate (DER) for the client to trust.
+fn start_tls_server(name: &str, threads: usize, ports: (u16, u16)) -> (turnpike::server::ServerHandle, Vec<u8>) {
+    let dir = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
     let (cert, key, der) = self_signed(&dir);
     let extra = format!("tls:\n  cert: {}\n  pkey: {}\n", cert.display(), key.display());
     let yaml =
-        common::test_yaml(2, (45500, 45519), "127.0.0.1", &extra).replace("  port: 0\n", "  port: 0\n  tls_port: 0\n");
+        common::test_yaml(threads, ports, "127.0.0.1", &extra).replace("  port: 0\n", "  port: 0\n  tls_port: 0\n");
     let cfg = turnpike::config::parse(std::path::Path::new("<test>.yaml"), &yaml).unwrap();
-    let server = turnpike::server::start(&cfg).unwrap();
+    (turnpike::server::start(&cfg).unwrap(), der)
+}
+
+#[test]
+fn tls_1_2_and_1_3_round_trips() {
+    let (server, der) = start_tls_server("turnpike-tls", 2, (45500, 45519));
     let peer = EchoPeer::start();
     let mut clients = Vec::new();
     for version in [&rustls::version::TLS12, &rustls::version::TLS13] {
@@ -364,13 +371,7 @@ fn tls_1_2_and_1_3_round_trips() {
 /// A burst from a peer is read here record by record, and every record must hold exactly one message.
 #[test]
 fn tls_burst_arrives_one_message_per_record() {
-    let dir = std::env::temp_dir().join(format!("turnpike-tls-burst-{}", std::process::id()));
-    let (cert, key, der) = self_signed(&dir);
-    let extra = format!("tls:\n  cert: {}\n  pkey: {}\n", cert.display(), key.display());
-    let yaml =
-        common::test_yaml(1, (45700, 45703), "127.0.0.1", &extra).replace("  port: 0\n", "  port: 0\n  tls_port: 0\n");
-    let cfg = turnpike::config::parse(std::path::Path::new("<test>.yaml"), &yaml).unwrap();
-    let server = turnpike::server::start(&cfg).unwrap();
+    let (server, der) = start_tls_server("turnpike-tls-burst", 1, (45700, 45703));
     let peer = UdpSocket::bind("127.0.0.1:0").unwrap();
     let mut c = StreamClient::new(tls_client(server.addrs.tls[0], &der, &rustls::version::TLS13), "burst");
     let relayed = c.allocate();
@@ -411,13 +412,7 @@ fn tls_burst_arrives_one_message_per_record() {
 /// (close_notify, then FIN) arrive together.
 #[test]
 fn tls_data_and_close_arriving_together_free_the_allocation() {
-    let dir = std::env::temp_dir().join(format!("turnpike-tls-close-{}", std::process::id()));
-    let (cert, key, der) = self_signed(&dir);
-    let extra = format!("tls:\n  cert: {}\n  pkey: {}\n", cert.display(), key.display());
-    let yaml =
-        common::test_yaml(1, (45720, 45739), "127.0.0.1", &extra).replace("  port: 0\n", "  port: 0\n  tls_port: 0\n");
-    let cfg = turnpike::config::parse(std::path::Path::new("<test>.yaml"), &yaml).unwrap();
-    let server = turnpike::server::start(&cfg).unwrap();
+    let (server, der) = start_tls_server("turnpike-tls-close", 1, (45720, 45739));
     for round in 0..20 {
         let mut c = StreamClient::new(
             tls_client(server.addrs.tls[0], &der, &rustls::version::TLS13),
@@ -430,22 +425,12 @@ fn tls_data_and_close_arriving_together_free_the_allocation() {
         c.io.sock.shutdown(std::net::Shutdown::Write).unwrap();
         drop(c);
     }
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while server.totals().allocations > 0 && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    assert_eq!(server.totals().allocations, 0, "allocations of closed connections still held");
+    assert_eq!(allocations_after_closes(&server), 0, "allocations of closed connections still held");
 }
 
 #[test]
 fn tls_handshake_with_garbage_is_closed() {
-    let dir = std::env::temp_dir().join(format!("turnpike-tls-bad-{}", std::process::id()));
-    let (cert, key, _) = self_signed(&dir);
-    let extra = format!("tls:\n  cert: {}\n  pkey: {}\n", cert.display(), key.display());
-    let yaml =
-        common::test_yaml(1, (45600, 45603), "127.0.0.1", &extra).replace("  port: 0\n", "  port: 0\n  tls_port: 0\n");
-    let cfg = turnpike::config::parse(std::path::Path::new("<test>.yaml"), &yaml).unwrap();
-    let server = turnpike::server::start(&cfg).unwrap();
+    let (server, _) = start_tls_server("turnpike-tls-bad", 1, (45600, 45603));
     let mut s = tcp(server.addrs.tls[0]);
     s.write_all(b"this is not a TLS ClientHello at all....").unwrap();
     let mut buf = [0u8; 64];
