@@ -223,7 +223,14 @@ impl Conn {
                 if self.wbuf.as_slices().0.len() < len {
                     self.wbuf.make_contiguous();
                 }
-                let message = &self.wbuf.as_slices().0[..len.min(self.wbuf.len())];
+                let Some(message) = self.wbuf.as_slices().0.get(..len) else {
+                    // Lengths and bytes disagree (not expected): write the bytes as one record.
+                    self.wframes.clear();
+                    if !self.wbuf.is_empty() {
+                        self.wframes.push_back(self.wbuf.len());
+                    }
+                    continue;
+                };
                 let took = tls.writer().write(message)?;
                 if took == 0 {
                     return Ok(());
