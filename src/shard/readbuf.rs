@@ -53,6 +53,38 @@ impl ReadBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+    use std::collections::VecDeque;
+
+    proptest! {
+        /// Any sequence of reads and consumes hands out exactly the bytes read, in order, and never
+        /// lets more than the limit wait or the buffer grow past it (a queue of bytes as the model).
+        #[test]
+        fn behaves_as_a_bounded_byte_queue(ops in proptest::collection::vec((any::<bool>(), 0usize..300), 1..200)) {
+            const LIMIT: usize = 500;
+            let mut b = ReadBuf::default();
+            let mut model: VecDeque<u8> = VecDeque::new();
+            let mut next = 0u8;
+            for (is_read, n) in ops {
+                if is_read {
+                    let room = b.room(n, LIMIT);
+                    prop_assert_eq!(room.len(), n.min(LIMIT - model.len()));
+                    for byte in room.iter_mut() {
+                        *byte = next;
+                        model.push_back(next);
+                        next = next.wrapping_add(1);
+                    }
+                    let len = room.len();
+                    b.filled(len);
+                } else {
+                    b.consume(n);
+                    model.drain(..n.min(model.len()));
+                }
+                prop_assert!(b.waiting().iter().eq(model.iter()));
+                prop_assert!(b.buf.len() <= LIMIT, "the buffer grew to {}", b.buf.len());
+            }
+        }
+    }
 
     fn read(b: &mut ReadBuf, bytes: &[u8], limit: usize) -> usize {
         let room = b.room(bytes.len(), limit);
