@@ -189,7 +189,8 @@ pub struct RuntimeSection {
     pub shard_ports: Vec<String>,
     /// SO_RCVBUF of listening and relay sockets, bytes (0 = kernel default).
     pub recv_buffer: usize,
-    /// SO_SNDBUF of listening and relay sockets, bytes (0 = kernel default).
+    /// SO_SNDBUF of listening sockets, bytes (0 = kernel default). Relay sockets keep the kernel's default:
+    /// each sends one allocation's traffic.
     pub send_buffer: usize,
     /// Most datagrams read from one socket per wake-up before moving on.
     pub recv_batch: usize,

@@ -712,7 +712,10 @@ pub fn run(parts: ShardParts) {
             registry,
             sockets: Vec::new(),
             generations: Vec::new(),
-            buffers,
+            // A relay socket sends one allocation's traffic: the kernel's default send buffer holds
+            // far more than it ever has in flight, and leaving it spares a setsockopt per Allocate.
+            // The receive buffer stays as configured (a peer's burst waits there for the shard).
+            buffers: Buffers { recv: buffers.recv, send: 0 },
             freed_streams: Vec::new(),
         },
         engine,
