@@ -7,12 +7,15 @@ use std::io::{self, Read, Write};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use turnpike::proto::framing;
+use turnpike::shard::readbuf::ReadBuf;
 
 /// Most bytes a TCP client keeps waiting to be written when the server reads slower than the schedule:
 /// beyond it a frame is not sent (and not counted as sent), as a full UDP socket buffer would drop it.
 const WRITE_BACKLOG: usize = 1 << 20;
 /// Bytes read from a stream per `read` call.
 const READ_CHUNK: usize = 64 * 1024;
+/// Most bytes waiting in a stream's read buffer (well above the largest frame).
+const READ_LIMIT: usize = 1 << 20;
 
 /// A client's connection to the server.
 pub enum Link {
@@ -27,9 +30,7 @@ pub enum Link {
 pub struct TcpLink {
     stream: TcpStream,
     tls: Option<Box<rustls::ClientConnection>>,
-    rbuf: Vec<u8>,
-    /// Where the next frame in `rbuf` starts.
-    start: usize,
+    rbuf: ReadBuf,
     out: Vec<u8>,
 }
 
@@ -53,13 +54,7 @@ impl Link {
             None => None,
         };
         stream.set_nonblocking(true)?;
-        Ok(Link::Tcp(TcpLink {
-            stream: TcpStream::from_std(stream),
-            tls,
-            rbuf: Vec::with_capacity(READ_CHUNK),
-            start: 0,
-            out: Vec::new(),
-        }))
+        Ok(Link::Tcp(TcpLink { stream: TcpStream::from_std(stream), tls, rbuf: ReadBuf::default(), out: Vec::new() }))
     }
 
     /// The event source to register with the poll.
@@ -166,27 +161,24 @@ impl TcpLink {
 
     fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         loop {
-            let waiting = &self.rbuf[self.start..];
+            let waiting = self.rbuf.waiting();
             match framing::frame_len(waiting) {
                 Ok(Some(len)) => {
                     let n = len.min(buf.len());
                     buf[..n].copy_from_slice(&waiting[..n]);
-                    self.start += len;
+                    self.rbuf.consume(len);
                     return Ok(n);
                 }
                 Ok(None) => {}
                 Err(e) => return Err(io::Error::new(io::ErrorKind::InvalidData, e.to_string())),
             }
-            // Keep the partial frame at the front, then read more behind it.
-            self.rbuf.drain(..self.start);
-            self.start = 0;
-            let old = self.rbuf.len();
-            self.rbuf.resize(old + READ_CHUNK, 0);
+            // More bytes behind the partial frame (the server's own read buffer type).
+            let room = self.rbuf.room(READ_CHUNK, READ_LIMIT);
             let got = match &mut self.tls {
-                None => self.stream.read(&mut self.rbuf[old..]),
-                Some(tls) => read_tls(tls, &mut self.stream, &mut self.rbuf[old..]),
+                None => self.stream.read(room),
+                Some(tls) => read_tls(tls, &mut self.stream, room),
             };
-            self.rbuf.truncate(old + *got.as_ref().unwrap_or(&0));
+            self.rbuf.filled(*got.as_ref().unwrap_or(&0));
             match got {
                 Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
                 Ok(_) => {}
