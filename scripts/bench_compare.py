@@ -99,13 +99,14 @@ def stop(proc):
         proc.wait()
 
 
-def loadgen(name, proc, *extra):
+def loadgen(name, proc, *extra, port=None):
+    """One generator run against `proc` (on `port`, default the server's own in PORTS); its JSON line."""
     cmd = ["taskset", "-c", "1", LOADGEN, "--secret", SECRET, "--server-pid", str(proc.pid),
            "--duration", str(SECS), "--warmup", "0.5"] + [str(e) for e in extra]
     if name in ("raw", "floor"):
         cmd += ["--raw", "127.0.0.1:%d" % PORTS[name], "--peer-port", str(PEER_PORT)]
     else:
-        cmd += ["--server", "127.0.0.1:%d" % PORTS[name]]
+        cmd += ["--server", "127.0.0.1:%d" % (port or PORTS[name])]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     if not out.stdout.strip():
         return {"error": out.stderr.strip()[-300:] or "no output (exit %d)" % out.returncode}
@@ -137,11 +138,13 @@ def stall_reason(r):
     return None
 
 
-def run_one(name, *extra, sockets=1):
+def run_one(name, *extra, sockets=1, starter=None, port=None):
+    """A fresh server (`starter()`, default `start(name, sockets)`) and one generator run against it,
+    repeated (at most twice) when the run stalled; see `stall_reason`."""
     for attempt in range(3):
-        proc = start(name, sockets)
+        proc = starter() if starter else start(name, sockets)
         try:
-            r = loadgen(name, proc, *extra)
+            r = loadgen(name, proc, *extra, port=port)
         finally:
             stop(proc)
         reason = stall_reason(r)

@@ -64,26 +64,11 @@ def run(name, binary, transport, allocations, size, rate, calls):
     server = "coturn" if name == "coturn" else "turnpike"
     port = TLS_PORTS[server] if transport == "tls" else bc.PORTS[server]
     extra = ["--" + transport, "--allocations", allocations, "--size", size, "--rate", rate] + (["--calls"] if calls else [])
-    for attempt in range(3):
-        proc = start(name, binary)
-        try:
-            cmd = ["taskset", "-c", "1", bc.LOADGEN, "--secret", bc.SECRET, "--server-pid", str(proc.pid),
-                   "--server", "127.0.0.1:%d" % port, "--duration", str(bc.SECS), "--warmup", "0.5"]
-            out = subprocess.run(cmd + [str(e) for e in extra], capture_output=True, text=True, timeout=120)
-        finally:
-            bc.stop(proc)
-        lines = out.stdout.strip().splitlines()
-        try:
-            r = bc.json.loads(lines[-1]) if lines else {"error": out.stderr.strip()[-300:]}
-        except ValueError:
-            r = {"error": out.stderr.strip()[-300:]}
-        reason = bc.stall_reason(r)
-        print("  %-8s %s %5d allocs %4d B %6d pps %s: %s%s" % (name, transport, allocations, size, rate,
-                                                              "calls" if calls else "c->p",
-                                                           bc.json.dumps(r), " (repeated: %s)" % reason if reason and
-                                                           attempt < 2 else ""), file=sys.stderr)
-        if reason is None or attempt == 2:
-            return r
+    # bench-compare's run: a fresh server, the generator, and a repeat of a stalled run.
+    r = bc.run_one(name, *extra, starter=lambda: start(name, binary), port=port)
+    print("  %-8s %s %5d allocs %4d B %6d pps %s: %s" % (name, transport, allocations, size, rate,
+                                                       "calls" if calls else "c->p", bc.json.dumps(r)),
+          file=sys.stderr)
     return r
 
 

@@ -121,23 +121,20 @@ impl Conn {
                 // before reading more, so a full buffer means garbage.
                 return ReadState::Closed;
             }
-            let mut emptied = false;
-            let got = match &mut self.tls {
+            // What was read, and whether the read found the socket empty (it returned bytes, fewer
+            // than it asked for; over TLS, with all the plaintext handed out).
+            let (got, socket_empty) = match &mut self.tls {
                 None => {
                     let room = self.rbuf.room(READ_CHUNK, READ_MAX);
                     let asked = room.len();
                     let r = self.stream.read(room);
-                    let n = *r.as_ref().unwrap_or(&0);
-                    self.rbuf.filled(n);
-                    emptied = n > 0 && n < asked && !self.hangup_seen;
-                    r
+                    self.rbuf.filled(*r.as_ref().unwrap_or(&0));
+                    let short = matches!(r, Ok(n) if n < asked);
+                    (r, short)
                 }
                 Some(tls) => match read_tls(tls, &mut self.stream, &mut self.rbuf) {
-                    Ok((n, drained)) => {
-                        emptied = n > 0 && drained && !self.hangup_seen;
-                        Ok(n)
-                    }
-                    Err(e) => Err(e),
+                    Ok((n, drained)) => (Ok(n), drained),
+                    Err(e) => (Err(e), false),
                 },
             };
             match got {
@@ -147,7 +144,7 @@ impl Conn {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(_) => return ReadState::Closed,
             }
-            if emptied {
+            if socket_empty && !self.hangup_seen {
                 return ReadState::Drained;
             }
             if self.frame_len().is_some_and(|n| n > 0) {
