@@ -36,10 +36,15 @@ impl Budget {
 }
 
 /// Relay sockets the configuration can open at most: every port of the range on every relay address,
-/// or twice the total quota (an allocation may hold one socket per family) when that is smaller.
+/// or, when that is smaller, twice the total quota (an allocation may hold one socket per family) plus
+/// the spares kept open between allocations (at most an eighth of the ports, see `proto::spares`).
 pub fn relay_sockets_wanted(ports: u64, relay_addresses: u64, total_quota: u32) -> u64 {
     let by_ports = ports.saturating_mul(relay_addresses.max(1));
-    if total_quota == 0 { by_ports } else { by_ports.min(u64::from(total_quota).saturating_mul(2)) }
+    if total_quota == 0 {
+        return by_ports;
+    }
+    let spares = ports / crate::proto::spares::RANGE_SHARE as u64;
+    by_ports.min(u64::from(total_quota).saturating_mul(2).saturating_add(spares))
 }
 
 /// Raises the soft descriptor limit towards `wanted` (never above the hard limit) and grows the
@@ -85,7 +90,7 @@ mod tests {
     fn wanted_is_ports_times_addresses_capped_by_quota() {
         assert_eq!(relay_sockets_wanted(16_384, 2, 0), 32_768);
         assert_eq!(relay_sockets_wanted(16_384, 0, 0), 16_384);
-        assert_eq!(relay_sockets_wanted(16_384, 2, 1_000), 2_000);
+        assert_eq!(relay_sockets_wanted(16_384, 2, 1_000), 2_000 + 2_048);
         assert_eq!(relay_sockets_wanted(100, 1, 1_000), 100);
     }
 

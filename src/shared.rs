@@ -129,6 +129,8 @@ pub struct ShardStats {
     pub permissions: AtomicU64,
     /// Live channel bindings.
     pub channels: AtomicU64,
+    /// Relay sockets of deleted allocations kept open for the next ones (`proto::spares`).
+    pub spare_relay_sockets: AtomicU64,
     /// Open TURN-over-TCP connections.
     pub tcp_connections: AtomicU64,
     /// Open TURN-over-TLS connections.

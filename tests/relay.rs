@@ -186,3 +186,49 @@ fn shutdown_closes_relay_sockets() {
     server.shutdown();
     assert!(UdpSocket::bind(relayed).is_ok(), "freed on shutdown");
 }
+
+/// A deleted allocation's relay socket stays open as a spare and serves a later allocation: what
+/// peers send to it meanwhile is read and dropped, not delivered to the next client, and relaying
+/// through the reused socket works both ways.
+#[test]
+fn spare_relay_sockets_are_drained_and_serve_the_next_allocations() {
+    use turnpike::proto::DropReason;
+    // 80 ports on one shard: up to 10 spares.
+    let server = start_server(1, (42700, 42779), "");
+    let addr = server.udp_addrs[0];
+    let mut first: Vec<TurnClient> = (0..10).map(|i| TurnClient::rest(addr, &format!("a{i}"))).collect();
+    let relayed: Vec<_> = first.iter_mut().map(TurnClient::allocate).collect();
+    for c in &mut first {
+        assert_eq!(c.refresh(0).class(), Class::Success);
+    }
+    let totals = server.totals();
+    assert_eq!((totals.allocations, totals.spare_relay_sockets), (0, 10));
+    for r in &relayed {
+        assert!(UdpSocket::bind(r).is_err(), "{r}: a spare keeps its port");
+    }
+    // A peer that had talked to the old allocations goes on sending to them.
+    let peer = UdpSocket::bind("127.0.0.1:0").unwrap();
+    peer.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    for r in &relayed {
+        for _ in 0..5 {
+            peer.send_to(b"stale", r).unwrap();
+        }
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while server.totals().drops[DropReason::NoAllocation.index()] < 50 {
+        assert!(std::time::Instant::now() < deadline, "datagrams to spares were not read: {:?}", server.totals());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut c = TurnClient::rest(addr, "b");
+    let mine = c.allocate();
+    assert!(relayed.contains(&mine), "{mine} is not one of the spares {relayed:?}");
+    assert_eq!(server.totals().spare_relay_sockets, 9);
+    assert_eq!(c.channel_bind(0x4000, peer.local_addr().unwrap()).class(), Class::Success);
+    peer.send_to(b"fresh", mine).unwrap();
+    let (channel, _, payload) = c.recv_data().expect("relayed to the client");
+    assert_eq!((channel, payload.as_slice()), (Some(0x4000), &b"fresh"[..]), "the first data is the new one");
+    c.send_channel(0x4000, b"back");
+    let mut buf = [0u8; 64];
+    let (n, from) = peer.recv_from(&mut buf).unwrap();
+    assert_eq!((&buf[..n], from), (&b"back"[..], mine));
+}

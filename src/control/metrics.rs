@@ -42,6 +42,12 @@ pub fn render(stats: &[Arc<ShardStats>], shared: &Shared, counters: &ServerCount
     family("turnpike_allocations", "gauge", "Live allocations.", &per_shard_transport());
     family("turnpike_permissions", "gauge", "Live permissions.", &per_shard(&|s| read(&s.permissions)));
     family("turnpike_channels", "gauge", "Live channel bindings.", &per_shard(&|s| read(&s.channels)));
+    family(
+        "turnpike_spare_relay_sockets",
+        "gauge",
+        "Relay sockets of deleted allocations kept open (bound, out of service) for the next allocations.",
+        &per_shard(&|s| read(&s.spare_relay_sockets)),
+    );
     let mut conns = Vec::new();
     for (k, s) in stats.iter().enumerate() {
         conns.push((format!("shard=\"{k}\",transport=\"tcp\""), read(&s.tcp_connections)));

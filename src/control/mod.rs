@@ -22,6 +22,8 @@ pub struct Totals {
     pub permissions: u64,
     /// Live channels.
     pub channels: u64,
+    /// Relay sockets kept open for the next allocations.
+    pub spare_relay_sockets: u64,
     /// Open TCP connections.
     pub tcp_connections: u64,
     /// Open TLS connections.
@@ -60,6 +62,7 @@ impl Totals {
             t.allocations += read(&s.allocations);
             t.permissions += read(&s.permissions);
             t.channels += read(&s.channels);
+            t.spare_relay_sockets += read(&s.spare_relay_sockets);
             t.tcp_connections += read(&s.tcp_connections);
             t.tls_connections += read(&s.tls_connections);
             t.allocations_created += read(&s.allocations_created);

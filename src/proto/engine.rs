@@ -18,6 +18,7 @@ use super::error::{DropReason, ErrorCode};
 use super::integrity::LongTermKey;
 use super::ports::PortPool;
 use super::rng::XorShift;
+use super::spares::{Spare, SparePool};
 use super::stun::{self, Class, HEADER_LEN, MAGIC_COOKIE, Method, MsgWriter, StunMsg, TransactionId, pad4};
 use super::table::{AllocId, AllocTable};
 use super::timer::TimerWheel;
@@ -188,6 +189,18 @@ pub trait RelaySockets {
     fn open(&mut self, idx: u32, addr: SocketAddr) -> Result<(), BindError>;
     /// Closes the relay socket of slot `idx`.
     fn close(&mut self, idx: u32);
+    /// Takes the relay socket of slot `idx` out of service but keeps it open, bound and drained, for a
+    /// later allocation (see [`super::spares`]). Returns its id among the parked sockets, or `None`
+    /// when it was closed instead (the default: an implementation that does not park).
+    fn park(&mut self, idx: u32) -> Option<u32> {
+        self.close(idx);
+        None
+    }
+    /// Puts parked socket `spare` in service as the relay socket of slot `idx`. On an error the parked
+    /// socket is closed.
+    fn unpark(&mut self, _spare: u32, _idx: u32) -> Result<(), BindError> {
+        Err(BindError::Failed(0))
+    }
     /// An allocation was deleted; for TCP/TLS clients the connection goes with it (RFC 8656 §7).
     fn allocation_freed(&mut self, _tuple: FiveTuple) {}
 }
@@ -380,6 +393,8 @@ pub struct Engine {
     logs: LogLimiter,
     /// Round-robin position over relay addresses.
     relay_turn: usize,
+    /// Relay sockets of deleted allocations, kept for the next ones.
+    spares: SparePool,
 }
 
 /// Slots of the per-source limiter of unauthenticated requests (fixed memory per shard).
@@ -405,12 +420,14 @@ impl Engine {
         origin_unix: u64,
         seed: u64,
     ) -> Self {
+        let ports = PortPool::new(ports, seed);
         Self {
             shard,
             shared,
             stats,
             table: AllocTable::default(),
-            ports: PortPool::new(ports, seed),
+            spares: SparePool::new(ports.len()),
+            ports,
             wheel: TimerWheel::new(origin),
             due: Vec::new(),
             out: vec![0u8; OUT_LEN].into_boxed_slice(),
@@ -484,6 +501,11 @@ impl Engine {
     /// Free relay ports left on this shard.
     pub fn free_ports(&self) -> usize {
         self.ports.len()
+    }
+
+    /// Relay sockets of deleted allocations kept open for the next ones (their ports are not free).
+    pub fn spare_sockets(&self) -> usize {
+        self.spares.len()
     }
 
     fn unix(&self, now: Instant) -> u64 {
@@ -1020,6 +1042,16 @@ impl Engine {
                 }
             };
         }
+        if even_port.is_none() {
+            if let Some(spare) = self.spares.take(bind_ip, self.ports.is_empty(), &mut self.rng) {
+                set(&self.stats.spare_relay_sockets, self.spares.len() as u64);
+                match io.unpark(spare.id, key) {
+                    Ok(()) => return Ok((spare.port, None)),
+                    // The shard closed it: its port is free again; go on with a fresh one.
+                    Err(_) => self.ports.give_back(spare.port),
+                }
+            }
+        }
         for _ in 0..BIND_ATTEMPTS {
             let (port, next) = match even_port {
                 Some(reserve) => self.ports.take_even(reserve).ok_or(NoPort::RangeExhausted)?,
@@ -1439,13 +1471,11 @@ impl Engine {
         let Some(alloc) = self.table.remove(id) else {
             return;
         };
-        io.close(relay_key(id.idx, 0));
+        self.retire_socket(relay_key(id.idx, 0), alloc.bound, io);
         if let Some((_, bound6)) = alloc.second {
-            io.close(relay_key(id.idx, 1));
-            self.ports.give_back(bound6.port());
+            self.retire_socket(relay_key(id.idx, 1), bound6, io);
         }
         io.allocation_freed(alloc.five_tuple);
-        self.ports.give_back(alloc.bound.port());
         self.shared.directory.remove(&alloc.five_tuple);
         self.shared.quotas.release(alloc.quota_user.as_bytes());
         self.live_permissions = self.live_permissions.saturating_sub(alloc.permissions.len() as u64);
@@ -1460,6 +1490,21 @@ impl Engine {
             alloc.five_tuple,
             alloc.relayed
         );
+    }
+
+    /// Parks the relay socket of `key`, bound to `bound`, for a later allocation, or closes it and frees
+    /// its port when the spare pool is full.
+    fn retire_socket(&mut self, key: u32, bound: SocketAddr, io: &mut dyn RelaySockets) {
+        if self.spares.has_room() {
+            if let Some(id) = io.park(key) {
+                self.spares.put(Spare { id, ip: bound.ip(), port: bound.port() });
+                set(&self.stats.spare_relay_sockets, self.spares.len() as u64);
+                return;
+            }
+        } else {
+            io.close(key);
+        }
+        self.ports.give_back(bound.port());
     }
 
     /// Deletes every allocation (shutdown).

@@ -14,6 +14,7 @@ pub mod framing;
 pub mod integrity;
 pub mod ports;
 pub mod rng;
+pub mod spares;
 pub mod stun;
 pub mod table;
 pub mod timer;

@@ -19,7 +19,7 @@ use crate::policy::rate::{LogKind, LogLimiter};
 use crate::proto::allocation::{FiveTuple, ListenerId, Transport};
 use crate::proto::engine::{BindError, RelaySockets, TIMER_BUDGET};
 use crate::proto::timer::TimerWheel;
-use crate::proto::{Action, Engine, PacketBuf, Settings};
+use crate::proto::{Action, DropReason, Engine, PacketBuf, Settings};
 use crate::shared::{ShardStats, bump, bump_down};
 use crossbeam_channel::Receiver;
 use mio::net::{TcpListener, UdpSocket};
@@ -41,6 +41,8 @@ const TLS_BASE: usize = 2 << 10;
 const CONN_BASE: usize = 1 << 16;
 /// Relay socket of slot `idx` is `RELAY_BASE + idx`.
 const RELAY_BASE: usize = 1 << 30;
+/// Parked relay socket `i` (see `proto::spares`) is `PARKED_BASE + i`.
+const PARKED_BASE: usize = 1 << 29;
 /// Longest sleep when nothing is due (keeps timers at 1 s resolution).
 const MAX_SLEEP: Duration = Duration::from_secs(1);
 /// How often the engine's unix time is set from the wall clock again (see `Engine::set_wall_clock`).
@@ -79,6 +81,24 @@ struct RelaySlots {
     buffers: Buffers,
     /// Stream clients whose allocation was deleted: their connections are closed next.
     freed_streams: Vec<FiveTuple>,
+    /// Relay sockets out of service, kept open for later allocations (the engine's spares).
+    parked: Vec<Option<UdpSocket>>,
+    /// Free entries of `parked`.
+    parked_free: Vec<u32>,
+}
+
+impl RelaySlots {
+    /// Makes `sock` (registered with slot `idx`'s token) the relay socket of slot `idx`: a new opening,
+    /// so datagrams queued for the slot's previous socket are not sent from this one.
+    fn install(&mut self, idx: u32, sock: UdpSocket) {
+        let idx = idx as usize;
+        if self.sockets.len() <= idx {
+            self.sockets.resize_with(idx + 1, || None);
+            self.generations.resize(idx + 1, 0);
+        }
+        self.sockets[idx] = Some(sock);
+        self.generations[idx] = self.generations[idx].wrapping_add(1);
+    }
 }
 
 impl RelaySockets for RelaySlots {
@@ -90,13 +110,7 @@ impl RelaySockets for RelaySlots {
         let mut sock = UdpSocket::from_std(std_socket);
         let token = Token(RELAY_BASE + idx as usize);
         self.registry.register(&mut sock, token, Interest::READABLE).map_err(failed)?;
-        let idx = idx as usize;
-        if self.sockets.len() <= idx {
-            self.sockets.resize_with(idx + 1, || None);
-            self.generations.resize(idx + 1, 0);
-        }
-        self.sockets[idx] = Some(sock);
-        self.generations[idx] = self.generations[idx].wrapping_add(1);
+        self.install(idx, sock);
         Ok(())
     }
 
@@ -105,6 +119,36 @@ impl RelaySockets for RelaySlots {
         // removes it from the epoll interest list (epoll(7)); mio keeps no state per source on Linux.
         // A separate EPOLL_CTL_DEL would cost a system call per deleted allocation for nothing.
         drop(self.sockets.get_mut(idx as usize).and_then(Option::take));
+    }
+
+    fn park(&mut self, idx: u32) -> Option<u32> {
+        let mut sock = self.sockets.get_mut(idx as usize).and_then(Option::take)?;
+        let id = match self.parked_free.pop() {
+            Some(id) => id,
+            None => {
+                self.parked.push(None);
+                (self.parked.len() - 1) as u32
+            }
+        };
+        // Its own token from now on: what still arrives is read and dropped (`Shard::drain_parked`),
+        // and a new allocation in slot `idx` cannot receive its events.
+        if self.registry.reregister(&mut sock, Token(PARKED_BASE + id as usize), Interest::READABLE).is_err() {
+            self.parked_free.push(id);
+            return None;
+        }
+        self.parked[id as usize] = Some(sock);
+        Some(id)
+    }
+
+    fn unpark(&mut self, spare: u32, idx: u32) -> Result<(), BindError> {
+        let mut sock = self.parked.get_mut(spare as usize).and_then(Option::take).ok_or(BindError::Failed(0))?;
+        self.parked_free.push(spare);
+        let token = Token(RELAY_BASE + idx as usize);
+        self.registry
+            .reregister(&mut sock, token, Interest::READABLE)
+            .map_err(|e| BindError::Failed(e.raw_os_error().unwrap_or(0)))?;
+        self.install(idx, sock);
+        Ok(())
     }
 
     fn allocation_freed(&mut self, tuple: FiveTuple) {
@@ -412,6 +456,28 @@ impl Shard {
         Drained::MoreWaiting
     }
 
+    /// Reads and drops what arrived on parked relay socket `i` (no allocation owns it), at most a
+    /// batch budget per wake-up like any other socket.
+    fn drain_parked(&mut self, i: usize) -> Drained {
+        let mut done = 0;
+        while done < self.recv_batch {
+            let Some(Some(sock)) = self.relays.parked.get(i) else {
+                return Drained::Empty;
+            };
+            let n = match self.batch.recv(sock) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => return Drained::Empty,
+            };
+            bump(&self.stats.drops[DropReason::NoAllocation.index()], n as u64);
+            done += n;
+            if n < self.batch.bufs.len() {
+                return Drained::Empty;
+            }
+        }
+        Drained::MoreWaiting
+    }
+
     fn accept(&mut self, now: Instant, i: usize, transport: Transport) -> Drained {
         for _ in 0..ACCEPT_BUDGET {
             let listener = match transport {
@@ -637,6 +703,7 @@ impl Shard {
         match token.0 {
             t if t == WAKER.0 => Drained::Empty,
             t if t >= RELAY_BASE => self.drain_batch(now, BatchSource::Relay(t - RELAY_BASE)),
+            t if t >= PARKED_BASE => self.drain_parked(t - PARKED_BASE),
             t if t >= CONN_BASE => self.serve_conn(now, t - CONN_BASE, hangup),
             t if t >= TLS_BASE => self.accept(now, t - TLS_BASE, Transport::Tls),
             t if t >= TCP_BASE => self.accept(now, t - TCP_BASE, Transport::Tcp),
@@ -717,6 +784,8 @@ pub fn run(parts: ShardParts) {
             // The receive buffer stays as configured (a peer's burst waits there for the shard).
             buffers: Buffers { recv: buffers.recv, send: 0 },
             freed_streams: Vec::new(),
+            parked: Vec::new(),
+            parked_free: Vec::new(),
         },
         engine,
         pkt: PacketBuf::default(),

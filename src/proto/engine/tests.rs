@@ -18,6 +18,17 @@ struct FakeSockets {
     busy_ports: HashSet<u16>,
     /// Every open fails with this OS error (out of descriptors, ...).
     failing: Option<i32>,
+    /// Whether deleted allocations' sockets are parked (as the shard does) rather than closed.
+    parks: bool,
+    /// Parked sockets by id: their port.
+    parked: std::collections::HashMap<u32, u16>,
+    next_parked: u32,
+    /// Ports of the open sockets, by slot.
+    ports: std::collections::HashMap<u32, u16>,
+    /// Fresh sockets opened so far.
+    opened: usize,
+    /// Every unpark fails (the parked socket is closed).
+    unpark_fails: bool,
 }
 
 impl RelaySockets for FakeSockets {
@@ -29,10 +40,33 @@ impl RelaySockets for FakeSockets {
             return Err(BindError::AddrInUse);
         }
         assert!(self.open.insert(idx), "slot {idx} opened twice");
+        self.ports.insert(idx, addr.port());
+        self.opened += 1;
         Ok(())
     }
     fn close(&mut self, idx: u32) {
         assert!(self.open.remove(&idx), "slot {idx} closed but not open");
+        self.ports.remove(&idx);
+    }
+    fn park(&mut self, idx: u32) -> Option<u32> {
+        if !self.parks {
+            self.close(idx);
+            return None;
+        }
+        assert!(self.open.remove(&idx), "slot {idx} parked but not open");
+        let id = self.next_parked;
+        self.next_parked += 1;
+        self.parked.insert(id, self.ports.remove(&idx).unwrap());
+        Some(id)
+    }
+    fn unpark(&mut self, spare: u32, idx: u32) -> Result<(), BindError> {
+        let port = self.parked.remove(&spare).expect("unparked a socket that is not parked");
+        if self.unpark_fails {
+            return Err(BindError::Failed(libc::EBADF));
+        }
+        assert!(self.open.insert(idx), "slot {idx} opened twice");
+        self.ports.insert(idx, port);
+        Ok(())
     }
 }
 
@@ -1032,4 +1066,73 @@ fn unauthenticated_answers_are_rate_limited_per_source() {
         let req = c.request(Method::ALLOCATE, true, udp_transport);
         assert!(matches!(h.send(c.tuple, &req), Action::Reply { .. }));
     }
+}
+
+/// Deleted allocations' relay sockets are parked, up to an eighth of the range, and the next
+/// allocations take them over (no fresh socket) at random among at least `MIN_CHOICE`; every port is
+/// always exactly one of free, parked or in use.
+#[test]
+fn deleted_allocations_sockets_serve_the_next_allocations() {
+    use crate::proto::spares::MIN_CHOICE;
+    let mut h = harness_unlimited(50_000, 50_159);
+    h.io.parks = true;
+    let accounted = |h: &Harness| h.engine.free_ports() + h.engine.spare_sockets() + h.engine.table().len();
+    let mut clients: Vec<Client> = (0..30u16).map(|i| Client::rest(41_000 + i, "u", UNIX0 + 3600)).collect();
+    for c in &mut clients {
+        assert_eq!(h.allocate(c).class(), Class::Success);
+    }
+    assert_eq!(h.io.opened, 30);
+    for c in &mut clients {
+        assert_eq!(h.authed(c, Method::REFRESH, |w| w.add_u32(AttrType::LIFETIME, 0)).class(), Class::Success);
+        assert_eq!(accounted(&h), 160);
+    }
+    assert_eq!(h.engine.spare_sockets(), 20, "one in eight of 160 ports");
+    assert_eq!(read(&h.engine.stats.spare_relay_sockets), 20);
+    assert_eq!(h.io.open.len(), 0);
+    let parked: HashSet<u16> = h.io.parked.values().copied().collect();
+    let mut reused = Vec::new();
+    for i in 0..(20 - MIN_CHOICE + 1) as u16 {
+        let mut c = Client::rest(42_000 + i, "v", UNIX0 + 3600);
+        let r = h.allocate(&mut c);
+        assert_eq!(r.class(), Class::Success);
+        let port = r.xor_addr(AttrType::XOR_RELAYED_ADDRESS).port();
+        assert!(parked.contains(&port), "port {port} is not a parked one");
+        reused.push(port);
+        assert_eq!(accounted(&h), 160);
+    }
+    assert_eq!(h.io.opened, 30, "no fresh socket while spares were there");
+    assert_eq!(h.engine.spare_sockets(), MIN_CHOICE - 1);
+    assert_eq!(reused.iter().collect::<HashSet<_>>().len(), reused.len(), "a spare is handed out once");
+    // Below MIN_CHOICE spares with fresh ports left: a fresh socket.
+    let mut c = Client::rest(43_000, "w", UNIX0 + 3600);
+    assert_eq!(h.allocate(&mut c).class(), Class::Success);
+    assert_eq!(h.io.opened, 31);
+    assert_eq!(h.engine.spare_sockets(), MIN_CHOICE - 1);
+    assert_eq!(accounted(&h), 160);
+}
+
+/// With no fresh port left a spare is used however few there are, and a spare the shard cannot put
+/// back in service gives its port back to the pool.
+#[test]
+fn spares_serve_when_the_range_is_used_up_and_a_failed_one_frees_its_port() {
+    let mut h = harness_unlimited(50_000, 50_015);
+    h.io.parks = true;
+    let mut clients: Vec<Client> = (0..16u16).map(|i| Client::rest(41_000 + i, "u", UNIX0 + 3600)).collect();
+    for c in &mut clients {
+        assert_eq!(h.allocate(c).class(), Class::Success);
+    }
+    let mut extra = Client::rest(44_000, "x", UNIX0 + 3600);
+    assert_eq!(h.allocate(&mut extra).code(), Some(508), "the range is used up");
+    for c in &mut clients[..2] {
+        assert_eq!(h.authed(c, Method::REFRESH, |w| w.add_u32(AttrType::LIFETIME, 0)).class(), Class::Success);
+    }
+    assert_eq!((h.engine.spare_sockets(), h.engine.free_ports()), (2, 0));
+    let mut a = Client::rest(44_001, "y", UNIX0 + 3600);
+    assert_eq!(h.allocate(&mut a).class(), Class::Success, "a spare instead of 508");
+    assert_eq!((h.engine.spare_sockets(), h.engine.free_ports(), h.io.opened), (1, 0, 16));
+    h.io.unpark_fails = true;
+    let mut b = Client::rest(44_002, "z", UNIX0 + 3600);
+    assert_eq!(h.allocate(&mut b).class(), Class::Success, "the failed spare's port, freshly bound");
+    assert_eq!((h.engine.spare_sockets(), h.engine.free_ports(), h.io.opened), (0, 0, 17));
+    assert_eq!(h.engine.table().len(), 16);
 }
