@@ -2,7 +2,9 @@
 //! secrets (username `<unix-expiry><sep><user>`, password `base64(HMAC-SHA1(secret, username))`).
 
 use crate::proto::StunMsg;
-use crate::proto::integrity::{HmacKey, LongTermKey, long_term_key, rest_password_with, verify_message_integrity};
+use crate::proto::integrity::{
+    HmacKey, LongTermKey, PreparedKey, long_term_key, rest_password_with, verify_message_integrity_with,
+};
 use std::collections::HashMap;
 
 /// The credentials one realm accepts.
@@ -28,10 +30,10 @@ impl std::fmt::Debug for CredentialStore {
 }
 
 /// Outcome of checking a request's credentials.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub enum Verdict {
     /// Authenticated: the key to sign the response with.
-    Ok(LongTermKey),
+    Ok(PreparedKey),
     /// No such static user and not a REST username.
     UnknownUser,
     /// A REST username whose expiry has passed.
@@ -101,24 +103,45 @@ impl CredentialStore {
     /// Checks `msg`'s MESSAGE-INTEGRITY for `username` at `now_unix`.
     pub fn verify(&self, msg: &StunMsg<'_>, username: &[u8], now_unix: u64) -> Verdict {
         if let Some(key) = self.users.get(username) {
-            return if verify_message_integrity(msg, key) { Verdict::Ok(*key) } else { Verdict::BadIntegrity };
+            return Self::check(msg, PreparedKey::new(*key));
         }
-        if self.secrets.is_empty() {
-            return Verdict::UnknownUser;
-        }
-        let Some((expiry, _)) = self.split_rest_username(username) else {
-            return Verdict::UnknownUser;
-        };
-        if expiry < now_unix {
-            return Verdict::Expired;
+        if let Some(refused) = self.refuse_rest(username, now_unix) {
+            return refused;
         }
         for secret in &self.secrets {
             let password = rest_password_with(secret, username);
-            let key = long_term_key(username, self.realm.as_bytes(), &password);
-            if verify_message_integrity(msg, &key) {
+            let key = PreparedKey::new(long_term_key(username, self.realm.as_bytes(), &password));
+            if verify_message_integrity_with(msg, key.hmac()) {
                 return Verdict::Ok(key);
             }
         }
         Verdict::BadIntegrity
+    }
+
+    /// [`CredentialStore::verify`] for a username whose key `known` this store derived before (the key
+    /// its allocation was created with; the caller makes sure the store has not changed since): the
+    /// REST expiry is checked again, the key is not derived again.
+    pub fn verify_known(&self, msg: &StunMsg<'_>, username: &[u8], now_unix: u64, known: &LongTermKey) -> Verdict {
+        if !self.users.contains_key(username) {
+            if let Some(refused) = self.refuse_rest(username, now_unix) {
+                return refused;
+            }
+        }
+        Self::check(msg, PreparedKey::new(*known))
+    }
+
+    /// Why a username that is not a static user's is refused before any key is tried, if it is.
+    fn refuse_rest(&self, username: &[u8], now_unix: u64) -> Option<Verdict> {
+        if self.secrets.is_empty() {
+            return Some(Verdict::UnknownUser);
+        }
+        let Some((expiry, _)) = self.split_rest_username(username) else {
+            return Some(Verdict::UnknownUser);
+        };
+        (expiry < now_unix).then_some(Verdict::Expired)
+    }
+
+    fn check(msg: &StunMsg<'_>, key: PreparedKey) -> Verdict {
+        if verify_message_integrity_with(msg, key.hmac()) { Verdict::Ok(key) } else { Verdict::BadIntegrity }
     }
 }

@@ -135,6 +135,11 @@ pub struct Allocation {
     pub armed_at: Instant,
     /// The USERNAME that created it (later requests must use the same, else 441).
     pub username: Box<str>,
+    /// The long-term key that username authenticated with, reused for its later requests while the
+    /// credentials stay as they were (see `Engine::authenticate`).
+    pub key: super::integrity::LongTermKey,
+    /// The engine's credentials generation `key` was derived under.
+    pub key_generation: u64,
     /// The user counted against the user quota (REST usernames: the part after the expiry).
     pub quota_user: Box<str>,
     /// Installed permissions, bounded by the configured maximum.

@@ -15,7 +15,7 @@ use super::allocation::{
 use super::attr::{self, AttrType, FAMILY_IPV4, FAMILY_IPV6, PROTO_UDP};
 use super::channel::{self, CHANNEL_HEADER_LEN, ChannelData, ChannelNumber};
 use super::error::{DropReason, ErrorCode};
-use super::integrity::LongTermKey;
+use super::integrity::PreparedKey;
 use super::ports::PortPool;
 use super::rng::XorShift;
 use super::spares::{Spare, SparePool};
@@ -275,7 +275,7 @@ const KNOWN: &[AttrType] = &[
 
 /// The result of authenticating a request: the key and the username it carried.
 struct Authenticated<'a> {
-    key: LongTermKey,
+    key: PreparedKey,
     username: &'a [u8],
 }
 
@@ -285,7 +285,7 @@ fn write_response(
     settings: &Settings,
     req: &StunMsg<'_>,
     class: Class,
-    key: Option<&LongTermKey>,
+    key: Option<&PreparedKey>,
     body: impl FnOnce(&mut MsgWriter<'_>),
 ) -> Action {
     let mut w = MsgWriter::new(out, req.method(), class, req.transaction_id());
@@ -294,7 +294,7 @@ fn write_response(
         w.add_bytes(AttrType::SOFTWARE, software.as_bytes());
     }
     if let Some(key) = key {
-        w.add_message_integrity(key);
+        w.add_message_integrity_with(key.hmac());
     }
     if req.has_fingerprint() {
         w.add_fingerprint();
@@ -395,6 +395,9 @@ pub struct Engine {
     relay_turn: usize,
     /// Relay sockets of deleted allocations, kept for the next ones.
     spares: SparePool,
+    /// Counts configuration reloads: an allocation's stored key is reused only under the credentials
+    /// it was derived with.
+    key_generation: u64,
 }
 
 /// Slots of the per-source limiter of unauthenticated requests (fixed memory per shard).
@@ -442,6 +445,7 @@ impl Engine {
             limiter: SourceLimiter::new(LIMITER_SLOTS, settings.unauth_rate, settings.unauth_burst),
             logs: LogLimiter::default(),
             relay_turn: 0,
+            key_generation: 0,
             settings,
         }
     }
@@ -485,6 +489,7 @@ impl Engine {
         self.live_channels = chans;
         set(&self.stats.permissions, perms);
         set(&self.stats.channels, chans);
+        self.key_generation += 1;
         self.settings = settings;
     }
 
@@ -676,7 +681,7 @@ impl Engine {
         }
     }
 
-    fn error(&mut self, msg: &StunMsg<'_>, code: ErrorCode, key: Option<&LongTermKey>) -> Action {
+    fn error(&mut self, msg: &StunMsg<'_>, code: ErrorCode, key: Option<&PreparedKey>) -> Action {
         let with_reason = self.settings.reason_phrases;
         write_response(&mut self.out, &self.settings, msg, Class::Error, key, |w| w.add_error(code, with_reason))
     }
@@ -727,7 +732,20 @@ impl Engine {
             bump(&self.stats.auth_failure_reasons[3], 1);
             return Err(limited(self).unwrap_or_else(|| self.challenge(now, tuple, msg, ErrorCode::StaleNonce)));
         }
-        let verdict = self.settings.credentials.verify(msg, username, unix);
+        // Requests on an allocation (Refresh, CreatePermission, ChannelBind) by the username that made it
+        // are checked with the key it authenticated with, unless a reload changed the credentials since:
+        // the REST expiry is checked again, the key (HMAC-SHA1 and MD5) is not derived again.
+        let known = self
+            .table
+            .find(&tuple)
+            .and_then(|id| self.table.get(id))
+            .filter(|a| a.key_generation == self.key_generation && a.username.as_bytes() == username)
+            .map(|a| a.key);
+        let credentials = &self.settings.credentials;
+        let verdict = match known {
+            Some(key) => credentials.verify_known(msg, username, unix, &key),
+            None => credentials.verify(msg, username, unix),
+        };
         let (reason, which) = match verdict {
             Verdict::Ok(key) => return Ok(Authenticated { key, username }),
             Verdict::UnknownUser => ("unknown user", 0),
@@ -750,7 +768,7 @@ impl Engine {
     //= the server replies with an error response with an error code of 420 (Unknown Attribute) and
     //= includes an UNKNOWN-ATTRIBUTES attribute in the response that lists the unknown
     //= comprehension-required attributes."
-    fn reject_unknown(&mut self, msg: &StunMsg<'_>, key: Option<&LongTermKey>) -> Option<Action> {
+    fn reject_unknown(&mut self, msg: &StunMsg<'_>, key: Option<&PreparedKey>) -> Option<Action> {
         let mut unknown = [0u16; MAX_UNKNOWN_LISTED];
         let mut n = 0;
         for a in msg.attrs() {
@@ -994,6 +1012,8 @@ impl Engine {
             expires: now + lifetime,
             armed_at: now + lifetime,
             username,
+            key: *key.raw(),
+            key_generation: self.key_generation,
             quota_user: String::from_utf8_lossy(&quota_user).into(),
             permissions: Vec::new(),
             channels: Vec::new(),

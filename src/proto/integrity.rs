@@ -40,11 +40,45 @@ impl HmacKey {
 
     /// HMAC-SHA1 of the concatenation of `parts` under this key.
     pub fn mac(&self, parts: &[&[u8]]) -> [u8; HMAC_SHA1_LEN] {
+        self.started(parts).finalize().into_bytes().into()
+    }
+
+    /// Whether `tag` is the HMAC-SHA1 of the concatenation of `parts` (compared in constant time).
+    pub fn verify(&self, parts: &[&[u8]], tag: &[u8]) -> bool {
+        self.started(parts).verify_slice(tag).is_ok()
+    }
+
+    fn started(&self, parts: &[&[u8]]) -> HmacSha1 {
         let mut mac = self.0.clone();
         for p in parts {
             mac.update(p);
         }
-        mac.finalize().into_bytes().into()
+        mac
+    }
+}
+
+/// A long-term credential key together with its prepared HMAC form: a request's MESSAGE-INTEGRITY is
+/// checked and its response signed with one preparation.
+#[derive(Clone, Debug)]
+pub struct PreparedKey {
+    raw: LongTermKey,
+    hmac: HmacKey,
+}
+
+impl PreparedKey {
+    /// Prepares `raw`.
+    pub fn new(raw: LongTermKey) -> Self {
+        Self { raw, hmac: HmacKey::new(&raw) }
+    }
+
+    /// The long-term key.
+    pub fn raw(&self) -> &LongTermKey {
+        &self.raw
+    }
+
+    /// The prepared HMAC key.
+    pub fn hmac(&self) -> &HmacKey {
+        &self.hmac
     }
 }
 
@@ -61,23 +95,25 @@ pub fn fingerprint_matches(before: &[u8], value: &[u8]) -> bool {
 
 /// Verifies MESSAGE-INTEGRITY of `msg` with `key`, in constant time. Returns false if absent.
 pub fn verify_message_integrity(msg: &StunMsg<'_>, key: &[u8]) -> bool {
+    verify_message_integrity_with(msg, &HmacKey::new(key))
+}
+
+/// [`verify_message_integrity`] with a prepared key.
+pub fn verify_message_integrity_with(msg: &StunMsg<'_>, key: &HmacKey) -> bool {
     let Some(at) = msg.integrity_offset() else {
         return false;
     };
     let bytes = msg.bytes();
-    let Ok(mut mac) = HmacSha1::new_from_slice(key) else {
-        return false;
-    };
     // The HMAC covers the header with its length adjusted to end right after MESSAGE-INTEGRITY.
     let Ok(adjusted) = u16::try_from(at + ATTR_HEADER_LEN + HMAC_SHA1_LEN - HEADER_LEN) else {
         return false;
     };
-    mac.update(&bytes[0..2]);
-    mac.update(&adjusted.to_be_bytes());
-    mac.update(&bytes[4..at]);
+    let (Some(kind), Some(rest)) = (bytes.get(0..2), bytes.get(4..at)) else {
+        return false;
+    };
     let value_at = at + ATTR_HEADER_LEN;
     match bytes.get(value_at..value_at + HMAC_SHA1_LEN) {
-        Some(tag) => mac.verify_slice(tag).is_ok(),
+        Some(tag) => key.verify(&[kind, &adjusted.to_be_bytes(), rest], tag),
         None => false,
     }
 }

@@ -374,6 +374,11 @@ impl<'b> MsgWriter<'b> {
 
     /// Appends MESSAGE-INTEGRITY (HMAC-SHA1 keyed with `key`) over everything written so far.
     pub fn add_message_integrity(&mut self, key: &[u8]) {
+        self.add_message_integrity_with(&integrity::HmacKey::new(key));
+    }
+
+    /// [`MsgWriter::add_message_integrity`] with a prepared key.
+    pub fn add_message_integrity_with(&mut self, key: &integrity::HmacKey) {
         if self.overflow {
             return;
         }
@@ -382,7 +387,7 @@ impl<'b> MsgWriter<'b> {
             return;
         }
         // The length field already counts MESSAGE-INTEGRITY, as the HMAC input requires.
-        let mac = integrity::hmac_sha1(key, &[&self.buf[..at]]);
+        let mac = key.mac(&[&self.buf[..at]]);
         self.buf[at + ATTR_HEADER_LEN..at + ATTR_HEADER_LEN + integrity::HMAC_SHA1_LEN].copy_from_slice(&mac);
     }
 

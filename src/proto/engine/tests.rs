@@ -5,7 +5,7 @@
 use super::*;
 use crate::auth::CredentialStore;
 use crate::proto::allocation::{ListenerId, Transport};
-use crate::proto::integrity::{long_term_key, rest_password, verify_message_integrity};
+use crate::proto::integrity::{LongTermKey, long_term_key, rest_password, verify_message_integrity};
 use std::collections::HashSet;
 
 const REALM: &str = "turn.example.org";
@@ -1135,4 +1135,37 @@ fn spares_serve_when_the_range_is_used_up_and_a_failed_one_frees_its_port() {
     assert_eq!(h.allocate(&mut b).class(), Class::Success, "the failed spare's port, freshly bound");
     assert_eq!((h.engine.spare_sockets(), h.engine.free_ports(), h.io.opened), (0, 0, 17));
     assert_eq!(h.engine.table().len(), 16);
+}
+
+/// Requests on an allocation reuse the key it was created with, yet every credential check still holds:
+/// a REST username past its expiry, a wrong key, a secret removed and a password changed by a reload.
+#[test]
+fn reused_allocation_keys_keep_every_credential_check() {
+    let mut h = harness();
+    let refresh =
+        |h: &mut Harness, c: &mut Client| h.authed(c, Method::REFRESH, |w| w.add_u32(AttrType::LIFETIME, 600));
+    let mut soon = Client::rest(40060, "u", UNIX0 + 100);
+    assert_eq!(h.allocate(&mut soon).class(), Class::Success);
+    assert_eq!(refresh(&mut h, &mut soon).class(), Class::Success);
+    let mut forged = soon.clone();
+    forged.key = [7; 16];
+    assert_eq!(refresh(&mut h, &mut forged).code(), Some(401), "a wrong key on the allocation's 5-tuple");
+    h.now += Duration::from_secs(101);
+    assert_eq!(refresh(&mut h, &mut soon).code(), Some(401), "the REST username expired meanwhile");
+
+    let mut rest = Client::rest(40061, "v", UNIX0 + 3600);
+    let mut alice = Client::static_user(40062, "alice", "wonderland");
+    assert_eq!(h.allocate(&mut rest).class(), Class::Success);
+    assert_eq!(h.allocate(&mut alice).class(), Class::Success);
+    let mut s = settings();
+    s.credentials = CredentialStore::new(REALM, b':');
+    s.credentials.add_secret("old-secret");
+    s.credentials.add_user("alice", "looking-glass");
+    h.engine.reload(h.now, Arc::new(s));
+    assert_eq!(refresh(&mut h, &mut rest).code(), Some(401), "its secret was removed");
+    assert_eq!(refresh(&mut h, &mut alice).code(), Some(401), "her password changed");
+    let mut alice_now = Client::static_user(40062, "alice", "looking-glass");
+    alice_now.nonce.clone_from(&alice.nonce);
+    assert_eq!(refresh(&mut h, &mut alice_now).class(), Class::Success, "the new password works");
+    assert_eq!(refresh(&mut h, &mut alice_now).class(), Class::Success, "and keeps working");
 }
