@@ -42,7 +42,7 @@
 //! state change, and the response is written into a reusable buffer. Relay sockets are opened through
 //! [`proto::engine::RelaySockets`], so the engine itself never touches a socket or the clock: every entry
 //! point takes `now`. A deleted allocation's relay socket is kept open as a spare for a later allocation
-//! ([`proto::spares`]: bounded, handed out at random), which spares the kernel most of an Allocate's work.
+//! ([`proto::spares`]: bounded, handed out at random among the older half), which spares the kernel most of an Allocate's work.
 //! Requests on an allocation are checked with the key it was created with (no REST HMAC and MD5 again)
 //! until a reload changes the credentials. Expiry of allocations, permissions, channels and port reservations runs off a
 //! per-shard [`proto::timer::TimerWheel`]; entries re-check the real deadline when they fire, so a

@@ -4,13 +4,18 @@
 //! epoll_ctl) and deleting it a close, which together are about a third of what a server spends per
 //! Allocate and delete. A deleted allocation's socket is instead parked: still bound and watched (what
 //! arrives on it is read and dropped), out of service, for a later allocation to take over: one
-//! `epoll_ctl` when it is parked and one when it is taken over, each only changing its token. RFC 8656 §7.2 foresees servers that "pre-allocate a number of ports from the underlying
-//! OS and then later assign them to allocations", and recommends that the assignment be randomised
-//! (RFC 6056): a spare is taken at random among at least [`MIN_CHOICE`], so the port a deleted
-//! allocation leaves does not predict the next allocation's, and the pool is bounded, so idle spares
-//! hold a small part of the range.
+//! `epoll_ctl` when it is parked and one when it is taken over, each only changing its token.
+//!
+//! RFC 8656 §7.2 foresees servers that "pre-allocate a number of ports from the underlying OS and then
+//! later assign them to allocations", and recommends that the assignment be randomised (RFC 6056): a
+//! spare is taken at random among the older half of the pool, and only while at least [`MIN_CHOICE`]
+//! are parked, so the port a deleted allocation leaves does not predict the next allocation's, and a
+//! freed relayed address is not handed out again before as many allocations as half the pool (a peer of
+//! the old allocation that goes on sending for a while meets a socket that drops what it sends, not a
+//! new owner). The pool is bounded, so idle spares hold a small part of the range.
 
 use super::rng::XorShift;
+use std::collections::VecDeque;
 use std::net::IpAddr;
 
 /// Spares are handed out only while at least this many are parked (or no fresh port is left): each
@@ -35,17 +40,17 @@ pub struct Spare {
     pub port: u16,
 }
 
-/// The parked relay sockets of one shard.
+/// The parked relay sockets of one shard, oldest first.
 #[derive(Debug, Clone)]
 pub struct SparePool {
-    spares: Vec<Spare>,
+    spares: VecDeque<Spare>,
     cap: usize,
 }
 
 impl SparePool {
     /// A pool for a shard owning `ports` relay ports.
     pub fn new(ports: usize) -> Self {
-        Self { spares: Vec::new(), cap: (ports / RANGE_SHARE).min(MAX_SPARES) }
+        Self { spares: VecDeque::new(), cap: (ports / RANGE_SHARE).min(MAX_SPARES) }
     }
 
     /// Spares parked now.
@@ -65,18 +70,21 @@ impl SparePool {
 
     /// Records a parked socket (the caller checked [`SparePool::has_room`]).
     pub fn put(&mut self, spare: Spare) {
-        self.spares.push(spare);
+        self.spares.push_back(spare);
     }
 
-    /// Takes a random spare bound to `ip`, when at least [`MIN_CHOICE`] are parked or `no_fresh_port`.
+    /// Takes a spare bound to `ip` at random among the older half of the pool, when at least
+    /// [`MIN_CHOICE`] are parked or `no_fresh_port`.
     pub fn take(&mut self, ip: IpAddr, no_fresh_port: bool, rng: &mut XorShift) -> Option<Spare> {
         let n = self.spares.len();
         if n == 0 || (n < MIN_CHOICE && !no_fresh_port) {
             return None;
         }
-        let start = rng.below(n);
-        let at = (0..SCAN.min(n)).map(|k| (start + k) % n).find(|&i| self.spares[i].ip == ip)?;
-        Some(self.spares.swap_remove(at))
+        let older = n.div_ceil(2);
+        let start = rng.below(older);
+        let at = (0..SCAN.min(older)).map(|k| (start + k) % older).find(|&i| self.spares[i].ip == ip)?;
+        // The oldest takes the taken one's place: still in the older half, so the order is kept enough.
+        self.spares.swap_remove_front(at)
     }
 }
 
@@ -116,6 +124,24 @@ mod tests {
         assert_eq!(pool.take("192.0.2.2".parse().unwrap(), true, &mut rng), None, "another address");
     }
 
+    /// The spare a deletion has just parked is not handed out before half the pool.
+    #[test]
+    fn the_newest_spares_wait() {
+        let ip: IpAddr = "192.0.2.1".parse().unwrap();
+        for seed in 1..40 {
+            let mut rng = XorShift::new(seed);
+            let mut pool = SparePool::new(8000);
+            for i in 0..100u32 {
+                pool.put(spare(i, 1000 + i as u16));
+            }
+            pool.put(spare(999, 9999));
+            for _ in 0..50 {
+                let taken = pool.take(ip, false, &mut rng).unwrap();
+                assert_ne!(taken.id, 999, "seed {seed}: the newest spare went out with 100 older ones parked");
+            }
+        }
+    }
+
     #[test]
     fn the_choice_is_spread_over_the_pool() {
         let ip: IpAddr = "192.0.2.1".parse().unwrap();
@@ -128,6 +154,6 @@ mod tests {
             }
             seen.insert(pool.take(ip, false, &mut rng).map(|s| s.port));
         }
-        assert!(seen.len() > 20, "only {} different ports over 200 choices among 32", seen.len());
+        assert!(seen.len() >= 12, "only {} different ports over 200 choices among the older 16", seen.len());
     }
 }
