@@ -137,7 +137,7 @@ pub struct Allocation {
     pub username: Box<str>,
     /// The long-term key that username authenticated with, reused for its later requests while the
     /// credentials stay as they were (see `Engine::authenticate`).
-    pub key: super::integrity::LongTermKey,
+    pub key: super::integrity::KeptKey,
     /// The engine's credentials generation `key` was derived under.
     pub key_generation: u64,
     /// The user counted against the user quota (REST usernames: the part after the expiry).

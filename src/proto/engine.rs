@@ -15,7 +15,7 @@ use super::allocation::{
 use super::attr::{self, AttrType, FAMILY_IPV4, FAMILY_IPV6, PROTO_UDP};
 use super::channel::{self, CHANNEL_HEADER_LEN, ChannelData, ChannelNumber};
 use super::error::{DropReason, ErrorCode};
-use super::integrity::PreparedKey;
+use super::integrity::{KeptKey, PreparedKey};
 use super::ports::PortPool;
 use super::rng::XorShift;
 use super::spares::{Spare, SparePool};
@@ -740,7 +740,7 @@ impl Engine {
             .find(&tuple)
             .and_then(|id| self.table.get(id))
             .filter(|a| a.key_generation == self.key_generation && a.username.as_bytes() == username)
-            .map(|a| a.key);
+            .map(|a| a.key.0);
         let credentials = &self.settings.credentials;
         let verdict = match known {
             Some(key) => credentials.verify_known(msg, username, unix, &key),
@@ -1012,7 +1012,7 @@ impl Engine {
             expires: now + lifetime,
             armed_at: now + lifetime,
             username,
-            key: *key.raw(),
+            key: KeptKey(*key.raw()),
             key_generation: self.key_generation,
             quota_user: String::from_utf8_lossy(&quota_user).into(),
             permissions: Vec::new(),

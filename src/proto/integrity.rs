@@ -57,12 +57,28 @@ impl HmacKey {
     }
 }
 
+/// A long-term key kept with an allocation for its later requests. Its `Debug` output hides the bytes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct KeptKey(pub LongTermKey);
+
+impl std::fmt::Debug for KeptKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("KeptKey(..)")
+    }
+}
+
 /// A long-term credential key together with its prepared HMAC form: a request's MESSAGE-INTEGRITY is
-/// checked and its response signed with one preparation.
-#[derive(Clone, Debug)]
+/// checked and its response signed with one preparation. Its `Debug` output hides the key.
+#[derive(Clone)]
 pub struct PreparedKey {
     raw: LongTermKey,
     hmac: HmacKey,
+}
+
+impl std::fmt::Debug for PreparedKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PreparedKey(..)")
+    }
 }
 
 impl PreparedKey {
@@ -156,6 +172,13 @@ mod tests {
 
     /// RFC 2202 test case 2 (HMAC-SHA1, key "Jefe"), with the prepared key used repeatedly: each MAC
     /// starts from the prepared state, never from the previous MAC's.
+    #[test]
+    fn kept_and_prepared_keys_do_not_print_their_bytes() {
+        let raw = [0xAB; 16];
+        assert_eq!(format!("{:?}", KeptKey(raw)), "KeptKey(..)");
+        assert_eq!(format!("{:?}", PreparedKey::new(raw)), "PreparedKey(..)");
+    }
+
     #[test]
     fn prepared_key_matches_rfc_2202_every_time() {
         let expected = [
