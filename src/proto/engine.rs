@@ -273,10 +273,12 @@ const KNOWN: &[AttrType] = &[
     AttrType::USE_CANDIDATE,
 ];
 
-/// The result of authenticating a request: the key and the username it carried.
+/// The result of authenticating a request: the key and the username it carried, and the allocation of
+/// its 5-tuple, if any (looked up once, for the key and for the request).
 struct Authenticated<'a> {
     key: PreparedKey,
     username: &'a [u8],
+    existing: Option<AllocId>,
 }
 
 /// Writes a response to `req` into `out`: body, then SOFTWARE, MESSAGE-INTEGRITY and FINGERPRINT as due.
@@ -735,9 +737,8 @@ impl Engine {
         // Requests on an allocation (Refresh, CreatePermission, ChannelBind) by the username that made it
         // are checked with the key it authenticated with, unless a reload changed the credentials since:
         // the REST expiry is checked again, the key (HMAC-SHA1 and MD5) is not derived again.
-        let known = self
-            .table
-            .find(&tuple)
+        let existing = self.table.find(&tuple);
+        let known = existing
             .and_then(|id| self.table.get(id))
             .filter(|a| a.key_generation == self.key_generation && a.username.as_bytes() == username)
             .map(|a| a.key.0);
@@ -747,7 +748,7 @@ impl Engine {
             None => credentials.verify(msg, username, unix),
         };
         let (reason, which) = match verdict {
-            Verdict::Ok(key) => return Ok(Authenticated { key, username }),
+            Verdict::Ok(key) => return Ok(Authenticated { key, username, existing }),
             Verdict::UnknownUser => ("unknown user", 0),
             Verdict::Expired => ("expired REST credential", 1),
             Verdict::BadIntegrity => ("wrong password or secret", 2),
@@ -808,7 +809,7 @@ impl Engine {
         if let Some(action) = self.reject_unknown(msg, Some(&auth.key)) {
             return Err(action);
         }
-        let Some(id) = self.table.find(&tuple) else {
+        let Some(id) = auth.existing else {
             return Err(self.error(msg, ErrorCode::AllocationMismatch, Some(&auth.key)));
         };
         //= RFC 8656 §5: "if the USERNAME ... does not match the username used to create the allocation,
@@ -849,7 +850,7 @@ impl Engine {
         }
         //= RFC 8656 §7.2 (2): "The server checks if the 5-tuple is currently in use by an existing
         //= allocation. If yes, the server rejects the request with a 437 (Allocation Mismatch) error."
-        if self.table.find(&tuple).is_some() {
+        if auth.existing.is_some() {
             return self.error(msg, ErrorCode::AllocationMismatch, Some(&key));
         }
         //= RFC 8656 §7.2 (3): "If the REQUESTED-TRANSPORT attribute is not included or is malformed,

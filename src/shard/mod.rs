@@ -130,7 +130,7 @@ impl RelaySockets for RelaySlots {
                 (self.parked.len() - 1) as u32
             }
         };
-        // Its own token from now on: what still arrives is read and dropped (`Shard::drain_parked`),
+        // Its own token from now on: what still arrives is read and dropped (`Shard::drain_batch`),
         // and a new allocation in slot `idx` cannot receive its events.
         if self.registry.reregister(&mut sock, Token(PARKED_BASE + id as usize), Interest::READABLE).is_err() {
             self.parked_free.push(id);
@@ -217,6 +217,8 @@ enum BatchSource {
     Listener(usize),
     /// Relay socket `key`.
     Relay(usize),
+    /// Parked relay socket `i` (no allocation owns it: what arrives is dropped).
+    Parked(usize),
 }
 
 /// Whether a socket may still have data waiting after its budget ran out.
@@ -405,7 +407,7 @@ impl Shard {
     }
 
     /// Receives a batch from the UDP listener `i` or the relay socket `key` (`recvmmsg`) and hands each
-    /// datagram to the engine. The batch buffer being processed is swapped into `self.pkt`, so the engine
+    /// datagram to the engine; from a parked relay socket, counts each as dropped. The batch buffer being processed is swapped into `self.pkt`, so the engine
     /// and the send path see one packet buffer as before.
     fn drain_batch(&mut self, now: Instant, source: BatchSource) -> Drained {
         let mut done = 0;
@@ -416,6 +418,10 @@ impl Shard {
                     None => return Drained::Empty,
                 },
                 BatchSource::Relay(key) => match self.relays.sockets.get(key) {
+                    Some(Some(sock)) => self.batch.recv(sock),
+                    _ => return Drained::Empty,
+                },
+                BatchSource::Parked(i) => match self.relays.parked.get(i) {
                     Some(Some(sock)) => self.batch.recv(sock),
                     _ => return Drained::Empty,
                 },
@@ -444,34 +450,13 @@ impl Shard {
                         let action = self.engine.handle_peer(now, key as u32, from, &mut self.pkt, len);
                         self.perform(action, None);
                     }
+                    BatchSource::Parked(_) => bump(&self.stats.drops[DropReason::NoAllocation.index()], 1),
                 }
                 std::mem::swap(&mut self.pkt, &mut self.batch.bufs[k]);
             }
             done += n;
             if n < self.batch.bufs.len() {
                 // A short batch: the queue is empty (new datagrams raise a new edge).
-                return Drained::Empty;
-            }
-        }
-        Drained::MoreWaiting
-    }
-
-    /// Reads and drops what arrived on parked relay socket `i` (no allocation owns it), at most a
-    /// batch budget per wake-up like any other socket.
-    fn drain_parked(&mut self, i: usize) -> Drained {
-        let mut done = 0;
-        while done < self.recv_batch {
-            let Some(Some(sock)) = self.relays.parked.get(i) else {
-                return Drained::Empty;
-            };
-            let n = match self.batch.recv(sock) {
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(_) => return Drained::Empty,
-            };
-            bump(&self.stats.drops[DropReason::NoAllocation.index()], n as u64);
-            done += n;
-            if n < self.batch.bufs.len() {
                 return Drained::Empty;
             }
         }
@@ -703,7 +688,7 @@ impl Shard {
         match token.0 {
             t if t == WAKER.0 => Drained::Empty,
             t if t >= RELAY_BASE => self.drain_batch(now, BatchSource::Relay(t - RELAY_BASE)),
-            t if t >= PARKED_BASE => self.drain_parked(t - PARKED_BASE),
+            t if t >= PARKED_BASE => self.drain_batch(now, BatchSource::Parked(t - PARKED_BASE)),
             t if t >= CONN_BASE => self.serve_conn(now, t - CONN_BASE, hangup),
             t if t >= TLS_BASE => self.accept(now, t - TLS_BASE, Transport::Tls),
             t if t >= TCP_BASE => self.accept(now, t - TCP_BASE, Transport::Tcp),
