@@ -123,12 +123,23 @@ def loadgen(name, proc, *extra, port=None):
 # server's or the generator's core (steal time, /proc/stat). Such a run is repeated, at most twice.
 STALL_US = 50000
 STEAL_MS = 50
+# A set-up run times its Allocates over a tenth of a second or so (turnpike) to about a second (coturn):
+# it is repeated when the hypervisor took at least one 10-ms tick and 5 % of the timed windows.
+SETUP_STEAL_MS = 10
+SETUP_STEAL_SHARE = 0.05
+# Set-up runs are short and cheap: they get at least this many alternating rounds, whatever BENCH_ROUNDS.
+SETUP_ROUNDS = max(ROUNDS, 5)
 STALLS = []
 
 
 def stall_reason(r):
     """Why run `r` did not measure its configuration, or None."""
     if "error" in r:
+        return None
+    if "timed_s" in r:
+        steal = max(r.get("steal_ms", [])[:2] or [0])
+        if steal >= max(SETUP_STEAL_MS, SETUP_STEAL_SHARE * r["timed_s"] * 1000):
+            return "%d ms stolen by the hypervisor in %d ms of timed Allocates" % (steal, r["timed_s"] * 1000)
         return None
     if not r.get("generator_saturated") and r.get("generator_max_lag_us", 0) > STALL_US:
         return "generator %d ms behind" % (r["generator_max_lag_us"] // 1000)
@@ -246,7 +257,7 @@ def main():
     # Memory and set-up rate.
     mem = {}
     setup_order = ["turnpike", "coturn", "setup-floor"]
-    for rnd in range(ROUNDS):
+    for rnd in range(SETUP_ROUNDS):
         for n_alloc in ([1000] if QUICK else [1000, 10000]):
             for name in setup_order[rnd % 3:] + setup_order[:rnd % 3]:
                 # At least 10,000 Allocates are timed per run (1,000 allocations: ten set-up rounds,
@@ -300,11 +311,16 @@ def from_log(path):
 
 def repeats_line(stalls):
     """One sentence naming the runs that were repeated, and why."""
+    def what(r):
+        if "timed_s" in r:
+            return "%d allocations set-up" % r.get("allocations", 0)
+        return "%s pps" % r.get("rate")
     return ("Runs repeated because the generator stalled (over %d ms behind its schedule while able to offer "
             "the rate, then catching up in one burst) or the hypervisor took %d ms or more from the server's "
-            "or the generator's core (steal time): %d%s." % (STALL_US // 1000, STEAL_MS, len(stalls), "".join(
-                "; %s at %s pps, %s" % (r.get("server"), r.get("rate"), r.get("reason") or
-                                        "%d ms" % (r.get("generator_max_lag_us", 0) // 1000))
+            "or the generator's core (steal time; in set-up runs %d ms and %d %% of the timed Allocates): %d%s."
+            % (STALL_US // 1000, STEAL_MS, SETUP_STEAL_MS, SETUP_STEAL_SHARE * 100, len(stalls), "".join(
+                "; %s at %s, %s" % (r.get("server"), what(r), r.get("reason") or
+                                    "%d ms" % (r.get("generator_max_lag_us", 0) // 1000))
                 for r in stalls)))
 
 
@@ -368,6 +384,9 @@ def render(results, table, calls, sweep, sweep_rates, mem):
     lines.append("| %s | %s | %s |" % tuple(("%dk pps" % (best[n] // 1000)) if best[n] else "below %dk" % (sweep_rates[0] // 1000) for n in order))
     lines.append("")
     lines.append("### Memory and authenticated allocations per second (pipelined Allocate from N sockets)")
+    lines.append("")
+    lines.append("Medians of %d alternating rounds (set-up runs are short: at least five rounds, whatever "
+                 "BENCH_ROUNDS)." % max([v.get("rounds", 1) for v in mem.values()] or [1]))
     lines.append("")
     lines.append("set-up floor: scripts/setup-floor.c, the kernel's part of an Allocate with a relay socket "
                  "(socket, bind, epoll_ctl, answers of turnpike's sizes in batches; no credentials, no state).")

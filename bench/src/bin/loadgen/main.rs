@@ -233,21 +233,31 @@ fn challenge(poll: &mut Poll, clients: &mut [Client], which: &[usize], args: &Ar
 /// (every one present), the seconds they took and the server's CPU seconds meanwhile (with
 /// --server-pid). The requests (and their MESSAGE-INTEGRITY) are built before the clock starts: the
 /// generator's own work is not the server's set-up rate.
-fn timed_allocate(
-    poll: &mut Poll,
-    clients: &mut [Client],
-    which: &[usize],
-    args: &Args,
-) -> io::Result<(PerClient, f64, Option<f64>)> {
+/// One timed round of authenticated Allocates.
+struct Timed {
+    /// Each client's answer.
+    answers: PerClient,
+    /// Seconds from the first request to the last answer.
+    took: f64,
+    /// The server's CPU seconds meanwhile (when its PID is known).
+    cpu: Option<f64>,
+    /// Steal time of each CPU meanwhile, in milliseconds: a round the hypervisor interrupted is slower
+    /// and, where the guest cannot tell, costs more CPU.
+    steal_ms: Vec<u64>,
+}
+
+fn timed_allocate(poll: &mut Poll, clients: &mut [Client], which: &[usize], args: &Args) -> io::Result<Timed> {
     let transport = |w: &mut MsgWriter<'_>| w.add_bytes(AttrType::REQUESTED_TRANSPORT, &[PROTO_UDP, 0, 0, 0]);
     let requests = build_requests(clients, which, &|c| c.request(Method::ALLOCATE, true, &transport));
+    let steal_before = steal_ms();
     let cpu_before = args.server_pid.and_then(proc_usage).map(|u| u.0);
     let start = Instant::now();
     let answers = exchange(poll, clients, &requests, args.server);
     let took = start.elapsed().as_secs_f64();
     let cpu_after = args.server_pid.and_then(proc_usage).map(|u| u.0);
+    let steal_ms = steal_ms().iter().zip(&steal_before).map(|(end, start)| end.saturating_sub(*start)).collect();
     all_answered(&answers, which, "authenticated Allocate")?;
-    Ok((answers, took, cpu_before.zip(cpu_after).map(|(a, b)| b - a)))
+    Ok(Timed { answers, took, cpu: cpu_before.zip(cpu_after).map(|(a, b)| b - a), steal_ms })
 }
 
 /// Deletes every allocation (Refresh with LIFETIME 0), so that the next run, whose sockets may get
@@ -440,9 +450,10 @@ fn run(args: &Args) -> io::Result<()> {
         challenge(&mut poll, &mut clients, &all, args)?;
         // Phase 2: authenticated Allocate, pipelined from every client: the set-up rate, and the server
         // CPU it took (the rate alone may be bounded by this generator).
-        let (answers, took, cpu) = timed_allocate(&mut poll, &mut clients, &all, args)?;
+        let first = timed_allocate(&mut poll, &mut clients, &all, args)?;
+        let (answers, took, cpu) = (&first.answers, first.took, first.cpu);
         let mut ok = 0usize;
-        for (c, a) in clients.iter_mut().zip(&answers) {
+        for (c, a) in clients.iter_mut().zip(answers) {
             let Some(a) = a else { continue };
             if let Some(code) = error_code(a) {
                 return Err(io::Error::other(format!("Allocate failed with {code}")));
@@ -490,6 +501,9 @@ fn run(args: &Args) -> io::Result<()> {
             // Further rounds: delete every allocation (not timed), then time the authenticated
             // Allocates again from the same sockets.
             let (mut total_ok, mut total_took, mut total_cpu) = (ok, took, cpu);
+            let mut steal = first.steal_ms.clone();
+            let per_alloc_us = |cpu: Option<f64>, ok: usize| cpu.map_or(f64::NAN, |c| c * 1e6 / ok.max(1) as f64);
+            let mut round_cpu_us = vec![per_alloc_us(cpu, ok)];
             for _ in 1..args.setup_rounds {
                 release(&mut poll, &mut clients, args.server);
                 // coturn frees a deleted allocation on its next one-second timer tick and until then
@@ -497,21 +511,32 @@ fn run(args: &Args) -> io::Result<()> {
                 // nonces (coturn's ended with the allocation) - neither is timed.
                 std::thread::sleep(Duration::from_millis(1200));
                 challenge(&mut poll, &mut clients, &all, args)?;
-                let (answers, took, cpu) = timed_allocate(&mut poll, &mut clients, &all, args)?;
-                if let Some(code) = answers.iter().flatten().find_map(|a| error_code(a)) {
+                let timed = timed_allocate(&mut poll, &mut clients, &all, args)?;
+                if let Some(code) = timed.answers.iter().flatten().find_map(|a| error_code(a)) {
                     return Err(io::Error::other(format!("Allocate failed with {code} in a later set-up round")));
                 }
                 total_ok += n;
-                total_took += took;
-                total_cpu = total_cpu.zip(cpu).map(|(t, c)| t + c);
+                total_took += timed.took;
+                total_cpu = total_cpu.zip(timed.cpu).map(|(t, c)| t + c);
+                round_cpu_us.push(per_alloc_us(timed.cpu, n));
+                for (sum, more) in steal.iter_mut().zip(&timed.steal_ms) {
+                    *sum += more;
+                }
             }
             let setup_rate = total_ok as f64 / total_took;
-            let setup_cpu_us = total_cpu.map_or(f64::NAN, |c| c * 1e6 / total_ok.max(1) as f64);
+            let setup_cpu_us = per_alloc_us(total_cpu, total_ok);
+            let steal: Vec<String> = steal.iter().map(u64::to_string).collect();
+            let rounds: Vec<String> = round_cpu_us.iter().map(|us| format!("{us:.2}")).collect();
             eprintln!(
-                "{n} allocations: {setup_rate:.0} authenticated allocations/s, server CPU {setup_cpu_us:.1} us per allocation, RSS +{per_alloc:.2} KiB per allocation"
+                "{n} allocations: {setup_rate:.0} authenticated allocations/s, server CPU {setup_cpu_us:.1} us per allocation (rounds: {}), RSS +{per_alloc:.2} KiB per allocation, timed {:.3} s, steal ms per CPU meanwhile [{}]",
+                rounds.join(" "),
+                total_took,
+                steal.join(", ")
             );
             println!(
-                "{{\"allocations\":{n},\"setup_per_sec\":{setup_rate:.1},\"cpu_us_per_alloc\":{setup_cpu_us:.2},\"rss_before_kib\":{},\"rss_after_kib\":{},\"rss_per_alloc_kib\":{per_alloc:.3}}}",
+                "{{\"allocations\":{n},\"setup_per_sec\":{setup_rate:.1},\"cpu_us_per_alloc\":{setup_cpu_us:.2},\"round_cpu_us_per_alloc\":[{}],\"timed_s\":{total_took:.4},\"steal_ms\":[{}],\"rss_before_kib\":{},\"rss_after_kib\":{},\"rss_per_alloc_kib\":{per_alloc:.3}}}",
+                rounds.join(","),
+                steal.join(","),
                 rss_before.unwrap_or(0),
                 rss_after.unwrap_or(0)
             );
