@@ -7,6 +7,10 @@
 //! What the shard queues in one wake-up leaves in one write. Over TLS every queued message still gets
 //! a record of its own (coturn's client tools read one message per record, as coturn sends them), and
 //! the records of a wake-up go out together.
+//!
+//! Once its buffers have grown, a plain TCP connection allocates nothing per message; over TLS rustls
+//! 0.23 allocates a buffer per record each way (its unbuffered API too), and nothing else does
+//! (`tests/hot_path_alloc.rs`).
 
 use super::readbuf::ReadBuf;
 use crate::proto::allocation::FiveTuple;
