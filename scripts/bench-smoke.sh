@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # CI smoke test of the load generator against turnpike: client <-> peer over channels, over Send
 # indications, and client -> relay -> relay -> client calls, at a low paced rate, with the clients on
-# UDP, on TCP (--tcp) and on TLS (--tls). Checks correctness
+# UDP (IPv4 and, relaying to IPv4 peers, IPv6), on TCP (--tcp) and on TLS (--tls). Checks correctness
 # (every packet delivered, no error), never timing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,7 +11,7 @@ trap 'kill "$pid" 2>/dev/null || true; rm -rf "$dir"' EXIT
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout "$dir/key.pem" \
     -out "$dir/cert.pem" -days 2 -subj /CN=localhost 2> /dev/null
 cat > "$dir/turnpike.yaml" <<YAML
-listen: {ips: [127.0.0.1], port: 0, tls_port: 0}
+listen: {ips: [127.0.0.1, "::1"], port: 0, tls_port: 0}
 tls: {cert: $dir/cert.pem, pkey: $dir/key.pem}
 relay: {ips: [127.0.0.1], min_port: 42000, max_port: 42999}
 auth: {realm: smoke, shared_secrets: [smoke-secret]}
@@ -29,16 +29,19 @@ for _ in $(seq 100); do
     sleep 0.1
 done
 [ -n "$addr" ] || { echo "turnpike did not start"; cat "$dir/log"; exit 1; }
+v6_addr="$(grep -o 'listening on \[::1\]:[0-9]*/udp' "$dir/log" | head -1 | sed 's/listening on //; s|/udp||')"
 tcp_addr="$(grep -o 'listening on [0-9.:]*/tcp' "$dir/log" | head -1 | sed 's/listening on //; s|/tcp||')"
 tls_addr="$(grep -o 'listening on [0-9.:]*/tls' "$dir/log" | head -1 | sed 's/listening on //; s|/tls||')"
 metrics="$(grep -o 'metrics on http://[0-9.:]*/metrics' "$dir/log" | head -1 | sed 's/metrics on //')"
 status=0
-for mode in "" "--send-indications" "--calls" "--tcp" "--tcp --calls" "--tls --calls"; do
+for mode in "" "--send-indications" "--calls" "--tcp" "--tcp --calls" "--tls --calls" "ipv6" "ipv6 --calls"; do
     snmp_before="$(grep '^Udp:' /proc/net/snmp | tail -1)"
     server="$addr"
-    case "$mode" in --tcp*) server="$tcp_addr" ;; --tls*) server="$tls_addr" ;; esac
+    case "$mode" in --tcp*) server="$tcp_addr" ;; --tls*) server="$tls_addr" ;; ipv6*) server="$v6_addr" ;; esac
+    # ipv6: the clients on ::1 (their address towards the server), the peers on 127.0.0.1 (towards the
+    # IPv4 relayed addresses).
     out="$(target/debug/loadgen --server "$server" --secret smoke-secret --allocations 20 --rate 2000 \
-        --duration 1 --warmup 0.3 --size 172 --server-pid "$pid" $mode)"
+        --duration 1 --warmup 0.3 --size 172 --server-pid "$pid" ${mode#ipv6})"
     echo "loadgen ${mode:-(channels)}: $out"
     python3 -c '
 import json, sys

@@ -10,7 +10,11 @@
 //! stays UDP).
 //!
 //! `--raw ADDR` skips TURN: payloads go to ADDR (a plain forwarder) which must send them to
-//! `--peer-port` on 127.0.0.1.
+//! `--peer-port` on the generator's address towards ADDR.
+//!
+//! The clients bind the address this host's routes use towards the server, and the peers the address
+//! they use towards the relayed addresses: on loopback 127.0.0.1 (or ::1), from another host its
+//! address on the way to the relay, so that a relay host can be load-tested over the network.
 
 #![allow(clippy::disallowed_methods)] // a load generator reads the clock and sleeps
 
@@ -391,6 +395,28 @@ fn main() {
     }
 }
 
+/// The local address this host's routes use towards `destination` (no datagram is sent): 127.0.0.1
+/// for a server on loopback, the address of the outgoing interface for one across the network.
+fn source_towards(destination: SocketAddr) -> io::Result<std::net::IpAddr> {
+    let any: SocketAddr = if destination.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { ([0u16; 8], 0).into() };
+    let probe = std::net::UdpSocket::bind(any)?;
+    probe.connect(destination)?;
+    Ok(probe.local_addr()?.ip())
+}
+
+/// `count` peer sockets on `first` (the first on its port, the others on ephemeral ports of its
+/// address), registered with the poll.
+fn open_peers(poll: &mut Poll, count: usize, first: SocketAddr) -> io::Result<Vec<UdpSocket>> {
+    (0..count)
+        .map(|p| {
+            let port = if p == 0 { first.port() } else { 0 };
+            let mut sock = bench_socket(SocketAddr::new(first.ip(), port))?;
+            poll.registry().register(&mut sock, Token(1_000_000 + p), Interest::READABLE)?;
+            Ok(sock)
+        })
+        .collect()
+}
+
 /// A socket with 4 MiB buffers (as far as net.core.rmem_max/wmem_max allow): bursts that a server
 /// sends in one batch must not overflow the generator's default 208 KiB receive buffer, or the loss
 /// measured would be the generator's.
@@ -406,23 +432,22 @@ fn run(args: &Args) -> io::Result<()> {
     let mut poll = Poll::new()?;
     let unix = unix_nanos() / 1_000_000_000;
     let n = if args.calls { args.allocations.max(2) & !1 } else { args.allocations.max(1) };
-    // Peers: one UDP socket per 64 allocations (client <-> peer mode). Bound before the clients, whose
-    // ephemeral ports could otherwise take the fixed `--peer-port`.
+    // Peers: one UDP socket per 64 allocations (client <-> peer mode). The raw forwarder's are bound
+    // before the clients, whose ephemeral ports could otherwise take the fixed `--peer-port`; a TURN
+    // server's once the relayed addresses are known (the peers must be reachable from there).
     let peer_count = if args.calls { 0 } else { n.div_ceil(64).max(1) };
     let mut peers = Vec::new();
-    for p in 0..peer_count {
-        let port = if args.raw.is_some() && p == 0 { args.peer_port } else { 0 };
-        let mut sock = bench_socket(SocketAddr::from(([127, 0, 0, 1], port)))?;
-        poll.registry().register(&mut sock, Token(1_000_000 + p), Interest::READABLE)?;
-        peers.push(sock);
+    if let Some(raw) = args.raw {
+        peers = open_peers(&mut poll, peer_count, SocketAddr::new(source_towards(raw)?, args.peer_port))?;
     }
+    let client_ip = source_towards(args.raw.unwrap_or(args.server))?;
     let mut clients = Vec::with_capacity(n);
     let tls = if args.tls { Some(link::tls_config()?) } else { None };
     for i in 0..n {
         let mut link = if args.tcp {
             Link::tcp(args.server, tls.as_ref())?
         } else {
-            Link::Udp(bench_socket(SocketAddr::from(([127, 0, 0, 1], 0)))?)
+            Link::Udp(bench_socket(SocketAddr::new(client_ip, 0))?)
         };
         poll.registry().register(link.source(), Token(i), Interest::READABLE)?;
         let username = format!("{}:bench{i}", unix + 3600);
@@ -465,6 +490,10 @@ fn run(args: &Args) -> io::Result<()> {
         }
         setup_rate = ok as f64 / took;
         setup_cpu_us = cpu.map_or(f64::NAN, |c| c * 1e6 / ok.max(1) as f64);
+        // The peers, on this host's address towards the relay.
+        if let Some(relayed) = clients.iter().find_map(|c| c.relayed) {
+            peers = open_peers(&mut poll, peer_count, SocketAddr::new(source_towards(relayed)?, 0))?;
+        }
         // Channels (or permissions, in Send-indication mode) towards the peers or the partners.
         targets = (0..n)
             .map(|i| {
