@@ -6,7 +6,8 @@
 # every configuration.
 # Prints a markdown table of ratios and writes bench/results/latest.{md,svg,json}.
 # Environment: BENCH_SECS (measured seconds per run, default 2), BENCH_ROUNDS (alternating rounds per
-# configuration, default 1; medians are reported), BENCH_QUICK=1 (fewer configurations).
+# configuration, default 1, set-up configurations at least 5; medians are reported), BENCH_QUICK=1 (fewer
+# configurations and rounds).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if ! command -v turnserver >/dev/null 2>&1; then

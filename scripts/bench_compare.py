@@ -127,8 +127,9 @@ STEAL_MS = 50
 # it is repeated when the hypervisor took at least one 10-ms tick and 5 % of the timed windows.
 SETUP_STEAL_MS = 10
 SETUP_STEAL_SHARE = 0.05
-# Set-up runs are short and cheap: they get at least this many alternating rounds, whatever BENCH_ROUNDS.
-SETUP_ROUNDS = max(ROUNDS, 5)
+# Set-up runs are short and cheap: they get at least five alternating rounds, whatever BENCH_ROUNDS
+# (BENCH_QUICK=1: BENCH_ROUNDS, to stay quick).
+SETUP_ROUNDS = ROUNDS if QUICK else max(ROUNDS, 5)
 STALLS = []
 
 
@@ -385,8 +386,8 @@ def render(results, table, calls, sweep, sweep_rates, mem):
     lines.append("")
     lines.append("### Memory and authenticated allocations per second (pipelined Allocate from N sockets)")
     lines.append("")
-    lines.append("Medians of %d alternating rounds (set-up runs are short: at least five rounds, whatever "
-                 "BENCH_ROUNDS)." % max([v.get("rounds", 1) for v in mem.values()] or [1]))
+    lines.append("Medians of %d alternating round(s) (set-up runs are short: at least five rounds, whatever "
+                 "BENCH_ROUNDS, except with BENCH_QUICK=1)." % max([v.get("rounds", 1) for v in mem.values()] or [1]))
     lines.append("")
     lines.append("set-up floor: scripts/setup-floor.c, the kernel's part of an Allocate with a relay socket "
                  "(socket, bind, epoll_ctl, answers of turnpike's sizes in batches; no credentials, no state).")

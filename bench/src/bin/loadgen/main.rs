@@ -233,10 +233,6 @@ fn challenge(poll: &mut Poll, clients: &mut [Client], which: &[usize], args: &Ar
     Ok(())
 }
 
-/// Sends an authenticated Allocate from each of `which` at once and times the answers: returns them
-/// (every one present), the seconds they took and the server's CPU seconds meanwhile (with
-/// --server-pid). The requests (and their MESSAGE-INTEGRITY) are built before the clock starts: the
-/// generator's own work is not the server's set-up rate.
 /// One timed round of authenticated Allocates.
 struct Timed {
     /// Each client's answer.
@@ -250,6 +246,10 @@ struct Timed {
     steal_ms: Vec<u64>,
 }
 
+/// Sends an authenticated Allocate from each of `which` at once and times the answers: returns them
+/// (every one present), the seconds they took, the server's CPU seconds (with --server-pid) and the
+/// steal time meanwhile. The requests (and their MESSAGE-INTEGRITY) are built before the clock starts: the
+/// generator's own work is not the server's set-up rate.
 fn timed_allocate(poll: &mut Poll, clients: &mut [Client], which: &[usize], args: &Args) -> io::Result<Timed> {
     let transport = |w: &mut MsgWriter<'_>| w.add_bytes(AttrType::REQUESTED_TRANSPORT, &[PROTO_UDP, 0, 0, 0]);
     let requests = build_requests(clients, which, &|c| c.request(Method::ALLOCATE, true, &transport));
@@ -259,9 +259,9 @@ fn timed_allocate(poll: &mut Poll, clients: &mut [Client], which: &[usize], args
     let answers = exchange(poll, clients, &requests, args.server);
     let took = start.elapsed().as_secs_f64();
     let cpu_after = args.server_pid.and_then(proc_usage).map(|u| u.0);
-    let steal_ms = steal_ms().iter().zip(&steal_before).map(|(end, start)| end.saturating_sub(*start)).collect();
+    let stolen = steal_ms().iter().zip(&steal_before).map(|(end, start)| end.saturating_sub(*start)).collect();
     all_answered(&answers, which, "authenticated Allocate")?;
-    Ok(Timed { answers, took, cpu: cpu_before.zip(cpu_after).map(|(a, b)| b - a), steal_ms })
+    Ok(Timed { answers, took, cpu: cpu_before.zip(cpu_after).map(|(a, b)| b - a), steal_ms: stolen })
 }
 
 /// Deletes every allocation (Refresh with LIFETIME 0), so that the next run, whose sockets may get
