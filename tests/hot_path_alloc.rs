@@ -17,6 +17,7 @@ use turnpike::proto::attr::{AttrType, PROTO_UDP};
 use turnpike::proto::engine::{BindError, RelaySockets};
 use turnpike::proto::integrity::{long_term_key, rest_password};
 use turnpike::proto::{Action, Class, Engine, Method, MsgWriter, PacketBuf, StunMsg, TransactionId};
+use turnpike::shard::stream::{Conn, ReadState};
 use turnpike::shared::{ShardStats, Shared};
 
 struct Counting;
@@ -266,13 +267,57 @@ fn batched_send_allocates_nothing() {
     }
 }
 
+/// Frames of a burst a stream client sends: ChannelData of 172 bytes (176 on the stream).
+const FRAMES: usize = 64;
+const FRAME: usize = 4 + 172;
+
+/// `FRAMES` ChannelData frames, each filled with its index.
+fn channel_data_burst() -> Vec<u8> {
+    let mut burst = vec![0u8; FRAMES * FRAME];
+    for (i, frame) in burst.chunks_mut(FRAME).enumerate() {
+        frame[..4].copy_from_slice(&[0x40, 0x00, 0, 172]);
+        frame[4..].fill(i as u8);
+    }
+    burst
+}
+
+/// Reads a burst of `FRAMES` frames from `conn`, queues each back and writes them all: what the shard
+/// does with a stream client's messages, allocating nothing of its own. Bounded in time (the bytes are
+/// on loopback; over TLS the first call also completes the handshake).
+fn echo_burst(conn: &mut Conn) {
+    let mut frame = [0u8; FRAME];
+    let mut got = 0;
+    for _ in 0..10_000 {
+        assert_ne!(conn.read(), ReadState::Closed);
+        conn.flush().unwrap(); // TLS handshake answers
+        while let Some(len) = conn.frame_len().filter(|&n| n > 0) {
+            frame[..len].copy_from_slice(conn.frame(len));
+            conn.consume(len);
+            assert!(conn.queue(&frame[..len]), "the write buffer took the frame");
+            got += 1;
+        }
+        if got == FRAMES {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(got, FRAMES);
+    for _ in 0..10_000 {
+        conn.flush().unwrap();
+        if !conn.has_pending_writes() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert!(!conn.has_pending_writes(), "everything written");
+}
+
 /// A TURN-over-TCP connection relays without heap allocation once its buffers have grown: frames read
 /// and cut out of the stream, replies and relayed messages queued and written. A mutation check (a
 /// `Vec` per queued message in `Conn::queue`) makes this fail.
 #[test]
 fn stream_connection_allocates_nothing() {
     use std::io::{Read, Write};
-    use turnpike::shard::stream::{Conn, ReadState};
     let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let mut client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
@@ -282,43 +327,11 @@ fn stream_connection_allocates_nothing() {
     let tuple = FiveTuple { client: client_addr, listener: ListenerId(0), transport: Transport::Tcp };
     let mut conn = Conn::new(mio::net::TcpStream::from_std(server_side), tuple, None, Instant::now(), 0);
 
-    // 64 ChannelData frames of 172 bytes (176 on the stream) per round, echoed by the connection.
-    const FRAMES: usize = 64;
-    const FRAME: usize = 4 + 172;
-    let mut burst = [0u8; FRAMES * FRAME];
-    for (i, frame) in burst.chunks_mut(FRAME).enumerate() {
-        frame[..4].copy_from_slice(&[0x40, 0x00, 0, 172]);
-        frame[4..].fill(i as u8);
-    }
-    let mut echoed = [0u8; FRAMES * FRAME];
-    let mut frame = [0u8; FRAME];
+    let burst = channel_data_burst();
+    let mut echoed = vec![0u8; burst.len()];
     let mut round = |conn: &mut Conn| {
         client.write_all(&burst).unwrap();
-        let mut got = 0;
-        // Bounded: the bytes are on loopback already, a few reads take them.
-        for _ in 0..5000 {
-            let state = conn.read();
-            assert_ne!(state, ReadState::Closed);
-            while let Some(len) = conn.frame_len().filter(|&n| n > 0) {
-                frame[..len].copy_from_slice(conn.frame(len));
-                conn.consume(len);
-                assert!(conn.queue(&frame[..len]), "the write buffer took the frame");
-                got += 1;
-            }
-            if got == FRAMES {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        assert_eq!(got, FRAMES);
-        for _ in 0..5000 {
-            conn.flush().unwrap();
-            if !conn.has_pending_writes() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        assert!(!conn.has_pending_writes());
+        echo_burst(conn);
         client.read_exact(&mut echoed).unwrap();
         assert_eq!(echoed, burst);
     };
@@ -343,7 +356,6 @@ fn stream_connection_allocates_nothing() {
 #[test]
 fn tls_connection_allocates_only_rustls_records() {
     use std::io::{Read, Write};
-    use turnpike::shard::stream::{Conn, ReadState};
     let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -365,14 +377,8 @@ fn tls_connection_allocates_only_rustls_records() {
 
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
-    const FRAMES: usize = 64;
-    const FRAME: usize = 4 + 172;
     const ROUNDS: usize = 51;
-    let mut burst = vec![0u8; FRAMES * FRAME];
-    for (i, frame) in burst.chunks_mut(FRAME).enumerate() {
-        frame[..4].copy_from_slice(&[0x40, 0x00, 0, 172]);
-        frame[4..].fill(i as u8);
-    }
+    let burst = channel_data_burst();
     // The client on a thread of its own (not counted): a burst per round, then the echo back.
     let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
     let client = {
@@ -400,33 +406,9 @@ fn tls_connection_allocates_only_rustls_records() {
     let tuple = FiveTuple { client: client_addr, listener: ListenerId(0), transport: Transport::Tls };
     let tls = rustls::ServerConnection::new(Arc::new(server_cfg)).unwrap();
     let mut conn = Conn::new(mio::net::TcpStream::from_std(server_side), tuple, Some(tls), Instant::now(), 0);
-    let mut frame = [0u8; FRAME];
-    let mut round = |conn: &mut Conn| {
+    let round = |conn: &mut Conn| {
         go_tx.send(()).unwrap();
-        let mut got = 0;
-        for _ in 0..10000 {
-            let state = conn.read();
-            assert_ne!(state, ReadState::Closed);
-            conn.flush().unwrap(); // handshake answers
-            while let Some(len) = conn.frame_len().filter(|&n| n > 0) {
-                frame[..len].copy_from_slice(conn.frame(len));
-                conn.consume(len);
-                assert!(conn.queue(&frame[..len]));
-                got += 1;
-            }
-            if got == FRAMES {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        assert_eq!(got, FRAMES);
-        for _ in 0..10000 {
-            conn.flush().unwrap();
-            if !conn.has_pending_writes() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        echo_burst(conn);
     };
     round(&mut conn); // the handshake and warm-up
     let before = ALLOCATIONS.load(Ordering::SeqCst);
