@@ -170,8 +170,6 @@ pub fn rest_password_with(secret: &HmacKey, username: &[u8]) -> [u8; REST_PASSWO
 mod tests {
     use super::*;
 
-    /// RFC 2202 test case 2 (HMAC-SHA1, key "Jefe"), with the prepared key used repeatedly: each MAC
-    /// starts from the prepared state, never from the previous MAC's.
     #[test]
     fn kept_and_prepared_keys_do_not_print_their_bytes() {
         let raw = [0xAB; 16];
@@ -179,6 +177,8 @@ mod tests {
         assert_eq!(format!("{:?}", PreparedKey::new(raw)), "PreparedKey(..)");
     }
 
+    /// RFC 2202 test case 2 (HMAC-SHA1, key "Jefe"), with the prepared key used repeatedly: each MAC
+    /// starts from the prepared state, never from the previous MAC's.
     #[test]
     fn prepared_key_matches_rfc_2202_every_time() {
         let expected = [

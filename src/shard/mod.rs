@@ -407,8 +407,9 @@ impl Shard {
     }
 
     /// Receives a batch from the UDP listener `i` or the relay socket `key` (`recvmmsg`) and hands each
-    /// datagram to the engine; from a parked relay socket, counts each as dropped. The batch buffer being processed is swapped into `self.pkt`, so the engine
-    /// and the send path see one packet buffer as before.
+    /// datagram to the engine; from a parked relay socket, counts each as dropped. The batch buffer
+    /// being processed is swapped into `self.pkt`, so the engine and the send path see one packet
+    /// buffer as before.
     fn drain_batch(&mut self, now: Instant, source: BatchSource) -> Drained {
         let mut done = 0;
         while done < self.recv_batch {
