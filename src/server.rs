@@ -9,7 +9,7 @@ use crate::control::{self, Totals};
 use crate::descriptors;
 use crate::policy::PeerPolicy;
 use crate::proto::{Engine, RelayAddr, Settings};
-use crate::shard::{self, Ctl, ShardParts, clock, socket};
+use crate::shard::{self, CoalesceSettings, Ctl, ShardParts, clock, socket};
 use crate::shared::{ShardStats, Shared};
 use crossbeam_channel::Sender;
 use mio::Waker;
@@ -156,6 +156,8 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
             && old.send_buffer == new.send_buffer
             && old.recv_batch == new.recv_batch
             && old.udp_gso == new.udp_gso
+            && old.coalesce_wait == new.coalesce_wait
+            && old.coalesce_min_rate == new.coalesce_min_rate
             && old.unallocated_timeout == new.unallocated_timeout,
     );
     check("logging.syslog/file", old.syslog == new.syslog && old.log_file == new.log_file);
@@ -243,6 +245,8 @@ impl ServerHandle {
         merged.send_buffer = running.send_buffer;
         merged.recv_batch = running.recv_batch;
         merged.udp_gso = running.udp_gso;
+        merged.coalesce_wait = running.coalesce_wait;
+        merged.coalesce_min_rate = running.coalesce_min_rate;
         merged.unallocated_timeout = running.unallocated_timeout;
         merged.syslog = running.syslog;
         merged.log_file.clone_from(&running.log_file);
@@ -508,6 +512,7 @@ pub fn start(cfg: &Config) -> io::Result<ServerHandle> {
             buffers,
             recv_batch: cfg.recv_batch,
             udp_gso: cfg.udp_gso,
+            coalesce: CoalesceSettings { max_wait: cfg.coalesce_wait, min_rate: cfg.coalesce_min_rate },
             unallocated_timeout: cfg.unallocated_timeout,
             applied: Arc::clone(&applied),
         };

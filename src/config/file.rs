@@ -175,6 +175,11 @@ pub struct TlsSection {
     pub pkey: Option<String>,
 }
 
+/// Default longest receive-coalescing pause, microseconds (see `shard::coalesce`).
+pub const DEFAULT_COALESCE_US: u64 = 300;
+/// Default datagram rate per shard from which it coalesces.
+pub const DEFAULT_COALESCE_MIN_PPS: u64 = 20_000;
+
 /// Per-core settings.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
@@ -197,6 +202,11 @@ pub struct RuntimeSection {
     /// Send relayed datagrams that share a socket, destination and size as one UDP GSO (generic
     /// segmentation offload) message; falls back by itself where the kernel cannot.
     pub udp_gso: bool,
+    /// Receive coalescing: the longest pause, in microseconds, of a busy shard after a wake-up so that
+    /// the next one finds a batch of datagrams (like a NIC's `rx-usecs`); 0 turns it off.
+    pub coalesce_us: u64,
+    /// Datagrams per second a shard must receive before it pauses for coalescing.
+    pub coalesce_min_pps: u64,
     /// Seconds a TCP/TLS connection may stay idle without an allocation (it never authenticated).
     pub unallocated_timeout: u64,
 }
@@ -212,6 +222,8 @@ impl Default for RuntimeSection {
             send_buffer: 4 << 20,
             recv_batch: 64,
             udp_gso: true,
+            coalesce_us: DEFAULT_COALESCE_US,
+            coalesce_min_pps: DEFAULT_COALESCE_MIN_PPS,
             unallocated_timeout: 30,
         }
     }

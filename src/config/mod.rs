@@ -159,6 +159,10 @@ pub struct Config {
     pub recv_batch: usize,
     /// UDP generic segmentation offload for relayed datagrams.
     pub udp_gso: bool,
+    /// Longest receive-coalescing pause (zero: off).
+    pub coalesce_wait: Duration,
+    /// Datagrams per second per shard from which it coalesces.
+    pub coalesce_min_rate: u64,
     /// TCP/TLS connections without an allocation are closed after this long idle.
     pub unallocated_timeout: Duration,
     /// Log level.
@@ -183,6 +187,9 @@ pub struct Config {
 
 /// The configuration `turnpike dev` runs on: loopback only, a development secret, loopback peers allowed.
 pub const DEV_CONFIG: &str = include_str!("../../config/dev.yaml");
+/// Longest receive-coalescing pause a configuration may ask for, microseconds (10 ms: far beyond any
+/// useful value; longer pauses would hold datagrams for a noticeable time).
+pub const MAX_COALESCE_US: u64 = 10_000;
 
 /// Where an option lives, for error messages.
 struct Locator<'a> {
@@ -427,6 +434,9 @@ fn validate(loc: &Locator<'_>, m: FileConfig, mut warnings: Vec<String>) -> Resu
     if m.runtime.recv_batch == 0 || m.runtime.recv_batch > 1024 {
         return Err(loc.error("runtime.recv_batch", "must be between 1 and 1024"));
     }
+    if m.runtime.coalesce_us > MAX_COALESCE_US {
+        return Err(loc.error("runtime.coalesce_us", format!("must be between 0 (off) and {MAX_COALESCE_US}")));
+    }
     if !m.runtime.core_ids.is_empty() && m.runtime.core_ids.len() < threads {
         return Err(
             loc.error("runtime.core_ids", format!("{} cores listed for {threads} shards", m.runtime.core_ids.len()))
@@ -572,6 +582,8 @@ fn validate(loc: &Locator<'_>, m: FileConfig, mut warnings: Vec<String>) -> Resu
         send_buffer: m.runtime.send_buffer,
         recv_batch: m.runtime.recv_batch,
         udp_gso: m.runtime.udp_gso,
+        coalesce_wait: Duration::from_micros(m.runtime.coalesce_us),
+        coalesce_min_rate: m.runtime.coalesce_min_pps,
         unallocated_timeout: Duration::from_secs(m.runtime.unallocated_timeout),
         log_level,
         syslog: m.logging.syslog,
@@ -710,6 +722,16 @@ impl fmt::Display for Config {
             self.recv_batch,
             if self.udp_gso { "on" } else { "off" }
         )?;
+        if self.coalesce_wait.is_zero() {
+            writeln!(f, "rx coalescing:     off")?;
+        } else {
+            writeln!(
+                f,
+                "rx coalescing:     up to {} us once a shard receives {} datagrams/s",
+                self.coalesce_wait.as_micros(),
+                self.coalesce_min_rate
+            )?;
+        }
         writeln!(f, "log level:         {}", self.log_level)?;
         for w in &self.warnings {
             writeln!(f, "warning:           {w}")?;
@@ -757,6 +779,18 @@ mod tests {
         assert_eq!((e.line, e.option.as_str()), (Some(5), "peers.denied"));
         let e = yaml("auth:\n  realm: x\n").unwrap_err();
         assert!(e.message.contains("no credentials"));
+    }
+
+    #[test]
+    fn coalescing_defaults_and_limits() {
+        let c = yaml("auth:\n  realm: x\n  shared_secrets: [a]\n").unwrap();
+        assert_eq!(c.coalesce_wait, Duration::from_micros(file::DEFAULT_COALESCE_US));
+        assert_eq!(c.coalesce_min_rate, file::DEFAULT_COALESCE_MIN_PPS);
+        let c = yaml("auth:\n  realm: x\n  shared_secrets: [a]\nruntime:\n  coalesce_us: 0\n").unwrap();
+        assert!(c.coalesce_wait.is_zero());
+        assert!(c.to_string().contains("rx coalescing:     off"), "{c}");
+        let e = yaml("auth:\n  realm: x\n  shared_secrets: [a]\nruntime:\n  coalesce_us: 20000\n").unwrap_err();
+        assert_eq!((e.line, e.option.as_str()), (Some(5), "runtime.coalesce_us"));
     }
 
     #[test]

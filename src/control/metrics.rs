@@ -102,6 +102,12 @@ pub fn render(stats: &[Arc<ShardStats>], shared: &Shared, counters: &ServerCount
         "Relayed UDP datagrams sent inside a UDP GSO message.",
         &total(&|s| read(&s.datagrams_segmented)),
     );
+    family(
+        "turnpike_coalescing_pauses_total",
+        "counter",
+        "Wake-ups after which a busy shard paused to let a batch of datagrams accumulate (runtime.coalesce_us).",
+        &total(&|s| read(&s.coalescing_pauses)),
+    );
     family("turnpike_requests_total", "counter", "STUN/TURN requests handled.", &total(&|s| read(&s.requests)));
     let auth: Vec<(String, u64)> = AUTH_FAILURE_REASONS
         .iter()

@@ -1,6 +1,6 @@
 //! The only place the I/O layer reads the OS clock; the sans-IO core gets `now` passed in.
 
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// The monotonic clock.
 #[allow(clippy::disallowed_methods)]
@@ -29,4 +29,12 @@ pub fn random_bytes() -> [u8; 32] {
         chunk.copy_from_slice(&h.finish().to_be_bytes()[..chunk.len()]);
     }
     out
+}
+
+/// Pauses the calling shard for `wait`: receive coalescing (`shard::coalesce`), the one place an event
+/// loop sleeps. The timer slack is set small once per shard (`sys::set_timer_slack`), so the pause
+/// lasts about `wait`, not the kernel's default 50 us more.
+#[allow(clippy::disallowed_methods)]
+pub fn pause(wait: Duration) {
+    std::thread::sleep(wait);
 }

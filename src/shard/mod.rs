@@ -6,9 +6,11 @@
 //! waiting is revisited before the next poll, since edge-triggered readiness will not fire again),
 //! performs the engine's [`Action`]s, runs due timers and reads its control inbox. Relayed UDP
 //! datagrams wait in a [`send::SendQueue`] and leave in batches (`sendmmsg`, UDP GSO) when the queue
-//! fills and at the end of every wake-up.
+//! fills and at the end of every wake-up. A busy shard then pauses briefly before it polls again, so
+//! that the next wake-up finds a batch ([`coalesce`]).
 
 pub mod clock;
+pub mod coalesce;
 pub mod readbuf;
 pub mod send;
 pub mod socket;
@@ -43,6 +45,9 @@ const CONN_BASE: usize = 1 << 16;
 const RELAY_BASE: usize = 1 << 30;
 /// Parked relay socket `i` (see `proto::spares`) is `PARKED_BASE + i`.
 const PARKED_BASE: usize = 1 << 29;
+/// Timer slack of a shard that pauses for receive coalescing: the kernel's default (50 us) would
+/// lengthen every pause by up to that much.
+const PAUSE_TIMER_SLACK_NS: u64 = 1_000;
 /// Longest sleep when nothing is due (keeps timers at 1 s resolution).
 const MAX_SLEEP: Duration = Duration::from_secs(1);
 /// How often the engine's unix time is set from the wall clock again (see `Engine::set_wall_clock`).
@@ -191,6 +196,8 @@ pub struct ShardParts {
     pub recv_batch: usize,
     /// Whether relayed datagrams may leave as UDP GSO messages.
     pub udp_gso: bool,
+    /// Receive coalescing (see [`coalesce`]).
+    pub coalesce: CoalesceSettings,
     /// How long a TCP/TLS connection may stay without an allocation and without a frame.
     pub unallocated_timeout: Duration,
     /// The configuration generation this shard runs (set after each reload is applied).
@@ -201,6 +208,15 @@ impl std::fmt::Debug for ShardParts {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ShardParts").field("id", &self.id).finish()
     }
+}
+
+/// Receive coalescing of a shard (see [`coalesce`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CoalesceSettings {
+    /// Longest pause after a wake-up (zero: never pause).
+    pub max_wait: Duration,
+    /// Datagrams per second from which the shard pauses.
+    pub min_rate: u64,
 }
 
 /// Creates a poll instance and its waker.
@@ -289,6 +305,8 @@ struct Shard {
     conn_due: Vec<(usize, u32)>,
     /// Stream connections with writes queued in this wake-up.
     to_flush: Vec<usize>,
+    /// Datagrams read in this wake-up (for receive coalescing).
+    wake_datagrams: usize,
 }
 
 impl Shard {
@@ -456,6 +474,7 @@ impl Shard {
                 std::mem::swap(&mut self.pkt, &mut self.batch.bufs[k]);
             }
             done += n;
+            self.wake_datagrams += n;
             if n < self.batch.bufs.len() {
                 // A short batch: the queue is empty (new datagrams raise a new edge).
                 return Drained::Empty;
@@ -711,6 +730,7 @@ pub fn run(parts: ShardParts) {
         buffers,
         recv_batch,
         udp_gso,
+        coalesce,
         unallocated_timeout,
         applied,
     } = parts;
@@ -785,7 +805,12 @@ pub fn run(parts: ShardParts) {
         accept_retry_at: None,
         conn_due: Vec::new(),
         to_flush: Vec::new(),
+        wake_datagrams: 0,
     };
+    let mut coalescer = coalesce::Coalescer::new(now, coalesce.max_wait, coalesce.min_rate, recv_batch);
+    if !coalesce.max_wait.is_zero() && !sys::set_timer_slack(PAUSE_TIMER_SLACK_NS) {
+        log::debug!("shard {id}: cannot set the timer slack; coalescing pauses may run long");
+    }
     let mut events = Events::with_capacity(1024);
     // Listeners may hold work that arrived before registration: serve them once.
     let mut pending: Vec<Token> = initial;
@@ -824,6 +849,11 @@ pub fn run(parts: ShardParts) {
         still_pending.dedup();
         std::mem::swap(&mut pending, &mut still_pending);
         shard.run_timers(now);
+        let wait = coalescer.after_wake(now, std::mem::take(&mut shard.wake_datagrams), pending.is_empty());
+        if !wait.is_zero() {
+            bump(&shard.stats.coalescing_pauses, 1);
+            clock::pause(wait);
+        }
         while let Ok(ctl) = inbox.try_recv() {
             match ctl {
                 Ctl::Reload(settings, generation) => {

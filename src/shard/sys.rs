@@ -1,7 +1,7 @@
 //! The relay path's system calls: `recvmmsg(2)`, `sendmmsg(2)` with a control message per datagram
 //! (which neither the standard library, socket2 nor nix wraps usably: nix's `sendmmsg` shares one set
 //! of control messages across all datagrams, and counting what it sent reads address storage the
-//! kernel never wrote) and `sendto(2)`.
+//! kernel never wrote) and `sendto(2)`; and one `prctl(2)`.
 //!
 //! They go to the kernel through `syscall(2)` rather than glibc's wrappers: those wrappers are thread
 //! cancellation points and switch asynchronous cancellation on and off around every call, which a
@@ -10,7 +10,8 @@
 //!
 //! This is the crate's only `unsafe` code outside tests: building the headers is safe (plain pointers
 //! to borrowed memory); each system call is one unsafe block, with its safety argument. Addresses the
-//! kernel writes are read back from plain bytes, without unsafe code.
+//! kernel writes are read back from plain bytes, without unsafe code. Also here, through libc:
+//! `prctl(PR_SET_TIMERSLACK)` for the receive-coalescing pause (once per shard, off the relay path).
 
 #![allow(unsafe_code)]
 
@@ -226,6 +227,12 @@ impl RecvHeaders {
         }
         Ok(got)
     }
+}
+
+/// Sets this thread's timer slack (how late the kernel may wake a sleeping thread) in nanoseconds.
+pub fn set_timer_slack(ns: u64) -> bool {
+    // SAFETY: PR_SET_TIMERSLACK takes one integer argument and touches no memory of ours.
+    unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, ns as libc::c_ulong, 0, 0, 0) == 0 }
 }
 
 #[cfg(test)]
