@@ -3,7 +3,8 @@
 # raw recvmmsg/sendmmsg forwarder (the kernel's limit for one core; also run shaped like a relay, with one
 # output socket per allocation and epoll_wait on all of them: the least any TURN server pays), under the
 # same load, with the server pinned to core 0 and the load generator to core 1. Servers alternate for
-# every configuration.
+# every configuration. turnpike runs as configured by default and also with receive coalescing off
+# (turnpike-nc), to show what coalescing buys and costs.
 # Prints a markdown table of ratios and writes bench/results/latest.{md,svg,json}.
 # Environment: BENCH_SECS (measured seconds per run, default 2), BENCH_ROUNDS (alternating rounds per
 # configuration, default 1, set-up configurations at least 5; medians are reported), BENCH_QUICK=1 (fewer

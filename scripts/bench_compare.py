@@ -18,7 +18,7 @@ RAW = os.path.join(ROOT, "target/bench/raw-forwarder")
 SETUP_FLOOR = os.path.join(ROOT, "target/bench/setup-floor")
 OUT = os.path.join(ROOT, "bench/results")
 SECRET = "bench-secret"
-PORTS = {"turnpike": 3478, "coturn": 3479, "raw": 41000, "floor": 41000, "setup-floor": 41002}
+PORTS = {"turnpike": 3478, "turnpike-nc": 3478, "coturn": 3479, "raw": 41000, "floor": 41000, "setup-floor": 41002}
 PEER_PORT = 41001
 
 TURNPIKE_YAML = """listen: {ips: [127.0.0.1], port: 3478, tcp: false}
@@ -70,10 +70,13 @@ def start(name, sockets=1):
     sockets, one per source (each allocation sends from its own address) and waits on all of them with
     epoll_wait (a relay's peers may send to any of them): the least any TURN server pays."""
     pin = ["taskset", "-c", "0"]
-    if name == "turnpike":
+    if name in ("turnpike", "turnpike-nc"):
+        # turnpike-nc: turnpike with receive coalescing off (runtime.coalesce_us: 0), to show what it
+        # buys and what it costs.
         path = os.path.join(ROOT, "target/bench/turnpike.yaml")
         with open(path, "w") as f:
-            f.write(TURNPIKE_YAML)
+            f.write(TURNPIKE_YAML if name == "turnpike" else TURNPIKE_YAML.replace(
+                "runtime: {threads: 1}", "runtime: {threads: 1, coalesce_us: 0}"))
         cmd = pin + [TURNPIKE, "--config", path]
     elif name == "coturn":
         cmd = pin + coturn_command("turnserver", PORTS["coturn"], (40000, 59999), 1,
@@ -184,9 +187,9 @@ def median(values):
     return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
 
 
-def combine(runs, keys=("cpu_us_per_packet", "p99_us", "offered_pps", "delivered_pps")):
+def combine(runs, keys=("cpu_us_per_packet", "p50_us", "p99_us", "offered_pps", "delivered_pps")):
     """One figure per server and configuration from its rounds: the median of each of `keys` (by
-    default CPU per packet, p99 and rates) and, for traffic runs, the worst loss of any round."""
+    default CPU per packet, p50, p99 and rates) and, for traffic runs, the worst loss of any round."""
     ok = [r for r in runs if "error" not in r]
     if not ok:
         return runs[-1] if runs else {}
@@ -215,7 +218,7 @@ def combine_rows(rows):
 
 
 def main():
-    order = ["turnpike", "coturn", "raw", "floor"]
+    order = ["turnpike", "coturn", "raw", "floor", "turnpike-nc"]
     results = {"machine": platform.platform(), "cpus": os.cpu_count(), "secs": SECS, "rounds": ROUNDS, "runs": []}
     rates = [50000, 100000, 200000]
     sizes = [172] if QUICK else [172, 1200]
@@ -234,15 +237,16 @@ def main():
                 r = run_one(name, "--allocations", a, "--size", size, "--rate", rate, sockets=a)
                 row.setdefault(name, []).append(r)
                 results["runs"].append({"server": name, **r})
-                print("  %-8s %5d allocs %4d B %6d pps: %s" % (name, a, size, rate, json.dumps(r)), file=sys.stderr)
+                print("  %-11s %5d allocs %4d B %6d pps: %s" % (name, a, size, rate, json.dumps(r)), file=sys.stderr)
         # RTP-like calls: client -> relay -> relay -> client (the raw forwarder cannot play this part).
         for row in calls:
             a, rate = row["allocations"], row["rate"]
-            for name in (["turnpike", "coturn"] if k % 2 == 0 else ["coturn", "turnpike"]):
+            three = ["turnpike", "coturn", "turnpike-nc"]
+            for name in three[k % 3:] + three[:k % 3]:
                 r = run_one(name, "--allocations", a, "--rate", rate, "--calls")
                 row.setdefault(name, []).append(r)
                 results["runs"].append({"server": name, "calls": True, **r})
-                print("  calls %-8s %5d allocs %6d pps: %s" % (name, a, rate, json.dumps(r)), file=sys.stderr)
+                print("  calls %-11s %5d allocs %6d pps: %s" % (name, a, rate, json.dumps(r)), file=sys.stderr)
             k += 1
     combine_rows(table)
     combine_rows(calls)
@@ -376,6 +380,8 @@ def render(results, table, calls, sweep, sweep_rates, mem):
                 fmt(None if t.get("loss") is None else t["loss"] * 100, 3),
                 fmt(None if c.get("loss") is None else c["loss"] * 100, 3),
                 fmt(t.get("p99_us"), 0), fmt(c.get("p99_us"), 0)))
+    if any("turnpike-nc" in row for row in table):
+        lines.extend(coalescing_table(table, calls))
     lines.append("")
     lines.append("### Highest paced rate with < 0.1 %% loss (10 allocations, 172 B; rates tried: %s)" %
                  ", ".join("%dk" % (x // 1000) for x in sweep_rates))
@@ -415,6 +421,30 @@ def render(results, table, calls, sweep, sweep_rates, mem):
         f.write(svg(sweep, sweep_rates))
     print(report)
     print("wrote bench/results/latest.md, latest.json, latest.svg")
+
+
+def coalescing_table(table, calls):
+    """What receive coalescing buys (CPU) and costs (latency): turnpike as configured by default against
+    turnpike with `runtime.coalesce_us: 0` (turnpike-nc), same run, alternating rounds."""
+    lines = ["", "### Receive coalescing: turnpike (default, runtime.coalesce_us 300) and turnpike without it",
+             "", "nc: turnpike with runtime.coalesce_us: 0. Calls cross the server twice (two pauses at most).", "",
+             "| traffic | allocs | size | rate | turnpike us/pkt | nc us/pkt | turnpike/nc | nc/raw | nc/coturn | "
+             "p50 us turnpike | p50 us nc | p99 us turnpike | p99 us nc | loss turnpike | loss nc |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for kind, rows in (("client -> peer", table), ("calls", calls)):
+        for row in rows:
+            t, n = row.get("turnpike", {}), row.get("turnpike-nc", {})
+            if not n:
+                continue
+            tc, nc = t.get("cpu_us_per_packet"), n.get("cpu_us_per_packet")
+            raw, cot = row.get("raw", {}).get("cpu_us_per_packet"), row.get("coturn", {}).get("cpu_us_per_packet")
+            lines.append("| %s | %d | %s | %dk | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s %% | %s %% |" % (
+                kind, row["allocations"], row.get("size", 172), row["rate"] // 1000, fmt(tc), fmt(nc),
+                fmt(ratio(tc, nc)), fmt(ratio(nc, raw)), fmt(ratio(nc, cot)),
+                fmt(t.get("p50_us"), 0), fmt(n.get("p50_us"), 0), fmt(t.get("p99_us"), 0), fmt(n.get("p99_us"), 0),
+                fmt(None if t.get("loss") is None else t["loss"] * 100, 3),
+                fmt(None if n.get("loss") is None else n["loss"] * 100, 3)))
+    return lines
 
 
 def svg(sweep, rates):
