@@ -503,9 +503,46 @@ def p99_study(rounds):
     print("\n".join(lines))
 
 
+def coalescing_study(rounds, pause_us=300):
+    """Receive coalescing like for like: turnpike (default), turnpike-nc (coalescing off), the raw
+    forwarder, and the raw forwarder pausing `pause_us` after a short batch (RAW_COALESCE_US), in
+    rotating order, `rounds` rounds; prints the median CPU per packet and p50/p99 of each."""
+    configs = [(10, 172, 100000), (10, 172, 200000), (1000, 172, 100000)]
+    names = ["turnpike", "turnpike-nc", "raw", "raw-coalescing"]
+    runs = {(c, n): [] for c in configs for n in names}
+    k = 0
+    for _ in range(rounds):
+        for (a, size, rate) in configs:
+            for name in names[k % 4:] + names[:k % 4]:
+                server = "raw" if name == "raw-coalescing" else name
+                os.environ["RAW_COALESCE_US"] = str(pause_us) if name == "raw-coalescing" else "0"
+                r = run_one(server, "--allocations", a, "--size", size, "--rate", rate)
+                runs[((a, size, rate), name)].append(r)
+                print("  coalescing %-14s %5d allocs %4d B %6d pps: %s" % (name, a, size, rate, json.dumps(r)),
+                      file=sys.stderr)
+            k += 1
+    os.environ.pop("RAW_COALESCE_US", None)
+    lines = ["### Receive coalescing like for like, %d rotating rounds (medians; raw-coalescing: RAW_COALESCE_US=%d)"
+             % (rounds, pause_us), "",
+             "| allocs | size | rate | " + " | ".join("%s us/pkt" % n for n in names) +
+             " | turnpike/raw-coalescing | " + " | ".join("p50/p99 us %s" % n for n in names) + " |",
+             "|---|---|---|" + "---|" * (2 * len(names) + 1)]
+    for c in configs:
+        m = {n: combine(runs[(c, n)]) for n in names}
+        cpu = [m[n].get("cpu_us_per_packet") for n in names]
+        lines.append("| %d | %d | %dk | %s | %s | %s |" % (
+            c[0], c[1], c[2] // 1000, " | ".join(fmt(x) for x in cpu), fmt(ratio(cpu[0], cpu[3])),
+            " | ".join("%s/%s" % (fmt(m[n].get("p50_us"), 0), fmt(m[n].get("p99_us"), 0)) for n in names)))
+    lines += ["", repeats_line(STALLS)]
+    print("\n".join(lines))
+
+
 if __name__ == "__main__":
     if len(sys.argv) > 2 and sys.argv[1] == "--from-log":
         from_log(sys.argv[2])
+    elif len(sys.argv) > 1 and sys.argv[1] == "--coalescing":
+        require_free_ports()
+        coalescing_study(int(sys.argv[2]) if len(sys.argv) > 2 else 3)
     elif len(sys.argv) > 1 and sys.argv[1] == "--p99":
         require_free_ports()
         p99_study(int(sys.argv[2]) if len(sys.argv) > 2 else 10)

@@ -11,6 +11,10 @@
  * epoll_wait (level-triggered) and then reads the ready ones (datagrams on the output sockets are read
  * and dropped). This is the least any TURN server pays for the traffic of the benchmark.
  *
+ * With RAW_COALESCE_US=N in the environment it pauses N microseconds after a batch that emptied the
+ * input (fewer than BATCH datagrams) and held at least two: receive coalescing as turnpike's shards do
+ * it (src/shard/coalesce.rs, with a fixed pause), to compare like with like (bench/README.md).
+ *
  * Usage: raw-forwarder LISTEN_PORT DEST_IP DEST_PORT [SOCKETS [wait]] */
 #define _GNU_SOURCE
 #include "mmsg.h"
@@ -20,7 +24,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
+#include <time.h>
 #include <unistd.h>
 
 #define BATCH 32
@@ -79,7 +85,16 @@ int main(int argc, char **argv) {
     struct iovec iov[BATCH];
     struct mmsghdr msgs[BATCH], group[BATCH];
     int slot[BATCH];
+    const char *coalesce = getenv("RAW_COALESCE_US");
+    long pause_us = coalesce ? atol(coalesce) : 0;
+    if (pause_us > 0) prctl(PR_SET_TIMERSLACK, 1000UL, 0, 0, 0);
+    int last = 0;
     for (;;) {
+        if (pause_us > 0 && last >= 2 && last < BATCH) {
+            struct timespec pause = {pause_us / 1000000, (pause_us % 1000000) * 1000};
+            nanosleep(&pause, NULL);
+        }
+        last = 0;
         prepare_recv_batch(msgs, iov, bufs, SIZE, from, BATCH);
         int n;
         if (wait_all) {
@@ -97,6 +112,7 @@ int main(int argc, char **argv) {
             n = recvmmsg(in, msgs, BATCH, MSG_WAITFORONE, NULL);
         }
         if (n <= 0) continue;
+        last = n;
         for (int i = 0; i < n; i++) {
             unsigned short port = ntohs(from[i].sin_port);
             if (slot_of_port[port] < 0) {
