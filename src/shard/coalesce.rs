@@ -71,10 +71,12 @@ impl Coalescer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::shard::clock;
 
     const MAX: Duration = Duration::from_micros(300);
 
-    /// Feeds `rate` datagrams/s for `secs` in wake-ups of `per_wake` datagrams; the last wait.
+    /// Feeds `rate` datagrams/s from `start` as `wakes` wake-ups of `per_wake` datagrams each, every one
+    /// having emptied the sockets; returns the time of the last wake-up and the pause it was given.
     fn feed(c: &mut Coalescer, start: Instant, rate: u64, per_wake: u64, wakes: u64) -> (Instant, Duration) {
         let step = Duration::from_nanos(per_wake * 1_000_000_000 / rate);
         let mut now = start;
@@ -88,7 +90,7 @@ mod tests {
 
     #[test]
     fn a_quiet_shard_never_waits() {
-        let t0 = crate::shard::clock::now();
+        let t0 = clock::now();
         let mut c = Coalescer::new(t0, MAX, 20_000, 64);
         let (_, wait) = feed(&mut c, t0, 5_000, 1, 200);
         assert_eq!(c.rate(), 5_000);
@@ -97,7 +99,7 @@ mod tests {
 
     #[test]
     fn a_busy_shard_waits_for_about_one_batch_at_most_max_wait() {
-        let t0 = crate::shard::clock::now();
+        let t0 = clock::now();
         let mut c = Coalescer::new(t0, MAX, 20_000, 64);
         // 100k/s: one batch takes 640 us, more than the cap.
         let (now, wait) = feed(&mut c, t0, 100_000, 4, 1_000);
@@ -111,7 +113,7 @@ mod tests {
 
     #[test]
     fn no_wait_without_datagrams_or_with_more_waiting_or_when_off() {
-        let t0 = crate::shard::clock::now();
+        let t0 = clock::now();
         let mut c = Coalescer::new(t0, MAX, 20_000, 64);
         let (now, wait) = feed(&mut c, t0, 100_000, 4, 1_000);
         assert_eq!(wait, MAX);
@@ -124,7 +126,7 @@ mod tests {
 
     #[test]
     fn the_rate_falls_when_traffic_stops() {
-        let t0 = crate::shard::clock::now();
+        let t0 = clock::now();
         let mut c = Coalescer::new(t0, MAX, 20_000, 64);
         let (now, _) = feed(&mut c, t0, 100_000, 4, 1_000);
         // One datagram after a second of silence: the window spans the silence.
