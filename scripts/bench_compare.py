@@ -18,8 +18,10 @@ RAW = os.path.join(ROOT, "target/bench/raw-forwarder")
 SETUP_FLOOR = os.path.join(ROOT, "target/bench/setup-floor")
 OUT = os.path.join(ROOT, "bench/results")
 SECRET = "bench-secret"
-PORTS = {"turnpike": 3478, "turnpike-nc": 3478, "coturn": 3479, "raw": 41000, "floor": 41000, "setup-floor": 41002}
-PEER_PORT = 41001
+# Fixed ports lie below the kernel's ephemeral range (32768-60999 by default): the floor's output
+# sockets and the generator's clients bind ephemeral ports and must not take one of these.
+PORTS = {"turnpike": 3478, "turnpike-nc": 3478, "coturn": 3479, "raw": 3490, "floor": 3490, "setup-floor": 3492}
+PEER_PORT = 3491
 
 TURNPIKE_YAML = """listen: {ips: [127.0.0.1], port: 3478, tcp: false}
 relay: {ips: [127.0.0.1], min_port: 20000, max_port: 39999}
@@ -65,18 +67,22 @@ def coturn_command(binary, port, relay_ports, threads, pidfile):
             "--pidfile=" + pidfile]
 
 
-def start(name, sockets=1):
+def start(name, sockets=1, pause_us=None):
     """Starts one server. `floor` is the raw forwarder shaped like a relay: it sends through `sockets`
     sockets, one per source (each allocation sends from its own address) and waits on all of them with
-    epoll_wait (a relay's peers may send to any of them): the least any TURN server pays."""
+    epoll_wait (a relay's peers may send to any of them): the least any TURN server pays. `pause_us`,
+    when given, sets turnpike's runtime.coalesce_us or the forwarders' RAW_COALESCE_US."""
     pin = ["taskset", "-c", "0"]
+    env = None
     if name in ("turnpike", "turnpike-nc"):
         # turnpike-nc: turnpike with receive coalescing off (runtime.coalesce_us: 0), to show what it
         # buys and what it costs.
+        if name == "turnpike-nc":
+            pause_us = 0
         path = os.path.join(ROOT, "target/bench/turnpike.yaml")
         with open(path, "w") as f:
-            f.write(TURNPIKE_YAML if name == "turnpike" else TURNPIKE_YAML.replace(
-                "runtime: {threads: 1}", "runtime: {threads: 1, coalesce_us: 0}"))
+            f.write(TURNPIKE_YAML if pause_us is None else TURNPIKE_YAML.replace(
+                "runtime: {threads: 1}", "runtime: {threads: 1, coalesce_us: %d}" % pause_us))
         cmd = pin + [TURNPIKE, "--config", path]
     elif name == "coturn":
         cmd = pin + coturn_command("turnserver", PORTS["coturn"], (40000, 59999), 1,
@@ -88,7 +94,9 @@ def start(name, sockets=1):
         cmd = pin + [RAW, str(PORTS["raw"]), "127.0.0.1", str(PEER_PORT)]
         if name == "floor":
             cmd += [str(sockets), "wait"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if pause_us is not None:
+            env = dict(os.environ, RAW_COALESCE_US=str(pause_us))
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     time.sleep(0.2 if name in ("raw", "floor", "setup-floor") else 1.0)
     return proc
 
@@ -537,9 +545,53 @@ def coalescing_study(rounds, pause_us=300):
     print("\n".join(lines))
 
 
+def trade_off_study(rounds, pauses=(0, 50, 150, 300, 600), raw_pauses=(0, 50, 150, 300)):
+    """The CPU target (<= 0.6 x coturn) against the p99 target (<= coturn's) at 100k pps: turnpike with
+    each receive-coalescing pause in `pauses` (runtime.coalesce_us), coturn, the raw forwarder pausing
+    each of `raw_pauses` (RAW_COALESCE_US) and, with 1,000 allocations, the floor (a socket per
+    allocation) pausing 0 and 300 us, in rotating order, `rounds` rounds. A forwarder that does no work
+    of its own shows what the machine allows: a pause long enough for the CPU target is too long for
+    the p99 target when no setting of it meets both."""
+    configs = [(10, 172), (1000, 172)]
+    servers = {c: [("coturn", "coturn", None)] + [("turnpike-%d" % p, "turnpike", p) for p in pauses] +
+               [("raw-%d" % p, "raw", p) for p in raw_pauses] +
+               ([("floor-%d" % p, "floor", p) for p in (0, 300)] if c[0] > 10 else []) for c in configs}
+    runs = {(c, label): [] for c in configs for (label, _, _) in servers[c]}
+    k = 0
+    for _ in range(rounds):
+        for c in configs:
+            order = servers[c][k % len(servers[c]):] + servers[c][:k % len(servers[c])]
+            for (label, name, pause) in order:
+                r = run_one(name, "--allocations", c[0], "--size", c[1], "--rate", 100000,
+                            starter=lambda: start(name, c[0], pause))
+                runs[(c, label)].append(r)
+                print("  trade-off %-14s %5d allocs %4d B: %s" % (label, c[0], c[1], json.dumps(r)), file=sys.stderr)
+            k += 1
+    lines = ["### CPU against p99 at 100k pps, %d rotating rounds (medians; the number is the pause in us)" % rounds]
+    for c in configs:
+        m = {label: combine(runs[(c, label)]) for (label, _, _) in servers[c]}
+        cpu_c, p99_c = m["coturn"].get("cpu_us_per_packet"), m["coturn"].get("p99_us")
+        lines += ["", "%d allocations, %d B:" % c, "",
+                  "| server | us/pkt | x coturn | p50 us | p99 us | p99 / coturn's | worst loss | both targets |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for (label, _, _) in servers[c]:
+            cpu, p99 = m[label].get("cpu_us_per_packet"), m[label].get("p99_us")
+            cr, pr = ratio(cpu, cpu_c), ratio(p99, p99_c)
+            both = "n/a" if label == "coturn" or cr is None or pr is None else (
+                "yes" if cr <= 0.6 and pr <= 1.0 else "no")
+            lines.append("| %s | %s | %s | %s | %s | %s | %s | %s |" % (
+                label, fmt(cpu), fmt(cr), fmt(m[label].get("p50_us"), 0), fmt(p99, 0), fmt(pr),
+                "n/a" if m[label].get("loss") is None else "%.3f %%" % (100 * m[label]["loss"]), both))
+    lines += ["", repeats_line(STALLS)]
+    print("\n".join(lines))
+
+
 if __name__ == "__main__":
     if len(sys.argv) > 2 and sys.argv[1] == "--from-log":
         from_log(sys.argv[2])
+    elif len(sys.argv) > 1 and sys.argv[1] == "--trade-off":
+        require_free_ports()
+        trade_off_study(int(sys.argv[2]) if len(sys.argv) > 2 else 4)
     elif len(sys.argv) > 1 and sys.argv[1] == "--coalescing":
         require_free_ports()
         coalescing_study(int(sys.argv[2]) if len(sys.argv) > 2 else 3)
