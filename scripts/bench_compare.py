@@ -563,7 +563,7 @@ def trade_off_study(rounds, pauses=(0, 50, 150, 300, 600), raw_pauses=(0, 50, 15
             order = servers[c][k % len(servers[c]):] + servers[c][:k % len(servers[c])]
             for (label, name, pause) in order:
                 r = run_one(name, "--allocations", c[0], "--size", c[1], "--rate", 100000,
-                            starter=lambda: start(name, c[0], pause))
+                            starter=lambda name=name, sockets=c[0], pause=pause: start(name, sockets, pause))
                 runs[(c, label)].append(r)
                 print("  trade-off %-14s %5d allocs %4d B: %s" % (label, c[0], c[1], json.dumps(r)), file=sys.stderr)
             k += 1
