@@ -70,8 +70,9 @@ def coturn_command(binary, port, relay_ports, threads, pidfile):
 def start(name, sockets=1, pause_us=None):
     """Starts one server. `floor` is the raw forwarder shaped like a relay: it sends through `sockets`
     sockets, one per source (each allocation sends from its own address) and waits on all of them with
-    epoll_wait (a relay's peers may send to any of them): the least any TURN server pays. `pause_us`,
-    when given, sets turnpike's runtime.coalesce_us or the forwarders' RAW_COALESCE_US."""
+    epoll_wait (a relay's peers may send to any of them): the least any TURN server pays. `pause_us`
+    sets turnpike's runtime.coalesce_us (None: its default) or the forwarders' RAW_COALESCE_US (None:
+    no pause)."""
     pin = ["taskset", "-c", "0"]
     env = None
     if name in ("turnpike", "turnpike-nc"):
@@ -94,8 +95,9 @@ def start(name, sockets=1, pause_us=None):
         cmd = pin + [RAW, str(PORTS["raw"]), "127.0.0.1", str(PEER_PORT)]
         if name == "floor":
             cmd += [str(sockets), "wait"]
-        if pause_us is not None:
-            env = dict(os.environ, RAW_COALESCE_US=str(pause_us))
+        # Set always, so that a RAW_COALESCE_US left in the caller's environment cannot make the
+        # plain forwarders pause.
+        env = dict(os.environ, RAW_COALESCE_US=str(pause_us or 0))
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     time.sleep(0.2 if name in ("raw", "floor", "setup-floor") else 1.0)
     return proc
@@ -523,13 +525,13 @@ def coalescing_study(rounds, pause_us=300):
         for (a, size, rate) in configs:
             for name in names[k % 4:] + names[:k % 4]:
                 server = "raw" if name == "raw-coalescing" else name
-                os.environ["RAW_COALESCE_US"] = str(pause_us) if name == "raw-coalescing" else "0"
-                r = run_one(server, "--allocations", a, "--size", size, "--rate", rate)
+                pause = pause_us if name == "raw-coalescing" else None
+                r = run_one(server, "--allocations", a, "--size", size, "--rate", rate,
+                            starter=lambda server=server, pause=pause: start(server, 1, pause))
                 runs[((a, size, rate), name)].append(r)
                 print("  coalescing %-14s %5d allocs %4d B %6d pps: %s" % (name, a, size, rate, json.dumps(r)),
                       file=sys.stderr)
             k += 1
-    os.environ.pop("RAW_COALESCE_US", None)
     lines = ["### Receive coalescing like for like, %d rotating rounds (medians; raw-coalescing: RAW_COALESCE_US=%d)"
              % (rounds, pause_us), "",
              "| allocs | size | rate | " + " | ".join("%s us/pkt" % n for n in names) +
