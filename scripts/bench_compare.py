@@ -20,7 +20,7 @@ OUT = os.path.join(ROOT, "bench/results")
 SECRET = "bench-secret"
 # Fixed ports lie below the kernel's ephemeral range (32768-60999 by default): the floor's output
 # sockets and the generator's clients bind ephemeral ports and must not take one of these.
-PORTS = {"turnpike": 3478, "turnpike-nc": 3478, "coturn": 3479, "raw": 3490, "floor": 3490, "setup-floor": 3492}
+PORTS = {"turnpike": 3478, "turnpike-nc": 3478, "turnpike-sock": 3478, "coturn": 3479, "raw": 3490, "floor": 3490, "setup-floor": 3492}
 PEER_PORT = 3491
 
 TURNPIKE_YAML = """listen: {ips: [127.0.0.1], port: 3478, tcp: false}
@@ -75,15 +75,20 @@ def start(name, sockets=1, pause_us=None):
     no pause)."""
     pin = ["taskset", "-c", "0"]
     env = None
-    if name in ("turnpike", "turnpike-nc"):
+    if name in ("turnpike", "turnpike-nc", "turnpike-sock"):
         # turnpike-nc: turnpike with receive coalescing off (runtime.coalesce_us: 0), to show what it
-        # buys and what it costs.
+        # buys and what it costs. turnpike-sock: without the raw socket (runtime.raw_send: false), every
+        # datagram leaving through its relay socket.
         if name == "turnpike-nc":
             pause_us = 0
+        runtime = "threads: 1"
+        if pause_us is not None:
+            runtime += ", coalesce_us: %d" % pause_us
+        if name == "turnpike-sock":
+            runtime += ", raw_send: false"
         path = os.path.join(ROOT, "target/bench/turnpike.yaml")
         with open(path, "w") as f:
-            f.write(TURNPIKE_YAML if pause_us is None else TURNPIKE_YAML.replace(
-                "runtime: {threads: 1}", "runtime: {threads: 1, coalesce_us: %d}" % pause_us))
+            f.write(TURNPIKE_YAML.replace("runtime: {threads: 1}", "runtime: {%s}" % runtime))
         cmd = pin + [TURNPIKE, "--config", path]
     elif name == "coturn":
         cmd = pin + coturn_command("turnserver", PORTS["coturn"], (40000, 59999), 1,
@@ -588,12 +593,52 @@ def trade_off_study(rounds, pauses=(0, 50, 150, 300, 600), raw_pauses=(0, 50, 15
     print("\n".join(lines))
 
 
+def raw_send_study(rounds):
+    """The raw socket (runtime.raw_send) like for like: turnpike (default: on), turnpike-sock (off),
+    coturn and the floor (the forwarder with a socket per allocation, sending through them), with 1,000
+    and 10 allocations at 100k and 200k pps, in rotating order, `rounds` rounds; prints the median CPU
+    per packet of each, the ratios, the worst loss and the p99."""
+    configs = [(1000, 172, 100000), (1000, 172, 200000), (1000, 1200, 100000), (1000, 1200, 200000),
+               (10, 172, 100000), (10, 172, 200000)]
+    names = ["turnpike", "turnpike-sock", "coturn", "floor"]
+    runs = {(c, n): [] for c in configs for n in names}
+    k = 0
+    for _ in range(rounds):
+        for (a, size, rate) in configs:
+            for name in names[k % 4:] + names[:k % 4]:
+                r = run_one(name, "--allocations", a, "--size", size, "--rate", rate, sockets=a)
+                runs[((a, size, rate), name)].append(r)
+                print("  raw-send %-14s %5d allocs %4d B %6d pps: %s" % (name, a, size, rate, json.dumps(r)),
+                      file=sys.stderr)
+            k += 1
+    lines = ["### The raw socket like for like, %d rotating rounds (medians; turnpike-sock: runtime.raw_send false)"
+             % rounds, "",
+             "| allocs | size | rate | " + " | ".join("%s us/pkt" % n for n in names) +
+             " | turnpike/turnpike-sock | turnpike/coturn | turnpike-sock/coturn | turnpike/floor | " +
+             " | ".join("loss %s" % n for n in names) + " | " + " | ".join("p99 us %s" % n for n in names) + " |",
+             "|---|---|---|" + "---|" * (3 * len(names) + 4)]
+    for c in configs:
+        m = {n: combine(runs[(c, n)]) for n in names}
+        cpu = {n: m[n].get("cpu_us_per_packet") for n in names}
+        lines.append("| %d | %d | %dk | %s | %s | %s | %s | %s | %s | %s |" % (
+            c[0], c[1], c[2] // 1000, " | ".join(fmt(cpu[n]) for n in names),
+            fmt(ratio(cpu["turnpike"], cpu["turnpike-sock"])), fmt(ratio(cpu["turnpike"], cpu["coturn"])),
+            fmt(ratio(cpu["turnpike-sock"], cpu["coturn"])), fmt(ratio(cpu["turnpike"], cpu["floor"])),
+            " | ".join("n/a" if m[n].get("loss") is None else "%.3f %%" % (100 * m[n]["loss"]) for n in names),
+            " | ".join(fmt(m[n].get("p99_us"), 0) for n in names)))
+    lines += ["", repeats_line(STALLS)]
+    print("\n".join(lines))
+
+
 if __name__ == "__main__":
     if len(sys.argv) > 2 and sys.argv[1] == "--from-log":
         from_log(sys.argv[2])
     elif len(sys.argv) > 1 and sys.argv[1] == "--trade-off":
         require_free_ports()
         trade_off_study(int(sys.argv[2]) if len(sys.argv) > 2 else 4)
+    elif len(sys.argv) > 1 and sys.argv[1] == "--raw-send":
+        require_free_ports()
+        raw_send_study(int(sys.argv[2]) if len(sys.argv) > 2 else 3)
     elif len(sys.argv) > 1 and sys.argv[1] == "--coalescing":
         require_free_ports()
         coalescing_study(int(sys.argv[2]) if len(sys.argv) > 2 else 3)

@@ -156,6 +156,7 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
             && old.send_buffer == new.send_buffer
             && old.recv_batch == new.recv_batch
             && old.udp_gso == new.udp_gso
+            && old.raw_send == new.raw_send
             && old.coalesce_wait == new.coalesce_wait
             && old.coalesce_min_rate == new.coalesce_min_rate
             && old.unallocated_timeout == new.unallocated_timeout,
@@ -245,6 +246,7 @@ impl ServerHandle {
         merged.send_buffer = running.send_buffer;
         merged.recv_batch = running.recv_batch;
         merged.udp_gso = running.udp_gso;
+        merged.raw_send = running.raw_send;
         merged.coalesce_wait = running.coalesce_wait;
         merged.coalesce_min_rate = running.coalesce_min_rate;
         merged.unallocated_timeout = running.unallocated_timeout;
@@ -463,6 +465,44 @@ fn reserve_descriptors(cfg: &Config, plan: &RelayPlan) {
     }
 }
 
+/// Opens shard `k`'s raw socket for `runtime.raw_send`; without one (no `CAP_NET_RAW`) the shard sends
+/// through its relay sockets, as with the option off.
+fn open_raw_socket(k: usize, send_buffer: usize) -> Option<shard::rawsend::RawSocket> {
+    match shard::rawsend::RawSocket::open(send_buffer) {
+        Ok(sock) => {
+            if k == 0 {
+                log::info!(
+                    "runtime.raw_send: lone relayed IPv4 datagrams leave together through a raw socket per shard"
+                );
+            }
+            Some(sock)
+        }
+        Err(e) => {
+            let say = if k == 0 { log::Level::Info } else { log::Level::Debug };
+            log::log!(
+                say,
+                "runtime.raw_send: no raw socket ({e}; it needs CAP_NET_RAW): relayed datagrams leave through \
+                 their relay sockets"
+            );
+            None
+        }
+    }
+}
+
+/// Gives up `CAP_NET_RAW`, for this thread and the threads it starts (the shards and the control
+/// thread), once the raw sockets are open: an `IPPROTO_RAW` socket receives nothing, and without the
+/// capability no other raw socket can be opened, so a shard holds no more than it uses. Nothing else
+/// in turnpike needs the capability.
+fn give_up_net_raw() {
+    use caps::{CapSet, Capability};
+    // The ambient and effective sets must shrink before the permitted set can.
+    for set in [CapSet::Ambient, CapSet::Effective, CapSet::Inheritable, CapSet::Permitted] {
+        if let Err(e) = caps::drop(None, set, Capability::CAP_NET_RAW) {
+            log::debug!("cannot give up CAP_NET_RAW ({set:?}): {e}");
+        }
+    }
+}
+
 /// Starts a server: binds everything, spawns one shard per configured thread and the control thread.
 pub fn start(cfg: &Config) -> io::Result<ServerHandle> {
     let plan = relay_plan(cfg).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
@@ -483,6 +523,9 @@ pub fn start(cfg: &Config) -> io::Result<ServerHandle> {
     let cores = if cfg.pin_cores { core_affinity::get_core_ids().unwrap_or_default() } else { Vec::new() };
     let origin = clock::now();
     let origin_unix = clock::unix_now();
+    let mut raw_sockets: Vec<Option<shard::rawsend::RawSocket>> =
+        (0..listeners.len()).map(|k| if cfg.raw_send { open_raw_socket(k, cfg.send_buffer) } else { None }).collect();
+    give_up_net_raw();
     let mut stats = Vec::new();
     let mut shards = Vec::new();
     for (k, shard_listeners) in listeners.into_iter().enumerate() {
@@ -512,6 +555,7 @@ pub fn start(cfg: &Config) -> io::Result<ServerHandle> {
             buffers,
             recv_batch: cfg.recv_batch,
             udp_gso: cfg.udp_gso,
+            raw_socket: raw_sockets.get_mut(k).and_then(Option::take),
             coalesce: CoalesceSettings { max_wait: cfg.coalesce_wait, min_rate: cfg.coalesce_min_rate },
             unallocated_timeout: cfg.unallocated_timeout,
             applied: Arc::clone(&applied),

@@ -161,6 +161,8 @@ pub struct ShardStats {
     pub send_calls: AtomicU64,
     /// Relayed datagrams that left inside a UDP GSO message.
     pub datagrams_segmented: AtomicU64,
+    /// Relayed datagrams that left through the shard's raw socket (`runtime.raw_send`).
+    pub datagrams_raw: AtomicU64,
     /// Receive-coalescing pauses (`shard::coalesce`): wake-ups after which the shard waited for a batch.
     pub coalescing_pauses: AtomicU64,
     /// Drops by [`DropReason`].

@@ -227,7 +227,7 @@ fn batched_send_allocates_nothing() {
         for s in &sinks {
             s.set_nonblocking(true).unwrap();
         }
-        let mut queue = SendQueue::new(true);
+        let mut queue = SendQueue::new(true, None);
         let mut pkts: Vec<PacketBuf> = (0..64).map(|_| PacketBuf::default()).collect();
         let mut buf = [0u8; 2048];
         for round in 0..20 {
@@ -239,7 +239,7 @@ fn batched_send_allocates_nothing() {
                 let n = pkt.fill(&[i as u8; 200][..if i % 9 == 8 { 50 } else { 172 }]);
                 let range = turnpike::proto::engine::HEADROOM..turnpike::proto::engine::HEADROOM + n;
                 let (via, sink) = if i == 63 { (Via::Listener(1), 0) } else { (Via::Listener(0), (i + round) % 2) };
-                assert!(queue.push(via, sinks[sink].local_addr().unwrap(), pkt, range));
+                assert!(queue.push(via, None, sinks[sink].local_addr().unwrap(), pkt, range));
             }
             let done = queue.flush(|via| match via {
                 Via::Listener(i) => out.get(usize::from(i)),
@@ -264,6 +264,66 @@ fn batched_send_allocates_nothing() {
             }
             assert_eq!(got, 64, "{local} round {round}");
         }
+    }
+}
+
+/// Sending lone relayed datagrams of many allocations through the raw socket (headers written in the
+/// headroom, one `sendmmsg`) allocates nothing. Needs CAP_NET_RAW: without it the test says so and
+/// passes, unless TURNPIKE_REQUIRE_RAW is set (scripts/test.sh sets it when run as root).
+#[test]
+fn raw_socket_send_allocates_nothing() {
+    use turnpike::shard::rawsend::RawSocket;
+    use turnpike::shard::send::{SendQueue, Via};
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let raw = match RawSocket::open(1 << 20) {
+        Ok(raw) => raw,
+        Err(e) if std::env::var_os("TURNPIKE_REQUIRE_RAW").is_none() => {
+            eprintln!("skipped: no raw socket ({e})");
+            return;
+        }
+        Err(e) => panic!("TURNPIKE_REQUIRE_RAW is set but no raw socket opens: {e}"),
+    };
+    let relays: Vec<std::net::UdpSocket> = (0..64).map(|_| std::net::UdpSocket::bind("127.0.0.1:0").unwrap()).collect();
+    let locals: Vec<std::net::SocketAddrV4> = relays
+        .iter()
+        .map(|s| match s.local_addr().unwrap() {
+            SocketAddr::V4(a) => a,
+            SocketAddr::V6(_) => unreachable!(),
+        })
+        .collect();
+    let sink = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    sink.set_nonblocking(true).unwrap();
+    let to = sink.local_addr().unwrap();
+    let mut queue = SendQueue::new(true, Some(raw));
+    let mut pkts: Vec<PacketBuf> = (0..64).map(|_| PacketBuf::default()).collect();
+    let mut buf = [0u8; 2048];
+    for round in 0..20 {
+        let before = ALLOCATIONS.load(Ordering::SeqCst);
+        counting(true);
+        for (i, pkt) in pkts.iter_mut().enumerate() {
+            let n = pkt.fill(&[(i + round) as u8; 172]);
+            let range = turnpike::proto::engine::HEADROOM..turnpike::proto::engine::HEADROOM + n;
+            let via = Via::Relay { key: i as u32, generation: 1 };
+            assert!(queue.push(via, Some(locals[i]), to, pkt, range));
+        }
+        let done = queue.flush(|via| match via {
+            Via::Relay { key, .. } => relays.get(key as usize),
+            Via::Listener(_) => None,
+        });
+        counting(false);
+        assert_eq!((done.sent, done.raw, done.syscalls), (64, 64, 1), "{done:?}");
+        assert_eq!(ALLOCATIONS.load(Ordering::SeqCst), before, "heap allocations in the raw send");
+        let mut got = 0;
+        for _ in 0..2000 {
+            while sink.recv(&mut buf).is_ok() {
+                got += 1;
+            }
+            if got >= 64 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(got, 64, "round {round}");
     }
 }
 

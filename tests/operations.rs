@@ -321,6 +321,73 @@ fn coalescing_pauses_busy_shards_and_loses_nothing() {
     }
 }
 
+/// `runtime.raw_send`: many allocations each sending a lone datagram per round (channel data and Send
+/// indications) reach the peer intact (the loopback device checks the UDP checksum the shard wrote),
+/// each from its own allocation's relayed address, through the shard's raw socket (counted), and the
+/// peer's answers still come back through the relay sockets; with the option off, none leaves raw.
+/// Without CAP_NET_RAW only the delivery is checked (the server falls back), unless
+/// TURNPIKE_REQUIRE_RAW is set.
+#[test]
+fn raw_send_relays_each_allocations_datagrams_from_its_own_address() {
+    let _turn = serialized();
+    let permitted = turnpike::shard::rawsend::RawSocket::open(0).is_ok();
+    assert!(
+        permitted || std::env::var_os("TURNPIKE_REQUIRE_RAW").is_none(),
+        "TURNPIKE_REQUIRE_RAW is set but no raw socket opens"
+    );
+    // On: first, since a server gives up CAP_NET_RAW for the thread that starts it (this one).
+    for raw_send in [true, false] {
+        let extra = format!("  raw_send: {raw_send}\nmetrics:\n  listen: 127.0.0.1:0\n");
+        let server = start_server(1, (47720, 47759), &extra);
+        let metrics = server.metrics_addr.expect("metrics enabled");
+        let peer = UdpSocket::bind("127.0.0.1:0").unwrap();
+        peer.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        let mut clients: Vec<TurnClient> =
+            (0..20).map(|i| TurnClient::rest(server.udp_addrs[0], &format!("raw{i}"))).collect();
+        let relayed: Vec<SocketAddr> = clients.iter_mut().map(TurnClient::allocate).collect();
+        for (i, c) in clients.iter_mut().enumerate() {
+            let r = if i % 2 == 0 {
+                c.channel_bind(0x4000, peer.local_addr().unwrap())
+            } else {
+                c.create_permission(peer.local_addr().unwrap())
+            };
+            assert_eq!(r.class(), Class::Success);
+        }
+        let payload = |i: usize, round: usize| format!("allocation {i} round {round} ").repeat(i + 1).into_bytes();
+        let mut buf = [0u8; 2048];
+        for round in 0..5 {
+            for (i, c) in clients.iter_mut().enumerate() {
+                if i % 2 == 0 {
+                    c.send_channel(0x4000, &payload(i, round));
+                } else {
+                    c.send_indication(peer.local_addr().unwrap(), &payload(i, round));
+                }
+            }
+            let mut seen = vec![false; clients.len()];
+            for _ in 0..clients.len() {
+                let (n, from) =
+                    peer.recv_from(&mut buf).unwrap_or_else(|e| panic!("raw_send {raw_send}: round {round}: {e}"));
+                let i = relayed
+                    .iter()
+                    .position(|r| *r == from)
+                    .unwrap_or_else(|| panic!("from {from}, not a relayed address"));
+                assert_eq!(buf[..n], payload(i, round), "raw_send {raw_send}: allocation {i}");
+                assert!(!seen[i], "allocation {i} twice");
+                seen[i] = true;
+                peer.send_to(b"answer", from).unwrap();
+            }
+            for c in &clients {
+                let (_, _, data) = c.recv_data().expect("the peer's answer relayed back");
+                assert_eq!(data, b"answer");
+            }
+        }
+        let text = scrape(metrics);
+        assert_eq!(metric(&text, "turnpike_relayed_packets_total{direction=\"to_peer\"}"), 100);
+        let raw = metric(&text, "turnpike_raw_socket_datagrams_total");
+        assert_eq!(raw, if raw_send && permitted { 100 } else { 0 }, "raw_send {raw_send}, permitted {permitted}");
+    }
+}
+
 fn turnpike(args: &[&str]) -> (bool, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_turnpike")).args(args).output().unwrap();
     (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))

@@ -202,6 +202,9 @@ pub struct RuntimeSection {
     /// Send relayed datagrams that share a socket, destination and size as one UDP GSO (generic
     /// segmentation offload) message; falls back by itself where the kernel cannot.
     pub udp_gso: bool,
+    /// Send relayed IPv4 datagrams of many allocations together through one raw socket per shard, when
+    /// the process may open one (`CAP_NET_RAW`); otherwise one send call per relay socket.
+    pub raw_send: bool,
     /// Receive coalescing: the longest pause, in microseconds, of a busy shard after a wake-up so that
     /// the next one finds a batch of datagrams (like a NIC's `rx-usecs`); 0 turns it off.
     pub coalesce_us: u64,
@@ -222,6 +225,7 @@ impl Default for RuntimeSection {
             send_buffer: 4 << 20,
             recv_batch: 64,
             udp_gso: true,
+            raw_send: true,
             coalesce_us: DEFAULT_COALESCE_US,
             coalesce_min_pps: DEFAULT_COALESCE_MIN_PPS,
             unallocated_timeout: 30,

@@ -159,6 +159,8 @@ pub struct Config {
     pub recv_batch: usize,
     /// UDP generic segmentation offload for relayed datagrams.
     pub udp_gso: bool,
+    /// Relayed IPv4 datagrams of many allocations leave through one raw socket per shard, if permitted.
+    pub raw_send: bool,
     /// Longest receive-coalescing pause (zero: off).
     pub coalesce_wait: Duration,
     /// Datagrams per second per shard from which it coalesces.
@@ -582,6 +584,7 @@ fn validate(loc: &Locator<'_>, m: FileConfig, mut warnings: Vec<String>) -> Resu
         send_buffer: m.runtime.send_buffer,
         recv_batch: m.runtime.recv_batch,
         udp_gso: m.runtime.udp_gso,
+        raw_send: m.runtime.raw_send,
         coalesce_wait: Duration::from_micros(m.runtime.coalesce_us),
         coalesce_min_rate: m.runtime.coalesce_min_pps,
         unallocated_timeout: Duration::from_secs(m.runtime.unallocated_timeout),
@@ -716,11 +719,12 @@ impl fmt::Display for Config {
         writeln!(f, "shards:            {} (pinning {})", self.threads, if self.pin_cores { "on" } else { "off" })?;
         writeln!(
             f,
-            "socket buffers:    rcv {} snd {}; recv batch {}; UDP GSO {}",
+            "socket buffers:    rcv {} snd {}; recv batch {}; UDP GSO {}; raw send {}",
             self.recv_buffer,
             self.send_buffer,
             self.recv_batch,
-            if self.udp_gso { "on" } else { "off" }
+            if self.udp_gso { "on" } else { "off" },
+            if self.raw_send { "on where permitted (CAP_NET_RAW)" } else { "off" }
         )?;
         if self.coalesce_wait.is_zero() {
             writeln!(f, "rx coalescing:     off")?;

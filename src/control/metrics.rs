@@ -103,6 +103,12 @@ pub fn render(stats: &[Arc<ShardStats>], shared: &Shared, counters: &ServerCount
         &total(&|s| read(&s.datagrams_segmented)),
     );
     family(
+        "turnpike_raw_socket_datagrams_total",
+        "counter",
+        "Relayed UDP datagrams sent through a shard's raw socket (runtime.raw_send), several allocations' in one call.",
+        &total(&|s| read(&s.datagrams_raw)),
+    );
+    family(
         "turnpike_coalescing_pauses_total",
         "counter",
         "Wake-ups after which a busy shard paused to let a batch of datagrams accumulate (runtime.coalesce_us).",

@@ -86,6 +86,12 @@ impl PacketBuf {
         self.buf.get(range).unwrap_or(&[])
     }
 
+    /// Bytes of `range`, writable (empty when out of bounds): the send path writes headers into the
+    /// headroom in front of a relayed payload.
+    pub fn get_mut(&mut self, range: Range<usize>) -> &mut [u8] {
+        self.buf.get_mut(range).unwrap_or(&mut [])
+    }
+
     /// Copies `bytes` in as if received (tests, fuzzing). Longer input is truncated.
     pub fn fill(&mut self, bytes: &[u8]) -> usize {
         let n = bytes.len().min(MAX_PAYLOAD);

@@ -11,6 +11,7 @@
 
 pub mod clock;
 pub mod coalesce;
+pub mod rawsend;
 pub mod readbuf;
 pub mod send;
 pub mod socket;
@@ -29,7 +30,7 @@ use mio::{Events, Interest, Poll, Registry, Token, Waker};
 use socket::Buffers;
 use std::collections::HashMap;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{SocketAddr, SocketAddrV4};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use stream::{Conn, ReadState};
@@ -83,26 +84,33 @@ struct RelaySlots {
     sockets: Vec<Option<UdpSocket>>,
     /// How often each key has been opened: queued datagrams name the opening they belong to.
     generations: Vec<u32>,
+    /// The IPv4 address each relay socket is bound to (`None`: IPv6), the source address of its
+    /// datagrams when they leave through the raw socket.
+    locals: Vec<Option<SocketAddrV4>>,
     buffers: Buffers,
     /// Stream clients whose allocation was deleted: their connections are closed next.
     freed_streams: Vec<FiveTuple>,
-    /// Relay sockets out of service, kept open for later allocations (the engine's spares).
-    parked: Vec<Option<UdpSocket>>,
+    /// Relay sockets out of service, kept open for later allocations (the engine's spares), with the
+    /// IPv4 address each is bound to.
+    parked: Vec<Option<(UdpSocket, Option<SocketAddrV4>)>>,
     /// Free entries of `parked`.
     parked_free: Vec<u32>,
 }
 
 impl RelaySlots {
-    /// Makes `sock` (registered with slot `idx`'s token) the relay socket of slot `idx`: a new opening,
-    /// so datagrams queued for the slot's previous socket are not sent from this one.
-    fn install(&mut self, idx: u32, sock: UdpSocket) {
+    /// Makes `sock` (registered with slot `idx`'s token, bound to `local` when IPv4) the relay socket
+    /// of slot `idx`: a new opening, so datagrams queued for the slot's previous socket are not sent
+    /// from this one.
+    fn install(&mut self, idx: u32, sock: UdpSocket, local: Option<SocketAddrV4>) {
         let idx = idx as usize;
         if self.sockets.len() <= idx {
             self.sockets.resize_with(idx + 1, || None);
             self.generations.resize(idx + 1, 0);
+            self.locals.resize(idx + 1, None);
         }
         self.sockets[idx] = Some(sock);
         self.generations[idx] = self.generations[idx].wrapping_add(1);
+        self.locals[idx] = local;
     }
 }
 
@@ -115,7 +123,11 @@ impl RelaySockets for RelaySlots {
         let mut sock = UdpSocket::from_std(std_socket);
         let token = Token(RELAY_BASE + idx as usize);
         self.registry.register(&mut sock, token, Interest::READABLE).map_err(failed)?;
-        self.install(idx, sock);
+        let local = match addr {
+            SocketAddr::V4(v4) => Some(v4),
+            SocketAddr::V6(_) => None,
+        };
+        self.install(idx, sock, local);
         Ok(())
     }
 
@@ -128,6 +140,7 @@ impl RelaySockets for RelaySlots {
 
     fn park(&mut self, idx: u32) -> Option<u32> {
         let mut sock = self.sockets.get_mut(idx as usize).and_then(Option::take)?;
+        let local = self.locals.get(idx as usize).copied().flatten();
         let id = match self.parked_free.pop() {
             Some(id) => id,
             None => {
@@ -141,18 +154,19 @@ impl RelaySockets for RelaySlots {
             self.parked_free.push(id);
             return None;
         }
-        self.parked[id as usize] = Some(sock);
+        self.parked[id as usize] = Some((sock, local));
         Some(id)
     }
 
     fn unpark(&mut self, spare: u32, idx: u32) -> Result<(), BindError> {
-        let mut sock = self.parked.get_mut(spare as usize).and_then(Option::take).ok_or(BindError::Failed(0))?;
+        let (mut sock, local) =
+            self.parked.get_mut(spare as usize).and_then(Option::take).ok_or(BindError::Failed(0))?;
         self.parked_free.push(spare);
         let token = Token(RELAY_BASE + idx as usize);
         self.registry
             .reregister(&mut sock, token, Interest::READABLE)
             .map_err(|e| BindError::Failed(e.raw_os_error().unwrap_or(0)))?;
-        self.install(idx, sock);
+        self.install(idx, sock, local);
         Ok(())
     }
 
@@ -196,6 +210,8 @@ pub struct ShardParts {
     pub recv_batch: usize,
     /// Whether relayed datagrams may leave as UDP GSO messages.
     pub udp_gso: bool,
+    /// The raw socket lone relayed IPv4 datagrams leave through (`runtime.raw_send`), when one opened.
+    pub raw_socket: Option<rawsend::RawSocket>,
     /// Receive coalescing (see [`coalesce`]).
     pub coalesce: CoalesceSettings,
     /// How long a TCP/TLS connection may stay without an allocation and without a frame.
@@ -385,21 +401,24 @@ impl Shard {
             },
             Action::ToPeer { idx, peer, range } => {
                 let generation = self.relays.generations.get(idx as usize).copied().unwrap_or(0);
-                self.queue(send::Via::Relay { key: idx, generation }, peer, range);
+                let local =
+                    if self.sendq.raw() { self.relays.locals.get(idx as usize).copied().flatten() } else { None };
+                self.queue(send::Via::Relay { key: idx, generation }, local, peer, range);
             }
             Action::ToClient { tuple, range } if tuple.transport == Transport::Udp => {
-                self.queue(send::Via::Listener(tuple.listener.0), tuple.client, range);
+                self.queue(send::Via::Listener(tuple.listener.0), None, tuple.client, range);
             }
             Action::ToClient { tuple, range } => self.send_to_stream(tuple, None, Some(range)),
         }
     }
 
-    /// Queues the relayed datagram in `self.pkt[range]` (its buffer moves into the queue).
-    fn queue(&mut self, via: send::Via, to: SocketAddr, range: std::ops::Range<usize>) {
+    /// Queues the relayed datagram in `self.pkt[range]` (its buffer moves into the queue); `raw_from`:
+    /// see [`send::SendQueue::push`].
+    fn queue(&mut self, via: send::Via, raw_from: Option<SocketAddrV4>, to: SocketAddr, range: std::ops::Range<usize>) {
         if self.sendq.is_full() {
             self.flush_sends();
         }
-        self.sendq.push(via, to, &mut self.pkt, range);
+        self.sendq.push(via, raw_from, to, &mut self.pkt, range);
     }
 
     /// Sends every queued datagram.
@@ -422,6 +441,9 @@ impl Shard {
         if done.segmented > 0 {
             bump(&self.stats.datagrams_segmented, done.segmented);
         }
+        if done.raw > 0 {
+            bump(&self.stats.datagrams_raw, done.raw);
+        }
     }
 
     /// Receives a batch from the UDP listener `i` or the relay socket `key` (`recvmmsg`) and hands each
@@ -441,7 +463,7 @@ impl Shard {
                     _ => return Drained::Empty,
                 },
                 BatchSource::Parked(i) => match self.relays.parked.get(i) {
-                    Some(Some(sock)) => self.batch.recv(sock),
+                    Some(Some((sock, _))) => self.batch.recv(sock),
                     _ => return Drained::Empty,
                 },
             };
@@ -730,6 +752,7 @@ pub fn run(parts: ShardParts) {
         buffers,
         recv_batch,
         udp_gso,
+        raw_socket,
         coalesce,
         unallocated_timeout,
         applied,
@@ -785,6 +808,7 @@ pub fn run(parts: ShardParts) {
             registry,
             sockets: Vec::new(),
             generations: Vec::new(),
+            locals: Vec::new(),
             // A relay socket sends one allocation's traffic: the kernel's default send buffer holds
             // far more than it ever has in flight, and leaving it spares a setsockopt per Allocate.
             // The receive buffer stays as configured (a peer's burst waits there for the shard).
@@ -796,7 +820,7 @@ pub fn run(parts: ShardParts) {
         engine,
         pkt: PacketBuf::default(),
         batch: socket::RecvBatch::new(recv_batch.clamp(1, socket::MAX_BATCH)),
-        sendq: send::SendQueue::new(udp_gso),
+        sendq: send::SendQueue::new(udp_gso, raw_socket),
         stats,
         recv_batch: recv_batch.max(1),
         unallocated_timeout,

@@ -12,13 +12,20 @@
 //! When the kernel or the route cannot segment (`EIO`: no checksum offload on the device,
 //! `ENOPROTOOPT`: a kernel older than 4.18), segmentation is switched off for good and datagrams leave
 //! one by one in the same `sendmmsg` calls.
+//!
+//! With a raw socket (see [`super::rawsend`]), relayed IPv4 datagrams that are alone in the flush on
+//! their way from one relay socket to one peer (the shape of many allocations: one or two datagrams
+//! each per wake-up) leave together through it, in one `sendmmsg`, instead of one `sendto` each. Runs
+//! that one socket sends to one peer keep their socket (and their GSO message). One destination's
+//! datagrams thus take one way or the other, never both, which keeps their order.
 
+use super::rawsend::{self, RawSocket};
 use super::sys::{self, MAX_MESSAGES, Outgoing};
 use crate::proto::PacketBuf;
 use crate::proto::engine::HEADROOM;
 use socket2::SockAddr;
 use std::io::IoSlice;
-use std::net::SocketAddr;
+use std::net::{SocketAddr, SocketAddrV4};
 use std::ops::Range;
 use std::os::fd::{AsFd, BorrowedFd};
 
@@ -51,6 +58,8 @@ struct Pending {
     to: SocketAddr,
     name: SockAddr,
     range: Range<usize>,
+    /// The relay socket's own address, when the datagram may leave through the raw socket.
+    raw_from: Option<SocketAddrV4>,
 }
 
 /// What a flush did, for the shard's counters.
@@ -66,6 +75,8 @@ pub struct Flushed {
     pub syscalls: u64,
     /// Datagrams that left inside a segmented (GSO) send.
     pub segmented: u64,
+    /// Datagrams that left through the raw socket.
+    pub raw: u64,
 }
 
 /// Datagrams waiting to be sent. See the module documentation.
@@ -77,11 +88,16 @@ pub struct SendQueue {
     /// Sort keys of the flush order (see [`flush_key`]), reused between flushes.
     keys: Vec<u128>,
     gso: bool,
+    raw: Option<RawSocket>,
 }
 
 impl std::fmt::Debug for SendQueue {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SendQueue").field("queued", &self.pending.len()).field("gso", &self.gso).finish()
+        f.debug_struct("SendQueue")
+            .field("queued", &self.pending.len())
+            .field("gso", &self.gso)
+            .field("raw", &self.raw.is_some())
+            .finish()
     }
 }
 
@@ -94,14 +110,16 @@ struct Span {
 }
 
 impl SendQueue {
-    /// An empty queue; `gso` allows UDP segmentation offload.
-    pub fn new(gso: bool) -> Self {
+    /// An empty queue; `gso` allows UDP segmentation offload; `raw` sends lone relayed IPv4 datagrams
+    /// (those pushed with a source address) through one raw socket.
+    pub fn new(gso: bool, raw: Option<RawSocket>) -> Self {
         Self {
             bufs: (0..QUEUE_CAPACITY).map(|_| PacketBuf::default()).collect(),
             pending: Vec::with_capacity(QUEUE_CAPACITY),
             order: Vec::with_capacity(QUEUE_CAPACITY),
             keys: Vec::with_capacity(QUEUE_CAPACITY),
             gso,
+            raw,
         }
     }
 
@@ -115,6 +133,11 @@ impl SendQueue {
         self.pending.len()
     }
 
+    /// Whether datagrams pushed with a source address may leave through a raw socket.
+    pub fn raw(&self) -> bool {
+        self.raw.is_some()
+    }
+
     /// Whether nothing waits.
     pub fn is_empty(&self) -> bool {
         self.pending.is_empty()
@@ -126,13 +149,23 @@ impl SendQueue {
     }
 
     /// Queues the bytes `range` of `pkt` for `to` via `via`: `pkt`'s buffer moves into the queue and a
-    /// spare buffer takes its place. A full queue refuses (returns false); flush first.
-    pub fn push(&mut self, via: Via, to: SocketAddr, pkt: &mut PacketBuf, range: Range<usize>) -> bool {
+    /// spare buffer takes its place. `raw_from`: the address `via`'s socket is bound to, when the
+    /// datagram may leave through the raw socket instead (a relay socket's IPv4 address, `to` IPv4
+    /// too). A full queue refuses (returns false); flush first.
+    pub fn push(
+        &mut self,
+        via: Via,
+        raw_from: Option<SocketAddrV4>,
+        to: SocketAddr,
+        pkt: &mut PacketBuf,
+        range: Range<usize>,
+    ) -> bool {
         let Some(buf) = self.bufs.get_mut(self.pending.len()) else {
             return false;
         };
         std::mem::swap(buf, pkt);
-        self.pending.push(Pending { via, to, name: SockAddr::from(to), range });
+        let raw_from = raw_from.filter(|_| self.raw.is_some() && to.is_ipv4());
+        self.pending.push(Pending { via, to, name: SockAddr::from(to), range, raw_from });
         true
     }
 
@@ -143,12 +176,13 @@ impl SendQueue {
             return false;
         };
         let n = buf.fill(bytes);
-        self.pending.push(Pending { via, to, name: SockAddr::from(to), range: HEADROOM..HEADROOM + n });
+        self.pending.push(Pending { via, to, name: SockAddr::from(to), range: HEADROOM..HEADROOM + n, raw_from: None });
         true
     }
 
-    /// Sends everything queued, one socket after the other; `socket` finds the socket for a [`Via`]
-    /// (`None`: it has closed, its datagrams are dropped).
+    /// Sends everything queued, one socket after the other, and the lone datagrams with a source
+    /// address through the raw socket; `socket` finds the socket for a [`Via`] (`None`: it has closed,
+    /// its datagrams are dropped).
     pub fn flush<'s, S: AsFd + 's>(&mut self, socket: impl Fn(Via) -> Option<&'s S>) -> Flushed {
         let mut done = Flushed::default();
         let n = self.pending.len();
@@ -161,19 +195,138 @@ impl SendQueue {
         self.keys.sort_unstable();
         self.order.clear();
         self.order.extend(self.keys.iter().map(|&k| k as u8));
+        // Lone datagrams for the raw socket: queue index and the datagram's own socket (the way out
+        // should the raw socket refuse it).
+        let mut lone: [(u8, Option<BorrowedFd<'s>>); QUEUE_CAPACITY] = [(0, None); QUEUE_CAPACITY];
+        let mut n_lone = 0;
         let mut start = 0;
         while start < n {
             let via = self.pending[usize::from(self.order[start])].via;
             let same = self.order[start..].iter().take_while(|&&i| self.pending[usize::from(i)].via == via).count();
             let end = start + same;
             match socket(via) {
-                Some(sock) => self.send_group(sock.as_fd(), start..end, &mut done),
+                Some(sock) => {
+                    let fd = sock.as_fd();
+                    let kept =
+                        if self.raw.is_some() { self.take_lone(start..end, fd, &mut lone, &mut n_lone) } else { end };
+                    if kept > start {
+                        self.send_group(fd, start..kept, &mut done);
+                    }
+                }
                 None => done.failed += same as u64,
             }
             start = end;
         }
+        if n_lone > 0 {
+            self.send_raw(&lone[..n_lone], &mut done);
+        }
         self.pending.clear();
         done
+    }
+
+    /// Moves the datagrams of flush positions `group` (one socket, `fd`) that are alone on their way to
+    /// their destination and may leave through the raw socket into `lone`, and closes up the rest of
+    /// the group in flush order; returns the end of what stays.
+    fn take_lone<'s>(
+        &mut self,
+        group: Range<usize>,
+        fd: BorrowedFd<'s>,
+        lone: &mut [(u8, Option<BorrowedFd<'s>>); QUEUE_CAPACITY],
+        n_lone: &mut usize,
+    ) -> usize {
+        let mut kept = group.start;
+        let mut pos = group.start;
+        while pos < group.end {
+            let first = &self.pending[usize::from(self.order[pos])];
+            let run =
+                self.order[pos..group.end].iter().take_while(|&&i| self.pending[usize::from(i)].to == first.to).count();
+            if run == 1 && first.raw_from.is_some() {
+                lone[*n_lone] = (self.order[pos], Some(fd));
+                *n_lone += 1;
+            } else {
+                self.order.copy_within(pos..pos + run, kept);
+                kept += run;
+            }
+            pos += run;
+        }
+        kept
+    }
+
+    /// Sends `lone` datagrams through the raw socket, in as few `sendmmsg` calls as the kernel allows:
+    /// each gets its IPv4 and UDP header written into the headroom in front of it. One the raw socket
+    /// cannot take (no room for the header; larger than the route's MTU, which a raw socket does not
+    /// fragment) leaves through its own socket instead.
+    fn send_raw(&mut self, lone: &[(u8, Option<BorrowedFd<'_>>)], done: &mut Flushed) {
+        let Some(raw) = self.raw.as_ref() else {
+            return;
+        };
+        let raw_fd = raw.as_fd();
+        if lone.is_empty() {
+            return;
+        }
+        let mut ready = [0u8; QUEUE_CAPACITY];
+        let mut fallback = [None; QUEUE_CAPACITY];
+        let mut n_ready = 0;
+        for &(i, fd) in lone {
+            let p = &self.pending[usize::from(i)];
+            let framed = match (p.raw_from, p.to, p.range.start.checked_sub(rawsend::HEADER_LEN)) {
+                (Some(from), SocketAddr::V4(to), Some(head)) => {
+                    rawsend::write_header(self.bufs[usize::from(i)].get_mut(head..p.range.end), from, to)
+                }
+                _ => false,
+            };
+            if framed {
+                ready[n_ready] = i;
+                fallback[n_ready] = fd;
+                n_ready += 1;
+            } else if let Some(fd) = fd {
+                self.send_one(fd, i, done);
+            }
+        }
+        if n_ready == 0 {
+            return;
+        }
+        // Entries past `n_ready` repeat the last datagram; only the first `n_ready` are sent.
+        let at = |j: usize| usize::from(ready[j.min(n_ready - 1)]);
+        let iov: [IoSlice<'_>; QUEUE_CAPACITY] = std::array::from_fn(|j| {
+            let p = &self.pending[at(j)];
+            IoSlice::new(self.bufs[at(j)].get(p.range.start - rawsend::HEADER_LEN..p.range.end))
+        });
+        let msgs: [Outgoing<'_>; QUEUE_CAPACITY] =
+            std::array::from_fn(|j| Outgoing { to: &self.pending[at(j)].name, iov: &iov[j..j + 1], segment: 0 });
+        let mut m = 0;
+        while m < n_ready {
+            done.syscalls += 1;
+            match sys::send_batch(raw_fd, &msgs[m..n_ready]) {
+                Ok(0) => {
+                    done.failed += 1;
+                    m += 1;
+                }
+                Ok(k) => {
+                    done.sent += k as u64;
+                    done.raw += k as u64;
+                    m += k;
+                }
+                Err(e) => match e.raw_os_error().unwrap_or(0) {
+                    libc::EINTR => {}
+                    libc::EAGAIN => {
+                        done.would_block += (n_ready - m) as u64;
+                        m = n_ready;
+                    }
+                    libc::EMSGSIZE => {
+                        if let Some(fd) = fallback[m] {
+                            self.send_one(fd, ready[m], done);
+                        }
+                        m += 1;
+                    }
+                    _ => {
+                        log::trace!("raw send to {} failed: {e}", self.pending[usize::from(ready[m])].to);
+                        done.failed += 1;
+                        m += 1;
+                    }
+                },
+            }
+        }
     }
 
     /// Sends one datagram (queue index `i`) with a plain `sendto`.
@@ -358,7 +511,7 @@ mod tests {
             let out_b = UdpSocket::bind("127.0.0.1:0").unwrap();
             let dest_1 = UdpSocket::bind("127.0.0.1:0").unwrap();
             let dest_2 = UdpSocket::bind("127.0.0.1:0").unwrap();
-            let mut queue = SendQueue::new(gso);
+            let mut queue = SendQueue::new(gso, None);
             let mut expected: [Vec<Vec<u8>>; 2] = [Vec::new(), Vec::new()];
             for i in 0..QUEUE_CAPACITY {
                 let (via, dest) = match i % 3 {
@@ -371,12 +524,12 @@ mod tests {
                 let payload: Vec<u8> = (0..len).map(|k| (i + k) as u8).collect();
                 let (mut pkt, range) = packet(&payload);
                 let to = [&dest_1, &dest_2][dest].local_addr().unwrap();
-                assert!(queue.push(via, to, &mut pkt, range));
+                assert!(queue.push(via, None, to, &mut pkt, range));
                 expected[dest].push(payload);
             }
             assert!(queue.is_full());
             let (mut spare, range) = packet(b"x");
-            assert!(!queue.push(Via::Listener(0), dest_1.local_addr().unwrap(), &mut spare, range));
+            assert!(!queue.push(Via::Listener(0), None, dest_1.local_addr().unwrap(), &mut spare, range));
             let sockets = [out_a, out_b];
             let done = queue.flush(|via| match via {
                 Via::Listener(i) => sockets.get(usize::from(i)),
@@ -408,10 +561,10 @@ mod tests {
         let out = UdpSocket::bind("127.0.0.1:0").unwrap();
         let dest = UdpSocket::bind("127.0.0.1:0").unwrap();
         let to = dest.local_addr().unwrap();
-        let mut queue = SendQueue::new(true);
+        let mut queue = SendQueue::new(true, None);
         for via in [Via::Relay { key: 1, generation: 1 }, Via::Relay { key: 2, generation: 1 }] {
             let (mut pkt, range) = packet(b"relayed");
-            queue.push(via, to, &mut pkt, range);
+            queue.push(via, None, to, &mut pkt, range);
         }
         let done = queue.flush(|via| (via == Via::Relay { key: 2, generation: 1 }).then_some(&out));
         assert_eq!((done.sent, done.failed), (1, 1));
@@ -425,14 +578,14 @@ mod tests {
         let out = UdpSocket::bind("127.0.0.1:0").unwrap();
         let client = UdpSocket::bind("127.0.0.1:0").unwrap();
         let to = client.local_addr().unwrap();
-        let mut queue = SendQueue::new(true);
+        let mut queue = SendQueue::new(true, None);
         let via = Via::Listener(0);
         let reply = b"success response".to_vec();
         let (mut pkt, range) = packet(b"data-1");
-        assert!(queue.push(via, to, &mut pkt, range));
+        assert!(queue.push(via, None, to, &mut pkt, range));
         assert!(queue.push_copy(via, to, &reply));
         let (mut pkt, range) = packet(b"data-2");
-        assert!(queue.push(via, to, &mut pkt, range));
+        assert!(queue.push(via, None, to, &mut pkt, range));
         assert_eq!(reply, b"success response");
         let done = queue.flush(|_| Some(&out));
         assert_eq!(done.sent, 3);
@@ -443,6 +596,131 @@ mod tests {
         }
         assert!(!queue.push_copy(via, to, b"x"));
         assert_eq!(queue.flush(|_| Some(&out)).sent, QUEUE_CAPACITY as u64);
+    }
+
+    /// A raw socket, or `None` (and a note) without CAP_NET_RAW, unless TURNPIKE_REQUIRE_RAW is set.
+    fn raw_socket() -> Option<RawSocket> {
+        match RawSocket::open(1 << 20) {
+            Ok(raw) => Some(raw),
+            Err(e) if std::env::var_os("TURNPIKE_REQUIRE_RAW").is_none() => {
+                eprintln!("skipped: no raw socket ({e})");
+                None
+            }
+            Err(e) => panic!("TURNPIKE_REQUIRE_RAW is set but no raw socket opens: {e}"),
+        }
+    }
+
+    fn v4(addr: SocketAddr) -> SocketAddrV4 {
+        match addr {
+            SocketAddr::V4(a) => a,
+            SocketAddr::V6(_) => panic!("IPv4 expected"),
+        }
+    }
+
+    /// Every datagram with `receive_all`, with its source.
+    fn receive_from_all(sock: &UdpSocket) -> Vec<(SocketAddr, Vec<u8>)> {
+        sock.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+        let mut out = Vec::new();
+        let mut buf = [0u8; 2048];
+        while let Ok((n, from)) = sock.recv_from(&mut buf) {
+            out.push((from, buf[..n].to_vec()));
+        }
+        out
+    }
+
+    /// With a raw socket: lone datagrams of many relay sockets leave in one call, each from its own
+    /// relay socket's address and intact (the loopback device checks the UDP checksum); a run from one
+    /// socket to one peer keeps its socket (a GSO message); a datagram of a closed socket is dropped;
+    /// one with no room for the headers and one of an IPv6 relay leave through their own sockets.
+    #[test]
+    fn lone_relayed_datagrams_leave_together_through_the_raw_socket() {
+        let Some(raw) = raw_socket() else { return };
+        let relays: Vec<UdpSocket> = (0..8).map(|_| UdpSocket::bind("127.0.0.1:0").unwrap()).collect();
+        let v6_relay = UdpSocket::bind("[::1]:0").unwrap();
+        let peer_1 = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let peer_2 = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let peer_v6 = UdpSocket::bind("[::1]:0").unwrap();
+        let (to_1, to_2) = (peer_1.local_addr().unwrap(), peer_2.local_addr().unwrap());
+        let local = |k: usize| Some(v4(relays[k].local_addr().unwrap()));
+        let relay = |key: u32| Via::Relay { key, generation: 1 };
+        let mut queue = SendQueue::new(true, Some(raw));
+        assert!(queue.raw());
+        // Relays 0-5: one datagram each, alternating peers; relay 6: a run of three to peer 1 and one to
+        // peer 2; relay 7 has closed; relay 5's datagram has no headroom; key 8: the IPv6 relay.
+        let mut push = |key: u32, from: Option<SocketAddrV4>, to: SocketAddr, payload: &[u8], headroom: bool| {
+            let (mut pkt, range) = packet(payload);
+            let range = if headroom { range } else { 0..payload.len() };
+            assert!(queue.push(relay(key), from, to, &mut pkt, range));
+        };
+        for k in 0..5 {
+            push(k as u32, local(k), [to_1, to_2][k % 2], format!("lone {k}").as_bytes(), true);
+        }
+        push(5, local(5), to_2, &[0u8; 7], false);
+        for i in 0..3 {
+            push(6, local(6), to_1, format!("run {i}").as_bytes(), true);
+        }
+        push(6, local(6), to_2, b"lone 6", true);
+        push(7, local(7), to_1, b"closed", true);
+        push(8, None, peer_v6.local_addr().unwrap(), b"over IPv6", true);
+        let done = queue.flush(|via| match via {
+            Via::Relay { key: 7, .. } | Via::Listener(_) => None,
+            Via::Relay { key: 8, .. } => Some(&v6_relay),
+            Via::Relay { key, .. } => relays.get(key as usize),
+        });
+        assert_eq!((done.sent, done.failed, done.would_block), (11, 1, 0), "{done:?}");
+        assert_eq!(done.raw, 6, "relays 0-4 and relay 6's datagram to peer 2: {done:?}");
+        if queue.gso() {
+            assert_eq!(done.segmented, 3, "{done:?}");
+        }
+        // One raw sendmmsg, one for relay 6's run, one sendto each for relay 5 and the IPv6 relay.
+        assert_eq!(done.syscalls, 4, "{done:?}");
+        let from = |k: usize| relays[k].local_addr().unwrap();
+        let got_1 = receive_from_all(&peer_1);
+        let want_1: Vec<(SocketAddr, Vec<u8>)> = vec![
+            (from(0), b"lone 0".to_vec()),
+            (from(2), b"lone 2".to_vec()),
+            (from(4), b"lone 4".to_vec()),
+            (from(6), b"run 0".to_vec()),
+            (from(6), b"run 1".to_vec()),
+            (from(6), b"run 2".to_vec()),
+        ];
+        assert_eq!(got_1.len(), want_1.len(), "{got_1:?}");
+        for want in &want_1 {
+            assert!(got_1.contains(want), "{want:?} in {got_1:?}");
+        }
+        let run: Vec<_> = got_1.iter().filter(|(f, _)| *f == from(6)).collect();
+        assert_eq!(run.iter().map(|(_, d)| d.as_slice()).collect::<Vec<_>>(), [b"run 0", b"run 1", b"run 2"]);
+        let mut got_2 = receive_from_all(&peer_2);
+        got_2.sort();
+        let mut want_2 = vec![
+            (from(1), b"lone 1".to_vec()),
+            (from(3), b"lone 3".to_vec()),
+            (from(5), vec![0u8; 7]),
+            (from(6), b"lone 6".to_vec()),
+        ];
+        want_2.sort();
+        assert_eq!(got_2, want_2);
+        assert_eq!(receive_all(&peer_v6), vec![b"over IPv6".to_vec()]);
+    }
+
+    /// Without a raw socket, a source address changes nothing: every datagram leaves through its socket.
+    #[test]
+    fn without_a_raw_socket_source_addresses_are_ignored() {
+        let out = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let peer = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let mut queue = SendQueue::new(true, None);
+        assert!(!queue.raw());
+        let (mut pkt, range) = packet(b"relayed");
+        assert!(queue.push(
+            Via::Relay { key: 0, generation: 1 },
+            Some(v4(out.local_addr().unwrap())),
+            peer.local_addr().unwrap(),
+            &mut pkt,
+            range
+        ));
+        let done = queue.flush(|_| Some(&out));
+        assert_eq!((done.sent, done.raw, done.syscalls), (1, 0, 1));
+        assert_eq!(receive_from_all(&peer), vec![(out.local_addr().unwrap(), b"relayed".to_vec())]);
     }
 
     #[test]
@@ -472,10 +750,10 @@ mod tests {
     fn runs_stop_at_a_new_destination_size_or_limit() {
         let dest: SocketAddr = "192.0.2.1:9".parse().unwrap();
         let other: SocketAddr = "192.0.2.2:9".parse().unwrap();
-        let mut queue = SendQueue::new(true);
+        let mut queue = SendQueue::new(true, None);
         for (to, len) in [(dest, 100), (dest, 100), (dest, 60), (dest, 100), (other, 100), (other, 120)] {
             let (mut pkt, range) = packet(&vec![7u8; len]);
-            queue.push(Via::Listener(0), to, &mut pkt, range);
+            queue.push(Via::Listener(0), None, to, &mut pkt, range);
         }
         let order: Vec<u8> = (0..6).collect();
         assert_eq!(run_len(&queue.pending, &order, 0, 6), 3, "a shorter datagram ends the run");
