@@ -20,7 +20,8 @@ OUT = os.path.join(ROOT, "bench/results")
 SECRET = "bench-secret"
 # Fixed ports lie below the kernel's ephemeral range (32768-60999 by default): the floor's output
 # sockets and the generator's clients bind ephemeral ports and must not take one of these.
-PORTS = {"turnpike": 3478, "turnpike-nc": 3478, "turnpike-sock": 3478, "coturn": 3479, "raw": 3490, "floor": 3490, "setup-floor": 3492}
+PORTS = {"turnpike": 3478, "turnpike-nc": 3478, "turnpike-sock": 3478, "coturn": 3479, "raw": 3490, "floor": 3490,
+         "floor-raw": 3490, "setup-floor": 3492}
 PEER_PORT = 3491
 
 TURNPIKE_YAML = """listen: {ips: [127.0.0.1], port: 3478, tcp: false}
@@ -97,14 +98,16 @@ def start(name, sockets=1, pause_us=None):
         # The kernel's part of an Allocate (scripts/setup-floor.c), relay ports as turnpike's.
         cmd = pin + [SETUP_FLOOR, str(PORTS[name]), "20000", "39999"]
     else:
+        # floor-raw: the floor sending every batch through one raw socket (RAW_SEND=1), as turnpike
+        # does with runtime.raw_send.
         cmd = pin + [RAW, str(PORTS["raw"]), "127.0.0.1", str(PEER_PORT)]
-        if name == "floor":
+        if name in ("floor", "floor-raw"):
             cmd += [str(sockets), "wait"]
-        # Set always, so that a RAW_COALESCE_US left in the caller's environment cannot make the
-        # plain forwarders pause.
-        env = dict(os.environ, RAW_COALESCE_US=str(pause_us or 0))
+        # Set always, so that a RAW_COALESCE_US or RAW_SEND left in the caller's environment cannot
+        # change the plain forwarders.
+        env = dict(os.environ, RAW_COALESCE_US=str(pause_us or 0), RAW_SEND="1" if name == "floor-raw" else "0")
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    time.sleep(0.2 if name in ("raw", "floor", "setup-floor") else 1.0)
+    time.sleep(0.2 if name in ("raw", "floor", "floor-raw", "setup-floor") else 1.0)
     return proc
 
 
@@ -121,7 +124,7 @@ def loadgen(name, proc, *extra, port=None):
     """One generator run against `proc` (on `port`, default the server's own in PORTS); its JSON line."""
     cmd = ["taskset", "-c", "1", LOADGEN, "--secret", SECRET, "--server-pid", str(proc.pid),
            "--duration", str(SECS), "--warmup", "0.5"] + [str(e) for e in extra]
-    if name in ("raw", "floor"):
+    if name in ("raw", "floor", "floor-raw"):
         cmd += ["--raw", "127.0.0.1:%d" % PORTS[name], "--peer-port", str(PEER_PORT)]
     else:
         cmd += ["--server", "127.0.0.1:%d" % (port or PORTS[name])]
@@ -593,37 +596,42 @@ def trade_off_study(rounds, pauses=(0, 50, 150, 300, 600), raw_pauses=(0, 50, 15
     print("\n".join(lines))
 
 
-def raw_send_study(rounds):
+def raw_send_study(rounds, pause_us=300):
     """The raw socket (runtime.raw_send) like for like: turnpike (default: on), turnpike-sock (off),
-    coturn and the floor (the forwarder with a socket per allocation, sending through them), with 1,000
-    and 10 allocations at 100k and 200k pps, in rotating order, `rounds` rounds; prints the median CPU
-    per packet of each, the ratios, the worst loss and the p99."""
+    coturn, the floor (the forwarder with a socket per allocation, sending through them) and floor-raw
+    (the same sending through one raw socket), both floors pausing `pause_us` as turnpike does by
+    default, with 1,000 and 10 allocations at 100k and 200k pps, in rotating order, `rounds` rounds;
+    prints the median CPU per packet of each, the ratios, the worst loss and the p99."""
     configs = [(1000, 172, 100000), (1000, 172, 200000), (1000, 1200, 100000), (1000, 1200, 200000),
                (10, 172, 100000), (10, 172, 200000)]
-    names = ["turnpike", "turnpike-sock", "coturn", "floor"]
+    names = ["turnpike", "turnpike-sock", "coturn", "floor", "floor-raw"]
     runs = {(c, n): [] for c in configs for n in names}
     k = 0
     for _ in range(rounds):
         for (a, size, rate) in configs:
-            for name in names[k % 4:] + names[:k % 4]:
-                r = run_one(name, "--allocations", a, "--size", size, "--rate", rate, sockets=a)
+            for name in names[k % len(names):] + names[:k % len(names)]:
+                pause = pause_us if name.startswith("floor") else None
+                r = run_one(name, "--allocations", a, "--size", size, "--rate", rate,
+                            starter=lambda name=name, a=a, pause=pause: start(name, a, pause))
                 runs[((a, size, rate), name)].append(r)
                 print("  raw-send %-14s %5d allocs %4d B %6d pps: %s" % (name, a, size, rate, json.dumps(r)),
                       file=sys.stderr)
             k += 1
-    lines = ["### The raw socket like for like, %d rotating rounds (medians; turnpike-sock: runtime.raw_send false)"
-             % rounds, "",
+    lines = ["### The raw socket like for like, %d rotating rounds (medians; turnpike-sock: runtime.raw_send "
+             "false; the floors pause %d us as turnpike does)" % (rounds, pause_us), "",
              "| allocs | size | rate | " + " | ".join("%s us/pkt" % n for n in names) +
-             " | turnpike/turnpike-sock | turnpike/coturn | turnpike-sock/coturn | turnpike/floor | " +
-             " | ".join("loss %s" % n for n in names) + " | " + " | ".join("p99 us %s" % n for n in names) + " |",
-             "|---|---|---|" + "---|" * (3 * len(names) + 4)]
+             " | turnpike/turnpike-sock | turnpike/coturn | turnpike-sock/coturn | turnpike/floor-raw | "
+             "turnpike-sock/floor | " + " | ".join("loss %s" % n for n in names) + " | " +
+             " | ".join("p99 us %s" % n for n in names) + " |",
+             "|---|---|---|" + "---|" * (3 * len(names) + 5)]
     for c in configs:
         m = {n: combine(runs[(c, n)]) for n in names}
         cpu = {n: m[n].get("cpu_us_per_packet") for n in names}
-        lines.append("| %d | %d | %dk | %s | %s | %s | %s | %s | %s | %s |" % (
+        lines.append("| %d | %d | %dk | %s | %s | %s | %s | %s | %s | %s | %s |" % (
             c[0], c[1], c[2] // 1000, " | ".join(fmt(cpu[n]) for n in names),
             fmt(ratio(cpu["turnpike"], cpu["turnpike-sock"])), fmt(ratio(cpu["turnpike"], cpu["coturn"])),
-            fmt(ratio(cpu["turnpike-sock"], cpu["coturn"])), fmt(ratio(cpu["turnpike"], cpu["floor"])),
+            fmt(ratio(cpu["turnpike-sock"], cpu["coturn"])), fmt(ratio(cpu["turnpike"], cpu["floor-raw"])),
+            fmt(ratio(cpu["turnpike-sock"], cpu["floor"])),
             " | ".join("n/a" if m[n].get("loss") is None else "%.3f %%" % (100 * m[n]["loss"]) for n in names),
             " | ".join(fmt(m[n].get("p99_us"), 0) for n in names)))
     lines += ["", repeats_line(STALLS)]

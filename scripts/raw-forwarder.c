@@ -15,6 +15,11 @@
  * input (fewer than BATCH datagrams) and held at least two: receive coalescing as turnpike's shards do
  * it (src/shard/coalesce.rs, with a fixed pause), to compare like with like (bench/README.md).
  *
+ * With RAW_SEND=1 in the environment (and SOCKETS > 1) it sends every batch through one IPPROTO_RAW
+ * socket in one sendmmsg, each datagram with an IPv4 and UDP header (UDP checksum computed) naming its
+ * output socket's address as the source: what turnpike's shards do with runtime.raw_send
+ * (src/shard/rawsend.rs). The output sockets stay bound, as relay sockets do. Needs CAP_NET_RAW.
+ *
  * Usage: raw-forwarder LISTEN_PORT DEST_IP DEST_PORT [SOCKETS [wait]] */
 #define _GNU_SOURCE
 #include "mmsg.h"
@@ -32,6 +37,37 @@
 #define BATCH 32
 #define SIZE 2048
 #define MAX_SOCKETS 4096
+
+/* One's complement sum of `len` bytes as big-endian 16-bit words, added to `sum`. */
+static unsigned long csum_add(unsigned long sum, const unsigned char *p, size_t len) {
+    for (; len > 1; p += 2, len -= 2) sum += (unsigned long)(p[0] << 8 | p[1]);
+    if (len) sum += (unsigned long)(p[0] << 8);
+    return sum;
+}
+
+/* Writes the IPv4 and UDP headers (28 bytes) of a datagram of `len` payload bytes from `src` to `dst`
+ * into `h`, with the UDP checksum over `payload`; the kernel fills the IP identification and checksum. */
+static void raw_header(unsigned char *h, const struct sockaddr_in *src, const struct sockaddr_in *dst,
+                       const unsigned char *payload, size_t len) {
+    unsigned short total = htons((unsigned short)(len + 28)), udp_len = htons((unsigned short)(len + 8));
+    memset(h, 0, 28);
+    h[0] = 0x45;
+    h[8] = 64;
+    h[9] = IPPROTO_UDP;
+    memcpy(h + 2, &total, 2);
+    memcpy(h + 12, &src->sin_addr, 4);
+    memcpy(h + 16, &dst->sin_addr, 4);
+    memcpy(h + 20, &src->sin_port, 2);
+    memcpy(h + 22, &dst->sin_port, 2);
+    memcpy(h + 24, &udp_len, 2);
+    unsigned long sum = csum_add(0, h + 12, 8) + IPPROTO_UDP + len + 8;
+    sum = csum_add(sum, h + 20, 8);
+    sum = csum_add(sum, payload, len);
+    while (sum >> 16) sum = (sum & 0xffff) + (sum >> 16);
+    unsigned short c = (unsigned short)~sum;
+    c = htons(c ? c : 0xffff);
+    memcpy(h + 26, &c, 2);
+}
 
 static int out_socket(void) {
     int s = socket(AF_INET, SOCK_DGRAM, 0);
@@ -88,6 +124,25 @@ int main(int argc, char **argv) {
     const char *coalesce = getenv("RAW_COALESCE_US");
     long pause_us = coalesce ? atol(coalesce) : 0;
     if (pause_us > 0) prctl(PR_SET_TIMERSLACK, 1000UL, 0, 0, 0);
+    /* RAW_SEND: the raw socket, and each output socket's address (the source of its datagrams). */
+    int raw_fd = -1;
+    static struct sockaddr_in out_addr[MAX_SOCKETS];
+    static unsigned char hdr[BATCH][28];
+    static struct iovec riov[BATCH][2];
+    static struct mmsghdr rmsgs[BATCH];
+    const char *raw_send = getenv("RAW_SEND");
+    if (raw_send && strcmp(raw_send, "1") == 0) {
+        raw_fd = socket(AF_INET, SOCK_RAW, IPPROTO_RAW);
+        int big = 4 << 20;
+        if (raw_fd < 0 || setsockopt(raw_fd, SOL_SOCKET, SO_SNDBUF, &big, sizeof big) != 0) {
+            perror("raw socket (RAW_SEND needs CAP_NET_RAW)");
+            return 1;
+        }
+        for (int i = 0; i < nsock; i++) {
+            socklen_t len = sizeof out_addr[i];
+            getsockname(outs[i], (struct sockaddr *)&out_addr[i], &len);
+        }
+    }
     int last = 0;
     for (;;) {
         if (pause_us > 0 && last >= 2 && last < BATCH) {
@@ -123,6 +178,18 @@ int main(int argc, char **argv) {
             iov[i].iov_len = msgs[i].msg_len;
             msgs[i].msg_hdr.msg_name = &dest;
             msgs[i].msg_hdr.msg_namelen = sizeof dest;
+        }
+        if (raw_fd >= 0) {
+            /* Every datagram of the batch through the raw socket, in one call, in order. */
+            for (int i = 0; i < n; i++) {
+                raw_header(hdr[i], &out_addr[slot[i]], &dest, (unsigned char *)bufs[i], msgs[i].msg_len);
+                riov[i][0] = (struct iovec){.iov_base = hdr[i], .iov_len = 28};
+                riov[i][1] = (struct iovec){.iov_base = bufs[i], .iov_len = msgs[i].msg_len};
+                rmsgs[i].msg_hdr = (struct msghdr){
+                    .msg_name = &dest, .msg_namelen = sizeof dest, .msg_iov = riov[i], .msg_iovlen = 2};
+            }
+            sendmmsg(raw_fd, rmsgs, n, 0);
+            continue;
         }
         /* One sendmmsg per socket, in order of first appearance; order per socket is kept. */
         for (int i = 0; i < n; i++) {
