@@ -215,6 +215,25 @@ fn batched_receive_allocates_nothing() {
     }
 }
 
+/// Datagrams read from the non-blocking `sinks` until `want` have arrived or about two seconds have
+/// passed (loopback delivery may be spread over time); returns how many arrived.
+fn receive_up_to(sinks: &[std::net::UdpSocket], want: usize) -> usize {
+    let mut buf = [0u8; 2048];
+    let mut got = 0;
+    for _ in 0..2000 {
+        for s in sinks {
+            while s.recv(&mut buf).is_ok() {
+                got += 1;
+            }
+        }
+        if got >= want {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    got
+}
+
 /// Batched sending (`sendmmsg`, UDP GSO runs, single-datagram groups) allocates nothing, for either
 /// family; a mutation check (a `Vec` in `SendQueue::flush`) makes this fail.
 #[test]
@@ -229,7 +248,6 @@ fn batched_send_allocates_nothing() {
         }
         let mut queue = SendQueue::new(true, None);
         let mut pkts: Vec<PacketBuf> = (0..64).map(|_| PacketBuf::default()).collect();
-        let mut buf = [0u8; 2048];
         for round in 0..20 {
             let before = ALLOCATIONS.load(Ordering::SeqCst);
             counting(true);
@@ -249,20 +267,7 @@ fn batched_send_allocates_nothing() {
             assert_eq!(done.sent, 64, "{done:?}");
             assert!(done.segmented > 0, "GSO runs formed: {done:?}");
             assert_eq!(ALLOCATIONS.load(Ordering::SeqCst), before, "heap allocations in sendmmsg ({local})");
-            // Everything arrived (bounded wait).
-            let mut got = 0;
-            for _ in 0..2000 {
-                for s in &sinks {
-                    while s.recv(&mut buf).is_ok() {
-                        got += 1;
-                    }
-                }
-                if got >= 64 {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            assert_eq!(got, 64, "{local} round {round}");
+            assert_eq!(receive_up_to(&sinks, 64), 64, "{local} round {round}");
         }
     }
 }
@@ -296,7 +301,6 @@ fn raw_socket_send_allocates_nothing() {
     let to = sink.local_addr().unwrap();
     let mut queue = SendQueue::new(true, Some(raw));
     let mut pkts: Vec<PacketBuf> = (0..64).map(|_| PacketBuf::default()).collect();
-    let mut buf = [0u8; 2048];
     for round in 0..20 {
         let before = ALLOCATIONS.load(Ordering::SeqCst);
         counting(true);
@@ -313,17 +317,7 @@ fn raw_socket_send_allocates_nothing() {
         counting(false);
         assert_eq!((done.sent, done.raw, done.syscalls), (64, 64, 1), "{done:?}");
         assert_eq!(ALLOCATIONS.load(Ordering::SeqCst), before, "heap allocations in the raw send");
-        let mut got = 0;
-        for _ in 0..2000 {
-            while sink.recv(&mut buf).is_ok() {
-                got += 1;
-            }
-            if got >= 64 {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        assert_eq!(got, 64, "round {round}");
+        assert_eq!(receive_up_to(std::slice::from_ref(&sink), 64), 64, "round {round}");
     }
 }
 
