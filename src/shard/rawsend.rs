@@ -7,7 +7,10 @@
 //! address and port, so they all leave in one `sendmmsg`: the shard writes each datagram's IPv4 and
 //! UDP header, with the relay socket's own address as the source, into the headroom in front of the
 //! payload (nothing is copied). The relay socket stays bound, so the port stays reserved and the
-//! peer's answers arrive there as before.
+//! peer's answers arrive there as before. The headers are plain: no IP options, TOS 0, TTL 64 (Linux's
+//! default), and no don't-fragment bit, so a router with a smaller MTU on the
+//! way fragments a large datagram rather than dropping it. A datagram larger than the first hop's MTU
+//! is refused by the kernel (a raw socket does not fragment) and leaves through its relay socket.
 //!
 //! Opening a raw socket needs `CAP_NET_RAW`. Without it (the systemd unit does not grant it by
 //! default) the shard sends as before; `runtime.raw_send: false` never tries.

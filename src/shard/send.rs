@@ -16,8 +16,11 @@
 //! With a raw socket (see [`super::rawsend`]), relayed IPv4 datagrams that are alone in the flush on
 //! their way from one relay socket to one peer (the shape of many allocations: one or two datagrams
 //! each per wake-up) leave together through it, in one `sendmmsg`, instead of one `sendto` each. Runs
-//! that one socket sends to one peer keep their socket (and their GSO message). One destination's
-//! datagrams thus take one way or the other, never both, which keeps their order.
+//! that one socket sends to one peer keep their socket (and their GSO message). Within a flush one
+//! destination's datagrams thus take one way or the other, never both, which keeps their order. (A
+//! peer whose datagrams take one way in one wake-up and the other in the next could, on a multi-queue
+//! NIC that picks the transmit queue per socket rather than per CPU, see two of them swapped; UDP
+//! promises no order, and the media it carries is reordered by the receiver's jitter buffer.)
 
 use super::rawsend::{self, RawSocket};
 use super::sys::{self, MAX_MESSAGES, Outgoing};
@@ -275,12 +278,14 @@ impl SendQueue {
                 }
                 _ => false,
             };
-            if framed {
-                ready[n_ready] = i;
-                fallback[n_ready] = fd;
-                n_ready += 1;
-            } else if let Some(fd) = fd {
-                self.send_one(fd, i, done);
+            match (framed, fd) {
+                (true, _) => {
+                    ready[n_ready] = i;
+                    fallback[n_ready] = fd;
+                    n_ready += 1;
+                }
+                (false, Some(fd)) => self.send_one(fd, i, done),
+                (false, None) => done.failed += 1,
             }
         }
         if n_ready == 0 {
@@ -314,8 +319,9 @@ impl SendQueue {
                         m = n_ready;
                     }
                     libc::EMSGSIZE => {
-                        if let Some(fd) = fallback[m] {
-                            self.send_one(fd, ready[m], done);
+                        match fallback[m] {
+                            Some(fd) => self.send_one(fd, ready[m], done),
+                            None => done.failed += 1,
                         }
                         m += 1;
                     }
@@ -701,6 +707,71 @@ mod tests {
         want_2.sort();
         assert_eq!(got_2, want_2);
         assert_eq!(receive_all(&peer_v6), vec![b"over IPv6".to_vec()]);
+    }
+
+    /// A lone datagram larger than the route's MTU, which the raw socket refuses (`EMSGSIZE`: a raw
+    /// socket does not fragment), leaves through its relay socket instead (the kernel fragments it),
+    /// and the flush goes on through the raw socket. Loopback's MTU is 65,536, so the test runs itself
+    /// again in a network namespace of its own whose loopback has an MTU of 1,500 (`unshare --net`,
+    /// root only; without it the test says so and passes, unless TURNPIKE_REQUIRE_RAW is set).
+    #[test]
+    fn a_datagram_above_the_mtu_leaves_through_its_relay_socket() {
+        const INSIDE: &str = "TURNPIKE_TEST_IN_NETNS";
+        if std::env::var_os(INSIDE).is_none() {
+            let exe = std::env::current_exe().unwrap();
+            let name = "shard::send::tests::a_datagram_above_the_mtu_leaves_through_its_relay_socket";
+            let out = std::process::Command::new("unshare")
+                .args(["--net", "sh", "-c", "ip link set lo mtu 1500 up && exec \"$0\" --exact \"$1\" --nocapture"])
+                .arg(exe)
+                .arg(name)
+                .env(INSIDE, "1")
+                .output();
+            match out {
+                Ok(out) if out.status.success() => {
+                    let log = String::from_utf8_lossy(&out.stdout);
+                    assert!(log.contains("1 passed"), "the test did not run inside the namespace: {log}");
+                }
+                Ok(out) if String::from_utf8_lossy(&out.stdout).contains("test result") => {
+                    panic!("failed inside the namespace: {}", String::from_utf8_lossy(&out.stdout));
+                }
+                failed if std::env::var_os("TURNPIKE_REQUIRE_RAW").is_none() => {
+                    eprintln!("skipped: no network namespace ({failed:?})");
+                }
+                failed => panic!("TURNPIKE_REQUIRE_RAW is set but no network namespace: {failed:?}"),
+            }
+            return;
+        }
+        let raw = RawSocket::open(1 << 20).expect("root inside the namespace");
+        let (big_relay, small_relay) =
+            (UdpSocket::bind("127.0.0.1:0").unwrap(), UdpSocket::bind("127.0.0.1:0").unwrap());
+        let peer = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let to = peer.local_addr().unwrap();
+        let mut queue = SendQueue::new(true, Some(raw));
+        let big: Vec<u8> = (0..1600).map(|i| (i % 251) as u8).collect();
+        for (key, relay, payload) in [(0, &big_relay, big.as_slice()), (1, &small_relay, b"small".as_slice())] {
+            let (mut pkt, range) = packet(payload);
+            assert!(queue.push(
+                Via::Relay { key, generation: 1 },
+                Some(v4(relay.local_addr().unwrap())),
+                to,
+                &mut pkt,
+                range
+            ));
+        }
+        let done = queue.flush(|via| match via {
+            Via::Relay { key: 0, .. } => Some(&big_relay),
+            Via::Relay { key: 1, .. } => Some(&small_relay),
+            _ => None,
+        });
+        // The raw socket refuses the big one (1 call), its relay socket sends it (1), then the raw
+        // socket sends the small one (1).
+        assert_eq!((done.sent, done.raw, done.failed, done.syscalls), (2, 1, 0, 3), "{done:?}");
+        let mut got = receive_from_all(&peer);
+        got.sort();
+        let mut want =
+            vec![(big_relay.local_addr().unwrap(), big), (small_relay.local_addr().unwrap(), b"small".to_vec())];
+        want.sort();
+        assert_eq!(got, want);
     }
 
     /// Without a raw socket, a source address changes nothing: every datagram leaves through its socket.
