@@ -713,7 +713,8 @@ mod tests {
     /// socket does not fragment), leaves through its relay socket instead (the kernel fragments it),
     /// and the flush goes on through the raw socket. Loopback's MTU is 65,536, so the test runs itself
     /// again in a network namespace of its own whose loopback has an MTU of 1,500 (`unshare --net`,
-    /// root only; without it the test says so and passes, unless TURNPIKE_REQUIRE_RAW is set).
+    /// root only; without it the test says so and passes, unless TURNPIKE_REQUIRE_NETNS is set:
+    /// `scripts/test.sh` sets it where `unshare --net` works).
     #[test]
     fn a_datagram_above_the_mtu_leaves_through_its_relay_socket() {
         const INSIDE: &str = "TURNPIKE_TEST_IN_NETNS";
@@ -734,10 +735,10 @@ mod tests {
                 Ok(out) if String::from_utf8_lossy(&out.stdout).contains("test result") => {
                     panic!("failed inside the namespace: {}", String::from_utf8_lossy(&out.stdout));
                 }
-                failed if std::env::var_os("TURNPIKE_REQUIRE_RAW").is_none() => {
+                failed if std::env::var_os("TURNPIKE_REQUIRE_NETNS").is_none() => {
                     eprintln!("skipped: no network namespace ({failed:?})");
                 }
-                failed => panic!("TURNPIKE_REQUIRE_RAW is set but no network namespace: {failed:?}"),
+                failed => panic!("TURNPIKE_REQUIRE_NETNS is set but no network namespace: {failed:?}"),
             }
             return;
         }
