@@ -472,7 +472,7 @@ fn open_raw_socket(k: usize, send_buffer: usize) -> Option<shard::rawsend::RawSo
         Ok(sock) => {
             if k == 0 {
                 log::info!(
-                    "runtime.raw_send: lone relayed IPv4 datagrams leave together through a raw socket per shard"
+                    "runtime.raw_send: lone relayed datagrams leave together through raw sockets (one per shard and family)"
                 );
             }
             Some(sock)

@@ -289,13 +289,7 @@ fn raw_socket_send_allocates_nothing() {
         Err(e) => panic!("TURNPIKE_REQUIRE_RAW is set but no raw socket opens: {e}"),
     };
     let relays: Vec<std::net::UdpSocket> = (0..64).map(|_| std::net::UdpSocket::bind("127.0.0.1:0").unwrap()).collect();
-    let locals: Vec<std::net::SocketAddrV4> = relays
-        .iter()
-        .map(|s| match s.local_addr().unwrap() {
-            SocketAddr::V4(a) => a,
-            SocketAddr::V6(_) => unreachable!(),
-        })
-        .collect();
+    let locals: Vec<SocketAddr> = relays.iter().map(|s| s.local_addr().unwrap()).collect();
     let sink = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     sink.set_nonblocking(true).unwrap();
     let to = sink.local_addr().unwrap();

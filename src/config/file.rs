@@ -202,7 +202,7 @@ pub struct RuntimeSection {
     /// Send relayed datagrams that share a socket, destination and size as one UDP GSO (generic
     /// segmentation offload) message; falls back by itself where the kernel cannot.
     pub udp_gso: bool,
-    /// Send relayed IPv4 datagrams of many allocations together through one raw socket per shard, when
+    /// Send relayed datagrams of many allocations together through one raw socket per shard and family, when
     /// the process may open one (`CAP_NET_RAW`); otherwise one send call per relay socket.
     pub raw_send: bool,
     /// Receive coalescing: the longest pause, in microseconds, of a busy shard after a wake-up so that

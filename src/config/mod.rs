@@ -159,7 +159,7 @@ pub struct Config {
     pub recv_batch: usize,
     /// UDP generic segmentation offload for relayed datagrams.
     pub udp_gso: bool,
-    /// Relayed IPv4 datagrams of many allocations leave through one raw socket per shard, if permitted.
+    /// Relayed datagrams of many allocations leave through one raw socket per shard and family, if permitted.
     pub raw_send: bool,
     /// Longest receive-coalescing pause (zero: off).
     pub coalesce_wait: Duration,

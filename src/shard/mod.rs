@@ -30,7 +30,7 @@ use mio::{Events, Interest, Poll, Registry, Token, Waker};
 use socket::Buffers;
 use std::collections::HashMap;
 use std::io;
-use std::net::{SocketAddr, SocketAddrV4};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use stream::{Conn, ReadState};
@@ -84,24 +84,24 @@ struct RelaySlots {
     sockets: Vec<Option<UdpSocket>>,
     /// How often each key has been opened: queued datagrams name the opening they belong to.
     generations: Vec<u32>,
-    /// The IPv4 address each relay socket is bound to (`None`: IPv6), the source address of its
-    /// datagrams when they leave through the raw socket.
-    locals: Vec<Option<SocketAddrV4>>,
+    /// The address each relay socket is bound to, the source address of its datagrams when they leave
+    /// through a raw socket.
+    locals: Vec<Option<SocketAddr>>,
     buffers: Buffers,
     /// Stream clients whose allocation was deleted: their connections are closed next.
     freed_streams: Vec<FiveTuple>,
     /// Relay sockets out of service, kept open for later allocations (the engine's spares), with the
-    /// IPv4 address each is bound to.
-    parked: Vec<Option<(UdpSocket, Option<SocketAddrV4>)>>,
+    /// address each is bound to.
+    parked: Vec<Option<(UdpSocket, Option<SocketAddr>)>>,
     /// Free entries of `parked`.
     parked_free: Vec<u32>,
 }
 
 impl RelaySlots {
-    /// Makes `sock` (registered with slot `idx`'s token, bound to `local` when IPv4) the relay socket
+    /// Makes `sock` (registered with slot `idx`'s token, bound to `local`) the relay socket
     /// of slot `idx`: a new opening, so datagrams queued for the slot's previous socket are not sent
     /// from this one.
-    fn install(&mut self, idx: u32, sock: UdpSocket, local: Option<SocketAddrV4>) {
+    fn install(&mut self, idx: u32, sock: UdpSocket, local: Option<SocketAddr>) {
         let idx = idx as usize;
         if self.sockets.len() <= idx {
             self.sockets.resize_with(idx + 1, || None);
@@ -123,11 +123,7 @@ impl RelaySockets for RelaySlots {
         let mut sock = UdpSocket::from_std(std_socket);
         let token = Token(RELAY_BASE + idx as usize);
         self.registry.register(&mut sock, token, Interest::READABLE).map_err(failed)?;
-        let local = match addr {
-            SocketAddr::V4(v4) => Some(v4),
-            SocketAddr::V6(_) => None,
-        };
-        self.install(idx, sock, local);
+        self.install(idx, sock, Some(addr));
         Ok(())
     }
 
@@ -210,7 +206,7 @@ pub struct ShardParts {
     pub recv_batch: usize,
     /// Whether relayed datagrams may leave as UDP GSO messages.
     pub udp_gso: bool,
-    /// The raw socket lone relayed IPv4 datagrams leave through (`runtime.raw_send`), when one opened.
+    /// The raw sockets lone relayed datagrams leave through (`runtime.raw_send`), when they opened.
     pub raw_socket: Option<rawsend::RawSocket>,
     /// Receive coalescing (see [`coalesce`]).
     pub coalesce: CoalesceSettings,
@@ -414,7 +410,7 @@ impl Shard {
 
     /// Queues the relayed datagram in `self.pkt[range]` (its buffer moves into the queue); `raw_from`:
     /// see [`send::SendQueue::push`].
-    fn queue(&mut self, via: send::Via, raw_from: Option<SocketAddrV4>, to: SocketAddr, range: std::ops::Range<usize>) {
+    fn queue(&mut self, via: send::Via, raw_from: Option<SocketAddr>, to: SocketAddr, range: std::ops::Range<usize>) {
         if self.sendq.is_full() {
             self.flush_sends();
         }

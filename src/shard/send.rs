@@ -13,9 +13,9 @@
 //! `ENOPROTOOPT`: a kernel older than 4.18), segmentation is switched off for good and datagrams leave
 //! one by one in the same `sendmmsg` calls.
 //!
-//! With a raw socket (see [`super::rawsend`]), relayed IPv4 datagrams that are alone in the flush on
+//! With raw sockets (see [`super::rawsend`]), relayed datagrams that are alone in the flush on
 //! their way from one relay socket to one peer (the shape of many allocations: one or two datagrams
-//! each per wake-up) leave together through it, in one `sendmmsg`, instead of one `sendto` each. Runs
+//! each per wake-up) leave together through the raw socket of their family, in one `sendmmsg`, instead of one `sendto` each. Runs
 //! that one socket sends to one peer keep their socket (and their GSO message). Within a flush one
 //! destination's datagrams thus take one way or the other, never both, which keeps their order. (A
 //! peer whose datagrams take one way in one wake-up and the other in the next could, on a multi-queue
@@ -28,7 +28,7 @@ use crate::proto::PacketBuf;
 use crate::proto::engine::HEADROOM;
 use socket2::SockAddr;
 use std::io::IoSlice;
-use std::net::{SocketAddr, SocketAddrV4};
+use std::net::SocketAddr;
 use std::ops::Range;
 use std::os::fd::{AsFd, BorrowedFd};
 
@@ -61,8 +61,8 @@ struct Pending {
     to: SocketAddr,
     name: SockAddr,
     range: Range<usize>,
-    /// The relay socket's own address, when the datagram may leave through the raw socket.
-    raw_from: Option<SocketAddrV4>,
+    /// The relay socket's own address, when the datagram may leave through a raw socket.
+    raw_from: Option<SocketAddr>,
 }
 
 /// What a flush did, for the shard's counters.
@@ -113,8 +113,8 @@ struct Span {
 }
 
 impl SendQueue {
-    /// An empty queue; `gso` allows UDP segmentation offload; `raw` sends lone relayed IPv4 datagrams
-    /// (those pushed with a source address) through one raw socket.
+    /// An empty queue; `gso` allows UDP segmentation offload; `raw` sends lone relayed datagrams (those
+    /// pushed with a source address) through raw sockets.
     pub fn new(gso: bool, raw: Option<RawSocket>) -> Self {
         Self {
             bufs: (0..QUEUE_CAPACITY).map(|_| PacketBuf::default()).collect(),
@@ -153,12 +153,13 @@ impl SendQueue {
 
     /// Queues the bytes `range` of `pkt` for `to` via `via`: `pkt`'s buffer moves into the queue and a
     /// spare buffer takes its place. `raw_from`: the address `via`'s socket is bound to, when the
-    /// datagram may leave through the raw socket instead (a relay socket's IPv4 address, `to` IPv4
-    /// too). A full queue refuses (returns false); flush first.
+    /// datagram may leave through a raw socket instead (a relay socket's address; used when `to` is of
+    /// its family and a raw socket of that family is open). A full queue refuses (returns false);
+    /// flush first.
     pub fn push(
         &mut self,
         via: Via,
-        raw_from: Option<SocketAddrV4>,
+        raw_from: Option<SocketAddr>,
         to: SocketAddr,
         pkt: &mut PacketBuf,
         range: Range<usize>,
@@ -167,7 +168,8 @@ impl SendQueue {
             return false;
         };
         std::mem::swap(buf, pkt);
-        let raw_from = raw_from.filter(|_| self.raw.is_some() && to.is_ipv4());
+        let raw_from = raw_from
+            .filter(|from| from.is_ipv4() == to.is_ipv4() && self.raw.as_ref().is_some_and(|raw| raw.sends(to)));
         self.pending.push(Pending { via, to, name: SockAddr::from(to), range, raw_from });
         true
     }
@@ -255,26 +257,29 @@ impl SendQueue {
         kept
     }
 
-    /// Sends `lone` datagrams through the raw socket, in as few `sendmmsg` calls as the kernel allows:
-    /// each gets its IPv4 and UDP header written into the headroom in front of it. One the raw socket
-    /// cannot take (no room for the header; larger than the route's MTU, which a raw socket does not
-    /// fragment) leaves through its own socket instead.
+    /// Sends `lone` datagrams through the raw sockets, per family in as few `sendmmsg` calls as the
+    /// kernel allows: each gets its IP and UDP header written into the headroom in front of it. One the
+    /// raw socket cannot take (no room for the headers; larger than the route's MTU, which a raw socket
+    /// does not fragment) leaves through its own socket instead.
     fn send_raw(&mut self, lone: &[(u8, Option<BorrowedFd<'_>>)], done: &mut Flushed) {
-        let Some(raw) = self.raw.as_ref() else {
+        for v4 in [true, false] {
+            self.send_raw_family(lone, v4, done);
+        }
+    }
+
+    /// [`Self::send_raw`] for the datagrams of one family (IPv4 when `v4`).
+    fn send_raw_family(&mut self, lone: &[(u8, Option<BorrowedFd<'_>>)], v4: bool, done: &mut Flushed) {
+        let Some(raw_fd) = self.raw.as_ref().and_then(|raw| raw.fd(v4)) else {
             return;
         };
-        let raw_fd = raw.as_fd();
-        if lone.is_empty() {
-            return;
-        }
         let mut ready = [0u8; QUEUE_CAPACITY];
         let mut fallback = [None; QUEUE_CAPACITY];
         let mut n_ready = 0;
-        for &(i, fd) in lone {
+        for &(i, fd) in lone.iter().filter(|(i, _)| self.pending[usize::from(*i)].to.is_ipv4() == v4) {
             let p = &self.pending[usize::from(i)];
-            let framed = match (p.raw_from, p.to, p.range.start.checked_sub(rawsend::HEADER_LEN)) {
-                (Some(from), SocketAddr::V4(to), Some(head)) => {
-                    rawsend::write_header(self.bufs[usize::from(i)].get_mut(head..p.range.end), from, to)
+            let framed = match (p.raw_from, p.range.start.checked_sub(rawsend::header_len(p.to))) {
+                (Some(from), Some(head)) => {
+                    rawsend::write_header(self.bufs[usize::from(i)].get_mut(head..p.range.end), from, p.to)
                 }
                 _ => false,
             };
@@ -295,10 +300,16 @@ impl SendQueue {
         let at = |j: usize| usize::from(ready[j.min(n_ready - 1)]);
         let iov: [IoSlice<'_>; QUEUE_CAPACITY] = std::array::from_fn(|j| {
             let p = &self.pending[at(j)];
-            IoSlice::new(self.bufs[at(j)].get(p.range.start - rawsend::HEADER_LEN..p.range.end))
+            IoSlice::new(self.bufs[at(j)].get(p.range.start - rawsend::header_len(p.to)..p.range.end))
         });
-        let msgs: [Outgoing<'_>; QUEUE_CAPACITY] =
-            std::array::from_fn(|j| Outgoing { to: &self.pending[at(j)].name, iov: &iov[j..j + 1], segment: 0 });
+        // IPv6 raw sockets read a destination's port as a protocol number: theirs carry none.
+        let bare: Option<[SockAddr; QUEUE_CAPACITY]> =
+            (!v4).then(|| std::array::from_fn(|j| rawsend::raw_destination(self.pending[at(j)].to)));
+        let msgs: [Outgoing<'_>; QUEUE_CAPACITY] = std::array::from_fn(|j| Outgoing {
+            to: bare.as_ref().map_or(&self.pending[at(j)].name, |names| &names[j]),
+            iov: &iov[j..j + 1],
+            segment: 0,
+        });
         let mut m = 0;
         while m < n_ready {
             done.syscalls += 1;
@@ -616,13 +627,6 @@ mod tests {
         }
     }
 
-    fn v4(addr: SocketAddr) -> SocketAddrV4 {
-        match addr {
-            SocketAddr::V4(a) => a,
-            SocketAddr::V6(_) => panic!("IPv4 expected"),
-        }
-    }
-
     /// Every datagram with `receive_all`, with its source.
     fn receive_from_all(sock: &UdpSocket) -> Vec<(SocketAddr, Vec<u8>)> {
         sock.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
@@ -634,10 +638,10 @@ mod tests {
         out
     }
 
-    /// With a raw socket: lone datagrams of many relay sockets leave in one call, each from its own
-    /// relay socket's address and intact (the loopback device checks the UDP checksum); a run from one
-    /// socket to one peer keeps its socket (a GSO message); a datagram of a closed socket is dropped;
-    /// one with no room for the headers and one of an IPv6 relay leave through their own sockets.
+    /// With raw sockets: lone datagrams of many relay sockets leave in one call per family, each from
+    /// its own relay socket's address and intact (the loopback device checks the UDP checksum); a run
+    /// from one socket to one peer keeps its socket (a GSO message); a datagram of a closed socket is
+    /// dropped; one with no room for the headers leaves through its own socket.
     #[test]
     fn lone_relayed_datagrams_leave_together_through_the_raw_socket() {
         let Some(raw) = raw_socket() else { return };
@@ -647,13 +651,13 @@ mod tests {
         let peer_2 = UdpSocket::bind("127.0.0.1:0").unwrap();
         let peer_v6 = UdpSocket::bind("[::1]:0").unwrap();
         let (to_1, to_2) = (peer_1.local_addr().unwrap(), peer_2.local_addr().unwrap());
-        let local = |k: usize| Some(v4(relays[k].local_addr().unwrap()));
+        let local = |k: usize| Some(relays[k].local_addr().unwrap());
         let relay = |key: u32| Via::Relay { key, generation: 1 };
         let mut queue = SendQueue::new(true, Some(raw));
         assert!(queue.raw());
         // Relays 0-5: one datagram each, alternating peers; relay 6: a run of three to peer 1 and one to
         // peer 2; relay 7 has closed; relay 5's datagram has no headroom; key 8: the IPv6 relay.
-        let mut push = |key: u32, from: Option<SocketAddrV4>, to: SocketAddr, payload: &[u8], headroom: bool| {
+        let mut push = |key: u32, from: Option<SocketAddr>, to: SocketAddr, payload: &[u8], headroom: bool| {
             let (mut pkt, range) = packet(payload);
             let range = if headroom { range } else { 0..payload.len() };
             assert!(queue.push(relay(key), from, to, &mut pkt, range));
@@ -667,18 +671,18 @@ mod tests {
         }
         push(6, local(6), to_2, b"lone 6", true);
         push(7, local(7), to_1, b"closed", true);
-        push(8, None, peer_v6.local_addr().unwrap(), b"over IPv6", true);
+        push(8, Some(v6_relay.local_addr().unwrap()), peer_v6.local_addr().unwrap(), b"over IPv6", true);
         let done = queue.flush(|via| match via {
             Via::Relay { key: 7, .. } | Via::Listener(_) => None,
             Via::Relay { key: 8, .. } => Some(&v6_relay),
             Via::Relay { key, .. } => relays.get(key as usize),
         });
         assert_eq!((done.sent, done.failed, done.would_block), (11, 1, 0), "{done:?}");
-        assert_eq!(done.raw, 6, "relays 0-4 and relay 6's datagram to peer 2: {done:?}");
+        assert_eq!(done.raw, 7, "relays 0-4, relay 6's datagram to peer 2 and the IPv6 relay's: {done:?}");
         if queue.gso() {
             assert_eq!(done.segmented, 3, "{done:?}");
         }
-        // One raw sendmmsg, one for relay 6's run, one sendto each for relay 5 and the IPv6 relay.
+        // One raw sendmmsg per family, one for relay 6's run, one sendto for relay 5's.
         assert_eq!(done.syscalls, 4, "{done:?}");
         let from = |k: usize| relays[k].local_addr().unwrap();
         let got_1 = receive_from_all(&peer_1);
@@ -706,7 +710,7 @@ mod tests {
         ];
         want_2.sort();
         assert_eq!(got_2, want_2);
-        assert_eq!(receive_all(&peer_v6), vec![b"over IPv6".to_vec()]);
+        assert_eq!(receive_from_all(&peer_v6), vec![(v6_relay.local_addr().unwrap(), b"over IPv6".to_vec())]);
     }
 
     /// A lone datagram larger than the route's MTU, which the raw socket refuses (`EMSGSIZE`: a raw
@@ -753,7 +757,7 @@ mod tests {
             let (mut pkt, range) = packet(payload);
             assert!(queue.push(
                 Via::Relay { key, generation: 1 },
-                Some(v4(relay.local_addr().unwrap())),
+                Some(relay.local_addr().unwrap()),
                 to,
                 &mut pkt,
                 range
@@ -785,7 +789,7 @@ mod tests {
         let (mut pkt, range) = packet(b"relayed");
         assert!(queue.push(
             Via::Relay { key: 0, generation: 1 },
-            Some(v4(out.local_addr().unwrap())),
+            Some(out.local_addr().unwrap()),
             peer.local_addr().unwrap(),
             &mut pkt,
             range
