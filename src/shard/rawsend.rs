@@ -190,6 +190,17 @@ mod tests {
         if c == 0 { 0xffff } else { c }
     }
 
+    /// Checks the UDP header at the start of `udp` (ports, length, checksum) of a `len`-byte payload.
+    fn check_udp(udp: &[u8], from: SocketAddr, to: SocketAddr, len: usize) {
+        assert_eq!(u16::from_be_bytes([udp[0], udp[1]]), from.port());
+        assert_eq!(u16::from_be_bytes([udp[2], udp[3]]), to.port());
+        assert_eq!(u16::from_be_bytes([udp[4], udp[5]]) as usize, 8 + len);
+        let written = u16::from_be_bytes([udp[6], udp[7]]);
+        let mut zeroed = udp.to_vec();
+        zeroed[6..8].fill(0);
+        assert_eq!(written, reference_checksum(from, to, &zeroed), "payload of {len} bytes");
+    }
+
     #[test]
     fn ipv4_headers_carry_the_addresses_lengths_and_a_correct_checksum() {
         let from: SocketAddr = "192.0.2.10:49200".parse().unwrap();
@@ -205,14 +216,7 @@ mod tests {
             assert_eq!((packet[8], packet[9]), (64, 17));
             assert_eq!(&packet[12..16], &[192, 0, 2, 10]);
             assert_eq!(&packet[16..20], &[198, 51, 100, 7]);
-            assert_eq!(u16::from_be_bytes([packet[20], packet[21]]), 49200);
-            assert_eq!(u16::from_be_bytes([packet[22], packet[23]]), 5004);
-            assert_eq!(u16::from_be_bytes([packet[24], packet[25]]) as usize, 8 + len);
-            let written = u16::from_be_bytes([packet[26], packet[27]]);
-            let mut udp = packet[20..].to_vec();
-            udp[6] = 0;
-            udp[7] = 0;
-            assert_eq!(written, reference_checksum(from, to, &udp), "payload of {len} bytes");
+            check_udp(&packet[20..], from, to, len);
         }
     }
 
@@ -231,14 +235,7 @@ mod tests {
             assert_eq!((packet[6], packet[7]), (17, 64));
             assert_eq!(&packet[8..24], &"2001:db8::10".parse::<std::net::Ipv6Addr>().unwrap().octets());
             assert_eq!(&packet[24..40], &"2001:db8:1::7".parse::<std::net::Ipv6Addr>().unwrap().octets());
-            assert_eq!(u16::from_be_bytes([packet[40], packet[41]]), 49200);
-            assert_eq!(u16::from_be_bytes([packet[42], packet[43]]), 5004);
-            assert_eq!(u16::from_be_bytes([packet[44], packet[45]]) as usize, 8 + len);
-            let written = u16::from_be_bytes([packet[46], packet[47]]);
-            let mut udp = packet[40..].to_vec();
-            udp[6] = 0;
-            udp[7] = 0;
-            assert_eq!(written, reference_checksum(from, to, &udp), "payload of {len} bytes");
+            check_udp(&packet[40..], from, to, len);
         }
     }
 
