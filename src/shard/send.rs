@@ -168,8 +168,9 @@ impl SendQueue {
             return false;
         };
         std::mem::swap(buf, pkt);
-        let raw_from = raw_from
-            .filter(|from| from.is_ipv4() == to.is_ipv4() && self.raw.as_ref().is_some_and(|raw| raw.sends(to)));
+        let raw_from = raw_from.filter(|from| {
+            from.is_ipv4() == to.is_ipv4() && !is_v4_mapped(to) && self.raw.as_ref().is_some_and(|raw| raw.sends(to))
+        });
         self.pending.push(Pending { via, to, name: SockAddr::from(to), range, raw_from });
         true
     }
@@ -447,6 +448,12 @@ impl SendQueue {
             pos = restart.unwrap_or(group.end);
         }
     }
+}
+
+/// Whether `to` is an IPv4 address spelled as IPv6 (`::ffff:a.b.c.d`): no IPv6 packet may carry it, so
+/// such a datagram never takes the raw socket (its relay socket answers for it as before).
+fn is_v4_mapped(to: SocketAddr) -> bool {
+    matches!(to, SocketAddr::V6(a) if a.ip().to_ipv4_mapped().is_some())
 }
 
 /// The flush order as one integer, so that sorting compares integers rather than addresses: the socket
@@ -777,6 +784,28 @@ mod tests {
             vec![(big_relay.local_addr().unwrap(), big), (small_relay.local_addr().unwrap(), b"small".to_vec())];
         want.sort();
         assert_eq!(got, want);
+    }
+
+    /// An IPv4 address spelled as IPv6 never takes the raw socket: no IPv6 packet may carry it.
+    #[test]
+    fn v4_mapped_destinations_never_take_the_raw_socket() {
+        assert!(is_v4_mapped("[::ffff:192.0.2.1]:5004".parse().unwrap()));
+        assert!(!is_v4_mapped("[2001:db8::1]:5004".parse().unwrap()));
+        assert!(!is_v4_mapped("192.0.2.1:5004".parse().unwrap()));
+        let Some(raw) = raw_socket() else { return };
+        let relay = UdpSocket::bind("[::1]:0").unwrap();
+        let mut queue = SendQueue::new(true, Some(raw));
+        let (mut pkt, range) = packet(b"mapped");
+        let to: SocketAddr = "[::ffff:127.0.0.1]:9".parse().unwrap();
+        assert!(queue.push(
+            Via::Relay { key: 0, generation: 1 },
+            Some(relay.local_addr().unwrap()),
+            to,
+            &mut pkt,
+            range
+        ));
+        let done = queue.flush(|_| Some(&relay));
+        assert_eq!((done.raw, done.sent + done.failed), (0, 1), "{done:?}");
     }
 
     /// Without a raw socket, a source address changes nothing: every datagram leaves through its socket.
