@@ -638,21 +638,17 @@ def raw_send_study(rounds, pause_us=300):
     print("\n".join(lines))
 
 
+# Single studies: flag -> (function, default rounds).
+STUDIES = {"--trade-off": (trade_off_study, 4), "--raw-send": (raw_send_study, 3),
+           "--coalescing": (coalescing_study, 3), "--p99": (p99_study, 10)}
+
 if __name__ == "__main__":
     if len(sys.argv) > 2 and sys.argv[1] == "--from-log":
         from_log(sys.argv[2])
-    elif len(sys.argv) > 1 and sys.argv[1] == "--trade-off":
+    elif len(sys.argv) > 1 and sys.argv[1] in STUDIES:
+        study, default_rounds = STUDIES[sys.argv[1]]
         require_free_ports()
-        trade_off_study(int(sys.argv[2]) if len(sys.argv) > 2 else 4)
-    elif len(sys.argv) > 1 and sys.argv[1] == "--raw-send":
-        require_free_ports()
-        raw_send_study(int(sys.argv[2]) if len(sys.argv) > 2 else 3)
-    elif len(sys.argv) > 1 and sys.argv[1] == "--coalescing":
-        require_free_ports()
-        coalescing_study(int(sys.argv[2]) if len(sys.argv) > 2 else 3)
-    elif len(sys.argv) > 1 and sys.argv[1] == "--p99":
-        require_free_ports()
-        p99_study(int(sys.argv[2]) if len(sys.argv) > 2 else 10)
+        study(int(sys.argv[2]) if len(sys.argv) > 2 else default_rounds)
     else:
         require_free_ports()
         main()

@@ -201,9 +201,8 @@ impl SendQueue {
         self.keys.sort_unstable();
         self.order.clear();
         self.order.extend(self.keys.iter().map(|&k| k as u8));
-        // Lone datagrams for the raw socket: queue index and the datagram's own socket (the way out
-        // should the raw socket refuse it).
-        let mut lone: [(u8, Option<BorrowedFd<'s>>); QUEUE_CAPACITY] = [(0, None); QUEUE_CAPACITY];
+        // Lone datagrams for the raw sockets, by queue index.
+        let mut lone = [0u8; QUEUE_CAPACITY];
         let mut n_lone = 0;
         let mut start = 0;
         while start < n {
@@ -214,7 +213,7 @@ impl SendQueue {
                 Some(sock) => {
                     let fd = sock.as_fd();
                     let kept =
-                        if self.raw.is_some() { self.take_lone(start..end, fd, &mut lone, &mut n_lone) } else { end };
+                        if self.raw.is_some() { self.take_lone(start..end, &mut lone, &mut n_lone) } else { end };
                     if kept > start {
                         self.send_group(fd, start..kept, &mut done);
                     }
@@ -224,22 +223,16 @@ impl SendQueue {
             start = end;
         }
         if n_lone > 0 {
-            self.send_raw(&lone[..n_lone], &mut done);
+            self.send_raw(&lone[..n_lone], &socket, &mut done);
         }
         self.pending.clear();
         done
     }
 
-    /// Moves the datagrams of flush positions `group` (one socket, `fd`) that are alone on their way to
-    /// their destination and may leave through the raw socket into `lone`, and closes up the rest of
+    /// Moves the datagrams of flush positions `group` (one socket) that are alone on their way to
+    /// their destination and may leave through a raw socket into `lone`, and closes up the rest of
     /// the group in flush order; returns the end of what stays.
-    fn take_lone<'s>(
-        &mut self,
-        group: Range<usize>,
-        fd: BorrowedFd<'s>,
-        lone: &mut [(u8, Option<BorrowedFd<'s>>); QUEUE_CAPACITY],
-        n_lone: &mut usize,
-    ) -> usize {
+    fn take_lone(&mut self, group: Range<usize>, lone: &mut [u8; QUEUE_CAPACITY], n_lone: &mut usize) -> usize {
         let mut kept = group.start;
         let mut pos = group.start;
         while pos < group.end {
@@ -247,7 +240,7 @@ impl SendQueue {
             let run =
                 self.order[pos..group.end].iter().take_while(|&&i| self.pending[usize::from(i)].to == first.to).count();
             if run == 1 && first.raw_from.is_some() {
-                lone[*n_lone] = (self.order[pos], Some(fd));
+                lone[*n_lone] = self.order[pos];
                 *n_lone += 1;
             } else {
                 self.order.copy_within(pos..pos + run, kept);
@@ -261,22 +254,35 @@ impl SendQueue {
     /// Sends `lone` datagrams through the raw sockets, per family in as few `sendmmsg` calls as the
     /// kernel allows: each gets its IP and UDP header written into the headroom in front of it. One the
     /// raw socket cannot take (no room for the headers; larger than the route's MTU, which a raw socket
-    /// does not fragment) leaves through its own socket instead.
-    fn send_raw(&mut self, lone: &[(u8, Option<BorrowedFd<'_>>)], done: &mut Flushed) {
+    /// does not fragment) leaves through its own socket instead (`socket`, as for [`Self::flush`]).
+    fn send_raw<'s, S: AsFd + 's>(&mut self, lone: &[u8], socket: &impl Fn(Via) -> Option<&'s S>, done: &mut Flushed) {
         for v4 in [true, false] {
-            self.send_raw_family(lone, v4, done);
+            self.send_raw_family(lone, v4, socket, done);
+        }
+    }
+
+    /// Sends queued datagram `i` through its own socket, as a raw socket could not.
+    fn send_own<'s, S: AsFd + 's>(&self, i: u8, socket: &impl Fn(Via) -> Option<&'s S>, done: &mut Flushed) {
+        match socket(self.pending[usize::from(i)].via) {
+            Some(sock) => self.send_one(sock.as_fd(), i, done),
+            None => done.failed += 1,
         }
     }
 
     /// [`Self::send_raw`] for the datagrams of one family (IPv4 when `v4`).
-    fn send_raw_family(&mut self, lone: &[(u8, Option<BorrowedFd<'_>>)], v4: bool, done: &mut Flushed) {
+    fn send_raw_family<'s, S: AsFd + 's>(
+        &mut self,
+        lone: &[u8],
+        v4: bool,
+        socket: &impl Fn(Via) -> Option<&'s S>,
+        done: &mut Flushed,
+    ) {
         let Some(raw_fd) = self.raw.as_ref().and_then(|raw| raw.fd(v4)) else {
             return;
         };
         let mut ready = [0u8; QUEUE_CAPACITY];
-        let mut fallback = [None; QUEUE_CAPACITY];
         let mut n_ready = 0;
-        for &(i, fd) in lone.iter().filter(|(i, _)| self.pending[usize::from(*i)].to.is_ipv4() == v4) {
+        for &i in lone.iter().filter(|&&i| self.pending[usize::from(i)].to.is_ipv4() == v4) {
             let p = &self.pending[usize::from(i)];
             let framed = match (p.raw_from, p.range.start.checked_sub(rawsend::header_len(p.to))) {
                 (Some(from), Some(head)) => {
@@ -284,14 +290,11 @@ impl SendQueue {
                 }
                 _ => false,
             };
-            match (framed, fd) {
-                (true, _) => {
-                    ready[n_ready] = i;
-                    fallback[n_ready] = fd;
-                    n_ready += 1;
-                }
-                (false, Some(fd)) => self.send_one(fd, i, done),
-                (false, None) => done.failed += 1,
+            if framed {
+                ready[n_ready] = i;
+                n_ready += 1;
+            } else {
+                self.send_own(i, socket, done);
             }
         }
         if n_ready == 0 {
@@ -331,10 +334,7 @@ impl SendQueue {
                         m = n_ready;
                     }
                     libc::EMSGSIZE => {
-                        match fallback[m] {
-                            Some(fd) => self.send_one(fd, ready[m], done),
-                            None => done.failed += 1,
-                        }
+                        self.send_own(ready[m], socket, done);
                         m += 1;
                     }
                     _ => {
