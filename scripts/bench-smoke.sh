@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # CI smoke test of the load generator against turnpike: client <-> peer over channels, over Send
 # indications, and client -> relay -> relay -> client calls, at a low paced rate, with the clients on
-# UDP (IPv4 and, relaying to IPv4 peers, IPv6), on TCP (--tcp) and on TLS (--tls). Checks correctness
-# (every packet delivered, no error), never timing.
+# UDP (IPv4 and, relaying to IPv4 peers, IPv6), on TCP (--tcp) and on TLS (--tls), and with IPv6
+# relayed addresses (--relay-family ipv6: through the IPv6 raw socket when turnpike can open one).
+# Checks correctness (every packet delivered, no error), never timing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --locked --quiet -p turnpike -p turnpike-bench
@@ -13,9 +14,9 @@ openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyou
 cat > "$dir/turnpike.yaml" <<YAML
 listen: {ips: [127.0.0.1, "::1"], port: 0, tls_port: 0}
 tls: {cert: $dir/cert.pem, pkey: $dir/key.pem}
-relay: {ips: [127.0.0.1], min_port: 42000, max_port: 42999}
+relay: {ips: [127.0.0.1, "::1"], min_port: 42000, max_port: 42999}
 auth: {realm: smoke, shared_secrets: [smoke-secret]}
-peers: {allowed: [127.0.0.1]}
+peers: {allowed: [127.0.0.1, "::1"]}
 abuse: {unauth_rate: 0}
 runtime: {threads: 2}
 metrics: {listen: "127.0.0.1:0"}
@@ -34,14 +35,22 @@ tcp_addr="$(grep -o 'listening on [0-9.:]*/tcp' "$dir/log" | head -1 | sed 's/li
 tls_addr="$(grep -o 'listening on [0-9.:]*/tls' "$dir/log" | head -1 | sed 's/listening on //; s|/tls||')"
 metrics="$(grep -o 'metrics on http://[0-9.:]*/metrics' "$dir/log" | head -1 | sed 's/metrics on //')"
 status=0
-for mode in "" "--send-indications" "--calls" "--tcp" "--tcp --calls" "--tls --calls" "ipv6" "ipv6 --calls"; do
+for mode in "" "--send-indications" "--calls" "--tcp" "--tcp --calls" "--tls --calls" "ipv6" "ipv6 --calls" \
+    "relay6" "relay6 --calls"; do
     snmp_before="$(grep '^Udp:' /proc/net/snmp | tail -1)"
     server="$addr"
-    case "$mode" in --tcp*) server="$tcp_addr" ;; --tls*) server="$tls_addr" ;; ipv6*) server="$v6_addr" ;; esac
+    extra="$mode"
     # ipv6: the clients on ::1 (their address towards the server), the peers on 127.0.0.1 (towards the
-    # IPv4 relayed addresses).
+    # IPv4 relayed addresses). relay6: the clients on 127.0.0.1, the relayed addresses and the peers
+    # on ::1.
+    case "$mode" in
+        --tcp*) server="$tcp_addr" ;;
+        --tls*) server="$tls_addr" ;;
+        ipv6*) server="$v6_addr" extra="${mode#ipv6}" ;;
+        relay6*) extra="--relay-family ipv6${mode#relay6}" ;;
+    esac
     out="$(target/debug/loadgen --server "$server" --secret smoke-secret --allocations 20 --rate 2000 \
-        --duration 1 --warmup 0.3 --size 172 --server-pid "$pid" ${mode#ipv6})"
+        --duration 1 --warmup 0.3 --size 172 --server-pid "$pid" $extra)"
     echo "loadgen ${mode:-(channels)}: $out"
     python3 -c '
 import json, sys

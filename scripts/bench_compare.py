@@ -68,12 +68,13 @@ def coturn_command(binary, port, relay_ports, threads, pidfile):
             "--pidfile=" + pidfile]
 
 
-def start(name, sockets=1, pause_us=None):
+def start(name, sockets=1, pause_us=None, ipv6=False):
     """Starts one server. `floor` is the raw forwarder shaped like a relay: it sends through `sockets`
     sockets, one per source (each allocation sends from its own address) and waits on all of them with
     epoll_wait (a relay's peers may send to any of them): the least any TURN server pays. `pause_us`
     sets turnpike's runtime.coalesce_us (None: its default) or the forwarders' RAW_COALESCE_US (None:
-    no pause)."""
+    no pause). `ipv6`: turnpike and coturn relay from ::1 too (for `loadgen --relay-family ipv6`),
+    and turnpike allows ::1 peers."""
     pin = ["taskset", "-c", "0"]
     env = None
     if name in ("turnpike", "turnpike-nc", "turnpike-sock"):
@@ -87,13 +88,19 @@ def start(name, sockets=1, pause_us=None):
             runtime += ", coalesce_us: %d" % pause_us
         if name == "turnpike-sock":
             runtime += ", raw_send: false"
+        yaml = TURNPIKE_YAML.replace("runtime: {threads: 1}", "runtime: {%s}" % runtime)
+        if ipv6:
+            yaml = yaml.replace("ips: [127.0.0.1], min_port", 'ips: [127.0.0.1, "::1"], min_port')
+            yaml = yaml.replace("allowed: [127.0.0.1]", 'allowed: [127.0.0.1, "::1"]')
         path = os.path.join(ROOT, "target/bench/turnpike.yaml")
         with open(path, "w") as f:
-            f.write(TURNPIKE_YAML.replace("runtime: {threads: 1}", "runtime: {%s}" % runtime))
+            f.write(yaml)
         cmd = pin + [TURNPIKE, "--config", path]
     elif name == "coturn":
         cmd = pin + coturn_command("turnserver", PORTS["coturn"], (40000, 59999), 1,
                                    os.path.join(ROOT, "target/bench/coturn.pid"))
+        if ipv6:
+            cmd.append("--relay-ip=::1")
     elif name == "setup-floor":
         # The kernel's part of an Allocate (scripts/setup-floor.c), relay ports as turnpike's.
         cmd = pin + [SETUP_FLOOR, str(PORTS[name]), "20000", "39999"]
@@ -638,9 +645,50 @@ def raw_send_study(rounds, pause_us=300):
     print("\n".join(lines))
 
 
+def ipv6_study(rounds):
+    """IPv6 relays (`loadgen --relay-family ipv6`: clients reach the server over IPv4, relays and peers
+    on ::1): turnpike (default: IPv6 raw socket), turnpike-sock (runtime.raw_send false) and coturn, and
+    turnpike-v4 (the same server, IPv4 relays) for the family's own cost, in rotating order, `rounds`
+    rounds; prints the median CPU per packet of each, the ratios, the worst loss and the p99."""
+    configs = [(1000, 172, 100000), (1000, 172, 200000), (1000, 1200, 200000), (10, 172, 200000)]
+    # label -> (server, relay family)
+    servers = {"turnpike": ("turnpike", "ipv6"), "turnpike-sock": ("turnpike-sock", "ipv6"),
+               "coturn": ("coturn", "ipv6"), "turnpike-v4": ("turnpike", "ipv4")}
+    names = list(servers)
+    runs = {(c, n): [] for c in configs for n in names}
+    k = 0
+    for _ in range(rounds):
+        for (a, size, rate) in configs:
+            for label in names[k % len(names):] + names[:k % len(names)]:
+                server, family = servers[label]
+                r = run_one(server, "--allocations", a, "--size", size, "--rate", rate, "--relay-family", family,
+                            starter=lambda server=server: start(server, ipv6=True))
+                runs[((a, size, rate), label)].append(r)
+                print("  ipv6 %-14s %5d allocs %4d B %6d pps: %s" % (label, a, size, rate, json.dumps(r)),
+                      file=sys.stderr)
+            k += 1
+    lines = ["### IPv6 relays, %d rotating rounds (medians; turnpike-sock: runtime.raw_send false; turnpike-v4: "
+             "the same server relaying IPv4)" % rounds, "",
+             "| allocs | size | rate | " + " | ".join("%s us/pkt" % n for n in names) +
+             " | turnpike/turnpike-sock | turnpike/coturn | turnpike/turnpike-v4 | " +
+             " | ".join("loss %s" % n for n in names) + " | " + " | ".join("p99 us %s" % n for n in names) + " |",
+             "|---|---|---|" + "---|" * (3 * len(names) + 3)]
+    for c in configs:
+        m = {n: combine(runs[(c, n)]) for n in names}
+        cpu = {n: m[n].get("cpu_us_per_packet") for n in names}
+        lines.append("| %d | %d | %dk | %s | %s | %s | %s | %s | %s |" % (
+            c[0], c[1], c[2] // 1000, " | ".join(fmt(cpu[n]) for n in names),
+            fmt(ratio(cpu["turnpike"], cpu["turnpike-sock"])), fmt(ratio(cpu["turnpike"], cpu["coturn"])),
+            fmt(ratio(cpu["turnpike"], cpu["turnpike-v4"])),
+            " | ".join("n/a" if m[n].get("loss") is None else "%.3f %%" % (100 * m[n]["loss"]) for n in names),
+            " | ".join(fmt(m[n].get("p99_us"), 0) for n in names)))
+    lines += ["", repeats_line(STALLS)]
+    print("\n".join(lines))
+
+
 # Single studies: flag -> (function, default rounds).
 STUDIES = {"--trade-off": (trade_off_study, 4), "--raw-send": (raw_send_study, 3),
-           "--coalescing": (coalescing_study, 3), "--p99": (p99_study, 10)}
+           "--coalescing": (coalescing_study, 3), "--p99": (p99_study, 10), "--ipv6": (ipv6_study, 3)}
 
 if __name__ == "__main__":
     if len(sys.argv) > 2 and sys.argv[1] == "--from-log":

@@ -9,6 +9,9 @@
 //! `--tcp` reaches the server over TCP, `--tls` over TLS (one connection per client; the relay side
 //! stays UDP).
 //!
+//! `--relay-family ipv6` asks for IPv6 relayed addresses (RFC 6156), so that the peers and the relay
+//! side run over IPv6 while the clients reach the server as `--server` says.
+//!
 //! `--raw ADDR` skips TURN: payloads go to ADDR (a plain forwarder) which must send them to
 //! `--peer-port` on the generator's address towards ADDR.
 //!
@@ -47,6 +50,9 @@ struct Args {
     warmup: f64,
     send_mode: bool,
     calls: bool,
+    /// Ask for IPv6 relayed addresses (REQUESTED-ADDRESS-FAMILY, RFC 6156); the peers then listen on
+    /// this host's IPv6 address towards them.
+    ipv6_relays: bool,
     /// Clients reach the server over TCP.
     tcp: bool,
     /// ... over TLS (implies `tcp`).
@@ -83,6 +89,11 @@ fn parse_args() -> Result<Args, String> {
         warmup: num("--warmup", "0.5")?,
         send_mode: a.iter().any(|x| x == "--send-indications"),
         calls: a.iter().any(|x| x == "--calls"),
+        ipv6_relays: match arg(&a, "--relay-family") {
+            None | Some("ipv4") => false,
+            Some("ipv6") => true,
+            Some(_) => return Err("--relay-family ipv4|ipv6".into()),
+        },
         tcp: a.iter().any(|x| x == "--tcp" || x == "--tls"),
         tls: a.iter().any(|x| x == "--tls"),
         server_pid: arg(&a, "--server-pid").and_then(|p| p.parse().ok()),
@@ -216,10 +227,22 @@ fn all_answered(answers: &[Option<Vec<u8>>], which: &[usize], step: &str) -> io:
     }
 }
 
+/// The attributes of every Allocate: REQUESTED-TRANSPORT UDP, and REQUESTED-ADDRESS-FAMILY IPv6 with
+/// `--relay-family ipv6`.
+fn allocate_attributes(args: &Args) -> impl Fn(&mut MsgWriter<'_>) {
+    let ipv6 = args.ipv6_relays;
+    move |w: &mut MsgWriter<'_>| {
+        w.add_bytes(AttrType::REQUESTED_TRANSPORT, &[PROTO_UDP, 0, 0, 0]);
+        if ipv6 {
+            w.add_bytes(AttrType::REQUESTED_ADDRESS_FAMILY, &[attr::FAMILY_IPV6, 0, 0, 0]);
+        }
+    }
+}
+
 /// Sends an unauthenticated Allocate from each of `which` and keeps the realm and nonce of its 401
 /// answer, with the long-term key for the client's REST credentials.
 fn challenge(poll: &mut Poll, clients: &mut [Client], which: &[usize], args: &Args) -> io::Result<()> {
-    let transport = |w: &mut MsgWriter<'_>| w.add_bytes(AttrType::REQUESTED_TRANSPORT, &[PROTO_UDP, 0, 0, 0]);
+    let transport = allocate_attributes(args);
     let answers = round(poll, clients, which, args.server, &|c| c.request(Method::ALLOCATE, false, &transport));
     all_answered(&answers, which, "Allocate")?;
     for &i in which {
@@ -251,7 +274,7 @@ struct Timed {
 /// steal time meanwhile. The requests (and their MESSAGE-INTEGRITY) are built before the clock starts: the
 /// generator's own work is not the server's set-up rate.
 fn timed_allocate(poll: &mut Poll, clients: &mut [Client], which: &[usize], args: &Args) -> io::Result<Timed> {
-    let transport = |w: &mut MsgWriter<'_>| w.add_bytes(AttrType::REQUESTED_TRANSPORT, &[PROTO_UDP, 0, 0, 0]);
+    let transport = allocate_attributes(args);
     let requests = build_requests(clients, which, &|c| c.request(Method::ALLOCATE, true, &transport));
     let steal_before = steal_ms();
     let cpu_before = args.server_pid.and_then(proc_usage).map(|u| u.0);
@@ -364,7 +387,7 @@ fn record_arrival(
 const USAGE: &str = "usage: loadgen [--server IP:PORT] [--secret S] [--realm R] [--allocations N] [--rate PPS]
                [--size BYTES] [--duration S] [--warmup S] [--send-indications] [--calls] [--tcp | --tls]
                [--server-pid PID] [--setup-only [--setup-rounds K]] [--raw IP:PORT --peer-port P]
-               [--start-at UNIX-SECONDS]
+               [--start-at UNIX-SECONDS] [--relay-family ipv4|ipv6]
 Sets up N TURN allocations (REST credentials from --secret), binds channels to local peers (or, with
 --calls, to each other's relayed addresses), sends paced traffic and prints loss, latency and the
 server's CPU and RSS (with --server-pid) as a human line on stderr and a JSON line on stdout.
@@ -373,6 +396,7 @@ server's CPU and RSS (with --server-pid) as a human line on stderr and a JSON li
 (--calls) is taken when the generator reads, so those arrivals count as unstamped.
 --setup-only measures the set-up alone (rate, server CPU per Allocate, RSS per allocation); with
 --setup-rounds K the authenticated Allocates are measured K times, the allocations deleted in between.
+--relay-family ipv6 asks for IPv6 relayed addresses (RFC 6156); the peers listen on IPv6 then.
 --start-at starts the traffic (warm-up, then the window) at that wall-clock time, after the set-up, so
 that several generators measure the same window; `late_start_ms` says how late one was.
 Defaults: 127.0.0.1:3478, 10 allocations, 10000 pps, 172 bytes, 3 s after 0.5 s of warm-up.";
@@ -428,6 +452,9 @@ fn bench_socket(addr: SocketAddr) -> io::Result<UdpSocket> {
 fn run(args: &Args) -> io::Result<()> {
     if args.tcp && args.raw.is_some() {
         return Err(io::Error::other("--tcp/--tls and --raw cannot be combined (the raw forwarder is UDP)"));
+    }
+    if args.ipv6_relays && args.raw.is_some() {
+        return Err(io::Error::other("--relay-family and --raw cannot be combined (--raw skips TURN)"));
     }
     let mut poll = Poll::new()?;
     let unix = unix_nanos() / 1_000_000_000;
@@ -486,6 +513,12 @@ fn run(args: &Args) -> io::Result<()> {
             let m = StunMsg::parse(a).map_err(|e| io::Error::other(e.to_string()))?;
             c.relayed =
                 m.attr(AttrType::XOR_RELAYED_ADDRESS).and_then(|v| attr::decode_xor_addr(v, &m.transaction_id()).ok());
+            if c.relayed.is_some_and(|r| r.is_ipv6() != args.ipv6_relays) {
+                return Err(io::Error::other(format!(
+                    "the server relayed from {:?}, not the family asked for",
+                    c.relayed
+                )));
+            }
             ok += 1;
         }
         setup_rate = ok as f64 / took;
