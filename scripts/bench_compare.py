@@ -528,25 +528,58 @@ def p99_study(rounds):
     print("\n".join(lines))
 
 
+def rotating_rounds(tag, rounds, configs, names, run):
+    """`rounds` rounds of every (allocations, size, rate) configuration in `configs` on every server in
+    `names`, the servers' order rotating from one configuration to the next; `run(config, name)` makes
+    one run, logged on stderr under `tag`. Returns the runs of each (configuration, name)."""
+    runs = {(c, n): [] for c in configs for n in names}
+    k = 0
+    for _ in range(rounds):
+        for c in configs:
+            for name in names[k % len(names):] + names[:k % len(names)]:
+                r = run(c, name)
+                runs[(c, name)].append(r)
+                print("  %s %-14s %5d allocs %4d B %6d pps: %s" % (tag, name, c[0], c[1], c[2], json.dumps(r)),
+                      file=sys.stderr)
+            k += 1
+    return runs
+
+
+def like_for_like(title, configs, names, runs, ratios):
+    """Prints a study's table under `title`: per configuration the median CPU per packet of each server in
+    `names`, the ratios of the (numerator, denominator) pairs in `ratios`, and each server's worst loss
+    and median p99."""
+    lines = [title, "",
+             "| allocs | size | rate | " + " | ".join("%s us/pkt" % n for n in names) + " | " +
+             " | ".join("%s/%s" % pair for pair in ratios) + " | " + " | ".join("loss %s" % n for n in names) +
+             " | " + " | ".join("p99 us %s" % n for n in names) + " |",
+             "|---|---|---|" + "---|" * (3 * len(names) + len(ratios))]
+    for c in configs:
+        m = {n: combine(runs[(c, n)]) for n in names}
+        cpu = {n: m[n].get("cpu_us_per_packet") for n in names}
+        lines.append("| %d | %d | %dk | %s | %s | %s | %s |" % (
+            c[0], c[1], c[2] // 1000, " | ".join(fmt(cpu[n]) for n in names),
+            " | ".join(fmt(ratio(cpu[a], cpu[b])) for (a, b) in ratios),
+            " | ".join("n/a" if m[n].get("loss") is None else "%.3f %%" % (100 * m[n]["loss"]) for n in names),
+            " | ".join(fmt(m[n].get("p99_us"), 0) for n in names)))
+    lines += ["", repeats_line(STALLS)]
+    print("\n".join(lines))
+
+
 def coalescing_study(rounds, pause_us=300):
     """Receive coalescing like for like: turnpike (default), turnpike-nc (coalescing off), the raw
     forwarder, and the raw forwarder pausing `pause_us` after a short batch (RAW_COALESCE_US), in
     rotating order, `rounds` rounds; prints the median CPU per packet and p50/p99 of each."""
     configs = [(10, 172, 100000), (10, 172, 200000), (1000, 172, 100000)]
     names = ["turnpike", "turnpike-nc", "raw", "raw-coalescing"]
-    runs = {(c, n): [] for c in configs for n in names}
-    k = 0
-    for _ in range(rounds):
-        for (a, size, rate) in configs:
-            for name in names[k % 4:] + names[:k % 4]:
-                server = "raw" if name == "raw-coalescing" else name
-                pause = pause_us if name == "raw-coalescing" else None
-                r = run_one(server, "--allocations", a, "--size", size, "--rate", rate,
-                            starter=lambda server=server, pause=pause: start(server, 1, pause))
-                runs[((a, size, rate), name)].append(r)
-                print("  coalescing %-14s %5d allocs %4d B %6d pps: %s" % (name, a, size, rate, json.dumps(r)),
-                      file=sys.stderr)
-            k += 1
+
+    def run(c, name):
+        server = "raw" if name == "raw-coalescing" else name
+        pause = pause_us if name == "raw-coalescing" else None
+        return run_one(server, "--allocations", c[0], "--size", c[1], "--rate", c[2],
+                       starter=lambda: start(server, 1, pause))
+
+    runs = rotating_rounds("coalescing", rounds, configs, names, run)
     lines = ["### Receive coalescing like for like, %d rotating rounds (medians; raw-coalescing: RAW_COALESCE_US=%d)"
              % (rounds, pause_us), "",
              "| allocs | size | rate | " + " | ".join("%s us/pkt" % n for n in names) +
@@ -612,37 +645,17 @@ def raw_send_study(rounds, pause_us=300):
     configs = [(1000, 172, 100000), (1000, 172, 200000), (1000, 1200, 100000), (1000, 1200, 200000),
                (10, 172, 100000), (10, 172, 200000)]
     names = ["turnpike", "turnpike-sock", "coturn", "floor", "floor-raw"]
-    runs = {(c, n): [] for c in configs for n in names}
-    k = 0
-    for _ in range(rounds):
-        for (a, size, rate) in configs:
-            for name in names[k % len(names):] + names[:k % len(names)]:
-                pause = pause_us if name.startswith("floor") else None
-                r = run_one(name, "--allocations", a, "--size", size, "--rate", rate,
-                            starter=lambda name=name, a=a, pause=pause: start(name, a, pause))
-                runs[((a, size, rate), name)].append(r)
-                print("  raw-send %-14s %5d allocs %4d B %6d pps: %s" % (name, a, size, rate, json.dumps(r)),
-                      file=sys.stderr)
-            k += 1
-    lines = ["### The raw socket like for like, %d rotating rounds (medians; turnpike-sock: runtime.raw_send "
-             "false; the floors pause %d us as turnpike does)" % (rounds, pause_us), "",
-             "| allocs | size | rate | " + " | ".join("%s us/pkt" % n for n in names) +
-             " | turnpike/turnpike-sock | turnpike/coturn | turnpike-sock/coturn | turnpike/floor-raw | "
-             "turnpike-sock/floor | " + " | ".join("loss %s" % n for n in names) + " | " +
-             " | ".join("p99 us %s" % n for n in names) + " |",
-             "|---|---|---|" + "---|" * (3 * len(names) + 5)]
-    for c in configs:
-        m = {n: combine(runs[(c, n)]) for n in names}
-        cpu = {n: m[n].get("cpu_us_per_packet") for n in names}
-        lines.append("| %d | %d | %dk | %s | %s | %s | %s | %s | %s | %s | %s |" % (
-            c[0], c[1], c[2] // 1000, " | ".join(fmt(cpu[n]) for n in names),
-            fmt(ratio(cpu["turnpike"], cpu["turnpike-sock"])), fmt(ratio(cpu["turnpike"], cpu["coturn"])),
-            fmt(ratio(cpu["turnpike-sock"], cpu["coturn"])), fmt(ratio(cpu["turnpike"], cpu["floor-raw"])),
-            fmt(ratio(cpu["turnpike-sock"], cpu["floor"])),
-            " | ".join("n/a" if m[n].get("loss") is None else "%.3f %%" % (100 * m[n]["loss"]) for n in names),
-            " | ".join(fmt(m[n].get("p99_us"), 0) for n in names)))
-    lines += ["", repeats_line(STALLS)]
-    print("\n".join(lines))
+
+    def run(c, name):
+        pause = pause_us if name.startswith("floor") else None
+        return run_one(name, "--allocations", c[0], "--size", c[1], "--rate", c[2],
+                       starter=lambda: start(name, c[0], pause))
+
+    runs = rotating_rounds("raw-send", rounds, configs, names, run)
+    like_for_like("### The raw socket like for like, %d rotating rounds (medians; turnpike-sock: runtime.raw_send "
+                  "false; the floors pause %d us as turnpike does)" % (rounds, pause_us), configs, names, runs,
+                  [("turnpike", "turnpike-sock"), ("turnpike", "coturn"), ("turnpike-sock", "coturn"),
+                   ("turnpike", "floor-raw"), ("turnpike-sock", "floor")])
 
 
 def ipv6_study(rounds):
@@ -654,36 +667,17 @@ def ipv6_study(rounds):
     # label -> (server, relay family)
     servers = {"turnpike": ("turnpike", "ipv6"), "turnpike-sock": ("turnpike-sock", "ipv6"),
                "coturn": ("coturn", "ipv6"), "turnpike-v4": ("turnpike", "ipv4")}
+
+    def run(c, label):
+        server, family = servers[label]
+        return run_one(server, "--allocations", c[0], "--size", c[1], "--rate", c[2], "--relay-family", family,
+                       starter=lambda: start(server, ipv6=True))
+
     names = list(servers)
-    runs = {(c, n): [] for c in configs for n in names}
-    k = 0
-    for _ in range(rounds):
-        for (a, size, rate) in configs:
-            for label in names[k % len(names):] + names[:k % len(names)]:
-                server, family = servers[label]
-                r = run_one(server, "--allocations", a, "--size", size, "--rate", rate, "--relay-family", family,
-                            starter=lambda server=server: start(server, ipv6=True))
-                runs[((a, size, rate), label)].append(r)
-                print("  ipv6 %-14s %5d allocs %4d B %6d pps: %s" % (label, a, size, rate, json.dumps(r)),
-                      file=sys.stderr)
-            k += 1
-    lines = ["### IPv6 relays, %d rotating rounds (medians; turnpike-sock: runtime.raw_send false; turnpike-v4: "
-             "the same server relaying IPv4)" % rounds, "",
-             "| allocs | size | rate | " + " | ".join("%s us/pkt" % n for n in names) +
-             " | turnpike/turnpike-sock | turnpike/coturn | turnpike/turnpike-v4 | " +
-             " | ".join("loss %s" % n for n in names) + " | " + " | ".join("p99 us %s" % n for n in names) + " |",
-             "|---|---|---|" + "---|" * (3 * len(names) + 3)]
-    for c in configs:
-        m = {n: combine(runs[(c, n)]) for n in names}
-        cpu = {n: m[n].get("cpu_us_per_packet") for n in names}
-        lines.append("| %d | %d | %dk | %s | %s | %s | %s | %s | %s |" % (
-            c[0], c[1], c[2] // 1000, " | ".join(fmt(cpu[n]) for n in names),
-            fmt(ratio(cpu["turnpike"], cpu["turnpike-sock"])), fmt(ratio(cpu["turnpike"], cpu["coturn"])),
-            fmt(ratio(cpu["turnpike"], cpu["turnpike-v4"])),
-            " | ".join("n/a" if m[n].get("loss") is None else "%.3f %%" % (100 * m[n]["loss"]) for n in names),
-            " | ".join(fmt(m[n].get("p99_us"), 0) for n in names)))
-    lines += ["", repeats_line(STALLS)]
-    print("\n".join(lines))
+    runs = rotating_rounds("ipv6", rounds, configs, names, run)
+    like_for_like("### IPv6 relays, %d rotating rounds (medians; turnpike-sock: runtime.raw_send false; "
+                  "turnpike-v4: the same server relaying IPv4)" % rounds, configs, names, runs,
+                  [("turnpike", "turnpike-sock"), ("turnpike", "coturn"), ("turnpike", "turnpike-v4")])
 
 
 # Single studies: flag -> (function, default rounds).

@@ -242,8 +242,8 @@ fn allocate_attributes(args: &Args) -> impl Fn(&mut MsgWriter<'_>) {
 /// Sends an unauthenticated Allocate from each of `which` and keeps the realm and nonce of its 401
 /// answer, with the long-term key for the client's REST credentials.
 fn challenge(poll: &mut Poll, clients: &mut [Client], which: &[usize], args: &Args) -> io::Result<()> {
-    let transport = allocate_attributes(args);
-    let answers = round(poll, clients, which, args.server, &|c| c.request(Method::ALLOCATE, false, &transport));
+    let attributes = allocate_attributes(args);
+    let answers = round(poll, clients, which, args.server, &|c| c.request(Method::ALLOCATE, false, &attributes));
     all_answered(&answers, which, "Allocate")?;
     for &i in which {
         let (Some(Some(a)), Some(c)) = (answers.get(i), clients.get_mut(i)) else { continue };
@@ -274,8 +274,8 @@ struct Timed {
 /// steal time meanwhile. The requests (and their MESSAGE-INTEGRITY) are built before the clock starts: the
 /// generator's own work is not the server's set-up rate.
 fn timed_allocate(poll: &mut Poll, clients: &mut [Client], which: &[usize], args: &Args) -> io::Result<Timed> {
-    let transport = allocate_attributes(args);
-    let requests = build_requests(clients, which, &|c| c.request(Method::ALLOCATE, true, &transport));
+    let attributes = allocate_attributes(args);
+    let requests = build_requests(clients, which, &|c| c.request(Method::ALLOCATE, true, &attributes));
     let steal_before = steal_ms();
     let cpu_before = args.server_pid.and_then(proc_usage).map(|u| u.0);
     let start = Instant::now();
@@ -513,11 +513,8 @@ fn run(args: &Args) -> io::Result<()> {
             let m = StunMsg::parse(a).map_err(|e| io::Error::other(e.to_string()))?;
             c.relayed =
                 m.attr(AttrType::XOR_RELAYED_ADDRESS).and_then(|v| attr::decode_xor_addr(v, &m.transaction_id()).ok());
-            if c.relayed.is_some_and(|r| r.is_ipv6() != args.ipv6_relays) {
-                return Err(io::Error::other(format!(
-                    "the server relayed from {:?}, not the family asked for",
-                    c.relayed
-                )));
+            if let Some(relayed) = c.relayed.filter(|r| r.is_ipv6() != args.ipv6_relays) {
+                return Err(io::Error::other(format!("the server relayed from {relayed}, not the family asked for")));
             }
             ok += 1;
         }
