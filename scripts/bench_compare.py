@@ -23,6 +23,14 @@ SECRET = "bench-secret"
 PORTS = {"turnpike": 3478, "turnpike-nc": 3478, "turnpike-sock": 3478, "coturn": 3479, "raw": 3490, "floor": 3490,
          "floor-raw": 3490, "setup-floor": 3492}
 PEER_PORT = 3491
+# The gateway study (--gateway): the generator in a network namespace of its own, joined to this one by a
+# veth pair, its address (clients and peers alike) behind a gateway, as a relay's peers on the internet
+# are; on loopback every peer is on-link. Addresses from the benchmarking range 198.18.0.0/15 (RFC 2544).
+GATEWAY_NETNS = "turnpike-bench-gw"
+GATEWAY_SERVER = "198.18.0.1"  # this end of the veth pair: the servers listen and relay here
+GATEWAY_HOP = "198.18.0.2"  # the far end: the gateway to GATEWAY_NET
+GATEWAY_NET = "198.19.0.0/24"
+GATEWAY_GENERATOR = "198.19.0.2"  # the generator's address, behind GATEWAY_HOP
 
 TURNPIKE_YAML = """listen: {ips: [127.0.0.1], port: 3478, tcp: false}
 relay: {ips: [127.0.0.1], min_port: 20000, max_port: 39999}
@@ -58,23 +66,24 @@ def require_free_ports():
                  "still running?); stop it and run again" % ", ".join(busy))
 
 
-def coturn_command(binary, port, relay_ports, threads, pidfile):
-    """coturn configured like the benchmark's turnpike: REST credentials from SECRET, loopback peers
-    allowed, UDP only, `threads` relay threads, no logging."""
-    return [binary, "-n", "--listening-ip=127.0.0.1", "--listening-port=%d" % port, "--relay-ip=127.0.0.1",
+def coturn_command(binary, port, relay_ports, threads, pidfile, address="127.0.0.1"):
+    """coturn configured like the benchmark's turnpike: listening and relaying on `address`, REST
+    credentials from SECRET, loopback peers allowed, UDP only, `threads` relay threads, no logging."""
+    return [binary, "-n", "--listening-ip=" + address, "--listening-port=%d" % port, "--relay-ip=" + address,
             "--min-port=%d" % relay_ports[0], "--max-port=%d" % relay_ports[1], "--use-auth-secret",
             "--static-auth-secret=" + SECRET, "--realm=bench", "--allow-loopback-peers", "--no-cli", "--no-tls",
             "--no-dtls", "--no-tcp", "--relay-threads=%d" % threads, "--no-stdout-log", "--log-file=/dev/null",
             "--pidfile=" + pidfile]
 
 
-def start(name, sockets=1, pause_us=None, ipv6=False):
+def start(name, sockets=1, pause_us=None, ipv6=False, gateway=False):
     """Starts one server. `floor` is the raw forwarder shaped like a relay: it sends through `sockets`
     sockets, one per source (each allocation sends from its own address) and waits on all of them with
     epoll_wait (a relay's peers may send to any of them): the least any TURN server pays. `pause_us`
     sets turnpike's runtime.coalesce_us (None: its default) or the forwarders' RAW_COALESCE_US (None:
     no pause). `ipv6`: turnpike and coturn relay from ::1 too (for `loadgen --relay-family ipv6`),
-    and turnpike allows ::1 peers."""
+    and turnpike allows ::1 peers. `gateway`: turnpike and coturn listen and relay on GATEWAY_SERVER,
+    with the generator's network behind a gateway (see `gateway_study`)."""
     pin = ["taskset", "-c", "0"]
     env = None
     if name in ("turnpike", "turnpike-nc", "turnpike-sock"):
@@ -92,13 +101,17 @@ def start(name, sockets=1, pause_us=None, ipv6=False):
         if ipv6:
             yaml = yaml.replace("ips: [127.0.0.1], min_port", 'ips: [127.0.0.1, "::1"], min_port')
             yaml = yaml.replace("allowed: [127.0.0.1]", 'allowed: [127.0.0.1, "::1"]')
+        if gateway:
+            yaml = yaml.replace("allowed: [127.0.0.1]", "allowed: [%s]" % GATEWAY_NET)
+            yaml = yaml.replace("127.0.0.1", GATEWAY_SERVER)
         path = os.path.join(ROOT, "target/bench/turnpike.yaml")
         with open(path, "w") as f:
             f.write(yaml)
         cmd = pin + [TURNPIKE, "--config", path]
     elif name == "coturn":
         cmd = pin + coturn_command("turnserver", PORTS["coturn"], (40000, 59999), 1,
-                                   os.path.join(ROOT, "target/bench/coturn.pid"))
+                                   os.path.join(ROOT, "target/bench/coturn.pid"),
+                                   GATEWAY_SERVER if gateway else "127.0.0.1")
         if ipv6:
             cmd.append("--relay-ip=::1")
     elif name == "setup-floor":
@@ -127,14 +140,17 @@ def stop(proc):
         proc.wait()
 
 
-def loadgen(name, proc, *extra, port=None):
-    """One generator run against `proc` (on `port`, default the server's own in PORTS); its JSON line."""
+def loadgen(name, proc, *extra, port=None, gateway=False):
+    """One generator run against `proc` (on `port`, default the server's own in PORTS); its JSON line.
+    `gateway`: the generator runs in GATEWAY_NETNS, the server listens on GATEWAY_SERVER."""
     cmd = ["taskset", "-c", "1", LOADGEN, "--secret", SECRET, "--server-pid", str(proc.pid),
            "--duration", str(SECS), "--warmup", "0.5"] + [str(e) for e in extra]
+    if gateway:
+        cmd = ["ip", "netns", "exec", GATEWAY_NETNS] + cmd
     if name in ("raw", "floor", "floor-raw"):
         cmd += ["--raw", "127.0.0.1:%d" % PORTS[name], "--peer-port", str(PEER_PORT)]
     else:
-        cmd += ["--server", "127.0.0.1:%d" % (port or PORTS[name])]
+        cmd += ["--server", "%s:%d" % (GATEWAY_SERVER if gateway else "127.0.0.1", port or PORTS[name])]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     if not out.stdout.strip():
         return {"error": out.stderr.strip()[-300:] or "no output (exit %d)" % out.returncode}
@@ -178,13 +194,13 @@ def stall_reason(r):
     return None
 
 
-def run_one(name, *extra, sockets=1, starter=None, port=None):
+def run_one(name, *extra, sockets=1, starter=None, port=None, gateway=False):
     """A fresh server (`starter()`, default `start(name, sockets)`) and one generator run against it,
     repeated (at most twice) when the run stalled; see `stall_reason`."""
     for attempt in range(3):
         proc = starter() if starter else start(name, sockets)
         try:
-            r = loadgen(name, proc, *extra, port=port)
+            r = loadgen(name, proc, *extra, port=port, gateway=gateway)
         finally:
             stop(proc)
         reason = stall_reason(r)
@@ -680,9 +696,58 @@ def ipv6_study(rounds):
                   [("turnpike", "turnpike-sock"), ("turnpike", "coturn"), ("turnpike", "turnpike-v4")])
 
 
+def gateway_network(up):
+    """Removes the gateway study's network, then (`up`) creates it: namespace GATEWAY_NETNS holding
+    GATEWAY_GENERATOR, a veth pair GATEWAY_SERVER <-> GATEWAY_HOP, a route from here to GATEWAY_NET via
+    GATEWAY_HOP, and in the namespace a route to GATEWAY_SERVER with GATEWAY_GENERATOR as its source."""
+    def ip(*args, ns=False, check=True):
+        cmd = (["ip", "netns", "exec", GATEWAY_NETNS] if ns else []) + ["ip"] + list(args)
+        subprocess.run(cmd, check=check, capture_output=True)
+
+    ip("route", "del", GATEWAY_NET, check=False)
+    ip("netns", "del", GATEWAY_NETNS, check=False)  # takes its end of the veth pair, and so the pair
+    if not up:
+        return
+    ip("netns", "add", GATEWAY_NETNS)
+    ip("link", "add", "tpb-gw0", "type", "veth", "peer", "name", "tpb-gw1")
+    ip("link", "set", "tpb-gw1", "netns", GATEWAY_NETNS)
+    ip("addr", "add", GATEWAY_SERVER + "/30", "dev", "tpb-gw0")
+    ip("link", "set", "tpb-gw0", "up")
+    ip("link", "set", "lo", "up", ns=True)
+    ip("addr", "add", GATEWAY_GENERATOR + "/32", "dev", "lo", ns=True)
+    ip("addr", "add", GATEWAY_HOP + "/30", "dev", "tpb-gw1", ns=True)
+    ip("link", "set", "tpb-gw1", "up", ns=True)
+    ip("route", "add", GATEWAY_SERVER + "/32", "dev", "tpb-gw1", "src", GATEWAY_GENERATOR, ns=True)
+    ip("route", "add", GATEWAY_NET, "via", GATEWAY_HOP)
+
+
+def gateway_study(rounds):
+    """turnpike (default: raw socket), turnpike-sock (runtime.raw_send false) and coturn with the
+    generator behind a gateway (`gateway_network`), in rotating order, `rounds` rounds. On loopback every
+    peer is on-link, and the kernel gives every datagram a raw socket sends towards an on-link peer a
+    route of its own; towards peers behind a gateway it uses the gateway's cached route. Needs root
+    (ip netns); the network is removed afterwards."""
+    configs = [(1000, 172, 100000), (1000, 172, 200000), (1000, 1200, 200000), (10, 172, 200000)]
+    names = ["turnpike", "turnpike-sock", "coturn"]
+
+    def run(c, name):
+        return run_one(name, "--allocations", c[0], "--size", c[1], "--rate", c[2], gateway=True,
+                       starter=lambda: start(name, gateway=True))
+
+    gateway_network(True)
+    try:
+        runs = rotating_rounds("gateway", rounds, configs, names, run)
+    finally:
+        gateway_network(False)
+    like_for_like("### Peers behind a gateway, %d rotating rounds (medians; turnpike-sock: runtime.raw_send false; "
+                  "the generator in a network namespace behind a veth pair)" % rounds, configs, names, runs,
+                  [("turnpike", "turnpike-sock"), ("turnpike", "coturn"), ("turnpike-sock", "coturn")])
+
+
 # Single studies: flag -> (function, default rounds).
 STUDIES = {"--trade-off": (trade_off_study, 4), "--raw-send": (raw_send_study, 3),
-           "--coalescing": (coalescing_study, 3), "--p99": (p99_study, 10), "--ipv6": (ipv6_study, 3)}
+           "--coalescing": (coalescing_study, 3), "--p99": (p99_study, 10), "--ipv6": (ipv6_study, 3),
+           "--gateway": (gateway_study, 3)}
 
 if __name__ == "__main__":
     if len(sys.argv) > 2 and sys.argv[1] == "--from-log":
