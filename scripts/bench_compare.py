@@ -704,7 +704,7 @@ def gateway_network(up):
         cmd = (["ip", "netns", "exec", GATEWAY_NETNS] if ns else []) + ["ip"] + list(args)
         subprocess.run(cmd, check=check, capture_output=True)
 
-    ip("route", "del", GATEWAY_NET, check=False)
+    ip("route", "del", GATEWAY_NET, "via", GATEWAY_HOP, check=False)  # only the route this study made
     ip("netns", "del", GATEWAY_NETNS, check=False)  # takes its end of the veth pair, and so the pair
     if not up:
         return
@@ -734,8 +734,8 @@ def gateway_study(rounds):
         return run_one(name, "--allocations", c[0], "--size", c[1], "--rate", c[2], gateway=True,
                        starter=lambda: start(name, gateway=True))
 
-    gateway_network(True)
     try:
+        gateway_network(True)
         runs = rotating_rounds("gateway", rounds, configs, names, run)
     finally:
         gateway_network(False)
