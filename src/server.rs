@@ -523,12 +523,12 @@ pub fn start(cfg: &Config) -> io::Result<ServerHandle> {
     let cores = if cfg.pin_cores { core_affinity::get_core_ids().unwrap_or_default() } else { Vec::new() };
     let origin = clock::now();
     let origin_unix = clock::unix_now();
-    let mut raw_sockets: Vec<Option<shard::rawsend::RawSocket>> =
+    let raw_sockets: Vec<Option<shard::rawsend::RawSocket>> =
         (0..listeners.len()).map(|k| if cfg.raw_send { open_raw_socket(k, cfg.send_buffer) } else { None }).collect();
     give_up_net_raw();
     let mut stats = Vec::new();
     let mut shards = Vec::new();
-    for (k, shard_listeners) in listeners.into_iter().enumerate() {
+    for (k, (shard_listeners, raw_socket)) in listeners.into_iter().zip(raw_sockets).enumerate() {
         let shard_stats = Arc::new(ShardStats::default());
         let (poll, waker) = shard::new_poll()?;
         let (tx, rx) = crossbeam_channel::bounded(16);
@@ -555,7 +555,7 @@ pub fn start(cfg: &Config) -> io::Result<ServerHandle> {
             buffers,
             recv_batch: cfg.recv_batch,
             udp_gso: cfg.udp_gso,
-            raw_socket: raw_sockets.get_mut(k).and_then(Option::take),
+            raw_socket,
             coalesce: CoalesceSettings { max_wait: cfg.coalesce_wait, min_rate: cfg.coalesce_min_rate },
             unallocated_timeout: cfg.unallocated_timeout,
             applied: Arc::clone(&applied),

@@ -92,7 +92,7 @@ struct RelaySlots {
     freed_streams: Vec<FiveTuple>,
     /// Relay sockets out of service, kept open for later allocations (the engine's spares), with the
     /// address each is bound to.
-    parked: Vec<Option<(UdpSocket, Option<SocketAddr>)>>,
+    parked: Vec<Option<(UdpSocket, SocketAddr)>>,
     /// Free entries of `parked`.
     parked_free: Vec<u32>,
 }
@@ -101,7 +101,7 @@ impl RelaySlots {
     /// Makes `sock` (registered with slot `idx`'s token, bound to `local`) the relay socket
     /// of slot `idx`: a new opening, so datagrams queued for the slot's previous socket are not sent
     /// from this one.
-    fn install(&mut self, idx: u32, sock: UdpSocket, local: Option<SocketAddr>) {
+    fn install(&mut self, idx: u32, sock: UdpSocket, local: SocketAddr) {
         let idx = idx as usize;
         if self.sockets.len() <= idx {
             self.sockets.resize_with(idx + 1, || None);
@@ -110,7 +110,7 @@ impl RelaySlots {
         }
         self.sockets[idx] = Some(sock);
         self.generations[idx] = self.generations[idx].wrapping_add(1);
-        self.locals[idx] = local;
+        self.locals[idx] = Some(local);
     }
 }
 
@@ -123,7 +123,7 @@ impl RelaySockets for RelaySlots {
         let mut sock = UdpSocket::from_std(std_socket);
         let token = Token(RELAY_BASE + idx as usize);
         self.registry.register(&mut sock, token, Interest::READABLE).map_err(failed)?;
-        self.install(idx, sock, Some(addr));
+        self.install(idx, sock, addr);
         Ok(())
     }
 
@@ -135,8 +135,9 @@ impl RelaySockets for RelaySlots {
     }
 
     fn park(&mut self, idx: u32) -> Option<u32> {
+        // Every installed socket has its address (`install`).
+        let local = self.locals.get(idx as usize).copied().flatten()?;
         let mut sock = self.sockets.get_mut(idx as usize).and_then(Option::take)?;
-        let local = self.locals.get(idx as usize).copied().flatten();
         let id = match self.parked_free.pop() {
             Some(id) => id,
             None => {
@@ -397,8 +398,8 @@ impl Shard {
             },
             Action::ToPeer { idx, peer, range } => {
                 let generation = self.relays.generations.get(idx as usize).copied().unwrap_or(0);
-                let local =
-                    if self.sendq.raw() { self.relays.locals.get(idx as usize).copied().flatten() } else { None };
+                // The send queue takes the address only where a raw socket can use it.
+                let local = self.relays.locals.get(idx as usize).copied().flatten();
                 self.queue(send::Via::Relay { key: idx, generation }, local, peer, range);
             }
             Action::ToClient { tuple, range } if tuple.transport == Transport::Udp => {
