@@ -674,6 +674,31 @@ def raw_send_study(rounds, pause_us=300):
                    ("turnpike", "floor-raw"), ("turnpike-sock", "floor")])
 
 
+def send_floor_study(rounds, pauses=(300, 1000, 3000)):
+    """What a relay pays per datagram when every datagram goes to a peer of its own (1,000 allocations
+    at 200k pps), however long it pauses: coturn, turnpike (default), the raw forwarder (one socket in,
+    one out, no pause) and floor-raw (a socket per allocation, sending through one raw socket, as
+    turnpike does) pausing each of `pauses` microseconds after a short batch, in rotating order,
+    `rounds` rounds. A longer pause makes fewer, fuller wake-ups; what it cannot remove is the kernel's
+    work for each datagram sent, which is what a relay with many allocations pays most of."""
+    configs = [(1000, 172, 200000), (1000, 1200, 200000)]
+    # label -> (server, pause)
+    servers = {"turnpike": ("turnpike", None), "coturn": ("coturn", None), "raw": ("raw", None)}
+    servers.update({"floor-raw-%d" % p: ("floor-raw", p) for p in pauses})
+
+    def run(c, label):
+        server, pause = servers[label]
+        return run_one(server, "--allocations", c[0], "--size", c[1], "--rate", c[2],
+                       starter=lambda: start(server, c[0], pause))
+
+    names = list(servers)
+    runs = rotating_rounds("send-floor", rounds, configs, names, run)
+    like_for_like("### A datagram per peer, %d rotating rounds (medians; floor-raw-N: a socket per allocation, "
+                  "one raw socket to send, pausing N us after a short batch)" % rounds, configs, names, runs,
+                  [("turnpike", "coturn"), ("raw", "coturn")] + [("floor-raw-%d" % p, "coturn") for p in pauses]
+                  + [("turnpike", "floor-raw-%d" % pauses[0])])
+
+
 def ipv6_study(rounds):
     """IPv6 relays (`loadgen --relay-family ipv6`: clients reach the server over IPv4, relays and peers
     on ::1): turnpike (default: IPv6 raw socket), turnpike-sock (runtime.raw_send false) and coturn, and
@@ -747,7 +772,7 @@ def gateway_study(rounds):
 # Single studies: flag -> (function, default rounds).
 STUDIES = {"--trade-off": (trade_off_study, 4), "--raw-send": (raw_send_study, 3),
            "--coalescing": (coalescing_study, 3), "--p99": (p99_study, 10), "--ipv6": (ipv6_study, 3),
-           "--gateway": (gateway_study, 3)}
+           "--gateway": (gateway_study, 3), "--send-floor": (send_floor_study, 3)}
 
 if __name__ == "__main__":
     if len(sys.argv) > 2 and sys.argv[1] == "--from-log":
