@@ -157,6 +157,7 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
             && old.recv_batch == new.recv_batch
             && old.udp_gso == new.udp_gso
             && old.raw_send == new.raw_send
+            && old.raw_min_batch == new.raw_min_batch
             && old.coalesce_wait == new.coalesce_wait
             && old.coalesce_min_rate == new.coalesce_min_rate
             && old.unallocated_timeout == new.unallocated_timeout,
@@ -247,6 +248,7 @@ impl ServerHandle {
         merged.recv_batch = running.recv_batch;
         merged.udp_gso = running.udp_gso;
         merged.raw_send = running.raw_send;
+        merged.raw_min_batch = running.raw_min_batch;
         merged.coalesce_wait = running.coalesce_wait;
         merged.coalesce_min_rate = running.coalesce_min_rate;
         merged.unallocated_timeout = running.unallocated_timeout;
@@ -467,8 +469,8 @@ fn reserve_descriptors(cfg: &Config, plan: &RelayPlan) {
 
 /// Opens shard `k`'s raw socket for `runtime.raw_send`; without one (no `CAP_NET_RAW`) the shard sends
 /// through its relay sockets, as with the option off.
-fn open_raw_socket(k: usize, send_buffer: usize) -> Option<shard::rawsend::RawSocket> {
-    match shard::rawsend::RawSocket::open(send_buffer) {
+fn open_raw_socket(k: usize, send_buffer: usize, min_batch: usize) -> Option<shard::rawsend::RawSocket> {
+    match shard::rawsend::RawSocket::open(send_buffer, min_batch) {
         Ok(sock) => {
             if k == 0 {
                 log::info!(
@@ -523,8 +525,9 @@ pub fn start(cfg: &Config) -> io::Result<ServerHandle> {
     let cores = if cfg.pin_cores { core_affinity::get_core_ids().unwrap_or_default() } else { Vec::new() };
     let origin = clock::now();
     let origin_unix = clock::unix_now();
-    let raw_sockets: Vec<Option<shard::rawsend::RawSocket>> =
-        (0..listeners.len()).map(|k| if cfg.raw_send { open_raw_socket(k, cfg.send_buffer) } else { None }).collect();
+    let raw_sockets: Vec<Option<shard::rawsend::RawSocket>> = (0..listeners.len())
+        .map(|k| if cfg.raw_send { open_raw_socket(k, cfg.send_buffer, cfg.raw_min_batch) } else { None })
+        .collect();
     give_up_net_raw();
     let mut stats = Vec::new();
     let mut shards = Vec::new();

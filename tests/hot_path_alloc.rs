@@ -280,7 +280,7 @@ fn raw_socket_send_allocates_nothing() {
     use turnpike::shard::rawsend::RawSocket;
     use turnpike::shard::send::{SendQueue, Via};
     let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    let raw = match RawSocket::open(1 << 20) {
+    let raw = match RawSocket::open(1 << 20, turnpike::config::file::DEFAULT_RAW_MIN_BATCH) {
         Ok(raw) => raw,
         Err(e) if std::env::var_os("TURNPIKE_REQUIRE_RAW").is_none() => {
             eprintln!("skipped: no raw socket ({e})");

@@ -330,14 +330,15 @@ fn coalescing_pauses_busy_shards_and_loses_nothing() {
 #[test]
 fn raw_send_relays_each_allocations_datagrams_from_its_own_address() {
     let _turn = serialized();
-    let permitted = turnpike::shard::rawsend::RawSocket::open(0).is_ok();
+    let permitted = turnpike::shard::rawsend::RawSocket::open(0, 1).is_ok();
     assert!(
         permitted || std::env::var_os("TURNPIKE_REQUIRE_RAW").is_none(),
         "TURNPIKE_REQUIRE_RAW is set but no raw socket opens"
     );
     // On: first, since a server gives up CAP_NET_RAW for the thread that starts it (this one).
     for raw_send in [true, false] {
-        let extra = format!("  raw_send: {raw_send}\nmetrics:\n  listen: 127.0.0.1:0\n");
+        // raw_min_batch 1: every lone datagram takes the raw socket, however the shard's wake-ups fall.
+        let extra = format!("  raw_send: {raw_send}\n  raw_min_batch: 1\nmetrics:\n  listen: 127.0.0.1:0\n");
         let server = start_server(1, (47720, 47759), &extra);
         let metrics = server.metrics_addr.expect("metrics enabled");
         let peer = UdpSocket::bind("127.0.0.1:0").unwrap();

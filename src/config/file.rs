@@ -179,6 +179,8 @@ pub struct TlsSection {
 pub const DEFAULT_COALESCE_US: u64 = 300;
 /// Default datagram rate per shard from which it coalesces.
 pub const DEFAULT_COALESCE_MIN_PPS: u64 = 20_000;
+/// Default fewest lone datagrams of one family in a flush that take the raw socket (`runtime.raw_send`).
+pub const DEFAULT_RAW_MIN_BATCH: usize = 4;
 
 /// Per-core settings.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -205,6 +207,10 @@ pub struct RuntimeSection {
     /// Send relayed datagrams of many allocations together through one raw socket per shard and family, when
     /// the process may open one (`CAP_NET_RAW`); otherwise one send call per relay socket.
     pub raw_send: bool,
+    /// With `raw_send`: the fewest lone relayed datagrams of one family in a wake-up that leave through
+    /// the raw socket; fewer leave through their relay sockets (the raw socket saves nothing on one
+    /// datagram, and costs the kernel a route per datagram to an on-link peer).
+    pub raw_min_batch: usize,
     /// Receive coalescing: the longest pause, in microseconds, of a busy shard after a wake-up so that
     /// the next one finds a batch of datagrams (like a NIC's `rx-usecs`); 0 turns it off.
     pub coalesce_us: u64,
@@ -226,6 +232,7 @@ impl Default for RuntimeSection {
             recv_batch: 64,
             udp_gso: true,
             raw_send: true,
+            raw_min_batch: DEFAULT_RAW_MIN_BATCH,
             coalesce_us: DEFAULT_COALESCE_US,
             coalesce_min_pps: DEFAULT_COALESCE_MIN_PPS,
             unallocated_timeout: 30,

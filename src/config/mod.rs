@@ -161,6 +161,8 @@ pub struct Config {
     pub udp_gso: bool,
     /// Relayed datagrams of many allocations leave through one raw socket per shard and family, if permitted.
     pub raw_send: bool,
+    /// Fewest lone relayed datagrams of one family in a flush that take the raw socket.
+    pub raw_min_batch: usize,
     /// Longest receive-coalescing pause (zero: off).
     pub coalesce_wait: Duration,
     /// Datagrams per second per shard from which it coalesces.
@@ -436,6 +438,10 @@ fn validate(loc: &Locator<'_>, m: FileConfig, mut warnings: Vec<String>) -> Resu
     if m.runtime.recv_batch == 0 || m.runtime.recv_batch > 1024 {
         return Err(loc.error("runtime.recv_batch", "must be between 1 and 1024"));
     }
+    if m.runtime.raw_min_batch == 0 || m.runtime.raw_min_batch > crate::shard::sys::MAX_MESSAGES {
+        let most = crate::shard::sys::MAX_MESSAGES;
+        return Err(loc.error("runtime.raw_min_batch", format!("must be between 1 and {most}")));
+    }
     if m.runtime.coalesce_us > MAX_COALESCE_US {
         return Err(loc.error("runtime.coalesce_us", format!("must be between 0 (off) and {MAX_COALESCE_US}")));
     }
@@ -585,6 +591,7 @@ fn validate(loc: &Locator<'_>, m: FileConfig, mut warnings: Vec<String>) -> Resu
         recv_batch: m.runtime.recv_batch,
         udp_gso: m.runtime.udp_gso,
         raw_send: m.runtime.raw_send,
+        raw_min_batch: m.runtime.raw_min_batch,
         coalesce_wait: Duration::from_micros(m.runtime.coalesce_us),
         coalesce_min_rate: m.runtime.coalesce_min_pps,
         unallocated_timeout: Duration::from_secs(m.runtime.unallocated_timeout),
@@ -724,7 +731,11 @@ impl fmt::Display for Config {
             self.send_buffer,
             self.recv_batch,
             if self.udp_gso { "on" } else { "off" },
-            if self.raw_send { "on where permitted (CAP_NET_RAW)" } else { "off" }
+            if self.raw_send {
+                format!("on where permitted (CAP_NET_RAW), from {} lone datagrams", self.raw_min_batch)
+            } else {
+                "off".to_string()
+            }
         )?;
         if self.coalesce_wait.is_zero() {
             writeln!(f, "rx coalescing:     off")?;
@@ -795,6 +806,20 @@ mod tests {
         assert!(c.to_string().contains("rx coalescing:     off"), "{c}");
         let e = yaml("auth:\n  realm: x\n  shared_secrets: [a]\nruntime:\n  coalesce_us: 20000\n").unwrap_err();
         assert_eq!((e.line, e.option.as_str()), (Some(5), "runtime.coalesce_us"));
+    }
+
+    #[test]
+    fn raw_min_batch_default_and_limits() {
+        let c = yaml("auth:\n  realm: x\n  shared_secrets: [a]\n").unwrap();
+        assert_eq!(c.raw_min_batch, file::DEFAULT_RAW_MIN_BATCH);
+        assert!(c.to_string().contains("from 4 lone datagrams"), "{c}");
+        let c = yaml("auth:\n  realm: x\n  shared_secrets: [a]\nruntime:\n  raw_min_batch: 1\n").unwrap();
+        assert_eq!(c.raw_min_batch, 1);
+        for bad in ["0", "65"] {
+            let text = format!("auth:\n  realm: x\n  shared_secrets: [a]\nruntime:\n  raw_min_batch: {bad}\n");
+            let e = yaml(&text).unwrap_err();
+            assert_eq!((e.line, e.option.as_str()), (Some(5), "runtime.raw_min_batch"), "{bad}");
+        }
     }
 
     #[test]

@@ -40,13 +40,16 @@ pub fn header_len(to: SocketAddr) -> usize {
 pub struct RawSocket {
     v4: Option<Socket>,
     v6: Option<Socket>,
+    min_batch: usize,
 }
 
 impl RawSocket {
     /// Opens non-blocking `IPPROTO_RAW` sockets for IPv4 and IPv6 with `send_buffer` bytes of send
-    /// buffer each (0: the kernel's default). Succeeds when at least the IPv4 one opens (an IPv6 one
-    /// needs a kernel with IPv6 and `IPV6_HDRINCL`, 4.5 or later); fails without `CAP_NET_RAW`.
-    pub fn open(send_buffer: usize) -> io::Result<Self> {
+    /// buffer each (0: the kernel's default), to take the lone datagrams of a flush when there are at
+    /// least `min_batch` of a family (see [`Self::min_batch`]). Succeeds when at least the IPv4 one
+    /// opens (an IPv6 one needs a kernel with IPv6 and `IPV6_HDRINCL`, 4.5 or later); fails without
+    /// `CAP_NET_RAW`.
+    pub fn open(send_buffer: usize, min_batch: usize) -> io::Result<Self> {
         let open = |domain: Domain| -> io::Result<Socket> {
             let sock = Socket::new(domain, Type::RAW, Some(Protocol::from(libc::IPPROTO_RAW)))?;
             if domain == Domain::IPV6 {
@@ -66,7 +69,17 @@ impl RawSocket {
                 None
             }
         };
-        Ok(Self { v4: Some(v4), v6 })
+        Ok(Self { v4: Some(v4), v6, min_batch: min_batch.max(1) })
+    }
+
+    /// The fewest lone datagrams of one family in a flush that leave through the raw socket; fewer
+    /// leave through their relay sockets. The raw socket saves a system call per datagram but one, and
+    /// each datagram it sends to an on-link peer costs the kernel a route of its own (a header-included
+    /// datagram is routed as "next hop known", which the kernel does not cache towards a peer that is
+    /// not behind a gateway), allocated and later freed through RCU in `ksoftirqd`, which then holds up
+    /// the shard's core: a flush of one or two lone datagrams gains nothing by it and would pay that.
+    pub fn min_batch(&self) -> usize {
+        self.min_batch
     }
 
     /// The socket for IPv4 datagrams (`v4`) or IPv6 ones, if one is open.

@@ -277,12 +277,19 @@ impl SendQueue {
         socket: &impl Fn(Via) -> Option<&'s S>,
         done: &mut Flushed,
     ) {
-        let Some(raw_fd) = self.raw.as_ref().and_then(|raw| raw.fd(v4)) else {
+        let Some((raw_fd, min_batch)) = self.raw.as_ref().and_then(|raw| Some((raw.fd(v4)?, raw.min_batch()))) else {
             return;
         };
+        let of_family = |i: &&u8| self.pending[usize::from(**i)].to.is_ipv4() == v4;
+        if lone.iter().filter(of_family).count() < min_batch {
+            for &i in lone.iter().filter(of_family) {
+                self.send_own(i, socket, done);
+            }
+            return;
+        }
         let mut ready = [0u8; QUEUE_CAPACITY];
         let mut n_ready = 0;
-        for &i in lone.iter().filter(|&&i| self.pending[usize::from(i)].to.is_ipv4() == v4) {
+        for &i in lone.iter().filter(of_family) {
             let p = &self.pending[usize::from(i)];
             let framed = match (p.raw_from, p.range.start.checked_sub(rawsend::header_len(p.to))) {
                 (Some(from), Some(head)) => {
@@ -622,9 +629,10 @@ mod tests {
         assert_eq!(queue.flush(|_| Some(&out)).sent, QUEUE_CAPACITY as u64);
     }
 
-    /// A raw socket, or `None` (and a note) without CAP_NET_RAW, unless TURNPIKE_REQUIRE_RAW is set.
-    fn raw_socket() -> Option<RawSocket> {
-        match RawSocket::open(1 << 20) {
+    /// A raw socket taking the lone datagrams of a flush from `min_batch` of a family on, or `None` (and
+    /// a note) without CAP_NET_RAW, unless TURNPIKE_REQUIRE_RAW is set.
+    fn raw_socket(min_batch: usize) -> Option<RawSocket> {
+        match RawSocket::open(1 << 20, min_batch) {
             Ok(raw) => Some(raw),
             Err(e) if std::env::var_os("TURNPIKE_REQUIRE_RAW").is_none() => {
                 eprintln!("skipped: no raw socket ({e})");
@@ -651,7 +659,7 @@ mod tests {
     /// dropped; one with no room for the headers leaves through its own socket.
     #[test]
     fn lone_relayed_datagrams_leave_together_through_the_raw_socket() {
-        let Some(raw) = raw_socket() else { return };
+        let Some(raw) = raw_socket(1) else { return };
         let relays: Vec<UdpSocket> = (0..8).map(|_| UdpSocket::bind("127.0.0.1:0").unwrap()).collect();
         let v6_relay = UdpSocket::bind("[::1]:0").unwrap();
         let peer_1 = UdpSocket::bind("127.0.0.1:0").unwrap();
@@ -753,7 +761,7 @@ mod tests {
             }
             return;
         }
-        let raw = RawSocket::open(1 << 20).expect("root inside the namespace");
+        let raw = RawSocket::open(1 << 20, 1).expect("root inside the namespace");
         let (big_relay, small_relay) =
             (UdpSocket::bind("127.0.0.1:0").unwrap(), UdpSocket::bind("127.0.0.1:0").unwrap());
         let peer = UdpSocket::bind("127.0.0.1:0").unwrap();
@@ -786,13 +794,67 @@ mod tests {
         assert_eq!(got, want);
     }
 
+    /// Fewer lone datagrams of a family than the raw socket's `min_batch` leave through their relay
+    /// sockets, one `sendto` each (the raw socket would save no call and cost the kernel a route per
+    /// datagram on-link); from `min_batch` on they leave through the raw socket in one call. The
+    /// count is per family.
+    #[test]
+    fn lone_datagrams_take_the_raw_socket_from_its_min_batch() {
+        let Some(raw) = raw_socket(4) else { return };
+        assert_eq!(raw.min_batch(), 4);
+        let relays: Vec<UdpSocket> = (0..4).map(|_| UdpSocket::bind("127.0.0.1:0").unwrap()).collect();
+        let v6_relay = UdpSocket::bind("[::1]:0").unwrap();
+        let peer = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let peer_v6 = UdpSocket::bind("[::1]:0").unwrap();
+        let mut queue = SendQueue::new(true, Some(raw));
+        let socket = |via: Via| match via {
+            Via::Relay { key: 9, .. } => Some(&v6_relay),
+            Via::Relay { key, .. } => relays.get(key as usize),
+            Via::Listener(_) => None,
+        };
+        for lone in [3, 4] {
+            for (k, relay) in relays.iter().enumerate().take(lone) {
+                let (mut pkt, range) = packet(format!("lone {k} of {lone}").as_bytes());
+                let from = Some(relay.local_addr().unwrap());
+                assert!(queue.push(
+                    Via::Relay { key: k as u32, generation: 1 },
+                    from,
+                    peer.local_addr().unwrap(),
+                    &mut pkt,
+                    range
+                ));
+            }
+            // One IPv6 datagram: below the minimum of its own family whatever the IPv4 count.
+            let (mut pkt, range) = packet(b"lone over IPv6");
+            let from = Some(v6_relay.local_addr().unwrap());
+            assert!(queue.push(
+                Via::Relay { key: 9, generation: 1 },
+                from,
+                peer_v6.local_addr().unwrap(),
+                &mut pkt,
+                range
+            ));
+            let done = queue.flush(socket);
+            let (raw, calls) = if lone < 4 { (0, lone + 1) } else { (4, 2) };
+            assert_eq!((done.sent, done.raw, done.syscalls), (lone as u64 + 1, raw, calls as u64), "{lone}: {done:?}");
+            let mut got = receive_from_all(&peer);
+            got.sort();
+            let mut want: Vec<(SocketAddr, Vec<u8>)> = (0..lone)
+                .map(|k| (relays[k].local_addr().unwrap(), format!("lone {k} of {lone}").into_bytes()))
+                .collect();
+            want.sort();
+            assert_eq!(got, want);
+            assert_eq!(receive_from_all(&peer_v6), vec![(v6_relay.local_addr().unwrap(), b"lone over IPv6".to_vec())]);
+        }
+    }
+
     /// An IPv4 address spelled as IPv6 never takes the raw socket: no IPv6 packet may carry it.
     #[test]
     fn v4_mapped_destinations_never_take_the_raw_socket() {
         assert!(is_v4_mapped("[::ffff:192.0.2.1]:5004".parse().unwrap()));
         assert!(!is_v4_mapped("[2001:db8::1]:5004".parse().unwrap()));
         assert!(!is_v4_mapped("192.0.2.1:5004".parse().unwrap()));
-        let Some(raw) = raw_socket() else { return };
+        let Some(raw) = raw_socket(1) else { return };
         let relay = UdpSocket::bind("[::1]:0").unwrap();
         let mut queue = SendQueue::new(true, Some(raw));
         let (mut pkt, range) = packet(b"mapped");
