@@ -180,7 +180,7 @@ pub const DEFAULT_COALESCE_US: u64 = 300;
 /// Default datagram rate per shard from which it coalesces.
 pub const DEFAULT_COALESCE_MIN_PPS: u64 = 20_000;
 /// Default fewest lone datagrams of one family in a flush that take the raw socket (`runtime.raw_send`).
-pub const DEFAULT_RAW_MIN_BATCH: usize = 4;
+pub const DEFAULT_RAW_MIN_BATCH: usize = 2;
 
 /// Per-core settings.
 #[derive(Debug, Clone, Deserialize, Serialize)]

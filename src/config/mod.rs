@@ -812,7 +812,7 @@ mod tests {
     fn raw_min_batch_default_and_limits() {
         let c = yaml("auth:\n  realm: x\n  shared_secrets: [a]\n").unwrap();
         assert_eq!(c.raw_min_batch, file::DEFAULT_RAW_MIN_BATCH);
-        assert!(c.to_string().contains("from 4 lone datagrams"), "{c}");
+        assert!(c.to_string().contains("from 2 lone datagrams"), "{c}");
         let c = yaml("auth:\n  realm: x\n  shared_secrets: [a]\nruntime:\n  raw_min_batch: 1\n").unwrap();
         assert_eq!(c.raw_min_batch, 1);
         for bad in ["0", "65"] {

@@ -77,7 +77,7 @@ impl RawSocket {
     /// each datagram it sends to an on-link peer costs the kernel a route of its own (a header-included
     /// datagram is routed as "next hop known", which the kernel does not cache towards a peer that is
     /// not behind a gateway), allocated and later freed through RCU in `ksoftirqd`, which then holds up
-    /// the shard's core: a flush of one or two lone datagrams gains nothing by it and would pay that.
+    /// the shard's core: a lone datagram alone in its flush gains nothing by it and would pay that.
     pub fn min_batch(&self) -> usize {
         self.min_batch
     }
