@@ -15,11 +15,11 @@
 //!
 //! With raw sockets (see [`super::rawsend`]), relayed datagrams that are alone in the flush on
 //! their way from one relay socket to one peer (the shape of many allocations: one or two datagrams
-//! each per wake-up) leave together through the raw socket of their family, in one `sendmmsg`, instead of one `sendto` each,
-//! when there are at least the raw socket's [`RawSocket::min_batch`] of them (fewer leave through
-//! their relay sockets: the raw socket would save no call, and costs the kernel a route per datagram
-//! to an on-link peer). Runs
-//! that one socket sends to one peer keep their socket (and their GSO message). Within a flush one
+//! each per wake-up) leave together through the raw socket of their family, in one `sendmmsg`,
+//! instead of one `sendto` each, when there are at least the raw socket's [`RawSocket::min_batch`]
+//! of them; fewer leave through their relay sockets (on one the raw socket saves no call, and it
+//! costs the kernel a route per datagram to an on-link peer). Runs that one socket sends to one peer
+//! keep their socket (and their GSO message). Within a flush one
 //! destination's datagrams thus take one way or the other, never both, which keeps their order. (A
 //! peer whose datagrams take one way in one wake-up and the other in the next could, on a multi-queue
 //! NIC that picks the transmit queue per socket rather than per CPU, see two of them swapped; UDP
