@@ -204,7 +204,9 @@ impl SendQueue {
         self.keys.sort_unstable();
         self.order.clear();
         self.order.extend(self.keys.iter().map(|&k| k as u8));
-        // Lone datagrams for the raw sockets, by queue index.
+        // Lone datagrams for the raw sockets, by queue index; a family with fewer than the raw socket's
+        // minimum keeps them in their sockets' groups.
+        let take = self.raw_families();
         let mut lone = [0u8; QUEUE_CAPACITY];
         let mut n_lone = 0;
         let mut start = 0;
@@ -216,7 +218,7 @@ impl SendQueue {
                 Some(sock) => {
                     let fd = sock.as_fd();
                     let kept =
-                        if self.raw.is_some() { self.take_lone(start..end, &mut lone, &mut n_lone) } else { end };
+                        if take != [false; 2] { self.take_lone(start..end, take, &mut lone, &mut n_lone) } else { end };
                     if kept > start {
                         self.send_group(fd, start..kept, &mut done);
                     }
@@ -232,17 +234,54 @@ impl SendQueue {
         done
     }
 
+    /// Whether the flush's lone datagrams of each family (`[IPv4, IPv6]`) leave through the raw socket:
+    /// there is one, and they are at least its [`RawSocket::min_batch`].
+    fn raw_families(&self) -> [bool; 2] {
+        let Some(raw) = self.raw.as_ref() else {
+            return [false; 2];
+        };
+        let mut lone = [0usize; 2];
+        let mut pos = 0;
+        while pos < self.order.len() {
+            let run = self.destination_run(pos, self.order.len());
+            let first = &self.pending[usize::from(self.order[pos])];
+            if run == 1 && first.raw_from.is_some() {
+                lone[usize::from(!first.to.is_ipv4())] += 1;
+            }
+            pos += run;
+        }
+        lone.map(|count| count >= raw.min_batch())
+    }
+
+    /// How many datagrams from flush position `pos` on (before `end`) go through one socket to one
+    /// destination.
+    fn destination_run(&self, pos: usize, end: usize) -> usize {
+        let first = &self.pending[usize::from(self.order[pos])];
+        self.order[pos..end]
+            .iter()
+            .take_while(|&&i| {
+                let p = &self.pending[usize::from(i)];
+                p.via == first.via && p.to == first.to
+            })
+            .count()
+    }
+
     /// Moves the datagrams of flush positions `group` (one socket) that are alone on their way to
-    /// their destination and may leave through a raw socket into `lone`, and closes up the rest of
-    /// the group in flush order; returns the end of what stays.
-    fn take_lone(&mut self, group: Range<usize>, lone: &mut [u8; QUEUE_CAPACITY], n_lone: &mut usize) -> usize {
+    /// their destination and may leave through the raw socket of their family (`take`: `[IPv4, IPv6]`)
+    /// into `lone`, and closes up the rest of the group in flush order; returns the end of what stays.
+    fn take_lone(
+        &mut self,
+        group: Range<usize>,
+        take: [bool; 2],
+        lone: &mut [u8; QUEUE_CAPACITY],
+        n_lone: &mut usize,
+    ) -> usize {
         let mut kept = group.start;
         let mut pos = group.start;
         while pos < group.end {
+            let run = self.destination_run(pos, group.end);
             let first = &self.pending[usize::from(self.order[pos])];
-            let run =
-                self.order[pos..group.end].iter().take_while(|&&i| self.pending[usize::from(i)].to == first.to).count();
-            if run == 1 && first.raw_from.is_some() {
+            if run == 1 && first.raw_from.is_some() && take[usize::from(!first.to.is_ipv4())] {
                 lone[*n_lone] = self.order[pos];
                 *n_lone += 1;
             } else {
@@ -280,19 +319,12 @@ impl SendQueue {
         socket: &impl Fn(Via) -> Option<&'s S>,
         done: &mut Flushed,
     ) {
-        let Some((raw_fd, min_batch)) = self.raw.as_ref().and_then(|raw| Some((raw.fd(v4)?, raw.min_batch()))) else {
+        let Some(raw_fd) = self.raw.as_ref().and_then(|raw| raw.fd(v4)) else {
             return;
         };
-        let of_family = |i: &&u8| self.pending[usize::from(**i)].to.is_ipv4() == v4;
-        if lone.iter().filter(of_family).count() < min_batch {
-            for &i in lone.iter().filter(of_family) {
-                self.send_own(i, socket, done);
-            }
-            return;
-        }
         let mut ready = [0u8; QUEUE_CAPACITY];
         let mut n_ready = 0;
-        for &i in lone.iter().filter(of_family) {
+        for &i in lone.iter().filter(|&&i| self.pending[usize::from(i)].to.is_ipv4() == v4) {
             let p = &self.pending[usize::from(i)];
             let framed = match (p.raw_from, p.range.start.checked_sub(rawsend::header_len(p.to))) {
                 (Some(from), Some(head)) => {
