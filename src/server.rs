@@ -89,6 +89,7 @@ pub fn settings(cfg: &Config, plan: RelayPlan, nonce_key: NonceKey) -> Settings 
         ),
         user_quota: cfg.user_quota,
         total_quota: cfg.total_quota,
+        user_reservations: cfg.user_reservations,
         max_bps: cfg.max_bps,
         shard_total_bps: cfg.total_bps / cfg.threads.max(1) as u64,
         unauth_rate: cfg.unauth_rate,
@@ -98,7 +99,6 @@ pub fn settings(cfg: &Config, plan: RelayPlan, nonce_key: NonceKey) -> Settings 
         legacy_channel_numbers: cfg.legacy_channel_numbers,
         relay_v4: plan.v4.clone(),
         relay_v6: plan.v6.clone(),
-        relay_ports: cfg.relay_port_span(),
     }
 }
 
@@ -521,7 +521,7 @@ pub fn start(cfg: &Config) -> io::Result<ServerHandle> {
     crate::ephemeral::warn_if_shared(cfg.min_port..=cfg.max_port);
     let (listeners, addrs) = bind_listeners(cfg, buffers, tls.is_some())?;
     let udp_addrs = addrs.udp.clone();
-    let shared = Arc::new(Shared::default());
+    let shared = Arc::new(Shared::new(plan.v4.iter().chain(&plan.v6).map(|r| (r.bind, r.advertised))));
     let cores = if cfg.pin_cores { core_affinity::get_core_ids().unwrap_or_default() } else { Vec::new() };
     let origin = clock::now();
     let origin_unix = clock::unix_now();

@@ -1,5 +1,6 @@
 //! State shared between shards, written on allocation create/delete only (never per packet):
-//! the 5-tuple directory, quota counters, and per-shard statistics blocks that only their shard writes.
+//! the 5-tuple directory, quota counters, the relayed addresses in use, and per-shard statistics blocks
+//! that only their shard writes.
 
 use crate::proto::DropReason;
 use crate::proto::allocation::FiveTuple;
@@ -7,6 +8,7 @@ use parking_lot::{Mutex, RwLock};
 use std::collections::HashMap;
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 const STRIPES: usize = 64;
@@ -59,17 +61,40 @@ impl Directory {
 /// Why an allocation was refused by quota.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum QuotaError {
-    /// The user holds `user-quota` allocations already.
+    /// The user holds `user-quota` allocations (and reservations) already.
     User,
-    /// The server holds `total-quota` allocations already.
+    /// The server holds `total-quota` allocations (and reservations) already.
     Total,
+    /// The user holds `allocations.user_reservations` unredeemed EVEN-PORT reservations already.
+    Reservations,
 }
 
-/// Allocation counters per user and in total (0 = unlimited).
+/// The limits an Allocate is checked against (`user` and `total`: 0 = unlimited).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct QuotaLimits {
+    /// Allocations plus reservations per user.
+    pub user: u32,
+    /// Allocations plus reservations in total.
+    pub total: u32,
+    /// Unredeemed reservations per user (0: none).
+    pub user_reservations: u32,
+}
+
+/// What one user holds: quota units (an allocation or a reserved port each) and, among them, reservations.
+#[derive(Clone, Copy, Debug, Default)]
+struct Held {
+    units: u32,
+    reservations: u32,
+}
+
+/// Allocation counters per user and in total. A port reserved by EVEN-PORT with the R bit counts as
+/// an allocation of the user who reserved it until it is redeemed (then it is the new allocation's
+/// unit) or lapses: a reservation holds a relay port as an allocation does, so a user within quota
+/// cannot hold more of the range than the quota says.
 #[derive(Debug)]
 pub struct Quotas {
     total: AtomicU32,
-    users: Vec<Mutex<HashMap<Box<[u8]>, u32>>>,
+    users: Vec<Mutex<HashMap<Box<[u8]>, Held>>>,
 }
 
 impl Default for Quotas {
@@ -79,42 +104,147 @@ impl Default for Quotas {
 }
 
 impl Quotas {
-    /// Counts one more allocation for `user`, unless that exceeds a limit.
-    pub fn try_acquire(&self, user: &[u8], user_limit: u32, total_limit: u32) -> Result<(), QuotaError> {
-        let prev = self.total.fetch_add(1, Ordering::AcqRel);
-        if total_limit > 0 && prev >= total_limit {
-            self.total.fetch_sub(1, Ordering::AcqRel);
+    /// Counts one more allocation for `user` and, with `reserve`, the port it reserves, unless that
+    /// exceeds a limit.
+    pub fn try_acquire(&self, user: &[u8], limits: QuotaLimits, reserve: bool) -> Result<(), QuotaError> {
+        let units = 1 + u32::from(reserve);
+        let prev = self.total.fetch_add(units, Ordering::AcqRel);
+        if limits.total > 0 && prev.saturating_add(units) > limits.total {
+            self.total.fetch_sub(units, Ordering::AcqRel);
             return Err(QuotaError::Total);
         }
         let mut map = self.users[stripe_of(&user)].lock();
-        let count = map.entry(user.into()).or_insert(0);
-        if user_limit > 0 && *count >= user_limit {
-            if *count == 0 {
-                map.remove(user);
-            }
+        let held = map.get(user).copied().unwrap_or_default();
+        let refused = if limits.user > 0 && held.units.saturating_add(units) > limits.user {
+            Some(QuotaError::User)
+        } else if reserve && held.reservations >= limits.user_reservations {
+            Some(QuotaError::Reservations)
+        } else {
+            None
+        };
+        if let Some(why) = refused {
             drop(map);
-            self.total.fetch_sub(1, Ordering::AcqRel);
-            return Err(QuotaError::User);
+            self.total.fetch_sub(units, Ordering::AcqRel);
+            return Err(why);
         }
-        *count += 1;
+        let entry = map.entry(user.into()).or_default();
+        entry.units += units;
+        entry.reservations += u32::from(reserve);
         Ok(())
     }
 
     /// Releases one allocation of `user`.
     pub fn release(&self, user: &[u8]) {
+        self.give_back(user, false);
+    }
+
+    /// Releases a reservation of `user` that lapsed or was not made after all.
+    pub fn release_reservation(&self, user: &[u8]) {
+        self.give_back(user, true);
+    }
+
+    /// A reservation of `user` was redeemed by an allocation of the same user: its unit becomes the
+    /// allocation's.
+    pub fn redeem_reservation(&self, user: &[u8]) {
         let mut map = self.users[stripe_of(&user)].lock();
-        if let Some(count) = map.get_mut(user) {
-            *count -= 1;
-            if *count == 0 {
-                map.remove(user);
-            }
-            self.total.fetch_sub(1, Ordering::AcqRel);
+        if let Some(held) = map.get_mut(user) {
+            held.reservations = held.reservations.saturating_sub(1);
         }
     }
 
-    /// Allocations currently counted.
+    fn give_back(&self, user: &[u8], reservation: bool) {
+        let mut map = self.users[stripe_of(&user)].lock();
+        let Some(held) = map.get_mut(user) else {
+            return;
+        };
+        if held.units == 0 {
+            return;
+        }
+        held.units -= 1;
+        if reservation {
+            held.reservations = held.reservations.saturating_sub(1);
+        }
+        if held.units == 0 {
+            map.remove(user);
+        }
+        self.total.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// Allocations and reservations currently counted.
     pub fn total(&self) -> u32 {
         self.total.load(Ordering::Acquire)
+    }
+
+    /// The quota units (allocations plus reservations) `user` holds.
+    pub fn held_by(&self, user: &[u8]) -> u32 {
+        self.users[stripe_of(&user)].lock().get(user).map_or(0, |h| h.units)
+    }
+}
+
+/// Words of a port bitmap (65,536 bits).
+const PORT_WORDS: usize = 65_536 / 64;
+
+/// One relay address and which of its ports are relayed addresses of live allocations.
+#[derive(Debug)]
+struct RelayPorts {
+    bind: IpAddr,
+    advertised: IpAddr,
+    live: Box<[AtomicU64]>,
+}
+
+/// The relayed transport addresses of live allocations, node-wide: a bitmap of ports per relay
+/// address (8 KiB each), set when an allocation is created and cleared when it is deleted, by the
+/// shard that owns it. It tells which of this server's own addresses a client may reach through the
+/// relay (client -> TURN -> TURN -> client calls, when the peer policy denies the relay's address):
+/// only live relayed addresses, never another program bound in the relay range. A lookup is a
+/// relaxed load, without a lock.
+#[derive(Debug, Default)]
+pub struct LiveRelays {
+    addrs: Vec<RelayPorts>,
+}
+
+impl LiveRelays {
+    /// The relay addresses, each as the address sockets bind and the one clients are told.
+    pub fn new(relays: impl IntoIterator<Item = (IpAddr, IpAddr)>) -> Self {
+        let mut addrs: Vec<RelayPorts> = Vec::new();
+        for (bind, advertised) in relays {
+            if !addrs.iter().any(|a| a.bind == bind) {
+                let live = (0..PORT_WORDS).map(|_| AtomicU64::new(0)).collect();
+                addrs.push(RelayPorts { bind, advertised, live });
+            }
+        }
+        Self { addrs }
+    }
+
+    fn word(&self, bound: SocketAddr) -> Option<(&AtomicU64, u64)> {
+        let entry = self.addrs.iter().find(|a| a.bind == bound.ip())?;
+        let port = usize::from(bound.port());
+        Some((entry.live.get(port / 64)?, 1 << (port % 64)))
+    }
+
+    /// A relay socket bound to `bound` now serves a live allocation.
+    pub fn insert(&self, bound: SocketAddr) {
+        if let Some((word, bit)) = self.word(bound) {
+            word.fetch_or(bit, Ordering::Relaxed);
+        }
+    }
+
+    /// The allocation the relay socket bound to `bound` served was deleted.
+    pub fn remove(&self, bound: SocketAddr) {
+        if let Some((word, bit)) = self.word(bound) {
+            word.fetch_and(!bit, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether `addr` (however spelled, by its bound or advertised address) is the relayed address of
+    /// a live allocation of this server.
+    pub fn contains(&self, addr: SocketAddr) -> bool {
+        let ip = crate::policy::peer::canonical(addr.ip());
+        let port = usize::from(addr.port());
+        self.addrs.iter().any(|a| {
+            (a.bind == ip || a.advertised == ip)
+                && a.live.get(port / 64).is_some_and(|w| w.load(Ordering::Relaxed) & (1 << (port % 64)) != 0)
+        })
     }
 }
 
@@ -211,12 +341,14 @@ pub fn read(counter: &AtomicU64) -> u64 {
 
 /// A relay port held for a RESERVATION-TOKEN (EVEN-PORT with the R bit). The token may be presented
 /// from another 5-tuple, which the kernel may steer to another shard, so reservations are shared.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Reservation {
     /// The reserved port (taken out of the reserving shard's pool).
     pub port: u16,
     /// When the reservation lapses.
     pub expires: std::time::Instant,
+    /// The user it is counted against in [`Quotas`].
+    pub holder: Box<[u8]>,
 }
 
 /// Everything shards share.
@@ -228,22 +360,80 @@ pub struct Shared {
     pub quotas: Quotas,
     /// Outstanding RESERVATION-TOKENs. Touched only by Allocate requests that use EVEN-PORT(R) or a token.
     pub reservations: Mutex<HashMap<[u8; 8], Reservation>>,
+    /// The relayed addresses of live allocations.
+    pub live_relays: LiveRelays,
+}
+
+impl Shared {
+    /// Shared state for a server relaying from `relays` (bound and advertised address of each).
+    pub fn new(relays: impl IntoIterator<Item = (IpAddr, IpAddr)>) -> Self {
+        Self { live_relays: LiveRelays::new(relays), ..Self::default() }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    const LIMITS: QuotaLimits = QuotaLimits { user: 2, total: 3, user_reservations: 1 };
+
     #[test]
     fn quotas_refuse_at_exactly_the_limit_and_free_up() {
         let q = Quotas::default();
-        assert!(q.try_acquire(b"alice", 2, 3).is_ok());
-        assert!(q.try_acquire(b"alice", 2, 3).is_ok());
-        assert_eq!(q.try_acquire(b"alice", 2, 3), Err(QuotaError::User));
-        assert!(q.try_acquire(b"bob", 2, 3).is_ok());
-        assert_eq!(q.try_acquire(b"carol", 2, 3), Err(QuotaError::Total));
+        assert!(q.try_acquire(b"alice", LIMITS, false).is_ok());
+        assert!(q.try_acquire(b"alice", LIMITS, false).is_ok());
+        assert_eq!(q.try_acquire(b"alice", LIMITS, false), Err(QuotaError::User));
+        assert!(q.try_acquire(b"bob", LIMITS, false).is_ok());
+        assert_eq!(q.try_acquire(b"carol", LIMITS, false), Err(QuotaError::Total));
         q.release(b"alice");
-        assert!(q.try_acquire(b"carol", 2, 3).is_ok());
+        assert!(q.try_acquire(b"carol", LIMITS, false).is_ok());
         assert_eq!(q.total(), 3);
+    }
+
+    #[test]
+    fn a_reservation_counts_until_it_lapses_or_is_redeemed() {
+        let q = Quotas::default();
+        // An allocation with a reservation is two units.
+        assert!(q.try_acquire(b"alice", LIMITS, true).is_ok());
+        assert_eq!((q.held_by(b"alice"), q.total()), (2, 2));
+        assert_eq!(q.try_acquire(b"alice", LIMITS, false), Err(QuotaError::User));
+        // Deleting the allocation leaves the reservation counted.
+        q.release(b"alice");
+        assert_eq!((q.held_by(b"alice"), q.total()), (1, 1));
+        // One reservation at a time (user_reservations 1), and the total counts it.
+        let roomy = QuotaLimits { user: 0, total: 0, user_reservations: 1 };
+        assert_eq!(q.try_acquire(b"alice", roomy, true), Err(QuotaError::Reservations));
+        assert!(q.try_acquire(b"bob", LIMITS, false).is_ok());
+        assert!(q.try_acquire(b"bob", LIMITS, false).is_ok());
+        assert_eq!(q.try_acquire(b"carol", LIMITS, false), Err(QuotaError::Total));
+        // Lapsing frees it.
+        q.release_reservation(b"alice");
+        assert_eq!((q.held_by(b"alice"), q.total()), (0, 2));
+        // Redeemed by the same user, the unit becomes the allocation's and the reservation slot frees.
+        assert!(q.try_acquire(b"dave", roomy, true).is_ok());
+        q.redeem_reservation(b"dave");
+        assert_eq!(q.held_by(b"dave"), 2);
+        assert!(q.try_acquire(b"dave", roomy, true).is_ok());
+        assert_eq!(q.held_by(b"dave"), 4);
+    }
+
+    #[test]
+    fn live_relays_know_only_live_ports_however_spelled() {
+        let bind: IpAddr = "127.0.0.1".parse().unwrap();
+        let public: IpAddr = "203.0.113.9".parse().unwrap();
+        let live = LiveRelays::new([(bind, public)]);
+        let bound = SocketAddr::new(bind, 50_001);
+        assert!(!live.contains(bound));
+        live.insert(bound);
+        assert!(live.contains(bound));
+        assert!(live.contains("203.0.113.9:50001".parse().unwrap()), "by the advertised address");
+        assert!(live.contains("[::ffff:127.0.0.1]:50001".parse().unwrap()), "IPv4-mapped");
+        assert!(!live.contains("127.0.0.1:50002".parse().unwrap()), "another port");
+        assert!(!live.contains("127.0.0.2:50001".parse().unwrap()), "another address");
+        live.remove(bound);
+        assert!(!live.contains(bound));
+        // Unknown addresses are ignored.
+        live.insert("10.0.0.1:1".parse().unwrap());
+        assert!(!live.contains("10.0.0.1:1".parse().unwrap()));
     }
 }

@@ -15,8 +15,9 @@ fn serialized() -> std::sync::MutexGuard<'static, ()> {
 }
 
 use common::{Binary, TurnClient, start_server, start_server_relaying, test_yaml};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
+use turnpike::policy::peer::ipv6_spellings;
 use turnpike::proto::attr::{AttrType, FAMILY_IPV6};
 use turnpike::proto::{Class, Method};
 
@@ -58,32 +59,26 @@ fn assert_refused(c: &mut TurnClient, peer: SocketAddr) {
     c.send_channel(0x4000, b"should never arrive");
 }
 
-fn spellings_of(v4: Ipv4Addr, port: u16) -> Vec<SocketAddr> {
-    let o = v4.octets();
-    let (hi, lo) = (u16::from_be_bytes([o[0], o[1]]), u16::from_be_bytes([o[2], o[3]]));
-    let inv = [!o[0], !o[1], !o[2], !o[3]];
-    [
-        v4.to_ipv6_mapped(),
-        Ipv6Addr::new(0, 0, 0, 0, 0, 0, hi, lo),
-        Ipv6Addr::new(0x64, 0xff9b, 0, 0, 0, 0, hi, lo),
-        Ipv6Addr::new(0x2002, hi, lo, 0, 0, 0, 0, 1),
-        Ipv6Addr::new(0x2001, 0, hi, lo, 0, 0, 0xf7f7, 0xf7f7),
-        Ipv6Addr::new(
-            0x2001,
-            0,
-            0x0808,
-            0x0808,
-            0,
-            0,
-            u16::from_be_bytes([inv[0], inv[1]]),
-            u16::from_be_bytes([inv[2], inv[3]]),
-        ),
-    ]
-    .into_iter()
-    .map(|ip| SocketAddr::new(IpAddr::V6(ip), port))
-    .collect()
+/// The default policy says of every address of the table, and of every IPv6 spelling of its IPv4
+/// addresses, what the table says.
+#[test]
+fn the_default_policy_follows_the_table() {
+    let policy = turnpike::policy::PeerPolicy::new(vec![], vec![], true, false);
+    let rows = common::peer_table();
+    assert!(rows.len() > 40, "the table was not read");
+    for (addr, deny) in rows {
+        assert_eq!(policy.permits(addr), !deny, "{addr}");
+        if let IpAddr::V4(v4) = addr {
+            for s in ipv6_spellings(v4) {
+                assert_eq!(policy.permits(IpAddr::V6(s)), !deny, "{s} spells {v4}");
+            }
+        }
+    }
 }
 
+/// Every address the table denies, and every IPv6 spelling of its IPv4 ones, is refused by a running
+/// server with the defaults (CreatePermission and ChannelBind 403), and nothing sent there arrives;
+/// the table's public addresses are granted.
 #[test]
 fn denied_ranges_and_every_ipv6_spelling_are_refused_and_nothing_arrives() {
     let _turn = serialized();
@@ -93,64 +88,71 @@ fn denied_ranges_and_every_ipv6_spelling_are_refused_and_nothing_arrives() {
     let target4 = Target::bind("127.0.0.1:0");
     let target6 = Target::bind("[::1]:0");
     let (p4, p6) = (target4.port(), target6.port());
+    let port_for = |ip: IpAddr| match turnpike::policy::peer::canonical(ip) {
+        IpAddr::V4(v4) if v4.is_loopback() => p4,
+        IpAddr::V6(v6) if v6.is_loopback() => p6,
+        _ => 9,
+    };
 
     let mut v4 = TurnClient::rest(addr, "attacker4");
     v4.allocate();
-    let ipv4_targets = [
-        "0.0.0.0",
-        "0.1.2.3",
-        "10.0.0.1",
-        "100.64.0.1",
-        "127.0.0.1",
-        "127.1.2.3",
-        "169.254.169.254",
-        "172.16.0.1",
-        "192.0.0.1",
-        "192.0.2.1",
-        "192.88.99.1",
-        "192.168.1.1",
-        "198.18.0.1",
-        "198.51.100.1",
-        "203.0.113.1",
-        "224.0.0.1",
-        "239.255.255.250",
-        "240.0.0.1",
-        "255.255.255.255",
-    ];
-    for t in ipv4_targets {
-        let port = if t.starts_with("127.") { p4 } else { 9 };
-        assert_refused(&mut v4, SocketAddr::new(t.parse().unwrap(), port));
-    }
-
     let mut v6 = TurnClient::rest(addr, "attacker6");
     let relayed6 = allocate_v6(&mut v6);
     assert!(relayed6.is_ipv6());
-    for s in
-        spellings_of(Ipv4Addr::LOCALHOST, p4).into_iter().chain(spellings_of(Ipv4Addr::new(169, 254, 169, 254), 80))
-    {
-        assert_refused(&mut v6, s);
-    }
-    for t in [
-        "::1",
-        "::",
-        "fe80::1",
-        "fc00::1",
-        "fd12:3456::1",
-        "fec0::1",
-        "ff02::1",
-        "100::1",
-        "2001:db8::1",
-        "64:ff9b:1::a00:1",
-    ] {
-        let port = if t == "::1" { p6 } else { 9 };
-        assert_refused(&mut v6, SocketAddr::new(t.parse().unwrap(), port));
+    let mut refused = 0u64;
+    for (ip, deny) in common::peer_table() {
+        let client = if ip.is_ipv4() { &mut v4 } else { &mut v6 };
+        if !deny {
+            let r = client.create_permission(SocketAddr::new(ip, 9));
+            assert_eq!(r.class(), Class::Success, "CreatePermission to public {ip}: {:?}", r.code());
+            continue;
+        }
+        assert_refused(client, SocketAddr::new(ip, port_for(ip)));
+        refused += 1;
+        if let IpAddr::V4(ip4) = ip {
+            for s in ipv6_spellings(ip4) {
+                let s = IpAddr::V6(s);
+                assert_refused(&mut v6, SocketAddr::new(s, port_for(s)));
+                refused += 1;
+            }
+        }
     }
     std::thread::sleep(Duration::from_millis(300));
     assert!(!target4.received_anything(), "a datagram reached the IPv4 loopback target");
     assert!(!target6.received_anything(), "a datagram reached the IPv6 loopback target");
     let totals = server.totals();
-    assert!(totals.peers_denied >= 2 * (ipv4_targets.len() as u64 + 22), "{totals:?}");
+    assert!(totals.peers_denied >= 2 * refused, "{refused} refused: {totals:?}");
     assert_eq!(totals.packets_to_peer, 0);
+}
+
+/// With loopback denied (the defaults), the relay still reaches its own relayed addresses
+/// (client -> TURN -> TURN -> client), but only live ones: a program that holds a port inside the
+/// relay range on the relay's address gets neither a permission nor a datagram.
+#[test]
+fn own_relay_exception_reaches_no_other_program_in_the_relay_range() {
+    let _turn = serialized();
+    // Another program's socket inside the relay range, on the relay address; bound first, so turnpike
+    // skips its port.
+    let service = Target::bind("127.0.0.1:44605");
+    let server = start_server(1, (44600, 44609), "peers:\n  no_multicast: true\n");
+    let addr = server.udp_addrs[0];
+    let mut a = TurnClient::rest(addr, "a");
+    let mut b = TurnClient::rest(addr, "b");
+    let relayed_a = a.allocate();
+    let relayed_b = b.allocate();
+    let service_addr = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), service.port());
+    assert_eq!(a.create_permission(service_addr).code(), Some(403), "another program's port");
+    assert_eq!(a.channel_bind(0x4000, service_addr).code(), Some(403));
+    // b's relayed address is reachable, and with the permission for 127.0.0.1 in place, Send
+    // indications to the other program's port still go nowhere.
+    assert_eq!(a.create_permission(relayed_b).class(), Class::Success);
+    assert_eq!(b.create_permission(relayed_a).class(), Class::Success);
+    a.send_indication(service_addr, b"must not arrive");
+    a.send_indication(relayed_b, b"turn to turn");
+    let (_, _, payload) = b.recv_data().expect("b receives a's datagram through both relays");
+    assert_eq!(payload, b"turn to turn");
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(!service.received_anything(), "a datagram reached the other program");
 }
 
 #[test]

@@ -105,6 +105,9 @@ pub struct AllocationSection {
     pub user_quota: u32,
     /// Concurrent allocations in total, 0 = unlimited (coturn `total-quota`).
     pub total_quota: u32,
+    /// Unredeemed EVEN-PORT reservations (R bit) one user may hold at once, 0 = none; each also
+    /// counts as an allocation against the quotas while it holds its port.
+    pub user_reservations: u32,
     /// Bytes per second per allocation and direction, 0 = unlimited (coturn `max-bps`).
     pub max_bps: u64,
     /// Bytes per second for the whole server per direction, split evenly over shards, 0 = unlimited.
@@ -120,11 +123,16 @@ impl Default for AllocationSection {
             max_channels: 64,
             user_quota: 0,
             total_quota: 0,
+            user_reservations: DEFAULT_USER_RESERVATIONS,
             max_bps: 0,
             total_bps: 0,
         }
     }
 }
+
+/// Default of `allocations.user_reservations`: enough for a client setting up two RTP/RTCP pairs at once
+/// (a reservation is redeemed within its call's set-up), too few to take a share of the relay range.
+pub const DEFAULT_USER_RESERVATIONS: u32 = 2;
 
 /// Abuse resistance.
 #[derive(Debug, Clone, Deserialize, Serialize)]

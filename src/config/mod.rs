@@ -121,6 +121,8 @@ pub struct Config {
     pub user_quota: u32,
     /// Allocations in total.
     pub total_quota: u32,
+    /// Unredeemed EVEN-PORT reservations per user.
+    pub user_reservations: u32,
     /// Bytes/s per allocation and direction.
     pub max_bps: u64,
     /// Bytes/s for the server per direction.
@@ -463,6 +465,9 @@ fn validate(loc: &Locator<'_>, m: FileConfig, mut warnings: Vec<String>) -> Resu
     if !(1..=1024).contains(&a.max_permissions) {
         return Err(loc.error("allocations.max_permissions", "must be between 1 and 1024"));
     }
+    if a.user_reservations > 1024 {
+        return Err(loc.error("allocations.user_reservations", "must be between 0 (none) and 1024"));
+    }
     if !(1..=4096).contains(&a.max_channels) {
         return Err(loc.error("allocations.max_channels", "must be between 1 and 4096"));
     }
@@ -571,6 +576,7 @@ fn validate(loc: &Locator<'_>, m: FileConfig, mut warnings: Vec<String>) -> Resu
         max_channels: a.max_channels,
         user_quota: a.user_quota,
         total_quota: a.total_quota,
+        user_reservations: a.user_reservations,
         max_bps: a.max_bps,
         total_bps: a.total_bps,
         unauth_rate: m.abuse.unauth_rate,
@@ -690,7 +696,11 @@ impl fmt::Display for Config {
         )?;
         writeln!(f, "total bandwidth:   {} B/s per direction (0 = unlimited)", self.total_bps)?;
         writeln!(f, "unauthenticated:   {} answers/s per source, burst {}", self.unauth_rate, self.unauth_burst)?;
-        writeln!(f, "quotas:            user {}, total {} (0 = unlimited)", self.user_quota, self.total_quota)?;
+        writeln!(
+            f,
+            "quotas:            user {}, total {} (0 = unlimited; EVEN-PORT reservations count), {} reservations per user",
+            self.user_quota, self.total_quota, self.user_reservations
+        )?;
         writeln!(
             f,
             "peers allowed:     {}",

@@ -1,10 +1,16 @@
 //! Peer-address policy: which addresses the relay may send to.
 //!
-//! Decisions are made on the address a packet would actually reach: IPv4-mapped and IPv4-compatible
-//! IPv6 addresses are judged as the IPv4 address they embed (coturn CVE-2026-27624), and the unspecified
-//! addresses are refused (CVE-2020-26262). By default every private, loopback, link-local, multicast
-//! and reserved range is denied; `allowed` punches holes, `denied` adds more, and an explicit deny of a
-//! narrower range wins over an allow of a wider one.
+//! Decisions are made on the address a packet would actually reach. Every IPv6 address that spells an
+//! IPv4 destination is judged as that IPv4 address ([`canonical`]): IPv4-mapped `::ffff:a.b.c.d`
+//! (coturn CVE-2026-27624), IPv4-compatible `::a.b.c.d` (all of `::/96` but `::` and `::1`) and
+//! IPv4-translated `::ffff:0:a.b.c.d` (RFC 2765). Addresses that carry an IPv4 address for a
+//! translator or tunnel to reach ([`embedded_ipv4`]: NAT64, 6to4, Teredo, ISATAP) must be permitted
+//! both as themselves and for what they embed. The unspecified addresses are refused
+//! (CVE-2020-26262). By default every range of the IANA special-purpose registries that is not global
+//! unicast is denied ([`DEFAULT_DENIED`]); `allowed` punches holes, `denied` adds more, and an explicit
+//! deny of a narrower range wins over an allow of a wider one. [`ipv6_spellings`] lists the spellings,
+//! and `tests/data/peer-addresses.txt` is the one table of addresses and verdicts the tests check
+//! (`tests/security.rs`: against the policy itself and against a running server).
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::str::FromStr;
@@ -93,8 +99,15 @@ impl std::fmt::Display for IpRange {
     }
 }
 
-/// Ranges denied unless explicitly allowed (IANA special-purpose registries, RFC 6890 and successors).
+/// Ranges denied unless explicitly allowed: every entry of the IANA IPv4 and IPv6 Special-Purpose
+/// Address Registries (RFC 6890 and successors) that is not globally reachable, plus multicast and the
+/// deprecated site-local range. IPv6 spellings of IPv4 addresses are judged as IPv4 ([`canonical`]),
+/// and the IPv4 addresses NAT64, 6to4, Teredo and ISATAP addresses embed are checked against the IPv4
+/// entries ([`embedded_ipv4`]).
 pub const DEFAULT_DENIED: &[&str] = &[
+    // "This network" (RFC 791), private (RFC 1918), shared address space (RFC 6598), loopback,
+    // link-local, IETF protocol assignments, documentation (TEST-NET-1/2/3), the deprecated 6to4
+    // relay anycast (RFC 7526), benchmarking (RFC 2544), multicast and reserved (with broadcast).
     "0.0.0.0/8",
     "10.0.0.0/8",
     "100.64.0.0/10",
@@ -110,20 +123,28 @@ pub const DEFAULT_DENIED: &[&str] = &[
     "203.0.113.0/24",
     "224.0.0.0/4",
     "240.0.0.0/4",
+    // Unspecified and loopback (the rest of ::/96 is IPv4-compatible, judged as IPv4).
     "::/128",
     "::1/128",
+    // Discard-only (RFC 6666) and the dummy prefix (RFC 9780).
     "100::/64",
+    "100:0:0:1::/64",
+    // Benchmarking (RFC 5180), ORCHID (RFC 4843, deprecated) and ORCHIDv2 (RFC 7343): not routed.
+    "2001:2::/48",
+    "2001:10::/28",
+    "2001:20::/28",
+    // Documentation (RFC 3849, RFC 9637).
     "2001:db8::/32",
+    "3fff::/20",
+    // Segment Routing SIDs (RFC 9602): not globally reachable.
+    "5f00::/16",
+    // Local-use NAT64 (RFC 8215): what it embeds is site-specific, so it is refused outright.
+    "64:ff9b:1::/48",
+    // Unique local, link-local, site-local (deprecated, RFC 3879), multicast.
     "fc00::/7",
     "fe80::/10",
     "fec0::/10",
     "ff00::/8",
-    // Local-use NAT64 (RFC 8215): what it embeds is site-specific, so it is refused outright.
-    "64:ff9b:1::/48",
-    // Benchmarking, ORCHID and ORCHIDv2 (RFC 6890, RFC 7343).
-    "2001:2::/48",
-    "2001:10::/28",
-    "2001:20::/28",
 ];
 
 /// The compiled peer policy.
@@ -135,34 +156,38 @@ pub struct PeerPolicy {
     no_multicast: bool,
 }
 
-/// Maps IPv4-mapped (`::ffff:a.b.c.d`) and IPv4-compatible (`::a.b.c.d`) addresses, which are only
-/// spellings of an IPv4 destination, to that IPv4 address.
+/// Maps the IPv6 addresses that are only spellings of an IPv4 destination to that IPv4 address:
+/// IPv4-mapped `::ffff:a.b.c.d`, IPv4-translated `::ffff:0:a.b.c.d` (RFC 2765) and IPv4-compatible
+/// `::a.b.c.d` (RFC 4291, deprecated but still routed as IPv4 by some stacks: all of `::/96` but `::`
+/// and `::1`, so `::2` is `0.0.0.2`). Other addresses are returned as they are.
 pub fn canonical(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => {
-            if let Some(v4) = v6.to_ipv4_mapped() {
-                return IpAddr::V4(v4);
-            }
-            let o = v6.octets();
-            // IPv4-compatible ::a.b.c.d (deprecated, but routed as IPv4 by some stacks); :: and ::1 excluded.
-            if o[..12].iter().all(|&b| b == 0) && (o[12] | o[13] | o[14]) != 0 {
-                return IpAddr::V4(Ipv4Addr::new(o[12], o[13], o[14], o[15]));
-            }
-            IpAddr::V6(v6)
-        }
-        v4 => v4,
-    }
+    let IpAddr::V6(v6) = ip else {
+        return ip;
+    };
+    let seg = v6.segments();
+    let embedded = match seg[..6] {
+        [0, 0, 0, 0, 0, 0xffff] | [0, 0, 0, 0, 0xffff, 0] => true,
+        [0, 0, 0, 0, 0, 0] => seg[6] != 0 || seg[7] > 1,
+        _ => false,
+    };
+    if embedded { IpAddr::V4(last_32_bits(v6)) } else { ip }
+}
+
+fn last_32_bits(v6: Ipv6Addr) -> Ipv4Addr {
+    let o = v6.octets();
+    Ipv4Addr::new(o[12], o[13], o[14], o[15])
 }
 
 /// IPv4 destinations embedded in an IPv6 address by a translation or tunnelling scheme, which a
 /// packet to that IPv6 address may end up reaching: NAT64 `64:ff9b::/96` (RFC 6052), 6to4 `2002::/16`
-/// (RFC 3056) and Teredo `2001::/32` (RFC 4380: the server address, and the client address stored
-/// inverted). Returns up to two addresses.
+/// (RFC 3056), Teredo `2001::/32` (RFC 4380: the server address, and the client address stored
+/// inverted) and ISATAP interface identifiers `::0:5efe:a.b.c.d` / `::200:5efe:a.b.c.d` under any
+/// prefix (RFC 5214). Returns up to two addresses.
 pub fn embedded_ipv4(v6: Ipv6Addr) -> [Option<Ipv4Addr>; 2] {
     let o = v6.octets();
     let seg = v6.segments();
     if seg[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
-        return [Some(Ipv4Addr::new(o[12], o[13], o[14], o[15])), None];
+        return [Some(last_32_bits(v6)), None];
     }
     if seg[0] == 0x2002 {
         return [Some(Ipv4Addr::new(o[2], o[3], o[4], o[5])), None];
@@ -172,7 +197,32 @@ pub fn embedded_ipv4(v6: Ipv6Addr) -> [Option<Ipv4Addr>; 2] {
         let client = Ipv4Addr::new(!o[12], !o[13], !o[14], !o[15]);
         return [Some(server), Some(client)];
     }
+    // ISATAP: the universal/local bit may be set (0x0200), the group bit is not.
+    if seg[4] & !0x0200 == 0 && seg[5] == 0x5efe {
+        return [Some(last_32_bits(v6)), None];
+    }
     [None, None]
+}
+
+/// Every IPv6 address [`PeerPolicy::permits`] judges as (or together with) the IPv4 address `v4`:
+/// IPv4-mapped, IPv4-translated, IPv4-compatible, NAT64, 6to4, Teredo as server and as (inverted)
+/// client behind a public server, and ISATAP with either universal/local bit. Each must be refused
+/// wherever `v4` is.
+pub fn ipv6_spellings(v4: Ipv4Addr) -> [Ipv6Addr; 9] {
+    let o = v4.octets();
+    let (hi, lo) = (u16::from_be_bytes([o[0], o[1]]), u16::from_be_bytes([o[2], o[3]]));
+    let (inv_hi, inv_lo) = (!hi, !lo);
+    [
+        v4.to_ipv6_mapped(),
+        Ipv6Addr::new(0, 0, 0, 0, 0xffff, 0, hi, lo),
+        Ipv6Addr::new(0, 0, 0, 0, 0, 0, hi, lo),
+        Ipv6Addr::new(0x64, 0xff9b, 0, 0, 0, 0, hi, lo),
+        Ipv6Addr::new(0x2002, hi, lo, 0, 0, 0, 0, 1),
+        Ipv6Addr::new(0x2001, 0, hi, lo, 0, 0, 0xf7f7, 0xf7f7),
+        Ipv6Addr::new(0x2001, 0, 0x0808, 0x0808, 0, 0, inv_hi, inv_lo),
+        Ipv6Addr::new(0x2001, 0xdb9, 0, 1, 0, 0x5efe, hi, lo),
+        Ipv6Addr::new(0x2001, 0xdb9, 0, 1, 0x200, 0x5efe, hi, lo),
+    ]
 }
 
 impl PeerPolicy {
@@ -231,31 +281,17 @@ mod tests {
     }
 
     #[test]
-    fn defaults_refuse_the_classic_targets() {
-        let p = PeerPolicy::new(vec![], vec![], true, false);
-        for s in [
-            "0.0.0.0",
-            "::",
-            "127.0.0.1",
-            "::1",
-            "::ffff:127.0.0.1",
-            "::127.0.0.1",
-            "169.254.169.254",
-            "fe80::1",
-            "10.1.2.3",
-            "192.168.1.1",
-            "172.16.0.1",
-            "100.64.0.1",
-            "224.0.0.1",
-            "ff02::1",
-            "255.255.255.255",
-            "fd00::1",
-            "::ffff:10.0.0.1",
-        ] {
-            assert!(!p.permits(ip(s)), "{s} must be denied");
+    fn canonical_maps_only_spellings_of_ipv4() {
+        assert_eq!(canonical(ip("::ffff:0:127.0.0.2")), ip("127.0.0.2"));
+        assert_eq!(canonical(ip("::2")), ip("0.0.0.2"));
+        assert_eq!(canonical(ip("::1.0.0.0")), ip("1.0.0.0"));
+        for keep in ["::", "::1", "::ffff:1:0:1", "::1:ffff:0:1", "2606:4700::1111"] {
+            assert_eq!(canonical(ip(keep)), ip(keep), "{keep}");
         }
-        for s in ["8.8.8.8", "2606:4700::1111", "::ffff:8.8.8.8"] {
-            assert!(p.permits(ip(s)), "{s} must be allowed");
+        for v4 in [Ipv4Addr::new(127, 0, 0, 1), Ipv4Addr::new(8, 8, 8, 8)] {
+            for s in &ipv6_spellings(v4)[..3] {
+                assert_eq!(canonical(IpAddr::V6(*s)), IpAddr::V4(v4), "{s}");
+            }
         }
     }
 
@@ -264,83 +300,10 @@ mod tests {
         let p = PeerPolicy::new(vec!["127.0.0.0/8".parse().unwrap()], vec!["127.0.0.53".parse().unwrap()], true, false);
         assert!(p.permits(ip("127.0.0.1")));
         assert!(p.permits(ip("::ffff:127.0.0.1")));
+        assert!(p.permits(ip("::ffff:0:127.0.0.1")));
         assert!(!p.permits(ip("127.0.0.53")));
+        assert!(!p.permits(ip("::ffff:0:127.0.0.53")));
         assert!(!p.permits(ip("0.0.0.0")));
-    }
-
-    /// Every way an IPv6 address can spell an IPv4 destination.
-    fn spellings(v4: Ipv4Addr) -> Vec<IpAddr> {
-        let o = v4.octets();
-        let inv = [!o[0], !o[1], !o[2], !o[3]];
-        vec![
-            IpAddr::V6(v4.to_ipv6_mapped()),
-            IpAddr::V6(Ipv6Addr::new(
-                0,
-                0,
-                0,
-                0,
-                0,
-                0,
-                u16::from_be_bytes([o[0], o[1]]),
-                u16::from_be_bytes([o[2], o[3]]),
-            )),
-            IpAddr::V6(Ipv6Addr::new(
-                0x64,
-                0xff9b,
-                0,
-                0,
-                0,
-                0,
-                u16::from_be_bytes([o[0], o[1]]),
-                u16::from_be_bytes([o[2], o[3]]),
-            )),
-            IpAddr::V6(Ipv6Addr::new(
-                0x2002,
-                u16::from_be_bytes([o[0], o[1]]),
-                u16::from_be_bytes([o[2], o[3]]),
-                0,
-                0,
-                0,
-                0,
-                1,
-            )),
-            // Teredo with the target as server, and as (inverted) client behind a public server.
-            IpAddr::V6(Ipv6Addr::new(
-                0x2001,
-                0,
-                u16::from_be_bytes([o[0], o[1]]),
-                u16::from_be_bytes([o[2], o[3]]),
-                0,
-                0,
-                0xf7f7,
-                0xf7f7,
-            )),
-            IpAddr::V6(Ipv6Addr::new(
-                0x2001,
-                0,
-                0x0808,
-                0x0808,
-                0,
-                0,
-                u16::from_be_bytes([inv[0], inv[1]]),
-                u16::from_be_bytes([inv[2], inv[3]]),
-            )),
-        ]
-    }
-
-    #[test]
-    fn embedded_spellings_of_loopback_and_metadata_are_denied() {
-        let p = PeerPolicy::new(vec![], vec![], true, false);
-        for v4 in [Ipv4Addr::new(127, 0, 0, 1), Ipv4Addr::new(169, 254, 169, 254), Ipv4Addr::new(10, 0, 0, 1)] {
-            for s in spellings(v4) {
-                assert!(!p.permits(s), "{s} spells {v4} and must be denied");
-            }
-        }
-        // The same spellings of a public address are fine (for the IPv4-compatible form too).
-        for s in spellings(Ipv4Addr::new(8, 8, 4, 4)) {
-            assert!(p.permits(s), "{s} spells 8.8.4.4");
-        }
-        assert!(!p.permits(ip("64:ff9b:1::8.8.8.8")), "local-use NAT64 is refused outright");
     }
 
     #[test]
@@ -362,8 +325,8 @@ mod tests {
             let v4 = Ipv4Addr::from(u32::from(first) + offset % span.saturating_add(1).max(1));
             let p = PeerPolicy::new(vec![], vec![], true, false);
             proptest::prop_assert!(!p.permits(IpAddr::V4(v4)), "{}", v4);
-            for s in spellings(v4) {
-                proptest::prop_assert!(!p.permits(s), "{} (spelling of {})", s, v4);
+            for s in ipv6_spellings(v4) {
+                proptest::prop_assert!(!p.permits(IpAddr::V6(s)), "{} (spelling of {})", s, v4);
             }
         }
 
@@ -373,8 +336,21 @@ mod tests {
             let p = PeerPolicy::new(vec![], vec!["100.64.0.0-100.127.255.255".parse().unwrap()], true, true);
             let v4 = Ipv4Addr::new(100, 64 + (a % 64), b, 1);
             proptest::prop_assert!(!p.permits(IpAddr::V4(v4)));
-            for s in spellings(v4) {
-                proptest::prop_assert!(!p.permits(s), "{}", s);
+            for s in ipv6_spellings(v4) {
+                proptest::prop_assert!(!p.permits(IpAddr::V6(s)), "{}", s);
+            }
+        }
+
+        /// No IPv6 address in `::/96` (IPv4-compatible) or `::ffff:0:0:0/96` (IPv4-translated) passes
+        /// the defaults unless the IPv4 address it spells does.
+        #[test]
+        fn compatible_and_translated_forms_follow_their_ipv4(bits in proptest::prelude::any::<u32>(), translated in proptest::prelude::any::<bool>()) {
+            let p = PeerPolicy::new(vec![], vec![], true, false);
+            let v4 = Ipv4Addr::from(bits);
+            let [hi, lo] = [(bits >> 16) as u16, bits as u16];
+            let v6 = if translated { Ipv6Addr::new(0, 0, 0, 0, 0xffff, 0, hi, lo) } else { Ipv6Addr::new(0, 0, 0, 0, 0, 0, hi, lo) };
+            if !p.permits(IpAddr::V4(v4)) {
+                proptest::prop_assert!(!p.permits(IpAddr::V6(v6)), "{} spells {}", v6, v4);
             }
         }
     }

@@ -84,8 +84,9 @@ impl std::fmt::Display for FiveTuple {
 pub enum PeerScope {
     /// Any port: the peer policy permits the IP.
     Any,
-    /// Only relay ports: the IP is one of this server's relay addresses, which the policy would deny
-    /// (loopback, private) but which TURN -> TURN calls need. Other services on the host stay closed.
+    /// Only live relayed addresses: the IP is one of this server's relay addresses, which the policy
+    /// would deny (loopback, private) but which TURN -> TURN calls need. Any other port there, relay
+    /// range or not, may be another program's and stays closed.
     RelayPorts,
 }
 
@@ -171,14 +172,13 @@ impl Allocation {
         u32::from(self.relayed.is_ipv4() != peer.is_ipv4())
     }
 
-    /// Whether an unexpired permission lets data to/from `peer` through at `now`; `relay_ports` is the
-    /// server's relay port range, for permissions scoped to it.
-    pub fn permits(&self, peer: SocketAddr, now: Instant, relay_ports: (u16, u16)) -> bool {
-        self.permissions.iter().any(|p| {
-            p.ip == peer.ip()
-                && now < p.expires
-                && (p.scope == PeerScope::Any || (relay_ports.0..=relay_ports.1).contains(&peer.port()))
-        })
+    /// Whether an unexpired permission lets data to/from `peer` through at `now`; `is_live_relay` says
+    /// whether an address is a live relayed address of this server, for permissions scoped to those
+    /// ([`PeerScope::RelayPorts`]; asked only for them).
+    pub fn permits(&self, peer: SocketAddr, now: Instant, is_live_relay: impl Fn(SocketAddr) -> bool) -> bool {
+        self.permissions
+            .iter()
+            .any(|p| p.ip == peer.ip() && now < p.expires && (p.scope == PeerScope::Any || is_live_relay(peer)))
     }
 
     /// The binding for `number`, active or not.

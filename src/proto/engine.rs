@@ -25,7 +25,9 @@ use super::timer::TimerWheel;
 use crate::auth::{CredentialStore, NonceCheck, NonceKey, Verdict};
 use crate::policy::PeerPolicy;
 use crate::policy::rate::{LogKind, LogLimiter, SourceLimiter, TokenBucket};
-use crate::shared::{QuotaError, Reservation, ShardStats, Shared, bump, bump_down, set, transport_index};
+use crate::shared::{
+    LiveRelays, QuotaError, QuotaLimits, Reservation, ShardStats, Shared, bump, bump_down, set, transport_index,
+};
 use std::net::{IpAddr, SocketAddr};
 use std::ops::Range;
 use std::sync::Arc;
@@ -132,6 +134,8 @@ pub struct Settings {
     pub user_quota: u32,
     /// Allocations in total (0 = unlimited).
     pub total_quota: u32,
+    /// Unredeemed EVEN-PORT reservations one user may hold (0: none); each also counts as an allocation.
+    pub user_reservations: u32,
     /// Bytes per second per allocation and direction (0 = unlimited).
     pub max_bps: u64,
     /// This shard's share of the total bytes per second per direction (0 = unlimited).
@@ -150,8 +154,6 @@ pub struct Settings {
     pub relay_v4: Vec<RelayAddr>,
     /// IPv6 relay addresses (used in turn), if IPv6 relaying is offered.
     pub relay_v6: Vec<RelayAddr>,
-    /// The relay port range of the whole server (all shards), for TURN -> TURN permissions.
-    pub relay_ports: (u16, u16),
 }
 
 /// Why a relay socket could not be opened.
@@ -242,9 +244,6 @@ pub enum Action {
     },
 }
 
-/// The token and reservation of the port after an EVEN-PORT(R) allocation's.
-type ReservedNext = ([u8; 8], Reservation);
-
 #[derive(Clone, Copy, Debug)]
 enum Timer {
     /// The deadline the entry was armed for: entries that no longer match `armed_at` are stale.
@@ -330,6 +329,7 @@ fn take_bandwidth(
 /// ports of that IP the permission covers.
 fn check_peer(
     settings: &Settings,
+    live: &LiveRelays,
     alloc: &Allocation,
     value: &[u8],
     tid: &TransactionId,
@@ -347,23 +347,13 @@ fn check_peer(
     if settings.peer_policy.permits(peer.ip()) {
         return Ok((peer, PeerScope::Any));
     }
-    if is_own_relay(settings, peer) {
+    //  The server's own relayed addresses stay reachable when the policy denies the relay's address
+    //  (client -> TURN -> TURN -> client), but only those of live allocations: any other port there may
+    //  be another program's, and stays closed. The data path checks again per datagram.
+    if live.contains(peer) {
         return Ok((peer, PeerScope::RelayPorts));
     }
     Err(ErrorCode::Forbidden)
-}
-
-/// The server's own relay addresses are reachable on relay ports (client -> TURN -> TURN -> client);
-/// any other port there is a service of the host and stays closed.
-fn is_own_relay(settings: &Settings, peer: SocketAddr) -> bool {
-    let ip = crate::policy::peer::canonical(peer.ip());
-    let (lo, hi) = settings.relay_ports;
-    (lo..=hi).contains(&peer.port())
-        && settings
-            .relay_v4
-            .iter()
-            .chain(&settings.relay_v6)
-            .any(|r| (r.advertised == ip || r.bind == ip) && !ip.is_unspecified())
 }
 
 fn family_of(ip: IpAddr) -> u8 {
@@ -481,7 +471,8 @@ impl Engine {
                 PeerScope::Any => settings.peer_policy.permits(p.ip),
                 PeerScope::RelayPorts => true,
             });
-            alloc.channels.retain(|c| settings.peer_policy.permits(c.peer.ip()) || is_own_relay(&settings, c.peer));
+            let live = &self.shared.live_relays;
+            alloc.channels.retain(|c| settings.peer_policy.permits(c.peer.ip()) || live.contains(c.peer));
             let new_max = settings.max_bps;
             if new_max != self.settings.max_bps {
                 alloc.bandwidth = (new_max > 0).then(|| [TokenBucket::for_bandwidth(new_max, now); 2]);
@@ -610,7 +601,7 @@ impl Engine {
         let Some(binding) = alloc.channel_by_number(cd.number).filter(|c| c.is_active(now)).copied() else {
             return Action::Drop(DropReason::NoChannel);
         };
-        if !alloc.permits(binding.peer, now, self.settings.relay_ports) {
+        if !alloc.permits(binding.peer, now, |a| self.shared.live_relays.contains(a)) {
             return Action::Drop(DropReason::NoPermission);
         }
         if !take_bandwidth(&mut alloc.bandwidth, &mut self.total_bandwidth, 0, cd.data.len(), now) {
@@ -654,7 +645,7 @@ impl Engine {
             return Action::Drop(DropReason::BadIndication);
         }
         let key = relay_key(id.idx, alloc.half_for(peer));
-        if !alloc.permits(peer, now, self.settings.relay_ports) {
+        if !alloc.permits(peer, now, |a| self.shared.live_relays.contains(a)) {
             return Action::Drop(DropReason::NoPermission);
         }
         if !take_bandwidth(&mut alloc.bandwidth, &mut self.total_bandwidth, 0, data.len(), now) {
@@ -910,48 +901,62 @@ impl Engine {
         let Some(relay) = self.next_relay(family) else {
             return self.error(msg, ErrorCode::AddressFamilyNotSupported, Some(&key));
         };
+        let quota_user: Box<[u8]> = self.settings.credentials.quota_user(auth.username).into();
+        //= RFC 8656 §7.2 (7): a RESERVATION-TOKEN that names no valid reservation is 508.
+        let claimed = match token {
+            None => None,
+            Some(token) => match self.claim_reservation(token, now) {
+                Some(r) => Some((token, r)),
+                None => return self.refuse_capacity(now, tuple, msg, &key, NoPort::Reservation),
+            },
+        };
+        let reserve = even_port == Some(true);
         //= RFC 8656 §7.2 (10): "At any point, the server MAY choose to reject the request with a 486
         //= (Allocation Quota Reached) error if it feels the client is trying to exceed some locally
         //= defined allocation quota."
-        let quota_user: Box<[u8]> = self.settings.credentials.quota_user(auth.username).into();
-        let (user_limit, total_limit) = (self.settings.user_quota, self.settings.total_quota);
-        if let Err(which) = self.shared.quotas.try_acquire(&quota_user, user_limit, total_limit) {
+        if let Err(which) = self.charge_quota(&quota_user, claimed.as_ref().map(|(_, r)| r), reserve) {
+            if let Some((token, r)) = claimed {
+                // Still the holder's, until it lapses.
+                self.shared.reservations.lock().insert(token, r);
+            }
             bump(&self.stats.quota_refusals, 1);
-            let which = if which == QuotaError::User { "user" } else { "total" };
+            let which = match which {
+                QuotaError::User => "user quota reached",
+                QuotaError::Total => "total quota reached",
+                QuotaError::Reservations => "the user holds allocations.user_reservations EVEN-PORT reservations",
+            };
             let user = String::from_utf8_lossy(&quota_user).into_owned();
             self.logs.log(
                 LogKind::Quota,
                 log::Level::Info,
                 now,
-                format_args!("allocation refused: {which} quota reached, user={user} client={tuple}"),
+                format_args!("allocation refused: {which}, user={user} client={tuple}"),
             );
             return self.error(msg, ErrorCode::AllocationQuotaReached, Some(&key));
         }
+        let claimed_port = claimed.map(|(_, r)| r.port);
         let idx = self.table.next_index();
-        let (port, reserved) = match self.pick_port(now, relay.bind, token, even_port, relay_key(idx, 0), io) {
+        let (port, next) = match self.pick_port(relay.bind, claimed_port, even_port, relay_key(idx, 0), io) {
             Ok(picked) => picked,
             Err(why) => {
-                self.shared.quotas.release(&quota_user);
-                bump(&self.stats.capacity_refusals, 1);
-                // Out of descriptors is the operator's to fix; the rest is load or a client's token.
-                let level = if matches!(why, NoPort::Socket(_)) { log::Level::Warn } else { log::Level::Info };
-                self.logs.log(
-                    LogKind::Capacity,
-                    level,
-                    now,
-                    format_args!("allocation refused (508): {why}, client={tuple}"),
-                );
-                //= RFC 8656 §7.2 (7)/(8): an invalid RESERVATION-TOKEN, or no port available, is 508.
-                return self.error(msg, ErrorCode::InsufficientCapacity, Some(&key));
+                self.refund_quota(&quota_user, reserve);
+                return self.refuse_capacity(now, tuple, msg, &key, why);
             }
         };
+        if reserve && next.is_none() {
+            self.shared.quotas.release_reservation(&quota_user);
+        }
+        let reserved = next.map(|port| {
+            let expires = now + RESERVATION_LIFETIME;
+            (self.rng.next_u64().to_be_bytes(), Reservation { port, expires, holder: quota_user.clone() })
+        });
         // The IPv6 half of a dual allocation, or the error code explaining why there is none.
         let mut second = None;
         let mut second_error = None;
         if dual {
             match self.next_relay(FAMILY_IPV6) {
                 None => second_error = Some(ErrorCode::AddressFamilyNotSupported),
-                Some(r6) => match self.pick_port(now, r6.bind, None, None, relay_key(idx, 1), io) {
+                Some(r6) => match self.pick_port(r6.bind, None, None, relay_key(idx, 1), io) {
                     Ok((p6, _)) => second = Some((SocketAddr::new(r6.advertised, p6), SocketAddr::new(r6.bind, p6))),
                     Err(why) => {
                         log::debug!("dual allocation without its IPv6 half: {why}, client={tuple}");
@@ -996,6 +1001,7 @@ impl Engine {
             }
             if let Some((_, r)) = reserved {
                 self.ports.give_back(r.port);
+                self.shared.quotas.release_reservation(&r.holder);
             }
             self.shared.quotas.release(&quota_user);
             return action;
@@ -1030,6 +1036,10 @@ impl Engine {
         };
         let id = self.table.insert(alloc);
         self.wheel.insert(now + lifetime, Timer::Allocation(id, now + lifetime));
+        self.shared.live_relays.insert(bound);
+        if let Some((_, bound6)) = second {
+            self.shared.live_relays.insert(bound6);
+        }
         self.shared.directory.insert(tuple, self.shard);
         bump(&self.stats.allocations_created, 1);
         set(&self.stats.allocations, self.table.len() as u64);
@@ -1047,24 +1057,72 @@ impl Engine {
         Some(list[self.relay_turn % list.len()])
     }
 
-    /// Chooses and binds a relay port. Returns the port and, for EVEN-PORT with R, the reservation.
-    fn pick_port(
+    /// Takes a valid reservation out of the shared table (an expired one stays for its timer, which
+    /// gives its port back and releases its holder's quota).
+    fn claim_reservation(&self, token: [u8; 8], now: Instant) -> Option<Reservation> {
+        let mut map = self.shared.reservations.lock();
+        if map.get(&token).is_some_and(|r| now < r.expires) { map.remove(&token) } else { None }
+    }
+
+    /// Counts the allocation against `user`'s quota and the total, and with `reserve` the port it
+    /// reserves. An allocation that redeems its own user's reservation takes over the reservation's unit;
+    /// one that redeems another user's is charged to its own user, and the holder's unit released.
+    fn charge_quota(&self, user: &[u8], redeemed: Option<&Reservation>, reserve: bool) -> Result<(), QuotaError> {
+        let quotas = &self.shared.quotas;
+        if let Some(r) = redeemed.filter(|r| *r.holder == *user) {
+            quotas.redeem_reservation(&r.holder);
+            return Ok(());
+        }
+        let s = &self.settings;
+        let limits = QuotaLimits { user: s.user_quota, total: s.total_quota, user_reservations: s.user_reservations };
+        quotas.try_acquire(user, limits, reserve)?;
+        if let Some(r) = redeemed {
+            quotas.release_reservation(&r.holder);
+        }
+        Ok(())
+    }
+
+    /// Undoes [`Engine::charge_quota`] for an Allocate that got no relay port.
+    fn refund_quota(&self, user: &[u8], reserve: bool) {
+        if reserve {
+            self.shared.quotas.release_reservation(user);
+        }
+        self.shared.quotas.release(user);
+    }
+
+    /// Answers 508 for an Allocate that got no relay port, counted and logged (rate-limited).
+    fn refuse_capacity(
         &mut self,
         now: Instant,
+        tuple: FiveTuple,
+        msg: &StunMsg<'_>,
+        key: &PreparedKey,
+        why: NoPort,
+    ) -> Action {
+        bump(&self.stats.capacity_refusals, 1);
+        // Out of descriptors is the operator's to fix; the rest is load or a client's token.
+        let level = if matches!(why, NoPort::Socket(_)) { log::Level::Warn } else { log::Level::Info };
+        self.logs.log(LogKind::Capacity, level, now, format_args!("allocation refused (508): {why}, client={tuple}"));
+        //= RFC 8656 §7.2 (7)/(8): an invalid RESERVATION-TOKEN, or no port available, is 508.
+        self.error(msg, ErrorCode::InsufficientCapacity, Some(key))
+    }
+
+    /// Chooses and binds a relay port: the `claimed` reservation's port, or a spare socket's, or a free
+    /// one. Returns the port and, for EVEN-PORT with R, the next port, now reserved.
+    fn pick_port(
+        &mut self,
         bind_ip: IpAddr,
-        token: Option<[u8; 8]>,
+        claimed: Option<u16>,
         even_port: Option<bool>,
         key: u32,
         io: &mut dyn RelaySockets,
-    ) -> Result<(u16, Option<ReservedNext>), NoPort> {
-        if let Some(token) = token {
-            let r = self.shared.reservations.lock().remove(&token).filter(|r| now < r.expires);
-            let r = r.ok_or(NoPort::Reservation)?;
+    ) -> Result<(u16, Option<u16>), NoPort> {
+        if let Some(port) = claimed {
             // The port may come from another shard's range; it joins this shard's pool when freed.
-            return match io.open(key, SocketAddr::new(bind_ip, r.port)) {
-                Ok(()) => Ok((r.port, None)),
+            return match io.open(key, SocketAddr::new(bind_ip, port)) {
+                Ok(()) => Ok((port, None)),
                 Err(_) => {
-                    self.ports.give_back(r.port);
+                    self.ports.give_back(port);
                     Err(NoPort::Reservation)
                 }
             };
@@ -1085,14 +1143,7 @@ impl Engine {
                 None => (self.ports.take().ok_or(NoPort::RangeExhausted)?, None),
             };
             match io.open(key, SocketAddr::new(bind_ip, port)) {
-                Ok(()) => {
-                    let reservation = next.map(|next| {
-                        let mut token = [0u8; 8];
-                        token.copy_from_slice(&self.rng.next_u64().to_be_bytes());
-                        (token, Reservation { port: next, expires: now + RESERVATION_LIFETIME })
-                    });
-                    return Ok((port, reservation));
-                }
+                Ok(()) => return Ok((port, next)),
                 Err(e) => {
                     // The reserved next port was not tried: back to the end of the pool.
                     if let Some(next) = next {
@@ -1186,7 +1237,7 @@ impl Engine {
         let mut peers = 0usize;
         let mut new_ips = 0usize;
         for a in msg.attrs().filter(|a| a.typ == AttrType::XOR_PEER_ADDRESS) {
-            match check_peer(&self.settings, alloc, a.value, &tid) {
+            match check_peer(&self.settings, &self.shared.live_relays, alloc, a.value, &tid) {
                 Ok((peer, _)) => {
                     peers += 1;
                     if !alloc.permissions.iter().any(|p| p.ip == peer.ip()) {
@@ -1213,7 +1264,8 @@ impl Engine {
         if let Some(alloc) = self.table.get_mut(id) {
             for a in msg.attrs().filter(|a| a.typ == AttrType::XOR_PEER_ADDRESS) {
                 // Validated above; the scope is recomputed the same way.
-                let Ok((peer, scope)) = check_peer(&self.settings, alloc, a.value, &tid) else {
+                let Ok((peer, scope)) = check_peer(&self.settings, &self.shared.live_relays, alloc, a.value, &tid)
+                else {
                     continue;
                 };
                 {
@@ -1255,7 +1307,8 @@ impl Engine {
         let Some(peer_value) = msg.attr(AttrType::XOR_PEER_ADDRESS) else {
             return self.error(msg, ErrorCode::BadRequest, Some(&key));
         };
-        let (peer, scope) = match check_peer(&self.settings, alloc, peer_value, &msg.transaction_id()) {
+        let live = &self.shared.live_relays;
+        let (peer, scope) = match check_peer(&self.settings, live, alloc, peer_value, &msg.transaction_id()) {
             Ok(p) => p,
             Err(code) => {
                 if code == ErrorCode::Forbidden {
@@ -1320,7 +1373,7 @@ impl Engine {
         };
         //= RFC 8656 §11.3: "the server ... looks for a permission ... If no permission exists, the UDP
         //= datagram is silently discarded."
-        if !alloc.permits(peer, now, self.settings.relay_ports) {
+        if !alloc.permits(peer, now, |a| self.shared.live_relays.contains(a)) {
             return Action::Drop(DropReason::NoPermission);
         }
         if !take_bandwidth(&mut alloc.bandwidth, &mut self.total_bandwidth, 1, len, now) {
@@ -1482,6 +1535,7 @@ impl Engine {
                 };
                 if let Some(r) = lapsed {
                     self.ports.give_back(r.port);
+                    self.shared.quotas.release_reservation(&r.holder);
                 }
             }
         }
@@ -1503,6 +1557,10 @@ impl Engine {
             self.retire_socket(relay_key(id.idx, 1), bound6, io);
         }
         io.allocation_freed(alloc.five_tuple);
+        self.shared.live_relays.remove(alloc.bound);
+        if let Some((_, bound6)) = alloc.second {
+            self.shared.live_relays.remove(bound6);
+        }
         self.shared.directory.remove(&alloc.five_tuple);
         self.shared.quotas.release(alloc.quota_user.as_bytes());
         self.live_permissions = self.live_permissions.saturating_sub(alloc.permissions.len() as u64);

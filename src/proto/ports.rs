@@ -16,6 +16,9 @@ pub fn shard_ports(min: u16, max: u16, shard: usize, shards: usize) -> impl Iter
 #[derive(Debug, Clone)]
 pub struct PortPool {
     free: VecDeque<u16>,
+    /// Which ports are in `free` (a bit per port, 8 KiB): EVEN-PORT with R looks for an even port whose
+    /// partner is free, which a scan of the list for every candidate would make quadratic in the range.
+    is_free: Box<[u64]>,
     /// Shuffles the pool and places ports found busy.
     rng: XorShift,
 }
@@ -24,7 +27,14 @@ impl PortPool {
     /// Builds a pool from `ports`, shuffled with `seed` so relay ports are not predictable.
     pub fn new(ports: impl IntoIterator<Item = u16>, seed: u64) -> Self {
         let v: Vec<u16> = ports.into_iter().collect();
-        let mut pool = Self { free: v.into(), rng: XorShift::new(seed) };
+        let mut pool =
+            Self { free: VecDeque::new(), is_free: vec![0; 65_536 / 64].into_boxed_slice(), rng: XorShift::new(seed) };
+        for port in v {
+            if !pool.contains(port) {
+                pool.mark(port, true);
+                pool.free.push_back(port);
+            }
+        }
         for i in (1..pool.free.len()).rev() {
             let j = pool.rng.below(i + 1);
             pool.free.swap(i, j);
@@ -42,38 +52,58 @@ impl PortPool {
         self.free.is_empty()
     }
 
-    /// Takes any free port.
-    pub fn take(&mut self) -> Option<u16> {
-        self.free.pop_front()
+    fn contains(&self, port: u16) -> bool {
+        self.is_free[usize::from(port / 64)] & (1 << (port % 64)) != 0
     }
 
-    /// Takes an even port; with `with_next`, also takes `port + 1` (for EVEN-PORT's R bit).
+    fn mark(&mut self, port: u16, free: bool) {
+        let (word, bit) = (&mut self.is_free[usize::from(port / 64)], 1u64 << (port % 64));
+        if free { *word |= bit } else { *word &= !bit }
+    }
+
+    /// Takes any free port.
+    pub fn take(&mut self) -> Option<u16> {
+        let port = self.free.pop_front()?;
+        self.mark(port, false);
+        Some(port)
+    }
+
+    /// Takes an even port; with `with_next`, also takes `port + 1` (for EVEN-PORT's R bit). One pass
+    /// over the list at most (two with `with_next`), whatever the range.
     pub fn take_even(&mut self, with_next: bool) -> Option<(u16, Option<u16>)> {
         let pos = self
             .free
             .iter()
-            .position(|&p| p % 2 == 0 && (!with_next || p.checked_add(1).is_some_and(|n| self.free.contains(&n))))?;
+            .position(|&p| p % 2 == 0 && (!with_next || p.checked_add(1).is_some_and(|n| self.contains(n))))?;
         let port = self.free.remove(pos)?;
+        self.mark(port, false);
         if !with_next {
             return Some((port, None));
         }
         let next = port + 1;
-        let npos = self.free.iter().position(|&p| p == next)?;
-        self.free.remove(npos);
-        Some((port, Some(next)))
+        Some((port, self.take_specific(next).then_some(next)))
     }
 
     /// Takes a specific port if it is free.
     pub fn take_specific(&mut self, port: u16) -> bool {
+        if !self.contains(port) {
+            return false;
+        }
         match self.free.iter().position(|&p| p == port) {
-            Some(pos) => self.free.remove(pos).is_some(),
+            Some(pos) => {
+                self.mark(port, false);
+                self.free.remove(pos).is_some()
+            }
             None => false,
         }
     }
 
     /// Returns a port to the back of the list, so it is reused as late as possible.
     pub fn give_back(&mut self, port: u16) {
-        self.free.push_back(port);
+        if !self.contains(port) {
+            self.mark(port, true);
+            self.free.push_back(port);
+        }
     }
 
     /// Returns a port that could not be bound (another program holds it) to a random place in the list.
@@ -84,6 +114,10 @@ impl PortPool {
     /// while most of the range is free. Scattered, a run of busy ports is as rare as in the shuffled
     /// range. The port it displaces moves to the back, which only delays that port's reuse.
     pub fn set_aside(&mut self, port: u16) {
+        if self.contains(port) {
+            return;
+        }
+        self.mark(port, true);
         self.free.push_back(port);
         let last = self.free.len() - 1;
         let at = self.rng.below(self.free.len());
@@ -137,6 +171,9 @@ mod tests {
                     _ => if let Some((p, _)) = pool.take_even(false) { prop_assert!(out.insert(p)); },
                 }
                 prop_assert_eq!(out.len() + pool.len(), 20);
+                for p in 50000..50020u16 {
+                    prop_assert_eq!(pool.contains(p), !out.contains(&p), "{}", p);
+                }
             }
         }
     }

@@ -336,3 +336,22 @@ impl Binary {
             .unwrap()
     }
 }
+
+/// The entries of `tests/data/peer-addresses.txt`, the one table of peer addresses: each address and
+/// whether the default peer policy denies it.
+pub fn peer_table() -> Vec<(std::net::IpAddr, bool)> {
+    include_str!("../data/peer-addresses.txt")
+        .lines()
+        .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
+        .map(|l| {
+            let mut words = l.split_whitespace();
+            let addr = words.next().unwrap().parse().unwrap();
+            let deny = match words.next() {
+                Some("deny") => true,
+                Some("allow") => false,
+                other => panic!("bad verdict {other:?} in: {l}"),
+            };
+            (addr, deny)
+        })
+        .collect()
+}

@@ -97,7 +97,7 @@ fn settings() -> Settings {
         legacy_channel_numbers: false,
         relay_v4: vec![relay],
         relay_v6: vec![],
-        relay_ports: (50_000, 50_009),
+        user_reservations: 2,
     }
 }
 
@@ -109,10 +109,18 @@ struct Harness {
     shared: Arc<Shared>,
 }
 
+/// The relay ports of a harness unless a test asks for others.
+const PORTS: (u16, u16) = (50_000, 50_009);
+
 fn harness_with(s: Settings) -> Harness {
+    harness_on(s, PORTS)
+}
+
+/// A harness whose engine relays from the ports `min_port..=max_port`.
+fn harness_on(s: Settings, (min_port, max_port): (u16, u16)) -> Harness {
     let t0 = Instant::now();
-    let shared = Arc::new(Shared::default());
-    let (min_port, max_port) = s.relay_ports;
+    let relays = s.relay_v4.iter().chain(&s.relay_v6).map(|r| (r.bind, r.advertised));
+    let shared = Arc::new(Shared::new(relays));
     let engine = Engine::new(
         0,
         Arc::new(s),
@@ -135,8 +143,7 @@ fn harness_unlimited(min: u16, max: u16) -> Harness {
     let mut s = settings();
     s.user_quota = 0;
     s.total_quota = 0;
-    s.relay_ports = (min, max);
-    harness_with(s)
+    harness_on(s, (min, max))
 }
 
 fn tuple(port: u16) -> FiveTuple {
@@ -541,9 +548,57 @@ fn peer_policy_403_and_family_443() {
     });
     assert_eq!(r.code(), Some(403));
     assert_eq!(h.peer_sends(0, peer(), b"x"), Action::Drop(DropReason::NoPermission));
-    // The server's own relay address is allowed even though 203.0.113.0/24 is reserved.
-    let r = h.authed(&mut c, Method::CREATE_PERMISSION, peer_attr("203.0.113.9:50001".parse().unwrap()));
+}
+
+fn send_indication(to: SocketAddr, data: &[u8]) -> Vec<u8> {
+    let mut buf = vec![0u8; 256];
+    let mut w = MsgWriter::new(&mut buf, Method::SEND, Class::Indication, TransactionId([9; 12]));
+    w.add_xor_addr(AttrType::XOR_PEER_ADDRESS, to);
+    w.add_bytes(AttrType::DATA, data);
+    let len = w.finish().unwrap();
+    buf.truncate(len);
+    buf
+}
+
+/// The policy denies the relay's own addresses (203.0.113.9 advertised, 127.0.0.1 bound), but the
+/// relayed addresses of live allocations stay reachable (client -> TURN -> TURN -> client): only
+/// those, not another port of the relay range where another program may listen, and not once the
+/// allocation is gone; in both directions.
+#[test]
+fn own_relay_exception_reaches_only_live_relayed_addresses() {
+    let mut h = harness();
+    let mut a = Client::rest(40090, "a", UNIX0 + 3600);
+    let mut b = Client::rest(40091, "b", UNIX0 + 3600);
+    assert_eq!(h.allocate(&mut a).class(), Class::Success);
+    let relayed_b = h.allocate(&mut b).xor_addr(AttrType::XOR_RELAYED_ADDRESS);
+    assert_eq!(relayed_b.ip(), "203.0.113.9".parse::<IpAddr>().unwrap());
+    let bound_b = SocketAddr::new("127.0.0.1".parse().unwrap(), relayed_b.port());
+    let busy: Vec<u16> = h.io.ports.values().copied().collect();
+    let idle_port = (PORTS.0..=PORTS.1).find(|p| !busy.contains(p)).unwrap();
+    for not_live in [SocketAddr::new(relayed_b.ip(), idle_port), SocketAddr::new(bound_b.ip(), idle_port)] {
+        let r = h.authed(&mut a, Method::CREATE_PERMISSION, peer_attr(not_live));
+        assert_eq!(r.code(), Some(403), "{not_live} is in the relay range but no allocation's");
+        let r = h.authed(&mut a, Method::CHANNEL_BIND, channel_bind_attrs(0x4001, not_live));
+        assert_eq!(r.code(), Some(403), "{not_live}");
+    }
+    for live in [relayed_b, bound_b] {
+        let r = h.authed(&mut a, Method::CREATE_PERMISSION, peer_attr(live));
+        assert_eq!(r.class(), Class::Success, "{live} is a live relayed address");
+    }
+    // The permission is for the IP; the data path still lets only the live relayed address through.
+    let to_b = h.send(a.tuple, &send_indication(relayed_b, b"to b"));
+    assert!(matches!(to_b, Action::ToPeer { peer, .. } if peer == relayed_b), "{to_b:?}");
+    let elsewhere = SocketAddr::new(relayed_b.ip(), idle_port);
+    assert_eq!(h.send(a.tuple, &send_indication(elsewhere, b"x")), Action::Drop(DropReason::NoPermission));
+    assert!(matches!(h.peer_sends(0, bound_b, b"from b"), Action::ToClient { .. }));
+    assert_eq!(h.peer_sends(0, SocketAddr::new(bound_b.ip(), idle_port), b"x"), Action::Drop(DropReason::NoPermission));
+    // Once b's allocation is deleted its address is closed too.
+    let r = h.authed(&mut b, Method::REFRESH, |w| w.add_u32(AttrType::LIFETIME, 0));
     assert_eq!(r.class(), Class::Success);
+    assert_eq!(h.send(a.tuple, &send_indication(relayed_b, b"x")), Action::Drop(DropReason::NoPermission));
+    assert_eq!(h.peer_sends(0, bound_b, b"x"), Action::Drop(DropReason::NoPermission));
+    let r = h.authed(&mut a, Method::CHANNEL_BIND, channel_bind_attrs(0x4002, relayed_b));
+    assert_eq!(r.code(), Some(403));
 }
 
 #[test]
@@ -1168,4 +1223,99 @@ fn reused_allocation_keys_keep_every_credential_check() {
     alice_now.nonce.clone_from(&alice.nonce);
     assert_eq!(refresh(&mut h, &mut alice_now).class(), Class::Success, "the new password works");
     assert_eq!(refresh(&mut h, &mut alice_now).class(), Class::Success, "and keeps working");
+}
+
+fn allocate_even_port(h: &mut Harness, c: &mut Client) -> Resp {
+    h.authed(c, Method::ALLOCATE, |w| {
+        udp_transport(w);
+        w.add_bytes(AttrType::EVEN_PORT, &[0x80]);
+    })
+}
+
+fn delete(h: &mut Harness, c: &mut Client) {
+    let r = h.authed(c, Method::REFRESH, |w| w.add_u32(AttrType::LIFETIME, 0));
+    assert_eq!(r.class(), Class::Success);
+}
+
+/// A user looping Allocate(EVEN-PORT, R) -> Refresh(0) never holds more than one allocation but,
+/// uncounted, kept every reservation for 30 s: 8,187 of 16,384 ports. Reservations count against
+/// the quotas and are capped per user (allocations.user_reservations), so others keep their capacity.
+#[test]
+fn even_port_reservations_cannot_take_the_range() {
+    let mut s = settings();
+    s.user_quota = 0;
+    s.total_quota = 0;
+    s.user_reservations = 2;
+    let mut h = harness_on(s, (50_000, 50_019));
+    let ports = h.engine.free_ports();
+    for attempt in 0..10u16 {
+        let mut c = Client::rest(41000 + attempt, "mallory", UNIX0 + 3600);
+        let r = allocate_even_port(&mut h, &mut c);
+        if attempt < 2 {
+            assert_eq!(r.class(), Class::Success, "reservation {attempt}");
+            delete(&mut h, &mut c);
+        } else {
+            assert_eq!(r.code(), Some(486), "reservation {attempt}: the user already holds two");
+        }
+    }
+    assert_eq!(h.shared.quotas.held_by(b"mallory"), 2, "two reservations, no allocation");
+    assert_eq!(h.shared.reservations.lock().len(), 2);
+    // Everybody else still gets EVEN-PORT with R, and all the other ports.
+    let mut others = 0;
+    for k in 0..20u16 {
+        let mut c = Client::rest(42000 + k, &format!("user{k}"), UNIX0 + 3600);
+        let r = if k < 2 { allocate_even_port(&mut h, &mut c) } else { h.allocate(&mut c) };
+        if r.class() == Class::Success {
+            others += 1 + usize::from(k < 2);
+        }
+    }
+    assert_eq!(others, ports - 2, "only mallory's two reserved ports are out of reach");
+    // Lapsed reservations give their ports and quota back.
+    h.advance(31);
+    assert_eq!(h.shared.quotas.held_by(b"mallory"), 0);
+    let mut c = Client::rest(41100, "mallory", UNIX0 + 3600);
+    assert_eq!(h.allocate(&mut c).class(), Class::Success);
+}
+
+/// With a user quota, a reservation is one of the user's allocations until it is redeemed (by the
+/// same user: the unit carries over; by another user: charged to that user) or lapses.
+#[test]
+fn reservations_count_against_user_and_total_quotas() {
+    let mut s = settings();
+    s.user_quota = 2;
+    s.total_quota = 4;
+    s.user_reservations = 4;
+    let mut h = harness_with(s);
+    let mut a1 = Client::rest(43000, "alice", UNIX0 + 3600);
+    let r = allocate_even_port(&mut h, &mut a1);
+    assert_eq!(r.class(), Class::Success);
+    let token = r.attr(AttrType::RESERVATION_TOKEN).unwrap();
+    let mut a2 = Client::rest(43001, "alice", UNIX0 + 3600);
+    assert_eq!(h.allocate(&mut a2).code(), Some(486), "the allocation and its reservation fill alice's quota");
+    // Redeeming her own reservation needs no more quota.
+    let r = h.authed(&mut a2, Method::ALLOCATE, |w| {
+        udp_transport(w);
+        w.add_bytes(AttrType::RESERVATION_TOKEN, &token);
+    });
+    assert_eq!(r.class(), Class::Success);
+    assert_eq!(h.shared.quotas.held_by(b"alice"), 2);
+    // Bob reserves; carol redeems bob's token: charged to carol, released from bob.
+    let mut b = Client::rest(43002, "bob", UNIX0 + 3600);
+    let token = allocate_even_port(&mut h, &mut b).attr(AttrType::RESERVATION_TOKEN).unwrap();
+    assert_eq!(h.shared.quotas.total(), 4);
+    let mut c = Client::rest(43003, "carol", UNIX0 + 3600);
+    let r = h.authed(&mut c, Method::ALLOCATE, |w| {
+        udp_transport(w);
+        w.add_bytes(AttrType::RESERVATION_TOKEN, &token);
+    });
+    assert_eq!(r.code(), Some(486), "the total quota is full (4 units), carol's allocation would be a fifth");
+    assert_eq!(h.shared.reservations.lock().len(), 1, "the refused redemption leaves bob's reservation");
+    delete(&mut h, &mut a1);
+    let r = h.authed(&mut c, Method::ALLOCATE, |w| {
+        udp_transport(w);
+        w.add_bytes(AttrType::RESERVATION_TOKEN, &token);
+    });
+    assert_eq!(r.class(), Class::Success);
+    assert_eq!((h.shared.quotas.held_by(b"bob"), h.shared.quotas.held_by(b"carol")), (1, 1));
+    assert_eq!(h.shared.quotas.total(), 3);
 }
