@@ -63,6 +63,7 @@
 
 #![deny(unsafe_code)]
 
+pub mod admission;
 pub mod auth;
 pub mod config;
 pub mod control;

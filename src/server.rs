@@ -3,6 +3,7 @@
 //! Every socket is bound before any shard starts reading, so the `SO_REUSEPORT` group is complete
 //! (and the kernel's flow-to-socket mapping stable) from the first datagram on.
 
+use crate::admission::ConnLimits;
 use crate::auth::NonceKey;
 use crate::config::Config;
 use crate::control::{self, Totals};
@@ -228,6 +229,8 @@ impl ServerHandle {
             let _ = s.waker.wake();
         }
         log::set_max_level(new.log_level);
+        let fd_limit = descriptor_limit();
+        self.shared.conns.set_limits(conn_limits(&new, fd_limit), fd_limit);
         // Keep the running values of restart-only options, so the next diff is against reality.
         let mut merged = new;
         merged.listen_ips.clone_from(&running.listen_ips);
@@ -448,6 +451,16 @@ fn bind_listeners(
     Ok((per_shard, addrs))
 }
 
+/// The limits of connections without an allocation `cfg` asks for, under the descriptor limit.
+fn conn_limits(cfg: &Config, fd_limit: u64) -> ConnLimits {
+    ConnLimits::resolve(cfg.unauth_connections, cfg.unauth_connections_per_source, cfg.descriptor_reserve, fd_limit)
+}
+
+/// The soft descriptor limit in force.
+fn descriptor_limit() -> u64 {
+    nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).map_or(1024, |(soft, _)| soft)
+}
+
 /// Raises the descriptor limit and grows the descriptor table for the relay range up front (see
 /// [`descriptors`]); warns when the limit caps allocations below what the range allows.
 fn reserve_descriptors(cfg: &Config, plan: &RelayPlan) {
@@ -518,10 +531,19 @@ pub fn start(cfg: &Config) -> io::Result<ServerHandle> {
         _ => None,
     };
     reserve_descriptors(cfg, &plan);
+    let fd_limit = descriptor_limit();
     crate::ephemeral::warn_if_shared(cfg.min_port..=cfg.max_port);
     let (listeners, addrs) = bind_listeners(cfg, buffers, tls.is_some())?;
     let udp_addrs = addrs.udp.clone();
     let shared = Arc::new(Shared::new(plan.v4.iter().chain(&plan.v6).map(|r| (r.bind, r.advertised))));
+    let limits = conn_limits(cfg, fd_limit);
+    shared.conns.set_limits(limits, fd_limit);
+    log::debug!(
+        "connections without an allocation: at most {} ({} per source); descriptors from {} kept for relay sockets",
+        limits.unauthenticated,
+        limits.per_source,
+        fd_limit.saturating_sub(limits.descriptor_reserve)
+    );
     let cores = if cfg.pin_cores { core_affinity::get_core_ids().unwrap_or_default() } else { Vec::new() };
     let origin = clock::now();
     let origin_unix = clock::unix_now();
@@ -562,6 +584,7 @@ pub fn start(cfg: &Config) -> io::Result<ServerHandle> {
             coalesce: CoalesceSettings { max_wait: cfg.coalesce_wait, min_rate: cfg.coalesce_min_rate },
             unallocated_timeout: cfg.unallocated_timeout,
             applied: Arc::clone(&applied),
+            shared: Arc::clone(&shared),
         };
         let core = if cfg.pin_cores {
             let wanted = cfg.core_ids.get(k).copied().unwrap_or(k);

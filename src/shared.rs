@@ -295,6 +295,11 @@ pub struct ShardStats {
     pub datagrams_raw: AtomicU64,
     /// Receive-coalescing pauses (`shard::coalesce`): wake-ups after which the shard waited for a batch.
     pub coalescing_pauses: AtomicU64,
+    /// TCP/TLS connections closed as soon as they were accepted, by [`crate::admission::Refusal`].
+    pub connections_refused: [AtomicU64; crate::admission::Refusal::ALL.len()],
+    /// Connections without an allocation closed early, in [`CLOSED_EARLY_REASONS`] order: to make room
+    /// for a newcomer, or idle or old while pending connections were many.
+    pub connections_closed_early: [AtomicU64; 2],
     /// Drops by [`DropReason`].
     pub drops: [AtomicU64; DropReason::ALL.len()],
     /// Authentication failures by reason, in [`AUTH_FAILURE_REASONS`] order.
@@ -302,6 +307,9 @@ pub struct ShardStats {
     /// Live allocations by client transport: UDP, TCP, TLS.
     pub allocations_by_transport: [AtomicU64; 3],
 }
+
+/// Labels of [`ShardStats::connections_closed_early`].
+pub const CLOSED_EARLY_REASONS: [&str; 2] = ["evicted", "pressure_timeout"];
 
 /// Labels of [`ShardStats::auth_failure_reasons`].
 pub const AUTH_FAILURE_REASONS: [&str; 4] = ["unknown_user", "expired", "bad_integrity", "stale_nonce"];
@@ -362,6 +370,8 @@ pub struct Shared {
     pub reservations: Mutex<HashMap<[u8; 8], Reservation>>,
     /// The relayed addresses of live allocations.
     pub live_relays: LiveRelays,
+    /// TCP/TLS connections without an allocation, and their limits.
+    pub conns: crate::admission::ConnBudget,
 }
 
 impl Shared {

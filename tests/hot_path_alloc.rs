@@ -373,7 +373,7 @@ fn stream_connection_allocates_nothing() {
     let (server_side, client_addr) = listener.accept().unwrap();
     server_side.set_nonblocking(true).unwrap();
     let tuple = FiveTuple { client: client_addr, listener: ListenerId(0), transport: Transport::Tcp };
-    let mut conn = Conn::new(mio::net::TcpStream::from_std(server_side), tuple, None, Instant::now(), 0);
+    let mut conn = Conn::new(mio::net::TcpStream::from_std(server_side), tuple, None, Instant::now(), 0, None);
 
     let burst = channel_data_burst();
     let mut echoed = vec![0u8; burst.len()];
@@ -453,7 +453,7 @@ fn tls_connection_allocates_only_rustls_records() {
     server_side.set_nonblocking(true).unwrap();
     let tuple = FiveTuple { client: client_addr, listener: ListenerId(0), transport: Transport::Tls };
     let tls = rustls::ServerConnection::new(Arc::new(server_cfg)).unwrap();
-    let mut conn = Conn::new(mio::net::TcpStream::from_std(server_side), tuple, Some(tls), Instant::now(), 0);
+    let mut conn = Conn::new(mio::net::TcpStream::from_std(server_side), tuple, Some(tls), Instant::now(), 0, None);
     let round = |conn: &mut Conn| {
         go_tx.send(()).unwrap();
         echo_burst(conn);

@@ -135,7 +135,9 @@ fn external_ip_advertises_public_and_binds_private() {
     peer.send_to(b"reply", from).unwrap();
     let (_, _, data) = c.recv_data().unwrap();
     assert_eq!(data, b"reply");
-    // The own-address exception covers the public address too (TURN -> TURN through the NAT).
-    let own = SocketAddr::new("198.51.100.77".parse().unwrap(), 46305);
-    assert_eq!(c.create_permission(own).class(), Class::Success);
+    // The own-address exception covers the public spelling of a live relayed address too
+    // (TURN -> TURN through the NAT), and no other port.
+    assert_eq!(c.create_permission(advertised).class(), Class::Success);
+    let idle = SocketAddr::new(advertised.ip(), if advertised.port() == 46305 { 46306 } else { 46305 });
+    assert_eq!(c.create_permission(idle).code(), Some(403));
 }

@@ -628,29 +628,43 @@ fn a_listening_port_already_in_use_is_refused() {
     server.shutdown();
 }
 
-/// A server out of descriptors cannot accept; connections the kernel completed meanwhile wait in its
-/// backlog and are accepted once descriptors free up, without waiting for yet another connection.
+/// A server out of descriptors (relay sockets took them all) cannot accept; a connection the kernel
+/// completed meanwhile waits in its backlog and is accepted once descriptors free up, without waiting
+/// for yet another connection.
 #[test]
 fn accept_resumes_when_descriptors_free_up() {
     let _turn = serialized();
     let fixed_port = |yaml: String| yaml.replace("  port: 0\n", "  port: 47650\n");
-    let (mut child, log) = spawn_logging("emfile", (47600, 47609), fixed_port, "ulimit -n 48 &&");
+    let (mut child, log) = spawn_logging("emfile", (47600, 47649), fixed_port, "ulimit -n 48 &&");
     wait_for_log(&log, "listening on");
-    // More idle connections than the server has descriptors for: the rest wait in the backlog.
     let addr: SocketAddr = "127.0.0.1:47650".parse().unwrap();
-    let mut held: Vec<TcpStream> = (0..70).map(|_| TcpStream::connect(addr).unwrap()).collect();
-    std::thread::sleep(Duration::from_millis(300));
-    let mut last = held.pop().unwrap();
+    // Allocations until the relay sockets have taken every descriptor (508).
+    let mut clients = Vec::new();
+    let refused = loop {
+        assert!(clients.len() < 50, "48 descriptors never ran out");
+        let mut c = TurnClient::rest(addr, &format!("emfile{}", clients.len()));
+        let r = c.request(Method::ALLOCATE, &|w| w.add_bytes(AttrType::REQUESTED_TRANSPORT, &[17, 0, 0, 0]));
+        if r.code() == Some(508) {
+            break c;
+        }
+        assert_eq!(r.class(), Class::Success, "{:?}", r.code());
+        clients.push(c);
+    };
+    drop(refused);
+    let mut last = TcpStream::connect(addr).unwrap();
     // A STUN Binding request (type, length 0, magic cookie, transaction ID).
     let mut binding = vec![0x00, 0x01, 0x00, 0x00, 0x21, 0x12, 0xA4, 0x42];
     binding.extend_from_slice(b"emfile-test!");
     last.write_all(&binding).unwrap();
-    // Free descriptors: the server sees these connections end and closes them. No new connection comes.
-    held.drain(..50);
+    let text = wait_for_log(&log, "cannot accept a connection");
+    // Free descriptors: delete the allocations (a few sockets stay open as spares, the rest close).
+    // No new connection comes.
+    for c in &mut clients {
+        assert_eq!(c.refresh(0).class(), Class::Success);
+    }
     last.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let mut buf = [0u8; 64];
     let answer = last.read(&mut buf);
-    let text = std::fs::read_to_string(&log).unwrap_or_default();
     let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
     assert!(child.wait().unwrap().success());
     assert!(text.contains("cannot accept a connection"), "the server ran out of descriptors: {text}");

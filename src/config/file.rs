@@ -143,11 +143,25 @@ pub struct AbuseSection {
     pub unauth_rate: u64,
     /// Burst allowed above that rate.
     pub unauth_burst: u64,
+    /// TCP/TLS connections without an allocation, node-wide; 0 = an eighth of the descriptor limit
+    /// (16 to 4,096). Beyond it a newcomer replaces the oldest of the source holding the most.
+    pub unauth_connections: u32,
+    /// Of those, per source address (IPv6: per /64); 0 = a sixteenth of `unauth_connections` (4 to 64).
+    pub unauth_connections_per_source: u32,
+    /// Descriptors at the top of the table kept for relay sockets: a connection accepted into them is
+    /// closed at once; 0 = a quarter of the descriptor limit.
+    pub descriptor_reserve: u64,
 }
 
 impl Default for AbuseSection {
     fn default() -> Self {
-        Self { unauth_rate: 20, unauth_burst: 40 }
+        Self {
+            unauth_rate: 20,
+            unauth_burst: 40,
+            unauth_connections: 0,
+            unauth_connections_per_source: 0,
+            descriptor_reserve: 0,
+        }
     }
 }
 

@@ -131,6 +131,12 @@ pub struct Config {
     pub unauth_rate: u64,
     /// Their burst.
     pub unauth_burst: u64,
+    /// TCP/TLS connections without an allocation (0 = derived from the descriptor limit).
+    pub unauth_connections: u32,
+    /// Of those per source (0 = derived).
+    pub unauth_connections_per_source: u32,
+    /// Descriptors kept for relay sockets (0 = derived).
+    pub descriptor_reserve: u64,
     /// Allowed peer ranges.
     pub allowed_peers: Vec<IpRange>,
     /// Denied peer ranges.
@@ -581,6 +587,9 @@ fn validate(loc: &Locator<'_>, m: FileConfig, mut warnings: Vec<String>) -> Resu
         total_bps: a.total_bps,
         unauth_rate: m.abuse.unauth_rate,
         unauth_burst: m.abuse.unauth_burst,
+        unauth_connections: m.abuse.unauth_connections,
+        unauth_connections_per_source: m.abuse.unauth_connections_per_source,
+        descriptor_reserve: m.abuse.descriptor_reserve,
         allowed_peers,
         denied_peers,
         no_multicast_peers: m.peers.no_multicast,
@@ -696,6 +705,14 @@ impl fmt::Display for Config {
         )?;
         writeln!(f, "total bandwidth:   {} B/s per direction (0 = unlimited)", self.total_bps)?;
         writeln!(f, "unauthenticated:   {} answers/s per source, burst {}", self.unauth_rate, self.unauth_burst)?;
+        let derived = |n: u64| if n == 0 { "derived from the descriptor limit".to_string() } else { n.to_string() };
+        writeln!(
+            f,
+            "pending tcp/tls:   {} connections, {} per source, descriptor reserve {}",
+            derived(u64::from(self.unauth_connections)),
+            derived(u64::from(self.unauth_connections_per_source)),
+            derived(self.descriptor_reserve)
+        )?;
         writeln!(
             f,
             "quotas:            user {}, total {} (0 = unlimited; EVEN-PORT reservations count), {} reservations per user",

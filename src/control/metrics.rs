@@ -1,9 +1,10 @@
 //! The Prometheus endpoint: `GET /metrics` on a loopback address, text exposition format 0.0.4.
 //! Per-shard counters are written only by their shard; this thread reads and sums them.
 
+use crate::admission::Refusal;
 use crate::proto::DropReason;
 use crate::server::ServerCounters;
-use crate::shared::{AUTH_FAILURE_REASONS, ShardStats, Shared, read};
+use crate::shared::{AUTH_FAILURE_REASONS, CLOSED_EARLY_REASONS, ShardStats, Shared, read};
 use std::fmt::Write as _;
 use std::io::{Read, Write};
 use std::net::TcpListener;
@@ -54,6 +55,33 @@ pub fn render(stats: &[Arc<ShardStats>], shared: &Shared, counters: &ServerCount
         conns.push((format!("shard=\"{k}\",transport=\"tls\""), read(&s.tls_connections)));
     }
     family("turnpike_connections", "gauge", "Open TCP and TLS client connections.", &conns);
+    family(
+        "turnpike_unauthenticated_connections",
+        "gauge",
+        "TCP and TLS client connections without an allocation yet, node-wide (abuse.unauth_connections).",
+        &[(String::new(), u64::from(shared.conns.pending()))],
+    );
+    let refused: Vec<(String, u64)> = Refusal::ALL
+        .iter()
+        .map(|r| (format!("reason=\"{}\"", r.name()), sum(&|s| read(&s.connections_refused[r.index()]))))
+        .collect();
+    family(
+        "turnpike_connections_refused_total",
+        "counter",
+        "TCP and TLS connections closed as soon as they were accepted, by reason.",
+        &refused,
+    );
+    let closed_early: Vec<(String, u64)> = CLOSED_EARLY_REASONS
+        .iter()
+        .enumerate()
+        .map(|(i, r)| (format!("reason=\"{r}\""), sum(&|s| read(&s.connections_closed_early[i]))))
+        .collect();
+    family(
+        "turnpike_connections_closed_early_total",
+        "counter",
+        "Connections without an allocation closed early: to make room for a newer one, or idle while many were pending.",
+        &closed_early,
+    );
     family(
         "turnpike_directory_entries",
         "gauge",

@@ -50,6 +50,10 @@ pub struct Totals {
     pub peers_denied: u64,
     /// Sends dropped because the socket was full.
     pub send_would_block: u64,
+    /// TCP/TLS connections closed as soon as they were accepted (all reasons).
+    pub connections_refused: u64,
+    /// Connections without an allocation closed early (all reasons).
+    pub connections_closed_early: u64,
     /// Drops by reason.
     pub drops: [u64; DropReason::ALL.len()],
 }
@@ -76,6 +80,8 @@ impl Totals {
             t.capacity_refusals += read(&s.capacity_refusals);
             t.peers_denied += read(&s.peers_denied);
             t.send_would_block += read(&s.send_would_block);
+            t.connections_refused += s.connections_refused.iter().map(read).sum::<u64>();
+            t.connections_closed_early += s.connections_closed_early.iter().map(read).sum::<u64>();
             for (d, c) in t.drops.iter_mut().zip(&s.drops) {
                 *d += read(c);
             }

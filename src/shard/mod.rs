@@ -18,17 +18,18 @@ pub mod socket;
 pub mod stream;
 pub mod sys;
 
+use crate::admission::{self, Refusal};
 use crate::policy::rate::{LogKind, LogLimiter};
 use crate::proto::allocation::{FiveTuple, ListenerId, Transport};
 use crate::proto::engine::{BindError, RelaySockets, TIMER_BUDGET};
 use crate::proto::timer::TimerWheel;
 use crate::proto::{Action, DropReason, Engine, PacketBuf, Settings};
-use crate::shared::{ShardStats, bump, bump_down};
+use crate::shared::{ShardStats, Shared, bump, bump_down};
 use crossbeam_channel::Receiver;
 use mio::net::{TcpListener, UdpSocket};
 use mio::{Events, Interest, Poll, Registry, Token, Waker};
 use socket::Buffers;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -66,6 +67,8 @@ const UNALLOCATED_MAX_FACTOR: u32 = 4;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often a connection's timeouts are re-checked.
 const CONN_CHECK: Duration = Duration::from_secs(5);
+/// How often a connection without an allocation is checked (its limits tighten under pressure).
+const PENDING_CHECK: Duration = Duration::from_secs(1);
 
 /// Messages from the control thread.
 #[derive(Debug)]
@@ -215,6 +218,8 @@ pub struct ShardParts {
     pub unallocated_timeout: Duration,
     /// The configuration generation this shard runs (set after each reload is applied).
     pub applied: Arc<std::sync::atomic::AtomicU64>,
+    /// What shards share (here: the budget of connections without an allocation).
+    pub shared: Arc<Shared>,
 }
 
 impl std::fmt::Debug for ShardParts {
@@ -320,6 +325,13 @@ struct Shard {
     to_flush: Vec<usize>,
     /// Datagrams read in this wake-up (for receive coalescing).
     wake_datagrams: usize,
+    /// What shards share (the budget of pending connections).
+    shared: Arc<Shared>,
+    /// This shard's pending connections (no allocation yet) in the order they were admitted; entries
+    /// of connections that closed or allocated since are skipped and dropped lazily.
+    pending_order: VecDeque<(usize, u32)>,
+    /// Live entries of `pending_order`.
+    pending_here: usize,
 }
 
 impl Shard {
@@ -513,21 +525,30 @@ impl Shard {
             };
             match listener.accept() {
                 Ok((stream, from)) => {
+                    let Some(ticket) = self.admit(now, &stream, from, transport) else {
+                        continue;
+                    };
                     let tls = match (transport, &self.tls) {
                         (Transport::Tls, Some(cfg)) => match rustls::ServerConnection::new(Arc::clone(cfg)) {
                             Ok(c) => Some(c),
                             Err(e) => {
                                 log::warn!("shard {}: TLS session setup failed: {e}", self.id);
+                                self.shared.conns.release(ticket);
                                 continue;
                             }
                         },
-                        (Transport::Tls, None) => continue,
+                        (Transport::Tls, None) => {
+                            self.shared.conns.release(ticket);
+                            continue;
+                        }
                         _ => None,
                     };
                     let _ = stream.set_nodelay(true);
                     let tuple = FiveTuple { client: from, listener: ListenerId(i as u16), transport };
-                    let idx = self.conns.insert(|generation| Conn::new(stream, tuple, tls, now, generation));
+                    let idx =
+                        self.conns.insert(|generation| Conn::new(stream, tuple, tls, now, generation, Some(ticket)));
                     let Some(conn) = self.conns.get_mut(idx) else {
+                        self.shared.conns.release(ticket);
                         continue;
                     };
                     if let Err(e) =
@@ -535,12 +556,13 @@ impl Shard {
                     {
                         log::warn!("shard {}: cannot register connection from {from}: {e}", self.id);
                         self.conns.remove(idx);
+                        self.shared.conns.release(ticket);
                         continue;
                     }
                     let generation = conn.generation;
-                    let first_check =
-                        if transport == Transport::Tls { HANDSHAKE_TIMEOUT } else { self.unallocated_timeout };
-                    self.conn_timers.insert(now + first_check, (idx, generation));
+                    self.pending_order.push_back((idx, generation));
+                    self.pending_here += 1;
+                    self.conn_timers.insert(now + PENDING_CHECK.min(self.unallocated_timeout), (idx, generation));
                     self.count_conn(transport, true);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Drained::Empty,
@@ -563,6 +585,85 @@ impl Shard {
         Drained::MoreWaiting
     }
 
+    /// Admits a connection just accepted, or closes it (counted, logged at a bounded rate): see
+    /// [`admission`]. At the total, the oldest pending connection of the source holding the most
+    /// makes room.
+    fn admit(
+        &mut self,
+        now: Instant,
+        stream: &mio::net::TcpStream,
+        from: SocketAddr,
+        transport: Transport,
+    ) -> Option<admission::Ticket> {
+        use std::os::fd::AsRawFd;
+        let fd = u64::try_from(stream.as_raw_fd()).unwrap_or(u64::MAX);
+        let refused = match self.shared.conns.admit(from.ip(), fd) {
+            Ok(admitted) if !admitted.over_total || self.evict_pending(now) => return Some(admitted.ticket),
+            Ok(admitted) => {
+                self.shared.conns.release(admitted.ticket);
+                Refusal::Full
+            }
+            Err(why) => why,
+        };
+        bump(&self.stats.connections_refused[refused.index()], 1);
+        let (id, t) = (self.id, transport.name());
+        let message = format_args!("shard {id}: {t} connection from {from} closed at once: {}", refused.name());
+        self.logs.log(LogKind::Accept, log::Level::Info, now, message);
+        None
+    }
+
+    /// Closes this shard's oldest pending connection of the source that holds the most pending
+    /// connections; false when the shard has none.
+    fn evict_pending(&mut self, now: Instant) -> bool {
+        let conns = &self.conns;
+        let live = |&(idx, generation): &(usize, u32)| {
+            conns.slots.get(idx).and_then(Option::as_ref).filter(|c| c.generation == generation)?.pending
+        };
+        while self.pending_order.front().is_some_and(|e| live(e).is_none()) {
+            self.pending_order.pop_front();
+        }
+        let budget = &self.shared.conns;
+        let mut victim: Option<(usize, u32)> = None;
+        for entry in &self.pending_order {
+            let Some(ticket) = live(entry) else { continue };
+            let held = budget.held_by_source_of(ticket);
+            if victim.is_none_or(|(_, most)| held > most) {
+                victim = Some((entry.0, held));
+            }
+        }
+        let Some((idx, _)) = victim else {
+            return false;
+        };
+        if let Some(conn) = self.conns.get_mut(idx) {
+            let (id, tuple) = (self.id, conn.tuple);
+            let message = format_args!("shard {id}: closing pending connection {tuple} to make room for a newer one");
+            self.logs.log(LogKind::Accept, log::Level::Info, now, message);
+        }
+        bump(&self.stats.connections_closed_early[0], 1);
+        self.close_conn(idx);
+        true
+    }
+
+    /// A pending connection got its first allocation or closed: it leaves the pending count.
+    fn settle_pending(&mut self, idx: usize) {
+        let Some(ticket) = self.conns.get_mut(idx).and_then(|c| c.pending.take()) else {
+            return;
+        };
+        self.shared.conns.release(ticket);
+        self.pending_here = self.pending_here.saturating_sub(1);
+        // Entries of settled connections are skipped; drop them once they are most of the list.
+        if self.pending_order.len() > 2 * self.pending_here + 64 {
+            let conns = &self.conns;
+            self.pending_order.retain(|&(i, generation)| {
+                conns
+                    .slots
+                    .get(i)
+                    .and_then(Option::as_ref)
+                    .is_some_and(|c| c.generation == generation && c.pending.is_some())
+            });
+        }
+    }
+
     /// Keeps the connection gauges current on accept and close (no scan over connections).
     fn count_conn(&self, transport: Transport, opened: bool) {
         let gauge = if transport == Transport::Tls { &self.stats.tls_connections } else { &self.stats.tcp_connections };
@@ -570,6 +671,7 @@ impl Shard {
     }
 
     fn close_conn(&mut self, idx: usize) {
+        self.settle_pending(idx);
         let Some(mut conn) = self.conns.remove(idx) else {
             return;
         };
@@ -620,6 +722,10 @@ impl Shard {
             conn.consume(len);
             let action = self.engine.handle_client(now, tuple, &mut self.pkt, n, &mut self.relays);
             self.perform(action, Some(tuple));
+            let pending = self.conns.get_mut(idx).is_some_and(|c| c.pending.is_some());
+            if pending && self.engine.table().find(&tuple).is_some() {
+                self.settle_pending(idx);
+            }
         }
         match state {
             ReadState::Closed => {
@@ -639,17 +745,25 @@ impl Shard {
             return;
         }
         let has_allocation = self.engine.table().find(&conn.tuple).is_some();
-        let expired = (conn.handshaking() && now.saturating_duration_since(conn.accepted) >= HANDSHAKE_TIMEOUT)
+        let (idle, age) =
+            (now.saturating_duration_since(conn.last_activity), now.saturating_duration_since(conn.accepted));
+        // Many pending connections node-wide: those without an allocation get much less time.
+        let pressed = conn.pending.is_some()
+            && self.shared.conns.under_pressure()
+            && (idle >= admission::PRESSURE_IDLE || age >= admission::PRESSURE_AGE);
+        let expired = (conn.handshaking() && age >= HANDSHAKE_TIMEOUT)
             || (!has_allocation
-                && (now.saturating_duration_since(conn.last_activity) >= self.unallocated_timeout
-                    || now.saturating_duration_since(conn.accepted)
-                        >= self.unallocated_timeout * UNALLOCATED_MAX_FACTOR))
-            || (conn.closing && now.saturating_duration_since(conn.last_activity) >= CONN_CHECK);
-        if expired {
+                && (idle >= self.unallocated_timeout || age >= self.unallocated_timeout * UNALLOCATED_MAX_FACTOR))
+            || (conn.closing && idle >= CONN_CHECK);
+        if expired || pressed {
             log::debug!("shard {}: closing idle or unauthenticated connection {}", self.id, conn.tuple);
+            if pressed && !expired {
+                bump(&self.stats.connections_closed_early[1], 1);
+            }
             self.close_conn(idx);
         } else {
-            self.conn_timers.insert(now + CONN_CHECK.min(self.unallocated_timeout), (idx, generation));
+            let every = if conn.pending.is_some() { PENDING_CHECK } else { CONN_CHECK };
+            self.conn_timers.insert(now + every.min(self.unallocated_timeout), (idx, generation));
         }
     }
 
@@ -753,6 +867,7 @@ pub fn run(parts: ShardParts) {
         coalesce,
         unallocated_timeout,
         applied,
+        shared,
     } = parts;
     let registry = match poll.registry().try_clone() {
         Ok(r) => r,
@@ -827,6 +942,9 @@ pub fn run(parts: ShardParts) {
         conn_due: Vec::new(),
         to_flush: Vec::new(),
         wake_datagrams: 0,
+        shared,
+        pending_order: VecDeque::new(),
+        pending_here: 0,
     };
     let mut coalescer = coalesce::Coalescer::new(now, coalesce.max_wait, coalesce.min_rate, recv_batch);
     if !coalesce.max_wait.is_zero() && !sys::set_timer_slack(PAUSE_TIMER_SLACK_NS) {

@@ -66,6 +66,9 @@ pub struct Conn {
     pub closing: bool,
     /// Generation of its slab slot (for timers).
     pub generation: u32,
+    /// Its place among the node's pending connections, until its first allocation (see
+    /// [`crate::admission`]).
+    pub pending: Option<crate::admission::Ticket>,
 }
 
 impl std::fmt::Debug for Conn {
@@ -82,6 +85,7 @@ impl Conn {
         tls: Option<rustls::ServerConnection>,
         now: Instant,
         generation: u32,
+        pending: Option<crate::admission::Ticket>,
     ) -> Self {
         Self {
             stream,
@@ -102,6 +106,7 @@ impl Conn {
             write_interest: false,
             closing: false,
             generation,
+            pending,
         }
     }
 

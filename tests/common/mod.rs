@@ -3,6 +3,8 @@
 
 #![allow(dead_code, unreachable_pub, clippy::disallowed_methods)]
 
+pub mod stream;
+
 use std::net::{SocketAddr, UdpSocket};
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -274,12 +276,31 @@ impl Binary {
 
     /// As [`Binary::start`] with extra environment variables.
     pub fn start_with_env(name: &str, yaml: &str, env: &[(&str, &std::ffi::OsStr)]) -> Self {
+        Self::spawn(name, yaml, env, None)
+    }
+
+    /// As [`Binary::start`], the process allowed `nofile` descriptors (soft and hard limit).
+    pub fn start_with_nofile(name: &str, yaml: &str, nofile: u64) -> Self {
+        Self::spawn(name, yaml, &[], Some(nofile))
+    }
+
+    fn spawn(name: &str, yaml: &str, env: &[(&str, &std::ffi::OsStr)], nofile: Option<u64>) -> Self {
         use std::io::{BufRead, BufReader};
         let dir = std::env::temp_dir().join(format!("turnpike-test-{name}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let cfg = dir.join("turnpike.yaml");
         std::fs::write(&cfg, yaml).unwrap();
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_turnpike"))
+        let binary = env!("CARGO_BIN_EXE_turnpike");
+        let mut command = match nofile {
+            None => std::process::Command::new(binary),
+            Some(n) => {
+                // The shell sets the limit and becomes turnpike (exec): the child's PID is turnpike's.
+                let mut sh = std::process::Command::new("sh");
+                sh.arg("-c").arg(format!("ulimit -n {n} && exec \"$0\" \"$@\"")).arg(binary);
+                sh
+            }
+        };
+        let mut child = command
             .arg("--config")
             .arg(&cfg)
             .env("RUST_LOG", "info")
@@ -354,4 +375,38 @@ pub fn peer_table() -> Vec<(std::net::IpAddr, bool)> {
             (addr, deny)
         })
         .collect()
+}
+
+/// A TCP connection to `to` from the local address `source` (any port), within a second.
+pub fn connect_from(source: std::net::IpAddr, to: SocketAddr) -> std::io::Result<std::net::TcpStream> {
+    let socket = socket2::Socket::new(socket2::Domain::for_address(to), socket2::Type::STREAM, None)?;
+    socket.bind(&SocketAddr::new(source, 0).into())?;
+    socket.connect_timeout(&to.into(), Duration::from_secs(1))?;
+    Ok(socket.into())
+}
+
+/// Raises this process's soft descriptor limit to its hard limit (tests that hold many sockets).
+pub fn raise_nofile() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+    setrlimit(Resource::RLIMIT_NOFILE, hard, hard).unwrap();
+}
+
+/// One `GET /metrics` answer's body.
+pub fn scrape(addr: SocketAddr) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    text.split_once("\r\n\r\n").map(|(_, body)| body.to_string()).unwrap_or(text)
+}
+
+/// The sum of every sample of metric family `name` in a scrape.
+pub fn metric_sum(text: &str, name: &str) -> u64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
 }
