@@ -372,6 +372,8 @@ pub struct Shared {
     pub live_relays: LiveRelays,
     /// TCP/TLS connections without an allocation, and their limits.
     pub conns: crate::admission::ConnBudget,
+    /// Answers to unauthenticated requests, per source and prefix.
+    pub unauth: crate::policy::rate::UnauthLimiter,
 }
 
 impl Shared {

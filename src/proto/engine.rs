@@ -24,7 +24,7 @@ use super::table::{AllocId, AllocTable};
 use super::timer::TimerWheel;
 use crate::auth::{CredentialStore, NonceCheck, NonceKey, Verdict};
 use crate::policy::PeerPolicy;
-use crate::policy::rate::{LogKind, LogLimiter, SourceLimiter, TokenBucket};
+use crate::policy::rate::{LogKind, LogLimiter, TokenBucket};
 use crate::shared::{
     LiveRelays, QuotaError, QuotaLimits, Reservation, ShardStats, Shared, bump, bump_down, set, transport_index,
 };
@@ -386,7 +386,6 @@ pub struct Engine {
     live_channels: u64,
     /// The shard's share of the total bandwidth, [client -> peer, peer -> client].
     total_bandwidth: Option<[TokenBucket; 2]>,
-    limiter: SourceLimiter,
     /// Budget for log lines a remote can cause (an attack must not fill the disk).
     logs: LogLimiter,
     /// Round-robin position over relay addresses.
@@ -397,9 +396,6 @@ pub struct Engine {
     /// it was derived with.
     key_generation: u64,
 }
-
-/// Slots of the per-source limiter of unauthenticated requests (fixed memory per shard).
-const LIMITER_SLOTS: usize = 8192;
 
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -440,7 +436,6 @@ impl Engine {
             live_channels: 0,
             total_bandwidth: (settings.shard_total_bps > 0)
                 .then(|| [TokenBucket::for_bandwidth(settings.shard_total_bps, origin); 2]),
-            limiter: SourceLimiter::new(LIMITER_SLOTS, settings.unauth_rate, settings.unauth_burst),
             logs: LogLimiter::default(),
             relay_turn: 0,
             key_generation: 0,
@@ -455,9 +450,6 @@ impl Engine {
 
     /// Swaps in a new configuration (between packets).
     pub fn reload(&mut self, now: Instant, settings: Arc<Settings>) {
-        if settings.unauth_rate != self.settings.unauth_rate || settings.unauth_burst != self.settings.unauth_burst {
-            self.limiter = SourceLimiter::new(LIMITER_SLOTS, settings.unauth_rate, settings.unauth_burst);
-        }
         if settings.shard_total_bps != self.settings.shard_total_bps {
             self.total_bandwidth =
                 (settings.shard_total_bps > 0).then(|| [TokenBucket::for_bandwidth(settings.shard_total_bps, now); 2]);
@@ -532,10 +524,18 @@ impl Engine {
         self.wall_unix = unix_secs;
     }
 
-    /// Charges an answer to an unauthenticated request to its source; true when over the limit (drop).
-    /// Unauthenticated answers are bigger than the requests, so an unlimited server is a reflector.
+    /// Milliseconds since the engine's origin, the clock of the node-wide limiter (every shard of a
+    /// server has the same origin).
+    fn millis(&self, now: Instant) -> u64 {
+        u64::try_from(now.saturating_duration_since(self.origin).as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Charges an answer to an unauthenticated request to its source and the source's prefix,
+    /// node-wide; true when over the limit (drop). Unauthenticated answers are bigger than the
+    /// requests, so an unlimited server is a reflector.
     fn over_source_limit(&mut self, now: Instant, tuple: FiveTuple) -> bool {
-        if self.limiter.allow(tuple.client.ip(), now) {
+        let (rate, burst) = (self.settings.unauth_rate, self.settings.unauth_burst);
+        if self.shared.unauth.allow(tuple.client.ip(), self.millis(now), rate, burst) {
             return false;
         }
         let ip = tuple.client.ip();
@@ -716,7 +716,18 @@ impl Engine {
             if let Some(drop) = limited(self) {
                 return Err(drop);
             }
-            return Err(self.challenge(now, tuple, msg, ErrorCode::Unauthorized));
+            let challenge = self.challenge(now, tuple, msg, ErrorCode::Unauthorized);
+            // Clients refresh with the credentials they allocated with (libwebrtc, Firefox, pion), so an
+            // unauthenticated Refresh smaller than its answer is a reflection probe: under a flood it
+            // goes unanswered. First Allocates are answered whatever their size: real clients' are
+            // smaller than any 401 (28 bytes from libwebrtc, 44 from Firefox).
+            if msg.method() == Method::REFRESH
+                && matches!(challenge, Action::Reply { len } if msg.bytes().len() < len)
+                && self.shared.unauth.flooded(self.millis(now))
+            {
+                return Err(Action::Drop(DropReason::UnauthenticatedUnderFlood));
+            }
+            return Err(challenge);
         }
         let (Some(username), Some(realm), Some(nonce)) =
             (msg.attr(AttrType::USERNAME), msg.attr(AttrType::REALM), msg.attr(AttrType::NONCE))

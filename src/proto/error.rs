@@ -123,11 +123,14 @@ pub enum DropReason {
     SourceRateLimited,
     /// The response could not be written (buffer too small).
     NoSpace,
+    /// An unauthenticated Refresh smaller than the challenge it would get, while unauthenticated
+    /// requests flood the server (no client sends one; answering would amplify).
+    UnauthenticatedUnderFlood,
 }
 
 impl DropReason {
     /// All reasons, in counter order.
-    pub const ALL: [Self; 10] = [
+    pub const ALL: [Self; 11] = [
         Self::Malformed,
         Self::Unexpected,
         Self::NoAllocation,
@@ -138,6 +141,7 @@ impl DropReason {
         Self::OverBandwidth,
         Self::SourceRateLimited,
         Self::NoSpace,
+        Self::UnauthenticatedUnderFlood,
     ];
 
     /// Stable name used in metrics and logs.
@@ -153,6 +157,7 @@ impl DropReason {
             Self::OverBandwidth => "over_bandwidth",
             Self::SourceRateLimited => "source_rate_limited",
             Self::NoSpace => "no_space",
+            Self::UnauthenticatedUnderFlood => "unauthenticated_under_flood",
         }
     }
 

@@ -1123,6 +1123,40 @@ fn unauthenticated_answers_are_rate_limited_per_source() {
     }
 }
 
+/// The budget of unauthenticated answers is one per source for the whole server, not one per shard;
+/// while it refuses, an unauthenticated Refresh smaller than its challenge goes unanswered (no client
+/// sends one), while a first Allocate, which real clients send small, is still challenged.
+#[test]
+fn unauthenticated_budget_is_node_wide_and_floods_silence_small_refreshes() {
+    let mut s = settings();
+    s.unauth_rate = 5;
+    s.unauth_burst = 10;
+    let mut a = harness_with(s.clone());
+    let mut b = harness_with(s);
+    b.engine.shared = Arc::clone(&a.shared);
+    let c = Client::rest(40095, "u", UNIX0 + 3600);
+    let binding = c.request_with_tid(Method::BINDING, TransactionId([5; 12]), false, |_| {});
+    let answered = (0..50)
+        .filter(|k| {
+            let h = if k % 2 == 0 { &mut a } else { &mut b };
+            matches!(h.send(c.tuple, &binding), Action::Reply { .. })
+        })
+        .count();
+    assert_eq!(answered, 10, "one burst for the source, whichever shard it reaches");
+    // Another source, in another prefix: its small unauthenticated Refresh is dropped during the flood.
+    let mut d = Client::rest(40096, "v", UNIX0 + 3600);
+    d.tuple.client = "203.0.113.60:1000".parse().unwrap();
+    let refresh = d.request(Method::REFRESH, false, |w| w.add_u32(AttrType::LIFETIME, 600));
+    assert_eq!(a.send(d.tuple, &refresh), Action::Drop(DropReason::UnauthenticatedUnderFlood));
+    let allocate = d.request(Method::ALLOCATE, false, udp_transport);
+    assert_eq!(a.request(d.tuple, &allocate).code(), Some(401), "first Allocates are always challenged");
+    // A Refresh as large as its challenge would be is answered; so is any once the flood is over.
+    let padded = d.request(Method::REFRESH, false, |w| w.add_bytes(AttrType::SOFTWARE, &[b'x'; 160]));
+    assert_eq!(a.request(d.tuple, &padded).code(), Some(401));
+    a.advance(3);
+    assert_eq!(a.request(d.tuple, &refresh).code(), Some(401));
+}
+
 /// Deleted allocations' relay sockets are parked, up to an eighth of the range, and the next
 /// allocations take them over (no fresh socket) at random among at least `MIN_CHOICE`; every port is
 /// always exactly one of free, parked or in use.
