@@ -76,14 +76,15 @@ def coturn_command(binary, port, relay_ports, threads, pidfile, address="127.0.0
             "--pidfile=" + pidfile]
 
 
-def start(name, sockets=1, pause_us=None, ipv6=False, gateway=False):
+def start(name, sockets=1, pause_us=None, ipv6=False, gateway=False, binary=TURNPIKE):
     """Starts one server. `floor` is the raw forwarder shaped like a relay: it sends through `sockets`
     sockets, one per source (each allocation sends from its own address) and waits on all of them with
     epoll_wait (a relay's peers may send to any of them): the least any TURN server pays. `pause_us`
     sets turnpike's runtime.coalesce_us (None: its default) or the forwarders' RAW_COALESCE_US (None:
     no pause). `ipv6`: turnpike and coturn relay from ::1 too (for `loadgen --relay-family ipv6`),
     and turnpike allows ::1 peers. `gateway`: turnpike and coturn listen and relay on GATEWAY_SERVER,
-    with the generator's network behind a gateway (see `gateway_study`)."""
+    with the generator's network behind a gateway (see `gateway_study`). `binary`: the turnpike to run
+    (another build, for `against_study`)."""
     pin = ["taskset", "-c", "0"]
     env = None
     if name in ("turnpike", "turnpike-nc", "turnpike-sock"):
@@ -107,7 +108,7 @@ def start(name, sockets=1, pause_us=None, ipv6=False, gateway=False):
         path = os.path.join(ROOT, "target/bench/turnpike.yaml")
         with open(path, "w") as f:
             f.write(yaml)
-        cmd = pin + [TURNPIKE, "--config", path]
+        cmd = pin + [binary, "--config", path]
     elif name == "coturn":
         cmd = pin + coturn_command("turnserver", PORTS["coturn"], (40000, 59999), 1,
                                    os.path.join(ROOT, "target/bench/coturn.pid"),
@@ -769,6 +770,42 @@ def gateway_study(rounds):
                   [("turnpike", "turnpike-sock"), ("turnpike", "coturn"), ("turnpike-sock", "coturn")])
 
 
+def build_baseline(rev):
+    """Builds turnpike as of git revision `rev` (release, in a worktree under target/bench, removed
+    afterwards); returns the binary's path."""
+    src = os.path.join(ROOT, "target/bench/baseline-src")
+    target = os.path.join(ROOT, "target/bench/baseline-target")
+    subprocess.run(["git", "-C", ROOT, "worktree", "remove", "--force", src], capture_output=True)
+    subprocess.run(["git", "-C", ROOT, "worktree", "add", "--detach", src, rev], check=True, capture_output=True)
+    try:
+        subprocess.run(["cargo", "build", "--release", "--locked", "-p", "turnpike", "--quiet"], cwd=src, check=True,
+                       env=dict(os.environ, CARGO_TARGET_DIR=target))
+    finally:
+        subprocess.run(["git", "-C", ROOT, "worktree", "remove", "--force", src], capture_output=True)
+    return os.path.join(target, "release/turnpike")
+
+
+def against_study(rounds, rev):
+    """This build against the build of git revision `rev` (a change's before and after in one run), with
+    coturn for scale: 10 and 1,000 allocations, 172 and 1,200 B, 100k and 200k pps, in rotating order,
+    `rounds` rounds; prints the median CPU per packet of each, the ratios, the worst loss and the p99."""
+    baseline = build_baseline(rev)
+    label = "turnpike-" + rev[:12]
+    configs = [(10, 172, 100000), (10, 172, 200000), (1000, 172, 100000), (1000, 172, 200000),
+               (1000, 1200, 200000)]
+    names = ["turnpike", label, "coturn"]
+
+    def run(c, name):
+        if name == label:
+            return run_one("turnpike", "--allocations", c[0], "--size", c[1], "--rate", c[2],
+                           starter=lambda: start("turnpike", binary=baseline))
+        return run_one(name, "--allocations", c[0], "--size", c[1], "--rate", c[2])
+
+    runs = rotating_rounds("against", rounds, configs, names, run)
+    like_for_like("### This build against %s, %d rotating rounds (medians)" % (rev, rounds), configs, names, runs,
+                  [("turnpike", label), ("turnpike", "coturn"), (label, "coturn")])
+
+
 # Single studies: flag -> (function, default rounds).
 STUDIES = {"--trade-off": (trade_off_study, 4), "--raw-send": (raw_send_study, 3),
            "--coalescing": (coalescing_study, 3), "--p99": (p99_study, 10), "--ipv6": (ipv6_study, 3),
@@ -777,6 +814,9 @@ STUDIES = {"--trade-off": (trade_off_study, 4), "--raw-send": (raw_send_study, 3
 if __name__ == "__main__":
     if len(sys.argv) > 2 and sys.argv[1] == "--from-log":
         from_log(sys.argv[2])
+    elif len(sys.argv) > 2 and sys.argv[1] == "--against":
+        require_free_ports()
+        against_study(int(sys.argv[3]) if len(sys.argv) > 3 else 3, sys.argv[2])
     elif len(sys.argv) > 1 and sys.argv[1] in STUDIES:
         study, default_rounds = STUDIES[sys.argv[1]]
         require_free_ports()
