@@ -119,6 +119,8 @@ pub struct ServerCounters {
     pub reload_failures: AtomicU64,
     /// The configuration generation (0 at start).
     pub generation: AtomicU64,
+    /// What the metrics endpoint's HTTP limits did.
+    pub http: Arc<control::http::HttpCounters>,
 }
 
 /// What a reload did.
@@ -616,18 +618,18 @@ pub fn start(cfg: &Config) -> io::Result<ServerHandle> {
     let mut threads = vec![control];
     let mut metrics_addr = None;
     if let Some(listen) = cfg.metrics_listen {
-        let listener = std::net::TcpListener::bind(listen)
+        let listener = control::http::bind(listen)
             .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {listen} for metrics: {e}")))?;
         metrics_addr = listener.local_addr().ok();
         let stats = stats.clone();
         let shared = Arc::clone(&shared);
         let counters = Arc::clone(&counters);
         let stop = Arc::clone(&stop);
-        threads.push(
-            std::thread::Builder::new()
-                .name("turnpike-metrics".into())
-                .spawn(move || control::metrics::serve(&listener, &stats, &shared, &counters, &stop))?,
-        );
+        threads.push(std::thread::Builder::new().name("turnpike-http".into()).spawn(move || {
+            if let Err(e) = control::metrics::serve(listener, stats, shared, counters, &stop) {
+                log::error!("metrics endpoint stopped: {e}");
+            }
+        })?);
     }
     Ok(ServerHandle {
         udp_addrs,

@@ -214,7 +214,8 @@ fn sighup_mid_stream_reloads_everything_and_loses_nothing() {
 
 fn scrape(addr: SocketAddr) -> String {
     let mut s = TcpStream::connect(addr).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    // The server keeps connections alive: ask it to close this one, to read the answer to its end.
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
     assert!(out.starts_with("HTTP/1.1 200"), "{out}");
@@ -283,6 +284,120 @@ fn metrics_match_live_state_and_traffic() {
     let refused = crowd.iter_mut().map(try_allocate).filter(|code| *code == Some(508)).count() as u64;
     assert!(refused >= 1);
     assert_eq!(metric(&scrape(addr), "turnpike_capacity_refusals_total"), refused);
+}
+
+/// Sends `request` on a new connection to the metrics endpoint and reads the answer to its end. An
+/// answer is what arrives within a second: a read timeout is an error.
+fn http_exchange(addr: SocketAddr, request: &[u8]) -> std::io::Result<String> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
+    s.set_read_timeout(Some(Duration::from_secs(1)))?;
+    s.set_write_timeout(Some(Duration::from_secs(1)))?;
+    s.write_all(request)?;
+    let mut out = Vec::new();
+    s.read_to_end(&mut out)?;
+    Ok(String::from_utf8_lossy(&out).into_owned())
+}
+
+const SCRAPE: &[u8] = b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+
+/// The metrics endpoint answers while more idle connections than it holds (its cap is 256) and
+/// slowloris clients (a header byte a second) are connected: the old endpoint served one connection
+/// at a time and let each hold it for seconds.
+#[test]
+fn metrics_answer_while_idle_and_slow_clients_hold_connections() {
+    let _turn = serialized();
+    let server = start_server(1, (47800, 47809), "metrics:\n  listen: 127.0.0.1:0\n");
+    let addr = server.metrics_addr.expect("metrics enabled");
+    // Idle connections: connected, never a byte. Stop opening at the first that is not accepted in time,
+    // or after 10 s (a server that does not accept fills its backlog), so the test ends either way.
+    let mut idle = Vec::new();
+    let opening = Instant::now();
+    for _ in 0..300 {
+        if opening.elapsed() > Duration::from_secs(10) {
+            break;
+        }
+        match TcpStream::connect_timeout(&addr, Duration::from_secs(3)) {
+            Ok(c) => idle.push(c),
+            Err(_) => break,
+        }
+    }
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let slow: Vec<_> = (0..4)
+        .map(|_| {
+            let stop = Arc::clone(&stop);
+            std::thread::spawn(move || {
+                let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_secs(1)) else { return };
+                let _ = s.set_write_timeout(Some(Duration::from_secs(1)));
+                if s.write_all(b"GET /metrics HTTP/1.1\r\n").is_err() {
+                    return;
+                }
+                // At most 20 bytes, a second apart; ends when the server hangs up or the test is done.
+                for &b in b"X-Slow: aaaaaaaaaaaa".iter() {
+                    if stop.load(std::sync::atomic::Ordering::Relaxed) || s.write_all(&[b]).is_err() {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+            })
+        })
+        .collect();
+    // Let every slow client send its request line and a first header byte.
+    std::thread::sleep(Duration::from_millis(1200));
+    let mut answers = Vec::new();
+    for i in 0..3 {
+        let answer = http_exchange(addr, SCRAPE).unwrap_or_else(|e| panic!("scrape {i} got no answer in time: {e}"));
+        assert!(answer.starts_with("HTTP/1.1 200"), "scrape {i}: {answer}");
+        assert!(answer.contains("turnpike_allocations"), "scrape {i}: {answer}");
+        answers.push(answer);
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for t in slow {
+        t.join().unwrap();
+    }
+    assert_eq!(idle.len(), 300, "every idle connection was accepted");
+    // At most 256 connections were open when the first scrape was rendered, its own among them: the
+    // server closed the others (the oldest unanswered, or those silent for 2 s) and counted them.
+    let closed = metric(&answers[0], "turnpike_http_connections_closed_total{");
+    assert!(closed >= 300 + 1 - 256, "{}", answers[0]);
+}
+
+/// An oversized request head is refused (431) or the connection closed, never left hanging; unknown
+/// paths get 404 and other methods 405.
+#[test]
+fn metrics_endpoint_refuses_oversized_heads_and_unknown_paths() {
+    let _turn = serialized();
+    let server = start_server(1, (47810, 47819), "metrics:\n  listen: 127.0.0.1:0\n");
+    let addr = server.metrics_addr.expect("metrics enabled");
+    let mut big = b"GET /metrics HTTP/1.1\r\nHost: x\r\n".to_vec();
+    for i in 0..1024 {
+        big.extend_from_slice(format!("X-Pad-{i:04}: {}\r\n", "a".repeat(50)).as_bytes());
+    }
+    big.extend_from_slice(b"\r\n");
+    assert!(big.len() >= 64 * 1024);
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+    s.set_write_timeout(Some(Duration::from_secs(1))).unwrap();
+    // The server may stop reading and close while this is being written.
+    let _ = s.write_all(&big);
+    let mut out = Vec::new();
+    match s.read_to_end(&mut out) {
+        Ok(_) => {
+            let text = String::from_utf8_lossy(&out);
+            assert!(text.is_empty() || text.starts_with("HTTP/1.1 431"), "{text}");
+        }
+        Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "not closed in time: {e}"),
+    }
+    let answer = http_exchange(addr, b"GET /nope HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    assert!(answer.starts_with("HTTP/1.1 404"), "{answer}");
+    let answer =
+        http_exchange(addr, b"POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 405"), "{answer}");
+    // `/` still renders the metrics, and the refusal was counted.
+    let answer = http_exchange(addr, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let body = answer.split("\r\n\r\n").nth(1).unwrap_or_default();
+    assert_eq!(metric(body, "turnpike_http_connections_closed_total{reason=\"header_too_large\"}"), 1, "{body}");
 }
 
 /// Receive coalescing (`runtime.coalesce_us`): a shard receiving more than `coalesce_min_pps` pauses

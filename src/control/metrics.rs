@@ -1,16 +1,20 @@
 //! The Prometheus endpoint: `GET /metrics` on a loopback address, text exposition format 0.0.4.
-//! Per-shard counters are written only by their shard; this thread reads and sums them.
+//! Per-shard counters are written only by their shard; this thread reads and sums them. The HTTP
+//! serving (concurrency, limits) is [`super::http`]'s; this module renders and routes.
 
+use super::http::{self, CloseReason};
 use crate::admission::Refusal;
 use crate::proto::DropReason;
 use crate::server::ServerCounters;
 use crate::shared::{AUTH_FAILURE_REASONS, CLOSED_EARLY_REASONS, ShardStats, Shared, read};
+use hyper::body::Bytes;
+use hyper::header::{ALLOW, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
 use std::fmt::Write as _;
-use std::io::{Read, Write};
+use std::io;
 use std::net::TcpListener;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
 
 /// Renders every metric.
 pub fn render(stats: &[Arc<ShardStats>], shared: &Shared, counters: &ServerCounters) -> String {
@@ -183,54 +187,55 @@ pub fn render(stats: &[Arc<ShardStats>], shared: &Shared, counters: &ServerCount
         "Configuration generation in force.",
         &[(String::new(), counters.generation.load(Ordering::Relaxed))],
     );
+    let closed: Vec<(String, u64)> = CloseReason::ALL
+        .iter()
+        .map(|r| (format!("reason=\"{}\"", r.name()), counters.http.closed[r.index()].load(Ordering::Relaxed)))
+        .collect();
+    family(
+        "turnpike_http_connections_closed_total",
+        "counter",
+        "Connections to this endpoint closed by a limit, by reason: over_limit (the oldest unanswered, to admit one past the cap), deadline (open too long), header_timeout (request head too slow), header_too_large (431).",
+        &closed,
+    );
     out
 }
 
-/// Serves `GET /metrics` until `stop` is set. One request per connection, bounded in size and time.
-#[allow(clippy::disallowed_methods)] // this thread is not an event loop: it polls its listener and sleeps
+/// Serves the endpoint on the calling thread until `stop` is set (see [`http`] for the server and its
+/// limits). Errs only if the server cannot be set up.
 pub fn serve(
-    listener: &TcpListener,
+    listener: TcpListener,
+    stats: Vec<Arc<ShardStats>>,
+    shared: Arc<Shared>,
+    counters: Arc<ServerCounters>,
+    stop: &AtomicBool,
+) -> io::Result<()> {
+    let http_counters = Arc::clone(&counters.http);
+    let handler: Arc<http::Handler> = Arc::new(move |req| respond(req, &stats, &shared, &counters));
+    http::serve(listener, handler, http_counters, stop)
+}
+
+/// Routes a request: `GET /metrics` (and `/`) renders the metrics; other paths are not found. A new
+/// path is one more arm.
+pub fn respond(
+    req: &Request<Bytes>,
     stats: &[Arc<ShardStats>],
     shared: &Shared,
     counters: &ServerCounters,
-    stop: &AtomicBool,
-) {
-    if listener.set_nonblocking(true).is_err() {
-        return;
+) -> Response<Bytes> {
+    match req.uri().path() {
+        "/metrics" | "/" => get_only(req, || {
+            http::with_type(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", render(stats, shared, counters))
+        }),
+        _ => http::text(StatusCode::NOT_FOUND, "not found: try GET /metrics\n"),
     }
-    while !stop.load(Ordering::Acquire) {
-        let mut conn = match listener.accept() {
-            Ok((c, _)) => c,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                std::thread::sleep(Duration::from_millis(50));
-                continue;
-            }
-            Err(_) => continue,
-        };
-        let _ = conn.set_nonblocking(false);
-        let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
-        let _ = conn.set_write_timeout(Some(Duration::from_secs(2)));
-        let mut req = [0u8; 2048];
-        let mut n = 0;
-        while n < req.len() {
-            match conn.read(&mut req[n..]) {
-                Ok(0) | Err(_) => break,
-                Ok(k) => n += k,
-            }
-            if req[..n].windows(4).any(|w| w == b"\r\n\r\n") {
-                break;
-            }
-        }
-        let (status, body) = if req[..n].starts_with(b"GET /metrics ") || req[..n].starts_with(b"GET / ") {
-            ("200 OK", render(stats, shared, counters))
-        } else {
-            ("404 Not Found", "try GET /metrics\n".to_string())
-        };
-        let head = format!(
-            "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-            body.len()
-        );
-        let _ = conn.write_all(head.as_bytes());
-        let _ = conn.write_all(body.as_bytes());
+}
+
+/// Answers GET (and HEAD, which hyper sends without the body) with `get`, anything else with 405.
+fn get_only(req: &Request<Bytes>, get: impl FnOnce() -> Response<Bytes>) -> Response<Bytes> {
+    if req.method() == Method::GET || req.method() == Method::HEAD {
+        return get();
     }
+    let mut r = http::text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed: try GET\n");
+    r.headers_mut().insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
+    r
 }
