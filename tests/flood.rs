@@ -8,7 +8,7 @@
 mod common;
 
 use common::stream::{StreamClient, self_signed, tls_client};
-use common::{Binary, TurnClient, connect_from, metric_sum, raise_nofile, scrape};
+use common::{Binary, TurnClient, connect_from, metric, raise_nofile, scrape};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -128,8 +128,8 @@ fn idle_connection_floods_leave_allocations_served() {
 
     // The flood was refused or closed early, counted, and logged at a bounded rate.
     let text = scrape(addr(METRICS_PORT));
-    let refused = metric_sum(&text, "turnpike_connections_refused_total");
-    let closed_early = metric_sum(&text, "turnpike_connections_closed_early_total");
+    let refused = metric(&text, "turnpike_connections_refused_total{");
+    let closed_early = metric(&text, "turnpike_connections_closed_early_total{");
     assert!(refused + closed_early >= 300, "refused {refused}, closed early {closed_early}\n{text}");
     let logged = server
         .log

@@ -15,7 +15,7 @@ fn serialized() -> std::sync::MutexGuard<'static, ()> {
     ONE_AT_A_TIME.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-use common::{Binary, EchoPeer, REALM, SECRET, TurnClient, start_server};
+use common::{Binary, EchoPeer, REALM, SECRET, TurnClient, metric, scrape, start_server};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::os::unix::net::UnixDatagram;
@@ -210,23 +210,6 @@ fn sighup_mid_stream_reloads_everything_and_loses_nothing() {
     };
     assert!(status.success(), "exit status {status:?}");
     assert!(server.wait_log("allocation deleted (server shutting down)", Duration::from_secs(1)).is_some());
-}
-
-fn scrape(addr: SocketAddr) -> String {
-    let mut s = TcpStream::connect(addr).unwrap();
-    // The server keeps connections alive: ask it to close this one, to read the answer to its end.
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
-    out
-}
-
-fn metric(text: &str, name_and_labels: &str) -> u64 {
-    text.lines()
-        .filter(|l| l.starts_with(name_and_labels) && !l.starts_with('#'))
-        .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
-        .sum()
 }
 
 #[test]

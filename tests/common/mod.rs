@@ -392,21 +392,24 @@ pub fn raise_nofile() {
     setrlimit(Resource::RLIMIT_NOFILE, hard, hard).unwrap();
 }
 
-/// One `GET /metrics` answer's body.
+/// One `GET /metrics` answer (status line and headers included); it must be a 200.
 pub fn scrape(addr: SocketAddr) -> String {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    // The server keeps connections alive: ask it to close this one, to read the answer to its end.
     s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    text.split_once("\r\n\r\n").map(|(_, body)| body.to_string()).unwrap_or(text)
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    out
 }
 
-/// The sum of every sample of metric family `name` in a scrape.
-pub fn metric_sum(text: &str, name: &str) -> u64 {
+/// The sum of the samples in a scrape whose line starts with `name_and_labels` (a family's name and
+/// `{` for all its samples).
+pub fn metric(text: &str, name_and_labels: &str) -> u64 {
     text.lines()
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .filter(|l| l.starts_with(name_and_labels) && !l.starts_with('#'))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
         .sum()
 }
