@@ -409,7 +409,7 @@ fn explain(f: &Failure, what: &str, addr: SocketAddr, transport: ProbeTransport)
             "{what}: 401 after sending credentials: wrong shared secret or password (compare auth.shared_secrets / static-auth-secret with the homeserver's turn_shared_secret), or the server clock is far off"
         ),
         Failure::Error(403) => format!(
-            "{what}: 403: the server refuses its own relay address as a peer; allow it (peers.allowed / allowed-peer-ip) for client -> TURN -> TURN -> client calls"
+            "{what}: 403: the server refuses its own relayed addresses as peers, so client -> TURN -> TURN -> client calls fail (turnpike allows live relayed addresses by itself; coturn needs its relay address in allowed-peer-ip)"
         ),
         Failure::Error(437) => format!("{what}: 437 allocation mismatch (a previous allocation from this address?)"),
         Failure::Error(442) => format!("{what}: 442: the server does not relay this transport"),

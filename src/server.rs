@@ -453,9 +453,23 @@ fn bind_listeners(
     Ok((per_shard, addrs))
 }
 
-/// The limits of connections without an allocation `cfg` asks for, under the descriptor limit.
+/// The limits of connections without an allocation `cfg` asks for, under the descriptor limit; warns
+/// when the reserve leaves no descriptor for connections.
 fn conn_limits(cfg: &Config, fd_limit: u64) -> ConnLimits {
-    ConnLimits::resolve(cfg.unauth_connections, cfg.unauth_connections_per_source, cfg.descriptor_reserve, fd_limit)
+    let limits = ConnLimits::resolve(
+        cfg.unauth_connections,
+        cfg.unauth_connections_per_source,
+        cfg.descriptor_reserve,
+        fd_limit,
+    );
+    if limits.descriptor_reserve >= fd_limit {
+        log::warn!(
+            "abuse.descriptor_reserve ({}) is not below the descriptor limit ({fd_limit}): every TCP/TLS connection is \
+             closed at once; lower it (0 = a quarter of the limit) or raise the limit",
+            limits.descriptor_reserve
+        );
+    }
+    limits
 }
 
 /// The soft descriptor limit in force.
@@ -537,7 +551,8 @@ pub fn start(cfg: &Config) -> io::Result<ServerHandle> {
     crate::ephemeral::warn_if_shared(cfg.min_port..=cfg.max_port);
     let (listeners, addrs) = bind_listeners(cfg, buffers, tls.is_some())?;
     let udp_addrs = addrs.udp.clone();
-    let shared = Arc::new(Shared::new(plan.v4.iter().chain(&plan.v6).map(|r| (r.bind, r.advertised))));
+    let relays = plan.v4.iter().chain(&plan.v6).map(|r| (r.bind, r.advertised));
+    let shared = Arc::new(Shared::new(relays, cfg.listen_ips.iter().copied()));
     let limits = conn_limits(cfg, fd_limit);
     shared.conns.set_limits(limits, fd_limit);
     log::debug!(
@@ -626,7 +641,8 @@ pub fn start(cfg: &Config) -> io::Result<ServerHandle> {
         let counters = Arc::clone(&counters);
         let stop = Arc::clone(&stop);
         threads.push(std::thread::Builder::new().name("turnpike-http".into()).spawn(move || {
-            if let Err(e) = control::metrics::serve(listener, stats, shared, counters, &stop) {
+            let cap = control::http::connection_cap(fd_limit);
+            if let Err(e) = control::metrics::serve(listener, stats, shared, counters, cap, &stop) {
                 log::error!("metrics endpoint stopped: {e}");
             }
         })?);

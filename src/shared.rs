@@ -4,6 +4,7 @@
 
 use crate::proto::DropReason;
 use crate::proto::allocation::FiveTuple;
+use crate::proto::ports::{PORT_WORDS, port_bit};
 use parking_lot::{Mutex, RwLock};
 use std::collections::HashMap;
 use std::collections::hash_map::DefaultHasher;
@@ -143,6 +144,16 @@ impl Quotas {
         self.give_back(user, true);
     }
 
+    /// Counts a reservation of `user` again, whatever the limits: one released for a redemption that
+    /// was then refused.
+    pub fn restore_reservation(&self, user: &[u8]) {
+        self.total.fetch_add(1, Ordering::AcqRel);
+        let mut map = self.users[stripe_of(&user)].lock();
+        let entry = map.entry(user.into()).or_default();
+        entry.units += 1;
+        entry.reservations += 1;
+    }
+
     /// A reservation of `user` was redeemed by an allocation of the same user: its unit becomes the
     /// allocation's.
     pub fn redeem_reservation(&self, user: &[u8]) {
@@ -181,9 +192,6 @@ impl Quotas {
     }
 }
 
-/// Words of a port bitmap (65,536 bits).
-const PORT_WORDS: usize = 65_536 / 64;
-
 /// One relay address and which of its ports are relayed addresses of live allocations.
 #[derive(Debug)]
 struct RelayPorts {
@@ -192,34 +200,51 @@ struct RelayPorts {
     live: Box<[AtomicU64]>,
 }
 
-/// The relayed transport addresses of live allocations, node-wide: a bitmap of ports per relay
-/// address (8 KiB each), set when an allocation is created and cleared when it is deleted, by the
-/// shard that owns it. It tells which of this server's own addresses a client may reach through the
-/// relay (client -> TURN -> TURN -> client calls, when the peer policy denies the relay's address):
-/// only live relayed addresses, never another program bound in the relay range. A lookup is a
-/// relaxed load, without a lock.
+/// This server's own addresses, and the relayed transport addresses of live allocations, node-wide:
+/// a bitmap of ports per relay address (8 KiB each), set when an allocation is created and cleared
+/// when it is deleted, by the shard that owns it. It tells which of this server's own addresses a
+/// client may reach through the relay (client -> TURN -> TURN -> client calls): only live relayed
+/// addresses, never another program bound on the host. A lookup is a relaxed load, without a lock.
 #[derive(Debug, Default)]
 pub struct LiveRelays {
     addrs: Vec<RelayPorts>,
+    /// Every address of this server: relay (bound and advertised) and listening ones.
+    own: Vec<IpAddr>,
 }
 
 impl LiveRelays {
-    /// The relay addresses, each as the address sockets bind and the one clients are told.
-    pub fn new(relays: impl IntoIterator<Item = (IpAddr, IpAddr)>) -> Self {
+    /// The relay addresses, each as the address sockets bind and the one clients are told, and the
+    /// other addresses the server listens on. Unspecified addresses are left out.
+    pub fn new(
+        relays: impl IntoIterator<Item = (IpAddr, IpAddr)>,
+        listening: impl IntoIterator<Item = IpAddr>,
+    ) -> Self {
         let mut addrs: Vec<RelayPorts> = Vec::new();
+        let mut own = Vec::new();
         for (bind, advertised) in relays {
-            if !addrs.iter().any(|a| a.bind == bind) {
-                let live = (0..PORT_WORDS).map(|_| AtomicU64::new(0)).collect();
-                addrs.push(RelayPorts { bind, advertised, live });
+            if bind.is_unspecified() || addrs.iter().any(|a| a.bind == bind) {
+                continue;
             }
+            let live = (0..PORT_WORDS).map(|_| AtomicU64::new(0)).collect();
+            addrs.push(RelayPorts { bind, advertised, live });
+            own.extend([bind, advertised]);
         }
-        Self { addrs }
+        own.extend(listening);
+        own.retain(|ip| !ip.is_unspecified());
+        own.sort_unstable();
+        own.dedup();
+        Self { addrs, own }
+    }
+
+    /// Whether `ip` (however spelled) is one of this server's own addresses.
+    pub fn is_own(&self, ip: IpAddr) -> bool {
+        self.own.contains(&crate::policy::peer::canonical(ip))
     }
 
     fn word(&self, bound: SocketAddr) -> Option<(&AtomicU64, u64)> {
         let entry = self.addrs.iter().find(|a| a.bind == bound.ip())?;
-        let port = usize::from(bound.port());
-        Some((entry.live.get(port / 64)?, 1 << (port % 64)))
+        let (word, bit) = port_bit(bound.port());
+        Some((entry.live.get(word)?, bit))
     }
 
     /// A relay socket bound to `bound` now serves a live allocation.
@@ -240,10 +265,10 @@ impl LiveRelays {
     /// a live allocation of this server.
     pub fn contains(&self, addr: SocketAddr) -> bool {
         let ip = crate::policy::peer::canonical(addr.ip());
-        let port = usize::from(addr.port());
+        let (word, bit) = port_bit(addr.port());
         self.addrs.iter().any(|a| {
             (a.bind == ip || a.advertised == ip)
-                && a.live.get(port / 64).is_some_and(|w| w.load(Ordering::Relaxed) & (1 << (port % 64)) != 0)
+                && a.live.get(word).is_some_and(|w| w.load(Ordering::Relaxed) & bit != 0)
         })
     }
 }
@@ -297,9 +322,9 @@ pub struct ShardStats {
     pub coalescing_pauses: AtomicU64,
     /// TCP/TLS connections closed as soon as they were accepted, by [`crate::admission::Refusal`].
     pub connections_refused: [AtomicU64; crate::admission::Refusal::ALL.len()],
-    /// Connections without an allocation closed early, in [`CLOSED_EARLY_REASONS`] order: to make room
-    /// for a newcomer, or idle or old while pending connections were many.
-    pub connections_closed_early: [AtomicU64; 2],
+    /// Connections without an allocation closed early, by [`crate::admission::EarlyClose`]: to make
+    /// room for a newcomer, or idle or old while pending connections were many.
+    pub connections_closed_early: [AtomicU64; crate::admission::EarlyClose::ALL.len()],
     /// Drops by [`DropReason`].
     pub drops: [AtomicU64; DropReason::ALL.len()],
     /// Authentication failures by reason, in [`AUTH_FAILURE_REASONS`] order.
@@ -307,9 +332,6 @@ pub struct ShardStats {
     /// Live allocations by client transport: UDP, TCP, TLS.
     pub allocations_by_transport: [AtomicU64; 3],
 }
-
-/// Labels of [`ShardStats::connections_closed_early`].
-pub const CLOSED_EARLY_REASONS: [&str; 2] = ["evicted", "pressure_timeout"];
 
 /// Labels of [`ShardStats::auth_failure_reasons`].
 pub const AUTH_FAILURE_REASONS: [&str; 4] = ["unknown_user", "expired", "bad_integrity", "stale_nonce"];
@@ -377,9 +399,13 @@ pub struct Shared {
 }
 
 impl Shared {
-    /// Shared state for a server relaying from `relays` (bound and advertised address of each).
-    pub fn new(relays: impl IntoIterator<Item = (IpAddr, IpAddr)>) -> Self {
-        Self { live_relays: LiveRelays::new(relays), ..Self::default() }
+    /// Shared state for a server relaying from `relays` (bound and advertised address of each) and
+    /// listening on `listening` too.
+    pub fn new(
+        relays: impl IntoIterator<Item = (IpAddr, IpAddr)>,
+        listening: impl IntoIterator<Item = IpAddr>,
+    ) -> Self {
+        Self { live_relays: LiveRelays::new(relays, listening), ..Self::default() }
     }
 }
 
@@ -433,7 +459,16 @@ mod tests {
     fn live_relays_know_only_live_ports_however_spelled() {
         let bind: IpAddr = "127.0.0.1".parse().unwrap();
         let public: IpAddr = "203.0.113.9".parse().unwrap();
-        let live = LiveRelays::new([(bind, public)]);
+        let live = LiveRelays::new([(bind, public)], ["192.0.2.10".parse().unwrap()]);
+        assert!(live.is_own(bind) && live.is_own(public) && live.is_own("::ffff:192.0.2.10".parse().unwrap()));
+        assert!(!live.is_own("192.0.2.11".parse().unwrap()));
+        let any: IpAddr = "0.0.0.0".parse().unwrap();
+        let wildcard = LiveRelays::new([(any, any)], [any]);
+        wildcard.insert(SocketAddr::new(any, 50_001));
+        assert!(
+            !wildcard.is_own(any) && !wildcard.contains(SocketAddr::new(any, 50_001)),
+            "never the unspecified address"
+        );
         let bound = SocketAddr::new(bind, 50_001);
         assert!(!live.contains(bound));
         live.insert(bound);

@@ -14,9 +14,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-const PORT: u16 = 47_800;
-const TLS_PORT: u16 = 47_801;
-const METRICS_PORT: u16 = 47_802;
+const PORT: u16 = 48_800;
+const TLS_PORT: u16 = 48_801;
+const METRICS_PORT: u16 = 48_802;
 
 fn addr(port: u16) -> SocketAddr {
     SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port)
@@ -90,7 +90,7 @@ fn idle_connection_floods_leave_allocations_served() {
     raise_nofile();
     let dir = std::env::temp_dir().join(format!("turnpike-flood-{}", std::process::id()));
     let (cert, key, der) = self_signed(&dir);
-    let yaml = common::test_yaml(2, (47_810, 47_909), "127.0.0.1", "")
+    let yaml = common::test_yaml(2, (48_810, 48_909), "127.0.0.1", "")
         .replace("  port: 0\n", &format!("  port: {PORT}\n  tls_port: {TLS_PORT}\n"))
         + &format!(
             "tls:\n  cert: {}\n  pkey: {}\nmetrics:\n  listen: 127.0.0.1:{METRICS_PORT}\n",

@@ -50,7 +50,7 @@ fuzz_target!(|data: &[u8]| {
     let (settings, ports) = setup();
     let settings = Arc::clone(settings);
     // The relay addresses known, so that the own-relay exception (live relayed addresses) is explored.
-    let shared = Arc::new(Shared::new(settings.relay_v4.iter().chain(&settings.relay_v6).map(|r| (r.bind, r.advertised))));
+    let shared = Arc::new(Shared::new(settings.relay_v4.iter().chain(&settings.relay_v6).map(|r| (r.bind, r.advertised)), []));
     let t0 = Instant::now();
     let mut now = t0;
     let mut engine = Engine::new(0, settings, Arc::clone(&shared), Arc::new(ShardStats::default()), ports.iter().copied(), t0, UNIX0, 1);

@@ -381,6 +381,12 @@ fn validate(loc: &Locator<'_>, m: FileConfig, mut warnings: Vec<String>) -> Resu
         warnings.push("listen.port is 0: an ephemeral port will be chosen".into());
     }
     let relay_ips = parse_ips(loc, "relay.ips", &m.relay.ips)?;
+    if let Some(any) = relay_ips.iter().find(|ip| ip.is_unspecified()) {
+        return Err(loc.error(
+            "relay.ips",
+            format!("`{any}` is not an address: relay sockets need the address peers reach them at"),
+        ));
+    }
     let mut external_ips = Vec::new();
     for e in &m.relay.external_ips {
         let (public, private) = match e.split_once('/') {
@@ -821,6 +827,8 @@ mod tests {
         assert_eq!((e.line, e.option.as_str()), (Some(5), "peers.denied"));
         let e = yaml("auth:\n  realm: x\n").unwrap_err();
         assert!(e.message.contains("no credentials"));
+        let e = yaml("auth:\n  realm: x\n  shared_secrets: [a]\nrelay:\n  ips: [0.0.0.0]\n").unwrap_err();
+        assert_eq!((e.line, e.option.as_str()), (Some(5), "relay.ips"));
     }
 
     #[test]

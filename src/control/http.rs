@@ -21,7 +21,7 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use parking_lot::Mutex;
 use socket2::{Domain, Protocol, Socket, Type};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
@@ -31,10 +31,17 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::task::AbortHandle;
 
-/// At most this many connections at once. Each costs a descriptor and a few KiB; a scraper needs one.
-/// When another arrives at the cap, the oldest connection that has not completed a request is closed
-/// (failing that, the oldest), so idle or slow clients can never lock a scraper out.
+/// At most this many connections at once, and at most a sixteenth of the descriptor limit
+/// ([`connection_cap`]): each costs a descriptor, which relay sockets need, and a few KiB; a scraper
+/// needs one. When another arrives at the cap, a connection of the source holding the most is closed
+/// (its oldest not yet answered, else its oldest), so neither idle or slow clients nor one client's
+/// many kept-alive connections can lock a scraper from another address out.
 pub const MAX_CONNECTIONS: usize = 256;
+
+/// The connection cap for a process allowed `fd_limit` descriptors (at least 8).
+pub fn connection_cap(fd_limit: u64) -> usize {
+    usize::try_from(fd_limit / 16).unwrap_or(usize::MAX).clamp(8, MAX_CONNECTIONS)
+}
 
 /// A request's head (request line and headers) must arrive within this time. A scraper on the same
 /// host or network sends it in one packet; a client trickling bytes (slowloris) is cut off here.
@@ -131,20 +138,28 @@ struct Connections {
 }
 
 struct Open {
+    /// Its source ([`crate::policy::peer::source_key`]).
+    source: u128,
     /// Set once the connection has been answered.
     served: Arc<AtomicBool>,
     task: AbortHandle,
 }
 
 impl Connections {
-    /// Takes out the connection to close for a new one at the cap: the oldest not yet answered, or
-    /// else the oldest.
+    /// Takes out the connection to close for a new one at the cap: of the source holding the most
+    /// connections (the earliest such on a tie), the oldest not yet answered, or else the oldest.
     fn evict(&mut self) -> Option<(u64, Open)> {
-        let id = self
-            .open
-            .iter()
+        let mut held: HashMap<u128, usize> = HashMap::new();
+        for c in self.open.values() {
+            *held.entry(c.source).or_default() += 1;
+        }
+        let most = self.open.values().map(|c| held[&c.source]).max()?;
+        let source = self.open.values().find(|c| held[&c.source] == most)?.source;
+        let mut theirs = self.open.iter().filter(|(_, c)| c.source == source);
+        let id = theirs
+            .clone()
             .find(|(_, c)| !c.served.load(Ordering::Relaxed))
-            .or_else(|| self.open.iter().next())
+            .or_else(|| theirs.next())
             .map(|(id, _)| *id)?;
         self.open.remove_entry(&id)
     }
@@ -171,19 +186,21 @@ pub fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     Ok(socket.into())
 }
 
-/// Serves `listener` with `handler` until `stop` is set, on the calling thread; returns promptly
-/// then, closing every connection. Errs only if the runtime cannot be set up.
+/// Serves `listener` with `handler` until `stop` is set, on the calling thread, at most
+/// `max_connections` at once; returns promptly then, closing every connection. Errs only if the runtime
+/// cannot be set up.
 pub fn serve(
     listener: std::net::TcpListener,
     handler: Arc<Handler>,
     counters: Arc<HttpCounters>,
+    max_connections: usize,
     stop: &AtomicBool,
 ) -> io::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_io().enable_time().build()?;
     listener.set_nonblocking(true)?;
     rt.block_on(async {
         let listener = tokio::net::TcpListener::from_std(listener)?;
-        tokio::spawn(accept_loop(listener, handler, counters));
+        tokio::spawn(accept_loop(listener, handler, counters, max_connections.max(1)));
         while !stop.load(Ordering::Acquire) {
             tokio::time::sleep(STOP_POLL).await;
         }
@@ -194,17 +211,22 @@ pub fn serve(
     Ok(())
 }
 
-async fn accept_loop(listener: tokio::net::TcpListener, handler: Arc<Handler>, counters: Arc<HttpCounters>) {
+async fn accept_loop(
+    listener: tokio::net::TcpListener,
+    handler: Arc<Handler>,
+    counters: Arc<HttpCounters>,
+    max_connections: usize,
+) {
     let table = Arc::new(Mutex::new(Connections::default()));
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
+        let Ok((stream, from)) = listener.accept().await else {
             tokio::time::sleep(ACCEPT_BACKOFF).await;
             continue;
         };
         let _ = stream.set_nodelay(true);
         let (id, victim) = {
             let mut t = table.lock();
-            let victim = if t.open.len() >= MAX_CONNECTIONS { t.evict() } else { None };
+            let victim = if t.open.len() >= max_connections { t.evict() } else { None };
             t.next_id += 1;
             (t.next_id, victim)
         };
@@ -223,7 +245,8 @@ async fn accept_loop(listener: tokio::net::TcpListener, handler: Arc<Handler>, c
         ));
         // This runtime has one thread: the task has not run yet, so it cannot have unregistered.
         if !task.is_finished() {
-            table.lock().open.insert(id, Open { served, task: task.abort_handle() });
+            let source = crate::policy::peer::source_key(from.ip());
+            table.lock().open.insert(id, Open { source, served, task: task.abort_handle() });
         }
     }
 }
@@ -301,16 +324,27 @@ mod tests {
     use super::*;
 
     #[test]
-    fn at_the_cap_the_oldest_unanswered_connection_goes_first_then_the_oldest() {
+    fn at_the_cap_the_source_holding_most_loses_its_oldest_unanswered_first() {
         let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
         let _in_runtime = rt.enter();
         let mut t = Connections::default();
-        for (id, served) in [(1, true), (2, false), (3, true), (4, false)] {
+        // Source 7 holds four (answered and not), sources 8 and 9 one each.
+        for (id, source, served) in
+            [(1, 8, false), (2, 7, true), (3, 7, false), (4, 7, true), (5, 9, true), (6, 7, false)]
+        {
             let task = tokio::spawn(async {}).abort_handle();
-            t.open.insert(id, Open { served: Arc::new(AtomicBool::new(served)), task });
+            t.open.insert(id, Open { source, served: Arc::new(AtomicBool::new(served)), task });
         }
         let order: Vec<u64> = std::iter::from_fn(|| t.evict().map(|(id, _)| id)).collect();
-        assert_eq!(order, [2, 4, 1, 3]);
+        // Source 7's unanswered (3, 6), its answered (2); then one each: the earliest, oldest first.
+        assert_eq!(order, [3, 6, 2, 1, 4, 5]);
+    }
+
+    #[test]
+    fn the_cap_follows_the_descriptor_limit() {
+        assert_eq!(connection_cap(256), 16);
+        assert_eq!(connection_cap(64), 8);
+        assert_eq!(connection_cap(1 << 20), MAX_CONNECTIONS);
     }
 
     #[test]

@@ -3,10 +3,10 @@
 //! serving (concurrency, limits) is [`super::http`]'s; this module renders and routes.
 
 use super::http::{self, CloseReason};
-use crate::admission::Refusal;
+use crate::admission::{EarlyClose, Refusal};
 use crate::proto::DropReason;
 use crate::server::ServerCounters;
-use crate::shared::{AUTH_FAILURE_REASONS, CLOSED_EARLY_REASONS, ShardStats, Shared, read};
+use crate::shared::{AUTH_FAILURE_REASONS, ShardStats, Shared, read};
 use hyper::body::Bytes;
 use hyper::header::{ALLOW, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
@@ -75,10 +75,9 @@ pub fn render(stats: &[Arc<ShardStats>], shared: &Shared, counters: &ServerCount
         "TCP and TLS connections closed as soon as they were accepted, by reason.",
         &refused,
     );
-    let closed_early: Vec<(String, u64)> = CLOSED_EARLY_REASONS
+    let closed_early: Vec<(String, u64)> = EarlyClose::ALL
         .iter()
-        .enumerate()
-        .map(|(i, r)| (format!("reason=\"{r}\""), sum(&|s| read(&s.connections_closed_early[i]))))
+        .map(|r| (format!("reason=\"{}\"", r.name()), sum(&|s| read(&s.connections_closed_early[r.index()]))))
         .collect();
     family(
         "turnpike_connections_closed_early_total",
@@ -194,7 +193,7 @@ pub fn render(stats: &[Arc<ShardStats>], shared: &Shared, counters: &ServerCount
     family(
         "turnpike_http_connections_closed_total",
         "counter",
-        "Connections to this endpoint closed by a limit, by reason: over_limit (the oldest unanswered, to admit one past the cap), deadline (open too long), header_timeout (request head too slow), header_too_large (431).",
+        "Connections to this endpoint closed by a limit, by reason: over_limit (one of the source holding the most, to admit one past the cap), deadline (open too long), header_timeout (request head too slow), header_too_large (431).",
         &closed,
     );
     out
@@ -207,11 +206,12 @@ pub fn serve(
     stats: Vec<Arc<ShardStats>>,
     shared: Arc<Shared>,
     counters: Arc<ServerCounters>,
+    max_connections: usize,
     stop: &AtomicBool,
 ) -> io::Result<()> {
     let http_counters = Arc::clone(&counters.http);
     let handler: Arc<http::Handler> = Arc::new(move |req| respond(req, &stats, &shared, &counters));
-    http::serve(listener, handler, http_counters, stop)
+    http::serve(listener, handler, http_counters, max_connections, stop)
 }
 
 /// Routes a request: `GET /metrics` (and `/`) renders the metrics; other paths are not found. A new

@@ -182,26 +182,33 @@ fn last_32_bits(v6: Ipv6Addr) -> Ipv4Addr {
 /// packet to that IPv6 address may end up reaching: NAT64 `64:ff9b::/96` (RFC 6052), 6to4 `2002::/16`
 /// (RFC 3056), Teredo `2001::/32` (RFC 4380: the server address, and the client address stored
 /// inverted) and ISATAP interface identifiers `::0:5efe:a.b.c.d` / `::200:5efe:a.b.c.d` under any
-/// prefix (RFC 5214). Returns up to two addresses.
-pub fn embedded_ipv4(v6: Ipv6Addr) -> [Option<Ipv4Addr>; 2] {
+/// prefix, 6to4 and Teredo included (RFC 5214). Returns up to three addresses.
+pub fn embedded_ipv4(v6: Ipv6Addr) -> [Option<Ipv4Addr>; 3] {
     let o = v6.octets();
     let seg = v6.segments();
+    // ISATAP: the universal/local bit may be set (0x0200), the group bit is not.
+    let isatap = (seg[4] & !0x0200 == 0 && seg[5] == 0x5efe).then(|| last_32_bits(v6));
     if seg[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
-        return [Some(last_32_bits(v6)), None];
+        return [Some(last_32_bits(v6)), None, None];
     }
     if seg[0] == 0x2002 {
-        return [Some(Ipv4Addr::new(o[2], o[3], o[4], o[5])), None];
+        return [Some(Ipv4Addr::new(o[2], o[3], o[4], o[5])), isatap, None];
     }
     if seg[0] == 0x2001 && seg[1] == 0 {
         let server = Ipv4Addr::new(o[4], o[5], o[6], o[7]);
         let client = Ipv4Addr::new(!o[12], !o[13], !o[14], !o[15]);
-        return [Some(server), Some(client)];
+        return [Some(server), Some(client), isatap];
     }
-    // ISATAP: the universal/local bit may be set (0x0200), the group bit is not.
-    if seg[4] & !0x0200 == 0 && seg[5] == 0x5efe {
-        return [Some(last_32_bits(v6)), None];
+    [isatap, None, None]
+}
+
+/// The key one source is counted under by per-source limits: an IPv4 address (however spelled), or an
+/// IPv6 /64, which one host often holds whole.
+pub fn source_key(ip: IpAddr) -> u128 {
+    match canonical(ip) {
+        IpAddr::V4(v4) => u128::from(v4.to_bits()),
+        IpAddr::V6(v6) => (v6.to_bits() >> 64) | 1 << 127,
     }
-    [None, None]
 }
 
 /// Every IPv6 address [`PeerPolicy::permits`] judges as (or together with) the IPv4 address `v4`:
@@ -236,6 +243,18 @@ impl PeerPolicy {
     /// A policy that permits every unicast address (tests and fuzzing only).
     pub fn allow_all() -> Self {
         Self::default()
+    }
+
+    /// Whether `ip` (however spelled) lies in a range of `allowed` that no narrower `denied` range
+    /// takes back: the operator named it on purpose.
+    pub fn explicitly_allows(&self, ip: IpAddr) -> bool {
+        let ip = canonical(ip);
+        let narrowest = |list: &[IpRange]| list.iter().filter(|r| r.contains(ip)).map(IpRange::width).min();
+        match (narrowest(&self.allowed), narrowest(&self.denied)) {
+            (Some(a), Some(d)) => a < d,
+            (Some(_), None) => true,
+            _ => false,
+        }
     }
 
     /// Whether the relay may send to `ip`: the address itself and every IPv4 address it embeds must
@@ -293,6 +312,23 @@ mod tests {
                 assert_eq!(canonical(IpAddr::V6(*s)), IpAddr::V4(v4), "{s}");
             }
         }
+    }
+
+    #[test]
+    fn isatap_identifiers_are_checked_under_6to4_and_teredo_prefixes_too() {
+        let p = PeerPolicy::new(vec![], vec![], true, false);
+        assert!(!p.permits(ip("2002:808:808:1:0:5efe:a00:1")), "6to4 of a public address, ISATAP of 10.0.0.1");
+        assert!(!p.permits(ip("2001:0:808:808:0:5efe:7f00:1")), "Teredo server 8.8.8.8, ISATAP of 127.0.0.1");
+        assert!(p.permits(ip("2002:808:808:1:0:5efe:808:404")));
+    }
+
+    #[test]
+    fn explicit_allows_are_told_apart_from_defaults() {
+        let p =
+            PeerPolicy::new(vec!["203.0.113.0/24".parse().unwrap()], vec!["203.0.113.7".parse().unwrap()], true, false);
+        assert!(p.explicitly_allows(ip("203.0.113.9")) && p.explicitly_allows(ip("::ffff:203.0.113.9")));
+        assert!(!p.explicitly_allows(ip("203.0.113.7")), "a narrower deny takes it back");
+        assert!(!p.explicitly_allows(ip("8.8.8.8")), "permitted by default, not named");
     }
 
     #[test]

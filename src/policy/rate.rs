@@ -59,7 +59,8 @@ impl TokenBucket {
 /// victim's network reflects at most this much more at it than from one address.
 pub const PREFIX_SHARE: u64 = 4;
 
-/// Answers to unauthenticated requests, budgeted per source address and per /24 (IPv6 /56) prefix,
+/// Answers to unauthenticated requests, budgeted per source ([`crate::policy::peer::source_key`]: an
+/// IPv4 address, an IPv6 /64) and per /24 (IPv6 /56) prefix,
 /// node-wide: one budget per source whatever the number of shards. A fixed table of token buckets,
 /// each one atomic word updated by compare-and-swap (no lock); a source whose slot is taken over by
 /// another starts afresh (a spoofer gains at most a full burst).
@@ -95,9 +96,15 @@ impl PackedBucket {
     }
 
     /// Adds what `rate` per second accrued since the stamp (up to `burst`), advancing the stamp only
-    /// by the time that produced whole tokens.
+    /// by the time that produced whole tokens. Shards read the clock once per wake-up, so one may
+    /// charge a bucket with a time a little before the stamp another wrote: that is no time at all, not
+    /// a wrap-around of 49 days (which would refill the bucket).
     fn refill(&mut self, now_ms: u32, rate: u64, burst: u16) {
-        let elapsed = u64::from(now_ms.wrapping_sub(self.stamp));
+        let elapsed = now_ms.wrapping_sub(self.stamp);
+        if elapsed == 0 || elapsed > u32::MAX / 2 {
+            return;
+        }
+        let elapsed = u64::from(elapsed);
         let add = elapsed.saturating_mul(rate) / 1000;
         if add == 0 {
             return;
@@ -126,9 +133,10 @@ impl UnauthLimiter {
         if rate == 0 {
             return true;
         }
-        let (source, prefix) = match crate::policy::peer::canonical(ip) {
-            IpAddr::V4(v4) => (u128::from(v4.to_bits()), u128::from(v4.to_bits() >> 8) | 1 << 64),
-            IpAddr::V6(v6) => (v6.to_bits() | 1 << 65, (v6.to_bits() >> 72) | 1 << 66),
+        let source = crate::policy::peer::source_key(ip);
+        let prefix = match crate::policy::peer::canonical(ip) {
+            IpAddr::V4(v4) => u128::from(v4.to_bits() >> 8),
+            IpAddr::V6(v6) => (v6.to_bits() >> 72) | 1 << 127,
         };
         let ok = self.take(0, source, now_ms, rate, burst)
             && self.take(1, prefix, now_ms, rate.saturating_mul(PREFIX_SHARE), burst.saturating_mul(PREFIX_SHARE));
@@ -300,6 +308,22 @@ mod tests {
         assert_eq!(l.slots.len(), UNAUTH_SLOTS);
         // Rate 0: unlimited.
         assert!((0..1000).all(|_| l.allow(a, 0, 0, 0)));
+        // An IPv6 /64 is one source.
+        let b: IpAddr = "2001:db8:1:2::1".parse().unwrap();
+        assert_eq!((0..100).filter(|_| l.allow(b, 0, 5, 10)).count(), 10);
+        assert!(!l.allow("2001:db8:1:2::ffff".parse().unwrap(), 0, 5, 10));
+    }
+
+    /// Shards charge the same bucket with times read at their own wake-ups: one a little behind
+    /// another's is no time at all, not a refill.
+    #[test]
+    fn unauth_limiter_ignores_a_clock_a_little_behind() {
+        let l = UnauthLimiter::default();
+        let a: IpAddr = "192.0.2.7".parse().unwrap();
+        assert_eq!((0..20).filter(|_| l.allow(a, 5_000, 5, 10)).count(), 10);
+        assert!(!l.allow(a, 4_999, 5, 10), "a shard 1 ms behind");
+        assert!(!l.allow(a, 4_990, 5, 10));
+        assert!(l.allow(a, 5_200, 5, 10), "time moving on still refills");
     }
 
     #[test]

@@ -84,10 +84,10 @@ impl std::fmt::Display for FiveTuple {
 pub enum PeerScope {
     /// Any port: the peer policy permits the IP.
     Any,
-    /// Only live relayed addresses: the IP is one of this server's relay addresses, which the policy
-    /// would deny (loopback, private) but which TURN -> TURN calls need. Any other port there, relay
-    /// range or not, may be another program's and stays closed.
-    RelayPorts,
+    /// Only the relayed addresses of live allocations: the IP is one of this server's own, which TURN
+    /// -> TURN calls need. Any other port there, relay range or not, may be another program's and
+    /// stays closed.
+    LiveRelays,
 }
 
 /// A permission for one peer IP address.
@@ -174,7 +174,7 @@ impl Allocation {
 
     /// Whether an unexpired permission lets data to/from `peer` through at `now`; `is_live_relay` says
     /// whether an address is a live relayed address of this server, for permissions scoped to those
-    /// ([`PeerScope::RelayPorts`]; asked only for them).
+    /// ([`PeerScope::LiveRelays`]; asked only for them).
     pub fn permits(&self, peer: SocketAddr, now: Instant, is_live_relay: impl Fn(SocketAddr) -> bool) -> bool {
         self.permissions
             .iter()

@@ -344,16 +344,31 @@ fn check_peer(
     //= RFC 8656 §9.1: "The server MAY impose restrictions on the IP address allowed in the
     //= XOR-PEER-ADDRESS attribute; if a value is not allowed, the server rejects the request with a
     //= 403 (Forbidden) error."
-    if settings.peer_policy.permits(peer.ip()) {
-        return Ok((peer, PeerScope::Any));
+    match reach(settings, live, peer) {
+        Some(scope) => Ok((peer, scope)),
+        None => Err(ErrorCode::Forbidden),
     }
-    //  The server's own relayed addresses stay reachable when the policy denies the relay's address
-    //  (client -> TURN -> TURN -> client), but only those of live allocations: any other port there may
-    //  be another program's, and stays closed. The data path checks again per datagram.
-    if live.contains(peer) {
-        return Ok((peer, PeerScope::RelayPorts));
+}
+
+/// Which ports of `ip` a permission may reach, if any. The server's own addresses (relay and
+/// listening) are reachable only at the relayed addresses of live allocations (client -> TURN -> TURN
+/// -> client), whether the policy would deny them (loopback, private) or not (a public relay address):
+/// any other port there may be another program's, reached from the relay's own address. Unless the
+/// operator named the address in `peers.allowed` (a service on this host that clients reach through
+/// the relay); the data path checks the live relayed address again per datagram.
+fn permission_scope(settings: &Settings, live: &LiveRelays, ip: IpAddr) -> Option<PeerScope> {
+    if live.is_own(ip) && !settings.peer_policy.explicitly_allows(ip) {
+        return Some(PeerScope::LiveRelays);
     }
-    Err(ErrorCode::Forbidden)
+    settings.peer_policy.permits(ip).then_some(PeerScope::Any)
+}
+
+/// Whether `peer` may be reached, and the scope of the permission that lets it.
+fn reach(settings: &Settings, live: &LiveRelays, peer: SocketAddr) -> Option<PeerScope> {
+    match permission_scope(settings, live, peer.ip())? {
+        PeerScope::LiveRelays if !live.contains(peer) => None,
+        scope => Some(scope),
+    }
 }
 
 fn family_of(ip: IpAddr) -> u8 {
@@ -457,14 +472,17 @@ impl Engine {
         // Permissions and channels to peers the new policy refuses end now: the data path checks only
         // permissions, so a stricter policy must not leave old ones open.
         let (mut perms, mut chans, mut purged) = (0u64, 0u64, 0u64);
+        let live = &self.shared.live_relays;
         for alloc in self.table.iter_mut() {
             let before = alloc.permissions.len() + alloc.channels.len();
-            alloc.permissions.retain(|p| match p.scope {
-                PeerScope::Any => settings.peer_policy.permits(p.ip),
-                PeerScope::RelayPorts => true,
+            alloc.permissions.retain_mut(|p| match permission_scope(&settings, live, p.ip) {
+                Some(scope) => {
+                    p.scope = scope;
+                    true
+                }
+                None => false,
             });
-            let live = &self.shared.live_relays;
-            alloc.channels.retain(|c| settings.peer_policy.permits(c.peer.ip()) || live.contains(c.peer));
+            alloc.channels.retain(|c| reach(&settings, live, c.peer).is_some());
             let new_max = settings.max_bps;
             if new_max != self.settings.max_bps {
                 alloc.bandwidth = (new_max > 0).then(|| [TokenBucket::for_bandwidth(new_max, now); 2]);
@@ -954,9 +972,6 @@ impl Engine {
                 return self.refuse_capacity(now, tuple, msg, &key, why);
             }
         };
-        if reserve && next.is_none() {
-            self.shared.quotas.release_reservation(&quota_user);
-        }
         let reserved = next.map(|port| {
             let expires = now + RESERVATION_LIFETIME;
             (self.rng.next_u64().to_be_bytes(), Reservation { port, expires, holder: quota_user.clone() })
@@ -1077,20 +1092,21 @@ impl Engine {
 
     /// Counts the allocation against `user`'s quota and the total, and with `reserve` the port it
     /// reserves. An allocation that redeems its own user's reservation takes over the reservation's unit;
-    /// one that redeems another user's is charged to its own user, and the holder's unit released.
+    /// one that redeems another user's is charged to its own user instead of the holder (the total
+    /// does not change), and refused, the reservation still the holder's, when that user is at quota.
     fn charge_quota(&self, user: &[u8], redeemed: Option<&Reservation>, reserve: bool) -> Result<(), QuotaError> {
         let quotas = &self.shared.quotas;
-        if let Some(r) = redeemed.filter(|r| *r.holder == *user) {
+        let s = &self.settings;
+        let limits = QuotaLimits { user: s.user_quota, total: s.total_quota, user_reservations: s.user_reservations };
+        let Some(r) = redeemed else {
+            return quotas.try_acquire(user, limits, reserve);
+        };
+        if *r.holder == *user {
             quotas.redeem_reservation(&r.holder);
             return Ok(());
         }
-        let s = &self.settings;
-        let limits = QuotaLimits { user: s.user_quota, total: s.total_quota, user_reservations: s.user_reservations };
-        quotas.try_acquire(user, limits, reserve)?;
-        if let Some(r) = redeemed {
-            quotas.release_reservation(&r.holder);
-        }
-        Ok(())
+        quotas.release_reservation(&r.holder);
+        quotas.try_acquire(user, limits, reserve).inspect_err(|_| quotas.restore_reservation(&r.holder))
     }
 
     /// Undoes [`Engine::charge_quota`] for an Allocate that got no relay port.
@@ -1150,7 +1166,8 @@ impl Engine {
         }
         for _ in 0..BIND_ATTEMPTS {
             let (port, next) = match even_port {
-                Some(reserve) => self.ports.take_even(reserve).ok_or(NoPort::RangeExhausted)?,
+                Some(true) => self.ports.take_even_pair().map(|(p, n)| (p, Some(n))).ok_or(NoPort::RangeExhausted)?,
+                Some(false) => (self.ports.take_even().ok_or(NoPort::RangeExhausted)?, None),
                 None => (self.ports.take().ok_or(NoPort::RangeExhausted)?, None),
             };
             match io.open(key, SocketAddr::new(bind_ip, port)) {

@@ -12,6 +12,14 @@ pub fn shard_ports(min: u16, max: u16, shard: usize, shards: usize) -> impl Iter
     (min..=max).filter(move |p| (usize::from(p / 2) - usize::from(min / 2)) % shards == shard)
 }
 
+/// Words of a bitmap with a bit for every port.
+pub const PORT_WORDS: usize = 65_536 / 64;
+
+/// Where `port`'s bit lies in a bitmap of [`PORT_WORDS`] words: the word and the bit's mask.
+pub fn port_bit(port: u16) -> (usize, u64) {
+    (usize::from(port / 64), 1 << (port % 64))
+}
+
 /// A pool of free relay ports.
 #[derive(Debug, Clone)]
 pub struct PortPool {
@@ -28,7 +36,7 @@ impl PortPool {
     pub fn new(ports: impl IntoIterator<Item = u16>, seed: u64) -> Self {
         let v: Vec<u16> = ports.into_iter().collect();
         let mut pool =
-            Self { free: VecDeque::new(), is_free: vec![0; 65_536 / 64].into_boxed_slice(), rng: XorShift::new(seed) };
+            Self { free: VecDeque::new(), is_free: vec![0; PORT_WORDS].into_boxed_slice(), rng: XorShift::new(seed) };
         for port in v {
             if !pool.contains(port) {
                 pool.mark(port, true);
@@ -53,12 +61,13 @@ impl PortPool {
     }
 
     fn contains(&self, port: u16) -> bool {
-        self.is_free[usize::from(port / 64)] & (1 << (port % 64)) != 0
+        let (word, bit) = port_bit(port);
+        self.is_free[word] & bit != 0
     }
 
     fn mark(&mut self, port: u16, free: bool) {
-        let (word, bit) = (&mut self.is_free[usize::from(port / 64)], 1u64 << (port % 64));
-        if free { *word |= bit } else { *word &= !bit }
+        let (word, bit) = port_bit(port);
+        if free { self.is_free[word] |= bit } else { self.is_free[word] &= !bit }
     }
 
     /// Takes any free port.
@@ -68,20 +77,28 @@ impl PortPool {
         Some(port)
     }
 
-    /// Takes an even port; with `with_next`, also takes `port + 1` (for EVEN-PORT's R bit). One pass
-    /// over the list at most (two with `with_next`), whatever the range.
-    pub fn take_even(&mut self, with_next: bool) -> Option<(u16, Option<u16>)> {
-        let pos = self
-            .free
-            .iter()
-            .position(|&p| p % 2 == 0 && (!with_next || p.checked_add(1).is_some_and(|n| self.contains(n))))?;
+    /// Takes an even port (EVEN-PORT without the R bit). One pass over the list at most.
+    pub fn take_even(&mut self) -> Option<u16> {
+        let pos = self.free.iter().position(|&p| p % 2 == 0)?;
         let port = self.free.remove(pos)?;
         self.mark(port, false);
-        if !with_next {
-            return Some((port, None));
-        }
+        Some(port)
+    }
+
+    /// Takes an even port and `port + 1` (EVEN-PORT's R bit). Two passes over the list at most,
+    /// whatever the range.
+    pub fn take_even_pair(&mut self) -> Option<(u16, u16)> {
+        let pos = self.free.iter().position(|&p| p % 2 == 0 && p.checked_add(1).is_some_and(|n| self.contains(n)))?;
+        let port = self.free.remove(pos)?;
+        self.mark(port, false);
         let next = port + 1;
-        Some((port, self.take_specific(next).then_some(next)))
+        if self.take_specific(next) {
+            Some((port, next))
+        } else {
+            // Not reached: `next` was found free above.
+            self.give_back(port);
+            None
+        }
     }
 
     /// Takes a specific port if it is free.
@@ -147,9 +164,9 @@ mod tests {
     #[test]
     fn even_port_with_reservation_takes_a_pair() {
         let mut pool = PortPool::new(shard_ports(50000, 50009, 0, 1), 7);
-        let (p, next) = pool.take_even(true).unwrap();
+        let (p, next) = pool.take_even_pair().unwrap();
         assert_eq!(p % 2, 0);
-        assert_eq!(next, Some(p + 1));
+        assert_eq!(next, p + 1);
         assert_eq!(pool.len(), 8);
         assert!(!pool.take_specific(p + 1));
     }
@@ -162,13 +179,13 @@ mod tests {
             for op in ops {
                 match op {
                     0 => if let Some(p) = pool.take() { prop_assert!(out.insert(p)); },
-                    1 => if let Some((p, n)) = pool.take_even(true) {
+                    1 => if let Some((p, n)) = pool.take_even_pair() {
                         prop_assert!(out.insert(p));
-                        prop_assert!(out.insert(n.unwrap()));
+                        prop_assert!(out.insert(n));
                     },
                     2 => if let Some(&p) = out.iter().next() { out.remove(&p); pool.give_back(p); },
                     3 => if let Some(&p) = out.iter().next() { out.remove(&p); pool.set_aside(p); },
-                    _ => if let Some((p, _)) = pool.take_even(false) { prop_assert!(out.insert(p)); },
+                    _ => if let Some(p) = pool.take_even() { prop_assert!(out.insert(p)); },
                 }
                 prop_assert_eq!(out.len() + pool.len(), 20);
                 for p in 50000..50020u16 {

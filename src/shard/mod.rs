@@ -18,7 +18,7 @@ pub mod socket;
 pub mod stream;
 pub mod sys;
 
-use crate::admission::{self, Refusal};
+use crate::admission::{self, EarlyClose, Refusal};
 use crate::policy::rate::{LogKind, LogLimiter};
 use crate::proto::allocation::{FiveTuple, ListenerId, Transport};
 use crate::proto::engine::{BindError, RelaySockets, TIMER_BUDGET};
@@ -639,7 +639,7 @@ impl Shard {
             let message = format_args!("shard {id}: closing pending connection {tuple} to make room for a newer one");
             self.logs.log(LogKind::Accept, log::Level::Info, now, message);
         }
-        bump(&self.stats.connections_closed_early[0], 1);
+        bump(&self.stats.connections_closed_early[EarlyClose::Evicted.index()], 1);
         self.close_conn(idx);
         true
     }
@@ -748,7 +748,7 @@ impl Shard {
         let (idle, age) =
             (now.saturating_duration_since(conn.last_activity), now.saturating_duration_since(conn.accepted));
         // Many pending connections node-wide: those without an allocation get much less time.
-        let pressed = conn.pending.is_some()
+        let pressed = !has_allocation
             && self.shared.conns.under_pressure()
             && (idle >= admission::PRESSURE_IDLE || age >= admission::PRESSURE_AGE);
         let expired = (conn.handshaking() && age >= HANDSHAKE_TIMEOUT)
@@ -758,7 +758,7 @@ impl Shard {
         if expired || pressed {
             log::debug!("shard {}: closing idle or unauthenticated connection {}", self.id, conn.tuple);
             if pressed && !expired {
-                bump(&self.stats.connections_closed_early[1], 1);
+                bump(&self.stats.connections_closed_early[EarlyClose::PressureTimeout.index()], 1);
             }
             self.close_conn(idx);
         } else {

@@ -4,6 +4,7 @@
 
 use super::*;
 use crate::auth::CredentialStore;
+use crate::policy::IpRange;
 use crate::proto::allocation::{ListenerId, Transport};
 use crate::proto::integrity::{LongTermKey, long_term_key, rest_password, verify_message_integrity};
 use std::collections::HashSet;
@@ -120,7 +121,7 @@ fn harness_with(s: Settings) -> Harness {
 fn harness_on(s: Settings, (min_port, max_port): (u16, u16)) -> Harness {
     let t0 = Instant::now();
     let relays = s.relay_v4.iter().chain(&s.relay_v6).map(|r| (r.bind, r.advertised));
-    let shared = Arc::new(Shared::new(relays));
+    let shared = Arc::new(Shared::new(relays, []));
     let engine = Engine::new(
         0,
         Arc::new(s),
@@ -1259,6 +1260,45 @@ fn reused_allocation_keys_keep_every_credential_check() {
     assert_eq!(refresh(&mut h, &mut alice_now).class(), Class::Success, "and keeps working");
 }
 
+/// A relay on a public address (which the policy permits) and its listening address: only live
+/// relayed addresses are reachable there, not the host's other services, unless the operator names
+/// the address in `peers.allowed` (a service on the relay's host); a reload that drops the name closes
+/// those permissions down to the live relayed addresses again.
+#[test]
+fn own_public_addresses_reach_only_live_relays_unless_named() {
+    let public: IpAddr = "192.88.100.9".parse().unwrap();
+    let listening: IpAddr = "192.88.100.10".parse().unwrap();
+    let mut s = settings();
+    s.relay_v4 = vec![RelayAddr { bind: public, advertised: public }];
+    let relays = s.relay_v4.iter().map(|r| (r.bind, r.advertised));
+    let shared = Arc::new(Shared::new(relays, [listening]));
+    let mut h = harness_on(s.clone(), PORTS);
+    h.engine.shared = Arc::clone(&shared);
+    h.shared = shared;
+    let mut a = Client::rest(40100, "a", UNIX0 + 3600);
+    let mut b = Client::rest(40101, "b", UNIX0 + 3600);
+    assert_eq!(h.allocate(&mut a).class(), Class::Success);
+    let relayed_b = h.allocate(&mut b).xor_addr(AttrType::XOR_RELAYED_ADDRESS);
+    for service in [SocketAddr::new(public, 22), SocketAddr::new(public, 53), SocketAddr::new(listening, 3478)] {
+        let r = h.authed(&mut a, Method::CREATE_PERMISSION, peer_attr(service));
+        assert_eq!(r.code(), Some(403), "{service}: another program on the relay's host");
+    }
+    assert_eq!(h.authed(&mut a, Method::CREATE_PERMISSION, peer_attr(relayed_b)).class(), Class::Success);
+    assert!(matches!(h.send(a.tuple, &send_indication(relayed_b, b"x")), Action::ToPeer { .. }));
+    let ssh = SocketAddr::new(public, 22);
+    assert_eq!(h.send(a.tuple, &send_indication(ssh, b"x")), Action::Drop(DropReason::NoPermission));
+    // Named by the operator: every port of it.
+    let mut named = s.clone();
+    named.peer_policy = PeerPolicy::new(vec![IpRange::cidr(public, 32).unwrap()], vec![], true, false);
+    h.engine.reload(h.now, Arc::new(named));
+    assert_eq!(h.authed(&mut a, Method::CREATE_PERMISSION, peer_attr(ssh)).class(), Class::Success);
+    assert!(matches!(h.send(a.tuple, &send_indication(ssh, b"x")), Action::ToPeer { .. }));
+    // Unnamed again: back to the live relayed addresses only.
+    h.engine.reload(h.now, Arc::new(s));
+    assert_eq!(h.send(a.tuple, &send_indication(ssh, b"x")), Action::Drop(DropReason::NoPermission));
+    assert!(matches!(h.send(a.tuple, &send_indication(relayed_b, b"x")), Action::ToPeer { .. }));
+}
+
 fn allocate_even_port(h: &mut Harness, c: &mut Client) -> Resp {
     h.authed(c, Method::ALLOCATE, |w| {
         udp_transport(w);
@@ -1312,14 +1352,21 @@ fn even_port_reservations_cannot_take_the_range() {
 }
 
 /// With a user quota, a reservation is one of the user's allocations until it is redeemed (by the
-/// same user: the unit carries over; by another user: charged to that user) or lapses.
+/// same user: the unit carries over; by another user: charged to that user instead, refused if that
+/// user is at quota) or lapses.
 #[test]
 fn reservations_count_against_user_and_total_quotas() {
     let mut s = settings();
     s.user_quota = 2;
-    s.total_quota = 4;
+    s.total_quota = 5;
     s.user_reservations = 4;
     let mut h = harness_with(s);
+    let redeem = |h: &mut Harness, c: &mut Client, token: &[u8]| {
+        h.authed(c, Method::ALLOCATE, |w| {
+            udp_transport(w);
+            w.add_bytes(AttrType::RESERVATION_TOKEN, token);
+        })
+    };
     let mut a1 = Client::rest(43000, "alice", UNIX0 + 3600);
     let r = allocate_even_port(&mut h, &mut a1);
     assert_eq!(r.class(), Class::Success);
@@ -1327,29 +1374,31 @@ fn reservations_count_against_user_and_total_quotas() {
     let mut a2 = Client::rest(43001, "alice", UNIX0 + 3600);
     assert_eq!(h.allocate(&mut a2).code(), Some(486), "the allocation and its reservation fill alice's quota");
     // Redeeming her own reservation needs no more quota.
-    let r = h.authed(&mut a2, Method::ALLOCATE, |w| {
-        udp_transport(w);
-        w.add_bytes(AttrType::RESERVATION_TOKEN, &token);
-    });
-    assert_eq!(r.class(), Class::Success);
+    assert_eq!(redeem(&mut h, &mut a2, &token).class(), Class::Success);
     assert_eq!(h.shared.quotas.held_by(b"alice"), 2);
-    // Bob reserves; carol redeems bob's token: charged to carol, released from bob.
+    // Bob reserves; carol fills her quota, then tries to redeem bob's token: refused, still bob's.
     let mut b = Client::rest(43002, "bob", UNIX0 + 3600);
     let token = allocate_even_port(&mut h, &mut b).attr(AttrType::RESERVATION_TOKEN).unwrap();
-    assert_eq!(h.shared.quotas.total(), 4);
-    let mut c = Client::rest(43003, "carol", UNIX0 + 3600);
-    let r = h.authed(&mut c, Method::ALLOCATE, |w| {
-        udp_transport(w);
-        w.add_bytes(AttrType::RESERVATION_TOKEN, &token);
-    });
-    assert_eq!(r.code(), Some(486), "the total quota is full (4 units), carol's allocation would be a fifth");
-    assert_eq!(h.shared.reservations.lock().len(), 1, "the refused redemption leaves bob's reservation");
+    let mut c1 = Client::rest(43003, "carol", UNIX0 + 3600);
+    assert_eq!(h.allocate(&mut c1).class(), Class::Success);
+    assert_eq!(h.shared.quotas.total(), 5);
+    let mut c2 = Client::rest(43004, "carol", UNIX0 + 3600);
+    assert_eq!(h.allocate(&mut c2).code(), Some(486), "the total is full");
+    // With the total full, dave may still redeem bob's token: it moves a unit, it adds none.
+    let mut d = Client::rest(43005, "dave", UNIX0 + 3600);
+    let mut c3 = Client::rest(43006, "carol", UNIX0 + 3600);
     delete(&mut h, &mut a1);
-    let r = h.authed(&mut c, Method::ALLOCATE, |w| {
-        udp_transport(w);
-        w.add_bytes(AttrType::RESERVATION_TOKEN, &token);
-    });
-    assert_eq!(r.class(), Class::Success);
-    assert_eq!((h.shared.quotas.held_by(b"bob"), h.shared.quotas.held_by(b"carol")), (1, 1));
-    assert_eq!(h.shared.quotas.total(), 3);
+    assert_eq!(h.allocate(&mut c3).class(), Class::Success, "carol now holds two");
+    assert_eq!(redeem(&mut h, &mut c2, &token).code(), Some(486), "carol is at her quota");
+    assert_eq!((h.shared.quotas.held_by(b"bob"), h.shared.reservations.lock().len()), (2, 1), "still bob's");
+    assert_eq!(h.shared.quotas.total(), 5);
+    assert_eq!(redeem(&mut h, &mut d, &token).class(), Class::Success);
+    assert_eq!((h.shared.quotas.held_by(b"bob"), h.shared.quotas.held_by(b"dave")), (1, 1));
+    assert_eq!(h.shared.quotas.total(), 5);
+    // With a user quota of one, EVEN-PORT with R (two units) is always refused.
+    let mut s = settings();
+    s.user_quota = 1;
+    let mut h = harness_with(s);
+    let mut e = Client::rest(43007, "erin", UNIX0 + 3600);
+    assert_eq!(allocate_even_port(&mut h, &mut e).code(), Some(486));
 }
