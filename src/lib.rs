@@ -1,78 +1,77 @@
 //! # turnpike
 //!
 //! A TURN/STUN relay server (RFC 8489, RFC 8656) for dedicated relay hosts: Matrix homeservers and any
-//! WebRTC service that needs calls to cross NATs.
+//! WebRTC service that needs calls to cross NATs. This crate is the host: sockets, event loops, TLS,
+//! configuration, the control side and the tools. The protocol itself (codec, credentials, peer
+//! policy, the TURN state machine) is the sans-IO core, [`turnpike_proto`] (re-exported as [`proto`]),
+//! which does no I/O, reads no clock and takes no lock.
 //!
 //! ## Threads
 //!
-//! * **Shards** ([`shard`]): one mio event loop per core (`runtime.threads`, `auto` = cores), optionally
-//!   pinned with `core_affinity`. Each shard owns one `SO_REUSEPORT` UDP listener per listening address,
-//!   its share of the relay port range ([`proto::ports`]), the relay sockets and state of every
-//!   allocation it created, and its own [`proto::Engine`]. Linux hashes a flow's 4-tuple onto one socket of
-//!   the reuse-port group, so a client's packets always reach the same shard, and both directions of an
-//!   allocation stay on the shard that owns it.
-//! * **Control** ([`control`]): sums per-shard counters and logs a summary line; the binary's main thread
-//!   handles signals and shutdown. Control talks to shards through a bounded crossbeam channel plus a mio
-//!   `Waker`; a shard applies new settings between two packets.
+//! * **Shards** ([`shard`]): one mio event loop per core (`runtime.threads`, `auto` = cores),
+//!   optionally pinned. Each owns one `SO_REUSEPORT` UDP, TCP and TLS listener per listening address,
+//!   its share of the relay port range, the relay sockets and connections of its allocations, and its
+//!   own [`proto::Engine`]. Linux hashes a flow's 4-tuple onto one socket of the reuse-port group, so a
+//!   client's packets always reach the same shard, and both directions of an allocation stay there.
+//! * **Control** ([`control`]): sums the shards' counters and logs a summary line; serves the
+//!   Prometheus endpoint on its own thread ([`control::http`]: hyper on a one-thread tokio runtime,
+//!   bounded in connections, header size and time). The binary's main thread handles signals,
+//!   reload and shutdown; it reaches shards through a bounded channel and a mio `Waker`, and a shard
+//!   applies new settings between two packets.
 //!
 //! ## The data path
 //!
-//! A shard wakes from `epoll_wait`, reads the clock once, and drains each ready socket up to
-//! `runtime.recv_batch` datagrams (a socket with more waiting is revisited before the next poll, so one
-//! busy socket cannot starve the others). Each datagram lands in a [`proto::PacketBuf`] with 64 bytes of
-//! headroom in front of the payload:
+//! A shard wakes from `epoll_wait`, reads the clock once, and drains each ready socket with
+//! `recvmmsg` up to `runtime.recv_batch` datagrams (a socket with more waiting is served again before
+//! the next poll). Each datagram lands in a [`proto::PacketBuf`] with headroom in front of the payload,
+//! and the engine answers with an [`proto::Action`]:
 //!
-//! * **client → peer**: a ChannelData frame (first two bits `01`) is looked up by 5-tuple (keyed hash:
-//!   the key is chosen by the remote) and channel number, its binding and permission checked against
-//!   `now`, and its payload sent from the allocation's relay socket exactly where it was received. Send
-//!   indications are parsed with the borrowed, allocation-free codec and forwarded the same way.
-//! * **peer → client**: the relay socket's token names the allocation slot; the permission for the
-//!   peer's IP is checked, and a ChannelData header (or a Data indication header) is written into the
-//!   headroom in front of the payload, which therefore never moves.
+//! * **client -> peer**: ChannelData is looked up by 5-tuple and channel number, the permission checked,
+//!   and its payload queued to leave from the allocation's relay socket exactly where it was received;
+//!   Send indications are parsed without allocating and queued the same way.
+//! * **peer -> client**: the relay socket's token names the allocation slot; the permission for the
+//!   peer is checked and a ChannelData or Data indication header written into the headroom.
 //!
-//! Neither direction allocates (a test counts with a global allocator), takes a lock shared with
-//! another shard, or makes a system call besides the receive and the send. Counters are per shard
-//! ([`shared::ShardStats`]) and written with plain relaxed stores by their shard only.
+//! Queued datagrams leave at the end of the wake-up ([`shard::send`]): one `sendmmsg` per socket, UDP
+//! GSO for runs to one destination, and the lone datagrams of many allocations together through one
+//! send-only raw socket per shard and family ([`shard::rawsend`], `runtime.raw_send`). TCP and TLS
+//! clients get what the wake-up queued for them in one write (one TLS record per message). A busy
+//! shard then pauses briefly before polling again, so that the next wake-up finds a batch
+//! ([`shard::coalesce`]). Neither direction allocates (a test counts with a global allocator), takes a
+//! lock shared with another shard, or waits on the network; counters are per shard and written with
+//! relaxed stores by their shard only.
 //!
-//! ## Control messages
+//! ## Control messages and shared state
 //!
-//! Allocate, Refresh, CreatePermission, ChannelBind and Binding go through the codec, then
-//! authentication ([`auth`]: stateless HMAC nonces, static users, TURN REST secrets, constant-time
-//! MESSAGE-INTEGRITY), then policy ([`policy`]: peer addresses; quotas in [`shared::Quotas`]), then the
-//! state change, and the response is written into a reusable buffer. Relay sockets are opened through
-//! [`proto::engine::RelaySockets`], so the engine itself never touches a socket or the clock: every entry
-//! point takes `now`. A deleted allocation's relay socket is kept open as a spare for a later allocation
-//! ([`proto::spares`]: bounded, handed out at random among the older half), which spares the kernel most of an Allocate's work.
-//! Requests on an allocation are checked with the key it was created with (no REST HMAC and MD5 again)
-//! until a reload changes the credentials. Expiry of allocations, permissions, channels and port reservations runs off a
-//! per-shard [`proto::timer::TimerWheel`]; entries re-check the real deadline when they fire, so a
-//! refresh costs no timer operation.
-//!
-//! ## Shared state
-//!
-//! [`shared::Shared`] holds the 5-tuple directory (striped `RwLock`ed maps), per-user and total
-//! allocation counters, and outstanding RESERVATION-TOKENs. All are written when allocations are created
-//! or deleted, never per packet.
+//! Allocate, Refresh, CreatePermission, ChannelBind and Binding go through the core's codec,
+//! authentication and policy; what an engine shares with the other shards (quotas, RESERVATION-TOKENs,
+//! the relayed addresses in use, the budget of unauthenticated answers) it asks through
+//! [`proto::Cluster`], which [`shared::Shared`] implements for one host. Connections that hold no
+//! allocation yet are admitted against a node-wide budget ([`admission`]).
 //!
 //! ## Modules
 //!
-//! * [`proto`]: sans-IO STUN codec and TURN state machine (`#![forbid(unsafe_code)]`).
-//! * [`auth`], [`policy`]: credentials and peer policy as data.
-//! * [`config`]: YAML and coturn `turnserver.conf`, validated whole, errors with file, line and option.
-//! * [`shard`], [`server`], [`control`]: the I/O layer, start-up, and the control thread.
+//! * [`config`]: YAML and coturn `turnserver.conf`, validated whole; errors name file, line and option.
+//! * [`server`]: start-up (listeners, descriptors, shards, control) and reload.
+//! * [`shard`]: the event loop, sockets, batched sending, TCP/TLS connections.
+//! * [`shared`], [`admission`]: what the shards of a node share.
+//! * [`control`]: counters, the summary line, the HTTP endpoint, systemd notification.
+//! * [`probe`], [`tls`], [`descriptors`], [`ephemeral`]: the probe tool, TLS set-up, the descriptor
+//!   budget, the ephemeral-port check.
 
 #![deny(unsafe_code)]
 
 pub mod admission;
-pub mod auth;
 pub mod config;
 pub mod control;
 pub mod descriptors;
 pub mod ephemeral;
-pub mod policy;
 pub mod probe;
-pub mod proto;
 pub mod server;
 pub mod shard;
 pub mod shared;
 pub mod tls;
+
+/// The sans-IO core ([`turnpike_proto`]), under the name the host's modules use.
+pub use turnpike_proto as proto;
+pub use turnpike_proto::{auth, policy};

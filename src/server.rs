@@ -9,9 +9,10 @@ use crate::config::Config;
 use crate::control::{self, Totals};
 use crate::descriptors;
 use crate::policy::PeerPolicy;
+use crate::proto::stats::ShardStats;
 use crate::proto::{Engine, RelayAddr, Settings};
 use crate::shard::{self, CoalesceSettings, Ctl, ShardParts, clock, socket};
-use crate::shared::{ShardStats, Shared};
+use crate::shared::Shared;
 use crossbeam_channel::Sender;
 use mio::Waker;
 use std::io;
@@ -579,7 +580,7 @@ pub fn start(cfg: &Config) -> io::Result<ServerHandle> {
         let engine = Engine::new(
             k as u16,
             Arc::clone(&settings),
-            Arc::clone(&shared),
+            Arc::clone(&shared) as Arc<dyn turnpike_proto::Cluster>,
             Arc::clone(&shard_stats),
             cfg.shard_port_list(k),
             origin,

@@ -16,9 +16,10 @@ use turnpike::proto::allocation::{FiveTuple, ListenerId, Transport};
 use turnpike::proto::attr::{AttrType, PROTO_UDP};
 use turnpike::proto::engine::{BindError, RelaySockets};
 use turnpike::proto::integrity::{long_term_key, rest_password};
+use turnpike::proto::stats::ShardStats;
 use turnpike::proto::{Action, Class, Engine, Method, MsgWriter, PacketBuf, StunMsg, TransactionId};
 use turnpike::shard::stream::{Conn, ReadState};
-use turnpike::shared::{ShardStats, Shared};
+use turnpike::shared::Shared;
 
 struct Counting;
 
@@ -105,7 +106,7 @@ fn relaying_allocates_nothing() {
     let mut engine = Engine::new(
         0,
         settings,
-        Arc::new(Shared::default()),
+        Arc::new(Shared::default()) as Arc<dyn turnpike::proto::Cluster>,
         Arc::new(ShardStats::default()),
         cfg.shard_port_list(0),
         now,

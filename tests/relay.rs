@@ -43,10 +43,11 @@ fn many_clients_relay_through_two_shards() {
         assert_eq!((channel, from), (None, Some(peer2.addr)));
         assert_eq!(data, b"indication");
     }
-    let per_shard: Vec<u64> = server.stats.iter().map(|s| turnpike::shared::read(&s.allocations_created)).collect();
+    let per_shard: Vec<u64> =
+        server.stats.iter().map(|s| turnpike::proto::stats::read(&s.allocations_created)).collect();
     assert_eq!(per_shard.iter().sum::<u64>(), 16);
     assert!(per_shard.iter().all(|&n| n > 0), "SO_REUSEPORT spreads clients over both shards: {per_shard:?}");
-    assert_eq!(server.shared.directory.len(), 16);
+    assert_eq!(server.shared.quotas.total(), 16);
     for c in &mut clients {
         let r = c.refresh(0);
         assert_eq!(r.class(), Class::Success);

@@ -5,8 +5,9 @@
 use super::http::{self, CloseReason};
 use crate::admission::{EarlyClose, Refusal};
 use crate::proto::DropReason;
+use crate::proto::stats::{AUTH_FAILURE_REASONS, ShardStats, read};
 use crate::server::ServerCounters;
-use crate::shared::{AUTH_FAILURE_REASONS, ShardStats, Shared, read};
+use crate::shared::Shared;
 use hyper::body::Bytes;
 use hyper::header::{ALLOW, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
@@ -84,12 +85,6 @@ pub fn render(stats: &[Arc<ShardStats>], shared: &Shared, counters: &ServerCount
         "counter",
         "Connections without an allocation closed early: to make room for a newer one, or idle while many were pending.",
         &closed_early,
-    );
-    family(
-        "turnpike_directory_entries",
-        "gauge",
-        "5-tuples in the shared directory.",
-        &[(String::new(), shared.directory.len() as u64)],
     );
     family(
         "turnpike_allocations_created_total",

@@ -6,7 +6,8 @@ pub mod metrics;
 pub mod notify;
 
 use crate::proto::DropReason;
-use crate::shared::{ShardStats, Shared, read};
+use crate::proto::stats::{ShardStats, read};
+use crate::shared::Shared;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -111,9 +112,9 @@ pub fn run(stats: &[Arc<ShardStats>], shared: &Shared, stop: &AtomicBool) {
         let now = Totals::sum(stats);
         let secs = since_summary.as_secs().max(1);
         log::info!(
-            "summary: {} allocations ({} in directory), {} permissions, {} channels; {} pkt/s to peers, {} pkt/s to clients; {} auth failures, {} dropped in the last {}s",
+            "summary: {} allocations ({} quota units), {} permissions, {} channels; {} pkt/s to peers, {} pkt/s to clients; {} auth failures, {} dropped in the last {}s",
             now.allocations,
-            shared.directory.len(),
+            shared.quotas.total(),
             now.permissions,
             now.channels,
             (now.packets_to_peer - last.packets_to_peer) / secs,

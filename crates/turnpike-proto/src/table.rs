@@ -1,7 +1,7 @@
 //! The shard's allocation table: a slab (index + generation) and a keyed hash from 5-tuple to slot.
 //! 5-tuples are chosen by the remote, so the map uses std's randomly keyed SipHash.
 
-use super::allocation::{Allocation, FiveTuple};
+use crate::allocation::{Allocation, FiveTuple};
 use std::collections::HashMap;
 
 /// Identifies an allocation slot; the generation rejects stale references to a reused slot.

@@ -14,7 +14,7 @@
 //! the old allocation that goes on sending for a while meets a socket that drops what it sends, not a
 //! new owner). The pool is bounded, so idle spares hold a small part of the range.
 
-use super::rng::XorShift;
+use crate::rng::XorShift;
 use std::collections::VecDeque;
 use std::net::IpAddr;
 
@@ -32,7 +32,7 @@ const SCAN: usize = 8;
 /// A parked relay socket.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Spare {
-    /// The shard's id for the parked socket (see [`super::engine::RelaySockets::park`]).
+    /// The shard's id for the parked socket (see [`crate::engine::RelaySockets::park`]).
     pub id: u32,
     /// The address it is bound to.
     pub ip: IpAddr,

@@ -1,8 +1,8 @@
 //! Codec tests, compiled only under #[cfg(test)]: RFC 5769 test vectors, round trips, and never-panic properties.
 
 use super::*;
-use crate::proto::attr::{decode_plain_addr, decode_xor_addr};
-use crate::proto::integrity::{long_term_key, verify_message_integrity};
+use crate::attr::{decode_plain_addr, decode_xor_addr};
+use crate::integrity::{long_term_key, verify_message_integrity};
 use proptest::prelude::*;
 
 fn hex(s: &str) -> Vec<u8> {
@@ -171,7 +171,7 @@ proptest! {
                 let _ = attr::decode_error_code(a.value);
             }
         }
-        let _ = crate::proto::ChannelData::parse(&bytes);
+        let _ = crate::ChannelData::parse(&bytes);
     }
 
     #[test]

@@ -3,10 +3,14 @@
 #![allow(clippy::disallowed_methods)] // the fake clock starts at a real Instant
 
 use super::*;
+
+mod cluster;
+
+use crate::allocation::{ListenerId, Transport};
 use crate::auth::CredentialStore;
+use crate::integrity::{LongTermKey, long_term_key, rest_password, verify_message_integrity};
 use crate::policy::IpRange;
-use crate::proto::allocation::{ListenerId, Transport};
-use crate::proto::integrity::{LongTermKey, long_term_key, rest_password, verify_message_integrity};
+use cluster::TestCluster;
 use std::collections::HashSet;
 
 const REALM: &str = "turn.example.org";
@@ -63,7 +67,7 @@ impl RelaySockets for FakeSockets {
     fn unpark(&mut self, spare: u32, idx: u32) -> Result<(), BindError> {
         let port = self.parked.remove(&spare).expect("unparked a socket that is not parked");
         if self.unpark_fails {
-            return Err(BindError::Failed(libc::EBADF));
+            return Err(BindError::Failed(9));
         }
         assert!(self.open.insert(idx), "slot {idx} opened twice");
         self.ports.insert(idx, port);
@@ -107,7 +111,7 @@ struct Harness {
     io: FakeSockets,
     pkt: PacketBuf,
     now: Instant,
-    shared: Arc<Shared>,
+    cluster: Arc<TestCluster>,
 }
 
 /// The relay ports of a harness unless a test asks for others.
@@ -121,18 +125,18 @@ fn harness_with(s: Settings) -> Harness {
 fn harness_on(s: Settings, (min_port, max_port): (u16, u16)) -> Harness {
     let t0 = Instant::now();
     let relays = s.relay_v4.iter().chain(&s.relay_v6).map(|r| (r.bind, r.advertised));
-    let shared = Arc::new(Shared::new(relays, []));
+    let cluster = Arc::new(TestCluster::new(relays, []));
     let engine = Engine::new(
         0,
         Arc::new(s),
-        Arc::clone(&shared),
+        Arc::clone(&cluster) as Arc<dyn Cluster>,
         Arc::new(ShardStats::default()),
         min_port..=max_port,
         t0,
         UNIX0,
         42,
     );
-    Harness { engine, io: FakeSockets::default(), pkt: PacketBuf::default(), now: t0, shared }
+    Harness { engine, io: FakeSockets::default(), pkt: PacketBuf::default(), now: t0, cluster }
 }
 
 fn harness() -> Harness {
@@ -339,7 +343,6 @@ fn full_flow_over_rest_credentials() {
     assert_eq!(r.xor_addr(AttrType::XOR_MAPPED_ADDRESS), c.tuple.client);
     assert_eq!(r.lifetime(), 600);
     assert_eq!(h.io.open.len(), 1);
-    assert_eq!(h.shared.directory.owner(&c.tuple), Some(0));
 
     // No permission yet: peer data is dropped silently.
     assert_eq!(h.peer_sends(0, peer(), b"early"), Action::Drop(DropReason::NoPermission));
@@ -392,8 +395,7 @@ fn full_flow_over_rest_credentials() {
     assert_eq!(r.class(), Class::Success);
     assert_eq!(r.lifetime(), 0);
     assert!(h.io.open.is_empty());
-    assert_eq!(h.shared.quotas.total(), 0);
-    assert_eq!(h.shared.directory.owner(&c.tuple), None);
+    assert_eq!(h.cluster.total(), 0);
     assert_eq!(h.send(c.tuple, &channel_data(0x4001, b"late")), Action::Drop(DropReason::NoAllocation));
 }
 
@@ -461,7 +463,7 @@ fn expiry_at_lifetime() {
     h.advance(2);
     assert_eq!(h.engine.table().len(), 0, "gone at lifetime + 1 s");
     assert!(h.io.open.is_empty());
-    assert_eq!(h.shared.quotas.total(), 0);
+    assert_eq!(h.cluster.total(), 0);
     assert!(h.engine.poll_timeout().is_some() || h.engine.wheel.is_empty());
 }
 
@@ -526,7 +528,7 @@ fn transport_and_family_errors() {
     });
     assert_eq!(r.code(), Some(400));
     assert_eq!(h.engine.table().len(), 0);
-    assert_eq!(h.shared.quotas.total(), 0);
+    assert_eq!(h.cluster.total(), 0);
 }
 
 #[test]
@@ -654,7 +656,7 @@ fn credentials_rest_static_expired_rotated_and_wrong() {
 }
 
 fn read(c: &std::sync::atomic::AtomicU64) -> u64 {
-    crate::shared::read(c)
+    crate::stats::read(c)
 }
 
 #[test]
@@ -764,7 +766,7 @@ fn ports_exhausted_is_508_and_busy_ports_are_skipped() {
     }
     let mut c = Client::rest(41100, "u", UNIX0 + 3600);
     assert_eq!(h.allocate(&mut c).code(), Some(508));
-    assert_eq!(h.shared.quotas.total(), 7, "a refused allocation holds no quota");
+    assert_eq!(h.cluster.total(), 7, "a refused allocation holds no quota");
     assert_eq!(read(&h.engine.stats.capacity_refusals), 1);
 }
 
@@ -773,12 +775,12 @@ fn ports_exhausted_is_508_and_busy_ports_are_skipped() {
 #[test]
 fn socket_failure_is_508_and_keeps_the_port() {
     let mut h = harness();
-    h.io.failing = Some(libc::EMFILE);
+    h.io.failing = Some(24);
     let mut c = Client::rest(41000, "u", UNIX0 + 3600);
     assert_eq!(h.allocate(&mut c).code(), Some(508));
     assert_eq!(h.allocate(&mut c).code(), Some(508));
     assert_eq!(read(&h.engine.stats.capacity_refusals), 2);
-    assert_eq!(h.shared.quotas.total(), 0);
+    assert_eq!(h.cluster.total(), 0);
     assert_eq!(h.engine.free_ports(), 10);
     h.io.failing = None;
     assert_eq!(h.allocate(&mut c).class(), Class::Success);
@@ -813,7 +815,7 @@ fn busy_ports_do_not_gather_into_a_run_that_refuses_allocations() {
 #[test]
 fn churned_allocations_leave_a_bounded_number_of_timer_entries() {
     let mut h = harness_unlimited(50_000, 51_999);
-    let rounds = 2 * crate::proto::timer::SWEEP_SLACK / 1000 + 2;
+    let rounds = 2 * crate::timer::SWEEP_SLACK / 1000 + 2;
     for round in 0..rounds as u64 {
         let mut clients: Vec<Client> =
             (0..1000u16).map(|i| Client::rest(20_000 + i, "churn", UNIX0 + 3600 + round)).collect();
@@ -828,7 +830,7 @@ fn churned_allocations_leave_a_bounded_number_of_timer_entries() {
     }
     // Each round armed 3,000 entries (allocation, permission, channel) that all went stale.
     assert!(
-        h.engine.pending_timers() <= 2 * crate::proto::timer::SWEEP_SLACK,
+        h.engine.pending_timers() <= 2 * crate::timer::SWEEP_SLACK,
         "{} timer entries pending after {rounds} rounds with nothing live",
         h.engine.pending_timers()
     );
@@ -983,7 +985,7 @@ fn fuzzed_sequences_never_panic_and_keep_invariants() {
                         continue;
                     }
                     prop_assert_eq!(h.io.open.len(), h.engine.table().len());
-                    prop_assert_eq!(h.shared.quotas.total() as usize, h.engine.table().len());
+                    prop_assert_eq!(h.cluster.total() as usize, h.engine.table().len());
                 }
                 Ok(())
             },
@@ -997,8 +999,8 @@ fn fuzzed_sequences_never_panic_and_keep_invariants() {
 fn reservation_tokens_work_across_shards_and_lapse() {
     let mut a = harness();
     let mut b = harness();
-    let shared = Arc::clone(&a.shared);
-    b.engine.shared = Arc::clone(&shared);
+    let shared = Arc::clone(&a.cluster);
+    b.engine.cluster = Arc::clone(&shared) as Arc<dyn Cluster>;
     let mut c = Client::rest(40070, "u", UNIX0 + 3600);
     let r = a.authed(&mut c, Method::ALLOCATE, |w| {
         udp_transport(w);
@@ -1028,7 +1030,7 @@ fn reservation_tokens_work_across_shards_and_lapse() {
     assert_eq!(a.engine.free_ports(), free_before - 2);
     a.advance(31);
     assert_eq!(a.engine.free_ports(), free_before - 1, "the unclaimed reserved port came back");
-    assert!(shared.reservations.lock().is_empty());
+    assert_eq!(shared.reservations(), 0);
 }
 
 /// RFC 5766 clients (coturn's turnutils among them) bind numbers up to 0x7FFF; accepted unless strict.
@@ -1134,7 +1136,7 @@ fn unauthenticated_budget_is_node_wide_and_floods_silence_small_refreshes() {
     s.unauth_burst = 10;
     let mut a = harness_with(s.clone());
     let mut b = harness_with(s);
-    b.engine.shared = Arc::clone(&a.shared);
+    b.engine.cluster = Arc::clone(&a.cluster) as Arc<dyn Cluster>;
     let c = Client::rest(40095, "u", UNIX0 + 3600);
     let binding = c.request_with_tid(Method::BINDING, TransactionId([5; 12]), false, |_| {});
     let answered = (0..50)
@@ -1163,7 +1165,7 @@ fn unauthenticated_budget_is_node_wide_and_floods_silence_small_refreshes() {
 /// always exactly one of free, parked or in use.
 #[test]
 fn deleted_allocations_sockets_serve_the_next_allocations() {
-    use crate::proto::spares::MIN_CHOICE;
+    use crate::spares::MIN_CHOICE;
     let mut h = harness_unlimited(50_000, 50_159);
     h.io.parks = true;
     let accounted = |h: &Harness| h.engine.free_ports() + h.engine.spare_sockets() + h.engine.table().len();
@@ -1271,10 +1273,10 @@ fn own_public_addresses_reach_only_live_relays_unless_named() {
     let mut s = settings();
     s.relay_v4 = vec![RelayAddr { bind: public, advertised: public }];
     let relays = s.relay_v4.iter().map(|r| (r.bind, r.advertised));
-    let shared = Arc::new(Shared::new(relays, [listening]));
+    let shared = Arc::new(TestCluster::new(relays, [listening]));
     let mut h = harness_on(s.clone(), PORTS);
-    h.engine.shared = Arc::clone(&shared);
-    h.shared = shared;
+    h.engine.cluster = Arc::clone(&shared) as Arc<dyn Cluster>;
+    h.cluster = shared;
     let mut a = Client::rest(40100, "a", UNIX0 + 3600);
     let mut b = Client::rest(40101, "b", UNIX0 + 3600);
     assert_eq!(h.allocate(&mut a).class(), Class::Success);
@@ -1332,8 +1334,8 @@ fn even_port_reservations_cannot_take_the_range() {
             assert_eq!(r.code(), Some(486), "reservation {attempt}: the user already holds two");
         }
     }
-    assert_eq!(h.shared.quotas.held_by(b"mallory"), 2, "two reservations, no allocation");
-    assert_eq!(h.shared.reservations.lock().len(), 2);
+    assert_eq!(h.cluster.held_by(b"mallory"), 2, "two reservations, no allocation");
+    assert_eq!(h.cluster.reservations(), 2);
     // Everybody else still gets EVEN-PORT with R, and all the other ports.
     let mut others = 0;
     for k in 0..20u16 {
@@ -1346,7 +1348,7 @@ fn even_port_reservations_cannot_take_the_range() {
     assert_eq!(others, ports - 2, "only mallory's two reserved ports are out of reach");
     // Lapsed reservations give their ports and quota back.
     h.advance(31);
-    assert_eq!(h.shared.quotas.held_by(b"mallory"), 0);
+    assert_eq!(h.cluster.held_by(b"mallory"), 0);
     let mut c = Client::rest(41100, "mallory", UNIX0 + 3600);
     assert_eq!(h.allocate(&mut c).class(), Class::Success);
 }
@@ -1375,13 +1377,13 @@ fn reservations_count_against_user_and_total_quotas() {
     assert_eq!(h.allocate(&mut a2).code(), Some(486), "the allocation and its reservation fill alice's quota");
     // Redeeming her own reservation needs no more quota.
     assert_eq!(redeem(&mut h, &mut a2, &token).class(), Class::Success);
-    assert_eq!(h.shared.quotas.held_by(b"alice"), 2);
+    assert_eq!(h.cluster.held_by(b"alice"), 2);
     // Bob reserves; carol fills her quota, then tries to redeem bob's token: refused, still bob's.
     let mut b = Client::rest(43002, "bob", UNIX0 + 3600);
     let token = allocate_even_port(&mut h, &mut b).attr(AttrType::RESERVATION_TOKEN).unwrap();
     let mut c1 = Client::rest(43003, "carol", UNIX0 + 3600);
     assert_eq!(h.allocate(&mut c1).class(), Class::Success);
-    assert_eq!(h.shared.quotas.total(), 5);
+    assert_eq!(h.cluster.total(), 5);
     let mut c2 = Client::rest(43004, "carol", UNIX0 + 3600);
     assert_eq!(h.allocate(&mut c2).code(), Some(486), "the total is full");
     // With the total full, dave may still redeem bob's token: it moves a unit, it adds none.
@@ -1390,11 +1392,11 @@ fn reservations_count_against_user_and_total_quotas() {
     delete(&mut h, &mut a1);
     assert_eq!(h.allocate(&mut c3).class(), Class::Success, "carol now holds two");
     assert_eq!(redeem(&mut h, &mut c2, &token).code(), Some(486), "carol is at her quota");
-    assert_eq!((h.shared.quotas.held_by(b"bob"), h.shared.reservations.lock().len()), (2, 1), "still bob's");
-    assert_eq!(h.shared.quotas.total(), 5);
+    assert_eq!((h.cluster.held_by(b"bob"), h.cluster.reservations()), (2, 1), "still bob's");
+    assert_eq!(h.cluster.total(), 5);
     assert_eq!(redeem(&mut h, &mut d, &token).class(), Class::Success);
-    assert_eq!((h.shared.quotas.held_by(b"bob"), h.shared.quotas.held_by(b"dave")), (1, 1));
-    assert_eq!(h.shared.quotas.total(), 5);
+    assert_eq!((h.cluster.held_by(b"bob"), h.cluster.held_by(b"dave")), (1, 1));
+    assert_eq!(h.cluster.total(), 5);
     // With a user quota of one, EVEN-PORT with R (two units) is always refused.
     let mut s = settings();
     s.user_quota = 1;

@@ -1,9 +1,9 @@
 //! STUN message framing (RFC 8489 §5-6): a borrowed, validated view over untrusted bytes and a writer into
 //! caller-owned buffers. Nothing here allocates or panics on wire data.
 
-use super::attr::{self, AttrType};
-use super::error::{ErrorCode, NoSpace, ParseError};
-use super::integrity;
+use crate::attr::{self, AttrType};
+use crate::error::{ErrorCode, NoSpace, ParseError};
+use crate::integrity;
 use std::net::SocketAddr;
 
 /// The fixed value in bytes 4..8 of every RFC 5389+ STUN message.
@@ -364,7 +364,7 @@ impl<'b> MsgWriter<'b> {
     }
 
     /// Appends a client's long-term credentials (RFC 8489 §9.2.3): USERNAME, REALM and NONCE, then
-    /// MESSAGE-INTEGRITY keyed with `key` (from [`long_term_key`](super::integrity::long_term_key)).
+    /// MESSAGE-INTEGRITY keyed with `key` (from [`long_term_key`](crate::integrity::long_term_key)).
     pub fn add_long_term_credentials(&mut self, username: &[u8], realm: &[u8], nonce: &[u8], key: &[u8]) {
         self.add_bytes(AttrType::USERNAME, username);
         self.add_bytes(AttrType::REALM, realm);

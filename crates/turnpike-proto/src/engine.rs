@@ -8,26 +8,25 @@
 //! The data path (ChannelData, Send indications, peer datagrams) does no heap allocation: payloads stay
 //! where they were received and headers are written into the [`PacketBuf`] headroom in front of them.
 
-use super::allocation::{
+use crate::allocation::{
     Allocation, CHANNEL_COOLDOWN, CHANNEL_LIFETIME, ChannelBinding, FiveTuple, PERMISSION_LIFETIME, PeerScope,
     PermissionChange, relay_key,
 };
-use super::attr::{self, AttrType, FAMILY_IPV4, FAMILY_IPV6, PROTO_UDP};
-use super::channel::{self, CHANNEL_HEADER_LEN, ChannelData, ChannelNumber};
-use super::error::{DropReason, ErrorCode};
-use super::integrity::{KeptKey, PreparedKey};
-use super::ports::PortPool;
-use super::rng::XorShift;
-use super::spares::{Spare, SparePool};
-use super::stun::{self, Class, HEADER_LEN, MAGIC_COOKIE, Method, MsgWriter, StunMsg, TransactionId, pad4};
-use super::table::{AllocId, AllocTable};
-use super::timer::TimerWheel;
+use crate::attr::{self, AttrType, FAMILY_IPV4, FAMILY_IPV6, PROTO_UDP};
 use crate::auth::{CredentialStore, NonceCheck, NonceKey, Verdict};
+use crate::channel::{self, CHANNEL_HEADER_LEN, ChannelData, ChannelNumber};
+use crate::cluster::{Cluster, QuotaError, QuotaLimits, Reservation};
+use crate::error::{DropReason, ErrorCode};
+use crate::integrity::{KeptKey, PreparedKey};
 use crate::policy::PeerPolicy;
 use crate::policy::rate::{LogKind, LogLimiter, TokenBucket};
-use crate::shared::{
-    LiveRelays, QuotaError, QuotaLimits, Reservation, ShardStats, Shared, bump, bump_down, set, transport_index,
-};
+use crate::ports::PortPool;
+use crate::rng::XorShift;
+use crate::spares::{Spare, SparePool};
+use crate::stats::{ShardStats, bump, bump_down, set, transport_index};
+use crate::stun::{self, Class, HEADER_LEN, MAGIC_COOKIE, Method, MsgWriter, StunMsg, TransactionId, pad4};
+use crate::table::{AllocId, AllocTable};
+use crate::timer::TimerWheel;
 use std::net::{IpAddr, SocketAddr};
 use std::ops::Range;
 use std::sync::Arc;
@@ -198,7 +197,7 @@ pub trait RelaySockets {
     /// Closes the relay socket of slot `idx`.
     fn close(&mut self, idx: u32);
     /// Takes the relay socket of slot `idx` out of service but keeps it open, bound and drained, for a
-    /// later allocation (see [`super::spares`]). Returns its id among the parked sockets, or `None`
+    /// later allocation (see [`crate::spares`]). Returns its id among the parked sockets, or `None`
     /// when it was closed instead (the default: an implementation that does not park).
     fn park(&mut self, idx: u32) -> Option<u32> {
         self.close(idx);
@@ -329,7 +328,7 @@ fn take_bandwidth(
 /// ports of that IP the permission covers.
 fn check_peer(
     settings: &Settings,
-    live: &LiveRelays,
+    cluster: &dyn Cluster,
     alloc: &Allocation,
     value: &[u8],
     tid: &TransactionId,
@@ -344,7 +343,7 @@ fn check_peer(
     //= RFC 8656 §9.1: "The server MAY impose restrictions on the IP address allowed in the
     //= XOR-PEER-ADDRESS attribute; if a value is not allowed, the server rejects the request with a
     //= 403 (Forbidden) error."
-    match reach(settings, live, peer) {
+    match reach(settings, cluster, peer) {
         Some(scope) => Ok((peer, scope)),
         None => Err(ErrorCode::Forbidden),
     }
@@ -356,17 +355,17 @@ fn check_peer(
 /// any other port there may be another program's, reached from the relay's own address. Unless the
 /// operator named the address in `peers.allowed` (a service on this host that clients reach through
 /// the relay); the data path checks the live relayed address again per datagram.
-fn permission_scope(settings: &Settings, live: &LiveRelays, ip: IpAddr) -> Option<PeerScope> {
-    if live.is_own(ip) && !settings.peer_policy.explicitly_allows(ip) {
+fn permission_scope(settings: &Settings, cluster: &dyn Cluster, ip: IpAddr) -> Option<PeerScope> {
+    if cluster.is_own_address(ip) && !settings.peer_policy.explicitly_allows(ip) {
         return Some(PeerScope::LiveRelays);
     }
     settings.peer_policy.permits(ip).then_some(PeerScope::Any)
 }
 
 /// Whether `peer` may be reached, and the scope of the permission that lets it.
-fn reach(settings: &Settings, live: &LiveRelays, peer: SocketAddr) -> Option<PeerScope> {
-    match permission_scope(settings, live, peer.ip())? {
-        PeerScope::LiveRelays if !live.contains(peer) => None,
+fn reach(settings: &Settings, cluster: &dyn Cluster, peer: SocketAddr) -> Option<PeerScope> {
+    match permission_scope(settings, cluster, peer.ip())? {
+        PeerScope::LiveRelays if !cluster.is_live_relay(peer) => None,
         scope => Some(scope),
     }
 }
@@ -384,7 +383,7 @@ fn offset_in(outer: &[u8], inner: &[u8]) -> usize {
 pub struct Engine {
     shard: u16,
     settings: Arc<Settings>,
-    shared: Arc<Shared>,
+    cluster: Arc<dyn Cluster>,
     stats: Arc<ShardStats>,
     table: AllocTable,
     ports: PortPool,
@@ -425,7 +424,7 @@ impl Engine {
     pub fn new(
         shard: u16,
         settings: Arc<Settings>,
-        shared: Arc<Shared>,
+        cluster: Arc<dyn Cluster>,
         stats: Arc<ShardStats>,
         ports: impl IntoIterator<Item = u16>,
         origin: Instant,
@@ -435,7 +434,7 @@ impl Engine {
         let ports = PortPool::new(ports, seed);
         Self {
             shard,
-            shared,
+            cluster,
             stats,
             table: AllocTable::default(),
             spares: SparePool::new(ports.len()),
@@ -472,17 +471,17 @@ impl Engine {
         // Permissions and channels to peers the new policy refuses end now: the data path checks only
         // permissions, so a stricter policy must not leave old ones open.
         let (mut perms, mut chans, mut purged) = (0u64, 0u64, 0u64);
-        let live = &self.shared.live_relays;
+        let cluster = &*self.cluster;
         for alloc in self.table.iter_mut() {
             let before = alloc.permissions.len() + alloc.channels.len();
-            alloc.permissions.retain_mut(|p| match permission_scope(&settings, live, p.ip) {
+            alloc.permissions.retain_mut(|p| match permission_scope(&settings, cluster, p.ip) {
                 Some(scope) => {
                     p.scope = scope;
                     true
                 }
                 None => false,
             });
-            alloc.channels.retain(|c| reach(&settings, live, c.peer).is_some());
+            alloc.channels.retain(|c| reach(&settings, cluster, c.peer).is_some());
             let new_max = settings.max_bps;
             if new_max != self.settings.max_bps {
                 alloc.bandwidth = (new_max > 0).then(|| [TokenBucket::for_bandwidth(new_max, now); 2]);
@@ -542,18 +541,12 @@ impl Engine {
         self.wall_unix = unix_secs;
     }
 
-    /// Milliseconds since the engine's origin, the clock of the node-wide limiter (every shard of a
-    /// server has the same origin).
-    fn millis(&self, now: Instant) -> u64 {
-        u64::try_from(now.saturating_duration_since(self.origin).as_millis()).unwrap_or(u64::MAX)
-    }
-
     /// Charges an answer to an unauthenticated request to its source and the source's prefix,
     /// node-wide; true when over the limit (drop). Unauthenticated answers are bigger than the
     /// requests, so an unlimited server is a reflector.
     fn over_source_limit(&mut self, now: Instant, tuple: FiveTuple) -> bool {
         let (rate, burst) = (self.settings.unauth_rate, self.settings.unauth_burst);
-        if self.shared.unauth.allow(tuple.client.ip(), self.millis(now), rate, burst) {
+        if self.cluster.answer_unauthenticated(tuple.client.ip(), now, rate, burst) {
             return false;
         }
         let ip = tuple.client.ip();
@@ -619,7 +612,7 @@ impl Engine {
         let Some(binding) = alloc.channel_by_number(cd.number).filter(|c| c.is_active(now)).copied() else {
             return Action::Drop(DropReason::NoChannel);
         };
-        if !alloc.permits(binding.peer, now, |a| self.shared.live_relays.contains(a)) {
+        if !alloc.permits(binding.peer, now, |a| self.cluster.is_live_relay(a)) {
             return Action::Drop(DropReason::NoPermission);
         }
         if !take_bandwidth(&mut alloc.bandwidth, &mut self.total_bandwidth, 0, cd.data.len(), now) {
@@ -663,7 +656,7 @@ impl Engine {
             return Action::Drop(DropReason::BadIndication);
         }
         let key = relay_key(id.idx, alloc.half_for(peer));
-        if !alloc.permits(peer, now, |a| self.shared.live_relays.contains(a)) {
+        if !alloc.permits(peer, now, |a| self.cluster.is_live_relay(a)) {
             return Action::Drop(DropReason::NoPermission);
         }
         if !take_bandwidth(&mut alloc.bandwidth, &mut self.total_bandwidth, 0, data.len(), now) {
@@ -741,7 +734,7 @@ impl Engine {
             // smaller than any 401 (28 bytes from libwebrtc, 44 from Firefox).
             if msg.method() == Method::REFRESH
                 && matches!(challenge, Action::Reply { len } if msg.bytes().len() < len)
-                && self.shared.unauth.flooded(self.millis(now))
+                && self.cluster.unauthenticated_flood(now)
             {
                 return Err(Action::Drop(DropReason::UnauthenticatedUnderFlood));
             }
@@ -934,7 +927,7 @@ impl Engine {
         //= RFC 8656 §7.2 (7): a RESERVATION-TOKEN that names no valid reservation is 508.
         let claimed = match token {
             None => None,
-            Some(token) => match self.claim_reservation(token, now) {
+            Some(token) => match self.cluster.claim_reservation(token, now) {
                 Some(r) => Some((token, r)),
                 None => return self.refuse_capacity(now, tuple, msg, &key, NoPort::Reservation),
             },
@@ -946,7 +939,7 @@ impl Engine {
         if let Err(which) = self.charge_quota(&quota_user, claimed.as_ref().map(|(_, r)| r), reserve) {
             if let Some((token, r)) = claimed {
                 // Still the holder's, until it lapses.
-                self.shared.reservations.lock().insert(token, r);
+                self.cluster.hold_reservation(token, r);
             }
             bump(&self.stats.quota_refusals, 1);
             let which = match which {
@@ -1027,14 +1020,14 @@ impl Engine {
             }
             if let Some((_, r)) = reserved {
                 self.ports.give_back(r.port);
-                self.shared.quotas.release_reservation(&r.holder);
+                self.cluster.release_reservation(&r.holder);
             }
-            self.shared.quotas.release(&quota_user);
+            self.cluster.release(&quota_user);
             return action;
         };
         if let Some((token, r)) = reserved {
             self.wheel.insert(r.expires, Timer::Reservation(token));
-            self.shared.reservations.lock().insert(token, r);
+            self.cluster.hold_reservation(token, r);
         }
         let username: Box<str> = String::from_utf8_lossy(auth.username).into();
         let also = second.map(|(r6, _)| format!(" + {r6}")).unwrap_or_default();
@@ -1062,11 +1055,10 @@ impl Engine {
         };
         let id = self.table.insert(alloc);
         self.wheel.insert(now + lifetime, Timer::Allocation(id, now + lifetime));
-        self.shared.live_relays.insert(bound);
+        self.cluster.relay_opened(bound);
         if let Some((_, bound6)) = second {
-            self.shared.live_relays.insert(bound6);
+            self.cluster.relay_opened(bound6);
         }
-        self.shared.directory.insert(tuple, self.shard);
         bump(&self.stats.allocations_created, 1);
         set(&self.stats.allocations, self.table.len() as u64);
         bump(&self.stats.allocations_by_transport[transport_index(tuple.transport)], 1);
@@ -1083,38 +1075,31 @@ impl Engine {
         Some(list[self.relay_turn % list.len()])
     }
 
-    /// Takes a valid reservation out of the shared table (an expired one stays for its timer, which
-    /// gives its port back and releases its holder's quota).
-    fn claim_reservation(&self, token: [u8; 8], now: Instant) -> Option<Reservation> {
-        let mut map = self.shared.reservations.lock();
-        if map.get(&token).is_some_and(|r| now < r.expires) { map.remove(&token) } else { None }
-    }
-
     /// Counts the allocation against `user`'s quota and the total, and with `reserve` the port it
     /// reserves. An allocation that redeems its own user's reservation takes over the reservation's unit;
     /// one that redeems another user's is charged to its own user instead of the holder (the total
     /// does not change), and refused, the reservation still the holder's, when that user is at quota.
     fn charge_quota(&self, user: &[u8], redeemed: Option<&Reservation>, reserve: bool) -> Result<(), QuotaError> {
-        let quotas = &self.shared.quotas;
+        let cluster = &*self.cluster;
         let s = &self.settings;
         let limits = QuotaLimits { user: s.user_quota, total: s.total_quota, user_reservations: s.user_reservations };
         let Some(r) = redeemed else {
-            return quotas.try_acquire(user, limits, reserve);
+            return cluster.acquire(user, limits, reserve);
         };
         if *r.holder == *user {
-            quotas.redeem_reservation(&r.holder);
+            cluster.redeem_reservation(&r.holder);
             return Ok(());
         }
-        quotas.release_reservation(&r.holder);
-        quotas.try_acquire(user, limits, reserve).inspect_err(|_| quotas.restore_reservation(&r.holder))
+        cluster.release_reservation(&r.holder);
+        cluster.acquire(user, limits, reserve).inspect_err(|_| cluster.restore_reservation(&r.holder))
     }
 
     /// Undoes [`Engine::charge_quota`] for an Allocate that got no relay port.
     fn refund_quota(&self, user: &[u8], reserve: bool) {
         if reserve {
-            self.shared.quotas.release_reservation(user);
+            self.cluster.release_reservation(user);
         }
-        self.shared.quotas.release(user);
+        self.cluster.release(user);
     }
 
     /// Answers 508 for an Allocate that got no relay port, counted and logged (rate-limited).
@@ -1265,7 +1250,7 @@ impl Engine {
         let mut peers = 0usize;
         let mut new_ips = 0usize;
         for a in msg.attrs().filter(|a| a.typ == AttrType::XOR_PEER_ADDRESS) {
-            match check_peer(&self.settings, &self.shared.live_relays, alloc, a.value, &tid) {
+            match check_peer(&self.settings, &*self.cluster, alloc, a.value, &tid) {
                 Ok((peer, _)) => {
                     peers += 1;
                     if !alloc.permissions.iter().any(|p| p.ip == peer.ip()) {
@@ -1292,8 +1277,7 @@ impl Engine {
         if let Some(alloc) = self.table.get_mut(id) {
             for a in msg.attrs().filter(|a| a.typ == AttrType::XOR_PEER_ADDRESS) {
                 // Validated above; the scope is recomputed the same way.
-                let Ok((peer, scope)) = check_peer(&self.settings, &self.shared.live_relays, alloc, a.value, &tid)
-                else {
+                let Ok((peer, scope)) = check_peer(&self.settings, &*self.cluster, alloc, a.value, &tid) else {
                     continue;
                 };
                 {
@@ -1335,8 +1319,8 @@ impl Engine {
         let Some(peer_value) = msg.attr(AttrType::XOR_PEER_ADDRESS) else {
             return self.error(msg, ErrorCode::BadRequest, Some(&key));
         };
-        let live = &self.shared.live_relays;
-        let (peer, scope) = match check_peer(&self.settings, live, alloc, peer_value, &msg.transaction_id()) {
+        let cluster = &*self.cluster;
+        let (peer, scope) = match check_peer(&self.settings, cluster, alloc, peer_value, &msg.transaction_id()) {
             Ok(p) => p,
             Err(code) => {
                 if code == ErrorCode::Forbidden {
@@ -1401,7 +1385,7 @@ impl Engine {
         };
         //= RFC 8656 §11.3: "the server ... looks for a permission ... If no permission exists, the UDP
         //= datagram is silently discarded."
-        if !alloc.permits(peer, now, |a| self.shared.live_relays.contains(a)) {
+        if !alloc.permits(peer, now, |a| self.cluster.is_live_relay(a)) {
             return Action::Drop(DropReason::NoPermission);
         }
         if !take_bandwidth(&mut alloc.bandwidth, &mut self.total_bandwidth, 1, len, now) {
@@ -1421,7 +1405,7 @@ impl Engine {
                 let mut header = [0u8; CHANNEL_HEADER_LEN];
                 channel::write_header(&mut header, number, len16);
                 pkt.buf[start..HEADROOM].copy_from_slice(&header);
-                let end = if tuple.transport == super::allocation::Transport::Udp {
+                let end = if tuple.transport == crate::allocation::Transport::Udp {
                     HEADROOM + len
                 } else {
                     pkt.buf[HEADROOM + len..HEADROOM + pad4(len)].fill(0);
@@ -1554,16 +1538,9 @@ impl Engine {
             }
             Timer::Reservation(token) => {
                 // Still unclaimed (by any shard): the port returns to this shard's pool.
-                let lapsed = {
-                    let mut map = self.shared.reservations.lock();
-                    match map.get(&token) {
-                        Some(r) if r.expires <= now => map.remove(&token),
-                        _ => None,
-                    }
-                };
-                if let Some(r) = lapsed {
+                if let Some(r) = self.cluster.lapse_reservation(token, now) {
                     self.ports.give_back(r.port);
-                    self.shared.quotas.release_reservation(&r.holder);
+                    self.cluster.release_reservation(&r.holder);
                 }
             }
         }
@@ -1585,12 +1562,11 @@ impl Engine {
             self.retire_socket(relay_key(id.idx, 1), bound6, io);
         }
         io.allocation_freed(alloc.five_tuple);
-        self.shared.live_relays.remove(alloc.bound);
+        self.cluster.relay_closed(alloc.bound);
         if let Some((_, bound6)) = alloc.second {
-            self.shared.live_relays.remove(bound6);
+            self.cluster.relay_closed(bound6);
         }
-        self.shared.directory.remove(&alloc.five_tuple);
-        self.shared.quotas.release(alloc.quota_user.as_bytes());
+        self.cluster.release(alloc.quota_user.as_bytes());
         self.live_permissions = self.live_permissions.saturating_sub(alloc.permissions.len() as u64);
         self.live_channels = self.live_channels.saturating_sub(alloc.channels.len() as u64);
         set(&self.stats.permissions, self.live_permissions);

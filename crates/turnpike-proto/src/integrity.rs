@@ -1,7 +1,7 @@
 //! MESSAGE-INTEGRITY (HMAC-SHA1, RFC 8489 §14.5), FINGERPRINT (CRC-32, §14.7) and the long-term
 //! credential key (§9.2.2). MAC comparison is constant-time (`Mac::verify_slice`).
 
-use super::stun::{ATTR_HEADER_LEN, HEADER_LEN, StunMsg};
+use crate::stun::{ATTR_HEADER_LEN, HEADER_LEN, StunMsg};
 use hmac::{Hmac, Mac};
 use md5::{Digest, Md5};
 use sha1::Sha1;

@@ -1,9 +1,9 @@
 //! Cutting STUN messages and ChannelData frames out of a TCP/TLS byte stream (RFC 8656 §12.5: over
 //! streams, ChannelData is padded to a multiple of four bytes).
 
-use super::channel::CHANNEL_HEADER_LEN;
-use super::error::ParseError;
-use super::stun::{HEADER_LEN, MAGIC_COOKIE, pad4};
+use crate::channel::CHANNEL_HEADER_LEN;
+use crate::error::ParseError;
+use crate::stun::{HEADER_LEN, MAGIC_COOKIE, pad4};
 
 /// The length of the first complete frame in `buf`: `Ok(Some(len))` when one is there, `Ok(None)` when
 /// more bytes are needed, and an error when the stream cannot be TURN (close the connection).
@@ -43,8 +43,8 @@ pub const MAX_FRAME: usize = HEADER_LEN + 65_535 + 3;
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proto::attr::AttrType;
-    use crate::proto::{Class, Method, MsgWriter, TransactionId};
+    use crate::attr::AttrType;
+    use crate::{Class, Method, MsgWriter, TransactionId};
 
     fn stream() -> (Vec<u8>, Vec<usize>) {
         let mut out = Vec::new();

@@ -1,7 +1,7 @@
 //! Stateless, time-limited nonces: `hex(expiry) || hex(HMAC(key, expiry || client IP)[..8])`.
 //! Nothing is stored per client; any shard can check a nonce any other shard issued.
 
-use crate::proto::integrity::HmacKey;
+use crate::integrity::HmacKey;
 use std::net::IpAddr;
 
 /// Length of a nonce: 16 hex digits of expiry + 16 hex digits of MAC.

@@ -1,8 +1,8 @@
 //! Who may allocate: static users (`name:password` or `name:0x<md5 key>`) and TURN REST API shared
 //! secrets (username `<unix-expiry><sep><user>`, password `base64(HMAC-SHA1(secret, username))`).
 
-use crate::proto::StunMsg;
-use crate::proto::integrity::{
+use crate::StunMsg;
+use crate::integrity::{
     HmacKey, LongTermKey, PreparedKey, long_term_key, rest_password_with, verify_message_integrity_with,
 };
 use std::collections::HashMap;

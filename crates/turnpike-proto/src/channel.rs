@@ -1,6 +1,6 @@
 //! ChannelData framing (RFC 8656 §12.4): a 4-byte header (channel number, length) and the application data.
 
-use super::error::ParseError;
+use crate::error::ParseError;
 
 /// Size of the ChannelData header.
 pub const CHANNEL_HEADER_LEN: usize = 4;

@@ -3,7 +3,7 @@
 //! Shards own port *pairs* `(2k, 2k+1)`, dealt round-robin, so every shard can satisfy EVEN-PORT with the
 //! R bit (an even port plus the next one reserved), which a plain `port % shards` split cannot.
 
-use super::rng::XorShift;
+use crate::rng::XorShift;
 use std::collections::VecDeque;
 
 /// Which ports shard `shard` of `shards` owns in `min..=max`.

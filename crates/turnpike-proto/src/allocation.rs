@@ -1,8 +1,8 @@
 //! Allocation state (RFC 8656 §2.2): the 5-tuple, the relayed address, permissions and channel bindings.
 
-use super::channel::ChannelNumber;
-use super::stun::TransactionId;
+use crate::channel::ChannelNumber;
 use crate::policy::rate::TokenBucket;
+use crate::stun::TransactionId;
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
@@ -138,7 +138,7 @@ pub struct Allocation {
     pub username: Box<str>,
     /// The long-term key that username authenticated with, reused for its later requests while the
     /// credentials stay as they were (see `Engine::authenticate`).
-    pub key: super::integrity::KeptKey,
+    pub key: crate::integrity::KeptKey,
     /// The engine's credentials generation `key` was derived under.
     pub key_generation: u64,
     /// The user counted against the user quota (REST usernames: the part after the expiry).
