@@ -6,7 +6,7 @@
 use crate::admission::ConnLimits;
 use crate::auth::NonceKey;
 use crate::config::Config;
-use crate::control::{self, Totals};
+use crate::control::{self, ServerCounters, Totals};
 use crate::descriptors;
 use crate::policy::PeerPolicy;
 use crate::proto::stats::ShardStats;
@@ -109,19 +109,6 @@ struct ShardHandle {
     inbox: Sender<Ctl>,
     waker: Arc<Waker>,
     applied: Arc<AtomicU64>,
-}
-
-/// Server-wide counters kept outside the shards.
-#[derive(Debug, Default)]
-pub struct ServerCounters {
-    /// Successful reloads.
-    pub reloads: AtomicU64,
-    /// Reloads refused because the new file was invalid.
-    pub reload_failures: AtomicU64,
-    /// The configuration generation (0 at start).
-    pub generation: AtomicU64,
-    /// What the metrics endpoint's HTTP limits did.
-    pub http: Arc<control::http::HttpCounters>,
 }
 
 /// What a reload did.

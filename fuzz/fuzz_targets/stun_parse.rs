@@ -3,7 +3,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use turnpike::proto::attr;
-use turnpike::proto::integrity::verify_message_integrity;
+use turnpike::proto::stun::verify_message_integrity;
 use turnpike::proto::StunMsg;
 
 fuzz_target!(|data: &[u8]| {

@@ -2,11 +2,11 @@
 //! Per-shard counters are written only by their shard; this thread reads and sums them. The HTTP
 //! serving (concurrency, limits) is [`super::http`]'s; this module renders and routes.
 
+use super::ServerCounters;
 use super::http::{self, CloseReason};
 use crate::admission::{EarlyClose, Refusal};
 use crate::proto::DropReason;
 use crate::proto::stats::{AUTH_FAILURE_REASONS, ShardStats, read};
-use crate::server::ServerCounters;
 use crate::shared::Shared;
 use hyper::body::Bytes;
 use hyper::header::{ALLOW, HeaderValue};

@@ -9,11 +9,24 @@ use crate::proto::DropReason;
 use crate::proto::stats::{ShardStats, read};
 use crate::shared::Shared;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 /// How often the summary line is logged.
 const SUMMARY_EVERY: Duration = Duration::from_secs(60);
+
+/// Server-wide counters kept outside the shards.
+#[derive(Debug, Default)]
+pub struct ServerCounters {
+    /// Successful reloads.
+    pub reloads: AtomicU64,
+    /// Reloads refused because the new file was invalid.
+    pub reload_failures: AtomicU64,
+    /// The configuration generation (0 at start).
+    pub generation: AtomicU64,
+    /// What the metrics endpoint's HTTP limits did.
+    pub http: Arc<http::HttpCounters>,
+}
 
 /// Counters summed over all shards.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]

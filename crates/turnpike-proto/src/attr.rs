@@ -1,7 +1,7 @@
 //! Attribute types and typed decoders/encoders (RFC 8489 §14, RFC 8656 §18, RFC 6156).
 
 use crate::error::ParseError;
-use crate::stun::{MAGIC_COOKIE, TransactionId};
+use crate::header::{MAGIC_COOKIE, TransactionId};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 /// A STUN attribute type. Types below 0x8000 are comprehension-required.

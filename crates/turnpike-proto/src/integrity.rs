@@ -1,7 +1,6 @@
 //! MESSAGE-INTEGRITY (HMAC-SHA1, RFC 8489 §14.5), FINGERPRINT (CRC-32, §14.7) and the long-term
 //! credential key (§9.2.2). MAC comparison is constant-time (`Mac::verify_slice`).
 
-use crate::stun::{ATTR_HEADER_LEN, HEADER_LEN, StunMsg};
 use hmac::{Hmac, Mac};
 use md5::{Digest, Md5};
 use sha1::Sha1;
@@ -107,31 +106,6 @@ pub fn fingerprint(bytes: &[u8]) -> u32 {
 /// counts the FINGERPRINT attribute, as it must.
 pub fn fingerprint_matches(before: &[u8], value: &[u8]) -> bool {
     value.len() == 4 && fingerprint(before).to_be_bytes() == value
-}
-
-/// Verifies MESSAGE-INTEGRITY of `msg` with `key`, in constant time. Returns false if absent.
-pub fn verify_message_integrity(msg: &StunMsg<'_>, key: &[u8]) -> bool {
-    verify_message_integrity_with(msg, &HmacKey::new(key))
-}
-
-/// [`verify_message_integrity`] with a prepared key.
-pub fn verify_message_integrity_with(msg: &StunMsg<'_>, key: &HmacKey) -> bool {
-    let Some(at) = msg.integrity_offset() else {
-        return false;
-    };
-    let bytes = msg.bytes();
-    // The HMAC covers the header with its length adjusted to end right after MESSAGE-INTEGRITY.
-    let Ok(adjusted) = u16::try_from(at + ATTR_HEADER_LEN + HMAC_SHA1_LEN - HEADER_LEN) else {
-        return false;
-    };
-    let (Some(kind), Some(rest)) = (bytes.get(0..2), bytes.get(4..at)) else {
-        return false;
-    };
-    let value_at = at + ATTR_HEADER_LEN;
-    match bytes.get(value_at..value_at + HMAC_SHA1_LEN) {
-        Some(tag) => key.verify(&[kind, &adjusted.to_be_bytes(), rest], tag),
-        None => false,
-    }
 }
 
 /// A long-term credential key: MD5(username ":" realm ":" password) (RFC 8489 §9.2.2).

@@ -23,6 +23,7 @@ pub mod cluster;
 pub mod engine;
 pub mod error;
 pub mod framing;
+pub mod header;
 pub mod integrity;
 pub mod policy;
 pub mod ports;

@@ -2,9 +2,8 @@
 //! secrets (username `<unix-expiry><sep><user>`, password `base64(HMAC-SHA1(secret, username))`).
 
 use crate::StunMsg;
-use crate::integrity::{
-    HmacKey, LongTermKey, PreparedKey, long_term_key, rest_password_with, verify_message_integrity_with,
-};
+use crate::integrity::{HmacKey, LongTermKey, PreparedKey, long_term_key, rest_password_with};
+use crate::stun::verify_message_integrity_with;
 use std::collections::HashMap;
 
 /// The credentials one realm accepts.

@@ -2,7 +2,8 @@
 
 use super::*;
 use crate::attr::{decode_plain_addr, decode_xor_addr};
-use crate::integrity::{long_term_key, verify_message_integrity};
+use crate::integrity::long_term_key;
+use crate::stun::verify_message_integrity;
 use proptest::prelude::*;
 
 fn hex(s: &str) -> Vec<u8> {
