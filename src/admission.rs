@@ -73,6 +73,8 @@ pub enum Refusal {
 impl Refusal {
     /// Every reason, in the order of [`Refusal::index`].
     pub const ALL: [Self; 3] = [Self::Descriptors, Self::PerSource, Self::Full];
+    /// Every reason's [`Refusal::name`], in [`Refusal::ALL`] order.
+    pub const NAMES: [&'static str; 3] = ["descriptor_reserve", "per_source_limit", "unauthenticated_limit"];
 
     /// Position in [`Refusal::ALL`] (and in the shard's counters).
     pub fn index(self) -> usize {
@@ -81,11 +83,7 @@ impl Refusal {
 
     /// Label for metrics and logs.
     pub fn name(self) -> &'static str {
-        match self {
-            Self::Descriptors => "descriptor_reserve",
-            Self::PerSource => "per_source_limit",
-            Self::Full => "unauthenticated_limit",
-        }
+        Self::NAMES[self.index()]
     }
 }
 
@@ -101,6 +99,8 @@ pub enum EarlyClose {
 impl EarlyClose {
     /// Every reason, in the order of [`EarlyClose::index`].
     pub const ALL: [Self; 2] = [Self::Evicted, Self::PressureTimeout];
+    /// Every reason's [`EarlyClose::name`], in [`EarlyClose::ALL`] order.
+    pub const NAMES: [&'static str; 2] = ["evicted", "pressure_timeout"];
 
     /// Position in [`EarlyClose::ALL`] (and in the shard's counters).
     pub fn index(self) -> usize {
@@ -109,10 +109,7 @@ impl EarlyClose {
 
     /// Label for metrics.
     pub fn name(self) -> &'static str {
-        match self {
-            Self::Evicted => "evicted",
-            Self::PressureTimeout => "pressure_timeout",
-        }
+        Self::NAMES[self.index()]
     }
 }
 
@@ -132,10 +129,20 @@ pub struct Admitted {
     pub over_total: bool,
 }
 
+turnpike_proto::counters! {
+    /// The node's count of connections without an allocation (every shard adds and takes away).
+    pub struct ConnCounters / ConnTotals {
+        /// TCP/TLS connections without an allocation yet, node-wide.
+        pending: gauge total "turnpike_unauthenticated_connections"
+            "TCP and TLS client connections without an allocation yet, node-wide (abuse.unauth_connections).",
+    }
+}
+
 /// The node-wide counts of pending connections, and the limits in force (replaced on reload).
 #[derive(Debug)]
 pub struct ConnBudget {
-    pending: AtomicU32,
+    /// Pending connections node-wide (the metric is this count itself).
+    pub counters: ConnCounters,
     sources: Box<[AtomicU32]>,
     hasher: RandomState,
     unauthenticated: AtomicU32,
@@ -155,7 +162,7 @@ impl ConnBudget {
     /// Counts for a process allowed `fd_limit` descriptors.
     pub fn new(limits: ConnLimits, fd_limit: u64) -> Self {
         let budget = Self {
-            pending: AtomicU32::new(0),
+            counters: ConnCounters::default(),
             sources: (0..SOURCE_SLOTS).map(|_| AtomicU32::new(0)).collect(),
             hasher: RandomState::new(),
             unauthenticated: AtomicU32::new(0),
@@ -188,7 +195,7 @@ impl ConnBudget {
             count.fetch_sub(1, Ordering::AcqRel);
             return Err(Refusal::PerSource);
         }
-        let before = self.pending.fetch_add(1, Ordering::AcqRel);
+        let before = u32::try_from(self.counters.pending.fetch_add(1, Ordering::AcqRel)).unwrap_or(u32::MAX);
         let over_total = before >= self.unauthenticated.load(Ordering::Relaxed);
         Ok(Admitted { ticket: Ticket { slot: slot as u32 }, over_total })
     }
@@ -199,7 +206,7 @@ impl ConnBudget {
             let released = count.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
             debug_assert!(released.is_ok(), "a ticket released twice");
         }
-        let released = self.pending.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+        let released = self.counters.pending.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
         debug_assert!(released.is_ok(), "a ticket released twice");
     }
 
@@ -210,7 +217,7 @@ impl ConnBudget {
 
     /// Pending connections node-wide.
     pub fn pending(&self) -> u32 {
-        self.pending.load(Ordering::Relaxed)
+        u32::try_from(self.counters.pending.load(Ordering::Relaxed)).unwrap_or(u32::MAX)
     }
 
     /// Whether half the total is in use: pending connections are then closed sooner.

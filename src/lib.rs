@@ -70,6 +70,7 @@ pub mod probe;
 pub mod server;
 pub mod shard;
 pub mod shared;
+pub mod stats;
 pub mod tls;
 
 /// The sans-IO core ([`turnpike_proto`]), under the name the host's modules use.

@@ -6,13 +6,13 @@
 use crate::admission::ConnLimits;
 use crate::auth::NonceKey;
 use crate::config::Config;
-use crate::control::{self, ServerCounters, Totals};
+use crate::control::{self, ServerCounters};
 use crate::descriptors;
 use crate::policy::PeerPolicy;
-use crate::proto::stats::ShardStats;
 use crate::proto::{Engine, RelayAddr, Settings};
 use crate::shard::{self, CoalesceSettings, Ctl, ShardParts, clock, socket};
 use crate::shared::Shared;
+use crate::stats::{ShardStats, Totals};
 use crossbeam_channel::Sender;
 use mio::Waker;
 use std::io;
@@ -199,7 +199,7 @@ impl ServerHandle {
     /// Options that need a restart keep their running values and are reported.
     pub fn reload_from(&self, path: &std::path::Path) -> Result<ReloadReport, String> {
         let refused = |e: String| {
-            self.counters.reload_failures.fetch_add(1, Ordering::Relaxed);
+            self.counters.reloads[1].fetch_add(1, Ordering::Relaxed);
             e
         };
         let new = crate::config::load(path).map_err(|e| refused(e.to_string()))?;
@@ -254,7 +254,7 @@ impl ServerHandle {
         }
         *running = merged;
         drop(running);
-        self.counters.reloads.fetch_add(1, Ordering::Relaxed);
+        self.counters.reloads[0].fetch_add(1, Ordering::Relaxed);
         let applied_everywhere = self.wait_applied(generation);
         Ok(ReloadReport { generation, restart_required, applied_everywhere })
     }
@@ -568,7 +568,7 @@ pub fn start(cfg: &Config) -> io::Result<ServerHandle> {
             k as u16,
             Arc::clone(&settings),
             Arc::clone(&shared) as Arc<dyn turnpike_proto::Cluster>,
-            Arc::clone(&shard_stats),
+            Arc::clone(&shard_stats.engine),
             cfg.shard_port_list(k),
             origin,
             origin_unix,
@@ -624,13 +624,16 @@ pub fn start(cfg: &Config) -> io::Result<ServerHandle> {
         let listener = control::http::bind(listen)
             .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {listen} for metrics: {e}")))?;
         metrics_addr = listener.local_addr().ok();
-        let stats = stats.clone();
-        let shared = Arc::clone(&shared);
-        let counters = Arc::clone(&counters);
+        let sources = control::metrics::Sources {
+            stats: stats.clone(),
+            shared: Arc::clone(&shared),
+            server: Arc::clone(&counters),
+            http: Arc::new(control::http::HttpCounters::default()),
+        };
         let stop = Arc::clone(&stop);
         threads.push(std::thread::Builder::new().name("turnpike-http".into()).spawn(move || {
             let cap = control::http::connection_cap(fd_limit);
-            if let Err(e) = control::metrics::serve(listener, stats, shared, counters, cap, &stop) {
+            if let Err(e) = control::metrics::serve(listener, sources, cap, &stop) {
                 log::error!("metrics endpoint stopped: {e}");
             }
         })?);

@@ -16,7 +16,7 @@ use turnpike::proto::allocation::{FiveTuple, ListenerId, Transport};
 use turnpike::proto::attr::{AttrType, PROTO_UDP};
 use turnpike::proto::engine::{BindError, RelaySockets};
 use turnpike::proto::integrity::{long_term_key, rest_password};
-use turnpike::proto::stats::ShardStats;
+use turnpike::proto::stats::EngineCounters;
 use turnpike::proto::{Action, Class, Engine, Method, MsgWriter, PacketBuf, StunMsg, TransactionId};
 use turnpike::shard::stream::{Conn, ReadState};
 use turnpike::shared::Shared;
@@ -107,7 +107,7 @@ fn relaying_allocates_nothing() {
         0,
         settings,
         Arc::new(Shared::default()) as Arc<dyn turnpike::proto::Cluster>,
-        Arc::new(ShardStats::default()),
+        Arc::new(EngineCounters::default()),
         cfg.shard_port_list(0),
         now,
         unix,

@@ -96,7 +96,11 @@ fn dual_allocation_relays_both_families() {
     // Both sockets left service: closed, or kept open as spares for later allocations.
     let still_bound = relayed.iter().filter(|a| std::net::UdpSocket::bind(a).is_err()).count();
     let totals = server.totals();
-    assert_eq!((totals.allocations, still_bound as u64), (0, totals.spare_relay_sockets), "{relayed:?}");
+    assert_eq!(
+        (totals.engine.allocations(), still_bound as u64),
+        (0, totals.engine.spare_relay_sockets),
+        "{relayed:?}"
+    );
 }
 
 #[test]

@@ -44,7 +44,7 @@ fn many_clients_relay_through_two_shards() {
         assert_eq!(data, b"indication");
     }
     let per_shard: Vec<u64> =
-        server.stats.iter().map(|s| turnpike::proto::stats::read(&s.allocations_created)).collect();
+        server.stats.iter().map(|s| turnpike::proto::stats::read(&s.engine.allocations_created)).collect();
     assert_eq!(per_shard.iter().sum::<u64>(), 16);
     assert!(per_shard.iter().all(|&n| n > 0), "SO_REUSEPORT spreads clients over both shards: {per_shard:?}");
     assert_eq!(server.shared.quotas.total(), 16);
@@ -53,9 +53,9 @@ fn many_clients_relay_through_two_shards() {
         assert_eq!(r.class(), Class::Success);
     }
     let totals = server.totals();
-    assert_eq!(totals.allocations, 0);
-    assert_eq!(totals.packets_to_peer, 32);
-    assert_eq!(totals.packets_to_client, 32);
+    assert_eq!(totals.engine.allocations(), 0);
+    assert_eq!(totals.engine.packets[0], 32);
+    assert_eq!(totals.engine.packets[1], 32);
     assert_eq!(server.shared.quotas.total(), 0);
     server.shutdown();
 }
@@ -138,8 +138,8 @@ fn malformed_barrage_is_dropped_and_service_continues() {
     let (_, _, data) = c.recv_data().expect("relay works after the barrage");
     assert_eq!(data, b"still relaying");
     let totals = server.totals();
-    assert!(totals.dropped() > 1000, "garbage was counted as dropped: {totals:?}");
-    assert_eq!(totals.allocations, 1, "garbage created no allocation");
+    assert!(totals.engine.dropped() > 1000, "garbage was counted as dropped: {totals:?}");
+    assert_eq!(totals.engine.allocations(), 1, "garbage created no allocation");
 }
 
 #[test]
@@ -161,7 +161,7 @@ fn relay_ports_exhausted_is_508_and_freed_on_delete() {
     assert!(ok.len() <= 4 && refused >= 2, "{} granted, {refused} refused", ok.len());
     let mut first = ok.remove(0);
     assert_eq!(first.refresh(0).class(), Class::Success);
-    assert_eq!(server.totals().allocations as usize, ok.len());
+    assert_eq!(server.totals().engine.allocations() as usize, ok.len());
 }
 
 #[test]
@@ -175,7 +175,7 @@ fn static_user_and_wrong_password() {
     let mut mallory = TurnClient::with_key(addr, "alice".into(), bad);
     let r = mallory.request(Method::ALLOCATE, &|w| w.add_bytes(AttrType::REQUESTED_TRANSPORT, &[17, 0, 0, 0]));
     assert_eq!(r.code(), Some(401));
-    assert_eq!(server.totals().auth_failures, 1);
+    assert_eq!(server.totals().engine.auth_failures.iter().sum::<u64>(), 1);
 }
 
 #[test]
@@ -203,7 +203,7 @@ fn spare_relay_sockets_are_drained_and_serve_the_next_allocations() {
         assert_eq!(c.refresh(0).class(), Class::Success);
     }
     let totals = server.totals();
-    assert_eq!((totals.allocations, totals.spare_relay_sockets), (0, 10));
+    assert_eq!((totals.engine.allocations(), totals.engine.spare_relay_sockets), (0, 10));
     for r in &relayed {
         assert!(UdpSocket::bind(r).is_err(), "{r}: a spare keeps its port");
     }
@@ -216,14 +216,14 @@ fn spare_relay_sockets_are_drained_and_serve_the_next_allocations() {
         }
     }
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while server.totals().drops[DropReason::NoAllocation.index()] < 50 {
+    while server.totals().engine.drops[DropReason::NoAllocation.index()] < 50 {
         assert!(std::time::Instant::now() < deadline, "datagrams to spares were not read: {:?}", server.totals());
         std::thread::sleep(Duration::from_millis(10));
     }
     let mut c = TurnClient::rest(addr, "b");
     let mine = c.allocate();
     assert!(relayed.contains(&mine), "{mine} is not one of the spares {relayed:?}");
-    assert_eq!(server.totals().spare_relay_sockets, 9);
+    assert_eq!(server.totals().engine.spare_relay_sockets, 9);
     assert_eq!(c.channel_bind(0x4000, peer.local_addr().unwrap()).class(), Class::Success);
     peer.send_to(b"fresh", mine).unwrap();
     let (channel, _, payload) = c.recv_data().expect("relayed to the client");

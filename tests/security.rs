@@ -121,8 +121,8 @@ fn denied_ranges_and_every_ipv6_spelling_are_refused_and_nothing_arrives() {
     assert!(!target4.received_anything(), "a datagram reached the IPv4 loopback target");
     assert!(!target6.received_anything(), "a datagram reached the IPv6 loopback target");
     let totals = server.totals();
-    assert!(totals.peers_denied >= 2 * refused, "{refused} refused: {totals:?}");
-    assert_eq!(totals.packets_to_peer, 0);
+    assert!(totals.engine.peers_denied >= 2 * refused, "{refused} refused: {totals:?}");
+    assert_eq!(totals.engine.packets[0], 0);
 }
 
 /// With loopback denied (the defaults), the relay still reaches its own relayed addresses
@@ -191,7 +191,7 @@ fn quotas_refuse_at_exactly_the_limit_and_free_on_delete() {
     assert_eq!(alloc(&mut b2), Some(486), "total quota 3");
     assert_eq!(a1.refresh(0).class(), Class::Success);
     assert_eq!(alloc(&mut b2), None, "freed by the delete");
-    assert_eq!(server.totals().quota_refusals, 2);
+    assert_eq!(server.totals().engine.quota_refusals, 2);
 }
 
 /// Measures bytes delivered at `dest` while `send` offers three times `rate` for about 3 s.
@@ -243,7 +243,7 @@ fn max_bps_holds_within_ten_percent_in_both_directions() {
     let payload_bytes = got as f64 * 1000.0 / 1004.0;
     let ratio = payload_bytes / (RATE as f64 * elapsed.as_secs_f64());
     assert!((0.9..=1.1).contains(&ratio), "peer->client delivered {got} B in {elapsed:?}: {ratio:.3} of max-bps");
-    assert!(server.totals().drops[turnpike::proto::DropReason::OverBandwidth.index()] > 0);
+    assert!(server.totals().engine.drops[turnpike::proto::DropReason::OverBandwidth.index()] > 0);
 }
 
 /// Tens of thousands of random, truncated and mutated datagrams from many source ports: the server
@@ -367,12 +367,12 @@ fn unauthenticated_tcp_connections_time_out() {
     assert_closed(&mut idle);
     let waited = start.elapsed();
     assert!(waited >= Duration::from_millis(900), "not before the timeout ({waited:?})");
-    assert_eq!(server.totals().tcp_connections, 0);
+    assert_eq!(server.totals().io.connections[0], 0);
     // More connections timing out together than the shard checks per wake-up: all are closed.
     let many: Vec<std::net::TcpStream> = (0..300).map(|_| std::net::TcpStream::connect(addr).unwrap()).collect();
     for mut s in many {
         s.set_read_timeout(Some(Duration::from_secs(8))).unwrap();
         assert_closed(&mut s);
     }
-    assert_eq!(server.totals().tcp_connections, 0);
+    assert_eq!(server.totals().io.connections[0], 0);
 }

@@ -37,7 +37,7 @@ fn tcp_allocate_permission_channel_and_indications() {
     let m = StunMsg::parse(&f).unwrap();
     assert_eq!((m.method(), m.class()), (Method::DATA, Class::Indication));
     assert_eq!(m.attr(AttrType::DATA).unwrap(), b"odd");
-    assert_eq!(server.totals().allocations, 1);
+    assert_eq!(server.totals().engine.allocations(), 1);
 }
 
 #[test]
@@ -75,10 +75,10 @@ fn frames_split_at_every_byte_boundary() {
 /// The server's allocations once those of closed connections are gone (waits up to 5 s for them).
 fn allocations_after_closes(server: &turnpike::server::ServerHandle) -> u64 {
     let deadline = Instant::now() + Duration::from_secs(5);
-    while server.totals().allocations > 0 && Instant::now() < deadline {
+    while server.totals().engine.allocations() > 0 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
-    server.totals().allocations
+    server.totals().engine.allocations()
 }
 
 #[test]
@@ -86,7 +86,7 @@ fn closing_the_connection_frees_the_allocation() {
     let server = start_server(2, (45200, 45203), "");
     let mut c = StreamClient::new(tcp(server.addrs.tcp[0]), "leaver");
     let relayed = c.allocate();
-    assert_eq!(server.totals().allocations, 1);
+    assert_eq!(server.totals().engine.allocations(), 1);
     drop(c);
     assert_eq!(allocations_after_closes(&server), 0, "allocations of closed connections still held");
     assert!(UdpSocket::bind(relayed).is_ok(), "the relay port was released");
@@ -121,7 +121,7 @@ fn garbage_on_the_stream_closes_it() {
         Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
         other => panic!("expected the server to close the connection, got {other:?}"),
     }
-    assert_eq!(server.totals().tcp_connections, 0);
+    assert_eq!(server.totals().io.connections[0], 0);
 }
 
 /// One client that never reads while a peer floods it must not stall another client on the same shard:
@@ -170,7 +170,10 @@ fn a_slow_reader_does_not_stall_the_shard() {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let sent = flooder.join().unwrap();
     let totals = server.totals();
-    assert!(totals.send_would_block > 0, "the slow reader's packets were dropped ({sent} sent): {totals:?}");
+    assert!(
+        totals.engine.drops[turnpike::proto::DropReason::SocketFull.index()] > 0,
+        "the slow reader's packets were dropped ({sent} sent): {totals:?}"
+    );
     drop(slow);
 }
 
@@ -198,8 +201,8 @@ fn tls_1_2_and_1_3_round_trips() {
         assert_eq!(c.io.conn.protocol_version(), Some(version.version));
         clients.push(c);
     }
-    assert_eq!(server.totals().tls_connections, 2);
-    assert_eq!(server.totals().allocations, 2);
+    assert_eq!(server.totals().io.connections[1], 2);
+    assert_eq!(server.totals().engine.allocations(), 2);
 }
 
 /// The server writes what one wake-up relays to a stream client in one go, but over TLS each message
@@ -280,5 +283,5 @@ fn tls_handshake_with_garbage_is_closed() {
         assert!(total < 4096);
     }
     std::thread::sleep(Duration::from_millis(100));
-    assert_eq!(server.totals().tls_connections, 0);
+    assert_eq!(server.totals().io.connections[1], 0);
 }

@@ -15,7 +15,7 @@ use turnpike::proto::attr::AttrType;
 use turnpike::proto::engine::{BindError, RelaySockets};
 use turnpike::proto::integrity::{long_term_key, rest_password};
 use turnpike::proto::{Action, Class, Engine, Method, MsgWriter, PacketBuf, Settings, StunMsg, TransactionId};
-use turnpike::proto::stats::ShardStats;
+use turnpike::proto::stats::EngineCounters;
 use turnpike::shared::Shared;
 
 #[derive(Default)]
@@ -54,7 +54,7 @@ fuzz_target!(|data: &[u8]| {
     let shared = Arc::new(Shared::new(settings.relay_v4.iter().chain(&settings.relay_v6).map(|r| (r.bind, r.advertised)), []));
     let t0 = Instant::now();
     let mut now = t0;
-    let mut engine = Engine::new(0, settings, Arc::clone(&shared) as Arc<dyn turnpike::proto::Cluster>, Arc::new(ShardStats::default()), ports.iter().copied(), t0, UNIX0, 1);
+    let mut engine = Engine::new(0, settings, Arc::clone(&shared) as Arc<dyn turnpike::proto::Cluster>, Arc::new(EngineCounters::default()), ports.iter().copied(), t0, UNIX0, 1);
     let mut io = Sockets::default();
     let mut pkt = PacketBuf::default();
     let username = format!("{}:fuzz", UNIX0 + 3600);

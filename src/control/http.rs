@@ -27,7 +27,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tokio::task::AbortHandle;
 
@@ -100,6 +100,8 @@ pub enum CloseReason {
 impl CloseReason {
     /// Every reason, in counter order.
     pub const ALL: [Self; 4] = [Self::OverLimit, Self::Deadline, Self::HeaderTimeout, Self::HeaderTooLarge];
+    /// Every reason's [`CloseReason::name`], in [`CloseReason::ALL`] order.
+    pub const NAMES: [&'static str; 4] = ["over_limit", "deadline", "header_timeout", "header_too_large"];
 
     /// The index of this reason's counter.
     pub const fn index(self) -> usize {
@@ -108,20 +110,18 @@ impl CloseReason {
 
     /// Stable name used in metrics.
     pub const fn name(self) -> &'static str {
-        match self {
-            Self::OverLimit => "over_limit",
-            Self::Deadline => "deadline",
-            Self::HeaderTimeout => "header_timeout",
-            Self::HeaderTooLarge => "header_too_large",
-        }
+        Self::NAMES[self.index()]
     }
 }
 
-/// What the limits did, for the metrics.
-#[derive(Debug, Default)]
-pub struct HttpCounters {
-    /// Connections closed, by [`CloseReason::index`].
-    pub closed: [AtomicU64; CloseReason::ALL.len()],
+turnpike_proto::counters! {
+    /// What the limits did, for the metrics.
+    pub struct HttpCounters / HttpTotals {
+        /// Connections closed by a limit, by [`CloseReason`].
+        closed: counter total "turnpike_http_connections_closed_total"
+            "Connections to this endpoint closed by a limit, by reason: over_limit (one of the source holding the most, to admit one past the cap), deadline (open too long), header_timeout (request head too slow), header_too_large (431)."
+            [reason: CloseReason::NAMES],
+    }
 }
 
 impl HttpCounters {

@@ -3,11 +3,10 @@
 //! serving (concurrency, limits) is [`super::http`]'s; this module renders and routes.
 
 use super::ServerCounters;
-use super::http::{self, CloseReason};
-use crate::admission::{EarlyClose, Refusal};
-use crate::proto::DropReason;
-use crate::proto::stats::{AUTH_FAILURE_REASONS, ShardStats, read};
+use super::http::{self, HttpCounters};
+use crate::admission::ConnCounters;
 use crate::shared::Shared;
+use crate::stats::{IoCounters, ShardStats};
 use hyper::body::Bytes;
 use hyper::header::{ALLOW, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
@@ -15,211 +14,78 @@ use std::fmt::Write as _;
 use std::io;
 use std::net::TcpListener;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
+use turnpike_proto::stats::{EngineCounters, Family, Scope, read};
 
-/// Renders every metric.
-pub fn render(stats: &[Arc<ShardStats>], shared: &Shared, counters: &ServerCounters) -> String {
+/// Everything the metrics show.
+#[derive(Debug, Clone)]
+pub struct Sources {
+    /// Per-shard counters.
+    pub stats: Vec<Arc<ShardStats>>,
+    /// What the shards share (the connection budget's count).
+    pub shared: Arc<Shared>,
+    /// Reloads and the configuration generation.
+    pub server: Arc<ServerCounters>,
+    /// What the endpoint's own limits did.
+    pub http: Arc<HttpCounters>,
+}
+
+/// Renders every metric: every family of every counters struct (see [`turnpike_proto::counters!`]).
+pub fn render(src: &Sources) -> String {
     let mut out = String::with_capacity(8192);
-    let mut family = |name: &str, kind: &str, help: &str, samples: &[(String, u64)]| {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        for (labels, v) in samples {
-            if labels.is_empty() {
-                let _ = writeln!(out, "{name} {v}");
-            } else {
-                let _ = writeln!(out, "{name}{{{labels}}} {v}");
-            }
-        }
-    };
-    let per_shard = |f: &dyn Fn(&ShardStats) -> u64| -> Vec<(String, u64)> {
-        stats.iter().enumerate().map(|(k, s)| (format!("shard=\"{k}\""), f(s))).collect()
-    };
-    let per_shard_transport = || -> Vec<(String, u64)> {
-        let mut v = Vec::new();
-        for (k, s) in stats.iter().enumerate() {
-            for (i, t) in ["udp", "tcp", "tls"].iter().enumerate() {
-                v.push((format!("shard=\"{k}\",transport=\"{t}\""), read(&s.allocations_by_transport[i])));
-            }
-        }
-        v
-    };
-    let sum = |f: &dyn Fn(&ShardStats) -> u64| -> u64 { stats.iter().map(|s| f(s)).sum() };
-    // An unlabelled sample: the sum over shards.
-    let total = |f: &dyn Fn(&ShardStats) -> u64| -> [(String, u64); 1] { [(String::new(), sum(f))] };
-    family("turnpike_allocations", "gauge", "Live allocations.", &per_shard_transport());
-    family("turnpike_permissions", "gauge", "Live permissions.", &per_shard(&|s| read(&s.permissions)));
-    family("turnpike_channels", "gauge", "Live channel bindings.", &per_shard(&|s| read(&s.channels)));
-    family(
-        "turnpike_spare_relay_sockets",
-        "gauge",
-        "Relay sockets of deleted allocations kept open (bound, out of service) for the next allocations.",
-        &per_shard(&|s| read(&s.spare_relay_sockets)),
-    );
-    let mut conns = Vec::new();
-    for (k, s) in stats.iter().enumerate() {
-        conns.push((format!("shard=\"{k}\",transport=\"tcp\""), read(&s.tcp_connections)));
-        conns.push((format!("shard=\"{k}\",transport=\"tls\""), read(&s.tls_connections)));
-    }
-    family("turnpike_connections", "gauge", "Open TCP and TLS client connections.", &conns);
-    family(
-        "turnpike_unauthenticated_connections",
-        "gauge",
-        "TCP and TLS client connections without an allocation yet, node-wide (abuse.unauth_connections).",
-        &[(String::new(), u64::from(shared.conns.pending()))],
-    );
-    let refused: Vec<(String, u64)> = Refusal::ALL
-        .iter()
-        .map(|r| (format!("reason=\"{}\"", r.name()), sum(&|s| read(&s.connections_refused[r.index()]))))
-        .collect();
-    family(
-        "turnpike_connections_refused_total",
-        "counter",
-        "TCP and TLS connections closed as soon as they were accepted, by reason.",
-        &refused,
-    );
-    let closed_early: Vec<(String, u64)> = EarlyClose::ALL
-        .iter()
-        .map(|r| (format!("reason=\"{}\"", r.name()), sum(&|s| read(&s.connections_closed_early[r.index()]))))
-        .collect();
-    family(
-        "turnpike_connections_closed_early_total",
-        "counter",
-        "Connections without an allocation closed early: to make room for a newer one, or idle while many were pending.",
-        &closed_early,
-    );
-    family(
-        "turnpike_allocations_created_total",
-        "counter",
-        "Allocations created.",
-        &per_shard(&|s| read(&s.allocations_created)),
-    );
-    family(
-        "turnpike_relayed_packets_total",
-        "counter",
-        "Datagrams relayed, by direction.",
-        &[
-            ("direction=\"to_peer\"".into(), sum(&|s| read(&s.packets_to_peer))),
-            ("direction=\"to_client\"".into(), sum(&|s| read(&s.packets_to_client))),
-        ],
-    );
-    family(
-        "turnpike_relayed_bytes_total",
-        "counter",
-        "Payload bytes relayed, by direction.",
-        &[
-            ("direction=\"to_peer\"".into(), sum(&|s| read(&s.bytes_to_peer))),
-            ("direction=\"to_client\"".into(), sum(&|s| read(&s.bytes_to_client))),
-        ],
-    );
-    let mut drops: Vec<(String, u64)> = DropReason::ALL
-        .iter()
-        .map(|r| (format!("reason=\"{}\"", r.name()), sum(&|s| read(&s.drops[r.index()]))))
-        .collect();
-    drops.push(("reason=\"socket_full\"".into(), sum(&|s| read(&s.send_would_block))));
-    family("turnpike_dropped_packets_total", "counter", "Datagrams dropped, by reason.", &drops);
-    family(
-        "turnpike_send_calls_total",
-        "counter",
-        "System calls (sendmmsg, sendto) that sent UDP datagrams: relayed data and replies to UDP clients.",
-        &total(&|s| read(&s.send_calls)),
-    );
-    family(
-        "turnpike_segmented_datagrams_total",
-        "counter",
-        "Relayed UDP datagrams sent inside a UDP GSO message.",
-        &total(&|s| read(&s.datagrams_segmented)),
-    );
-    family(
-        "turnpike_raw_socket_datagrams_total",
-        "counter",
-        "Relayed UDP datagrams sent through a shard's raw socket (runtime.raw_send), several allocations' in one call.",
-        &total(&|s| read(&s.datagrams_raw)),
-    );
-    family(
-        "turnpike_coalescing_pauses_total",
-        "counter",
-        "Wake-ups after which a busy shard paused to let a batch of datagrams accumulate (runtime.coalesce_us).",
-        &total(&|s| read(&s.coalescing_pauses)),
-    );
-    family("turnpike_requests_total", "counter", "STUN/TURN requests handled.", &total(&|s| read(&s.requests)));
-    let auth: Vec<(String, u64)> = AUTH_FAILURE_REASONS
-        .iter()
-        .enumerate()
-        .map(|(i, r)| (format!("reason=\"{r}\""), sum(&|s| read(&s.auth_failure_reasons[i]))))
-        .collect();
-    family("turnpike_auth_failures_total", "counter", "Authentication failures, by reason.", &auth);
-    family("turnpike_peers_denied_total", "counter", "Peers refused by policy.", &total(&|s| read(&s.peers_denied)));
-    family(
-        "turnpike_quota_refusals_total",
-        "counter",
-        "Allocations refused by quota (486).",
-        &total(&|s| read(&s.quota_refusals)),
-    );
-    family(
-        "turnpike_capacity_refusals_total",
-        "counter",
-        "Allocations refused for want of a relay port or socket (508): range used up, ports held by other programs, out of descriptors.",
-        &total(&|s| read(&s.capacity_refusals)),
-    );
-    family(
-        "turnpike_rate_limited_total",
-        "counter",
-        "Unauthenticated requests dropped by the per-source limit.",
-        &total(&|s| read(&s.drops[DropReason::SourceRateLimited.index()])),
-    );
-    family(
-        "turnpike_reloads_total",
-        "counter",
-        "Configuration reloads, by result.",
-        &[
-            ("result=\"ok\"".into(), counters.reloads.load(Ordering::Relaxed)),
-            ("result=\"failed\"".into(), counters.reload_failures.load(Ordering::Relaxed)),
-        ],
-    );
-    family(
-        "turnpike_config_generation",
-        "gauge",
-        "Configuration generation in force.",
-        &[(String::new(), counters.generation.load(Ordering::Relaxed))],
-    );
-    let closed: Vec<(String, u64)> = CloseReason::ALL
-        .iter()
-        .map(|r| (format!("reason=\"{}\"", r.name()), counters.http.closed[r.index()].load(Ordering::Relaxed)))
-        .collect();
-    family(
-        "turnpike_http_connections_closed_total",
-        "counter",
-        "Connections to this endpoint closed by a limit, by reason: over_limit (one of the source holding the most, to admit one past the cap), deadline (open too long), header_timeout (request head too slow), header_too_large (431).",
-        &closed,
-    );
+    let engines: Vec<&EngineCounters> = src.stats.iter().map(|s| &*s.engine).collect();
+    let ios: Vec<&IoCounters> = src.stats.iter().map(|s| &s.io).collect();
+    write_families(&mut out, &engines, EngineCounters::FAMILIES);
+    write_families(&mut out, &ios, IoCounters::FAMILIES);
+    write_families(&mut out, &[&src.shared.conns.counters], ConnCounters::FAMILIES);
+    write_families(&mut out, &[&*src.server], ServerCounters::FAMILIES);
+    write_families(&mut out, &[&*src.http], HttpCounters::FAMILIES);
     out
+}
+
+/// Writes `families` of `instances` (shards, or one node-wide instance) in the text exposition format.
+fn write_families<C>(out: &mut String, instances: &[&C], families: &[Family<C>]) {
+    for f in families {
+        let _ = writeln!(out, "# HELP {} {}\n# TYPE {} {}", f.name, f.help, f.name, f.kind.name());
+        let label = |i: usize| f.labels.and_then(|(name, values)| Some(format!("{name}=\"{}\"", values.get(i)?)));
+        let width = f.labels.map_or(1, |(_, values)| values.len());
+        match f.scope {
+            Scope::PerShard => {
+                for (k, c) in instances.iter().enumerate() {
+                    for (i, v) in (f.values)(c).iter().enumerate() {
+                        let labels = [Some(format!("shard=\"{k}\"")), label(i)].into_iter().flatten();
+                        let _ = writeln!(out, "{}{{{}}} {}", f.name, labels.collect::<Vec<_>>().join(","), read(v));
+                    }
+                }
+            }
+            Scope::Total => {
+                for i in 0..width {
+                    let sum: u64 = instances.iter().filter_map(|c| (f.values)(c).get(i)).map(read).sum();
+                    match label(i) {
+                        Some(l) => writeln!(out, "{}{{{l}}} {sum}", f.name),
+                        None => writeln!(out, "{} {sum}", f.name),
+                    }
+                    .unwrap_or_default();
+                }
+            }
+        }
+    }
 }
 
 /// Serves the endpoint on the calling thread until `stop` is set (see [`http`] for the server and its
 /// limits). Errs only if the server cannot be set up.
-pub fn serve(
-    listener: TcpListener,
-    stats: Vec<Arc<ShardStats>>,
-    shared: Arc<Shared>,
-    counters: Arc<ServerCounters>,
-    max_connections: usize,
-    stop: &AtomicBool,
-) -> io::Result<()> {
-    let http_counters = Arc::clone(&counters.http);
-    let handler: Arc<http::Handler> = Arc::new(move |req| respond(req, &stats, &shared, &counters));
+pub fn serve(listener: TcpListener, sources: Sources, max_connections: usize, stop: &AtomicBool) -> io::Result<()> {
+    let http_counters = Arc::clone(&sources.http);
+    let handler: Arc<http::Handler> = Arc::new(move |req| respond(req, &sources));
     http::serve(listener, handler, http_counters, max_connections, stop)
 }
 
 /// Routes a request: `GET /metrics` (and `/`) renders the metrics; other paths are not found. A new
 /// path is one more arm.
-pub fn respond(
-    req: &Request<Bytes>,
-    stats: &[Arc<ShardStats>],
-    shared: &Shared,
-    counters: &ServerCounters,
-) -> Response<Bytes> {
+pub fn respond(req: &Request<Bytes>, sources: &Sources) -> Response<Bytes> {
     match req.uri().path() {
         "/metrics" | "/" => get_only(req, || {
-            http::with_type(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", render(stats, shared, counters))
+            http::with_type(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", render(sources))
         }),
         _ => http::text(StatusCode::NOT_FOUND, "not found: try GET /metrics\n"),
     }
@@ -233,4 +99,108 @@ fn get_only(req: &Request<Bytes>, get: impl FnOnce() -> Response<Bytes>) -> Resp
     let mut r = http::text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed: try GET\n");
     r.headers_mut().insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stats::Totals;
+    use std::sync::atomic::AtomicU64;
+    use turnpike_proto::stats::set;
+
+    /// Gives every counter of `c` a value of its own, from `next` on.
+    fn fill<C>(c: &C, families: &[Family<C>], next: &mut u64) {
+        for f in families {
+            for v in (f.values)(c) {
+                set(v, *next);
+                *next += 1;
+            }
+        }
+    }
+
+    /// The samples of `families` rendered for `instances`, as the exposition must show them.
+    fn expected<C>(instances: &[&C], families: &[Family<C>]) -> Vec<String> {
+        let mut lines = Vec::new();
+        for f in families {
+            let per: Vec<&[AtomicU64]> = instances.iter().map(|c| (f.values)(c)).collect();
+            for i in 0..per[0].len() {
+                let label = f.labels.map(|(n, v)| format!("{n}=\"{}\"", v[i]));
+                match f.scope {
+                    Scope::PerShard => {
+                        for (k, values) in per.iter().enumerate() {
+                            let l = [Some(format!("shard=\"{k}\"")), label.clone()].into_iter().flatten();
+                            lines.push(format!(
+                                "{}{{{}}} {}",
+                                f.name,
+                                l.collect::<Vec<_>>().join(","),
+                                read(&values[i])
+                            ));
+                        }
+                    }
+                    Scope::Total => {
+                        let sum: u64 = per.iter().map(|values| read(&values[i])).sum();
+                        lines.push(match &label {
+                            Some(l) => format!("{}{{{l}}} {sum}", f.name),
+                            None => format!("{} {sum}", f.name),
+                        });
+                    }
+                }
+            }
+        }
+        lines
+    }
+
+    /// Every counter of every counters struct reaches the metrics with its own value, and every shard
+    /// counter reaches the totals.
+    #[test]
+    fn every_counter_reaches_the_metrics_and_the_totals() {
+        let stats = vec![Arc::new(ShardStats::default()), Arc::new(ShardStats::default())];
+        let sources = Sources {
+            stats: stats.clone(),
+            shared: Arc::new(Shared::default()),
+            server: Arc::new(ServerCounters::default()),
+            http: Arc::new(HttpCounters::default()),
+        };
+        let mut next = 1;
+        for s in &stats {
+            fill(&*s.engine, EngineCounters::FAMILIES, &mut next);
+            fill(&s.io, IoCounters::FAMILIES, &mut next);
+        }
+        fill(&sources.shared.conns.counters, ConnCounters::FAMILIES, &mut next);
+        fill(&*sources.server, ServerCounters::FAMILIES, &mut next);
+        fill(&*sources.http, HttpCounters::FAMILIES, &mut next);
+        let text = render(&sources);
+        let engines: Vec<&EngineCounters> = stats.iter().map(|s| &*s.engine).collect();
+        let ios: Vec<&IoCounters> = stats.iter().map(|s| &s.io).collect();
+        let mut want = expected(&engines, EngineCounters::FAMILIES);
+        want.extend(expected(&ios, IoCounters::FAMILIES));
+        want.extend(expected(&[&sources.shared.conns.counters], ConnCounters::FAMILIES));
+        want.extend(expected(&[&*sources.server], ServerCounters::FAMILIES));
+        want.extend(expected(&[&*sources.http], HttpCounters::FAMILIES));
+        for line in &want {
+            assert!(text.lines().any(|l| l == line), "missing from the metrics: {line}\n{text}");
+        }
+        let families = EngineCounters::FAMILIES.len()
+            + IoCounters::FAMILIES.len()
+            + ConnCounters::FAMILIES.len()
+            + ServerCounters::FAMILIES.len()
+            + HttpCounters::FAMILIES.len();
+        assert_eq!(text.lines().filter(|l| l.starts_with("# TYPE ")).count(), families);
+        assert_eq!(text.lines().filter(|l| !l.starts_with('#')).count(), want.len(), "nothing else");
+        // The totals: every engine and I/O counter, summed over the shards.
+        let totals = Totals::sum(&stats);
+        let sums: Vec<u64> =
+            totals.engine.samples().into_iter().chain(totals.io.samples()).flat_map(|(_, v)| v).collect();
+        let by_hand: Vec<u64> = EngineCounters::FAMILIES
+            .iter()
+            .flat_map(|f| (0..(f.values)(engines[0]).len()).map(move |i| (f.values, i)))
+            .map(|(values, i)| engines.iter().map(|e| read(&values(e)[i])).sum())
+            .chain(IoCounters::FAMILIES.iter().flat_map(|f| {
+                let ios = &ios;
+                (0..(f.values)(ios[0]).len()).map(move |i| ios.iter().map(|c| read(&(f.values)(c)[i])).sum())
+            }))
+            .collect();
+        assert_eq!(sums, by_hand);
+        assert!(sums.iter().all(|&s| s > 0));
+    }
 }

@@ -5,108 +5,26 @@ pub mod http;
 pub mod metrics;
 pub mod notify;
 
-use crate::proto::DropReason;
-use crate::proto::stats::{ShardStats, read};
 use crate::shared::Shared;
+use crate::stats::{ShardStats, Totals};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
+use turnpike_proto::stats::{TO_CLIENT, TO_PEER};
 
 /// How often the summary line is logged.
 const SUMMARY_EVERY: Duration = Duration::from_secs(60);
 
-/// Server-wide counters kept outside the shards.
-#[derive(Debug, Default)]
-pub struct ServerCounters {
-    /// Successful reloads.
-    pub reloads: AtomicU64,
-    /// Reloads refused because the new file was invalid.
-    pub reload_failures: AtomicU64,
-    /// The configuration generation (0 at start).
-    pub generation: AtomicU64,
-    /// What the metrics endpoint's HTTP limits did.
-    pub http: Arc<http::HttpCounters>,
-}
+/// Label values of [`ServerCounters::reloads`].
+pub const RELOAD_RESULTS: [&str; 2] = ["ok", "failed"];
 
-/// Counters summed over all shards.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct Totals {
-    /// Live allocations.
-    pub allocations: u64,
-    /// Live permissions.
-    pub permissions: u64,
-    /// Live channels.
-    pub channels: u64,
-    /// Relay sockets kept open for the next allocations.
-    pub spare_relay_sockets: u64,
-    /// Open TCP connections.
-    pub tcp_connections: u64,
-    /// Open TLS connections.
-    pub tls_connections: u64,
-    /// Allocations ever created.
-    pub allocations_created: u64,
-    /// Packets client -> peer.
-    pub packets_to_peer: u64,
-    /// Bytes client -> peer.
-    pub bytes_to_peer: u64,
-    /// Packets peer -> client.
-    pub packets_to_client: u64,
-    /// Bytes peer -> client.
-    pub bytes_to_client: u64,
-    /// Requests.
-    pub requests: u64,
-    /// Authentication failures.
-    pub auth_failures: u64,
-    /// Quota refusals.
-    pub quota_refusals: u64,
-    /// Allocations refused for want of a relay port or socket.
-    pub capacity_refusals: u64,
-    /// Peers denied.
-    pub peers_denied: u64,
-    /// Sends dropped because the socket was full.
-    pub send_would_block: u64,
-    /// TCP/TLS connections closed as soon as they were accepted (all reasons).
-    pub connections_refused: u64,
-    /// Connections without an allocation closed early (all reasons).
-    pub connections_closed_early: u64,
-    /// Drops by reason.
-    pub drops: [u64; DropReason::ALL.len()],
-}
-
-impl Totals {
-    /// Sums the counters of all shards.
-    pub fn sum(stats: &[Arc<ShardStats>]) -> Self {
-        let mut t = Self::default();
-        for s in stats {
-            t.allocations += read(&s.allocations);
-            t.permissions += read(&s.permissions);
-            t.channels += read(&s.channels);
-            t.spare_relay_sockets += read(&s.spare_relay_sockets);
-            t.tcp_connections += read(&s.tcp_connections);
-            t.tls_connections += read(&s.tls_connections);
-            t.allocations_created += read(&s.allocations_created);
-            t.packets_to_peer += read(&s.packets_to_peer);
-            t.bytes_to_peer += read(&s.bytes_to_peer);
-            t.packets_to_client += read(&s.packets_to_client);
-            t.bytes_to_client += read(&s.bytes_to_client);
-            t.requests += read(&s.requests);
-            t.auth_failures += read(&s.auth_failures);
-            t.quota_refusals += read(&s.quota_refusals);
-            t.capacity_refusals += read(&s.capacity_refusals);
-            t.peers_denied += read(&s.peers_denied);
-            t.send_would_block += read(&s.send_would_block);
-            t.connections_refused += s.connections_refused.iter().map(read).sum::<u64>();
-            t.connections_closed_early += s.connections_closed_early.iter().map(read).sum::<u64>();
-            for (d, c) in t.drops.iter_mut().zip(&s.drops) {
-                *d += read(c);
-            }
-        }
-        t
-    }
-
-    /// Total dropped datagrams.
-    pub fn dropped(&self) -> u64 {
-        self.drops.iter().sum::<u64>() + self.send_would_block
+turnpike_proto::counters! {
+    /// Server-wide counters kept outside the shards (the main thread writes them).
+    pub struct ServerCounters / ServerTotals {
+        /// Reloads, by [`RELOAD_RESULTS`]: applied, or refused because the new file was invalid.
+        reloads: counter total "turnpike_reloads_total" "Configuration reloads, by result." [result: RELOAD_RESULTS],
+        /// The configuration generation in force (0 at start).
+        generation: gauge total "turnpike_config_generation" "Configuration generation in force.",
     }
 }
 
@@ -124,16 +42,18 @@ pub fn run(stats: &[Arc<ShardStats>], shared: &Shared, stop: &AtomicBool) {
         }
         let now = Totals::sum(stats);
         let secs = since_summary.as_secs().max(1);
+        let (e, l) = (&now.engine, &last.engine);
+        let failures = |t: &turnpike_proto::stats::EngineTotals| t.auth_failures.iter().sum::<u64>();
         log::info!(
             "summary: {} allocations ({} quota units), {} permissions, {} channels; {} pkt/s to peers, {} pkt/s to clients; {} auth failures, {} dropped in the last {}s",
-            now.allocations,
+            e.allocations(),
             shared.quotas.total(),
-            now.permissions,
-            now.channels,
-            (now.packets_to_peer - last.packets_to_peer) / secs,
-            (now.packets_to_client - last.packets_to_client) / secs,
-            now.auth_failures - last.auth_failures,
-            now.dropped() - last.dropped(),
+            e.permissions,
+            e.channels,
+            (e.packets[TO_PEER] - l.packets[TO_PEER]) / secs,
+            (e.packets[TO_CLIENT] - l.packets[TO_CLIENT]) / secs,
+            failures(e) - failures(l),
+            e.dropped() - l.dropped(),
             secs
         );
         last = now;

@@ -22,10 +22,11 @@ use crate::admission::{self, EarlyClose, Refusal};
 use crate::policy::rate::{LogKind, LogLimiter};
 use crate::proto::allocation::{FiveTuple, ListenerId, Transport};
 use crate::proto::engine::{BindError, RelaySockets, TIMER_BUDGET};
-use crate::proto::stats::{ShardStats, bump, bump_down};
+use crate::proto::stats::{bump, bump_down};
 use crate::proto::timer::TimerWheel;
 use crate::proto::{Action, DropReason, Engine, PacketBuf, Settings};
 use crate::shared::Shared;
+use crate::stats::ShardStats;
 use crossbeam_channel::Receiver;
 use mio::net::{TcpListener, UdpSocket};
 use mio::{Events, Interest, Poll, Registry, Token, Waker};
@@ -358,7 +359,7 @@ impl Shard {
                 conn.closing = true;
             }
             if !conn.queue(bytes) {
-                bump(&self.stats.send_would_block, 1);
+                bump(&self.stats.engine.drops[DropReason::SocketFull.index()], 1);
                 return;
             }
         }
@@ -388,7 +389,7 @@ impl Shard {
     fn perform(&mut self, action: Action, reply_to: Option<FiveTuple>) {
         match action {
             Action::Done => {}
-            Action::Drop(reason) => bump(&self.stats.drops[reason.index()], 1),
+            Action::Drop(reason) => bump(&self.stats.engine.drops[reason.index()], 1),
             Action::Reply { len } => match reply_to {
                 Some(tuple) if tuple.transport == Transport::Udp => {
                     // Replies to UDP clients leave with the wake-up's other datagrams (one sendmmsg for a
@@ -445,14 +446,14 @@ impl Shard {
             },
         });
         if done.would_block > 0 {
-            bump(&self.stats.send_would_block, done.would_block);
+            bump(&self.stats.engine.drops[DropReason::SocketFull.index()], done.would_block);
         }
-        bump(&self.stats.send_calls, done.syscalls);
+        bump(&self.stats.io.send_calls, done.syscalls);
         if done.segmented > 0 {
-            bump(&self.stats.datagrams_segmented, done.segmented);
+            bump(&self.stats.io.datagrams_segmented, done.segmented);
         }
         if done.raw > 0 {
-            bump(&self.stats.datagrams_raw, done.raw);
+            bump(&self.stats.io.datagrams_raw, done.raw);
         }
     }
 
@@ -501,7 +502,7 @@ impl Shard {
                         let action = self.engine.handle_peer(now, key as u32, from, &mut self.pkt, len);
                         self.perform(action, None);
                     }
-                    BatchSource::Parked(_) => bump(&self.stats.drops[DropReason::NoAllocation.index()], 1),
+                    BatchSource::Parked(_) => bump(&self.stats.engine.drops[DropReason::NoAllocation.index()], 1),
                 }
                 std::mem::swap(&mut self.pkt, &mut self.batch.bufs[k]);
             }
@@ -606,7 +607,7 @@ impl Shard {
             }
             Err(why) => why,
         };
-        bump(&self.stats.connections_refused[refused.index()], 1);
+        bump(&self.stats.io.connections_refused[refused.index()], 1);
         let (id, t) = (self.id, transport.name());
         let message = format_args!("shard {id}: {t} connection from {from} closed at once: {}", refused.name());
         self.logs.log(LogKind::Accept, log::Level::Info, now, message);
@@ -640,7 +641,7 @@ impl Shard {
             let message = format_args!("shard {id}: closing pending connection {tuple} to make room for a newer one");
             self.logs.log(LogKind::Accept, log::Level::Info, now, message);
         }
-        bump(&self.stats.connections_closed_early[EarlyClose::Evicted.index()], 1);
+        bump(&self.stats.io.connections_closed_early[EarlyClose::Evicted.index()], 1);
         self.close_conn(idx);
         true
     }
@@ -667,7 +668,7 @@ impl Shard {
 
     /// Keeps the connection gauges current on accept and close (no scan over connections).
     fn count_conn(&self, transport: Transport, opened: bool) {
-        let gauge = if transport == Transport::Tls { &self.stats.tls_connections } else { &self.stats.tcp_connections };
+        let gauge = &self.stats.io.connections[usize::from(transport == Transport::Tls)];
         if opened { bump(gauge, 1) } else { bump_down(gauge) }
     }
 
@@ -759,7 +760,7 @@ impl Shard {
         if expired || pressed {
             log::debug!("shard {}: closing idle or unauthenticated connection {}", self.id, conn.tuple);
             if pressed && !expired {
-                bump(&self.stats.connections_closed_early[EarlyClose::PressureTimeout.index()], 1);
+                bump(&self.stats.io.connections_closed_early[EarlyClose::PressureTimeout.index()], 1);
             }
             self.close_conn(idx);
         } else {
@@ -991,7 +992,7 @@ pub fn run(parts: ShardParts) {
         shard.run_timers(now);
         let wait = coalescer.after_wake(now, std::mem::take(&mut shard.wake_datagrams), pending.is_empty());
         if !wait.is_zero() {
-            bump(&shard.stats.coalescing_pauses, 1);
+            bump(&shard.stats.io.coalescing_pauses, 1);
             clock::pause(wait);
         }
         while let Ok(ctl) = inbox.try_recv() {

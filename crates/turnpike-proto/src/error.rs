@@ -126,11 +126,13 @@ pub enum DropReason {
     /// An unauthenticated Refresh smaller than the challenge it would get, while unauthenticated
     /// requests flood the server (no client sends one; answering would amplify).
     UnauthenticatedUnderFlood,
+    /// The socket's send buffer was full (the host's, not the engine's, reason).
+    SocketFull,
 }
 
 impl DropReason {
     /// All reasons, in counter order.
-    pub const ALL: [Self; 11] = [
+    pub const ALL: [Self; 12] = [
         Self::Malformed,
         Self::Unexpected,
         Self::NoAllocation,
@@ -142,27 +144,45 @@ impl DropReason {
         Self::SourceRateLimited,
         Self::NoSpace,
         Self::UnauthenticatedUnderFlood,
+        Self::SocketFull,
+    ];
+
+    /// Every reason's [`DropReason::name`], in [`DropReason::ALL`] order.
+    pub const NAMES: [&'static str; 12] = [
+        "malformed",
+        "unexpected",
+        "no_allocation",
+        "no_channel",
+        "no_permission",
+        "bad_indication",
+        "peer_denied",
+        "over_bandwidth",
+        "source_rate_limited",
+        "no_space",
+        "unauthenticated_under_flood",
+        "socket_full",
     ];
 
     /// Stable name used in metrics and logs.
     pub fn name(self) -> &'static str {
-        match self {
-            Self::Malformed => "malformed",
-            Self::Unexpected => "unexpected",
-            Self::NoAllocation => "no_allocation",
-            Self::NoChannel => "no_channel",
-            Self::NoPermission => "no_permission",
-            Self::BadIndication => "bad_indication",
-            Self::PeerDenied => "peer_denied",
-            Self::OverBandwidth => "over_bandwidth",
-            Self::SourceRateLimited => "source_rate_limited",
-            Self::NoSpace => "no_space",
-            Self::UnauthenticatedUnderFlood => "unauthenticated_under_flood",
-        }
+        Self::NAMES[self.index()]
     }
 
     /// Index into per-reason counter arrays.
     pub fn index(self) -> usize {
         self as usize
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drop_reasons_index_their_names() {
+        for (i, r) in DropReason::ALL.iter().enumerate() {
+            assert_eq!(r.index(), i);
+            assert_eq!(DropReason::NAMES.iter().filter(|n| **n == r.name()).count(), 1, "{}", r.name());
+        }
     }
 }

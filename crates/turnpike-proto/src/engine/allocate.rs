@@ -396,8 +396,7 @@ impl Engine {
             self.cluster.relay_opened(bound6);
         }
         bump(&self.stats.allocations_created, 1);
-        set(&self.stats.allocations, self.table.len() as u64);
-        bump(&self.stats.allocations_by_transport[transport_index(tuple.transport)], 1);
+        bump(&self.stats.allocations[transport_index(tuple.transport)], 1);
     }
 
     /// The next relay address of `family`, round robin over the configured ones.

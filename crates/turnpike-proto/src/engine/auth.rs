@@ -127,7 +127,7 @@ impl Engine {
         }
         let unix = self.unix(now);
         if self.settings.nonce_key.check(nonce, tuple.client.ip(), unix) == NonceCheck::Stale {
-            bump(&self.stats.auth_failure_reasons[3], 1);
+            bump(&self.stats.auth_failures[3], 1);
             return Err(limited(self).unwrap_or_else(|| self.challenge(now, tuple, msg, ErrorCode::StaleNonce)));
         }
         // Requests on an allocation (Refresh, CreatePermission, ChannelBind) by the username that made it
@@ -149,8 +149,7 @@ impl Engine {
             Verdict::Expired => ("expired REST credential", 1),
             Verdict::BadIntegrity => ("wrong password or secret", 2),
         };
-        bump(&self.stats.auth_failures, 1);
-        bump(&self.stats.auth_failure_reasons[which], 1);
+        bump(&self.stats.auth_failures[which], 1);
         let user = String::from_utf8_lossy(username);
         self.logs.log(
             LogKind::AuthFailure,

@@ -199,8 +199,7 @@ impl Engine {
         self.live_channels = self.live_channels.saturating_sub(alloc.channels.len() as u64);
         set(&self.stats.permissions, self.live_permissions);
         set(&self.stats.channels, self.live_channels);
-        set(&self.stats.allocations, self.table.len() as u64);
-        bump_down(&self.stats.allocations_by_transport[transport_index(alloc.five_tuple.transport)]);
+        bump_down(&self.stats.allocations[transport_index(alloc.five_tuple.transport)]);
         log::info!(
             "allocation deleted ({why}): user={} client={} relay={}",
             alloc.username,

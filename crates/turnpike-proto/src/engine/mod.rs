@@ -28,7 +28,7 @@ use crate::policy::rate::{LogLimiter, TokenBucket};
 use crate::ports::PortPool;
 use crate::rng::XorShift;
 use crate::spares::SparePool;
-use crate::stats::{ShardStats, bump, set};
+use crate::stats::{EngineCounters, bump, set};
 use crate::stun::{Class, Method, MsgWriter, StunMsg};
 use crate::table::AllocTable;
 use crate::timer::TimerWheel;
@@ -241,7 +241,7 @@ pub struct Engine {
     shard: u16,
     settings: Arc<Settings>,
     cluster: Arc<dyn Cluster>,
-    stats: Arc<ShardStats>,
+    stats: Arc<EngineCounters>,
     table: AllocTable,
     ports: PortPool,
     wheel: TimerWheel<Timer>,
@@ -282,7 +282,7 @@ impl Engine {
         shard: u16,
         settings: Arc<Settings>,
         cluster: Arc<dyn Cluster>,
-        stats: Arc<ShardStats>,
+        stats: Arc<EngineCounters>,
         ports: impl IntoIterator<Item = u16>,
         origin: Instant,
         origin_unix: u64,

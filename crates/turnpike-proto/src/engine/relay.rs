@@ -8,7 +8,7 @@ use crate::attr::{self, AttrType};
 use crate::channel::{self, CHANNEL_HEADER_LEN, ChannelData};
 use crate::error::DropReason;
 use crate::policy::rate::TokenBucket;
-use crate::stats::bump;
+use crate::stats::{TO_CLIENT, TO_PEER, bump};
 use crate::stun::{self, Class, HEADER_LEN, MAGIC_COOKIE, Method, StunMsg, TransactionId, pad4};
 use std::net::SocketAddr;
 use std::ops::Range;
@@ -55,8 +55,8 @@ impl Engine {
             return Action::Drop(DropReason::OverBandwidth);
         }
         let key = relay_key(id.idx, alloc.half_for(binding.peer));
-        bump(&self.stats.packets_to_peer, 1);
-        bump(&self.stats.bytes_to_peer, cd.data.len() as u64);
+        bump(&self.stats.packets[TO_PEER], 1);
+        bump(&self.stats.bytes[TO_PEER], cd.data.len() as u64);
         let start = HEADROOM + CHANNEL_HEADER_LEN;
         Action::ToPeer { idx: key, peer: binding.peer, range: start..start + cd.data.len() }
     }
@@ -104,8 +104,8 @@ impl Engine {
         if !take_bandwidth(&mut alloc.bandwidth, &mut self.total_bandwidth, 0, data.len(), now) {
             return Action::Drop(DropReason::OverBandwidth);
         }
-        bump(&self.stats.packets_to_peer, 1);
-        bump(&self.stats.bytes_to_peer, data.len() as u64);
+        bump(&self.stats.packets[TO_PEER], 1);
+        bump(&self.stats.bytes[TO_PEER], data.len() as u64);
         let start = HEADROOM + offset_in(bytes, data);
         Action::ToPeer { idx: key, peer, range: start..start + data.len() }
     }
@@ -151,8 +151,8 @@ impl Engine {
                 None => return Action::Drop(DropReason::NoSpace),
             },
         };
-        bump(&self.stats.packets_to_client, 1);
-        bump(&self.stats.bytes_to_client, len as u64);
+        bump(&self.stats.packets[TO_CLIENT], 1);
+        bump(&self.stats.bytes[TO_CLIENT], len as u64);
         Action::ToClient { tuple, range }
     }
 

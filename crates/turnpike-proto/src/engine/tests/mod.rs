@@ -144,7 +144,7 @@ fn harness_on(s: Settings, (min_port, max_port): (u16, u16)) -> Harness {
         0,
         Arc::new(s),
         Arc::clone(&cluster) as Arc<dyn Cluster>,
-        Arc::new(ShardStats::default()),
+        Arc::new(EngineCounters::default()),
         min_port..=max_port,
         t0,
         UNIX0,
