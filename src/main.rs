@@ -24,6 +24,7 @@ USAGE:
     turnpike probe URI (--secret S | --user U --password P) [--count N] [--timeout SECS] [--insecure] [--ca FILE]
                                     allocate twice, relay through both, report each step
     turnpike config convert FILE    print a coturn turnserver.conf as turnpike YAML
+    turnpike config reference       print the option reference (config/README.md's table)
     turnpike --version
 
 The coturn spelling `-c FILE` is accepted for `--config FILE`. RUST_LOG overrides the log level.
@@ -90,6 +91,10 @@ fn run(args: &[String]) -> Result<ExitCode, String> {
         Some("probe") => probe_command(args),
         Some("config") => match args.get(1).map(String::as_str) {
             Some("convert") => convert(args.get(2).ok_or("config convert needs a turnserver.conf path")?),
+            Some("reference") => {
+                print!("{}", config::options::reference_markdown());
+                ok
+            }
             _ => Err(format!("unknown `config` command\n\n{USAGE}")),
         },
         Some(_) => {
@@ -145,14 +150,13 @@ fn synapse_config(args: &[String]) -> Result<(), String> {
 }
 
 fn convert(path: &str) -> Result<ExitCode, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("{path}: cannot read: {e}"))?;
-    let parsed =
-        config::coturn::parse(&text).map_err(|e| format!("{path}:{}: option `{}`: {}", e.line, e.option, e.message))?;
+    let (model, warnings) = config::read_model(Path::new(path)).map_err(|e| e.to_string())?;
     println!("# turnpike configuration converted from {path} by `turnpike config convert`");
-    for w in &parsed.warnings {
+    println!("# Options at their default are commented out.");
+    for w in &warnings {
         println!("# note: {w}");
     }
-    print!("{}", config::file::to_yaml(&parsed.config)?);
+    print!("{}", config::options::to_commented_yaml(&model));
     Ok(ExitCode::SUCCESS)
 }
 
@@ -246,7 +250,7 @@ fn init_logging(cfg: &Config) -> Result<(), String> {
     }
     builder.try_init().map_err(|e| e.to_string())?;
     if rust_log.is_none() {
-        log::set_max_level(cfg.log_level);
+        log::set_max_level(cfg.log_level.0);
     }
     Ok(())
 }

@@ -571,10 +571,11 @@ pub fn run(opts: &ProbeOptions) -> Report {
 /// Waits for a Data indication or ChannelData carrying `payload`.
 fn wait_data(s: &mut Session, payload: &[u8], deadline: Instant) -> bool {
     while let Ok(Some(frame)) = s.pipe.recv(deadline) {
-        if let Ok(m) = StunMsg::parse(&frame) {
-            if m.method() == Method::DATA && m.attr(AttrType::DATA) == Some(payload) {
-                return true;
-            }
+        if let Ok(m) = StunMsg::parse(&frame)
+            && m.method() == Method::DATA
+            && m.attr(AttrType::DATA) == Some(payload)
+        {
+            return true;
         }
     }
     false

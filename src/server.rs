@@ -5,7 +5,7 @@
 
 use crate::admission::ConnLimits;
 use crate::auth::NonceKey;
-use crate::config::Config;
+use crate::config::{Config, options};
 use crate::control::{self, ServerCounters};
 use crate::descriptors;
 use crate::policy::PeerPolicy;
@@ -122,42 +122,6 @@ pub struct ReloadReport {
     pub applied_everywhere: bool,
 }
 
-/// Options that need a restart, with a projection to compare them.
-fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
-    let mut out = Vec::new();
-    let mut check = |name: &'static str, same: bool| {
-        if !same {
-            out.push(name);
-        }
-    };
-    check("listen.ips", old.listen_ips == new.listen_ips);
-    check("listen.port", old.listen_port == new.listen_port);
-    check("listen.tls_port", old.tls_port == new.tls_port);
-    check("listen.udp/tcp", old.listen_udp == new.listen_udp && old.listen_tcp == new.listen_tcp);
-    check("tls (turning it on or off)", old.tls_cert.is_some() == new.tls_cert.is_some());
-    check("relay.ips", old.relay_ips == new.relay_ips);
-    check("relay.external_ips", old.external_ips == new.external_ips);
-    check("relay.min_port/max_port", old.min_port == new.min_port && old.max_port == new.max_port);
-    check("runtime.threads", old.threads == new.threads);
-    check("runtime.shard_ports", old.shard_ports == new.shard_ports);
-    check("runtime.pin_cores/core_ids", old.pin_cores == new.pin_cores && old.core_ids == new.core_ids);
-    check(
-        "runtime socket settings",
-        old.recv_buffer == new.recv_buffer
-            && old.send_buffer == new.send_buffer
-            && old.recv_batch == new.recv_batch
-            && old.udp_gso == new.udp_gso
-            && old.raw_send == new.raw_send
-            && old.raw_min_batch == new.raw_min_batch
-            && old.coalesce_wait == new.coalesce_wait
-            && old.coalesce_min_rate == new.coalesce_min_rate
-            && old.unallocated_timeout == new.unallocated_timeout,
-    );
-    check("logging.syslog/file", old.syslog == new.syslog && old.log_file == new.log_file);
-    check("metrics.listen", old.metrics_listen == new.metrics_listen);
-    out
-}
-
 /// A running server.
 pub struct ServerHandle {
     /// The UDP listening addresses, in listener order (ports resolved if 0 was asked for).
@@ -204,7 +168,19 @@ impl ServerHandle {
         };
         let new = crate::config::load(path).map_err(|e| refused(e.to_string()))?;
         let mut running = self.config.lock();
-        let restart_required = restart_only_changes(&running, &new);
+        // Options that need a restart keep their running values (so the next diff is against
+        // reality); turning TLS on or off does too (its listeners are bound at start).
+        let mut restart_required: Vec<&'static str> = options::changed(&running.model, &new.model)
+            .into_iter()
+            .filter(|o| o.reload == options::Reload::Restart)
+            .map(|o| o.spelled(new.format))
+            .collect();
+        let mut model = options::keep_restart_only(&new.model, &running.model);
+        if model.tls.cert.is_some() != running.model.tls.cert.is_some() {
+            model.tls = running.model.tls.clone();
+            restart_required.push("tls (turning it on or off)");
+        }
+        let new = new.with_model(model).map_err(|e| refused(e.to_string()))?;
         let tls = match (&new.tls_cert, &new.tls_key, self.addrs.tls.is_empty()) {
             (Some(cert), Some(key), false) => Some(crate::tls::server_config(cert, key).map_err(refused)?),
             _ => None,
@@ -218,41 +194,10 @@ impl ServerHandle {
             }
             let _ = s.waker.wake();
         }
-        log::set_max_level(new.log_level);
+        log::set_max_level(new.log_level.0);
         let fd_limit = descriptor_limit();
         self.shared.conns.set_limits(conn_limits(&new, fd_limit), fd_limit);
-        // Keep the running values of restart-only options, so the next diff is against reality.
-        let mut merged = new;
-        merged.listen_ips.clone_from(&running.listen_ips);
-        merged.listen_port = running.listen_port;
-        merged.tls_port = running.tls_port;
-        merged.listen_udp = running.listen_udp;
-        merged.listen_tcp = running.listen_tcp;
-        merged.relay_ips.clone_from(&running.relay_ips);
-        merged.external_ips.clone_from(&running.external_ips);
-        merged.min_port = running.min_port;
-        merged.max_port = running.max_port;
-        merged.threads = running.threads;
-        merged.shard_ports.clone_from(&running.shard_ports);
-        merged.pin_cores = running.pin_cores;
-        merged.core_ids.clone_from(&running.core_ids);
-        merged.recv_buffer = running.recv_buffer;
-        merged.send_buffer = running.send_buffer;
-        merged.recv_batch = running.recv_batch;
-        merged.udp_gso = running.udp_gso;
-        merged.raw_send = running.raw_send;
-        merged.raw_min_batch = running.raw_min_batch;
-        merged.coalesce_wait = running.coalesce_wait;
-        merged.coalesce_min_rate = running.coalesce_min_rate;
-        merged.unallocated_timeout = running.unallocated_timeout;
-        merged.syslog = running.syslog;
-        merged.log_file.clone_from(&running.log_file);
-        merged.metrics_listen = running.metrics_listen;
-        if merged.tls_cert.is_some() != running.tls_cert.is_some() {
-            merged.tls_cert.clone_from(&running.tls_cert);
-            merged.tls_key.clone_from(&running.tls_key);
-        }
-        *running = merged;
+        *running = new;
         drop(running);
         self.counters.reloads[0].fetch_add(1, Ordering::Relaxed);
         let applied_everywhere = self.wait_applied(generation);
@@ -598,10 +543,10 @@ pub fn start(cfg: &Config) -> io::Result<ServerHandle> {
             None
         };
         let thread = std::thread::Builder::new().name(format!("turnpike-shard-{k}")).spawn(move || {
-            if let Some(core) = core {
-                if !core_affinity::set_for_current(core) {
-                    log::warn!("shard {k}: could not pin to core {}", core.id);
-                }
+            if let Some(core) = core
+                && !core_affinity::set_for_current(core)
+            {
+                log::warn!("shard {k}: could not pin to core {}", core.id);
             }
             shard::run(parts);
         })?;

@@ -50,7 +50,7 @@ fn reconnect_loop(stop: Arc<AtomicBool>, opened: Arc<AtomicU64>, max: u64) -> st
         let mut held = std::collections::VecDeque::new();
         let mut k = 0u32;
         while !stop.load(Ordering::Relaxed) && opened.load(Ordering::Relaxed) < max && start.elapsed().as_secs() < 60 {
-            let to = addr(if k % 2 == 0 { PORT } else { TLS_PORT });
+            let to = addr(if k.is_multiple_of(2) { PORT } else { TLS_PORT });
             if let Ok(s) = connect_from(flood_source(1000 + k % 8), to) {
                 held.push_back(s);
                 opened.fetch_add(1, Ordering::Relaxed);

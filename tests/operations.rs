@@ -152,10 +152,11 @@ fn sighup_mid_stream_reloads_everything_and_loses_nothing() {
             sock.send_to(&frame, relay_server).unwrap();
             let due = start + Duration::from_millis(2 * u64::from(i + 1));
             while Instant::now() < due {
-                if let Ok((n, _)) = sock.recv_from(&mut buf) {
-                    if n >= 8 && buf[0] == 0x40 {
-                        received += 1;
-                    }
+                if let Ok((n, _)) = sock.recv_from(&mut buf)
+                    && n >= 8
+                    && buf[0] == 0x40
+                {
+                    received += 1;
                 }
             }
         }

@@ -147,7 +147,7 @@ fn a_slow_reader_does_not_stall_the_shard() {
             {
                 let _ = flood_peer.send_to(&payload, slow_relay);
                 sent += 1;
-                if sent % 256 == 0 {
+                if sent.is_multiple_of(256) {
                     std::thread::sleep(Duration::from_millis(1));
                 }
             }

@@ -1,7 +1,9 @@
 //! Reads coturn's `turnserver.conf` into the same model as the YAML file, so a coturn user can switch
 //! binaries and keep the file. Options turnpike has no use for are warned about once each.
 
-use super::file::{FileConfig, Threads};
+use super::file::FileConfig;
+use super::options::{self, Coturn};
+use serde_json::Value;
 use std::collections::HashMap;
 
 /// The result of reading a turnserver.conf.
@@ -47,16 +49,44 @@ const NO_OP: &[(&str, &str)] = &[
     ("proc-user", "run under systemd's User= instead"),
     ("proc-group", "run under systemd's Group= instead"),
     ("server-name", "not needed"),
-    ("no-multicast-peers", ""),
 ];
 
 fn flag(value: &str) -> bool {
     !matches!(value.trim(), "0" | "false" | "no" | "off")
 }
 
+/// Every option name a coturn file may use here: the table's, the special ones below and the no-ops.
+fn known_names() -> impl Iterator<Item = &'static str> {
+    const SPECIAL: &[&str] = &[
+        "use-auth-secret",
+        "no-tls",
+        "allow-loopback-peers",
+        "v",
+        "Verbose",
+        "V",
+        "general-threads",
+        "dtls-listening-port",
+        "alt-dtls-listening-port",
+    ];
+    options::OPTIONS
+        .iter()
+        .filter_map(|o| o.coturn.name())
+        .chain(SPECIAL.iter().copied())
+        .chain(NO_OP.iter().map(|(k, _)| *k))
+}
+
+/// The known option `key` was most likely meant to be, for a typo.
+pub(super) fn suggestion(key: &str) -> Option<&'static str> {
+    known_names()
+        .map(|k| (strsim::damerau_levenshtein(key, k), k))
+        .filter(|(d, k)| *d <= 2.max(k.len() / 5))
+        .min()
+        .map(|(_, k)| k)
+}
+
 impl CoturnFile {
-    fn note(&mut self, option: &str, line: usize) {
-        self.lines.insert(option.to_string(), line);
+    fn note(&mut self, path: &str, line: usize) {
+        self.lines.insert(path.to_string(), line);
     }
 
     fn warn_once(&mut self, key: &str, message: String) {
@@ -66,11 +96,47 @@ impl CoturnFile {
     }
 }
 
-/// Parses turnserver.conf text.
+/// The model being built, as JSON: options are set by path and their values typed by the default's.
+struct Tree(Value);
+
+impl Tree {
+    fn set(&mut self, path: &str, value: Value) {
+        if let Some(slot) = options::value_at_mut(&mut self.0, path) {
+            *slot = value;
+        }
+    }
+
+    fn push(&mut self, path: &str, item: &str) {
+        if let Some(Value::Array(items)) = options::value_at_mut(&mut self.0, path) {
+            items.push(Value::String(item.to_string()));
+        }
+    }
+
+    /// Sets `path` from a coturn value, typed like the option's current value.
+    fn set_typed(&mut self, path: &str, value: &str) -> Result<(), String> {
+        let typed = match options::value_at(&self.0, path) {
+            Some(Value::Number(_)) => {
+                Value::Number(value.parse::<u64>().map_err(|_| format!("`{value}` is not a number"))?.into())
+            }
+            Some(Value::Bool(_)) => Value::Bool(flag(value)),
+            _ => Value::String(value.to_string()),
+        };
+        self.set(path, typed);
+        Ok(())
+    }
+
+    /// The model, or why it cannot be one (a value out of range, say).
+    fn model(&self) -> Result<FileConfig, String> {
+        serde_json::from_value(self.0.clone()).map_err(|e| e.to_string())
+    }
+}
+
+/// Parses turnserver.conf text. Options of [`options::OPTIONS`] are set as the table says; the few
+/// coturn options with rules of their own (negations, companions, units) are handled here.
 pub fn parse(text: &str) -> Result<CoturnFile, CoturnError> {
     let mut out = CoturnFile::default();
-    // coturn defaults differ from turnpike's in one place: it relays TCP unless told not to. Keep
-    // turnpike's safer default; `no-tcp-relay` is then simply confirmed.
+    let mut tree = Tree(serde_json::to_value(FileConfig::default()).unwrap_or(Value::Null));
+    let mut shared_secrets = Vec::new();
     for (i, raw) in text.lines().enumerate() {
         let line_no = i + 1;
         let line = raw.trim();
@@ -85,153 +151,83 @@ pub fn parse(text: &str) -> Result<CoturnFile, CoturnError> {
         // Values may carry quotes and trailing comments, as in the Synapse how-to.
         let value = value.split(" #").next().unwrap_or("").trim().trim_matches('"');
         let err = |message: String| CoturnError { line: line_no, option: key.to_string(), message };
-        let number = |v: &str| v.parse::<u64>().map_err(|_| err(format!("`{v}` is not a number")));
-        let c = &mut out.config;
         match key {
             "use-auth-secret" => out.use_auth_secret = flag(value),
             "static-auth-secret" => {
-                c.auth.shared_secrets.push(value.to_string());
+                shared_secrets.push(value.to_string());
+                tree.push("auth.shared_secrets", value);
                 out.note("auth.shared_secrets", line_no);
             }
-            "realm" => {
-                c.auth.realm = value.to_string();
-                out.note("auth.realm", line_no);
-            }
-            "user" => {
-                c.auth.users.push(value.to_string());
-                out.note("auth.users", line_no);
-            }
-            "rest-api-separator" => {
-                c.auth.rest_separator = value.to_string();
-                out.note("auth.rest_separator", line_no);
-            }
             "stale-nonce" => {
-                c.auth.nonce_lifetime = if value.is_empty() { 600 } else { number(value)? };
+                tree.set_typed("auth.nonce_lifetime", if value.is_empty() { "600" } else { value }).map_err(err)?;
                 out.note("auth.nonce_lifetime", line_no);
             }
-            "listening-port" => {
-                c.listen.port = u16::try_from(number(value)?).map_err(|_| err("port out of range".into()))?;
-                out.note("listen.port", line_no);
-            }
-            "tls-listening-port" => {
-                c.listen.tls_port = u16::try_from(number(value)?).map_err(|_| err("port out of range".into()))?;
-                out.note("listen.tls_port", line_no);
-            }
-            "listening-ip" => {
-                c.listen.ips.push(value.to_string());
-                out.note("listen.ips", line_no);
-            }
-            "relay-ip" => {
-                c.relay.ips.push(value.to_string());
-                out.note("relay.ips", line_no);
-            }
-            "external-ip" => {
-                c.relay.external_ips.push(value.to_string());
-                out.note("relay.external_ips", line_no);
-            }
-            "min-port" => {
-                c.relay.min_port = u16::try_from(number(value)?).map_err(|_| err("port out of range".into()))?;
-                out.note("relay.min_port", line_no);
-            }
-            "max-port" => {
-                c.relay.max_port = u16::try_from(number(value)?).map_err(|_| err("port out of range".into()))?;
-                out.note("relay.max_port", line_no);
-            }
-            "no-tcp-relay" => {
-                c.peers.no_tcp_relay = flag(value);
-                out.note("peers.no_tcp_relay", line_no);
-            }
-            "denied-peer-ip" => {
-                c.peers.denied.push(value.to_string());
-                out.note("peers.denied", line_no);
-            }
-            "allowed-peer-ip" => {
-                c.peers.allowed.push(value.to_string());
-                out.note("peers.allowed", line_no);
-            }
             "allow-loopback-peers" => {
-                c.peers.allowed.push("127.0.0.0/8".into());
-                c.peers.allowed.push("::1".into());
+                tree.push("peers.allowed", "127.0.0.0/8");
+                tree.push("peers.allowed", "::1");
                 out.note("peers.allowed", line_no);
-            }
-            "user-quota" => {
-                c.allocations.user_quota = u32::try_from(number(value)?).map_err(|_| err("too large".into()))?;
-                out.note("allocations.user_quota", line_no);
-            }
-            "total-quota" => {
-                c.allocations.total_quota = u32::try_from(number(value)?).map_err(|_| err("too large".into()))?;
-                out.note("allocations.total_quota", line_no);
-            }
-            "max-allocate-lifetime" => {
-                c.allocations.max_lifetime = number(value)?;
-                out.note("allocations.max_lifetime", line_no);
-            }
-            "max-bps" => {
-                c.allocations.max_bps = number(value)?;
-                out.note("allocations.max_bps", line_no);
             }
             "bps-capacity" => {
-                c.allocations.total_bps = number(value)?;
+                tree.set_typed("allocations.total_bps", value).map_err(err)?;
                 out.note("allocations.total_bps", line_no);
                 out.warn_once(
                     key,
                     "is enforced as a total bandwidth cap per direction, not as admission control".into(),
                 );
             }
-            "cert" => {
-                c.tls.cert = Some(value.to_string());
-                out.note("tls.cert", line_no);
-            }
-            "pkey" => {
-                c.tls.pkey = Some(value.to_string());
-                out.note("tls.pkey", line_no);
-            }
-            "no-udp" => c.listen.udp = false,
-            "no-tcp" => c.listen.tcp = false,
+            "no-udp" => tree.set("listen.udp", Value::Bool(!flag(value))),
+            "no-tcp" => tree.set("listen.tcp", Value::Bool(!flag(value))),
             "no-tls" => {
-                c.tls.cert = None;
-                c.tls.pkey = None;
+                tree.set("tls.cert", Value::Null);
+                tree.set("tls.pkey", Value::Null);
             }
             "syslog-facility" => {
-                c.logging.syslog_facility = value.to_ascii_lowercase();
+                tree.set("logging.syslog_facility", Value::String(value.to_ascii_lowercase()));
                 out.note("logging.syslog_facility", line_no);
-            }
-            "syslog" => {
-                c.logging.syslog = true;
-                out.note("logging.syslog", line_no);
             }
             "log-file" => {
                 if value != "stdout" && !value.is_empty() {
-                    c.logging.file = Some(value.to_string());
+                    tree.set("logging.file", Value::String(value.to_string()));
                 }
                 out.note("logging.file", line_no);
             }
-            "verbose" | "v" => c.logging.level = "debug".into(),
-            "Verbose" | "V" => c.logging.level = "trace".into(),
+            "verbose" | "v" => tree.set("logging.level", Value::String("debug".into())),
+            "Verbose" | "V" => tree.set("logging.level", Value::String("trace".into())),
             "relay-threads" | "general-threads" => {
-                let n = number(value)?;
-                c.runtime.threads = if n == 0 { Threads::default() } else { Threads::Count(n as usize) };
+                let n = value.parse::<u64>().map_err(|_| err(format!("`{value}` is not a number")))?;
+                let threads = if n == 0 { Value::String("auto".into()) } else { Value::Number(n.into()) };
+                tree.set("runtime.threads", threads);
                 out.note("runtime.threads", line_no);
             }
-            "software-name" => c.protocol.software = Some(value.to_string()),
             "dtls-listening-port" | "alt-dtls-listening-port" => {
                 return Err(err("DTLS is not supported by turnpike (browsers use UDP, TCP or TLS for TURN); remove this line and add `no-dtls`".into()));
             }
             _ => {
-                if let Some((_, why)) = NO_OP.iter().find(|(k, _)| *k == key) {
+                if let Some(o) = options::by_coturn_name(key) {
+                    match o.coturn {
+                        Coturn::Repeat(_) => tree.push(o.path, value),
+                        Coturn::Flag(_) => tree.set(o.path, Value::Bool(flag(value))),
+                        _ => tree.set_typed(o.path, value).map_err(err)?,
+                    }
+                    out.note(o.path, line_no);
+                } else if let Some((_, why)) = NO_OP.iter().find(|(k, _)| *k == key) {
                     if !why.is_empty() {
                         out.warn_once(key, format!("has no effect: {why}"));
                     }
                 } else {
-                    out.warn_once(key, format!("(line {line_no}) is not supported by turnpike and is ignored"));
+                    let hint = suggestion(key).map(|k| format!("; did you mean `{k}`?")).unwrap_or_default();
+                    out.warn_once(key, format!("(line {line_no}) is not supported by turnpike and is ignored{hint}"));
                 }
+                // A value the model cannot hold (a port over 65535, say) is this line's error.
+                tree.model().map_err(|e| err(format!("`{value}`: {e}")))?;
             }
         }
     }
-    if !out.use_auth_secret && !out.config.auth.shared_secrets.is_empty() {
+    if !out.use_auth_secret && !shared_secrets.is_empty() {
         out.warnings.push("`static-auth-secret` is ignored because `use-auth-secret` is not set (as in coturn)".into());
-        out.config.auth.shared_secrets.clear();
+        tree.set("auth.shared_secrets", Value::Array(Vec::new()));
     }
+    out.config = tree.model().map_err(|e| CoturnError { line: 0, option: String::new(), message: e })?;
     Ok(out)
 }
 
@@ -256,6 +252,22 @@ mod tests {
         assert_eq!(f.lines["allocations.user_quota"], 9);
         assert!(f.warnings.iter().any(|w| w.contains("foo-bar")));
         assert!(f.warnings.iter().any(|w| w.contains("lt-cred-mech")));
+    }
+
+    #[test]
+    fn typos_are_named_with_a_suggestion_and_values_out_of_range_are_errors() {
+        let f = parse("realm=x\nmin-prot=49152\nlistening-prot=3478\n").unwrap();
+        assert!(
+            f.warnings.iter().any(|w| w.contains("`min-prot`") && w.contains("did you mean `min-port`")),
+            "{:?}",
+            f.warnings
+        );
+        assert!(f.warnings.iter().any(|w| w.contains("did you mean `listening-port`")), "{:?}", f.warnings);
+        let e = parse("realm=x\nmax-port=70000\n").unwrap_err();
+        assert_eq!((e.line, e.option.as_str()), (2, "max-port"));
+        let f = parse("syslog\nno-udp\nallow-loopback-peers\nrelay-threads=0\n").unwrap();
+        assert!(f.config.logging.syslog && !f.config.listen.udp);
+        assert_eq!(f.config.peers.allowed, ["127.0.0.0/8", "::1"]);
     }
 
     #[test]

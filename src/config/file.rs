@@ -1,5 +1,5 @@
 //! The YAML file model. Every section and key is optional; unknown keys are errors (typos must not pass
-//! silently). `serde_yaml` stays behind [`parse_yaml`] so it can be swapped for a maintained fork.
+//! silently). YAML is read with serde-saphyr (maintained, panic-free, errors with line and column).
 
 use serde::{Deserialize, Serialize};
 
@@ -336,12 +336,15 @@ pub struct FileConfig {
     pub metrics: MetricsSection,
 }
 
-/// A YAML syntax or schema error: line (1-based, if known) and message.
+/// A YAML syntax or schema error: line (1-based, if known), the option it is about (a YAML path, if
+/// known) and message.
 #[derive(Debug, Clone)]
 pub struct YamlError {
     /// Line of the error.
     pub line: Option<usize>,
-    /// What serde said.
+    /// The option, `section.key` (or a section).
+    pub option: Option<String>,
+    /// What is wrong, and for a misspelt option what was probably meant.
     pub message: String,
 }
 
@@ -350,15 +353,81 @@ pub fn parse_yaml(text: &str) -> Result<FileConfig, YamlError> {
     if text.trim().is_empty() {
         return Ok(FileConfig::default());
     }
-    serde_yaml::from_str(text).map_err(|e| {
-        let message = e.to_string();
-        let message = if message.contains("unknown field `dtls") {
-            "DTLS is not supported: browsers reach TURN over UDP, TCP or TLS; remove the dtls option".to_string()
-        } else {
-            message
-        };
-        YamlError { line: e.location().map(|l| l.line()), message }
+    serde_saphyr::from_str(text).map_err(|e| {
+        let line = e.location().and_then(|l| usize::try_from(l.line()).ok());
+        let message = plain_message(&e);
+        let section = line.and_then(|l| section_at(text, l));
+        let unknown = message.strip_prefix("unknown field `").and_then(|rest| rest.split_once('`')).map(|(k, _)| k);
+        match (unknown, section) {
+            (Some(key), _) if key.starts_with("dtls") => YamlError {
+                line,
+                option: Some(key.to_string()),
+                message: "DTLS is not supported: browsers reach TURN over UDP, TCP or TLS; remove the dtls option"
+                    .into(),
+            },
+            (Some(key), section) => {
+                let (path, what) = match section {
+                    Some(s) if s != key => (format!("{s}.{key}"), "option"),
+                    _ => (key.to_string(), "section"),
+                };
+                let hint = suggest(&path).map(|p| format!("; did you mean `{p}`?")).unwrap_or_default();
+                YamlError { line, option: Some(path), message: format!("unknown {what}{hint}") }
+            }
+            (None, section) => {
+                let option = line.and_then(|l| key_at(text, l)).map(|key| match section {
+                    Some(s) if s != key => format!("{s}.{key}"),
+                    _ => key,
+                });
+                YamlError { line, option, message }
+            }
+        }
     })
+}
+
+/// The known option or section `path` (`section.key`, or a section) was most likely meant to be.
+fn suggest(path: &str) -> Option<String> {
+    let sections = super::options::OPTIONS.iter().filter_map(|o| o.path.split_once('.').map(|(s, _)| s));
+    let candidates = super::options::OPTIONS.iter().map(|o| o.path).chain(sections);
+    candidates
+        .map(|c| (strsim::damerau_levenshtein(path, c), c))
+        .filter(|(d, c)| *d <= 2.max(c.len() / 6))
+        .min()
+        .map(|(_, c)| c.to_string())
+}
+
+/// The key written on line `line` (1-based).
+fn key_at(text: &str, line: usize) -> Option<String> {
+    let l = text.lines().nth(line.checked_sub(1)?)?.trim_start().trim_start_matches("- ");
+    Some(l.split_once(':')?.0.trim().to_string())
+}
+
+/// The section line `line` (1-based) lies in: the last unindented key at or above it.
+fn section_at(text: &str, line: usize) -> Option<String> {
+    text.lines()
+        .take(line)
+        .filter(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#'))
+        .filter(|l| !l.starts_with([' ', '\t']))
+        .last()
+        .and_then(|l| Some(l.split_once(':')?.0.trim().to_string()))
+}
+
+/// The error's own words, without the position and the source snippet serde-saphyr adds (the
+/// caller names file and line itself).
+fn plain_message(e: &serde_saphyr::Error) -> String {
+    let text = e.to_string();
+    let first = text.lines().next().unwrap_or_default().trim();
+    let first = first.strip_prefix("error: ").unwrap_or(first);
+    let message = match first.strip_prefix("line ").and_then(|rest| rest.split_once(": ")) {
+        Some((position, message)) if position.contains("column") => message,
+        _ => first,
+    };
+    let range = match message {
+        "invalid u16" => "0 to 65535",
+        "invalid u32" => "0 to 4294967295",
+        "invalid u64" | "invalid usize" => "0 up",
+        _ => return message.to_string(),
+    };
+    format!("must be a whole number from {range}")
 }
 
 /// Finds the line of `key:` nested under `section:` in YAML text (for semantic errors).
@@ -386,5 +455,5 @@ pub fn yaml_line_of(text: &str, section: &str, key: &str) -> Option<usize> {
 
 /// Writes the model as YAML (`turnpike config convert`).
 pub fn to_yaml(model: &FileConfig) -> Result<String, String> {
-    serde_yaml::to_string(model).map_err(|e| e.to_string())
+    serde_saphyr::to_string(model).map_err(|e| e.to_string())
 }

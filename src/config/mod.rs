@@ -3,10 +3,12 @@
 
 pub mod coturn;
 pub mod file;
+pub mod options;
+mod validate;
 
 use crate::auth::CredentialStore;
 use crate::policy::IpRange;
-use file::{FileConfig, Threads};
+use file::FileConfig;
 use std::collections::HashMap;
 use std::fmt;
 use std::net::IpAddr;
@@ -42,9 +44,10 @@ impl fmt::Display for ConfigError {
 impl std::error::Error for ConfigError {}
 
 /// The file formats turnpike reads.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Format {
     /// turnpike's YAML.
+    #[default]
     Yaml,
     /// coturn's turnserver.conf.
     Coturn,
@@ -74,9 +77,21 @@ impl fmt::Debug for UserSecret {
     }
 }
 
+/// The log level (a newtype only so that [`Config`] has a default: info).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogLevel(pub log::LevelFilter);
+
+impl Default for LogLevel {
+    fn default() -> Self {
+        Self(log::LevelFilter::Info)
+    }
+}
+
 /// The validated configuration.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Config {
+    /// The file model it was validated from (reload compares and merges models).
+    pub model: FileConfig,
     /// Where it was read from.
     pub source: PathBuf,
     /// Which format it was.
@@ -178,7 +193,7 @@ pub struct Config {
     /// TCP/TLS connections without an allocation are closed after this long idle.
     pub unallocated_timeout: Duration,
     /// Log level.
-    pub log_level: log::LevelFilter,
+    pub log_level: LogLevel,
     /// Syslog.
     pub syslog: bool,
     /// Log file.
@@ -202,6 +217,9 @@ pub const DEV_CONFIG: &str = include_str!("../../config/dev.yaml");
 /// Longest receive-coalescing pause a configuration may ask for, microseconds (10 ms: far beyond any
 /// useful value; longer pauses would hold datagrams for a noticeable time).
 pub const MAX_COALESCE_US: u64 = 10_000;
+/// Largest `runtime.raw_min_batch`: the most datagrams one `sendmmsg` of a shard carries
+/// (`shard::sys::MAX_MESSAGES`, which a test keeps equal).
+pub const MAX_RAW_BATCH: usize = 64;
 
 /// Where an option lives, for error messages.
 struct Locator<'a> {
@@ -212,40 +230,17 @@ struct Locator<'a> {
 }
 
 impl Locator<'_> {
+    /// An error about the option at `path` (a YAML path of [`options::OPTIONS`]), named and placed as
+    /// the file writes it: its coturn spelling and the line that set it in a coturn file, its YAML path
+    /// and line in YAML.
     fn error(&self, path: &str, message: impl Into<String>) -> ConfigError {
         let (section, key) = path.split_once('.').unwrap_or(("", path));
-        let (line, option) = match self.format {
-            Format::Yaml => (file::yaml_line_of(self.text, section, key), path.to_string()),
-            Format::Coturn => (self.coturn_lines.get(path).copied(), coturn_name(path).to_string()),
+        let spelled = options::by_path(path).map_or(path, |o| o.spelled(self.format));
+        let line = match self.format {
+            Format::Yaml => file::yaml_line_of(self.text, section, key),
+            Format::Coturn => self.coturn_lines.get(path).copied(),
         };
-        ConfigError { file: self.file.to_path_buf(), line, option, message: message.into() }
-    }
-}
-
-fn coturn_name(path: &str) -> &str {
-    match path {
-        "auth.shared_secrets" => "static-auth-secret",
-        "auth.realm" => "realm",
-        "auth.users" => "user",
-        "auth.rest_separator" => "rest-api-separator",
-        "auth.nonce_lifetime" => "stale-nonce",
-        "listen.port" => "listening-port",
-        "listen.tls_port" => "tls-listening-port",
-        "listen.ips" => "listening-ip",
-        "relay.ips" => "relay-ip",
-        "relay.external_ips" => "external-ip",
-        "relay.min_port" => "min-port",
-        "relay.max_port" => "max-port",
-        "peers.denied" => "denied-peer-ip",
-        "peers.allowed" => "allowed-peer-ip",
-        "allocations.user_quota" => "user-quota",
-        "allocations.total_quota" => "total-quota",
-        "allocations.max_lifetime" => "max-allocate-lifetime",
-        "runtime.threads" => "relay-threads",
-        "tls.cert" => "cert",
-        "tls.pkey" => "pkey",
-        "logging.file" => "log-file",
-        other => other,
+        ConfigError { file: self.file.to_path_buf(), line, option: spelled.to_string(), message: message.into() }
     }
 }
 
@@ -275,19 +270,34 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
     parse(path, &text)
 }
 
-/// Parses and validates configuration text; `path` is used for format detection and messages.
-pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
-    let format = detect_format(path, text);
-    let mut loc = Locator { file: path, format, text, coturn_lines: HashMap::new() };
-    let (model, warnings) = match format {
+/// Reads a file of either format into the file model, unvalidated, with the parser's warnings
+/// (`config convert`).
+pub fn read_model(path: &Path) -> Result<(FileConfig, Vec<String>), ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        file: path.to_path_buf(),
+        line: None,
+        option: String::new(),
+        message: format!("cannot read: {e}"),
+    })?;
+    let (model, warnings, _) = read(path, &text)?;
+    Ok((model, warnings))
+}
+
+/// What reading a file's text gives: its model, the parser's warnings and, for a coturn file, the line
+/// that set each option.
+type Read = (FileConfig, Vec<String>, HashMap<String, usize>);
+
+/// The model a file's text describes (see [`Read`]).
+fn read(path: &Path, text: &str) -> Result<Read, ConfigError> {
+    match detect_format(path, text) {
         Format::Yaml => {
             let model = file::parse_yaml(text).map_err(|e| ConfigError {
                 file: path.to_path_buf(),
                 line: e.line,
-                option: String::new(),
+                option: e.option.unwrap_or_default(),
                 message: e.message,
             })?;
-            (model, Vec::new())
+            Ok((model, Vec::new(), HashMap::new()))
         }
         Format::Coturn => {
             let parsed = coturn::parse(text).map_err(|e| ConfigError {
@@ -296,339 +306,30 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
                 option: e.option,
                 message: e.message,
             })?;
-            loc.coturn_lines = parsed.lines;
-            (parsed.config, parsed.warnings)
+            Ok((parsed.config, parsed.warnings, parsed.lines))
         }
-    };
-    validate(&loc, model, warnings)
+    }
 }
 
-fn parse_ips(loc: &Locator<'_>, path: &str, items: &[String]) -> Result<Vec<IpAddr>, ConfigError> {
-    items
-        .iter()
-        .map(|s| s.trim().parse::<IpAddr>().map_err(|_| loc.error(path, format!("`{s}` is not an IP address"))))
-        .collect()
-}
-
-fn parse_ranges(loc: &Locator<'_>, path: &str, items: &[String]) -> Result<Vec<IpRange>, ConfigError> {
-    items.iter().map(|s| s.parse::<IpRange>().map_err(|e| loc.error(path, e))).collect()
-}
-
-fn parse_port_range(s: &str) -> Option<(u16, u16)> {
-    let (a, b) = s.split_once('-')?;
-    let (a, b) = (a.trim().parse().ok()?, b.trim().parse().ok()?);
-    (a <= b && a > 0).then_some((a, b))
-}
-
-fn validate(loc: &Locator<'_>, m: FileConfig, mut warnings: Vec<String>) -> Result<Config, ConfigError> {
-    let realm = m.auth.realm.trim().to_string();
-    if realm.is_empty() {
-        return Err(
-            loc.error("auth.realm", "a realm is required (conventionally your server name, e.g. turn.example.org)")
-        );
-    }
-    if realm.len() > 127 {
-        return Err(loc.error("auth.realm", "must be shorter than 128 characters"));
-    }
-    let mut users = Vec::new();
-    for u in &m.auth.users {
-        let Some((name, secret)) = u.split_once(':') else {
-            return Err(
-                loc.error("auth.users", format!("`{}` must be `name:password`", u.split(':').next().unwrap_or("")))
-            );
-        };
-        if name.is_empty() || secret.is_empty() {
-            return Err(loc.error("auth.users", "user name and password must not be empty"));
-        }
-        let secret = match secret.strip_prefix("0x") {
-            Some(hex) if hex.len() == 32 && hex.chars().all(|c| c.is_ascii_hexdigit()) => {
-                let mut key = [0u8; 16];
-                for (i, k) in key.iter_mut().enumerate() {
-                    *k = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap_or(0);
-                }
-                UserSecret::Key(key)
-            }
-            _ => UserSecret::Password(secret.to_string()),
-        };
-        users.push((name.to_string(), secret));
-    }
-    let secrets: Vec<String> = m.auth.shared_secrets.iter().map(|s| s.trim().to_string()).collect();
-    if secrets.iter().any(String::is_empty) {
-        return Err(loc.error("auth.shared_secrets", "a shared secret must not be empty"));
-    }
-    if secrets.is_empty() && users.is_empty() {
-        return Err(loc.error(
-            "auth.shared_secrets",
-            "no credentials configured: set auth.shared_secrets (the homeserver's turn_shared_secret) or auth.users; turnpike never runs as an open relay",
-        ));
-    }
-    let rest_separator = match m.auth.rest_separator.as_bytes() {
-        [b] if b.is_ascii() && !b.is_ascii_digit() => *b,
-        _ => {
-            return Err(loc.error("auth.rest_separator", "must be one ASCII character that is not a digit"));
-        }
-    };
-    if !(30..=86_400).contains(&m.auth.nonce_lifetime) {
-        return Err(loc.error("auth.nonce_lifetime", "must be between 30 and 86400 seconds"));
-    }
-    let listen_ips = if m.listen.ips.is_empty() {
-        vec![IpAddr::from([0, 0, 0, 0])]
-    } else {
-        parse_ips(loc, "listen.ips", &m.listen.ips)?
-    };
-    if m.listen.port == 0 && loc.file != Path::new("<test>") {
-        // Port 0 is only useful to tests, which pick a free port; allow it but say so.
-        warnings.push("listen.port is 0: an ephemeral port will be chosen".into());
-    }
-    let relay_ips = parse_ips(loc, "relay.ips", &m.relay.ips)?;
-    if let Some(any) = relay_ips.iter().find(|ip| ip.is_unspecified()) {
-        return Err(loc.error(
-            "relay.ips",
-            format!("`{any}` is not an address: relay sockets need the address peers reach them at"),
-        ));
-    }
-    let mut external_ips = Vec::new();
-    for e in &m.relay.external_ips {
-        let (public, private) = match e.split_once('/') {
-            Some((p, q)) => (p, Some(q)),
-            None => (e.as_str(), None),
-        };
-        let bad = || loc.error("relay.external_ips", format!("`{e}` must be PUBLIC or PUBLIC/PRIVATE IP addresses"));
-        let public: IpAddr = public.trim().parse().map_err(|_| bad())?;
-        let private: Option<IpAddr> = match private {
-            Some(p) => Some(p.trim().parse().map_err(|_| bad())?),
-            None => None,
-        };
-        if private.is_some_and(|p| p.is_ipv4() != public.is_ipv4()) {
-            return Err(loc.error("relay.external_ips", format!("`{e}`: both addresses must be of one family")));
-        }
-        if external_ips.iter().any(|x: &ExternalIp| x.public.is_ipv4() == public.is_ipv4()) {
-            return Err(loc.error("relay.external_ips", "at most one external address per address family"));
-        }
-        external_ips.push(ExternalIp { public, private });
-    }
-    let (min_port, max_port) = (m.relay.min_port, m.relay.max_port);
-    if min_port == 0 || min_port > max_port {
-        return Err(
-            loc.error("relay.min_port", format!("the relay range {min_port}-{max_port} is empty or starts at 0"))
-        );
-    }
-    let threads = match &m.runtime.threads {
-        Threads::Count(n) if (1..=1024).contains(n) => *n,
-        Threads::Count(_) => {
-            return Err(loc.error("runtime.threads", "must be between 1 and 1024, or `auto`"));
-        }
-        Threads::Word(w) if w == "auto" => std::thread::available_parallelism().map_or(1, |n| n.get()),
-        Threads::Word(w) => {
-            return Err(loc.error("runtime.threads", format!("`{w}`: must be a number or `auto`")));
-        }
-    };
-    let mut shard_ports = Vec::new();
-    for s in &m.runtime.shard_ports {
-        let Some(r) = parse_port_range(s) else {
-            return Err(loc.error("runtime.shard_ports", format!("`{s}` must be a port range `a-b`")));
-        };
-        shard_ports.push(r);
-    }
-    if !shard_ports.is_empty() && shard_ports.len() != threads {
-        return Err(loc.error(
-            "runtime.shard_ports",
-            format!("{} ranges given for {threads} shards: give one per shard", shard_ports.len()),
-        ));
-    }
-    let total_ports = if shard_ports.is_empty() {
-        usize::from(max_port - min_port) + 1
-    } else {
-        shard_ports.iter().map(|(a, b)| usize::from(b - a) + 1).min().unwrap_or(0) * threads
-    };
-    if total_ports < 2 * threads {
-        return Err(
-            loc.error("relay.min_port", format!("{total_ports} relay ports cannot be shared by {threads} shards"))
-        );
-    }
-    if !(1..=3600).contains(&m.runtime.unallocated_timeout) {
-        return Err(loc.error("runtime.unallocated_timeout", "must be between 1 and 3600 seconds"));
-    }
-    if m.runtime.recv_batch == 0 || m.runtime.recv_batch > 1024 {
-        return Err(loc.error("runtime.recv_batch", "must be between 1 and 1024"));
-    }
-    if m.runtime.raw_min_batch == 0 || m.runtime.raw_min_batch > crate::shard::sys::MAX_MESSAGES {
-        let most = crate::shard::sys::MAX_MESSAGES;
-        return Err(loc.error("runtime.raw_min_batch", format!("must be between 1 and {most}")));
-    }
-    if m.runtime.coalesce_us > MAX_COALESCE_US {
-        return Err(loc.error("runtime.coalesce_us", format!("must be between 0 (off) and {MAX_COALESCE_US}")));
-    }
-    if !m.runtime.core_ids.is_empty() && m.runtime.core_ids.len() < threads {
-        return Err(
-            loc.error("runtime.core_ids", format!("{} cores listed for {threads} shards", m.runtime.core_ids.len()))
-        );
-    }
-    let a = &m.allocations;
-    if a.default_lifetime < 60 || a.max_lifetime < a.default_lifetime || a.max_lifetime > 86_400 {
-        return Err(loc.error(
-            "allocations.max_lifetime",
-            format!(
-                "lifetimes must satisfy 60 <= default ({}) <= max ({}) <= 86400",
-                a.default_lifetime, a.max_lifetime
-            ),
-        ));
-    }
-    if !(1..=1024).contains(&a.max_permissions) {
-        return Err(loc.error("allocations.max_permissions", "must be between 1 and 1024"));
-    }
-    if a.user_reservations > 1024 {
-        return Err(loc.error("allocations.user_reservations", "must be between 0 (none) and 1024"));
-    }
-    if !(1..=4096).contains(&a.max_channels) {
-        return Err(loc.error("allocations.max_channels", "must be between 1 and 4096"));
-    }
-    let allowed_peers = parse_ranges(loc, "peers.allowed", &m.peers.allowed)?;
-    let denied_peers = parse_ranges(loc, "peers.denied", &m.peers.denied)?;
-    if m.peers.allow_private {
-        warnings.push("peers.allow_private is on: the relay may reach private and reserved networks".into());
-    }
-    if !allowed_peers.is_empty() {
-        let list: Vec<String> = allowed_peers.iter().map(ToString::to_string).collect();
-        warnings.push(format!("peers.allowed opens normally denied peers: {}", list.join(", ")));
-    }
-    if !m.peers.no_multicast {
-        warnings.push("peers.no_multicast is off: multicast peers may be reached".into());
-    }
-    if m.tls.cert.is_some() != m.tls.pkey.is_some() {
-        return Err(loc.error("tls.cert", "tls.cert and tls.pkey must be given together"));
-    }
-    if m.abuse.unauth_rate > 0 && m.abuse.unauth_burst == 0 {
-        return Err(loc.error("abuse.unauth_burst", "must be at least 1 when abuse.unauth_rate is set"));
-    }
-    if m.abuse.unauth_rate == 0 {
-        warnings.push(
-            "abuse.unauth_rate is 0: unauthenticated requests are answered without limit (a reflection amplifier)"
-                .into(),
-        );
-    }
-    if (1..1024).contains(&a.max_bps) || (1..1024).contains(&a.total_bps) {
-        return Err(loc.error(
-            "allocations.max_bps",
-            "bandwidth limits are bytes per second; below 1024 nothing useful gets through",
-        ));
-    }
-    if !m.listen.udp && !m.listen.tcp && m.tls.cert.is_none() {
-        return Err(loc.error("listen.udp", "UDP, TCP and TLS are all off: nothing to listen on"));
-    }
-    if let (Some(cert), Some(key)) = (&m.tls.cert, &m.tls.pkey) {
-        // Fail at start (and refuse a reload) rather than at the first handshake.
-        crate::tls::server_config(Path::new(cert), Path::new(key)).map_err(|e| loc.error("tls.cert", e))?;
-    }
-    let log_level = match m.logging.level.to_ascii_lowercase().as_str() {
-        "off" => log::LevelFilter::Off,
-        "error" => log::LevelFilter::Error,
-        "warn" => log::LevelFilter::Warn,
-        "info" => log::LevelFilter::Info,
-        "debug" => log::LevelFilter::Debug,
-        "trace" => log::LevelFilter::Trace,
-        other => {
-            return Err(loc.error("logging.level", format!("`{other}`: use error, warn, info, debug or trace")));
-        }
-    };
-    let metrics_listen = match &m.metrics.listen {
-        None => None,
-        Some(s) => {
-            let addr: std::net::SocketAddr = s
-                .parse()
-                .map_err(|_| loc.error("metrics.listen", format!("`{s}` must be IP:PORT, e.g. 127.0.0.1:9641")))?;
-            if !addr.ip().is_loopback() {
-                warnings.push(format!("metrics.listen {addr} is not loopback: put it behind a firewall or a proxy"));
-            }
-            Some(addr)
-        }
-    };
-    let syslog_facility = match m.logging.syslog_facility.as_str() {
-        "daemon" => 3,
-        "user" => 1,
-        "auth" => 4,
-        "local0" => 16,
-        "local1" => 17,
-        "local2" => 18,
-        "local3" => 19,
-        "local4" => 20,
-        "local5" => 21,
-        "local6" => 22,
-        "local7" => 23,
-        other => {
-            return Err(
-                loc.error("logging.syslog_facility", format!("`{other}`: use daemon, user, auth or local0-local7"))
-            );
-        }
-    };
-    let software = m.protocol.software.filter(|s| !s.is_empty());
-    if software.as_ref().is_some_and(|s| s.len() > 127) {
-        return Err(loc.error("protocol.software", "must be shorter than 128 characters"));
-    }
-    Ok(Config {
-        source: loc.file.to_path_buf(),
-        format: loc.format,
-        realm,
-        listen_ips,
-        listen_port: m.listen.port,
-        tls_port: m.listen.tls_port,
-        listen_udp: m.listen.udp,
-        listen_tcp: m.listen.tcp,
-        relay_ips,
-        external_ips,
-        min_port,
-        max_port,
-        secrets,
-        users,
-        rest_separator,
-        nonce_lifetime: Duration::from_secs(m.auth.nonce_lifetime),
-        default_lifetime: Duration::from_secs(a.default_lifetime),
-        max_lifetime: Duration::from_secs(a.max_lifetime),
-        max_permissions: a.max_permissions,
-        max_channels: a.max_channels,
-        user_quota: a.user_quota,
-        total_quota: a.total_quota,
-        user_reservations: a.user_reservations,
-        max_bps: a.max_bps,
-        total_bps: a.total_bps,
-        unauth_rate: m.abuse.unauth_rate,
-        unauth_burst: m.abuse.unauth_burst,
-        unauth_connections: m.abuse.unauth_connections,
-        unauth_connections_per_source: m.abuse.unauth_connections_per_source,
-        descriptor_reserve: m.abuse.descriptor_reserve,
-        allowed_peers,
-        denied_peers,
-        no_multicast_peers: m.peers.no_multicast,
-        allow_private_peers: m.peers.allow_private,
-        no_tcp_relay: m.peers.no_tcp_relay,
-        tls_cert: m.tls.cert.map(PathBuf::from),
-        tls_key: m.tls.pkey.map(PathBuf::from),
-        threads,
-        pin_cores: m.runtime.pin_cores,
-        core_ids: m.runtime.core_ids,
-        shard_ports,
-        recv_buffer: m.runtime.recv_buffer,
-        send_buffer: m.runtime.send_buffer,
-        recv_batch: m.runtime.recv_batch,
-        udp_gso: m.runtime.udp_gso,
-        raw_send: m.runtime.raw_send,
-        raw_min_batch: m.runtime.raw_min_batch,
-        coalesce_wait: Duration::from_micros(m.runtime.coalesce_us),
-        coalesce_min_rate: m.runtime.coalesce_min_pps,
-        unallocated_timeout: Duration::from_secs(m.runtime.unallocated_timeout),
-        log_level,
-        syslog: m.logging.syslog,
-        log_file: m.logging.file.map(PathBuf::from),
-        software,
-        reason_phrases: m.protocol.reason_phrases,
-        legacy_channel_numbers: m.protocol.legacy_channel_numbers,
-        metrics_listen,
-        syslog_facility,
-        warnings,
-    })
+/// Parses and validates configuration text; `path` is used for format detection and messages.
+pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+    let (model, warnings, coturn_lines) = read(path, text)?;
+    let loc = Locator { file: path, format: detect_format(path, text), text, coturn_lines };
+    validate::validate(&loc, &model, warnings)
 }
 
 impl Config {
+    /// This configuration's file, format and warnings, validated again with `model` (a reload's: its
+    /// restart-only options at their running values).
+    pub fn with_model(&self, model: FileConfig) -> Result<Self, ConfigError> {
+        let loc = Locator { file: &self.source, format: self.format, text: "", coturn_lines: HashMap::new() };
+        let mut c = validate::validate(&loc, &model, self.warnings.clone())?;
+        // Validation says again what it said of the same values.
+        let mut seen = std::collections::HashSet::new();
+        c.warnings.retain(|w| seen.insert(w.clone()));
+        Ok(c)
+    }
+
     /// The embedded development configuration.
     pub fn dev() -> Result<Self, ConfigError> {
         parse(Path::new("<embedded dev config>.yaml"), DEV_CONFIG)
@@ -669,120 +370,30 @@ impl Config {
 }
 
 impl fmt::Display for Config {
-    /// The effective settings, secrets redacted (`turnpike check`).
+    /// Every option of [`options::OPTIONS`] with its value (secrets redacted), and whether a reload
+    /// applies it (`turnpike check`), then the warnings.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let list = |v: &[IpAddr]| v.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
-        let ranges = |v: &[IpRange]| v.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
-        writeln!(f, "source:            {} ({:?})", self.source.display(), self.format)?;
-        writeln!(f, "realm:             {}", self.realm)?;
-        writeln!(
-            f,
-            "listen:            {} port {} (tls port {})",
-            list(&self.listen_ips),
-            self.listen_port,
-            self.tls_port
-        )?;
-        writeln!(
-            f,
-            "relay ips:         {}",
-            if self.relay_ips.is_empty() { "(from listen ips)".into() } else { list(&self.relay_ips) }
-        )?;
-        for e in &self.external_ips {
-            match e.private {
-                Some(p) => writeln!(f, "external ip:       {} (for {})", e.public, p)?,
-                None => writeln!(f, "external ip:       {}", e.public)?,
-            }
+        writeln!(f, "source: {} ({:?})", self.source.display(), self.format)?;
+        let values = options::flatten(&self.model);
+        let defaults = options::flatten(&FileConfig::default());
+        for o in options::OPTIONS {
+            let value = match o.path {
+                "auth.shared_secrets" => format!("{} configured (redacted)", self.secrets.len()),
+                "auth.users" => {
+                    let names: Vec<&str> = self.users.iter().map(|(n, _)| n.as_str()).collect();
+                    format!("[{}] (passwords redacted)", names.join(", "))
+                }
+                "runtime.threads" => format!("{} ({} shards)", options::show(&values[o.path]), self.threads),
+                path if !o.default_note.is_empty() && values.get(path) == defaults.get(path) => {
+                    o.default_note.trim_matches('`').to_string()
+                }
+                path => values.get(path).map(options::show).unwrap_or_default(),
+            };
+            let when = if o.reload == options::Reload::Restart { "restart" } else { "reload" };
+            writeln!(f, "{:<38} {:<8} {value}", o.spelled(self.format), when)?;
         }
-        writeln!(f, "relay ports:       {}-{}", self.min_port, self.max_port)?;
-        writeln!(f, "shared secrets:    {} configured (redacted)", self.secrets.len())?;
-        let names: Vec<&str> = self.users.iter().map(|(n, _)| n.as_str()).collect();
-        writeln!(f, "static users:      {}", if names.is_empty() { "none".into() } else { names.join(", ") })?;
-        writeln!(
-            f,
-            "lifetimes:         default {}s, max {}s, nonce {}s",
-            self.default_lifetime.as_secs(),
-            self.max_lifetime.as_secs(),
-            self.nonce_lifetime.as_secs()
-        )?;
-        writeln!(
-            f,
-            "per allocation:    {} permissions, {} channels, max-bps {}",
-            self.max_permissions, self.max_channels, self.max_bps
-        )?;
-        writeln!(f, "total bandwidth:   {} B/s per direction (0 = unlimited)", self.total_bps)?;
-        writeln!(f, "unauthenticated:   {} answers/s per source, burst {}", self.unauth_rate, self.unauth_burst)?;
-        let derived = |n: u64| if n == 0 { "derived from the descriptor limit".to_string() } else { n.to_string() };
-        writeln!(
-            f,
-            "pending tcp/tls:   {} connections, {} per source, descriptor reserve {}",
-            derived(u64::from(self.unauth_connections)),
-            derived(u64::from(self.unauth_connections_per_source)),
-            derived(self.descriptor_reserve)
-        )?;
-        writeln!(
-            f,
-            "quotas:            user {}, total {} (0 = unlimited; EVEN-PORT reservations count), {} reservations per user",
-            self.user_quota, self.total_quota, self.user_reservations
-        )?;
-        writeln!(
-            f,
-            "peers allowed:     {}",
-            if self.allowed_peers.is_empty() { "none beyond defaults".into() } else { ranges(&self.allowed_peers) }
-        )?;
-        writeln!(
-            f,
-            "peers denied:      defaults{}{}",
-            if self.denied_peers.is_empty() { "" } else { " + " },
-            ranges(&self.denied_peers)
-        )?;
-        writeln!(f, "private peers:     {}", if self.allow_private_peers { "ALLOWED" } else { "denied" })?;
-        writeln!(f, "multicast peers:   {}", if self.no_multicast_peers { "denied" } else { "ALLOWED" })?;
-        writeln!(
-            f,
-            "tcp relay:         {}",
-            if self.no_tcp_relay { "refused (442)" } else { "refused until TCP relaying exists (442)" }
-        )?;
-        writeln!(
-            f,
-            "tls:               {}",
-            match &self.tls_cert {
-                Some(c) => format!("port {} with {}", self.tls_port, c.display()),
-                None => "off".into(),
-            }
-        )?;
-        writeln!(
-            f,
-            "udp / tcp:         {} / {}",
-            if self.listen_udp { "on" } else { "off" },
-            if self.listen_tcp { "on" } else { "off" }
-        )?;
-        writeln!(f, "shards:            {} (pinning {})", self.threads, if self.pin_cores { "on" } else { "off" })?;
-        writeln!(
-            f,
-            "socket buffers:    rcv {} snd {}; recv batch {}; UDP GSO {}; raw send {}",
-            self.recv_buffer,
-            self.send_buffer,
-            self.recv_batch,
-            if self.udp_gso { "on" } else { "off" },
-            if self.raw_send {
-                format!("on where permitted (CAP_NET_RAW), from {} lone datagrams", self.raw_min_batch)
-            } else {
-                "off".to_string()
-            }
-        )?;
-        if self.coalesce_wait.is_zero() {
-            writeln!(f, "rx coalescing:     off")?;
-        } else {
-            writeln!(
-                f,
-                "rx coalescing:     up to {} us once a shard receives {} datagrams/s",
-                self.coalesce_wait.as_micros(),
-                self.coalesce_min_rate
-            )?;
-        }
-        writeln!(f, "log level:         {}", self.log_level)?;
         for w in &self.warnings {
-            writeln!(f, "warning:           {w}")?;
+            writeln!(f, "warning: {w}")?;
         }
         Ok(())
     }
@@ -813,8 +424,14 @@ mod tests {
     fn unknown_keys_name_the_line() {
         let e = yaml("auth:\n  realm: x\n  shared_secrets: [a]\nlisten:\n  portt: 3478\n").unwrap_err();
         let s = e.to_string();
-        assert!(s.starts_with("/etc/turnpike.yaml:5"), "{s}");
-        assert!(s.contains("portt"), "{s}");
+        assert_eq!(s, "/etc/turnpike.yaml:5: option `listen.portt`: unknown option; did you mean `listen.port`?");
+        let e = yaml("auth:\n  realm: x\n  shared_secrets: [a]\nlistn:\n  port: 3478\n").unwrap_err();
+        assert_eq!(e.to_string(), "/etc/turnpike.yaml:4: option `listn`: unknown section; did you mean `listen`?");
+        let e = yaml("auth:\n  realm: x\n  shared_secrets: [a]\nrelay:\n  min_port: 70000\n").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "/etc/turnpike.yaml:5: option `relay.min_port`: must be a whole number from 0 to 65535"
+        );
     }
 
     #[test]
@@ -838,7 +455,7 @@ mod tests {
         assert_eq!(c.coalesce_min_rate, file::DEFAULT_COALESCE_MIN_PPS);
         let c = yaml("auth:\n  realm: x\n  shared_secrets: [a]\nruntime:\n  coalesce_us: 0\n").unwrap();
         assert!(c.coalesce_wait.is_zero());
-        assert!(c.to_string().contains("rx coalescing:     off"), "{c}");
+        assert!(c.to_string().lines().any(|l| l.starts_with("runtime.coalesce_us") && l.ends_with(" 0")), "{c}");
         let e = yaml("auth:\n  realm: x\n  shared_secrets: [a]\nruntime:\n  coalesce_us: 20000\n").unwrap_err();
         assert_eq!((e.line, e.option.as_str()), (Some(5), "runtime.coalesce_us"));
     }
@@ -847,7 +464,7 @@ mod tests {
     fn raw_min_batch_default_and_limits() {
         let c = yaml("auth:\n  realm: x\n  shared_secrets: [a]\n").unwrap();
         assert_eq!(c.raw_min_batch, file::DEFAULT_RAW_MIN_BATCH);
-        assert!(c.to_string().contains("from 2 lone datagrams"), "{c}");
+        assert!(c.to_string().lines().any(|l| l.starts_with("runtime.raw_min_batch") && l.ends_with(" 2")), "{c}");
         let c = yaml("auth:\n  realm: x\n  shared_secrets: [a]\nruntime:\n  raw_min_batch: 1\n").unwrap();
         assert_eq!(c.raw_min_batch, 1);
         for bad in ["0", "65"] {
@@ -887,6 +504,18 @@ mod tests {
         assert_eq!(e.option, "tls.cert");
         let e = yaml("auth:\n  realm: x\n  shared_secrets: [a]\nlisten:\n  udp: false\n  tcp: false\n").unwrap_err();
         assert!(e.message.contains("nothing to listen on"));
+    }
+
+    #[test]
+    fn coturn_files_name_options_as_coturn_spells_them() {
+        let e = parse(Path::new("t.conf"), "realm=x\nuse-auth-secret\nstatic-auth-secret=s\nbps-capacity=100\n")
+            .unwrap_err();
+        assert_eq!((e.line, e.option.as_str()), (Some(4), "bps-capacity"));
+        let e =
+            parse(Path::new("t.conf"), "realm=x\nuse-auth-secret\nstatic-auth-secret=s\nmax-bps=100\n").unwrap_err();
+        assert_eq!((e.line, e.option.as_str()), (Some(4), "max-bps"));
+        let e = yaml("auth:\n  realm: x\n  shared_secrets: [a]\nallocations:\n  total_bps: 100\n").unwrap_err();
+        assert_eq!((e.line, e.option.as_str()), (Some(5), "allocations.total_bps"));
     }
 
     #[test]

@@ -960,11 +960,11 @@ pub fn run(parts: ShardParts) {
     log::debug!("shard {id} running");
     loop {
         let timeout = if pending.is_empty() { shard.sleep_for(clock::now()) } else { Duration::ZERO };
-        if let Err(e) = shard.poll.poll(&mut events, Some(timeout)) {
-            if e.kind() != io::ErrorKind::Interrupted {
-                log::error!("shard {id}: poll failed: {e}");
-                return;
-            }
+        if let Err(e) = shard.poll.poll(&mut events, Some(timeout))
+            && e.kind() != io::ErrorKind::Interrupted
+        {
+            log::error!("shard {id}: poll failed: {e}");
+            return;
         }
         // The clock is read once per wake-up; the wall clock about once a second.
         let now = clock::now();

@@ -243,6 +243,12 @@ mod tests {
     use std::os::fd::AsFd;
     use std::time::Duration;
 
+    /// The configuration's bound on `runtime.raw_min_batch` is what one call carries.
+    #[test]
+    fn the_configured_batch_limit_is_the_call_limit() {
+        assert_eq!(crate::config::MAX_RAW_BATCH, MAX_MESSAGES);
+    }
+
     #[test]
     fn plain_and_segmented_messages_in_one_call() {
         let tx = UdpSocket::bind("127.0.0.1:0").unwrap();

@@ -236,11 +236,12 @@ impl TurnClient {
                 let len = usize::from(u16::from_be_bytes([b[2], b[3]]));
                 return Some((Some(u16::from_be_bytes([b[0], b[1]])), None, b[4..4 + len].to_vec()));
             }
-            if let Ok(m) = StunMsg::parse(b) {
-                if m.method() == Method::DATA && m.class() == Class::Indication {
-                    let peer = attr::decode_xor_addr(m.attr(AttrType::XOR_PEER_ADDRESS)?, &m.transaction_id()).ok();
-                    return Some((None, peer, m.attr(AttrType::DATA)?.to_vec()));
-                }
+            if let Ok(m) = StunMsg::parse(b)
+                && m.method() == Method::DATA
+                && m.class() == Class::Indication
+            {
+                let peer = attr::decode_xor_addr(m.attr(AttrType::XOR_PEER_ADDRESS)?, &m.transaction_id()).ok();
+                return Some((None, peer, m.attr(AttrType::DATA)?.to_vec()));
             }
         }
     }

@@ -67,10 +67,10 @@ impl<S: Read + Write> StreamClient<S> {
     pub fn transact(&mut self, req: &[u8]) -> Vec<u8> {
         self.io.write_all(req).unwrap();
         loop {
-            if let Frame::Stun(f) = self.read_frame() {
-                if f[8..20] == req[8..20] {
-                    return f;
-                }
+            if let Frame::Stun(f) = self.read_frame()
+                && f[8..20] == req[8..20]
+            {
+                return f;
             }
         }
     }
@@ -110,7 +110,7 @@ impl<S: Read + Write> StreamClient<S> {
         let mut v = number.to_be_bytes().to_vec();
         v.extend_from_slice(&(payload.len() as u16).to_be_bytes());
         v.extend_from_slice(payload);
-        while v.len() % 4 != 0 {
+        while !v.len().is_multiple_of(4) {
             v.push(0);
         }
         v

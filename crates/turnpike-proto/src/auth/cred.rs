@@ -121,10 +121,10 @@ impl CredentialStore {
     /// its allocation was created with; the caller makes sure the store has not changed since): the
     /// REST expiry is checked again, the key is not derived again.
     pub fn verify_known(&self, msg: &StunMsg<'_>, username: &[u8], now_unix: u64, known: &LongTermKey) -> Verdict {
-        if !self.users.contains_key(username) {
-            if let Some(refused) = self.refuse_rest(username, now_unix) {
-                return refused;
-            }
+        if !self.users.contains_key(username)
+            && let Some(refused) = self.refuse_rest(username, now_unix)
+        {
+            return refused;
         }
         Self::check(msg, PreparedKey::new(*known))
     }

@@ -478,14 +478,14 @@ impl Engine {
                 }
             };
         }
-        if even_port.is_none() {
-            if let Some(spare) = self.spares.take(bind_ip, self.ports.is_empty(), &mut self.rng) {
-                set(&self.stats.spare_relay_sockets, self.spares.len() as u64);
-                match io.unpark(spare.id, key) {
-                    Ok(()) => return Ok((spare.port, None)),
-                    // The shard closed it: its port is free again; go on with a fresh one.
-                    Err(_) => self.ports.give_back(spare.port),
-                }
+        if even_port.is_none()
+            && let Some(spare) = self.spares.take(bind_ip, self.ports.is_empty(), &mut self.rng)
+        {
+            set(&self.stats.spare_relay_sockets, self.spares.len() as u64);
+            match io.unpark(spare.id, key) {
+                Ok(()) => return Ok((spare.port, None)),
+                // The shard closed it: its port is free again; go on with a fresh one.
+                Err(_) => self.ports.give_back(spare.port),
             }
         }
         for _ in 0..BIND_ATTEMPTS {
