@@ -2,7 +2,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use turnpike::proto::ChannelData;
+use turnpike_proto::ChannelData;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(cd) = ChannelData::parse(data) {

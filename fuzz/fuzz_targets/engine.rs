@@ -6,17 +6,19 @@
 use libfuzzer_sys::fuzz_target;
 use std::collections::HashSet;
 use std::net::{IpAddr, SocketAddr};
-use std::path::Path;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
-use turnpike::auth::NonceKey;
-use turnpike::proto::allocation::{FiveTuple, ListenerId, Transport};
-use turnpike::proto::attr::AttrType;
-use turnpike::proto::engine::{BindError, RelaySockets};
-use turnpike::proto::integrity::{long_term_key, rest_password};
-use turnpike::proto::{Action, Class, Engine, Method, MsgWriter, PacketBuf, Settings, StunMsg, TransactionId};
-use turnpike::proto::stats::EngineCounters;
-use turnpike::shared::Shared;
+use turnpike_proto::allocation::{FiveTuple, ListenerId, Transport};
+use turnpike_proto::attr::AttrType;
+use turnpike_proto::auth::{CredentialStore, NonceKey};
+use turnpike_proto::cluster::LocalCluster;
+use turnpike_proto::engine::{BindError, RelaySockets};
+use turnpike_proto::integrity::{long_term_key, rest_password};
+use turnpike_proto::policy::PeerPolicy;
+use turnpike_proto::stats::EngineCounters;
+use turnpike_proto::{
+    Action, Class, Cluster, Engine, Method, MsgWriter, PacketBuf, RelayAddr, Settings, StunMsg, TransactionId,
+};
 
 #[derive(Default)]
 struct Sockets(HashSet<u32>);
@@ -33,17 +35,38 @@ impl RelaySockets for Sockets {
 
 const UNIX0: u64 = 1_800_000_000;
 
-/// Settings and ports, built once per process.
+/// Settings and ports, built once per process: one relay address (127.0.0.1, ports 50000-50007), a REST
+/// secret and a static user, a user quota of 3, the default peer policy and unauthenticated budget.
 fn setup() -> &'static (Arc<Settings>, Vec<u16>) {
     static SETUP: OnceLock<(Arc<Settings>, Vec<u16>)> = OnceLock::new();
     SETUP.get_or_init(|| {
-        let yaml = "listen: {ips: [127.0.0.1]}\nrelay: {ips: [127.0.0.1], min_port: 50000, max_port: 50007}\n\
-                    auth: {realm: fuzz, shared_secrets: [s], users: [\"u:p\"]}\nruntime: {threads: 1}\n\
-                    allocations: {user_quota: 3, max_permissions: 4, max_channels: 4}\n";
-        let cfg = turnpike::config::parse(Path::new("<fuzz>.yaml"), yaml).expect("fuzz config");
-        let plan = turnpike::server::relay_plan(&cfg).expect("relay plan");
-        let settings = Arc::new(turnpike::server::settings(&cfg, plan, NonceKey::new([9; 32])));
-        (settings, cfg.shard_port_list(0))
+        let mut credentials = CredentialStore::new("fuzz", b':');
+        credentials.add_secret("s");
+        credentials.add_user("u", "p");
+        let relay = RelayAddr { bind: IpAddr::from([127, 0, 0, 1]), advertised: IpAddr::from([127, 0, 0, 1]) };
+        let settings = Settings {
+            credentials,
+            nonce_key: NonceKey::new([9; 32]),
+            nonce_lifetime: Duration::from_secs(600),
+            default_lifetime: Duration::from_secs(600),
+            max_lifetime: Duration::from_secs(3600),
+            max_permissions: 4,
+            max_channels: 4,
+            peer_policy: PeerPolicy::new(vec![], vec![], true, false),
+            user_quota: 3,
+            total_quota: 0,
+            user_reservations: 2,
+            max_bps: 0,
+            shard_total_bps: 0,
+            unauth_rate: 20,
+            unauth_burst: 40,
+            software: None,
+            reason_phrases: false,
+            legacy_channel_numbers: true,
+            relay_v4: vec![relay],
+            relay_v6: vec![],
+        };
+        (Arc::new(settings), (50_000..=50_007).collect())
     })
 }
 
@@ -51,10 +74,21 @@ fuzz_target!(|data: &[u8]| {
     let (settings, ports) = setup();
     let settings = Arc::clone(settings);
     // The relay addresses known, so that the own-relay exception (live relayed addresses) is explored.
-    let shared = Arc::new(Shared::new(settings.relay_v4.iter().chain(&settings.relay_v6).map(|r| (r.bind, r.advertised)), []));
+    let relays = settings.relay_v4.iter().chain(&settings.relay_v6).map(|r| (r.bind, r.advertised));
+    let shared = Arc::new(LocalCluster::new(relays, []));
+    #[allow(clippy::disallowed_methods)] // the harness starts its fake clock at a real Instant
     let t0 = Instant::now();
     let mut now = t0;
-    let mut engine = Engine::new(0, settings, Arc::clone(&shared) as Arc<dyn turnpike::proto::Cluster>, Arc::new(EngineCounters::default()), ports.iter().copied(), t0, UNIX0, 1);
+    let mut engine = Engine::new(
+        0,
+        settings,
+        Arc::clone(&shared) as Arc<dyn Cluster>,
+        Arc::new(EngineCounters::default()),
+        ports.iter().copied(),
+        t0,
+        UNIX0,
+        1,
+    );
     let mut io = Sockets::default();
     let mut pkt = PacketBuf::default();
     let username = format!("{}:fuzz", UNIX0 + 3600);
@@ -96,7 +130,13 @@ fuzz_target!(|data: &[u8]| {
             3..=7 => {
                 tid = tid.wrapping_add(1);
                 let mut buf = [0u8; 512];
-                let method = [Method::ALLOCATE, Method::CREATE_PERMISSION, Method::CHANNEL_BIND, Method::REFRESH, Method::BINDING][usize::from(op % 9 - 3)];
+                let method = [
+                    Method::ALLOCATE,
+                    Method::CREATE_PERMISSION,
+                    Method::CHANNEL_BIND,
+                    Method::REFRESH,
+                    Method::BINDING,
+                ][usize::from(op % 9 - 3)];
                 let mut w = MsgWriter::new(&mut buf, method, Class::Request, TransactionId([tid; 12]));
                 match method {
                     Method::ALLOCATE => {
@@ -128,15 +168,14 @@ fuzz_target!(|data: &[u8]| {
                 engine.handle_client(now, client, &mut pkt, len, &mut io)
             }
         };
-        if let Action::Reply { len } = action {
-            if let Ok(msg) = StunMsg::parse(engine.reply(len)) {
-                if let Some(n) = msg.attr(AttrType::NONCE) {
-                    nonce = n.to_vec();
-                }
-            }
+        if let Action::Reply { len } = action
+            && let Ok(msg) = StunMsg::parse(engine.reply(len))
+            && let Some(n) = msg.attr(AttrType::NONCE)
+        {
+            nonce = n.to_vec();
         }
         assert_eq!(io.0.len(), engine.table().len());
         // Every allocation and every outstanding EVEN-PORT reservation is counted, nothing else.
-        assert_eq!(shared.quotas.total() as usize, engine.table().len() + shared.reservations.lock().len());
+        assert_eq!(shared.total() as usize, engine.table().len() + shared.reservations());
     }
 });

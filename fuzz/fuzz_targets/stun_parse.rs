@@ -2,9 +2,9 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use turnpike::proto::attr;
-use turnpike::proto::stun::verify_message_integrity;
-use turnpike::proto::StunMsg;
+use turnpike_proto::StunMsg;
+use turnpike_proto::attr;
+use turnpike_proto::stun::verify_message_integrity;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(msg) = StunMsg::parse(data) {

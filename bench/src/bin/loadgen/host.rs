@@ -4,7 +4,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Nanoseconds since the Unix epoch: the clock of the payloads' send times, which the kernel's
 /// receive timestamps share.
-pub fn unix_nanos() -> u64 {
+pub(crate) fn unix_nanos() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
 }
 
@@ -18,7 +18,7 @@ fn clock_ticks_per_sec() -> u64 {
 
 /// Steal time of each CPU so far, in milliseconds (`/proc/stat`, in clock ticks of 10 ms): time the
 /// hypervisor ran something else while this machine's CPU wanted to run.
-pub fn steal_ms() -> Vec<u64> {
+pub(crate) fn steal_ms() -> Vec<u64> {
     let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
     let hz = clock_ticks_per_sec();
     stat.lines()
@@ -28,12 +28,12 @@ pub fn steal_ms() -> Vec<u64> {
 }
 
 /// Seconds since the Unix epoch.
-pub fn unix_now() -> f64 {
+pub(crate) fn unix_now() -> f64 {
     unix_nanos() as f64 * 1e-9
 }
 
 /// CPU seconds (user + system) and RSS (KiB) of a process.
-pub fn proc_usage(pid: u32) -> Option<(f64, u64)> {
+pub(crate) fn proc_usage(pid: u32) -> Option<(f64, u64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let rest = stat.rsplit_once(')')?.1;
     let fields: Vec<&str> = rest.split_whitespace().collect();
@@ -46,7 +46,7 @@ pub fn proc_usage(pid: u32) -> Option<(f64, u64)> {
 
 /// The process's CPU time (all threads, user + system) to the nanosecond, from its CPU-time clock
 /// (`clock_getcpuclockid`); `/proc/PID/stat` counts only 10-ms ticks, too coarse for short runs.
-pub fn process_cpu_seconds(pid: u32) -> Option<f64> {
+pub(crate) fn process_cpu_seconds(pid: u32) -> Option<f64> {
     let pid = nix::unistd::Pid::from_raw(i32::try_from(pid).ok()?);
     let now = nix::time::clock_getcpuclockid(pid).ok()?.now().ok()?;
     Some(now.tv_sec() as f64 + now.tv_nsec() as f64 * 1e-9)
@@ -54,7 +54,7 @@ pub fn process_cpu_seconds(pid: u32) -> Option<f64> {
 
 /// Sleeps until `unix_secs` (seconds since the Unix epoch) and returns how many milliseconds late the
 /// caller already was (0 when it was early enough to wait).
-pub fn wait_until_unix(unix_secs: f64) -> f64 {
+pub(crate) fn wait_until_unix(unix_secs: f64) -> f64 {
     let now = unix_now();
     if unix_secs > now {
         std::thread::sleep(Duration::from_secs_f64(unix_secs - now));

@@ -1,25 +1,25 @@
 //! Latency histograms of the traffic window.
 
 /// A microsecond latency histogram (1 us buckets up to 100 ms, then overflow), allocated up front.
-pub struct Histogram {
+pub(crate) struct Histogram {
     buckets: Vec<u32>,
     count: u64,
 }
 
 impl Histogram {
     /// An empty histogram.
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self { buckets: vec![0; 100_001], count: 0 }
     }
     /// Counts one latency of `us` microseconds (100 ms or more in the overflow bucket).
-    pub fn record(&mut self, us: u64) {
+    pub(crate) fn record(&mut self, us: u64) {
         let i = (us as usize).min(self.buckets.len() - 1);
         self.buckets[i] += 1;
         self.count += 1;
     }
     /// The smallest latency (us) at or below which a fraction `p` of the recorded ones lie; 0 when
     /// nothing was recorded.
-    pub fn percentile(&self, p: f64) -> u64 {
+    pub(crate) fn percentile(&self, p: f64) -> u64 {
         if self.count == 0 {
             return 0;
         }
@@ -37,7 +37,7 @@ impl Histogram {
 
 /// Latency histograms of the traffic window: from the generator's send to the kernel's arrival stamp
 /// (what the server added), and to the generator reading the datagram (also the generator's own delay).
-pub struct Latency {
+pub(crate) struct Latency {
     /// Send to the kernel's arrival stamp at the receiving socket.
     pub added: Histogram,
     /// Send to this generator reading it.
@@ -48,7 +48,7 @@ pub struct Latency {
 
 impl Latency {
     /// Empty histograms.
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self { added: Histogram::new(), observed: Histogram::new(), unstamped: 0 }
     }
 }

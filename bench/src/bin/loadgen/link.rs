@@ -18,7 +18,7 @@ const READ_CHUNK: usize = 64 * 1024;
 const READ_LIMIT: usize = 1 << 20;
 
 /// A client's connection to the server.
-pub enum Link {
+pub(crate) enum Link {
     /// One UDP socket (connected to the server once the set-up is done).
     Udp(UdpSocket),
     /// One TCP connection, plain or TLS.
@@ -27,7 +27,7 @@ pub enum Link {
 
 /// A TCP connection (TLS over it, if `tls`) with its read buffer (frames not yet handed out) and, for
 /// plain TCP, its write backlog (over TLS the backlog is the records rustls holds).
-pub struct TcpLink {
+pub(crate) struct TcpLink {
     stream: TcpStream,
     tls: Option<Box<rustls::ClientConnection>>,
     rbuf: ReadBuf,
@@ -37,7 +37,7 @@ pub struct TcpLink {
 impl Link {
     /// A TCP connection to `server`, connected (and with `tls`, the handshake done) before it returns
     /// (Nagle off: the generator measures latency).
-    pub fn tcp(server: SocketAddr, tls: Option<&Arc<rustls::ClientConfig>>) -> io::Result<Self> {
+    pub(crate) fn tcp(server: SocketAddr, tls: Option<&Arc<rustls::ClientConfig>>) -> io::Result<Self> {
         let mut stream = std::net::TcpStream::connect(server)?;
         stream.set_nodelay(true)?;
         let tls = match tls {
@@ -54,53 +54,53 @@ impl Link {
             None => None,
         };
         stream.set_nonblocking(true)?;
-        Ok(Link::Tcp(TcpLink { stream: TcpStream::from_std(stream), tls, rbuf: ReadBuf::default(), out: Vec::new() }))
+        Ok(Self::Tcp(TcpLink { stream: TcpStream::from_std(stream), tls, rbuf: ReadBuf::default(), out: Vec::new() }))
     }
 
     /// The event source to register with the poll.
-    pub fn source(&mut self) -> &mut dyn mio::event::Source {
+    pub(crate) fn source(&mut self) -> &mut dyn mio::event::Source {
         match self {
-            Link::Udp(s) => s,
-            Link::Tcp(t) => &mut t.stream,
+            Self::Udp(s) => s,
+            Self::Tcp(t) => &mut t.stream,
         }
     }
 
     /// The UDP socket, if this is one.
-    pub fn udp(&self) -> Option<&UdpSocket> {
+    pub(crate) fn udp(&self) -> Option<&UdpSocket> {
         match self {
-            Link::Udp(s) => Some(s),
-            Link::Tcp(_) => None,
+            Self::Udp(s) => Some(s),
+            Self::Tcp(_) => None,
         }
     }
 
     /// Sends one message (a STUN message or a ChannelData frame) to the server. A TCP frame goes
     /// whole or not at all: `WouldBlock` when the backlog is full.
-    pub fn send_to(&mut self, bytes: &[u8], server: SocketAddr) -> io::Result<usize> {
+    pub(crate) fn send_to(&mut self, bytes: &[u8], server: SocketAddr) -> io::Result<usize> {
         match self {
-            Link::Udp(s) => s.send_to(bytes, server),
-            Link::Tcp(t) => t.send(bytes),
+            Self::Udp(s) => s.send_to(bytes, server),
+            Self::Tcp(t) => t.send(bytes),
         }
     }
 
     /// Sends on a connected UDP socket, or on the TCP connection.
-    pub fn send(&mut self, bytes: &[u8]) -> io::Result<usize> {
+    pub(crate) fn send(&mut self, bytes: &[u8]) -> io::Result<usize> {
         match self {
-            Link::Udp(s) => s.send(bytes),
-            Link::Tcp(t) => t.send(bytes),
+            Self::Udp(s) => s.send(bytes),
+            Self::Tcp(t) => t.send(bytes),
         }
     }
 
     /// Bytes still waiting to be written (TCP only; over TLS, 1 while rustls holds records).
-    pub fn backlog(&self) -> usize {
+    pub(crate) fn backlog(&self) -> usize {
         match self {
-            Link::Udp(_) => 0,
-            Link::Tcp(t) => t.out.len() + t.tls.as_ref().map_or(0, |c| usize::from(c.wants_write())),
+            Self::Udp(_) => 0,
+            Self::Tcp(t) => t.out.len() + t.tls.as_ref().map_or(0, |c| usize::from(c.wants_write())),
         }
     }
 
     /// Writes what the backlog holds, as far as the socket takes it.
-    pub fn flush(&mut self) {
-        if let Link::Tcp(t) = self {
+    pub(crate) fn flush(&mut self) {
+        if let Self::Tcp(t) = self {
             t.flush();
         }
     }
@@ -108,10 +108,10 @@ impl Link {
     /// The next message from the server into `buf`: a datagram, or the next complete frame of the
     /// stream (read until the socket is drained, as edge-triggered polling requires). `WouldBlock` when
     /// none is waiting; a closed stream is an error.
-    pub fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+    pub(crate) fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         match self {
-            Link::Udp(s) => s.recv(buf),
-            Link::Tcp(t) => t.recv(buf),
+            Self::Udp(s) => s.recv(buf),
+            Self::Tcp(t) => t.recv(buf),
         }
     }
 }
@@ -207,7 +207,7 @@ fn read_tls(tls: &mut rustls::ClientConnection, stream: &mut TcpStream, buf: &mu
 
 /// A client configuration that accepts the server's certificate whatever it is (the generator measures
 /// a server it was pointed at; the handshake and its signatures are still real).
-pub fn tls_config() -> io::Result<Arc<rustls::ClientConfig>> {
+pub(crate) fn tls_config() -> io::Result<Arc<rustls::ClientConfig>> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let verifier = Arc::new(turnpike::probe::AcceptAny(Arc::clone(&provider)));
     let builder = rustls::ClientConfig::builder_with_provider(provider)

@@ -11,17 +11,17 @@ use std::io::{self, IoSliceMut};
 use std::os::fd::{AsFd, AsRawFd};
 
 /// Most datagrams one [`StampedBatch::recv`] call takes.
-pub const BATCH: usize = 32;
+pub(crate) const BATCH: usize = 32;
 /// Room for the largest datagram a relay here sends.
 const BUF_LEN: usize = 2048;
 
 /// Asks the kernel to stamp each datagram `socket` receives with its arrival time (wall clock).
-pub fn enable(socket: &impl AsFd) -> io::Result<()> {
+pub(crate) fn enable(socket: &impl AsFd) -> io::Result<()> {
     setsockopt(socket, sockopt::ReceiveTimestampns, &true).map_err(io::Error::from)
 }
 
 /// Buffers and message headers for up to [`BATCH`] datagrams, allocated once.
-pub struct StampedBatch {
+pub(crate) struct StampedBatch {
     bufs: Vec<[u8; BUF_LEN]>,
     headers: MultiHeaders<SockaddrStorage>,
     /// Length and kernel arrival time (ns since the Unix epoch; `None`: not stamped) of each datagram
@@ -31,7 +31,7 @@ pub struct StampedBatch {
 
 impl StampedBatch {
     /// Empty buffers and headers with room for one timestamp each.
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self {
             bufs: vec![[0; BUF_LEN]; BATCH],
             headers: MultiHeaders::preallocate(BATCH, Some(nix::cmsg_space!(TimeSpec))),
@@ -41,7 +41,7 @@ impl StampedBatch {
 
     /// Receives what is waiting on `socket` without blocking; returns how many datagrams arrived
     /// (0: none, or an error: the caller only counts what arrives).
-    pub fn recv(&mut self, socket: &impl AsFd) -> usize {
+    pub(crate) fn recv(&mut self, socket: &impl AsFd) -> usize {
         let mut bufs = self.bufs.iter_mut();
         let mut slices: [[IoSliceMut<'_>; 1]; BATCH] =
             std::array::from_fn(|_| [IoSliceMut::new(bufs.next().map_or(&mut [][..], |b| &mut b[..]))]);
@@ -67,7 +67,7 @@ impl StampedBatch {
     }
 
     /// Datagram `i` of the last call and its kernel arrival time.
-    pub fn get(&self, i: usize) -> (&[u8], Option<u64>) {
+    pub(crate) fn get(&self, i: usize) -> (&[u8], Option<u64>) {
         let (len, stamp) = self.meta[i];
         (&self.bufs[i][..len.min(BUF_LEN)], stamp)
     }

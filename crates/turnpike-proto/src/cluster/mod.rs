@@ -6,10 +6,14 @@
 //! ([`LiveRelays`], [`UnauthLimiter`], the per-user [`QuotaBook`]).
 
 mod live;
+#[cfg(any(test, feature = "local-cluster"))]
+mod local;
 mod quota;
 mod unauth;
 
 pub use live::LiveRelays;
+#[cfg(any(test, feature = "local-cluster"))]
+pub use local::LocalCluster;
 pub use quota::{QuotaBook, QuotaError, QuotaLimits};
 pub use unauth::{PREFIX_SHARE, UnauthLimiter};
 

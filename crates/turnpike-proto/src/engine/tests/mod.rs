@@ -17,14 +17,12 @@ use crate::error::DropReason;
 use crate::policy::PeerPolicy;
 use crate::stun::{Class, Method, MsgWriter, StunMsg, TransactionId};
 
-mod cluster;
-
 use crate::allocation::{ListenerId, Transport};
 use crate::auth::CredentialStore;
+use crate::cluster::LocalCluster;
 use crate::integrity::{LongTermKey, long_term_key, rest_password};
 use crate::policy::IpRange;
 use crate::stun::verify_message_integrity;
-use cluster::TestCluster;
 use std::collections::HashSet;
 
 const REALM: &str = "turn.example.org";
@@ -125,7 +123,7 @@ struct Harness {
     io: FakeSockets,
     pkt: PacketBuf,
     now: Instant,
-    cluster: Arc<TestCluster>,
+    cluster: Arc<LocalCluster>,
 }
 
 /// The relay ports of a harness unless a test asks for others.
@@ -139,7 +137,7 @@ fn harness_with(s: Settings) -> Harness {
 fn harness_on(s: Settings, (min_port, max_port): (u16, u16)) -> Harness {
     let t0 = Instant::now();
     let relays = s.relay_v4.iter().chain(&s.relay_v6).map(|r| (r.bind, r.advertised));
-    let cluster = Arc::new(TestCluster::new(relays, []));
+    let cluster = Arc::new(LocalCluster::new(relays, []));
     let engine = Engine::new(
         0,
         Arc::new(s),

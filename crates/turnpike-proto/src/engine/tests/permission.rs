@@ -149,7 +149,7 @@ fn own_public_addresses_reach_only_live_relays_unless_named() {
     let mut s = settings();
     s.relay_v4 = vec![RelayAddr { bind: public, advertised: public }];
     let relays = s.relay_v4.iter().map(|r| (r.bind, r.advertised));
-    let shared = Arc::new(TestCluster::new(relays, [listening]));
+    let shared = Arc::new(LocalCluster::new(relays, [listening]));
     let mut h = harness_on(s.clone(), PORTS);
     h.engine.cluster = Arc::clone(&shared) as Arc<dyn Cluster>;
     h.cluster = shared;

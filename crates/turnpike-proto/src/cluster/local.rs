@@ -1,6 +1,8 @@
-//! A [`Cluster`] for the engine scenarios: one process, plain locks, inspectable.
+//! A [`Cluster`] for one process with few engines: tests, fuzzing and tools (feature `local-cluster`;
+//! the core itself takes no lock, this does). Quotas and reservations sit behind `std` mutexes; the
+//! counts can be read back.
 
-use crate::cluster::{Cluster, LiveRelays, QuotaBook, QuotaError, QuotaLimits, Reservation, UnauthLimiter};
+use super::{Cluster, LiveRelays, QuotaBook, QuotaError, QuotaLimits, Reservation, UnauthLimiter};
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Mutex, MutexGuard, OnceLock};
@@ -13,8 +15,9 @@ struct Quotas {
     total: u32,
 }
 
+/// A single-process [`Cluster`] (see the module documentation).
 #[derive(Debug, Default)]
-pub(super) struct TestCluster {
+pub struct LocalCluster {
     quotas: Mutex<Quotas>,
     reservations: Mutex<HashMap<[u8; 8], Reservation>>,
     live: LiveRelays,
@@ -26,9 +29,9 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-impl TestCluster {
+impl LocalCluster {
     /// Relaying from `relays` (bound, advertised), listening on `listening` too.
-    pub(super) fn new(
+    pub fn new(
         relays: impl IntoIterator<Item = (IpAddr, IpAddr)>,
         listening: impl IntoIterator<Item = IpAddr>,
     ) -> Self {
@@ -36,38 +39,38 @@ impl TestCluster {
     }
 
     /// Quota units counted in total.
-    pub(super) fn total(&self) -> u32 {
+    pub fn total(&self) -> u32 {
         lock(&self.quotas).total
     }
 
     /// Quota units `user` holds.
-    pub(super) fn held_by(&self, user: &[u8]) -> u32 {
+    pub fn held_by(&self, user: &[u8]) -> u32 {
         lock(&self.quotas).book.held_by(user)
     }
 
     /// Outstanding reservations.
-    pub(super) fn reservations(&self) -> usize {
+    pub fn reservations(&self) -> usize {
         lock(&self.reservations).len()
     }
 
     fn millis(&self, now: Instant) -> u64 {
         let origin = *self.origin.get_or_init(|| now);
-        now.saturating_duration_since(origin).as_millis() as u64
+        u64::try_from(now.saturating_duration_since(origin).as_millis()).unwrap_or(u64::MAX)
     }
 
     fn give_back(&self, user: &[u8], reservation: bool) {
         let mut q = lock(&self.quotas);
         if q.book.release(user, reservation) {
-            q.total -= 1;
+            q.total = q.total.saturating_sub(1);
         }
     }
 }
 
-impl Cluster for TestCluster {
+impl Cluster for LocalCluster {
     fn acquire(&self, user: &[u8], limits: QuotaLimits, reserve: bool) -> Result<(), QuotaError> {
         let mut q = lock(&self.quotas);
         let units = 1 + u32::from(reserve);
-        if limits.total > 0 && q.total + units > limits.total {
+        if limits.total > 0 && q.total.saturating_add(units) > limits.total {
             return Err(QuotaError::Total);
         }
         q.book.acquire(user, limits, reserve)?;
