@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 use turnpike::auth::NonceKey;
-use turnpike::proto::allocation::{FiveTuple, ListenerId, Transport};
+use turnpike::proto::allocation::{FiveTuple, Half, ListenerId, RelayKey, Transport};
 use turnpike::proto::attr::{AttrType, PROTO_UDP};
 use turnpike::proto::engine::{BindError, RelaySockets};
 use turnpike::proto::integrity::{long_term_key, rest_password};
@@ -68,10 +68,10 @@ static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 struct NoSockets;
 
 impl RelaySockets for NoSockets {
-    fn open(&mut self, _: u32, _: SocketAddr) -> Result<(), BindError> {
+    fn open(&mut self, _: RelayKey, _: SocketAddr) -> Result<(), BindError> {
         Ok(())
     }
-    fn close(&mut self, _: u32) {}
+    fn close(&mut self, _: RelayKey) {}
 }
 
 fn request(
@@ -163,6 +163,7 @@ fn relaying_allocates_nothing() {
     // Warm up once, then count.
     let _ = send(&mut engine, &mut pkt, &mut io, &channel_data);
     let before = ALLOCATIONS.load(Ordering::SeqCst);
+    let first = RelayKey::new(0, Half::Primary);
     counting(true);
     for _ in 0..1000 {
         let n = pkt.fill(&channel_data);
@@ -170,9 +171,9 @@ fn relaying_allocates_nothing() {
         let n = pkt.fill(&send_indication);
         assert!(matches!(engine.handle_client(now, tuple, &mut pkt, n, &mut io), Action::ToPeer { .. }));
         let n = pkt.fill(&payload);
-        assert!(matches!(engine.handle_peer(now, 0, peer, &mut pkt, n), Action::ToClient { .. }));
+        assert!(matches!(engine.handle_peer(now, first, peer, &mut pkt, n), Action::ToClient { .. }));
         let n = pkt.fill(&payload);
-        assert!(matches!(engine.handle_peer(now, 0, other_port, &mut pkt, n), Action::ToClient { .. }));
+        assert!(matches!(engine.handle_peer(now, first, other_port, &mut pkt, n), Action::ToClient { .. }));
         engine.handle_timeout(now + Duration::from_millis(10), &mut io);
     }
     counting(false);

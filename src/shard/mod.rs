@@ -20,7 +20,7 @@ pub mod sys;
 
 use crate::admission::{self, EarlyClose, Refusal};
 use crate::policy::rate::{LogKind, LogLimiter};
-use crate::proto::allocation::{FiveTuple, ListenerId, Transport};
+use crate::proto::allocation::{FiveTuple, ListenerId, RelayKey, Transport};
 use crate::proto::engine::{BindError, RelaySockets, TIMER_BUDGET};
 use crate::proto::stats::{bump, bump_down};
 use crate::proto::timer::TimerWheel;
@@ -103,11 +103,10 @@ struct RelaySlots {
 }
 
 impl RelaySlots {
-    /// Makes `sock` (registered with slot `idx`'s token, bound to `local`) the relay socket
-    /// of slot `idx`: a new opening, so datagrams queued for the slot's previous socket are not sent
-    /// from this one.
-    fn install(&mut self, idx: u32, sock: UdpSocket, local: SocketAddr) {
-        let idx = idx as usize;
+    /// Makes `sock` (registered with `key`'s token, bound to `local`) the relay socket `key`: a new
+    /// opening, so datagrams queued for the key's previous socket are not sent from this one.
+    fn install(&mut self, key: RelayKey, sock: UdpSocket, local: SocketAddr) {
+        let idx = key.index();
         if self.sockets.len() <= idx {
             self.sockets.resize_with(idx + 1, || None);
             self.generations.resize(idx + 1, 0);
@@ -120,29 +119,29 @@ impl RelaySlots {
 }
 
 impl RelaySockets for RelaySlots {
-    fn open(&mut self, idx: u32, addr: SocketAddr) -> Result<(), BindError> {
+    fn open(&mut self, key: RelayKey, addr: SocketAddr) -> Result<(), BindError> {
         // Failures are logged by the engine, which limits how often.
         let failed = |e: io::Error| BindError::Failed(e.raw_os_error().unwrap_or(0));
         let std_socket = socket::relay_udp(addr, self.buffers)
             .map_err(|e| if e.kind() == io::ErrorKind::AddrInUse { BindError::AddrInUse } else { failed(e) })?;
         let mut sock = UdpSocket::from_std(std_socket);
-        let token = Token(RELAY_BASE + idx as usize);
+        let token = Token(RELAY_BASE + key.index());
         self.registry.register(&mut sock, token, Interest::READABLE).map_err(failed)?;
-        self.install(idx, sock, addr);
+        self.install(key, sock, addr);
         Ok(())
     }
 
-    fn close(&mut self, idx: u32) {
+    fn close(&mut self, key: RelayKey) {
         // Dropping the socket closes its only descriptor (relay sockets are never duplicated), which
         // removes it from the epoll interest list (epoll(7)); mio keeps no state per source on Linux.
         // A separate EPOLL_CTL_DEL would cost a system call per deleted allocation for nothing.
-        drop(self.sockets.get_mut(idx as usize).and_then(Option::take));
+        drop(self.sockets.get_mut(key.index()).and_then(Option::take));
     }
 
-    fn park(&mut self, idx: u32) -> Option<u32> {
+    fn park(&mut self, key: RelayKey) -> Option<u32> {
         // Every installed socket has its address (`install`).
-        let local = self.locals.get(idx as usize).copied().flatten()?;
-        let mut sock = self.sockets.get_mut(idx as usize).and_then(Option::take)?;
+        let local = self.locals.get(key.index()).copied().flatten()?;
+        let mut sock = self.sockets.get_mut(key.index()).and_then(Option::take)?;
         let id = match self.parked_free.pop() {
             Some(id) => id,
             None => {
@@ -151,7 +150,7 @@ impl RelaySockets for RelaySlots {
             }
         };
         // Its own token from now on: what still arrives is read and dropped (`Shard::drain_batch`),
-        // and a new allocation in slot `idx` cannot receive its events.
+        // and a new allocation under `key` cannot receive its events.
         if self.registry.reregister(&mut sock, Token(PARKED_BASE + id as usize), Interest::READABLE).is_err() {
             self.parked_free.push(id);
             return None;
@@ -160,15 +159,15 @@ impl RelaySockets for RelaySlots {
         Some(id)
     }
 
-    fn unpark(&mut self, spare: u32, idx: u32) -> Result<(), BindError> {
+    fn unpark(&mut self, spare: u32, key: RelayKey) -> Result<(), BindError> {
         let (mut sock, local) =
             self.parked.get_mut(spare as usize).and_then(Option::take).ok_or(BindError::Failed(0))?;
         self.parked_free.push(spare);
-        let token = Token(RELAY_BASE + idx as usize);
+        let token = Token(RELAY_BASE + key.index());
         self.registry
             .reregister(&mut sock, token, Interest::READABLE)
             .map_err(|e| BindError::Failed(e.raw_os_error().unwrap_or(0)))?;
-        self.install(idx, sock, local);
+        self.install(key, sock, local);
         Ok(())
     }
 
@@ -410,11 +409,12 @@ impl Shard {
                 }
                 None => {}
             },
-            Action::ToPeer { idx, peer, range } => {
-                let generation = self.relays.generations.get(idx as usize).copied().unwrap_or(0);
+            Action::ToPeer { key, peer, range } => {
+                let generation = self.relays.generations.get(key.index()).copied().unwrap_or(0);
                 // The send queue takes the address only where a raw socket can use it.
-                let local = self.relays.locals.get(idx as usize).copied().flatten();
-                self.queue(send::Via::Relay { key: idx, generation }, local, peer, range);
+                let local = self.relays.locals.get(key.index()).copied().flatten();
+                let via = send::Via::Relay { key: u32::try_from(key.index()).unwrap_or(u32::MAX), generation };
+                self.queue(via, local, peer, range);
             }
             Action::ToClient { tuple, range } if tuple.transport == Transport::Udp => {
                 self.queue(send::Via::Listener(tuple.listener.0), None, tuple.client, range);
@@ -498,9 +498,12 @@ impl Shard {
                         let action = self.engine.handle_client(now, tuple, &mut self.pkt, len, &mut self.relays);
                         self.perform(action, Some(tuple));
                     }
-                    BatchSource::Relay(key) => {
-                        let action = self.engine.handle_peer(now, key as u32, from, &mut self.pkt, len);
-                        self.perform(action, None);
+                    BatchSource::Relay(index) => {
+                        // Tokens of relay sockets are made from their keys, so this always holds.
+                        if let Some(key) = RelayKey::from_index(index) {
+                            let action = self.engine.handle_peer(now, key, from, &mut self.pkt, len);
+                            self.perform(action, None);
+                        }
                     }
                     BatchSource::Parked(_) => bump(&self.stats.engine.drops[DropReason::NoAllocation.index()], 1),
                 }

@@ -25,6 +25,14 @@ pub enum Transport {
 }
 
 impl Transport {
+    /// Every transport, in the order of [`Transport::index`].
+    pub const ALL: [Self; 3] = [Self::Udp, Self::Tcp, Self::Tls];
+
+    /// Position in [`Transport::ALL`] (and in per-transport counters).
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
     /// Lower-case name for logs and metrics.
     pub fn name(self) -> &'static str {
         match self {
@@ -119,17 +127,67 @@ impl ChannelBinding {
     }
 }
 
+/// Which of an allocation's relayed addresses: the one it was made with, or the IPv6 half of a dual
+/// allocation (RFC 8656 §7.2, ADDITIONAL-ADDRESS-FAMILY).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Half {
+    /// The relayed address of the family the Allocate asked for.
+    Primary,
+    /// The IPv6 relayed address added by ADDITIONAL-ADDRESS-FAMILY.
+    Ipv6,
+}
+
+/// A relay socket of a shard: the allocation slot it serves and which of its relayed addresses. The
+/// host keeps its relay sockets in a table indexed by [`RelayKey::index`] (two entries per slot).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct RelayKey(u32);
+
+impl RelayKey {
+    /// The socket of `half` of slot `slot`.
+    pub fn new(slot: u32, half: Half) -> Self {
+        Self(slot.saturating_mul(2) + u32::from(half == Half::Ipv6))
+    }
+
+    /// The allocation slot.
+    pub fn slot(self) -> u32 {
+        self.0 / 2
+    }
+
+    /// Which relayed address of the slot's allocation.
+    pub fn half(self) -> Half {
+        if self.0.is_multiple_of(2) { Half::Primary } else { Half::Ipv6 }
+    }
+
+    /// The key's place in the host's table of relay sockets.
+    pub fn index(self) -> usize {
+        self.0 as usize
+    }
+
+    /// The key at `index` of the host's table (its token names it).
+    pub fn from_index(index: usize) -> Option<Self> {
+        u32::try_from(index).ok().map(Self)
+    }
+}
+
+/// A relayed transport address: the one clients are told (the external address behind NAT) and the
+/// one its socket is bound to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Relayed {
+    /// Sent in XOR-RELAYED-ADDRESS.
+    pub advertised: SocketAddr,
+    /// Bound by the relay socket.
+    pub bound: SocketAddr,
+}
+
 /// One allocation: owned by exactly one shard.
 #[derive(Debug)]
 pub struct Allocation {
     /// The client side.
     pub five_tuple: FiveTuple,
-    /// The relayed transport address advertised to the client (external address when behind NAT).
-    pub relayed: SocketAddr,
-    /// The address the relay socket is bound to.
-    pub bound: SocketAddr,
-    /// The IPv6 half of a dual allocation (RFC 8656 §7.2, ADDITIONAL-ADDRESS-FAMILY): relayed and bound.
-    pub second: Option<(SocketAddr, SocketAddr)>,
+    /// Its relayed address ([`Half::Primary`]).
+    pub relayed: Relayed,
+    /// The IPv6 half of a dual allocation ([`Half::Ipv6`]).
+    pub second: Option<Relayed>,
     /// When the allocation expires unless refreshed.
     pub expires: Instant,
     /// The deadline of the expiry timer currently armed for it.
@@ -155,21 +213,21 @@ pub struct Allocation {
     pub bandwidth: Option<[TokenBucket; 2]>,
 }
 
-/// The relay socket key of allocation slot `idx`: `half` 0 is the primary relayed address, 1 the IPv6
-/// half of a dual allocation.
-pub fn relay_key(idx: u32, half: u32) -> u32 {
-    idx * 2 + half
-}
-
 impl Allocation {
     /// Whether a relayed address of `ip`'s family exists (else 443 / drop).
     pub fn serves_family_of(&self, ip: IpAddr) -> bool {
-        self.relayed.is_ipv4() == ip.is_ipv4() || self.second.is_some_and(|(r, _)| r.is_ipv4() == ip.is_ipv4())
+        let same = |r: &Relayed| r.advertised.is_ipv4() == ip.is_ipv4();
+        same(&self.relayed) || self.second.as_ref().is_some_and(same)
     }
 
-    /// Which half's relay socket talks to `peer`.
-    pub fn half_for(&self, peer: SocketAddr) -> u32 {
-        u32::from(self.relayed.is_ipv4() != peer.is_ipv4())
+    /// Which relayed address talks to `peer`: the one of its family.
+    pub fn half_for(&self, peer: SocketAddr) -> Half {
+        if self.relayed.advertised.is_ipv4() == peer.is_ipv4() { Half::Primary } else { Half::Ipv6 }
+    }
+
+    /// Each relayed address, with its half.
+    pub fn relayed_addresses(&self) -> impl Iterator<Item = (Half, Relayed)> {
+        std::iter::once((Half::Primary, self.relayed)).chain(self.second.map(|r| (Half::Ipv6, r)))
     }
 
     /// Whether an unexpired permission lets data to/from `peer` through at `now`; `is_live_relay` says

@@ -5,7 +5,6 @@
 //! A shard's counters are written only by that shard, with plain relaxed load and store ([`bump`],
 //! [`set`]: no locked instruction); other threads read them ([`read`]).
 
-use crate::allocation::Transport;
 use crate::error::DropReason;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -130,7 +129,7 @@ macro_rules! counters {
     (@vec $sum:expr, $values:expr) => { $sum.to_vec() };
 }
 
-/// Label values of the client transport.
+/// Label values of the client transport, in `Transport::ALL` order.
 pub const TRANSPORTS: [&str; 3] = ["udp", "tcp", "tls"];
 /// Label values of the relaying direction.
 pub const DIRECTIONS: [&str; 2] = ["to_peer", "to_client"];
@@ -190,15 +189,6 @@ impl EngineTotals {
     }
 }
 
-/// Index of a transport in [`TRANSPORTS`] (and [`EngineCounters::allocations`]).
-pub fn transport_index(t: Transport) -> usize {
-    match t {
-        Transport::Udp => 0,
-        Transport::Tcp => 1,
-        Transport::Tls => 2,
-    }
-}
-
 /// Adds `n` to a single-writer counter without a locked instruction.
 #[inline]
 pub fn bump(counter: &AtomicU64, n: u64) {
@@ -226,6 +216,14 @@ pub fn read(counter: &AtomicU64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::allocation::Transport;
+
+    #[test]
+    fn transport_labels_follow_the_transports() {
+        for t in Transport::ALL {
+            assert_eq!(TRANSPORTS[t.index()], t.name());
+        }
+    }
 
     /// Every counter has a family and a sum: a distinct value in each reaches both.
     #[test]

@@ -4,13 +4,13 @@
 use super::BindError;
 use super::lifetime::Timer;
 use super::{Action, Engine, RelayAddr, RelaySockets, write_response};
-use crate::allocation::{Allocation, FiveTuple, relay_key};
+use crate::allocation::{Allocation, FiveTuple, Half, RelayKey, Relayed};
 use crate::attr::{self, AttrType, FAMILY_IPV4, FAMILY_IPV6, PROTO_UDP};
 use crate::cluster::{QuotaError, QuotaLimits, Reservation};
 use crate::error::ErrorCode;
 use crate::integrity::{KeptKey, PreparedKey};
 use crate::policy::rate::{LogKind, TokenBucket};
-use crate::stats::{bump, set, transport_index};
+use crate::stats::{bump, set};
 use crate::stun::{Class, StunMsg};
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
@@ -112,11 +112,10 @@ pub(super) fn parse_allocate(msg: &StunMsg<'_>, no_ipv4: bool) -> Result<Allocat
 /// The relay sockets an Allocate opened.
 #[derive(Debug)]
 struct Relays {
-    /// The relayed address told to the client, and the address its socket is bound to.
-    relayed: SocketAddr,
-    bound: SocketAddr,
-    /// The IPv6 half of a dual allocation (relayed, bound).
-    second: Option<(SocketAddr, SocketAddr)>,
+    /// The relayed address.
+    relayed: Relayed,
+    /// The IPv6 half of a dual allocation.
+    second: Option<Relayed>,
     /// Why a dual allocation has no IPv6 half.
     second_error: Option<ErrorCode>,
     /// The port reserved for EVEN-PORT with R, and its token.
@@ -273,14 +272,17 @@ impl Engine {
         io: &mut dyn RelaySockets,
     ) -> Result<Relays, NoPort> {
         let claimed_port = claimed.map(|(_, r)| r.port);
-        let (port, next) = self.pick_port(relay.bind, claimed_port, req.even_port, relay_key(idx, 0), io)?;
+        let key = RelayKey::new(idx, Half::Primary);
+        let (port, next) = self.pick_port(relay.bind, claimed_port, req.even_port, key, io)?;
         let reserved = next.map(|port| {
             let expires = now + RESERVATION_LIFETIME;
             (self.rng.next_u64().to_be_bytes(), Reservation { port, expires, holder: quota_user.into() })
         });
         let mut relays = Relays {
-            relayed: SocketAddr::new(relay.advertised, port),
-            bound: SocketAddr::new(relay.bind, port),
+            relayed: Relayed {
+                advertised: SocketAddr::new(relay.advertised, port),
+                bound: SocketAddr::new(relay.bind, port),
+            },
             second: None,
             second_error: None,
             reserved,
@@ -291,9 +293,10 @@ impl Engine {
         if req.dual {
             match self.next_relay(FAMILY_IPV6) {
                 None => relays.second_error = Some(ErrorCode::AddressFamilyNotSupported),
-                Some(r6) => match self.pick_port(r6.bind, None, None, relay_key(idx, 1), io) {
+                Some(r6) => match self.pick_port(r6.bind, None, None, RelayKey::new(idx, Half::Ipv6), io) {
                     Ok((p6, _)) => {
-                        relays.second = Some((SocketAddr::new(r6.advertised, p6), SocketAddr::new(r6.bind, p6)));
+                        let (advertised, bound) = (SocketAddr::new(r6.advertised, p6), SocketAddr::new(r6.bind, p6));
+                        relays.second = Some(Relayed { advertised, bound });
                     }
                     Err(why) => {
                         log::debug!("dual allocation without its IPv6 half: {why}, client={tuple}");
@@ -318,9 +321,9 @@ impl Engine {
         let lifetime_secs = u32::try_from(lifetime.as_secs()).unwrap_or(u32::MAX);
         let with_reason = self.settings.reason_phrases;
         write_response(&mut self.out, &self.settings, msg, Class::Success, Some(key), |w| {
-            w.add_xor_addr(AttrType::XOR_RELAYED_ADDRESS, relays.relayed);
-            if let Some((relayed6, _)) = relays.second {
-                w.add_xor_addr(AttrType::XOR_RELAYED_ADDRESS, relayed6);
+            w.add_xor_addr(AttrType::XOR_RELAYED_ADDRESS, relays.relayed.advertised);
+            if let Some(second) = relays.second {
+                w.add_xor_addr(AttrType::XOR_RELAYED_ADDRESS, second.advertised);
             }
             w.add_u32(AttrType::LIFETIME, lifetime_secs);
             if let Some((token, _)) = &relays.reserved {
@@ -344,11 +347,11 @@ impl Engine {
     /// Undoes [`Engine::open_relays`] and the quota charge for an allocation whose response could not
     /// be written.
     fn close_relays(&mut self, idx: u32, relays: Relays, quota_user: &[u8], io: &mut dyn RelaySockets) {
-        io.close(relay_key(idx, 0));
-        self.ports.give_back(relays.bound.port());
-        if let Some((_, bound6)) = relays.second {
-            io.close(relay_key(idx, 1));
-            self.ports.give_back(bound6.port());
+        io.close(RelayKey::new(idx, Half::Primary));
+        self.ports.give_back(relays.relayed.bound.port());
+        if let Some(second) = relays.second {
+            io.close(RelayKey::new(idx, Half::Ipv6));
+            self.ports.give_back(second.bound.port());
         }
         if let Some((_, r)) = relays.reserved {
             self.ports.give_back(r.port);
@@ -361,21 +364,21 @@ impl Engine {
     /// addresses are live.
     fn install(&mut self, now: Instant, tuple: FiveTuple, msg: &StunMsg<'_>, new: Installed) {
         let Installed { username, key, quota_user, relays, lifetime, len } = new;
-        let Relays { relayed, bound, second, reserved, .. } = relays;
+        let Relays { relayed, second, reserved, .. } = relays;
         if let Some((token, r)) = reserved {
             self.wheel.insert(r.expires, Timer::Reservation(token));
             self.cluster.hold_reservation(token, r);
         }
-        let also = second.map(|(r6, _)| format!(" + {r6}")).unwrap_or_default();
+        let also = second.map(|r6| format!(" + {}", r6.advertised)).unwrap_or_default();
+        let (advertised, bound) = (relayed.advertised, relayed.bound);
         log::info!(
-            "allocation created: user={username} client={tuple} relay={relayed}{also} bound={bound} lifetime={}s shard={}",
+            "allocation created: user={username} client={tuple} relay={advertised}{also} bound={bound} lifetime={}s shard={}",
             lifetime.as_secs(),
             self.shard
         );
         let alloc = Allocation {
             five_tuple: tuple,
             relayed,
-            bound,
             second,
             expires: now + lifetime,
             armed_at: now + lifetime,
@@ -391,12 +394,12 @@ impl Engine {
         };
         let id = self.table.insert(alloc);
         self.wheel.insert(now + lifetime, Timer::Allocation(id, now + lifetime));
-        self.cluster.relay_opened(bound);
-        if let Some((_, bound6)) = second {
-            self.cluster.relay_opened(bound6);
+        self.cluster.relay_opened(relayed.bound);
+        if let Some(second) = second {
+            self.cluster.relay_opened(second.bound);
         }
         bump(&self.stats.allocations_created, 1);
-        bump(&self.stats.allocations[transport_index(tuple.transport)], 1);
+        bump(&self.stats.allocations[tuple.transport.index()], 1);
     }
 
     /// The next relay address of `family`, round robin over the configured ones.
@@ -465,7 +468,7 @@ impl Engine {
         bind_ip: IpAddr,
         claimed: Option<u16>,
         even_port: Option<bool>,
-        key: u32,
+        key: RelayKey,
         io: &mut dyn RelaySockets,
     ) -> Result<(u16, Option<u16>), NoPort> {
         if let Some(port) = claimed {

@@ -2,12 +2,12 @@
 //! wheel, a stream client's close, deletion and shutdown.
 
 use super::{Action, Engine, RelaySockets, family_of, write_response};
-use crate::allocation::{CHANNEL_COOLDOWN, FiveTuple, relay_key};
+use crate::allocation::{CHANNEL_COOLDOWN, FiveTuple, RelayKey};
 use crate::attr::{self, AttrType};
 use crate::channel::ChannelNumber;
 use crate::error::ErrorCode;
 use crate::spares::Spare;
-use crate::stats::{bump_down, set, transport_index};
+use crate::stats::{bump_down, set};
 use crate::stun::{Class, StunMsg};
 use crate::table::AllocId;
 use std::net::{IpAddr, SocketAddr};
@@ -49,7 +49,8 @@ impl Engine {
         };
         //= RFC 8656 §8: a REQUESTED-ADDRESS-FAMILY that does not match a family of the allocation is 443.
         if let Some(fam) = msg.attr(AttrType::REQUESTED_ADDRESS_FAMILY) {
-            let families = [Some(family_of(alloc.relayed.ip())), alloc.second.map(|(r, _)| family_of(r.ip()))];
+            let families: Vec<Option<u8>> =
+                alloc.relayed_addresses().map(|(_, r)| Some(family_of(r.advertised.ip()))).collect();
             if !families.contains(&attr::decode_family(fam).ok()) {
                 return self.error(msg, ErrorCode::PeerAddressFamilyMismatch, Some(&key));
             }
@@ -75,7 +76,7 @@ impl Engine {
                 "allocation refreshed: user={} client={} relay={} lifetime={secs}s",
                 alloc.username,
                 tuple,
-                alloc.relayed
+                alloc.relayed.advertised
             );
         }
         action
@@ -185,32 +186,28 @@ impl Engine {
         let Some(alloc) = self.table.remove(id) else {
             return;
         };
-        self.retire_socket(relay_key(id.idx, 0), alloc.bound, io);
-        if let Some((_, bound6)) = alloc.second {
-            self.retire_socket(relay_key(id.idx, 1), bound6, io);
+        for (half, relayed) in alloc.relayed_addresses() {
+            self.retire_socket(RelayKey::new(id.idx, half), relayed.bound, io);
+            self.cluster.relay_closed(relayed.bound);
         }
         io.allocation_freed(alloc.five_tuple);
-        self.cluster.relay_closed(alloc.bound);
-        if let Some((_, bound6)) = alloc.second {
-            self.cluster.relay_closed(bound6);
-        }
         self.cluster.release(alloc.quota_user.as_bytes());
         self.live_permissions = self.live_permissions.saturating_sub(alloc.permissions.len() as u64);
         self.live_channels = self.live_channels.saturating_sub(alloc.channels.len() as u64);
         set(&self.stats.permissions, self.live_permissions);
         set(&self.stats.channels, self.live_channels);
-        bump_down(&self.stats.allocations[transport_index(alloc.five_tuple.transport)]);
+        bump_down(&self.stats.allocations[alloc.five_tuple.transport.index()]);
         log::info!(
             "allocation deleted ({why}): user={} client={} relay={}",
             alloc.username,
             alloc.five_tuple,
-            alloc.relayed
+            alloc.relayed.advertised
         );
     }
 
     /// Parks the relay socket of `key`, bound to `bound`, for a later allocation, or closes it and frees
     /// its port when the spare pool is full.
-    pub(super) fn retire_socket(&mut self, key: u32, bound: SocketAddr, io: &mut dyn RelaySockets) {
+    pub(super) fn retire_socket(&mut self, key: RelayKey, bound: SocketAddr, io: &mut dyn RelaySockets) {
         if self.spares.has_room() {
             if let Some(id) = io.park(key) {
                 self.spares.put(Spare { id, ip: bound.ip(), port: bound.port() });

@@ -17,6 +17,7 @@ mod relay;
 pub use lifetime::TIMER_BUDGET;
 
 use crate::allocation::FiveTuple;
+use crate::allocation::RelayKey;
 use crate::attr::{AttrType, FAMILY_IPV4, FAMILY_IPV6};
 use crate::auth::{CredentialStore, NonceKey};
 use crate::channel::{self};
@@ -155,20 +156,20 @@ pub enum BindError {
 
 /// The I/O layer's side of relay socket management.
 pub trait RelaySockets {
-    /// Opens the relay socket of allocation slot `idx`, bound to `addr`.
-    fn open(&mut self, idx: u32, addr: SocketAddr) -> Result<(), BindError>;
-    /// Closes the relay socket of slot `idx`.
-    fn close(&mut self, idx: u32);
-    /// Takes the relay socket of slot `idx` out of service but keeps it open, bound and drained, for a
-    /// later allocation (see [`crate::spares`]). Returns its id among the parked sockets, or `None`
-    /// when it was closed instead (the default: an implementation that does not park).
-    fn park(&mut self, idx: u32) -> Option<u32> {
-        self.close(idx);
+    /// Opens the relay socket `key`, bound to `addr`.
+    fn open(&mut self, key: RelayKey, addr: SocketAddr) -> Result<(), BindError>;
+    /// Closes the relay socket `key`.
+    fn close(&mut self, key: RelayKey);
+    /// Takes the relay socket `key` out of service but keeps it open, bound and drained, for a later
+    /// allocation (see [`crate::spares`]). Returns its id among the parked sockets, or `None` when it
+    /// was closed instead (the default: an implementation that does not park).
+    fn park(&mut self, key: RelayKey) -> Option<u32> {
+        self.close(key);
         None
     }
-    /// Puts parked socket `spare` in service as the relay socket of slot `idx`. On an error the parked
-    /// socket is closed.
-    fn unpark(&mut self, _spare: u32, _idx: u32) -> Result<(), BindError> {
+    /// Puts parked socket `spare` in service as the relay socket `key`. On an error the parked socket
+    /// is closed.
+    fn unpark(&mut self, _spare: u32, _key: RelayKey) -> Result<(), BindError> {
         Err(BindError::Failed(0))
     }
     /// An allocation was deleted; for TCP/TLS clients the connection goes with it (RFC 8656 §7).
@@ -188,10 +189,10 @@ pub enum Action {
         /// Length of the response in the engine's reply buffer.
         len: usize,
     },
-    /// Send `range` of the packet buffer from relay socket `idx` to `peer`.
+    /// Send `range` of the packet buffer from relay socket `key` to `peer`.
     ToPeer {
-        /// Relay socket (allocation slot).
-        idx: u32,
+        /// The relay socket.
+        key: RelayKey,
         /// Destination peer.
         peer: SocketAddr,
         /// The payload in the packet buffer.

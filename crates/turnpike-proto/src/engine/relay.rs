@@ -3,7 +3,7 @@
 
 use super::auth::KNOWN;
 use super::{Action, Engine, HEADROOM, MAX_PAYLOAD, PacketBuf};
-use crate::allocation::{FiveTuple, relay_key};
+use crate::allocation::{FiveTuple, RelayKey};
 use crate::attr::{self, AttrType};
 use crate::channel::{self, CHANNEL_HEADER_LEN, ChannelData};
 use crate::error::DropReason;
@@ -54,11 +54,11 @@ impl Engine {
         if !take_bandwidth(&mut alloc.bandwidth, &mut self.total_bandwidth, 0, cd.data.len(), now) {
             return Action::Drop(DropReason::OverBandwidth);
         }
-        let key = relay_key(id.idx, alloc.half_for(binding.peer));
+        let key = RelayKey::new(id.idx, alloc.half_for(binding.peer));
         bump(&self.stats.packets[TO_PEER], 1);
         bump(&self.stats.bytes[TO_PEER], cd.data.len() as u64);
         let start = HEADROOM + CHANNEL_HEADER_LEN;
-        Action::ToPeer { idx: key, peer: binding.peer, range: start..start + cd.data.len() }
+        Action::ToPeer { key, peer: binding.peer, range: start..start + cd.data.len() }
     }
 
     //= RFC 8656 §10.2: "the server MUST validate that the Send indication contains an XOR-PEER-ADDRESS
@@ -97,7 +97,7 @@ impl Engine {
         if !alloc.serves_family_of(peer.ip()) {
             return Action::Drop(DropReason::BadIndication);
         }
-        let key = relay_key(id.idx, alloc.half_for(peer));
+        let key = RelayKey::new(id.idx, alloc.half_for(peer));
         if !alloc.permits(peer, now, |a| self.cluster.is_live_relay(a)) {
             return Action::Drop(DropReason::NoPermission);
         }
@@ -107,13 +107,20 @@ impl Engine {
         bump(&self.stats.packets[TO_PEER], 1);
         bump(&self.stats.bytes[TO_PEER], data.len() as u64);
         let start = HEADROOM + offset_in(bytes, data);
-        Action::ToPeer { idx: key, peer, range: start..start + data.len() }
+        Action::ToPeer { key, peer, range: start..start + data.len() }
     }
 
-    /// Handles a datagram of `len` bytes at the body of `pkt`, received by relay socket `key` (see [`relay_key`]) from `peer`.
-    pub fn handle_peer(&mut self, now: Instant, key: u32, peer: SocketAddr, pkt: &mut PacketBuf, len: usize) -> Action {
+    /// Handles a datagram of `len` bytes at the body of `pkt`, received by relay socket `key` from `peer`.
+    pub fn handle_peer(
+        &mut self,
+        now: Instant,
+        key: RelayKey,
+        peer: SocketAddr,
+        pkt: &mut PacketBuf,
+        len: usize,
+    ) -> Action {
         let len = len.min(MAX_PAYLOAD);
-        let Some(alloc) = self.table.by_index_mut(key / 2) else {
+        let Some(alloc) = self.table.by_index_mut(key.slot()) else {
             return Action::Drop(DropReason::NoAllocation);
         };
         //= RFC 8656 §11.3: "the server ... looks for a permission ... If no permission exists, the UDP

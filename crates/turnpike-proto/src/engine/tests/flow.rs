@@ -40,8 +40,8 @@ fn full_flow_over_rest_credentials() {
 
     // Client -> peer over the channel: the payload is forwarded in place.
     let action = h.send(c.tuple, &channel_data(0x4001, b"hello peer"));
-    let Action::ToPeer { idx, peer: to, range } = action else { panic!("{action:?}") };
-    assert_eq!((idx, to), (0, peer()));
+    let Action::ToPeer { key, peer: to, range } = action else { panic!("{action:?}") };
+    assert_eq!((key, to), (RelayKey::new(0, Half::Primary), peer()));
     assert_eq!(h.pkt.get(range), b"hello peer");
 
     // Peer -> client: a ChannelData header is written in front of the payload.
@@ -207,7 +207,7 @@ fn fuzzed_sequences_never_panic_and_keep_invariants() {
                             let _ = h.send(c.tuple, &bytes);
                         }
                         3 => {
-                            let _ = h.peer_sends(u32::from(n % 4), peer(), &bytes);
+                            let _ = h.peer_sends(usize::from(n % 4), peer(), &bytes);
                         }
                         4 => h.advance(u64::from(n % 700)),
                         _ => {

@@ -17,7 +17,7 @@ use crate::error::DropReason;
 use crate::policy::PeerPolicy;
 use crate::stun::{Class, Method, MsgWriter, StunMsg, TransactionId};
 
-use crate::allocation::{ListenerId, Transport};
+use crate::allocation::{Half, ListenerId, RelayKey, Transport};
 use crate::auth::CredentialStore;
 use crate::cluster::LocalCluster;
 use crate::integrity::{LongTermKey, long_term_key, rest_password};
@@ -31,7 +31,7 @@ const UNIX0: u64 = 1_700_000_000;
 
 #[derive(Default)]
 struct FakeSockets {
-    open: HashSet<u32>,
+    open: HashSet<RelayKey>,
     busy_ports: HashSet<u16>,
     /// Every open fails with this OS error (out of descriptors, ...).
     failing: Option<i32>,
@@ -40,8 +40,8 @@ struct FakeSockets {
     /// Parked sockets by id: their port.
     parked: std::collections::HashMap<u32, u16>,
     next_parked: u32,
-    /// Ports of the open sockets, by slot.
-    ports: std::collections::HashMap<u32, u16>,
+    /// Ports of the open sockets.
+    ports: std::collections::HashMap<RelayKey, u16>,
     /// Fresh sockets opened so far.
     opened: usize,
     /// Every unpark fails (the parked socket is closed).
@@ -49,39 +49,39 @@ struct FakeSockets {
 }
 
 impl RelaySockets for FakeSockets {
-    fn open(&mut self, idx: u32, addr: SocketAddr) -> Result<(), BindError> {
+    fn open(&mut self, idx: RelayKey, addr: SocketAddr) -> Result<(), BindError> {
         if let Some(errno) = self.failing {
             return Err(BindError::Failed(errno));
         }
         if self.busy_ports.contains(&addr.port()) {
             return Err(BindError::AddrInUse);
         }
-        assert!(self.open.insert(idx), "slot {idx} opened twice");
+        assert!(self.open.insert(idx), "{idx:?} opened twice");
         self.ports.insert(idx, addr.port());
         self.opened += 1;
         Ok(())
     }
-    fn close(&mut self, idx: u32) {
-        assert!(self.open.remove(&idx), "slot {idx} closed but not open");
+    fn close(&mut self, idx: RelayKey) {
+        assert!(self.open.remove(&idx), "{idx:?} closed but not open");
         self.ports.remove(&idx);
     }
-    fn park(&mut self, idx: u32) -> Option<u32> {
+    fn park(&mut self, idx: RelayKey) -> Option<u32> {
         if !self.parks {
             self.close(idx);
             return None;
         }
-        assert!(self.open.remove(&idx), "slot {idx} parked but not open");
+        assert!(self.open.remove(&idx), "{idx:?} parked but not open");
         let id = self.next_parked;
         self.next_parked += 1;
         self.parked.insert(id, self.ports.remove(&idx).unwrap());
         Some(id)
     }
-    fn unpark(&mut self, spare: u32, idx: u32) -> Result<(), BindError> {
+    fn unpark(&mut self, spare: u32, idx: RelayKey) -> Result<(), BindError> {
         let port = self.parked.remove(&spare).expect("unparked a socket that is not parked");
         if self.unpark_fails {
             return Err(BindError::Failed(9));
         }
-        assert!(self.open.insert(idx), "slot {idx} opened twice");
+        assert!(self.open.insert(idx), "{idx:?} opened twice");
         self.ports.insert(idx, port);
         Ok(())
     }
@@ -283,9 +283,11 @@ impl Harness {
         }
     }
 
-    fn peer_sends(&mut self, idx: u32, peer: SocketAddr, payload: &[u8]) -> Action {
+    /// A datagram from `peer` to the relay socket at `index` of the shard's table.
+    fn peer_sends(&mut self, index: usize, peer: SocketAddr, payload: &[u8]) -> Action {
         let len = self.pkt.fill(payload);
-        self.engine.handle_peer(self.now, idx, peer, &mut self.pkt, len)
+        let key = RelayKey::from_index(index).unwrap();
+        self.engine.handle_peer(self.now, key, peer, &mut self.pkt, len)
     }
 
     /// 401 round trip, then an authenticated request: returns the response.
