@@ -41,7 +41,7 @@ cargo clippy --workspace --all-targets --locked --quiet -- -D warnings
 echo "==> import cycles between modules"
 python3 scripts/ci/module-cycles.py
 echo "==> cargo doc"
-RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --locked --quiet
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked --quiet
 echo "==> cargo test"
 cargo test --locked
 # The load generator against turnpike, briefly: correctness only (loss, errors), no timing.

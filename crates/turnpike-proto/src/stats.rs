@@ -1,4 +1,4 @@
-//! Counters, defined once each: [`counters!`] turns one list of counters into the struct the writer
+//! Counters, defined once each: [`counters!`](crate::counters) turns one list of counters into the struct the writer
 //! bumps (atomics), the struct of sums the host adds up, and the table the metrics renderer walks
 //! (name, help, kind, labels), so that none of them can miss a counter.
 //!
