@@ -34,10 +34,18 @@ if python3 -c "import socket; socket.socket(socket.AF_INET, socket.SOCK_RAW, soc
     export TURNPIKE_REQUIRE_RAW=1
 fi
 if unshare --net true 2>/dev/null; then export TURNPIKE_REQUIRE_NETNS=1; fi
+if ! command -v cargo-deny >/dev/null 2>&1; then
+    echo "==> installing cargo-deny (licenses, bans and sources of the dependency tree)"
+    cargo install cargo-deny --locked --quiet
+fi
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check
 echo "==> cargo clippy"
 cargo clippy --workspace --all-targets --locked --quiet -- -D warnings
+echo "==> cargo deny (licenses, bans, sources; advisories need a database these machines cannot fetch)"
+cargo deny --log-level error check licenses bans sources
+echo "==> clippy on the fuzz targets"
+(cd fuzz && cargo clippy --all-targets --quiet -- -D warnings)
 echo "==> import cycles between modules"
 python3 scripts/ci/module-cycles.py
 echo "==> cargo doc"
