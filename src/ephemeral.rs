@@ -70,7 +70,7 @@ pub fn warn_if_shared(relay: RangeInclusive<u16>) {
             "{} of the {total} relay ports ({}-{}) lie in the kernel's ephemeral port range {}-{} \
              (net.ipv4.ip_local_port_range): this host's outgoing connections can take them, and \
              allocations skip ports in use; move the ephemeral range out of the relay range \
-             (scripts/sysctl.conf) or reserve the relay range (net.ipv4.ip_local_reserved_ports)",
+             (scripts/ops/sysctl.conf) or reserve the relay range (net.ipv4.ip_local_reserved_ports)",
             o.exposed,
             o.shared.start(),
             o.shared.end(),
@@ -92,7 +92,7 @@ mod tests {
 
     #[test]
     fn moved_or_reserved_ranges_do_not() {
-        assert_eq!(overlap(49152..=65535, "32768 49151", ""), None, "scripts/sysctl.conf");
+        assert_eq!(overlap(49152..=65535, "32768 49151", ""), None, "scripts/ops/sysctl.conf");
         assert_eq!(overlap(49152..=65535, "32768 60999", "49152-65535"), None);
         let o = overlap(49152..=65535, "32768 60999", "8080,49152-59999").unwrap();
         assert_eq!((o.shared, o.exposed), (49152..=60999, 1000));

@@ -276,7 +276,7 @@ fn batched_send_allocates_nothing() {
 
 /// Sending lone relayed datagrams of many allocations through the raw socket (headers written in the
 /// headroom, one `sendmmsg`) allocates nothing. Needs CAP_NET_RAW: without it the test says so and
-/// passes, unless TURNPIKE_REQUIRE_RAW is set (scripts/test.sh sets it where a raw socket opens).
+/// passes, unless TURNPIKE_REQUIRE_RAW is set (scripts/ci/test.sh sets it where a raw socket opens).
 #[test]
 fn raw_socket_send_allocates_nothing() {
     use turnpike::shard::rawsend::RawSocket;

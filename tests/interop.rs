@@ -2,7 +2,7 @@
 //! `turnutils_peer`, and the Python `aioice` TURN client, against the real `turnpike` binary.
 //!
 //! When the tools are missing these tests say so and pass, unless `TURNPIKE_REQUIRE_INTEROP=1` (set by
-//! `scripts/test.sh`, which installs the tools), in which case a missing tool is a failure.
+//! `scripts/ci/test.sh`, which installs the tools), in which case a missing tool is a failure.
 
 #![allow(clippy::disallowed_methods)] // tests may read the clock and sleep
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a failed step fails the test
@@ -31,7 +31,7 @@ fn tool_available(cmd: &str, probe: &[&str]) -> bool {
             std::env::var_os("TURNPIKE_REQUIRE_INTEROP").is_none(),
             "{cmd} is required (TURNPIKE_REQUIRE_INTEROP is set) but not installed"
         );
-        eprintln!("SKIPPED: {cmd} not installed (scripts/test.sh installs it)");
+        eprintln!("SKIPPED: {cmd} not installed (scripts/ci/test.sh installs it)");
     }
     found
 }
@@ -182,7 +182,7 @@ fn aioice_allocates_and_relays() {
     let import = Command::new("python3").args(["-c", "import aioice"]).status().unwrap();
     if !import.success() {
         assert!(std::env::var_os("TURNPIKE_REQUIRE_INTEROP").is_none(), "aioice is required but not importable");
-        eprintln!("SKIPPED: aioice not installed (scripts/test.sh installs it)");
+        eprintln!("SKIPPED: aioice not installed (scripts/ci/test.sh installs it)");
         return;
     }
     let (_server, addr) = start_turnpike("aioice", (43400, 43499));

@@ -768,7 +768,7 @@ mod tests {
     /// and the flush goes on through the raw socket. Loopback's MTU is 65,536, so the test runs itself
     /// again in a network namespace of its own whose loopback has an MTU of 1,500 (`unshare --net`,
     /// root only; without it the test says so and passes, unless TURNPIKE_REQUIRE_NETNS is set:
-    /// `scripts/test.sh` sets it where `unshare --net` works).
+    /// `scripts/ci/test.sh` sets it where `unshare --net` works).
     #[test]
     fn a_datagram_above_the_mtu_leaves_through_its_relay_socket() {
         const INSIDE: &str = "TURNPIKE_TEST_IN_NETNS";

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 /// Most timers fired per [`Engine::handle_timeout`]; the rest wait for the next call, which the shard
 /// makes at once after serving its sockets. Freeing an allocation costs a few microseconds (its socket
 /// is closed), so 10,000 allocations expiring in the same second would otherwise hold up relaying for
-/// tens of milliseconds (`scripts/bench-expiry.sh`: a call's p99 13-21 ms during such an expiry when
+/// tens of milliseconds (`scripts/bench/bench-expiry.sh`: a call's p99 13-21 ms during such an expiry when
 /// all were freed at once; see bench/README.md, "Churn and mass expiry").
 pub const TIMER_BUDGET: usize = 128;
 

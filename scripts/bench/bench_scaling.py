@@ -1,4 +1,4 @@
-"""Multi-core scaling of turnpike's shards, for scripts/bench-scaling.sh. See bench/README.md.
+"""Multi-core scaling of turnpike's shards, for scripts/bench/bench-scaling.sh. See bench/README.md.
 
 For each shard count N, turnpike runs with N shards pinned to N server cores, and N load generators (one
 per generator core, each with its own allocations) offer the same per-shard rate at once, in one shared
@@ -273,7 +273,7 @@ def main():
                     help="also run N one-shard turnpikes on their own ports, each fed by one generator")
     ap.add_argument("--out", default=None, help="folder for scaling.json and scaling.md")
     opts = ap.parse_args()
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     opts.turnpike = os.path.join(opts.bin or os.path.join(root, "target/release"), "turnpike")
     opts.loadgen = os.path.join(opts.bin or os.path.join(root, "target/release"), "loadgen")
     opts.raw = os.path.join(opts.bin or os.path.join(root, "target/bench"), "raw-forwarder")

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Installs turnpike as a systemd service: the release binary, a system user, the unit, a starting
 # configuration (kept if one exists) and a sysctl drop-in that keeps the kernel's ephemeral ports out
-# of the relay range. Run as root from a checkout: `bash scripts/install.sh`.
+# of the relay range. Run as root from a checkout: `bash scripts/ops/install.sh`.
 # PREFIX (default /usr/local) and DESTDIR (default empty, for packaging) are honoured.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 PREFIX="${PREFIX:-/usr/local}"
 DESTDIR="${DESTDIR:-}"
 
@@ -14,7 +14,7 @@ install -D -m 644 systemd/turnpike.service "$DESTDIR/etc/systemd/system/turnpike
 if [ "$PREFIX" != /usr/local ]; then
     sed -i "s|/usr/local/bin/turnpike|$PREFIX/bin/turnpike|g" "$DESTDIR/etc/systemd/system/turnpike.service"
 fi
-install -D -m 644 scripts/sysctl.conf "$DESTDIR/etc/sysctl.d/60-turnpike.conf"
+install -D -m 644 scripts/ops/sysctl.conf "$DESTDIR/etc/sysctl.d/60-turnpike.conf"
 install -d -m 750 "$DESTDIR/etc/turnpike"
 if [ ! -e "$DESTDIR/etc/turnpike/turnpike.yaml" ]; then
     secret="$(head -c 48 /dev/urandom | base64 | tr -d '/+=' | head -c 64)"

@@ -1,4 +1,4 @@
-"""Runs the comparison for scripts/bench-compare.sh. See bench/README.md for the method."""
+"""Runs the comparison for scripts/bench/bench-compare.sh. See bench/README.md for the method."""
 
 import json
 import os
@@ -11,7 +11,7 @@ import time
 SECS = float(os.environ.get("BENCH_SECS", "2"))
 QUICK = os.environ.get("BENCH_QUICK") == "1"
 ROUNDS = max(1, int(os.environ.get("BENCH_ROUNDS", "1")))
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LOADGEN = os.path.join(ROOT, "target/release/loadgen")
 TURNPIKE = os.path.join(ROOT, "target/release/turnpike")
 RAW = os.path.join(ROOT, "target/bench/raw-forwarder")
@@ -116,7 +116,7 @@ def start(name, sockets=1, pause_us=None, ipv6=False, gateway=False, binary=TURN
         if ipv6:
             cmd.append("--relay-ip=::1")
     elif name == "setup-floor":
-        # The kernel's part of an Allocate (scripts/setup-floor.c), relay ports as turnpike's.
+        # The kernel's part of an Allocate (scripts/bench/setup-floor.c), relay ports as turnpike's.
         cmd = pin + [SETUP_FLOOR, str(PORTS[name]), "20000", "39999"]
     else:
         # floor-raw: the floor sending every batch through one raw socket (RAW_SEND=1), as turnpike
@@ -437,7 +437,7 @@ def render(results, table, calls, sweep, sweep_rates, mem):
     lines.append("Medians of %d alternating round(s) (set-up runs are short: at least five rounds, whatever "
                  "BENCH_ROUNDS, except with BENCH_QUICK=1)." % max([v.get("rounds", 1) for v in mem.values()] or [1]))
     lines.append("")
-    lines.append("set-up floor: scripts/setup-floor.c, the kernel's part of an Allocate with a relay socket "
+    lines.append("set-up floor: scripts/bench/setup-floor.c, the kernel's part of an Allocate with a relay socket "
                  "(socket, bind, epoll_ctl, answers of turnpike's sizes in batches; no credentials, no state).")
     lines.append("")
     lines.append("| allocations | turnpike KiB/alloc | coturn KiB/alloc | turnpike alloc/s | coturn alloc/s | set-up floor alloc/s | alloc/s ratio | floor/coturn | turnpike server CPU us/alloc | coturn server CPU us/alloc | floor CPU us/alloc | CPU ratio coturn/turnpike | CPU turnpike/floor |")

@@ -1,6 +1,6 @@
 /* The kernel's limit for one core: receive UDP datagrams in batches (recvmmsg) on one socket and send
  * them in batches (sendmmsg) to one fixed destination. No parsing, no state. Built and run by
- * scripts/bench-compare.sh as the baseline turnpike and coturn are compared against.
+ * scripts/bench/bench-compare.sh as the baseline turnpike and coturn are compared against.
  *
  * With SOCKETS > 1 it sends through that many sockets, one per source (by source port, first come first
  * served, wrapping around): the shape of TURN relaying, where every allocation's data must leave from

@@ -10,7 +10,7 @@
 # configuration, default 1, set-up configurations at least 5; medians are reported), BENCH_QUICK=1 (fewer
 # configurations and rounds).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 if ! command -v turnserver >/dev/null 2>&1; then
     echo "==> installing coturn"
     if [ "$(id -u)" -eq 0 ]; then SUDO=""; else SUDO=sudo; fi
@@ -21,7 +21,7 @@ fi
 echo "==> building turnpike, loadgen, the raw forwarder and the set-up floor"
 cargo build --release --locked -p turnpike -p turnpike-bench --quiet
 mkdir -p target/bench
-gcc -O2 -o target/bench/raw-forwarder scripts/raw-forwarder.c
-gcc -O2 -o target/bench/setup-floor scripts/setup-floor.c
+gcc -O2 -o target/bench/raw-forwarder scripts/bench/raw-forwarder.c
+gcc -O2 -o target/bench/setup-floor scripts/bench/setup-floor.c
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
-exec python3 scripts/bench_compare.py "$@"
+exec python3 scripts/bench/bench_compare.py "$@"

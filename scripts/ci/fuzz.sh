@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Runs every fuzz target for a bounded time (default 30 s each) on the stable toolchain
 # (cargo-fuzz needs nightly flags; RUSTC_BOOTSTRAP=1 allows them). Installs cargo-fuzz if missing.
-# Usage: scripts/fuzz.sh [seconds-per-target] [target...]
+# Usage: scripts/ci/fuzz.sh [seconds-per-target] [target...]
 set -euo pipefail
-cd "$(dirname "$0")/../fuzz"
+cd "$(dirname "$0")/../../fuzz"
 secs="${1:-30}"; shift || true
 targets=("$@"); [ ${#targets[@]} -gt 0 ] || targets=(stun_parse channel_data engine)
 command -v cargo-fuzz >/dev/null 2>&1 || cargo install cargo-fuzz --locked

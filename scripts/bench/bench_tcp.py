@@ -1,8 +1,8 @@
 """TURN over TCP and TLS, side by side: turnpike and coturn (and optionally an earlier turnpike build)
 relaying for clients that reach the server over TCP or TLS (the relay side stays UDP), paced, the servers
-alternating round by round, server on core 0 and generator on core 1 as in scripts/bench-compare.sh.
+alternating round by round, server on core 0 and generator on core 1 as in scripts/bench/bench-compare.sh.
 
-Usage: python3 scripts/bench_tcp.py [--rounds N] [--baseline PATH-TO-TURNPIKE] [--no-coturn]
+Usage: python3 scripts/bench/bench_tcp.py [--rounds N] [--baseline PATH-TO-TURNPIKE] [--no-coturn]
                                     [--transports tcp,tls]
 Prints a markdown table of CPU per relayed packet (medians), worst loss and median p99 per server and
 configuration; every run's JSON goes to stderr. In calls mode a packet crosses the server twice (client

@@ -4,7 +4,7 @@
 # PyPI) and cargo-fuzz, then checks formatting, lints, docs, runs every test, and fuzzes each target
 # for a bounded time (TURNPIKE_FUZZ_SECS, default 20).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 
@@ -54,7 +54,7 @@ echo "==> cargo test"
 cargo test --locked
 # The load generator against turnpike, briefly: correctness only (loss, errors), no timing.
 echo "==> load generator smoke test"
-bash scripts/bench-smoke.sh
+bash scripts/ci/bench-smoke.sh
 # Bounded fuzzing of every target (codec and stateful engine), replaying fuzz/regressions first.
 echo "==> fuzz (${TURNPIKE_FUZZ_SECS:-20}s per target)"
-bash scripts/fuzz.sh "${TURNPIKE_FUZZ_SECS:-20}"
+bash scripts/ci/fuzz.sh "${TURNPIKE_FUZZ_SECS:-20}"

@@ -5,7 +5,7 @@
 # relayed addresses (--relay-family ipv6: through the IPv6 raw socket when turnpike can open one).
 # Checks correctness (every packet delivered, no error), never timing.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 cargo build --locked --quiet -p turnpike -p turnpike-bench
 dir="$(mktemp -d)"
 trap 'kill "$pid" 2>/dev/null || true; rm -rf "$dir"' EXIT
@@ -78,11 +78,11 @@ for line in urllib.request.urlopen(sys.argv[1], timeout=5).read().decode().split
         echo "    after:  $(grep '^Udp:' /proc/net/snmp | tail -1)"
     }
 done
-# The scaling script (scripts/bench-scaling.sh) with one shard, briefly: turnpike and the floor forwarder,
+# The scaling script (scripts/bench/bench-scaling.sh) with one shard, briefly: turnpike and the floor forwarder,
 # the generators started together with --start-at. Correctness only: every run completes without loss.
-gcc -O2 -o "$dir/raw-forwarder" scripts/raw-forwarder.c
+gcc -O2 -o "$dir/raw-forwarder" scripts/bench/raw-forwarder.c
 ln -s "$PWD/target/debug/turnpike" "$PWD/target/debug/loadgen" "$dir/"
-if python3 scripts/bench_scaling.py --bin "$dir" --shards 1 --server-cores 0 --generator-cores 0 --coturn "" --rates 2000 \
+if python3 scripts/bench/bench_scaling.py --bin "$dir" --shards 1 --server-cores 0 --generator-cores 0 --coturn "" --rates 2000 \
     --sweep "" --rounds 1 --secs 0.5 --allocations 10 --out "$dir/scaling" > /dev/null; then
     python3 -c '
 import json, sys
@@ -94,9 +94,9 @@ else
     echo "scaling script: FAILED"
     status=1
 fi
-# The set-up floor of bench-compare (scripts/setup-floor.c) must still answer the generator's set-up:
+# The set-up floor of bench-compare (scripts/bench/setup-floor.c) must still answer the generator's set-up:
 # the 401, the Allocates (one relay socket each), the channels and the deletions, in two timed rounds.
-gcc -O2 -o "$dir/setup-floor" scripts/setup-floor.c
+gcc -O2 -o "$dir/setup-floor" scripts/bench/setup-floor.c
 "$dir/setup-floor" 0 42000 42999 > "$dir/floor.log" 2>&1 &
 floor_pid=$!
 floor_addr=""

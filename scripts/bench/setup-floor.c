@@ -1,5 +1,5 @@
 /* The kernel's part of setting up TURN allocations over UDP: the least any server pays per Allocate
- * when every allocation gets its own relay socket. Built and run by scripts/bench-compare.sh as the
+ * when every allocation gets its own relay socket. Built and run by scripts/bench/bench-compare.sh as the
  * baseline of the allocations-per-second figure, like raw-forwarder.c is for relaying.
  *
  * It answers the load generator's requests (loadgen --setup-only) with STUN messages of the sizes

@@ -6,10 +6,10 @@
 # window around that moment, and reports its latency. The control run is the same with a 600 s
 # lifetime, so nothing expires in the window. Rounds alternate expiry and control.
 #
-# Usage: scripts/bench-expiry.sh [ROUNDS] [CROWD]   (defaults 2 and 10000; about 65 s per run)
-# Loopback only; the server on core 0, both generators on core 1 (as scripts/bench-compare.sh).
+# Usage: scripts/bench/bench-expiry.sh [ROUNDS] [CROWD]   (defaults 2 and 10000; about 65 s per run)
+# Loopback only; the server on core 0, both generators on core 1 (as scripts/bench/bench-compare.sh).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 rounds="${1:-2}"
 crowd="${2:-10000}"
 rate=20000
@@ -21,7 +21,7 @@ cleanup() {
     rm -rf "$dir"
 }
 trap cleanup EXIT
-# The port check and the configuration are bench-compare's (scripts/bench_compare.py).
+# The port check and the configuration are bench-compare's (scripts/bench/bench_compare.py).
 if ! python3 -c 'import sys; sys.path.insert(0, "scripts"); from bench_compare import busy_ports
 sys.exit(1 if busy_ports([3478]) else 0)'; then
     echo "127.0.0.1:3478/udp is in use; stop what holds it first" >&2
