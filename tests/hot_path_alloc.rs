@@ -13,13 +13,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 use turnpike::auth::NonceKey;
 use turnpike::proto::allocation::{FiveTuple, Half, ListenerId, RelayKey, Transport};
-use turnpike::proto::attr::{AttrType, PROTO_UDP};
 use turnpike::proto::engine::{BindError, RelaySockets};
-use turnpike::proto::integrity::{long_term_key, rest_password};
 use turnpike::proto::stats::EngineCounters;
-use turnpike::proto::{Action, Class, Engine, Method, MsgWriter, PacketBuf, StunMsg, TransactionId};
+use turnpike::proto::{Action, Class, Engine, Method, MsgWriter, PacketBuf, StunMsg};
 use turnpike::shard::stream::{Conn, ReadState};
 use turnpike::shared::Shared;
+use turnpike_client::{Answer, Credentials, Next, Session, allocate_attributes, channel_bind_attributes};
 
 struct Counting;
 
@@ -74,25 +73,6 @@ impl RelaySockets for NoSockets {
     fn close(&mut self, _: RelayKey) {}
 }
 
-fn request(
-    key: &[u8],
-    username: &str,
-    nonce: &[u8],
-    method: Method,
-    tid: u8,
-    body: impl Fn(&mut MsgWriter<'_>),
-) -> Vec<u8> {
-    let mut buf = vec![0u8; 512];
-    let mut w = MsgWriter::new(&mut buf, method, Class::Request, TransactionId([tid; 12]));
-    body(&mut w);
-    if !nonce.is_empty() {
-        w.add_long_term_credentials(username.as_bytes(), b"alloc.test", nonce, key);
-    }
-    let n = w.finish().unwrap();
-    buf.truncate(n);
-    buf
-}
-
 #[test]
 fn relaying_allocates_nothing() {
     let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -120,31 +100,25 @@ fn relaying_allocates_nothing() {
     let peer: SocketAddr = "8.8.8.8:9000".parse().unwrap();
     let other_port: SocketAddr = "8.8.8.8:9001".parse().unwrap();
 
-    let username = format!("{}:u", unix + 3600);
-    let password = rest_password(b"s", username.as_bytes());
-    let key = long_term_key(username.as_bytes(), b"alloc.test", &password);
+    // The workspace's client, sans-IO: its requests go straight into the engine.
+    let mut session = Session::new(Credentials::rest(b"s", "u", unix + 3600), 1).without_fingerprint();
     let send = |engine: &mut Engine, pkt: &mut PacketBuf, io: &mut NoSockets, bytes: &[u8]| {
         let n = pkt.fill(bytes);
         engine.handle_client(now, tuple, pkt, n, io)
     };
-    let transport = |w: &mut MsgWriter<'_>| w.add_bytes(AttrType::REQUESTED_TRANSPORT, &[PROTO_UDP, 0, 0, 0]);
-    let Action::Reply { len } =
-        send(&mut engine, &mut pkt, &mut io, &request(&key, &username, b"", Method::ALLOCATE, 1, transport))
+    let transport = |w: &mut MsgWriter<'_>| allocate_attributes(w, false);
+    let Action::Reply { len } = send(&mut engine, &mut pkt, &mut io, &session.request(Method::ALLOCATE, transport))
     else {
         panic!()
     };
-    let nonce = StunMsg::parse(engine.reply(len)).unwrap().attr(AttrType::NONCE).unwrap().to_vec();
-    let Action::Reply { .. } =
-        send(&mut engine, &mut pkt, &mut io, &request(&key, &username, &nonce, Method::ALLOCATE, 2, transport))
+    let challenge = Answer::parse(engine.reply(len)).unwrap();
+    assert_eq!(session.learn(&challenge, false), Next::Retry);
+    let Action::Reply { .. } = send(&mut engine, &mut pkt, &mut io, &session.request(Method::ALLOCATE, transport))
     else {
         panic!()
     };
-    let bind = |w: &mut MsgWriter<'_>| {
-        w.add_bytes(AttrType::CHANNEL_NUMBER, &[0x40, 0x00, 0, 0]);
-        w.add_xor_addr(AttrType::XOR_PEER_ADDRESS, peer);
-    };
-    let Action::Reply { len } =
-        send(&mut engine, &mut pkt, &mut io, &request(&key, &username, &nonce, Method::CHANNEL_BIND, 3, bind))
+    let bind = |w: &mut MsgWriter<'_>| channel_bind_attributes(w, 0x4000, peer);
+    let Action::Reply { len } = send(&mut engine, &mut pkt, &mut io, &session.request(Method::CHANNEL_BIND, bind))
     else {
         panic!()
     };
@@ -152,12 +126,7 @@ fn relaying_allocates_nothing() {
 
     let mut channel_data = vec![0x40, 0x00, 0, 172];
     channel_data.extend_from_slice(&[0xAB; 172]);
-    let mut buf = vec![0u8; 512];
-    let mut w = MsgWriter::new(&mut buf, Method::SEND, Class::Indication, TransactionId([4; 12]));
-    w.add_xor_addr(AttrType::XOR_PEER_ADDRESS, other_port);
-    w.add_bytes(AttrType::DATA, &[0xCD; 172]);
-    let n = w.finish().unwrap();
-    let send_indication = buf[..n].to_vec();
+    let send_indication = session.send_indication(other_port, &[0xCD; 172]);
     let payload = [0xEF; 172];
 
     // Warm up once, then count.

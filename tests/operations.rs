@@ -24,8 +24,8 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use turnpike::proto::attr::AttrType;
-use turnpike::proto::integrity::{long_term_key, rest_password};
 use turnpike::proto::{Class, Method};
+use turnpike_client::Credentials;
 
 fn temp_dir(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("turnpike-ops-{name}-{}", std::process::id()));
@@ -42,10 +42,7 @@ fn write_cert(dir: &Path, tag: &str) -> (PathBuf, PathBuf, Vec<u8>) {
 }
 
 fn client_with_secret(server: SocketAddr, user: &str, secret: &str) -> TurnClient {
-    let username = format!("{}:{user}", common::unix_now() + 3600);
-    let password = rest_password(secret.as_bytes(), username.as_bytes());
-    let key = long_term_key(username.as_bytes(), REALM.as_bytes(), &password);
-    TurnClient::with_key(server, username, key)
+    TurnClient::with_credentials(server, Credentials::rest(secret.as_bytes(), user, common::unix_now() + 3600))
 }
 
 fn try_allocate(c: &mut TurnClient) -> Option<u16> {
@@ -59,7 +56,7 @@ fn presented_cert(addr: SocketAddr) -> Vec<u8> {
         .with_safe_default_protocol_versions()
         .unwrap()
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(turnpike::probe::AcceptAny(provider)))
+        .with_custom_certificate_verifier(Arc::new(turnpike_client::tls::AcceptAny(provider)))
         .with_no_client_auth();
     let mut conn =
         rustls::ClientConnection::new(Arc::new(cfg), rustls::pki_types::ServerName::try_from("localhost").unwrap())
@@ -139,7 +136,7 @@ fn sighup_mid_stream_reloads_everything_and_loses_nothing() {
     assert_eq!(a.channel_bind(0x4000, peer.addr).class(), Class::Success);
     assert_eq!(a.create_permission("127.0.0.9:9".parse().unwrap()).class(), Class::Success, "allowed before");
     // Stream 1500 paced packets through the channel while the configuration changes underneath.
-    let sock = a.sock.try_clone().unwrap();
+    let sock = a.sock().try_clone().unwrap();
     let relay_server = server.addr;
     let streamer = std::thread::spawn(move || {
         sock.set_read_timeout(Some(Duration::from_millis(1))).unwrap();
@@ -475,7 +472,7 @@ fn raw_send_relays_each_allocations_datagrams_from_its_own_address() {
                 seen[i] = true;
                 peer.send_to(b"answer", from).unwrap();
             }
-            for c in &clients {
+            for c in &mut clients {
                 let (_, _, data) = c.recv_data().expect("the peer's answer relayed back");
                 assert_eq!(data, b"answer");
             }
@@ -585,7 +582,7 @@ fn operator_commands() {
     let username = out.lines().find_map(|l| l.strip_prefix("username: ")).unwrap().to_string();
     let password = out.lines().find_map(|l| l.strip_prefix("password: ")).unwrap().to_string();
     assert!(username.ends_with(":@u:x"));
-    assert_eq!(password.as_bytes(), rest_password(b"s3", username.as_bytes()));
+    assert_eq!(password.as_bytes(), turnpike::proto::integrity::rest_password(b"s3", username.as_bytes()));
     assert!(out.contains("\"urls\": \"turn:t.example:3478\""));
 
     // config convert: the Synapse how-to's turnserver.conf becomes YAML turnpike reads back.

@@ -11,6 +11,7 @@ use std::net::UdpSocket;
 use std::time::Duration;
 use turnpike::proto::attr::AttrType;
 use turnpike::proto::{Class, Method};
+use turnpike_client::Credentials;
 
 /// RFC 8656 end to end: Allocate -> CreatePermission -> ChannelBind -> ChannelData both ways ->
 /// Send/Data indications -> Refresh(0), for many clients spread by the kernel over both shards.
@@ -28,7 +29,7 @@ fn many_clients_relay_through_two_shards() {
         assert!(relays.insert(relayed), "relay address handed out twice");
         assert_eq!(c.channel_bind(0x4000, peer.addr).class(), Class::Success);
     }
-    for (i, c) in clients.iter().enumerate() {
+    for (i, c) in clients.iter_mut().enumerate() {
         let payload = format!("channel payload {i}");
         c.send_channel(0x4000, payload.as_bytes());
         let (channel, _, data) = c.recv_data().expect("echo over the channel");
@@ -77,7 +78,7 @@ fn unauthenticated_requests_get_401_with_realm_and_nonce() {
     let req = c.build(Method::BINDING, Class::Request, false, &|_| {});
     let r = c.transact(&req);
     assert_eq!(r.class(), Class::Success);
-    assert_eq!(r.xor_addr(AttrType::XOR_MAPPED_ADDRESS), c.sock.local_addr().unwrap());
+    assert_eq!(r.xor_addr(AttrType::XOR_MAPPED_ADDRESS), Some(c.sock().local_addr().unwrap()));
 }
 
 /// Random, truncated and mutated datagrams never stop the server: afterwards it still answers Binding
@@ -93,8 +94,8 @@ fn malformed_barrage_is_dropped_and_service_continues() {
     // The template is signed with a key the server does not know, so no mutation of it can turn into a
     // valid request (a mutated copy of a correctly signed one may legitimately be accepted: flipping the
     // FINGERPRINT type, say, leaves an ignorable attribute after MESSAGE-INTEGRITY).
-    let mut forger = TurnClient::with_key(addr, c.username.clone(), [0x55; 16]);
-    forger.nonce = c.nonce.clone();
+    let mut forger = TurnClient::with_key(addr, c.username(), [0x55; 16]);
+    forger.set_nonce(&c.nonce());
     let valid = forger.build(Method::ALLOCATE, Class::Request, true, &|w| {
         w.add_bytes(AttrType::REQUESTED_TRANSPORT, &[17, 0, 0, 0]);
     });
@@ -168,11 +169,9 @@ fn relay_ports_exhausted_is_508_and_freed_on_delete() {
 fn static_user_and_wrong_password() {
     let server = start_server(1, (42500, 42509), "");
     let addr = server.udp_addrs[0];
-    let key = turnpike::proto::integrity::long_term_key(b"alice", common::REALM.as_bytes(), b"wonderland");
-    let mut alice = TurnClient::with_key(addr, "alice".into(), key);
+    let mut alice = TurnClient::with_credentials(addr, Credentials::user("alice", b"wonderland"));
     alice.allocate();
-    let bad = turnpike::proto::integrity::long_term_key(b"alice", common::REALM.as_bytes(), b"guess");
-    let mut mallory = TurnClient::with_key(addr, "alice".into(), bad);
+    let mut mallory = TurnClient::with_credentials(addr, Credentials::user("alice", b"guess"));
     let r = mallory.request(Method::ALLOCATE, &|w| w.add_bytes(AttrType::REQUESTED_TRANSPORT, &[17, 0, 0, 0]));
     assert_eq!(r.code(), Some(401));
     assert_eq!(server.totals().engine.auth_failures.iter().sum::<u64>(), 1);

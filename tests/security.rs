@@ -45,7 +45,7 @@ fn allocate_v6(c: &mut TurnClient) -> SocketAddr {
         w.add_bytes(AttrType::REQUESTED_ADDRESS_FAMILY, &[FAMILY_IPV6, 0, 0, 0]);
     });
     assert_eq!(r.class(), Class::Success, "{:?}", r.code());
-    r.xor_addr(AttrType::XOR_RELAYED_ADDRESS)
+    r.xor_addr(AttrType::XOR_RELAYED_ADDRESS).unwrap()
 }
 
 /// Tries every way of reaching `peer`: CreatePermission and ChannelBind must be 403, and Send
@@ -195,7 +195,7 @@ fn quotas_refuse_at_exactly_the_limit_and_free_on_delete() {
 }
 
 /// Measures bytes delivered at `dest` while `send` offers three times `rate` for about 3 s.
-fn measure(rate: u64, send: &dyn Fn(&[u8]), recv: &UdpSocket) -> (u64, Duration) {
+fn measure(rate: u64, send: &mut dyn FnMut(&[u8]), recv: &UdpSocket) -> (u64, Duration) {
     recv.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
     let payload = [0x5Au8; 1000];
     let interval = Duration::from_secs_f64(1000.0 / (3.0 * rate as f64));
@@ -232,14 +232,14 @@ fn max_bps_holds_within_ten_percent_in_both_directions() {
     assert_eq!(c.channel_bind(0x4000, peer.local_addr().unwrap()).class(), Class::Success);
 
     // Client -> peer: payloads arrive bare at the peer.
-    let (got, elapsed) = measure(RATE, &|p| c.send_channel(0x4000, p), &peer);
+    let (got, elapsed) = measure(RATE, &mut |p| c.send_channel(0x4000, p), &peer);
     let expected = RATE as f64 * elapsed.as_secs_f64();
     let ratio = got as f64 / expected;
     assert!((0.9..=1.1).contains(&ratio), "client->peer delivered {got} B in {elapsed:?}: {ratio:.3} of max-bps");
 
     // Peer -> client: ChannelData frames (4-byte header) arrive at the client.
-    let client_sock = c.sock.try_clone().unwrap();
-    let (got, elapsed) = measure(RATE, &|p| drop(peer.send_to(p, relayed)), &client_sock);
+    let client_sock = c.sock().try_clone().unwrap();
+    let (got, elapsed) = measure(RATE, &mut |p| drop(peer.send_to(p, relayed)), &client_sock);
     let payload_bytes = got as f64 * 1000.0 / 1004.0;
     let ratio = payload_bytes / (RATE as f64 * elapsed.as_secs_f64());
     assert!((0.9..=1.1).contains(&ratio), "peer->client delivered {got} B in {elapsed:?}: {ratio:.3} of max-bps");
@@ -264,8 +264,8 @@ fn garbage_barrage_leaves_memory_at_baseline() {
     std::thread::sleep(Duration::from_millis(300));
     let baseline = server.rss_kib();
 
-    let mut forger = TurnClient::with_key(addr, c.username.clone(), [0x77; 16]);
-    forger.nonce = c.nonce.clone();
+    let mut forger = TurnClient::with_key(addr, c.username(), [0x77; 16]);
+    forger.set_nonce(&c.nonce());
     let template = forger.build(Method::ALLOCATE, Class::Request, true, &|w| {
         w.add_bytes(AttrType::REQUESTED_TRANSPORT, &[17, 0, 0, 0]);
     });

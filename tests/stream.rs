@@ -6,10 +6,10 @@
 
 mod common;
 
-use common::stream::{Frame, StreamClient, self_signed, tcp, tls_client};
+use common::stream::{Frame, StreamClient, channel_frame, self_signed, tcp, tls_client};
 use common::{EchoPeer, start_server};
 use std::io::{Read, Write};
-use std::net::{TcpStream, UdpSocket};
+use std::net::UdpSocket;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use turnpike::proto::attr::AttrType;
@@ -32,7 +32,7 @@ fn tcp_allocate_permission_channel_and_indications() {
         w.add_xor_addr(AttrType::XOR_PEER_ADDRESS, peer2.addr);
         w.add_bytes(AttrType::DATA, b"odd");
     });
-    c.io.write_all(&ind).unwrap();
+    c.io().write_all(&ind).unwrap();
     let Frame::Stun(f) = c.read_frame() else { panic!("expected a Data indication") };
     let m = StunMsg::parse(&f).unwrap();
     assert_eq!((m.method(), m.class()), (Method::DATA, Class::Indication));
@@ -48,14 +48,14 @@ fn frames_split_at_every_byte_boundary() {
     c.allocate();
     c.channel_bind(0x4001, peer.addr);
     let binding = c.build(Method::BINDING, Class::Request, false, &|_| {});
-    let frame = StreamClient::<TcpStream>::channel_frame(0x4001, b"split me!");
+    let frame = channel_frame(0x4001, b"split me!");
     let mut two = binding.clone();
     two.extend_from_slice(&frame);
     for split in 1..two.len() {
-        c.io.write_all(&two[..split]).unwrap();
-        c.io.flush().unwrap();
+        c.io().write_all(&two[..split]).unwrap();
+        c.io().flush().unwrap();
         std::thread::sleep(Duration::from_millis(3));
-        c.io.write_all(&two[split..]).unwrap();
+        c.io().write_all(&two[split..]).unwrap();
         let (mut got_binding, mut got_echo) = (false, false);
         while !(got_binding && got_echo) {
             match c.read_frame() {
@@ -103,8 +103,8 @@ fn data_and_close_arriving_together_free_the_allocation() {
         let mut c = StreamClient::new(tcp(server.addrs.tcp[0]), &format!("leaver{round}"));
         c.allocate();
         // A frame the server drops without answering (no channel bound), and the close right behind it.
-        c.io.write_all(&StreamClient::<TcpStream>::channel_frame(0x4000, b"last words")).unwrap();
-        c.io.shutdown(std::net::Shutdown::Write).unwrap();
+        c.io().write_all(&channel_frame(0x4000, b"last words")).unwrap();
+        c.io().shutdown(std::net::Shutdown::Write).unwrap();
         drop(c);
     }
     assert_eq!(allocations_after_closes(&server), 0, "allocations of closed connections still held");
@@ -161,7 +161,7 @@ fn a_slow_reader_does_not_stall_the_shard() {
     fast.channel_bind(0x4003, peer.addr);
     for i in 0..50u32 {
         let payload = i.to_be_bytes();
-        fast.io.write_all(&StreamClient::<TcpStream>::channel_frame(0x4003, &payload)).unwrap();
+        fast.io().write_all(&channel_frame(0x4003, &payload)).unwrap();
         match fast.read_frame() {
             Frame::Channel(_, data) => assert_eq!(data, payload),
             Frame::Stun(_) => panic!("expected ChannelData"),
@@ -198,7 +198,7 @@ fn tls_1_2_and_1_3_round_trips() {
         let mut c = StreamClient::new(tls_client(server.addrs.tls[0], &der, version), "tls-user");
         c.allocate();
         c.round_trips(peer.addr);
-        assert_eq!(c.io.conn.protocol_version(), Some(version.version));
+        assert_eq!(c.io().conn.protocol_version(), Some(version.version));
         clients.push(c);
     }
     assert_eq!(server.totals().io.connections[1], 2);
@@ -219,7 +219,8 @@ fn tls_burst_arrives_one_message_per_record() {
     for i in 0..BURST as u32 {
         peer.send_to(&[i.to_be_bytes(), [0xAB; 4]].concat(), relayed).unwrap();
     }
-    let (conn, sock) = (&mut c.io.conn, &mut c.io.sock);
+    let io = c.io();
+    let (conn, sock) = (&mut io.conn, &mut io.sock);
     let (mut raw, mut messages, mut records) = (Vec::new(), 0, 0);
     let mut plain = vec![0u8; 1 << 16];
     while messages < BURST {
@@ -258,10 +259,10 @@ fn tls_data_and_close_arriving_together_free_the_allocation() {
             &format!("tls-leaver{round}"),
         );
         c.allocate();
-        c.io.write_all(&StreamClient::<TcpStream>::channel_frame(0x4000, b"last words")).unwrap();
-        c.io.conn.send_close_notify();
-        c.io.flush().unwrap();
-        c.io.sock.shutdown(std::net::Shutdown::Write).unwrap();
+        c.io().write_all(&channel_frame(0x4000, b"last words")).unwrap();
+        c.io().conn.send_close_notify();
+        c.io().flush().unwrap();
+        c.io().sock.shutdown(std::net::Shutdown::Write).unwrap();
         drop(c);
     }
     assert_eq!(allocations_after_closes(&server), 0, "allocations of closed connections still held");

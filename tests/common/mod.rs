@@ -1,5 +1,5 @@
-//! Shared helpers for integration tests: a server on loopback, a minimal TURN client built on the
-//! crate's codec, and an echo peer.
+//! Shared helpers for integration tests: a server on loopback, the workspace's TURN client with the
+//! test server's credentials, and an echo peer.
 
 #![allow(dead_code, unreachable_pub, clippy::disallowed_methods)]
 
@@ -9,10 +9,10 @@ use std::net::{SocketAddr, UdpSocket};
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use turnpike::config;
-use turnpike::proto::attr::{self, AttrType, PROTO_UDP};
-use turnpike::proto::integrity::{LongTermKey, long_term_key, rest_password};
-use turnpike::proto::{Class, Method, MsgWriter, StunMsg, TransactionId};
+use turnpike::proto::integrity::LongTermKey;
+use turnpike::proto::{Class, Method, MsgWriter};
 use turnpike::server::{self, ServerHandle};
+use turnpike_client::{Client, Credentials, Session, Udp};
 
 pub const SECRET: &str = "integration-secret";
 pub const REALM: &str = "turnpike.test";
@@ -85,171 +85,113 @@ impl Drop for EchoPeer {
     }
 }
 
-/// An owned STUN response.
-pub struct Response(pub Vec<u8>);
+/// A received STUN message (the workspace client's [`turnpike_client::Answer`]).
+pub type Response = turnpike_client::Answer;
 
-impl Response {
-    pub fn msg(&self) -> StunMsg<'_> {
-        StunMsg::parse(&self.0).expect("valid STUN")
-    }
-    pub fn class(&self) -> Class {
-        self.msg().class()
-    }
-    pub fn code(&self) -> Option<u16> {
-        self.msg().attr(AttrType::ERROR_CODE).map(|v| attr::decode_error_code(v).unwrap().0)
-    }
-    pub fn attr(&self, t: AttrType) -> Option<Vec<u8>> {
-        self.msg().attr(t).map(<[u8]>::to_vec)
-    }
-    pub fn xor_addr(&self, t: AttrType) -> SocketAddr {
-        let m = self.msg();
-        attr::decode_xor_addr(m.attr(t).unwrap(), &m.transaction_id()).unwrap()
-    }
-}
-
-/// A minimal TURN client over UDP.
+/// The workspace's TURN client over UDP, with the test server's credentials, panicking where a test
+/// needs an answer.
 pub struct TurnClient {
-    pub sock: UdpSocket,
-    pub server: SocketAddr,
-    pub username: String,
-    pub key: LongTermKey,
-    pub nonce: Vec<u8>,
-    tid: u32,
+    pub client: Client<Udp>,
 }
 
 impl TurnClient {
+    /// A client with TURN REST credentials for `user` under the test secret.
     pub fn rest(server: SocketAddr, user: &str) -> Self {
-        let username = format!("{}:{user}", unix_now() + 3600);
-        let password = rest_password(SECRET.as_bytes(), username.as_bytes());
-        let key = long_term_key(username.as_bytes(), REALM.as_bytes(), &password);
-        Self::with_key(server, username, key)
+        Self::with_credentials(server, Credentials::rest(SECRET.as_bytes(), user, unix_now() + 3600))
     }
 
+    /// A client with `credentials` (a static user, another secret).
+    pub fn with_credentials(server: SocketAddr, credentials: Credentials) -> Self {
+        Self::with_session(server, Session::new(credentials, rand_seed()).with_realm(REALM.as_bytes()))
+    }
+
+    /// A client that signs as `username` with `key` (a wrong key forges requests).
     pub fn with_key(server: SocketAddr, username: String, key: LongTermKey) -> Self {
+        Self::with_session(
+            server,
+            Session::new(Credentials::user(&username, b""), rand_seed()).with_realm(REALM.as_bytes()).with_key(key),
+        )
+    }
+
+    fn with_session(server: SocketAddr, session: Session) -> Self {
         let local = if server.is_ipv6() { "[::1]:0" } else { "127.0.0.1:0" };
-        let sock = UdpSocket::bind(local).unwrap();
-        sock.set_read_timeout(Some(TIMEOUT)).unwrap();
-        Self { sock, server, username, key, nonce: Vec::new(), tid: rand_seed() }
+        let udp = Udp::bind(local.parse().unwrap(), server).unwrap();
+        Self { client: Client::new(udp, session, TIMEOUT) }
     }
 
-    fn next_tid(&mut self) -> TransactionId {
-        self.tid = self.tid.wrapping_add(1);
-        let mut t = [0u8; 12];
-        t[..4].copy_from_slice(&self.tid.to_be_bytes());
-        t[4..8].copy_from_slice(&self.sock.local_addr().unwrap().port().to_be_bytes().repeat(2));
-        TransactionId(t)
+    /// The client's socket.
+    pub fn sock(&self) -> &UdpSocket {
+        &self.client.transport.socket
     }
 
+    /// The server it talks to.
+    pub fn server(&self) -> SocketAddr {
+        self.client.transport.server
+    }
+
+    pub fn username(&self) -> String {
+        self.client.session.username().to_string()
+    }
+
+    pub fn nonce(&self) -> Vec<u8> {
+        self.client.session.nonce().to_vec()
+    }
+
+    pub fn set_nonce(&mut self, nonce: &[u8]) {
+        self.client.session.set_nonce(nonce);
+    }
+
+    /// A message signed (`auth`) with the session's credentials, or not, ending with FINGERPRINT.
     pub fn build(&mut self, method: Method, class: Class, auth: bool, body: &dyn Fn(&mut MsgWriter<'_>)) -> Vec<u8> {
-        let tid = self.next_tid();
-        let mut buf = vec![0u8; 2048];
-        let mut w = MsgWriter::new(&mut buf, method, class, tid);
-        body(&mut w);
-        if auth {
-            w.add_long_term_credentials(self.username.as_bytes(), REALM.as_bytes(), &self.nonce, &self.key);
-        }
-        w.add_fingerprint();
-        let n = w.finish().unwrap();
-        buf.truncate(n);
-        buf
+        self.client.session.message(method, class, auth, body)
     }
 
     /// Sends a request and waits for the response with the same transaction ID, skipping data.
     pub fn transact(&mut self, req: &[u8]) -> Response {
-        let tid = &req[8..20];
-        for _attempt in 0..3 {
-            self.sock.send_to(req, self.server).unwrap();
-            let deadline = std::time::Instant::now() + Duration::from_secs(1);
-            let mut buf = [0u8; 2048];
-            while std::time::Instant::now() < deadline {
-                match self.sock.recv_from(&mut buf) {
-                    Ok((n, _)) if n >= 20 && &buf[8..20] == tid && buf[0] & 0xC0 == 0 => {
-                        return Response(buf[..n].to_vec());
-                    }
-                    Ok(_) => continue,
-                    Err(_) => break,
-                }
-            }
-        }
-        panic!("no response from {}", self.server);
+        let server = self.server();
+        self.client.transact(req).unwrap_or_else(|e| panic!("no response from {server}: {e}"))
     }
 
     /// An authenticated request, doing the 401/438 dance as needed.
     pub fn request(&mut self, method: Method, body: &dyn Fn(&mut MsgWriter<'_>)) -> Response {
-        for _ in 0..3 {
-            let auth = !self.nonce.is_empty();
-            let req = self.build(method, Class::Request, auth, body);
-            let r = self.transact(&req);
-            match r.code() {
-                Some(401) if !auth => self.nonce = r.attr(AttrType::NONCE).unwrap(),
-                Some(438) => self.nonce = r.attr(AttrType::NONCE).unwrap(),
-                _ => return r,
-            }
-        }
-        panic!("authentication loop");
+        self.client.request(method, body).unwrap_or_else(|e| panic!("{method:?}: {e}"))
     }
 
     pub fn allocate(&mut self) -> SocketAddr {
-        let r = self.request(Method::ALLOCATE, &|w| w.add_bytes(AttrType::REQUESTED_TRANSPORT, &[PROTO_UDP, 0, 0, 0]));
-        assert_eq!(r.class(), Class::Success, "allocate failed: {:?}", r.code());
-        r.xor_addr(AttrType::XOR_RELAYED_ADDRESS)
+        self.client.allocate(false).unwrap_or_else(|e| panic!("allocate failed: {e}"))
     }
 
     pub fn create_permission(&mut self, peer: SocketAddr) -> Response {
-        self.request(Method::CREATE_PERMISSION, &|w| w.add_xor_addr(AttrType::XOR_PEER_ADDRESS, peer))
+        self.client.create_permission(peer).unwrap_or_else(|e| panic!("CreatePermission: {e}"))
     }
 
     pub fn channel_bind(&mut self, number: u16, peer: SocketAddr) -> Response {
-        self.request(Method::CHANNEL_BIND, &|w| {
-            w.add_bytes(AttrType::CHANNEL_NUMBER, &[(number >> 8) as u8, number as u8, 0, 0]);
-            w.add_xor_addr(AttrType::XOR_PEER_ADDRESS, peer);
-        })
+        self.client.channel_bind(number, peer).unwrap_or_else(|e| panic!("ChannelBind: {e}"))
     }
 
     pub fn refresh(&mut self, lifetime: u32) -> Response {
-        self.request(Method::REFRESH, &|w| w.add_u32(AttrType::LIFETIME, lifetime))
+        self.client.refresh(lifetime).unwrap_or_else(|e| panic!("Refresh: {e}"))
     }
 
-    pub fn send_channel(&self, number: u16, payload: &[u8]) {
-        let mut v = Vec::with_capacity(4 + payload.len());
-        v.extend_from_slice(&number.to_be_bytes());
-        v.extend_from_slice(&(payload.len() as u16).to_be_bytes());
-        v.extend_from_slice(payload);
-        self.sock.send_to(&v, self.server).unwrap();
+    pub fn send_channel(&mut self, number: u16, payload: &[u8]) {
+        self.client.send_channel(number, payload).unwrap();
     }
 
     pub fn send_indication(&mut self, peer: SocketAddr, payload: &[u8]) {
-        let msg = self.build(Method::SEND, Class::Indication, false, &|w| {
-            w.add_xor_addr(AttrType::XOR_PEER_ADDRESS, peer);
-            w.add_bytes(AttrType::DATA, payload);
-        });
-        self.sock.send_to(&msg, self.server).unwrap();
+        self.client.send_indication(peer, payload).unwrap();
     }
 
     /// Receives the next relayed payload: (channel number or None for a Data indication, peer, payload).
-    pub fn recv_data(&self) -> Option<(Option<u16>, Option<SocketAddr>, Vec<u8>)> {
-        let mut buf = [0u8; 2048];
-        loop {
-            let (n, _) = self.sock.recv_from(&mut buf).ok()?;
-            let b = &buf[..n];
-            if b[0] & 0xC0 == 0x40 {
-                let len = usize::from(u16::from_be_bytes([b[2], b[3]]));
-                return Some((Some(u16::from_be_bytes([b[0], b[1]])), None, b[4..4 + len].to_vec()));
-            }
-            if let Ok(m) = StunMsg::parse(b)
-                && m.method() == Method::DATA
-                && m.class() == Class::Indication
-            {
-                let peer = attr::decode_xor_addr(m.attr(AttrType::XOR_PEER_ADDRESS)?, &m.transaction_id()).ok();
-                return Some((None, peer, m.attr(AttrType::DATA)?.to_vec()));
-            }
-        }
+    pub fn recv_data(&mut self) -> Option<(Option<u16>, Option<SocketAddr>, Vec<u8>)> {
+        let data = self.client.recv_data_in_time().ok()??;
+        Some((data.channel, data.peer, data.payload))
     }
 }
 
 fn rand_seed() -> u32 {
     let t = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
-    t.subsec_nanos() ^ (std::process::id() << 12)
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    t.subsec_nanos() ^ (std::process::id() << 12) ^ NEXT.fetch_add(0x9E37_79B9, std::sync::atomic::Ordering::Relaxed)
 }
 
 /// The turnpike binary as a child process, killed on drop.

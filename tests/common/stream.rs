@@ -1,136 +1,81 @@
-//! A TURN client over TCP or TLS streams, and the TLS pieces the stream tests share.
+//! The workspace's TURN client over TCP or TLS streams, and the TLS pieces the stream tests share.
 
 use super::{REALM, SECRET, unix_now};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::time::Duration;
-use turnpike::proto::attr::{self, AttrType};
-use turnpike::proto::framing::frame_len;
-use turnpike::proto::integrity::{LongTermKey, long_term_key, rest_password};
-use turnpike::proto::{Class, Method, MsgWriter, StunMsg, TransactionId};
+use turnpike::proto::{Class, Method, MsgWriter};
+use turnpike_client::{Client, Credentials, Framed, Incoming, ReadTimeout, Session, channel_data};
 
-/// A TURN client over any byte stream.
-pub struct StreamClient<S: Read + Write> {
-    pub io: S,
-    username: String,
-    key: LongTermKey,
-    nonce: Vec<u8>,
-    tid: u8,
-    pending: Vec<u8>,
+/// The workspace's TURN client over a byte stream, with the test server's credentials.
+pub struct StreamClient<S> {
+    pub client: Client<Framed<S>>,
 }
 
+/// A frame from the server.
 pub enum Frame {
     Stun(Vec<u8>),
     Channel(u16, Vec<u8>),
 }
 
-impl<S: Read + Write> StreamClient<S> {
+/// ChannelData of `payload` on `number`, padded to four bytes as streams need.
+pub fn channel_frame(number: u16, payload: &[u8]) -> Vec<u8> {
+    channel_data(number, payload, true).unwrap()
+}
+
+impl<S: Read + Write + ReadTimeout> StreamClient<S> {
     pub fn new(io: S, user: &str) -> Self {
-        let username = format!("{}:{user}", unix_now() + 3600);
-        let password = rest_password(SECRET.as_bytes(), username.as_bytes());
-        let key = long_term_key(username.as_bytes(), REALM.as_bytes(), &password);
-        Self { io, username, key, nonce: Vec::new(), tid: 0, pending: Vec::new() }
+        let credentials = Credentials::rest(SECRET.as_bytes(), user, unix_now() + 3600);
+        let session = Session::new(credentials, 0x5354_0000).with_realm(REALM.as_bytes()).without_fingerprint();
+        Self { client: Client::new(Framed::new(io), session, Duration::from_secs(5)) }
+    }
+
+    /// The stream.
+    pub fn io(&mut self) -> &mut S {
+        &mut self.client.transport.stream
     }
 
     pub fn build(&mut self, method: Method, class: Class, auth: bool, body: &dyn Fn(&mut MsgWriter<'_>)) -> Vec<u8> {
-        self.tid = self.tid.wrapping_add(1);
-        let mut buf = vec![0u8; 1024];
-        let mut w = MsgWriter::new(&mut buf, method, class, TransactionId([self.tid; 12]));
-        body(&mut w);
-        if auth {
-            w.add_long_term_credentials(self.username.as_bytes(), REALM.as_bytes(), &self.nonce, &self.key);
-        }
-        let n = w.finish().unwrap();
-        buf.truncate(n);
-        buf
+        self.client.session.message(method, class, auth, body)
     }
 
     pub fn read_frame(&mut self) -> Frame {
-        loop {
-            if let Some(n) = frame_len(&self.pending).expect("server sends valid frames") {
-                let f: Vec<u8> = self.pending.drain(..n).collect();
-                if f[0] & 0xC0 == 0x40 {
-                    assert_eq!(n % 4, 0, "ChannelData over streams is padded to 4");
-                    let len = usize::from(u16::from_be_bytes([f[2], f[3]]));
-                    return Frame::Channel(u16::from_be_bytes([f[0], f[1]]), f[4..4 + len].to_vec());
-                }
-                return Frame::Stun(f);
+        let deadline = std::time::Instant::now() + self.client.timeout;
+        let f = self.client.recv(deadline).expect("read").expect("a frame in time");
+        match Incoming::parse(&f) {
+            Some(Incoming::Channel { number, payload }) => {
+                assert_eq!(f.len() % 4, 0, "ChannelData over streams is padded to 4");
+                Frame::Channel(number, payload.to_vec())
             }
-            let mut buf = [0u8; 4096];
-            let n = self.io.read(&mut buf).expect("read");
-            assert!(n > 0, "server closed the connection");
-            self.pending.extend_from_slice(&buf[..n]);
-        }
-    }
-
-    pub fn transact(&mut self, req: &[u8]) -> Vec<u8> {
-        self.io.write_all(req).unwrap();
-        loop {
-            if let Frame::Stun(f) = self.read_frame()
-                && f[8..20] == req[8..20]
-            {
-                return f;
-            }
+            _ => Frame::Stun(f),
         }
     }
 
     pub fn request(&mut self, method: Method, body: &dyn Fn(&mut MsgWriter<'_>)) -> Vec<u8> {
-        for _ in 0..3 {
-            let auth = !self.nonce.is_empty();
-            let req = self.build(method, Class::Request, auth, body);
-            let r = self.transact(&req);
-            let m = StunMsg::parse(&r).unwrap();
-            let code = m.attr(AttrType::ERROR_CODE).map(|v| attr::decode_error_code(v).unwrap().0);
-            if matches!(code, Some(401 | 438)) && (code == Some(438) || !auth) {
-                self.nonce = m.attr(AttrType::NONCE).unwrap().to_vec();
-                continue;
-            }
-            return r;
-        }
-        panic!("authentication loop");
+        self.client.request(method, body).unwrap_or_else(|e| panic!("{method:?}: {e}")).bytes().to_vec()
     }
 
     pub fn allocate(&mut self) -> SocketAddr {
-        let r = self.request(Method::ALLOCATE, &|w| w.add_bytes(AttrType::REQUESTED_TRANSPORT, &[17, 0, 0, 0]));
-        let m = StunMsg::parse(&r).unwrap();
-        assert_eq!(m.class(), Class::Success);
-        attr::decode_xor_addr(m.attr(AttrType::XOR_RELAYED_ADDRESS).unwrap(), &m.transaction_id()).unwrap()
+        self.client.allocate(false).unwrap_or_else(|e| panic!("allocate failed: {e}"))
     }
 
     pub fn channel_bind(&mut self, number: u16, peer: SocketAddr) {
-        let r = self.request(Method::CHANNEL_BIND, &|w| {
-            w.add_bytes(AttrType::CHANNEL_NUMBER, &[(number >> 8) as u8, number as u8, 0, 0]);
-            w.add_xor_addr(AttrType::XOR_PEER_ADDRESS, peer);
-        });
-        assert_eq!(StunMsg::parse(&r).unwrap().class(), Class::Success);
-    }
-
-    pub fn channel_frame(number: u16, payload: &[u8]) -> Vec<u8> {
-        let mut v = number.to_be_bytes().to_vec();
-        v.extend_from_slice(&(payload.len() as u16).to_be_bytes());
-        v.extend_from_slice(payload);
-        while !v.len().is_multiple_of(4) {
-            v.push(0);
-        }
-        v
+        let r = self.client.channel_bind(number, peer).unwrap_or_else(|e| panic!("ChannelBind: {e}"));
+        assert_eq!(r.class(), Class::Success);
     }
 
     /// ChannelData and Send/Data indication round trips through an echo peer.
     pub fn round_trips(&mut self, peer: SocketAddr) {
         self.channel_bind(0x4000, peer);
         for payload in [&b"a"[..], b"odd length!", &[7u8; 1200]] {
-            self.io.write_all(&Self::channel_frame(0x4000, payload)).unwrap();
+            self.io().write_all(&channel_frame(0x4000, payload)).unwrap();
             match self.read_frame() {
                 Frame::Channel(n, data) => assert_eq!((n, data.as_slice()), (0x4000, payload)),
                 Frame::Stun(_) => panic!("expected ChannelData"),
             }
         }
-        let ind = self.build(Method::SEND, Class::Indication, false, &|w| {
-            w.add_xor_addr(AttrType::XOR_PEER_ADDRESS, SocketAddr::new(peer.ip(), peer.port()));
-            w.add_bytes(AttrType::DATA, b"via indication");
-        });
-        self.io.write_all(&ind).unwrap();
+        self.client.send_indication(peer, b"via indication").unwrap();
         // The peer is bound to a channel, so the echo comes back as ChannelData.
         match self.read_frame() {
             Frame::Channel(_, data) => assert_eq!(data, b"via indication"),

@@ -209,7 +209,7 @@ fn read_tls(tls: &mut rustls::ClientConnection, stream: &mut TcpStream, buf: &mu
 /// a server it was pointed at; the handshake and its signatures are still real).
 pub(crate) fn tls_config() -> io::Result<Arc<rustls::ClientConfig>> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let verifier = Arc::new(turnpike::probe::AcceptAny(Arc::clone(&provider)));
+    let verifier = Arc::new(turnpike_client::tls::AcceptAny(Arc::clone(&provider)));
     let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(io::Error::other)?;

@@ -26,9 +26,9 @@ use mio::{Events, Interest, Poll, Token};
 use std::io;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
-use turnpike::proto::attr::{self, AttrType, PROTO_UDP};
-use turnpike::proto::integrity::{long_term_key, rest_password};
+use turnpike::proto::attr::AttrType;
 use turnpike::proto::{Class, Method, MsgWriter, StunMsg, TransactionId};
+use turnpike_client::{Answer, Credentials, Next, Session, allocate_attributes, channel_bind_attributes};
 
 mod host;
 mod latency;
@@ -111,33 +111,18 @@ fn parse_args() -> Result<Args, String> {
     })
 }
 
-/// One client: its socket, credentials, nonce and relayed address.
+/// One client: its socket, its TURN session (the workspace's client, driven by this event loop) and
+/// relayed address.
 struct Client {
     link: Link,
-    username: String,
-    key: [u8; 16],
-    nonce: Vec<u8>,
-    realm: Vec<u8>,
+    session: Session,
     relayed: Option<SocketAddr>,
-    tid: u32,
     id: u32,
 }
 
 impl Client {
     fn request(&mut self, method: Method, auth: bool, body: &dyn Fn(&mut MsgWriter<'_>)) -> Vec<u8> {
-        self.tid = self.tid.wrapping_add(1);
-        let mut t = [0u8; 12];
-        t[..4].copy_from_slice(&self.id.to_be_bytes());
-        t[4..8].copy_from_slice(&self.tid.to_be_bytes());
-        let mut buf = vec![0u8; 512];
-        let mut w = MsgWriter::new(&mut buf, method, Class::Request, TransactionId(t));
-        body(&mut w);
-        if auth {
-            w.add_long_term_credentials(self.username.as_bytes(), &self.realm, &self.nonce, &self.key);
-        }
-        let n = w.finish().unwrap_or(0);
-        buf.truncate(n);
-        buf
+        self.session.message(method, Class::Request, auth, body)
     }
 }
 
@@ -229,29 +214,24 @@ fn all_answered(answers: &[Option<Vec<u8>>], which: &[usize], step: &str) -> io:
 
 /// The attributes of every Allocate: REQUESTED-TRANSPORT UDP, and REQUESTED-ADDRESS-FAMILY IPv6 with
 /// `--relay-family ipv6`.
-fn allocate_attributes(args: &Args) -> impl Fn(&mut MsgWriter<'_>) {
+fn allocate_body(args: &Args) -> impl Fn(&mut MsgWriter<'_>) {
     let ipv6 = args.ipv6_relays;
-    move |w: &mut MsgWriter<'_>| {
-        w.add_bytes(AttrType::REQUESTED_TRANSPORT, &[PROTO_UDP, 0, 0, 0]);
-        if ipv6 {
-            w.add_bytes(AttrType::REQUESTED_ADDRESS_FAMILY, &[attr::FAMILY_IPV6, 0, 0, 0]);
-        }
-    }
+    move |w: &mut MsgWriter<'_>| allocate_attributes(w, ipv6)
 }
 
-/// Sends an unauthenticated Allocate from each of `which` and keeps the realm and nonce of its 401
-/// answer, with the long-term key for the client's REST credentials.
+/// Sends an unauthenticated Allocate from each of `which`: the session learns the realm and nonce of
+/// its 401 answer.
 fn challenge(poll: &mut Poll, clients: &mut [Client], which: &[usize], args: &Args) -> io::Result<()> {
-    let attributes = allocate_attributes(args);
+    let attributes = allocate_body(args);
     let answers = round(poll, clients, which, args.server, &|c| c.request(Method::ALLOCATE, false, &attributes));
     all_answered(&answers, which, "Allocate")?;
     for &i in which {
         let (Some(Some(a)), Some(c)) = (answers.get(i), clients.get_mut(i)) else { continue };
-        let m = StunMsg::parse(a).map_err(|e| io::Error::other(e.to_string()))?;
-        c.nonce = m.attr(AttrType::NONCE).unwrap_or_default().to_vec();
-        c.realm = m.attr(AttrType::REALM).unwrap_or_default().to_vec();
-        let pw = rest_password(args.secret.as_bytes(), c.username.as_bytes());
-        c.key = long_term_key(c.username.as_bytes(), &c.realm, &pw);
+        let answer = Answer::parse(a).ok_or_else(|| io::Error::other("the answer to an Allocate is not STUN"))?;
+        if c.session.learn(&answer, false) != Next::Retry {
+            let code = answer.code().map_or("a success".to_string(), |c| format!("error {c}"));
+            return Err(io::Error::other(format!("an Allocate without credentials got {code}, not a 401 challenge")));
+        }
     }
     Ok(())
 }
@@ -274,7 +254,7 @@ struct Timed {
 /// steal time meanwhile. The requests (and their MESSAGE-INTEGRITY) are built before the clock starts: the
 /// generator's own work is not the server's set-up rate.
 fn timed_allocate(poll: &mut Poll, clients: &mut [Client], which: &[usize], args: &Args) -> io::Result<Timed> {
-    let attributes = allocate_attributes(args);
+    let attributes = allocate_body(args);
     let requests = build_requests(clients, which, &|c| c.request(Method::ALLOCATE, true, &attributes));
     let steal_before = steal_ms();
     let cpu_before = args.server_pid.and_then(proc_usage).map(|u| u.0);
@@ -297,8 +277,7 @@ fn release(poll: &mut Poll, clients: &mut [Client], server: SocketAddr) {
 }
 
 fn error_code(resp: &[u8]) -> Option<u16> {
-    let m = StunMsg::parse(resp).ok()?;
-    m.attr(AttrType::ERROR_CODE).and_then(|v| attr::decode_error_code(v).ok()).map(|c| c.0)
+    Answer::parse(resp)?.code()
 }
 
 /// Reads everything waiting on the socket of `token` (a peer, or a client in calls mode) in batches
@@ -477,17 +456,10 @@ fn run(args: &Args) -> io::Result<()> {
             Link::Udp(bench_socket(SocketAddr::new(client_ip, 0))?)
         };
         poll.registry().register(link.source(), Token(i), Interest::READABLE)?;
-        let username = format!("{}:bench{i}", unix + 3600);
-        clients.push(Client {
-            link,
-            username,
-            key: [0; 16],
-            nonce: Vec::new(),
-            realm: args.realm.as_bytes().to_vec(),
-            relayed: None,
-            tid: 0,
-            id: i as u32,
-        });
+        let credentials = Credentials::rest(args.secret.as_bytes(), &format!("bench{i}"), unix + 3600);
+        // No FINGERPRINT: the requests stay those of earlier measurements.
+        let session = Session::new(credentials, i as u32).with_realm(args.realm.as_bytes()).without_fingerprint();
+        clients.push(Client { link, session, relayed: None, id: i as u32 });
     }
     let server_usage = |pid: Option<u32>| pid.and_then(proc_usage);
     let rss_before = server_usage(args.server_pid).map(|u| u.1);
@@ -510,9 +482,7 @@ fn run(args: &Args) -> io::Result<()> {
             if let Some(code) = error_code(a) {
                 return Err(io::Error::other(format!("Allocate failed with {code}")));
             }
-            let m = StunMsg::parse(a).map_err(|e| io::Error::other(e.to_string()))?;
-            c.relayed =
-                m.attr(AttrType::XOR_RELAYED_ADDRESS).and_then(|v| attr::decode_xor_addr(v, &m.transaction_id()).ok());
+            c.relayed = Answer::parse(a).and_then(|a| a.relayed());
             if let Some(relayed) = c.relayed.filter(|r| r.is_ipv6() != args.ipv6_relays) {
                 return Err(io::Error::other(format!("the server relayed from {relayed}, not the family asked for")));
             }
@@ -540,10 +510,7 @@ fn run(args: &Args) -> io::Result<()> {
             if send_mode {
                 c.request(Method::CREATE_PERMISSION, true, &|w| w.add_xor_addr(AttrType::XOR_PEER_ADDRESS, peer))
             } else {
-                c.request(Method::CHANNEL_BIND, true, &|w| {
-                    w.add_bytes(AttrType::CHANNEL_NUMBER, &[0x40, 0x00, 0, 0]);
-                    w.add_xor_addr(AttrType::XOR_PEER_ADDRESS, peer);
-                })
+                c.request(Method::CHANNEL_BIND, true, &|w| channel_bind_attributes(w, 0x4000, peer))
             }
         });
         all_answered(&answers, &all, "ChannelBind/CreatePermission")?;
