@@ -27,9 +27,9 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 /// Under pressure, a pending connection idle this long is closed.
-pub const PRESSURE_IDLE: Duration = Duration::from_secs(2);
+pub(crate) const PRESSURE_IDLE: Duration = Duration::from_secs(2);
 /// Under pressure, a pending connection this old is closed, however chatty (TLS handshake included).
-pub const PRESSURE_AGE: Duration = Duration::from_secs(5);
+pub(crate) const PRESSURE_AGE: Duration = Duration::from_secs(5);
 /// Slots of the per-source counts (fixed memory; sources that share a slot share its count, which only
 /// ever refuses sooner).
 const SOURCE_SLOTS: usize = 4096;
@@ -89,7 +89,7 @@ impl Refusal {
 
 /// Why a pending connection was closed early.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum EarlyClose {
+pub(crate) enum EarlyClose {
     /// To make room for a newcomer at the total.
     Evicted,
     /// Idle for [`PRESSURE_IDLE`] or open for [`PRESSURE_AGE`] while under pressure.
@@ -97,19 +97,12 @@ pub enum EarlyClose {
 }
 
 impl EarlyClose {
-    /// Every reason, in the order of [`EarlyClose::index`].
-    pub const ALL: [Self; 2] = [Self::Evicted, Self::PressureTimeout];
-    /// Every reason's [`EarlyClose::name`], in [`EarlyClose::ALL`] order.
-    pub const NAMES: [&'static str; 2] = ["evicted", "pressure_timeout"];
+    /// Every reason's metric label, in [`EarlyClose::index`] order.
+    pub(crate) const NAMES: [&'static str; 2] = ["evicted", "pressure_timeout"];
 
-    /// Position in [`EarlyClose::ALL`] (and in the shard's counters).
-    pub fn index(self) -> usize {
+    /// Position in [`EarlyClose::NAMES`] (and in the shard's counters).
+    pub(crate) fn index(self) -> usize {
         self as usize
-    }
-
-    /// Label for metrics.
-    pub fn name(self) -> &'static str {
-        Self::NAMES[self.index()]
     }
 }
 

@@ -15,11 +15,11 @@ use std::os::fd::AsRawFd;
 
 /// Descriptors kept for everything that is not a relay socket: listeners, TCP/TLS connections, the
 /// metrics endpoint, log files.
-pub const HEADROOM: u64 = 4_096;
+pub(crate) const HEADROOM: u64 = 4_096;
 
 /// What [`prepare`] found and did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Budget {
+pub(crate) struct Budget {
     /// Descriptors the configuration can use (relay sockets plus [`HEADROOM`]).
     pub wanted: u64,
     /// The soft descriptor limit in force afterwards.
@@ -30,26 +30,26 @@ pub struct Budget {
 
 impl Budget {
     /// Whether the limit is below what the configuration can use.
-    pub fn short(&self) -> bool {
+    pub(crate) fn short(&self) -> bool {
         self.limit < self.wanted
     }
 }
 
 /// Relay sockets the configuration can open at most: every port of the range on every relay address,
 /// or, when that is smaller, twice the total quota (an allocation may hold one socket per family) plus
-/// the spares kept open between allocations (at most an eighth of the ports, see `proto::spares`).
-pub fn relay_sockets_wanted(ports: u64, relay_addresses: u64, total_quota: u32) -> u64 {
+/// the spares kept open between allocations (at most an eighth of the ports, see `proto::spares_at_most`).
+pub(crate) fn relay_sockets_wanted(ports: u64, relay_addresses: u64, total_quota: u32) -> u64 {
     let by_ports = ports.saturating_mul(relay_addresses.max(1));
     if total_quota == 0 {
         return by_ports;
     }
-    let spares = ports / crate::proto::spares::RANGE_SHARE as u64;
+    let spares = crate::proto::spares_at_most(ports);
     by_ports.min(u64::from(total_quota).saturating_mul(2).saturating_add(spares))
 }
 
 /// Raises the soft descriptor limit towards `wanted` (never above the hard limit) and grows the
 /// descriptor table to the resulting limit, so opening relay sockets never waits for a resize.
-pub fn prepare(wanted: u64) -> io::Result<Budget> {
+pub(crate) fn prepare(wanted: u64) -> io::Result<Budget> {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
     let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).map_err(io::Error::from)?;
     let mut limit = soft;

@@ -14,7 +14,7 @@ const RESERVED_PORTS: &str = "/proc/sys/net/ipv4/ip_local_reserved_ports";
 
 /// How the relay range meets the ephemeral range.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Overlap {
+pub(crate) struct Overlap {
     /// The kernel's ephemeral range.
     pub ephemeral: RangeInclusive<u16>,
     /// Relay ports inside it.
@@ -46,7 +46,7 @@ fn parse_reserved(text: &str) -> Vec<RangeInclusive<u16>> {
 
 /// The overlap of `relay` with the ephemeral range described by the two files' contents, if any relay
 /// port in it is not reserved.
-pub fn overlap(relay: RangeInclusive<u16>, port_range: &str, reserved: &str) -> Option<Overlap> {
+pub(crate) fn overlap(relay: RangeInclusive<u16>, port_range: &str, reserved: &str) -> Option<Overlap> {
     let ephemeral = parse_range(port_range)?;
     let lo = *relay.start().max(ephemeral.start());
     let hi = *relay.end().min(ephemeral.end());
@@ -59,7 +59,7 @@ pub fn overlap(relay: RangeInclusive<u16>, port_range: &str, reserved: &str) -> 
 }
 
 /// Warns at start-up when relay ports lie in this host's ephemeral range.
-pub fn warn_if_shared(relay: RangeInclusive<u16>) {
+pub(crate) fn warn_if_shared(relay: RangeInclusive<u16>) {
     let Ok(port_range) = std::fs::read_to_string(PORT_RANGE) else {
         return;
     };

@@ -60,18 +60,22 @@
 //!   budget, the ephemeral-port check.
 
 #![deny(unsafe_code)]
+// The overview links the internal modules; `cargo doc --document-private-items` renders them.
+#![allow(rustdoc::private_intra_doc_links)]
 
-pub mod admission;
+pub(crate) mod admission;
 pub mod config;
 pub mod control;
-pub mod descriptors;
-pub mod ephemeral;
+pub(crate) mod descriptors;
+pub(crate) mod ephemeral;
 pub mod probe;
 pub mod server;
 pub mod shard;
 pub mod shared;
-pub mod stats;
-pub mod tls;
+pub(crate) mod stats;
+pub(crate) mod tls;
+
+pub use stats::{ShardStats, Totals};
 
 /// The sans-IO core ([`turnpike_proto`]), under the name the host's modules use.
 pub use turnpike_proto as proto;

@@ -7,7 +7,7 @@ use turnpike_proto::counters;
 use turnpike_proto::stats::{EngineCounters, EngineTotals};
 
 /// Label values of [`IoCounters::connections`].
-pub const STREAM_TRANSPORTS: [&str; 2] = ["tcp", "tls"];
+pub(crate) const STREAM_TRANSPORTS: [&str; 2] = ["tcp", "tls"];
 
 counters! {
     /// What one shard's sockets did. Only that shard writes them.

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 /// Loads a certificate chain and a private key (PKCS#8, PKCS#1 or SEC1, PEM) into a server config.
-pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, String> {
+pub(crate) fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, String> {
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
         .map_err(|e| format!("{}: cannot read certificates: {e}", cert.display()))?
         .collect::<Result<_, _>>()

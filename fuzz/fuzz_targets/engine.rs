@@ -8,7 +8,7 @@ use std::collections::HashSet;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
-use turnpike_proto::allocation::{FiveTuple, ListenerId, Transport};
+use turnpike_proto::allocation::{FiveTuple, ListenerId, RelayKey, Transport};
 use turnpike_proto::attr::AttrType;
 use turnpike_proto::auth::{CredentialStore, NonceKey};
 use turnpike_proto::cluster::LocalCluster;
@@ -21,15 +21,15 @@ use turnpike_proto::{
 };
 
 #[derive(Default)]
-struct Sockets(HashSet<u32>);
+struct Sockets(HashSet<RelayKey>);
 
 impl RelaySockets for Sockets {
-    fn open(&mut self, idx: u32, _: SocketAddr) -> Result<(), BindError> {
-        assert!(self.0.insert(idx), "slot opened twice");
+    fn open(&mut self, key: RelayKey, _: SocketAddr) -> Result<(), BindError> {
+        assert!(self.0.insert(key), "relay socket opened twice");
         Ok(())
     }
-    fn close(&mut self, idx: u32) {
-        assert!(self.0.remove(&idx), "slot closed but not open");
+    fn close(&mut self, key: RelayKey) {
+        assert!(self.0.remove(&key), "relay socket closed but not open");
     }
 }
 
@@ -120,7 +120,11 @@ fuzz_target!(|data: &[u8]| {
                 let (raw, rest) = input.split_at(n);
                 input = rest;
                 let len = pkt.fill(raw);
-                engine.handle_peer(now, u32::from(a % 6), peer, &mut pkt, len)
+                // Both halves of the first three slots.
+                match RelayKey::from_index(usize::from(a % 6)) {
+                    Some(key) => engine.handle_peer(now, key, peer, &mut pkt, len),
+                    None => Action::Done,
+                }
             }
             2 => {
                 now += Duration::from_secs(u64::from(a) * 4 + u64::from(b));
@@ -174,8 +178,8 @@ fuzz_target!(|data: &[u8]| {
         {
             nonce = n.to_vec();
         }
-        assert_eq!(io.0.len(), engine.table().len());
+        assert_eq!(io.0.len(), engine.allocation_count());
         // Every allocation and every outstanding EVEN-PORT reservation is counted, nothing else.
-        assert_eq!(shared.total() as usize, engine.table().len() + shared.reservations());
+        assert_eq!(shared.total() as usize, engine.allocation_count() + shared.reservations());
     }
 });

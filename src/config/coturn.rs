@@ -8,7 +8,7 @@ use std::collections::HashMap;
 
 /// The result of reading a turnserver.conf.
 #[derive(Debug, Default)]
-pub struct CoturnFile {
+pub(crate) struct CoturnFile {
     /// The equivalent settings.
     pub config: FileConfig,
     /// Line of each option's last occurrence, keyed by the turnpike option path (`section.key`).
@@ -21,7 +21,7 @@ pub struct CoturnFile {
 
 /// An error at a line of the file.
 #[derive(Debug, Clone)]
-pub struct CoturnError {
+pub(crate) struct CoturnError {
     /// 1-based line.
     pub line: usize,
     /// The option as written.
@@ -133,7 +133,7 @@ impl Tree {
 
 /// Parses turnserver.conf text. Options of [`options::OPTIONS`] are set as the table says; the few
 /// coturn options with rules of their own (negations, companions, units) are handled here.
-pub fn parse(text: &str) -> Result<CoturnFile, CoturnError> {
+pub(crate) fn parse(text: &str) -> Result<CoturnFile, CoturnError> {
     let mut out = CoturnFile::default();
     let mut tree = Tree(serde_json::to_value(FileConfig::default()).unwrap_or(Value::Null));
     let mut shared_secrets = Vec::new();

@@ -1,7 +1,7 @@
 //! Configuration: read a YAML file or a coturn `turnserver.conf` (detected), validate it whole, and
 //! produce a [`Config`]. Errors name the file, the line and the option.
 
-pub mod coturn;
+pub(crate) mod coturn;
 pub mod file;
 pub mod options;
 mod validate;
@@ -364,7 +364,7 @@ impl Config {
     pub fn shard_port_list(&self, shard: usize) -> Vec<u16> {
         match self.shard_ports.get(shard) {
             Some(&(a, b)) => (a..=b).collect(),
-            None => crate::proto::ports::shard_ports(self.min_port, self.max_port, shard, self.threads).collect(),
+            None => crate::proto::shard_ports(self.min_port, self.max_port, shard, self.threads).collect(),
         }
     }
 }

@@ -36,39 +36,39 @@ use tokio::task::AbortHandle;
 /// needs one. When another arrives at the cap, a connection of the source holding the most is closed
 /// (its oldest not yet answered, else its oldest), so neither idle or slow clients nor one client's
 /// many kept-alive connections can lock a scraper from another address out.
-pub const MAX_CONNECTIONS: usize = 256;
+pub(crate) const MAX_CONNECTIONS: usize = 256;
 
 /// The connection cap for a process allowed `fd_limit` descriptors (at least 8).
-pub fn connection_cap(fd_limit: u64) -> usize {
+pub(crate) fn connection_cap(fd_limit: u64) -> usize {
     usize::try_from(fd_limit / 16).unwrap_or(usize::MAX).clamp(8, MAX_CONNECTIONS)
 }
 
 /// A request's head (request line and headers) must arrive within this time. A scraper on the same
 /// host or network sends it in one packet; a client trickling bytes (slowloris) is cut off here.
 /// Also closes a connection idle this long, before its first request or between two.
-pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(2);
+pub(crate) const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// A connection is closed this long after it was accepted, whatever it is doing: the bound on a
 /// client that reads the response slowly or sends one request after another. Keep-alive stays on
 /// within it. Scrapes take milliseconds; a scraper reconnects.
-pub const CONNECTION_DEADLINE: Duration = Duration::from_secs(10);
+pub(crate) const CONNECTION_DEADLINE: Duration = Duration::from_secs(10);
 
 /// The largest request head, in bytes; larger ones get 431. Scrapers and API clients (a bearer token
 /// included) send a few hundred bytes.
-pub const MAX_HEADER_BYTES: usize = 8 * 1024;
+pub(crate) const MAX_HEADER_BYTES: usize = 8 * 1024;
 
 /// hyper's read and write buffer limit per connection: its minimum (8 KiB), which holds the largest
 /// head. It bounds what is buffered, not a response: a body is one chunk, queued whole.
-pub const MAX_BUF_BYTES: usize = 8 * 1024;
+pub(crate) const MAX_BUF_BYTES: usize = 8 * 1024;
 
 /// The largest request body read for the handler; larger ones get 413. JSON requests to an admin
 /// API are small; the metrics endpoint takes none.
-pub const MAX_BODY_BYTES: usize = 64 * 1024;
+pub(crate) const MAX_BODY_BYTES: usize = 64 * 1024;
 
 /// The listening socket's accept queue. A burst of connections (hundreds of idle clients at once)
 /// waits there for the server, instead of overflowing the 128 of `std::net::TcpListener::bind` and
 /// having a scraper's connection attempt dropped and retried only a second later.
-pub const LISTEN_BACKLOG: i32 = 1024;
+pub(crate) const LISTEN_BACKLOG: i32 = 1024;
 
 /// How often the server checks its stop flag.
 const STOP_POLL: Duration = Duration::from_millis(50);
@@ -77,14 +77,14 @@ const STOP_POLL: Duration = Duration::from_millis(50);
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 /// The handler: the whole request in, the whole response out. Runs on the server's thread.
-pub type Handler = dyn Fn(&Request<Bytes>) -> Response<Bytes> + Send + Sync;
+pub(crate) type Handler = dyn Fn(&Request<Bytes>) -> Response<Bytes> + Send + Sync;
 
 /// The error of a request the server drops unanswered.
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Why the server closed a connection that was not done.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CloseReason {
+pub(crate) enum CloseReason {
     /// To admit a new connection past [`MAX_CONNECTIONS`].
     OverLimit,
     /// Still open [`CONNECTION_DEADLINE`] after it was accepted.
@@ -99,18 +99,14 @@ pub enum CloseReason {
 
 impl CloseReason {
     /// Every reason, in counter order.
-    pub const ALL: [Self; 4] = [Self::OverLimit, Self::Deadline, Self::HeaderTimeout, Self::HeaderTooLarge];
-    /// Every reason's [`CloseReason::name`], in [`CloseReason::ALL`] order.
-    pub const NAMES: [&'static str; 4] = ["over_limit", "deadline", "header_timeout", "header_too_large"];
+    #[cfg(test)]
+    pub(crate) const ALL: [Self; 4] = [Self::OverLimit, Self::Deadline, Self::HeaderTimeout, Self::HeaderTooLarge];
+    /// Every reason's metric label, in [`CloseReason::index`] order.
+    pub(crate) const NAMES: [&'static str; 4] = ["over_limit", "deadline", "header_timeout", "header_too_large"];
 
     /// The index of this reason's counter.
-    pub const fn index(self) -> usize {
+    pub(crate) const fn index(self) -> usize {
         self as usize
-    }
-
-    /// Stable name used in metrics.
-    pub const fn name(self) -> &'static str {
-        Self::NAMES[self.index()]
     }
 }
 
@@ -178,7 +174,7 @@ impl Drop for Registered {
 }
 
 /// Binds a listener for [`serve`], with an accept queue of [`LISTEN_BACKLOG`].
-pub fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+pub(crate) fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
     socket.bind(&addr.into())?;
@@ -189,7 +185,7 @@ pub fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
 /// Serves `listener` with `handler` until `stop` is set, on the calling thread, at most
 /// `max_connections` at once; returns promptly then, closing every connection. Errs only if the runtime
 /// cannot be set up.
-pub fn serve(
+pub(crate) fn serve(
     listener: std::net::TcpListener,
     handler: Arc<Handler>,
     counters: Arc<HttpCounters>,
@@ -307,12 +303,12 @@ impl hyper::service::Service<Request<Incoming>> for Service {
 }
 
 /// A plain-text response.
-pub fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Bytes> {
+pub(crate) fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Bytes> {
     with_type(status, "text/plain; charset=utf-8", body)
 }
 
 /// A response with the given status, content type and body.
-pub fn with_type(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<Bytes> {
+pub(crate) fn with_type(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<Bytes> {
     let mut r = Response::new(body.into());
     *r.status_mut() = status;
     r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(content_type));

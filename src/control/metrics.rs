@@ -19,7 +19,7 @@ use turnpike_proto::stats::{EngineCounters, Family, Scope, read};
 
 /// Everything the metrics show.
 #[derive(Debug, Clone)]
-pub struct Sources {
+pub(crate) struct Sources {
     /// Per-shard counters.
     pub stats: Vec<Arc<ShardStats>>,
     /// What the shards share (the connection budget's count).
@@ -31,7 +31,7 @@ pub struct Sources {
 }
 
 /// Renders every metric: every family of every counters struct (see [`turnpike_proto::counters!`]).
-pub fn render(src: &Sources) -> String {
+pub(crate) fn render(src: &Sources) -> String {
     let mut out = String::with_capacity(8192);
     let engines: Vec<&EngineCounters> = src.stats.iter().map(|s| &*s.engine).collect();
     let ios: Vec<&IoCounters> = src.stats.iter().map(|s| &s.io).collect();
@@ -74,7 +74,12 @@ fn write_families<C>(out: &mut String, instances: &[&C], families: &[Family<C>])
 
 /// Serves the endpoint on the calling thread until `stop` is set (see [`http`] for the server and its
 /// limits). Errs only if the server cannot be set up.
-pub fn serve(listener: TcpListener, sources: Sources, max_connections: usize, stop: &AtomicBool) -> io::Result<()> {
+pub(crate) fn serve(
+    listener: TcpListener,
+    sources: Sources,
+    max_connections: usize,
+    stop: &AtomicBool,
+) -> io::Result<()> {
     let http_counters = Arc::clone(&sources.http);
     let handler: Arc<http::Handler> = Arc::new(move |req| respond(req, &sources));
     http::serve(listener, handler, http_counters, max_connections, stop)
@@ -82,7 +87,7 @@ pub fn serve(listener: TcpListener, sources: Sources, max_connections: usize, st
 
 /// Routes a request: `GET /metrics` (and `/`) renders the metrics; other paths are not found. A new
 /// path is one more arm.
-pub fn respond(req: &Request<Bytes>, sources: &Sources) -> Response<Bytes> {
+pub(crate) fn respond(req: &Request<Bytes>, sources: &Sources) -> Response<Bytes> {
     match req.uri().path() {
         "/metrics" | "/" => get_only(req, || {
             http::with_type(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", render(sources))

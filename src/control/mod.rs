@@ -1,8 +1,8 @@
 //! The control thread: aggregates per-shard counters once a second and logs a one-line summary
 //! periodically. (Signals and reload are handled by the binary's main thread.)
 
-pub mod http;
-pub mod metrics;
+pub(crate) mod http;
+pub(crate) mod metrics;
 pub mod notify;
 
 use crate::shared::Shared;

@@ -16,11 +16,11 @@
 use std::time::{Duration, Instant};
 
 /// How long the datagram rate is counted before it is re-estimated.
-pub const RATE_WINDOW: Duration = Duration::from_millis(10);
+pub(crate) const RATE_WINDOW: Duration = Duration::from_millis(10);
 
 /// The coalescing rule of one shard, with its running rate estimate.
 #[derive(Debug)]
-pub struct Coalescer {
+pub(crate) struct Coalescer {
     max_wait: Duration,
     min_rate: u64,
     batch: u64,
@@ -33,7 +33,7 @@ pub struct Coalescer {
 impl Coalescer {
     /// A rule that waits at most `max_wait` (zero: never) once the shard receives at least `min_rate`
     /// datagrams per second, aiming at `batch` datagrams per wake-up.
-    pub fn new(now: Instant, max_wait: Duration, min_rate: u64, batch: usize) -> Self {
+    pub(crate) fn new(now: Instant, max_wait: Duration, min_rate: u64, batch: usize) -> Self {
         Self {
             max_wait,
             min_rate: min_rate.max(1),
@@ -46,7 +46,7 @@ impl Coalescer {
 
     /// Records a wake-up at `now` that handled `datagrams` datagrams and left no socket with more
     /// waiting (`drained`), and returns how long to pause before polling again (zero: poll at once).
-    pub fn after_wake(&mut self, now: Instant, datagrams: usize, drained: bool) -> Duration {
+    pub(crate) fn after_wake(&mut self, now: Instant, datagrams: usize, drained: bool) -> Duration {
         self.window_datagrams += datagrams as u64;
         let elapsed = now.saturating_duration_since(self.window_start);
         if elapsed >= RATE_WINDOW {
@@ -63,7 +63,8 @@ impl Coalescer {
     }
 
     /// Datagrams per second over the last complete window.
-    pub fn rate(&self) -> u64 {
+    #[cfg(test)]
+    pub(crate) fn rate(&self) -> u64 {
         self.rate
     }
 }

@@ -10,20 +10,20 @@
 //! that the next wake-up finds a batch ([`coalesce`]).
 
 pub mod clock;
-pub mod coalesce;
+pub(crate) mod coalesce;
 pub mod rawsend;
 pub mod readbuf;
 pub mod send;
 pub mod socket;
 pub mod stream;
-pub mod sys;
+pub(crate) mod sys;
 
 use crate::admission::{self, EarlyClose, Refusal};
 use crate::policy::rate::{LogKind, LogLimiter};
+use crate::proto::TimerWheel;
 use crate::proto::allocation::{FiveTuple, ListenerId, RelayKey, Transport};
 use crate::proto::engine::{BindError, RelaySockets, TIMER_BUDGET};
 use crate::proto::stats::{bump, bump_down};
-use crate::proto::timer::TimerWheel;
 use crate::proto::{Action, DropReason, Engine, PacketBuf, Settings};
 use crate::shared::Shared;
 use crate::stats::ShardStats;
@@ -728,7 +728,7 @@ impl Shard {
             let action = self.engine.handle_client(now, tuple, &mut self.pkt, n, &mut self.relays);
             self.perform(action, Some(tuple));
             let pending = self.conns.get_mut(idx).is_some_and(|c| c.pending.is_some());
-            if pending && self.engine.table().find(&tuple).is_some() {
+            if pending && self.engine.has_allocation(&tuple) {
                 self.settle_pending(idx);
             }
         }
@@ -749,7 +749,7 @@ impl Shard {
         if conn.generation != generation {
             return;
         }
-        let has_allocation = self.engine.table().find(&conn.tuple).is_some();
+        let has_allocation = self.engine.has_allocation(&conn.tuple);
         let (idle, age) =
             (now.saturating_duration_since(conn.last_activity), now.saturating_duration_since(conn.accepted));
         // Many pending connections node-wide: those without an allocation get much less time.

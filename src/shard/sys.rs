@@ -21,9 +21,9 @@ use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::{AsRawFd, BorrowedFd};
 
 /// Most messages one call takes.
-pub const MAX_MESSAGES: usize = 64;
+pub(crate) const MAX_MESSAGES: usize = 64;
 /// Most datagrams one [`RecvHeaders::recv`] call takes.
-pub const MAX_RECV: usize = 32;
+pub(crate) const MAX_RECV: usize = 32;
 
 /// `SOL_UDP` / `UDP_SEGMENT` (linux/udp.h): the segment size of a GSO send.
 const UDP_SEGMENT: libc::c_int = 103;
@@ -37,7 +37,7 @@ const CMSG_SPACE: usize = CMSG_HEADER + size_of::<u16>().next_multiple_of(size_o
 /// One outgoing message: the bytes of `iov` concatenated, to `to`; with `segment > 0` the kernel cuts
 /// it into datagrams of `segment` bytes (the last may be shorter): UDP generic segmentation offload.
 #[derive(Debug)]
-pub struct Outgoing<'a> {
+pub(crate) struct Outgoing<'a> {
     /// Destination.
     pub to: &'a SockAddr,
     /// The bytes, gathered from these slices.
@@ -69,7 +69,7 @@ impl CmsgBuf {
 
 /// Sends up to [`MAX_MESSAGES`] of `msgs` on `fd` without blocking; returns how many the kernel took
 /// (fewer than given when the next one met an error, which a call starting there reports).
-pub fn send_batch(fd: BorrowedFd<'_>, msgs: &[Outgoing<'_>]) -> io::Result<usize> {
+pub(crate) fn send_batch(fd: BorrowedFd<'_>, msgs: &[Outgoing<'_>]) -> io::Result<usize> {
     let n = msgs.len().min(MAX_MESSAGES);
     if n == 0 {
         return Ok(0);
@@ -108,7 +108,7 @@ pub fn send_batch(fd: BorrowedFd<'_>, msgs: &[Outgoing<'_>]) -> io::Result<usize
 }
 
 /// Sends `bytes` as one datagram to `to` on `fd` without blocking; returns the bytes sent.
-pub fn send_to(fd: BorrowedFd<'_>, bytes: &[u8], to: &SockAddr) -> io::Result<usize> {
+pub(crate) fn send_to(fd: BorrowedFd<'_>, bytes: &[u8], to: &SockAddr) -> io::Result<usize> {
     // SAFETY: the kernel reads `bytes.len()` bytes from `bytes` and `to.len()` bytes of address from
     // `to`, both borrowed for the whole call, and writes no memory of ours.
     let sent = unsafe {
@@ -159,7 +159,7 @@ impl AddrBuf {
 
 /// Message headers and source-address buffers for `recvmmsg`, kept between calls so a call only fills
 /// in what it uses.
-pub struct RecvHeaders {
+pub(crate) struct RecvHeaders {
     headers: [libc::mmsghdr; MAX_RECV],
     names: [AddrBuf; MAX_RECV],
 }
@@ -184,7 +184,7 @@ impl RecvHeaders {
     /// one per buffer; writes each one's length and source to `meta` and returns how many arrived
     /// (0: none). A datagram longer than its buffer is cut to the buffer (the caller's buffers hold
     /// the largest).
-    pub fn recv(
+    pub(crate) fn recv(
         &mut self,
         fd: BorrowedFd<'_>,
         bufs: &mut [IoSliceMut<'_>],
@@ -230,7 +230,7 @@ impl RecvHeaders {
 }
 
 /// Sets this thread's timer slack (how late the kernel may wake a sleeping thread) in nanoseconds.
-pub fn set_timer_slack(ns: u64) -> bool {
+pub(crate) fn set_timer_slack(ns: u64) -> bool {
     // SAFETY: PR_SET_TIMERSLACK takes one integer argument and touches no memory of ours.
     unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, ns as libc::c_ulong, 0, 0, 0) == 0 }
 }

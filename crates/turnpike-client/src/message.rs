@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use turnpike_proto::attr::{self, AttrType};
 use turnpike_proto::channel::CHANNEL_HEADER_LEN;
-use turnpike_proto::header::pad4;
+use turnpike_proto::stun::pad4;
 use turnpike_proto::{ChannelData, Class, Method, StunMsg, TransactionId};
 
 /// A received STUN message (a response, usually), kept as its bytes; it parsed when it was made.

@@ -7,11 +7,11 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 /// Permission lifetime (RFC 8656 §9: "The Permission Lifetime MUST be 300 seconds").
-pub const PERMISSION_LIFETIME: Duration = Duration::from_secs(300);
+pub(crate) const PERMISSION_LIFETIME: Duration = Duration::from_secs(300);
 /// Channel binding lifetime (RFC 8656 §12: "a channel binding lasts for 10 minutes").
-pub const CHANNEL_LIFETIME: Duration = Duration::from_secs(600);
+pub(crate) const CHANNEL_LIFETIME: Duration = Duration::from_secs(600);
 /// After a binding expires, its number and peer stay reserved this long (RFC 8656 §12).
-pub const CHANNEL_COOLDOWN: Duration = Duration::from_secs(300);
+pub(crate) const CHANNEL_COOLDOWN: Duration = Duration::from_secs(300);
 
 /// How the client reached the server.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -89,7 +89,7 @@ impl std::fmt::Display for FiveTuple {
 
 /// Which ports of a permitted IP may be reached.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum PeerScope {
+pub(crate) enum PeerScope {
     /// Any port: the peer policy permits the IP.
     Any,
     /// Only the relayed addresses of live allocations: the IP is one of this server's own, which TURN
@@ -100,29 +100,29 @@ pub enum PeerScope {
 
 /// A permission for one peer IP address.
 #[derive(Clone, Copy, Debug)]
-pub struct Permission {
+pub(crate) struct Permission {
     /// The peer IP (RFC 8656 permissions ignore ports; see [`PeerScope`] for the one exception).
-    pub ip: IpAddr,
+    pub(crate) ip: IpAddr,
     /// When it stops letting data through.
-    pub expires: Instant,
+    pub(crate) expires: Instant,
     /// Which ports may be reached.
-    pub scope: PeerScope,
+    pub(crate) scope: PeerScope,
 }
 
 /// A channel binding.
 #[derive(Clone, Copy, Debug)]
-pub struct ChannelBinding {
+pub(crate) struct ChannelBinding {
     /// The channel number.
-    pub number: ChannelNumber,
+    pub(crate) number: ChannelNumber,
     /// The peer transport address.
-    pub peer: SocketAddr,
+    pub(crate) peer: SocketAddr,
     /// When the binding stops carrying data; the pair stays reserved for [`CHANNEL_COOLDOWN`] more.
-    pub expires: Instant,
+    pub(crate) expires: Instant,
 }
 
 impl ChannelBinding {
     /// Whether the binding carries data at `now`.
-    pub fn is_active(&self, now: Instant) -> bool {
+    pub(crate) fn is_active(&self, now: Instant) -> bool {
         now < self.expires
     }
 }
@@ -181,77 +181,77 @@ pub struct Relayed {
 
 /// One allocation: owned by exactly one shard.
 #[derive(Debug)]
-pub struct Allocation {
+pub(crate) struct Allocation {
     /// The client side.
-    pub five_tuple: FiveTuple,
+    pub(crate) five_tuple: FiveTuple,
     /// Its relayed address ([`Half::Primary`]).
-    pub relayed: Relayed,
+    pub(crate) relayed: Relayed,
     /// The IPv6 half of a dual allocation ([`Half::Ipv6`]).
-    pub second: Option<Relayed>,
+    pub(crate) second: Option<Relayed>,
     /// When the allocation expires unless refreshed.
-    pub expires: Instant,
+    pub(crate) expires: Instant,
     /// The deadline of the expiry timer currently armed for it.
-    pub armed_at: Instant,
+    pub(crate) armed_at: Instant,
     /// The USERNAME that created it (later requests must use the same, else 441).
-    pub username: Box<str>,
+    pub(crate) username: Box<str>,
     /// The long-term key that username authenticated with, reused for its later requests while the
     /// credentials stay as they were (see `Engine::authenticate`).
-    pub key: crate::integrity::KeptKey,
+    pub(crate) key: crate::integrity::KeptKey,
     /// The engine's credentials generation `key` was derived under.
-    pub key_generation: u64,
+    pub(crate) key_generation: u64,
     /// The user counted against the user quota (REST usernames: the part after the expiry).
-    pub quota_user: Box<str>,
+    pub(crate) quota_user: Box<str>,
     /// Installed permissions, bounded by the configured maximum.
-    pub permissions: Vec<Permission>,
+    pub(crate) permissions: Vec<Permission>,
     /// Channel bindings (active or cooling down), bounded by the configured maximum.
-    pub channels: Vec<ChannelBinding>,
+    pub(crate) channels: Vec<ChannelBinding>,
     /// Transaction ID of the Allocate request that created it.
-    pub allocate_tid: TransactionId,
+    pub(crate) allocate_tid: TransactionId,
     /// The success response to that request, replayed for retransmissions.
-    pub allocate_response: Box<[u8]>,
+    pub(crate) allocate_response: Box<[u8]>,
     /// `max-bps` buckets, [client -> peer, peer -> client]; `None` when unlimited.
-    pub bandwidth: Option<[TokenBucket; 2]>,
+    pub(crate) bandwidth: Option<[TokenBucket; 2]>,
 }
 
 impl Allocation {
     /// Whether a relayed address of `ip`'s family exists (else 443 / drop).
-    pub fn serves_family_of(&self, ip: IpAddr) -> bool {
+    pub(crate) fn serves_family_of(&self, ip: IpAddr) -> bool {
         let same = |r: &Relayed| r.advertised.is_ipv4() == ip.is_ipv4();
         same(&self.relayed) || self.second.as_ref().is_some_and(same)
     }
 
     /// Which relayed address talks to `peer`: the one of its family.
-    pub fn half_for(&self, peer: SocketAddr) -> Half {
+    pub(crate) fn half_for(&self, peer: SocketAddr) -> Half {
         if self.relayed.advertised.is_ipv4() == peer.is_ipv4() { Half::Primary } else { Half::Ipv6 }
     }
 
     /// Each relayed address, with its half.
-    pub fn relayed_addresses(&self) -> impl Iterator<Item = (Half, Relayed)> {
+    pub(crate) fn relayed_addresses(&self) -> impl Iterator<Item = (Half, Relayed)> {
         std::iter::once((Half::Primary, self.relayed)).chain(self.second.map(|r| (Half::Ipv6, r)))
     }
 
     /// Whether an unexpired permission lets data to/from `peer` through at `now`; `is_live_relay` says
     /// whether an address is a live relayed address of this server, for permissions scoped to those
     /// ([`PeerScope::LiveRelays`]; asked only for them).
-    pub fn permits(&self, peer: SocketAddr, now: Instant, is_live_relay: impl Fn(SocketAddr) -> bool) -> bool {
+    pub(crate) fn permits(&self, peer: SocketAddr, now: Instant, is_live_relay: impl Fn(SocketAddr) -> bool) -> bool {
         self.permissions
             .iter()
             .any(|p| p.ip == peer.ip() && now < p.expires && (p.scope == PeerScope::Any || is_live_relay(peer)))
     }
 
     /// The binding for `number`, active or not.
-    pub fn channel_by_number(&self, number: ChannelNumber) -> Option<&ChannelBinding> {
+    pub(crate) fn channel_by_number(&self, number: ChannelNumber) -> Option<&ChannelBinding> {
         self.channels.iter().find(|c| c.number == number)
     }
 
     /// The binding for `peer`, active or not.
-    pub fn channel_by_peer(&self, peer: SocketAddr) -> Option<&ChannelBinding> {
+    pub(crate) fn channel_by_peer(&self, peer: SocketAddr) -> Option<&ChannelBinding> {
         self.channels.iter().find(|c| c.peer == peer)
     }
 
     /// Installs or refreshes a permission; returns false if a new one would exceed `max`.
     /// An existing permission is extended, and widened to [`PeerScope::Any`] if that is granted now.
-    pub fn install_permission(
+    pub(crate) fn install_permission(
         &mut self,
         ip: IpAddr,
         expires: Instant,
@@ -275,7 +275,7 @@ impl Allocation {
 
 /// Outcome of [`Allocation::install_permission`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum PermissionChange {
+pub(crate) enum PermissionChange {
     /// A new permission: arm its timer.
     Created,
     /// An existing one was extended (its timer re-arms itself lazily).

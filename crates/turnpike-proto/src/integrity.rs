@@ -58,7 +58,7 @@ impl HmacKey {
 
 /// A long-term key kept with an allocation for its later requests. Its `Debug` output hides the bytes.
 #[derive(Clone, Copy, PartialEq, Eq)]
-pub struct KeptKey(pub LongTermKey);
+pub(crate) struct KeptKey(pub LongTermKey);
 
 impl std::fmt::Debug for KeptKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -92,7 +92,7 @@ impl PreparedKey {
     }
 
     /// The prepared HMAC key.
-    pub fn hmac(&self) -> &HmacKey {
+    pub(crate) fn hmac(&self) -> &HmacKey {
         &self.hmac
     }
 }
@@ -104,7 +104,7 @@ pub fn fingerprint(bytes: &[u8]) -> u32 {
 
 /// Checks a FINGERPRINT value against the message bytes before it. The header's length field already
 /// counts the FINGERPRINT attribute, as it must.
-pub fn fingerprint_matches(before: &[u8], value: &[u8]) -> bool {
+pub(crate) fn fingerprint_matches(before: &[u8], value: &[u8]) -> bool {
     value.len() == 4 && fingerprint(before).to_be_bytes() == value
 }
 
@@ -131,7 +131,7 @@ pub fn rest_password(secret: &[u8], username: &[u8]) -> [u8; REST_PASSWORD_LEN] 
 }
 
 /// [`rest_password`] with the secret prepared once ([`HmacKey`]), as the server checks it.
-pub fn rest_password_with(secret: &HmacKey, username: &[u8]) -> [u8; REST_PASSWORD_LEN] {
+pub(crate) fn rest_password_with(secret: &HmacKey, username: &[u8]) -> [u8; REST_PASSWORD_LEN] {
     use base64::Engine as _;
     let mac = secret.mac(&[username]);
     let mut out = [0u8; REST_PASSWORD_LEN];

@@ -13,16 +13,16 @@ pub fn shard_ports(min: u16, max: u16, shard: usize, shards: usize) -> impl Iter
 }
 
 /// Words of a bitmap with a bit for every port.
-pub const PORT_WORDS: usize = 65_536 / 64;
+pub(crate) const PORT_WORDS: usize = 65_536 / 64;
 
 /// Where `port`'s bit lies in a bitmap of [`PORT_WORDS`] words: the word and the bit's mask.
-pub fn port_bit(port: u16) -> (usize, u64) {
+pub(crate) fn port_bit(port: u16) -> (usize, u64) {
     (usize::from(port / 64), 1 << (port % 64))
 }
 
 /// A pool of free relay ports.
 #[derive(Debug, Clone)]
-pub struct PortPool {
+pub(crate) struct PortPool {
     free: VecDeque<u16>,
     /// Which ports are in `free` (a bit per port, 8 KiB): EVEN-PORT with R looks for an even port whose
     /// partner is free, which a scan of the list for every candidate would make quadratic in the range.
@@ -33,7 +33,7 @@ pub struct PortPool {
 
 impl PortPool {
     /// Builds a pool from `ports`, shuffled with `seed` so relay ports are not predictable.
-    pub fn new(ports: impl IntoIterator<Item = u16>, seed: u64) -> Self {
+    pub(crate) fn new(ports: impl IntoIterator<Item = u16>, seed: u64) -> Self {
         let v: Vec<u16> = ports.into_iter().collect();
         let mut pool =
             Self { free: VecDeque::new(), is_free: vec![0; PORT_WORDS].into_boxed_slice(), rng: XorShift::new(seed) };
@@ -51,12 +51,12 @@ impl PortPool {
     }
 
     /// Number of free ports.
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.free.len()
     }
 
     /// Whether no port is free.
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.free.is_empty()
     }
 
@@ -71,14 +71,14 @@ impl PortPool {
     }
 
     /// Takes any free port.
-    pub fn take(&mut self) -> Option<u16> {
+    pub(crate) fn take(&mut self) -> Option<u16> {
         let port = self.free.pop_front()?;
         self.mark(port, false);
         Some(port)
     }
 
     /// Takes an even port (EVEN-PORT without the R bit). One pass over the list at most.
-    pub fn take_even(&mut self) -> Option<u16> {
+    pub(crate) fn take_even(&mut self) -> Option<u16> {
         let pos = self.free.iter().position(|&p| p % 2 == 0)?;
         let port = self.free.remove(pos)?;
         self.mark(port, false);
@@ -87,7 +87,7 @@ impl PortPool {
 
     /// Takes an even port and `port + 1` (EVEN-PORT's R bit). Two passes over the list at most,
     /// whatever the range.
-    pub fn take_even_pair(&mut self) -> Option<(u16, u16)> {
+    pub(crate) fn take_even_pair(&mut self) -> Option<(u16, u16)> {
         let pos = self.free.iter().position(|&p| p % 2 == 0 && p.checked_add(1).is_some_and(|n| self.contains(n)))?;
         let port = self.free.remove(pos)?;
         self.mark(port, false);
@@ -102,7 +102,7 @@ impl PortPool {
     }
 
     /// Takes a specific port if it is free.
-    pub fn take_specific(&mut self, port: u16) -> bool {
+    pub(crate) fn take_specific(&mut self, port: u16) -> bool {
         if !self.contains(port) {
             return false;
         }
@@ -116,7 +116,7 @@ impl PortPool {
     }
 
     /// Returns a port to the back of the list, so it is reused as late as possible.
-    pub fn give_back(&mut self, port: u16) {
+    pub(crate) fn give_back(&mut self, port: u16) {
         if !self.contains(port) {
             self.mark(port, true);
             self.free.push_back(port);
@@ -130,7 +130,7 @@ impl PortPool {
     /// and an Allocate, which tries a bounded number of ports, would fail with 508 on reaching the run
     /// while most of the range is free. Scattered, a run of busy ports is as rare as in the shuffled
     /// range. The port it displaces moves to the back, which only delays that port's reuse.
-    pub fn set_aside(&mut self, port: u16) {
+    pub(crate) fn set_aside(&mut self, port: u16) {
         if self.contains(port) {
             return;
         }

@@ -20,18 +20,24 @@ use std::net::IpAddr;
 
 /// Spares are handed out only while at least this many are parked (or no fresh port is left): each
 /// Allocate then gets one of at least this many ports, at random.
-pub const MIN_CHOICE: usize = 8;
+pub(crate) const MIN_CHOICE: usize = 8;
 /// At most this many spares per shard...
-pub const MAX_SPARES: usize = 1024;
+pub(crate) const MAX_SPARES: usize = 1024;
 /// ...and at most this share of the shard's ports (one in eight), so spares never crowd out EVEN-PORT
 /// pairs and fresh ports.
-pub const RANGE_SHARE: usize = 8;
+pub(crate) const RANGE_SHARE: usize = 8;
+
+/// How many relay sockets shards holding `ports` relay ports between them keep open as spares at
+/// most (the host budgets file descriptors for them).
+pub fn spares_at_most(ports: u64) -> u64 {
+    ports / RANGE_SHARE as u64
+}
 /// Entries looked at for a spare on the wanted address (several relay addresses of a family).
 const SCAN: usize = 8;
 
 /// A parked relay socket.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Spare {
+pub(crate) struct Spare {
     /// The shard's id for the parked socket (see [`crate::engine::RelaySockets::park`]).
     pub id: u32,
     /// The address it is bound to.
@@ -42,40 +48,35 @@ pub struct Spare {
 
 /// The parked relay sockets of one shard, oldest first.
 #[derive(Debug, Clone)]
-pub struct SparePool {
+pub(crate) struct SparePool {
     spares: VecDeque<Spare>,
     cap: usize,
 }
 
 impl SparePool {
     /// A pool for a shard owning `ports` relay ports.
-    pub fn new(ports: usize) -> Self {
+    pub(crate) fn new(ports: usize) -> Self {
         Self { spares: VecDeque::new(), cap: (ports / RANGE_SHARE).min(MAX_SPARES) }
     }
 
     /// Spares parked now.
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.spares.len()
     }
 
-    /// Whether none is parked.
-    pub fn is_empty(&self) -> bool {
-        self.spares.is_empty()
-    }
-
     /// Whether another socket may be parked.
-    pub fn has_room(&self) -> bool {
+    pub(crate) fn has_room(&self) -> bool {
         self.spares.len() < self.cap
     }
 
     /// Records a parked socket (the caller checked [`SparePool::has_room`]).
-    pub fn put(&mut self, spare: Spare) {
+    pub(crate) fn put(&mut self, spare: Spare) {
         self.spares.push_back(spare);
     }
 
     /// Takes a spare bound to `ip` at random among the older half of the pool, when at least
     /// [`MIN_CHOICE`] are parked or `no_fresh_port`.
-    pub fn take(&mut self, ip: IpAddr, no_fresh_port: bool, rng: &mut XorShift) -> Option<Spare> {
+    pub(crate) fn take(&mut self, ip: IpAddr, no_fresh_port: bool, rng: &mut XorShift) -> Option<Spare> {
         let n = self.spares.len();
         if n == 0 || (n < MIN_CHOICE && !no_fresh_port) {
             return None;

@@ -118,7 +118,7 @@ impl<'a> StunMsg<'a> {
     }
 
     /// Offset of the MESSAGE-INTEGRITY attribute's header, if the message has one.
-    pub fn integrity_offset(&self) -> Option<usize> {
+    pub(crate) fn integrity_offset(&self) -> Option<usize> {
         self.integrity_at
     }
 
@@ -288,7 +288,7 @@ impl<'b> MsgWriter<'b> {
     }
 
     /// [`MsgWriter::add_message_integrity`] with a prepared key.
-    pub fn add_message_integrity_with(&mut self, key: &integrity::HmacKey) {
+    pub(crate) fn add_message_integrity_with(&mut self, key: &integrity::HmacKey) {
         if self.overflow {
             return;
         }
@@ -326,7 +326,7 @@ pub fn verify_message_integrity(msg: &StunMsg<'_>, key: &[u8]) -> bool {
 }
 
 /// [`verify_message_integrity`] with a prepared key.
-pub fn verify_message_integrity_with(msg: &StunMsg<'_>, key: &integrity::HmacKey) -> bool {
+pub(crate) fn verify_message_integrity_with(msg: &StunMsg<'_>, key: &integrity::HmacKey) -> bool {
     let Some(at) = msg.integrity_offset() else {
         return false;
     };

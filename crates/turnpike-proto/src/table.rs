@@ -6,7 +6,7 @@ use std::collections::HashMap;
 
 /// Identifies an allocation slot; the generation rejects stale references to a reused slot.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct AllocId {
+pub(crate) struct AllocId {
     /// Slot index (also the relay socket's index in the shard).
     pub idx: u32,
     /// Generation of the slot when this id was issued.
@@ -21,7 +21,7 @@ struct Slot {
 
 /// Allocation table of one shard.
 #[derive(Debug, Default)]
-pub struct AllocTable {
+pub(crate) struct AllocTable {
     slots: Vec<Slot>,
     free: Vec<u32>,
     by_tuple: HashMap<FiveTuple, AllocId>,
@@ -29,22 +29,17 @@ pub struct AllocTable {
 
 impl AllocTable {
     /// Number of live allocations.
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.by_tuple.len()
     }
 
-    /// Whether there are no allocations.
-    pub fn is_empty(&self) -> bool {
-        self.by_tuple.is_empty()
-    }
-
     /// The slot index the next [`AllocTable::insert`] will use (the shard binds the relay socket there first).
-    pub fn next_index(&self) -> u32 {
+    pub(crate) fn next_index(&self) -> u32 {
         self.free.last().copied().unwrap_or(self.slots.len() as u32)
     }
 
     /// Inserts an allocation at [`AllocTable::next_index`].
-    pub fn insert(&mut self, alloc: Allocation) -> AllocId {
+    pub(crate) fn insert(&mut self, alloc: Allocation) -> AllocId {
         let tuple = alloc.five_tuple;
         let idx = match self.free.pop() {
             Some(idx) => idx,
@@ -61,7 +56,7 @@ impl AllocTable {
     }
 
     /// Removes an allocation, returning it.
-    pub fn remove(&mut self, id: AllocId) -> Option<Allocation> {
+    pub(crate) fn remove(&mut self, id: AllocId) -> Option<Allocation> {
         let slot = self.slots.get_mut(id.idx as usize)?;
         if slot.generation != id.generation {
             return None;
@@ -74,12 +69,12 @@ impl AllocTable {
     }
 
     /// The id of the allocation of a 5-tuple.
-    pub fn find(&self, tuple: &FiveTuple) -> Option<AllocId> {
+    pub(crate) fn find(&self, tuple: &FiveTuple) -> Option<AllocId> {
         self.by_tuple.get(tuple).copied()
     }
 
     /// The allocation with this id, if it is still live.
-    pub fn get(&self, id: AllocId) -> Option<&Allocation> {
+    pub(crate) fn get(&self, id: AllocId) -> Option<&Allocation> {
         let slot = self.slots.get(id.idx as usize)?;
         if slot.generation != id.generation {
             return None;
@@ -88,7 +83,7 @@ impl AllocTable {
     }
 
     /// Mutable access by id.
-    pub fn get_mut(&mut self, id: AllocId) -> Option<&mut Allocation> {
+    pub(crate) fn get_mut(&mut self, id: AllocId) -> Option<&mut Allocation> {
         let slot = self.slots.get_mut(id.idx as usize)?;
         if slot.generation != id.generation {
             return None;
@@ -96,25 +91,18 @@ impl AllocTable {
         slot.alloc.as_mut()
     }
 
-    /// The live allocation in slot `idx` (relay sockets know only their slot).
-    pub fn by_index(&self, idx: u32) -> Option<(AllocId, &Allocation)> {
-        let slot = self.slots.get(idx as usize)?;
-        let alloc = slot.alloc.as_ref()?;
-        Some((AllocId { idx, generation: slot.generation }, alloc))
-    }
-
     /// Mutable access to the live allocation in slot `idx`.
-    pub fn by_index_mut(&mut self, idx: u32) -> Option<&mut Allocation> {
+    pub(crate) fn by_index_mut(&mut self, idx: u32) -> Option<&mut Allocation> {
         self.slots.get_mut(idx as usize)?.alloc.as_mut()
     }
 
     /// Iterates mutably over live allocations (reload).
-    pub fn iter_mut(&mut self) -> impl Iterator<Item = &mut Allocation> {
+    pub(crate) fn iter_mut(&mut self) -> impl Iterator<Item = &mut Allocation> {
         self.slots.iter_mut().filter_map(|s| s.alloc.as_mut())
     }
 
     /// Iterates over live allocations.
-    pub fn iter(&self) -> impl Iterator<Item = (AllocId, &Allocation)> {
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (AllocId, &Allocation)> {
         self.slots
             .iter()
             .enumerate()

@@ -9,11 +9,11 @@ use std::time::{Duration, Instant};
 const SLOTS: usize = 4096;
 
 /// Entries beyond twice the live ones tolerated before [`TimerWheel::sweep_stale`] sweeps.
-pub const SWEEP_SLACK: usize = 4096;
+pub(crate) const SWEEP_SLACK: usize = 4096;
 
 /// Entries one [`TimerWheel::sweep_stale`] call visits, about 0.1 ms of work (a sweep continues over
 /// the following calls).
-pub const SWEEP_STEP: usize = 4096;
+pub(crate) const SWEEP_STEP: usize = 4096;
 
 /// A timer wheel holding `T` items.
 #[derive(Debug)]
@@ -70,14 +70,14 @@ impl<T: Copy> TimerWheel<T> {
     }
 
     /// Drops stale entries (those `keep` rejects) once the wheel holds more than twice the `live`
-    /// entries and twice what the last sweep kept, plus [`SWEEP_SLACK`]; returns how many it dropped.
+    /// entries and twice what the last sweep kept, plus `SWEEP_SLACK` (4096); returns how many it dropped.
     ///
     /// Owners drop entries lazily (a deleted object's entry stays until its deadline), which costs
     /// nothing per delete but would let a remote that creates and deletes objects in a loop grow the
     /// wheel by its whole churn over a lifetime (600 s at 100k deletes/s is 60 M entries). A sweep
-    /// follows at least [`SWEEP_SLACK`] inserts since the last one, so its cost per insert is constant.
+    /// follows at least `SWEEP_SLACK` inserts since the last one, so its cost per insert is constant.
     /// The second bound keeps entries the owner does not count as `live` from causing a sweep at every
-    /// call. One call visits about [`SWEEP_STEP`] entries: a sweep of a large wheel (600,000 entries took
+    /// call. One call visits about `SWEEP_STEP` (4096) entries: a sweep of a large wheel (600,000 entries took
     /// 17 ms in one go) is spread over the calls that follow, which the owner makes once per wake-up.
     pub fn sweep_stale(&mut self, live: usize, mut keep: impl FnMut(&T) -> bool) -> usize {
         let mut at = match self.sweep_at {

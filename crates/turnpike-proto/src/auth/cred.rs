@@ -73,13 +73,8 @@ impl CredentialStore {
         self.users.is_empty() && self.secrets.is_empty()
     }
 
-    /// Whether REST secrets are configured.
-    pub fn has_secrets(&self) -> bool {
-        !self.secrets.is_empty()
-    }
-
     /// Splits a REST username into (expiry, user); `None` if it is not one.
-    pub fn split_rest_username<'u>(&self, username: &'u [u8]) -> Option<(u64, &'u [u8])> {
+    pub(crate) fn split_rest_username<'u>(&self, username: &'u [u8]) -> Option<(u64, &'u [u8])> {
         let (ts, user) = match username.iter().position(|&b| b == self.separator) {
             Some(i) => (&username[..i], &username[i + 1..]),
             None => (username, &username[username.len()..]),
@@ -92,7 +87,7 @@ impl CredentialStore {
     }
 
     /// The name counted against the user quota: the user part of a REST username, else the whole name.
-    pub fn quota_user<'u>(&self, username: &'u [u8]) -> &'u [u8] {
+    pub(crate) fn quota_user<'u>(&self, username: &'u [u8]) -> &'u [u8] {
         if self.users.contains_key(username) || self.secrets.is_empty() {
             return username;
         }
@@ -120,7 +115,13 @@ impl CredentialStore {
     /// [`CredentialStore::verify`] for a username whose key `known` this store derived before (the key
     /// its allocation was created with; the caller makes sure the store has not changed since): the
     /// REST expiry is checked again, the key is not derived again.
-    pub fn verify_known(&self, msg: &StunMsg<'_>, username: &[u8], now_unix: u64, known: &LongTermKey) -> Verdict {
+    pub(crate) fn verify_known(
+        &self,
+        msg: &StunMsg<'_>,
+        username: &[u8],
+        now_unix: u64,
+        known: &LongTermKey,
+    ) -> Verdict {
         if !self.users.contains_key(username)
             && let Some(refused) = self.refuse_rest(username, now_unix)
         {

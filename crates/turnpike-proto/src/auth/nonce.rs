@@ -5,7 +5,7 @@ use crate::integrity::HmacKey;
 use std::net::IpAddr;
 
 /// Length of a nonce: 16 hex digits of expiry + 16 hex digits of MAC.
-pub const NONCE_LEN: usize = 32;
+pub(crate) const NONCE_LEN: usize = 32;
 
 /// The secret that signs nonces; random per process (nonces die with a restart and clients get 438).
 #[derive(Clone)]

@@ -94,12 +94,13 @@ impl Engine {
     }
 
     /// Timer entries pending, stale ones included.
-    pub fn pending_timers(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn pending_timers(&self) -> usize {
         self.wheel.len()
     }
 
     /// Drops the timer entries of deleted allocations, permissions and channels, and allocation entries
-    /// superseded by an earlier deadline, once they outnumber the live ones ([`TimerWheel::sweep_stale`]).
+    /// superseded by an earlier deadline, once they outnumber the live ones ([`crate::timer::TimerWheel::sweep_stale`]).
     pub(super) fn sweep_stale_timers(&mut self) {
         // Live reservations are not counted; sweep_stale's second bound keeps them from sweeping often.
         let live = self.table.len() + (self.live_permissions + self.live_channels) as usize;

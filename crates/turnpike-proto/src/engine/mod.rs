@@ -46,7 +46,7 @@ pub const HEADROOM: usize = 64;
 /// Largest payload a [`PacketBuf`] receives.
 pub const MAX_PAYLOAD: usize = 65_536;
 /// Bytes kept free after the payload for padding.
-pub const TAILROOM: usize = 16;
+pub(crate) const TAILROOM: usize = 16;
 /// Size of the response buffer; every response the engine writes fits.
 const OUT_LEN: usize = 1_500;
 /// One receive buffer with headroom and tailroom, so relay headers are written in place.
@@ -161,7 +161,7 @@ pub trait RelaySockets {
     /// Closes the relay socket `key`.
     fn close(&mut self, key: RelayKey);
     /// Takes the relay socket `key` out of service but keeps it open, bound and drained, for a later
-    /// allocation (see [`crate::spares`]). Returns its id among the parked sockets, or `None` when it
+    /// allocation (the `spares` module: ports of deleted allocations reused without a new bind). Returns its id among the parked sockets, or `None` when it
     /// was closed instead (the default: an implementation that does not park).
     fn park(&mut self, key: RelayKey) -> Option<u32> {
         self.close(key);
@@ -364,18 +364,31 @@ impl Engine {
         &self.settings
     }
 
-    /// The allocation table (read-only, for stats and tests).
-    pub fn table(&self) -> &AllocTable {
+    /// The allocation table (read-only, for tests).
+    #[cfg(test)]
+    pub(crate) fn table(&self) -> &AllocTable {
         &self.table
     }
 
+    /// Whether `tuple` has an allocation on this shard.
+    pub fn has_allocation(&self, tuple: &FiveTuple) -> bool {
+        self.table.find(tuple).is_some()
+    }
+
+    /// How many allocations this shard holds.
+    pub fn allocation_count(&self) -> usize {
+        self.table.len()
+    }
+
     /// Free relay ports left on this shard.
-    pub fn free_ports(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn free_ports(&self) -> usize {
         self.ports.len()
     }
 
     /// Relay sockets of deleted allocations kept open for the next ones (their ports are not free).
-    pub fn spare_sockets(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn spare_sockets(&self) -> usize {
         self.spares.len()
     }
 

@@ -38,7 +38,7 @@ impl IpRange {
     }
 
     /// A CIDR block.
-    pub fn cidr(base: IpAddr, prefix: u8) -> Option<Self> {
+    pub(crate) fn cidr(base: IpAddr, prefix: u8) -> Option<Self> {
         match base {
             IpAddr::V4(b) if prefix <= 32 => {
                 let mask = if prefix == 0 { 0 } else { u32::MAX << (32 - prefix) };
@@ -240,14 +240,9 @@ impl PeerPolicy {
         Self { defaults, allowed, denied, no_multicast }
     }
 
-    /// A policy that permits every unicast address (tests and fuzzing only).
-    pub fn allow_all() -> Self {
-        Self::default()
-    }
-
     /// Whether `ip` (however spelled) lies in a range of `allowed` that no narrower `denied` range
     /// takes back: the operator named it on purpose.
-    pub fn explicitly_allows(&self, ip: IpAddr) -> bool {
+    pub(crate) fn explicitly_allows(&self, ip: IpAddr) -> bool {
         let ip = canonical(ip);
         let narrowest = |list: &[IpRange]| list.iter().filter(|r| r.contains(ip)).map(IpRange::width).min();
         match (narrowest(&self.allowed), narrowest(&self.denied)) {

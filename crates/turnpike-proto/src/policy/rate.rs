@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 /// A token bucket over bytes (or requests): `rate` per second, holding at most `capacity`.
 #[derive(Clone, Copy, Debug)]
-pub struct TokenBucket {
+pub(crate) struct TokenBucket {
     rate: u64,
     capacity: u64,
     tokens: u64,
@@ -14,13 +14,13 @@ pub struct TokenBucket {
 
 impl TokenBucket {
     /// A full bucket.
-    pub fn new(rate: u64, capacity: u64, now: Instant) -> Self {
+    pub(crate) fn new(rate: u64, capacity: u64, now: Instant) -> Self {
         Self { rate, capacity, tokens: capacity, last: now }
     }
 
     /// A bucket for a bandwidth limit of `bytes_per_sec`: bursts of 1/8 s, at least 16 KiB (a video
     /// key frame must not be cut up).
-    pub fn for_bandwidth(bytes_per_sec: u64, now: Instant) -> Self {
+    pub(crate) fn for_bandwidth(bytes_per_sec: u64, now: Instant) -> Self {
         Self::new(bytes_per_sec, (bytes_per_sec / 8).max(16 * 1024), now)
     }
 
@@ -39,7 +39,7 @@ impl TokenBucket {
     }
 
     /// Takes `n` tokens if available.
-    pub fn take(&mut self, n: u64, now: Instant) -> bool {
+    pub(crate) fn take(&mut self, n: u64, now: Instant) -> bool {
         self.refill(now);
         if self.tokens >= n {
             self.tokens -= n;
