@@ -52,7 +52,10 @@ echo "==> cargo doc"
 # Private items too: the host is read as a program, and its overview links its internal modules.
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --document-private-items --locked --quiet
 echo "==> cargo test"
-cargo test --locked
+cargo test --workspace --locked
+# The core's criterion benchmarks, each run once as a test (they check what they measure).
+echo "==> microbenchmarks as tests"
+cargo test -p turnpike-proto --benches --locked --quiet
 # The load generator against turnpike, briefly: correctness only (loss, errors), no timing.
 echo "==> load generator smoke test"
 bash scripts/ci/bench-smoke.sh
