@@ -356,37 +356,26 @@ impl SendQueue {
             iov: &iov[j..j + 1],
             segment: 0,
         });
-        let mut m = 0;
-        while m < n_ready {
-            done.syscalls += 1;
-            match sys::send_batch(raw_fd, &msgs[m..n_ready]) {
-                Ok(0) => {
+        send_messages(
+            raw_fd,
+            &msgs[..n_ready],
+            done,
+            |_| 1,
+            |_, done| {
+                done.sent += 1;
+                done.raw += 1;
+            },
+            |m, e, done| {
+                if e.raw_os_error() == Some(libc::EMSGSIZE) {
+                    // Larger than the route's MTU: a raw socket does not fragment, its own socket does.
+                    self.send_own(ready[m], socket, done);
+                } else {
+                    log::trace!("raw send to {} failed: {e}", self.pending[usize::from(ready[m])].to);
                     done.failed += 1;
-                    m += 1;
                 }
-                Ok(k) => {
-                    done.sent += k as u64;
-                    done.raw += k as u64;
-                    m += k;
-                }
-                Err(e) => match e.raw_os_error().unwrap_or(0) {
-                    libc::EINTR => {}
-                    libc::EAGAIN => {
-                        done.would_block += (n_ready - m) as u64;
-                        m = n_ready;
-                    }
-                    libc::EMSGSIZE => {
-                        self.send_own(ready[m], socket, done);
-                        m += 1;
-                    }
-                    _ => {
-                        log::trace!("raw send to {} failed: {e}", self.pending[usize::from(ready[m])].to);
-                        done.failed += 1;
-                        m += 1;
-                    }
-                },
-            }
-        }
+                AfterError::Next
+            },
+        );
     }
 
     /// Sends one datagram (queue index `i`) with a plain `sendto`.
@@ -442,54 +431,91 @@ impl SendQueue {
                     segment: span.segment,
                 }
             });
-            let mut restart = None;
-            let mut m = 0;
-            while m < n_msgs {
-                done.syscalls += 1;
-                match sys::send_batch(fd, &msgs[m..n_msgs]) {
-                    Ok(0) => {
+            let stopped = send_messages(
+                fd,
+                &msgs[..n_msgs],
+                done,
+                |j| spans[j].count as u64,
+                |j, done| {
+                    done.sent += spans[j].count as u64;
+                    if spans[j].segment > 0 {
+                        done.segmented += spans[j].count as u64;
+                    }
+                },
+                |m, e, done| match e.raw_os_error() {
+                    Some(code @ (libc::EIO | libc::ENOPROTOOPT | libc::EOPNOTSUPP | libc::EINVAL))
+                        if spans[m].segment > 0 =>
+                    {
+                        // EINVAL: this route cannot take it (a segment above the path MTU): this group
+                        // goes one by one. The others: the kernel or device cannot segment.
+                        if code != libc::EINVAL {
+                            log::info!("UDP segmentation offload unavailable ({e}); sending datagrams one by one");
+                            *gso = false;
+                        }
+                        use_gso = false;
+                        AfterError::Stop
+                    }
+                    _ => {
+                        log::trace!("send to {} failed: {e}", pending[usize::from(order[spans[m].start])].to);
                         done.failed += spans[m].count as u64;
-                        m += 1;
+                        AfterError::Next
                     }
-                    Ok(k) => {
-                        for span in &spans[m..m + k] {
-                            done.sent += span.count as u64;
-                            if span.segment > 0 {
-                                done.segmented += span.count as u64;
-                            }
-                        }
-                        m += k;
-                    }
-                    Err(e) => match e.raw_os_error().unwrap_or(0) {
-                        libc::EINTR => {}
-                        libc::EAGAIN => {
-                            done.would_block += spans[m..n_msgs].iter().map(|s| s.count as u64).sum::<u64>();
-                            m = n_msgs;
-                        }
-                        code @ (libc::EIO | libc::ENOPROTOOPT | libc::EOPNOTSUPP | libc::EINVAL)
-                            if spans[m].segment > 0 =>
-                        {
-                            // EINVAL: this route cannot take it (a segment above the path MTU): this
-                            // group goes one by one. The others: the kernel or device cannot segment.
-                            if code != libc::EINVAL {
-                                log::info!("UDP segmentation offload unavailable ({e}); sending datagrams one by one");
-                                *gso = false;
-                            }
-                            use_gso = false;
-                            restart = Some(spans[m].start);
-                            break;
-                        }
-                        _ => {
-                            log::trace!("send to {} failed: {e}", pending[usize::from(order[spans[m].start])].to);
-                            done.failed += spans[m].count as u64;
-                            m += 1;
-                        }
-                    },
-                }
-            }
-            pos = restart.unwrap_or(group.end);
+                },
+            );
+            pos = stopped.map_or(group.end, |m| spans[m].start);
         }
     }
+}
+
+/// What to do with the message at the head of a failed `sendmmsg` (see [`send_messages`]).
+enum AfterError {
+    /// Go on with the next message: this one was handled or counted.
+    Next,
+    /// Stop here: the caller sends from this message on another way.
+    Stop,
+}
+
+/// Sends `msgs` in as few `sendmmsg` calls as the kernel allows: the one place that reads their
+/// results. `weight(j)` is how many datagrams message `j` carries (a segmented message, several);
+/// `sent(j)` hears of each message that left. A failed call is repeated on EINTR; on EAGAIN (the
+/// socket buffer is full) every message left counts as would-block; on another error its head message
+/// goes to `failed`. Returns where it stopped when `failed` said [`AfterError::Stop`].
+fn send_messages(
+    fd: BorrowedFd<'_>,
+    msgs: &[Outgoing<'_>],
+    done: &mut Flushed,
+    weight: impl Fn(usize) -> u64,
+    mut sent: impl FnMut(usize, &mut Flushed),
+    mut failed: impl FnMut(usize, &std::io::Error, &mut Flushed) -> AfterError,
+) -> Option<usize> {
+    let mut m = 0;
+    while m < msgs.len() {
+        done.syscalls += 1;
+        match sys::send_batch(fd, &msgs[m..]) {
+            Ok(0) => {
+                done.failed += weight(m);
+                m += 1;
+            }
+            Ok(k) => {
+                for j in m..m + k {
+                    sent(j, done);
+                }
+                m += k;
+            }
+            Err(e) => match e.raw_os_error() {
+                Some(libc::EINTR) => {}
+                Some(libc::EAGAIN) => {
+                    done.would_block += (m..msgs.len()).map(&weight).sum::<u64>();
+                    return None;
+                }
+                _ => match failed(m, &e, done) {
+                    AfterError::Next => m += 1,
+                    AfterError::Stop => return Some(m),
+                },
+            },
+        }
+    }
+    None
 }
 
 /// Whether `to` is an IPv4 address spelled as IPv6 (`::ffff:a.b.c.d`): no IPv6 packet may carry it, so
