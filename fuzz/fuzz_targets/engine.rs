@@ -14,7 +14,6 @@ use turnpike_proto::auth::{CredentialStore, NonceKey};
 use turnpike_proto::cluster::LocalCluster;
 use turnpike_proto::engine::{BindError, RelaySockets};
 use turnpike_proto::integrity::{long_term_key, rest_password};
-use turnpike_proto::policy::PeerPolicy;
 use turnpike_proto::stats::EngineCounters;
 use turnpike_proto::{
     Action, Class, Cluster, Engine, Method, MsgWriter, PacketBuf, RelayAddr, Settings, StunMsg, TransactionId,
@@ -45,26 +44,11 @@ fn setup() -> &'static (Arc<Settings>, Vec<u16>) {
         credentials.add_user("u", "p");
         let relay = RelayAddr { bind: IpAddr::from([127, 0, 0, 1]), advertised: IpAddr::from([127, 0, 0, 1]) };
         let settings = Settings {
-            credentials,
-            nonce_key: NonceKey::new([9; 32]),
-            nonce_lifetime: Duration::from_secs(600),
-            default_lifetime: Duration::from_secs(600),
-            max_lifetime: Duration::from_secs(3600),
             max_permissions: 4,
             max_channels: 4,
-            peer_policy: PeerPolicy::new(vec![], vec![], true, false),
             user_quota: 3,
-            total_quota: 0,
-            user_reservations: 2,
-            max_bps: 0,
-            shard_total_bps: 0,
-            unauth_rate: 20,
-            unauth_burst: 40,
-            software: None,
-            reason_phrases: false,
             legacy_channel_numbers: true,
-            relay_v4: vec![relay],
-            relay_v6: vec![],
+            ..Settings::new(credentials, NonceKey::new([9; 32]), vec![relay], vec![])
         };
         (Arc::new(settings), (50_000..=50_007).collect())
     })

@@ -261,25 +261,23 @@ pub fn detect_format(path: &Path, text: &str) -> Format {
 
 /// Reads and validates a configuration file.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+    parse(path, &read_text(path)?)
+}
+
+/// The text of a configuration file, or an error naming it.
+fn read_text(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|e| ConfigError {
         file: path.to_path_buf(),
         line: None,
         option: String::new(),
         message: format!("cannot read: {e}"),
-    })?;
-    parse(path, &text)
+    })
 }
 
 /// Reads a file of either format into the file model, unvalidated, with the parser's warnings
 /// (`config convert`).
 pub fn read_model(path: &Path) -> Result<(FileConfig, Vec<String>), ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-        file: path.to_path_buf(),
-        line: None,
-        option: String::new(),
-        message: format!("cannot read: {e}"),
-    })?;
-    let (model, warnings, _) = read(path, &text)?;
+    let (model, warnings, _) = read(path, &read_text(path)?)?;
     Ok((model, warnings))
 }
 

@@ -15,7 +15,6 @@ use turnpike_proto::auth::{CredentialStore, NonceKey};
 use turnpike_proto::cluster::LocalCluster;
 use turnpike_proto::engine::{BindError, RelaySockets};
 use turnpike_proto::integrity::{LongTermKey, long_term_key, rest_password};
-use turnpike_proto::policy::PeerPolicy;
 use turnpike_proto::stats::EngineCounters;
 use turnpike_proto::{
     Action, Class, Cluster, Engine, Method, MsgWriter, PacketBuf, RelayAddr, Settings, StunMsg, TransactionId,
@@ -41,27 +40,11 @@ fn engine(t0: Instant) -> Engine {
     let mut credentials = CredentialStore::new("bench", b':');
     credentials.add_secret("s");
     let relay = RelayAddr { bind: IpAddr::from([127, 0, 0, 1]), advertised: IpAddr::from([192, 0, 2, 1]) };
+    // No budget for unauthenticated answers: the benchmark's client challenges once from one address.
     let settings = Settings {
-        credentials,
-        nonce_key: NonceKey::new([9; 32]),
-        nonce_lifetime: Duration::from_secs(600),
-        default_lifetime: Duration::from_secs(600),
-        max_lifetime: Duration::from_secs(3600),
-        max_permissions: 10,
-        max_channels: 10,
-        peer_policy: PeerPolicy::new(vec![], vec![], true, false),
-        user_quota: 0,
-        total_quota: 0,
-        user_reservations: 0,
-        max_bps: 0,
-        shard_total_bps: 0,
         unauth_rate: 0,
         unauth_burst: 0,
-        software: None,
-        reason_phrases: false,
-        legacy_channel_numbers: false,
-        relay_v4: vec![relay],
-        relay_v6: vec![],
+        ..Settings::new(credentials, NonceKey::new([9; 32]), vec![relay], vec![])
     };
     let cluster = Arc::new(LocalCluster::new([(relay.bind, relay.advertised)], []));
     Engine::new(

@@ -145,6 +145,43 @@ pub struct Settings {
     pub relay_v6: Vec<RelayAddr>,
 }
 
+impl Settings {
+    /// Settings for `credentials`, relaying from `relay_v4` and `relay_v6`, everything else at
+    /// turnpike's defaults: nonces and allocations of 10 minutes (at most an hour on request), 64
+    /// permissions and 64 channels per allocation, the default peer policy (private, loopback and
+    /// reserved peers refused), 20 unauthenticated answers per second per source (bursts of 40), two
+    /// EVEN-PORT reservations per user, no quotas, no bandwidth limits, RFC 8656 channel numbers.
+    pub fn new(
+        credentials: CredentialStore,
+        nonce_key: NonceKey,
+        relay_v4: Vec<RelayAddr>,
+        relay_v6: Vec<RelayAddr>,
+    ) -> Self {
+        Self {
+            credentials,
+            nonce_key,
+            nonce_lifetime: Duration::from_secs(600),
+            default_lifetime: Duration::from_secs(600),
+            max_lifetime: Duration::from_secs(3600),
+            max_permissions: 64,
+            max_channels: 64,
+            peer_policy: PeerPolicy::new(Vec::new(), Vec::new(), true, false),
+            user_quota: 0,
+            total_quota: 0,
+            user_reservations: 2,
+            max_bps: 0,
+            shard_total_bps: 0,
+            unauth_rate: 20,
+            unauth_burst: 40,
+            software: None,
+            reason_phrases: false,
+            legacy_channel_numbers: false,
+            relay_v4,
+            relay_v6,
+        }
+    }
+}
+
 /// Why a relay socket could not be opened.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BindError {

@@ -95,26 +95,13 @@ fn settings() -> Settings {
     credentials.add_user("bob", "builder");
     let relay = RelayAddr { bind: "127.0.0.1".parse().unwrap(), advertised: "203.0.113.9".parse().unwrap() };
     Settings {
-        credentials,
-        nonce_key: NonceKey::new([3; 32]),
-        nonce_lifetime: Duration::from_secs(600),
-        default_lifetime: Duration::from_secs(600),
-        max_lifetime: Duration::from_secs(3600),
         max_permissions: 4,
         max_channels: 4,
-        peer_policy: PeerPolicy::new(vec![], vec![], true, false),
         user_quota: 2,
         total_quota: 100,
-        max_bps: 0,
-        shard_total_bps: 0,
         unauth_rate: 0,
         unauth_burst: 0,
-        software: None,
-        reason_phrases: false,
-        legacy_channel_numbers: false,
-        relay_v4: vec![relay],
-        relay_v6: vec![],
-        user_reservations: 2,
+        ..Settings::new(credentials, NonceKey::new([3; 32]), vec![relay], vec![])
     }
 }
 
