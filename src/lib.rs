@@ -29,8 +29,9 @@
 //! * **client -> peer**: ChannelData is looked up by 5-tuple and channel number, the permission checked,
 //!   and its payload queued to leave from the allocation's relay socket exactly where it was received;
 //!   Send indications are parsed without allocating and queued the same way.
-//! * **peer -> client**: the relay socket's token names the allocation slot; the permission for the
-//!   peer is checked and a ChannelData or Data indication header written into the headroom.
+//! * **peer -> client**: the relay socket's token names its [`proto::allocation::RelayKey`] (the
+//!   allocation's slot and which of its relayed addresses); the permission for the peer is checked
+//!   and a ChannelData or Data indication header written into the headroom.
 //!
 //! Queued datagrams leave at the end of the wake-up ([`shard::send`]): one `sendmmsg` per socket, UDP
 //! GSO for runs to one destination, and the lone datagrams of many allocations together through one

@@ -142,7 +142,10 @@ fn explain(f: &Failure, what: &str, addr: SocketAddr, transport: UriTransport) -
             Some(486) => format!("{what}: 486: the user or total allocation quota is reached"),
             Some(508) => format!("{what}: 508: the server has no free relay ports"),
             Some(c) => format!("{what}: error {c}"),
-            None => format!("{what}: success without XOR-RELAYED-ADDRESS"),
+            None if answer.class() == crate::proto::Class::Success => {
+                format!("{what}: success without XOR-RELAYED-ADDRESS")
+            }
+            None => format!("{what}: an error response without a readable ERROR-CODE"),
         },
     }
 }

@@ -598,3 +598,26 @@ pub fn start(cfg: &Config) -> io::Result<ServerHandle> {
         stop,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The core's `Settings::new` (what tests, fuzzing and benchmarks start from) keeps the
+    /// configuration's defaults.
+    #[test]
+    fn the_cores_default_settings_are_the_configurations() {
+        let yaml = "listen: {ips: [127.0.0.1]}\nrelay: {ips: [127.0.0.1]}\nauth: {realm: r, shared_secrets: [s]}\n";
+        let cfg = crate::config::parse(std::path::Path::new("<test>.yaml"), yaml).unwrap();
+        let configured = settings(&cfg, relay_plan(&cfg).unwrap(), NonceKey::new([1; 32]));
+        let core = Settings::new(cfg.credential_store(), NonceKey::new([1; 32]), Vec::new(), Vec::new());
+        let defaults = |s: &Settings| {
+            (
+                (s.nonce_lifetime, s.default_lifetime, s.max_lifetime, s.max_permissions, s.max_channels),
+                (s.user_quota, s.total_quota, s.user_reservations, s.max_bps, s.shard_total_bps),
+                (s.unauth_rate, s.unauth_burst, s.software.clone(), s.reason_phrases, s.legacy_channel_numbers),
+            )
+        };
+        assert_eq!(defaults(&configured), defaults(&core));
+    }
+}

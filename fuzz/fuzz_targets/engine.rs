@@ -47,7 +47,6 @@ fn setup() -> &'static (Arc<Settings>, Vec<u16>) {
             max_permissions: 4,
             max_channels: 4,
             user_quota: 3,
-            legacy_channel_numbers: true,
             ..Settings::new(credentials, NonceKey::new([9; 32]), vec![relay], vec![])
         };
         (Arc::new(settings), (50_000..=50_007).collect())

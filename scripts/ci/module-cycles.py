@@ -3,7 +3,7 @@
 
 A module is a file or directory directly under a crate's `src/` (`src/shard/` and `src/shard/*.rs` are
 the module `shard`). An edge A -> B is any `crate::B` path in A's code (its `use` lines and paths in
-code), and `super::B` in a file directly under `src/`. Test code (below `#[cfg(test)]` and under a
+code), and `super::B` in a file directly under `src/`. Test code (items marked `#[cfg(test)]` and files under a
 `tests` directory) is left out. Exits 1 when a cycle exists, printing each strongly connected group.
 """
 
@@ -22,12 +22,27 @@ def module_of(src, path):
 
 
 def code_lines(path):
+    """The file's lines without comments and without the items marked #[cfg(test)] (the attribute,
+    further attributes, and the item up to its `;` or the brace that closes its block)."""
     out = []
+    skipping = False
+    depth = 0
+    opened = False
     with open(path) as f:
         for line in f:
-            if re.match(r"\s*#\[cfg\(test\)\]", line):
-                break
-            if line.lstrip().startswith("//"):
+            stripped = line.strip()
+            if not skipping and re.match(r"#\[cfg\(test\)\]", stripped):
+                skipping, depth, opened = True, 0, False
+                continue
+            if stripped.startswith("//"):
+                continue
+            if skipping:
+                if not opened and stripped.startswith("#["):
+                    continue
+                depth += line.count("{") - line.count("}")
+                opened = opened or "{" in line
+                if (opened and depth <= 0) or (not opened and stripped.endswith(";")):
+                    skipping = False
                 continue
             out.append(line)
     return out

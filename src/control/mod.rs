@@ -10,7 +10,7 @@ use crate::stats::{ShardStats, Totals};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
-use turnpike_proto::stats::{TO_CLIENT, TO_PEER};
+use turnpike_proto::stats::{STALE_NONCE, TO_CLIENT, TO_PEER};
 
 /// How often the summary line is logged.
 const SUMMARY_EVERY: Duration = Duration::from_secs(60);
@@ -43,7 +43,10 @@ pub fn run(stats: &[Arc<ShardStats>], shared: &Shared, stop: &AtomicBool) {
         let now = Totals::sum(stats);
         let secs = since_summary.as_secs().max(1);
         let (e, l) = (&now.engine, &last.engine);
-        let failures = |t: &turnpike_proto::stats::EngineTotals| t.auth_failures.iter().sum::<u64>();
+        // Stale nonces are how clients learn a new nonce, not failures (as before the counters! tables).
+        let failures = |t: &turnpike_proto::stats::EngineTotals| {
+            t.auth_failures.iter().enumerate().filter(|&(i, _)| i != STALE_NONCE).map(|(_, n)| n).sum::<u64>()
+        };
         log::info!(
             "summary: {} allocations ({} quota units), {} permissions, {} channels; {} pkt/s to peers, {} pkt/s to clients; {} auth failures, {} dropped in the last {}s",
             e.allocations(),

@@ -181,3 +181,93 @@ impl<T: Transport> Client<T> {
         self.recv_data(now() + self.timeout)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::session::Credentials;
+    use std::collections::VecDeque;
+    use turnpike_proto::{ErrorCode, StunMsg};
+
+    /// A server in a closure: each message sent may get an answer, read back at once; nothing else
+    /// arrives (a receive with an empty inbox is a timeout).
+    struct Scripted<F> {
+        sent: Vec<Vec<u8>>,
+        inbox: VecDeque<Vec<u8>>,
+        server: F,
+    }
+
+    impl<F: FnMut(usize, &StunMsg<'_>) -> Option<Vec<u8>>> Transport for Scripted<F> {
+        fn send(&mut self, bytes: &[u8]) -> io::Result<()> {
+            let msg = StunMsg::parse(bytes).map_err(|e| io::Error::other(e.to_string()))?;
+            if let Some(answer) = (self.server)(self.sent.len(), &msg) {
+                self.inbox.push_back(answer);
+            }
+            self.sent.push(bytes.to_vec());
+            Ok(())
+        }
+        fn recv(&mut self, _: Instant) -> io::Result<Option<Vec<u8>>> {
+            Ok(self.inbox.pop_front())
+        }
+        fn is_datagram(&self) -> bool {
+            true
+        }
+    }
+
+    fn answer(to: &StunMsg<'_>, class: Class, body: impl FnOnce(&mut MsgWriter<'_>)) -> Vec<u8> {
+        let mut buf = vec![0u8; 512];
+        let mut w = MsgWriter::new(&mut buf, to.method(), class, to.transaction_id());
+        body(&mut w);
+        let n = w.finish().unwrap();
+        buf.truncate(n);
+        buf
+    }
+
+    #[test]
+    fn a_lost_answer_is_sent_again_and_a_challenge_and_a_stale_nonce_are_answered() {
+        let relayed: SocketAddr = "192.0.2.7:50000".parse().unwrap();
+        let server = |n: usize, msg: &StunMsg<'_>| match n {
+            0 => None,
+            1 => Some(answer(msg, Class::Error, |w| {
+                w.add_error(ErrorCode::Unauthorized, true);
+                w.add_bytes(AttrType::REALM, b"r");
+                w.add_bytes(AttrType::NONCE, b"n1");
+            })),
+            2 => Some(answer(msg, Class::Error, |w| {
+                w.add_error(ErrorCode::StaleNonce, true);
+                w.add_bytes(AttrType::NONCE, b"n2");
+            })),
+            _ => Some(answer(msg, Class::Success, |w| w.add_xor_addr(AttrType::XOR_RELAYED_ADDRESS, relayed))),
+        };
+        let transport = Scripted { sent: Vec::new(), inbox: VecDeque::new(), server };
+        let session = Session::new(Credentials::user("alice", b"pw"), 9);
+        let mut client = Client::new(transport, session, Duration::from_millis(60));
+        assert_eq!(client.allocate(false).unwrap(), relayed);
+        let sent = &client.transport.sent;
+        assert_eq!(sent.len(), 4);
+        assert_eq!(sent[0], sent[1], "the retransmission is the same request");
+        let nonce = |b: &[u8]| StunMsg::parse(b).unwrap().attr(AttrType::NONCE).map(<[u8]>::to_vec);
+        assert_eq!(
+            (nonce(&sent[1]), nonce(&sent[2]), nonce(&sent[3])),
+            (None, Some(b"n1".to_vec()), Some(b"n2".to_vec()))
+        );
+    }
+
+    #[test]
+    fn silence_is_no_answer_after_three_sends_and_a_refusal_is_its_code() {
+        let silent = Scripted { sent: Vec::new(), inbox: VecDeque::new(), server: |_: usize, _: &StunMsg<'_>| None };
+        let mut client = Client::new(silent, Session::new(Credentials::user("u", b"p"), 1), Duration::from_millis(30));
+        assert!(matches!(client.refresh(0), Err(Failure::NoAnswer)));
+        assert_eq!(client.transport.sent.len(), 3);
+        let refusing = Scripted {
+            sent: Vec::new(),
+            inbox: VecDeque::new(),
+            server: |_: usize, msg: &StunMsg<'_>| {
+                Some(answer(msg, Class::Error, |w| w.add_error(ErrorCode::AllocationQuotaReached, true)))
+            },
+        };
+        let mut client =
+            Client::new(refusing, Session::new(Credentials::user("u", b"p"), 1), Duration::from_millis(30));
+        assert_eq!(client.allocate(false).unwrap_err().code(), Some(486));
+    }
+}

@@ -118,14 +118,6 @@ impl<'a> Incoming<'a> {
         }
         Some(Self::Stun(m))
     }
-
-    /// The relayed application data, when this is ChannelData or a Data indication.
-    pub fn payload(&self) -> Option<&'a [u8]> {
-        match self {
-            Self::Channel { payload, .. } | Self::Data { payload, .. } => Some(payload),
-            Self::Stun(_) => None,
-        }
-    }
 }
 
 /// A ChannelData message carrying `payload` on channel `number`, padded to a multiple of four when

@@ -54,6 +54,8 @@ pub struct Session {
     tid_prefix: u32,
     tid_count: u64,
     fingerprint: bool,
+    /// Where messages are written before they are copied out at their length.
+    scratch: Vec<u8>,
 }
 
 /// What to do after an answer (see [`Session::learn`]).
@@ -77,6 +79,7 @@ impl Session {
             tid_prefix,
             tid_count: 0,
             fingerprint: true,
+            scratch: Vec::new(),
         }
     }
 
@@ -147,8 +150,8 @@ impl Session {
         body: impl FnOnce(&mut MsgWriter<'_>),
     ) -> Vec<u8> {
         let tid = self.next_transaction_id();
-        let mut buf = vec![0u8; MAX_MESSAGE];
-        let mut w = MsgWriter::new(&mut buf, method, class, tid);
+        self.scratch.resize(MAX_MESSAGE, 0);
+        let mut w = MsgWriter::new(&mut self.scratch, method, class, tid);
         body(&mut w);
         if signed {
             w.add_long_term_credentials(self.credentials.username.as_bytes(), &self.realm, &self.nonce, &self.key);
@@ -158,8 +161,7 @@ impl Session {
         }
         // Only a body larger than MAX_MESSAGE leaves no space: an empty message says so to the peer.
         let n = w.finish().unwrap_or(0);
-        buf.truncate(n);
-        buf
+        self.scratch[..n].to_vec()
     }
 
     /// A request, signed once a nonce is known.
@@ -178,23 +180,25 @@ impl Session {
 
     /// Learns from the answer to a request sent `signed` or not: a 401 to an unsigned request, or a
     /// 438 (stale nonce), bring the realm and nonce to sign with, and the request is worth sending
-    /// again. A 401 to a signed request means wrong credentials: [`Next::Done`].
+    /// again. A 401 to a signed request means wrong credentials, and a challenge without a realm
+    /// (none known before) cannot be answered: [`Next::Done`].
     pub fn learn(&mut self, answer: &Answer, signed: bool) -> Next {
         let retry = match answer.code() {
             Some(401) => !signed,
             Some(438) => true,
             _ => false,
         };
-        match (retry, answer.attr(AttrType::REALM), answer.attr(AttrType::NONCE)) {
-            (true, realm, Some(nonce)) => {
-                if let Some(realm) = realm.filter(|r| *r != self.realm.as_slice()) {
-                    self.set_realm(realm);
-                }
-                self.nonce = nonce.to_vec();
-                Next::Retry
-            }
-            _ => Next::Done,
+        let (Some(nonce), true) = (answer.attr(AttrType::NONCE), retry) else {
+            return Next::Done;
+        };
+        match answer.attr(AttrType::REALM) {
+            Some(realm) if realm != self.realm.as_slice() => self.set_realm(realm),
+            Some(_) => {}
+            None if self.realm.is_empty() => return Next::Done,
+            None => {}
         }
+        self.nonce = nonce.to_vec();
+        Next::Retry
     }
 }
 
@@ -259,6 +263,12 @@ mod tests {
             Next::Done,
             "438 without a nonce teaches nothing"
         );
+        // A 438 may leave the realm out: the one known stays.
+        assert_eq!(s.learn(&error(ErrorCode::StaleNonce, None, Some(b"n4")), true), Next::Retry);
+        assert_eq!((s.realm(), s.nonce()), (&b"example.org"[..], &b"n4"[..]));
+        let mut fresh = Session::new(Credentials::user("u", b"p"), 1);
+        let challenge = error(ErrorCode::Unauthorized, None, Some(b"n"));
+        assert_eq!(fresh.learn(&challenge, false), Next::Done, "no realm to sign in");
     }
 
     #[test]

@@ -57,13 +57,15 @@ pub struct Udp {
     pub server: SocketAddr,
     /// Whether the socket is connected to the server.
     connected: bool,
+    /// Where datagrams are received before they are copied out at their length.
+    buf: Vec<u8>,
 }
 
 impl Udp {
     /// A socket bound to `local` (port 0: any) sending to `server`, receiving from anyone (tests see
     /// what else reaches the client's address).
     pub fn bind(local: SocketAddr, server: SocketAddr) -> io::Result<Self> {
-        Ok(Self { socket: UdpSocket::bind(local)?, server, connected: false })
+        Ok(Self { socket: UdpSocket::bind(local)?, server, connected: false, buf: Vec::new() })
     }
 
     /// A socket connected to `server`, from the address the routes choose: it hears only the server,
@@ -77,7 +79,7 @@ impl Udp {
         };
         let socket = UdpSocket::bind(any)?;
         socket.connect(server)?;
-        Ok(Self { socket, server, connected: true })
+        Ok(Self { socket, server, connected: true, buf: Vec::new() })
     }
 }
 
@@ -93,12 +95,9 @@ impl Transport for Udp {
     fn recv(&mut self, deadline: Instant) -> io::Result<Option<Vec<u8>>> {
         let Some(left) = time_left(deadline) else { return Ok(None) };
         self.socket.set_read_timeout(Some(left))?;
-        let mut buf = vec![0u8; READ_BUF];
-        match self.socket.recv_from(&mut buf) {
-            Ok((n, _)) => {
-                buf.truncate(n);
-                Ok(Some(buf))
-            }
+        self.buf.resize(READ_BUF, 0);
+        match self.socket.recv_from(&mut self.buf) {
+            Ok((n, _)) => Ok(Some(self.buf[..n].to_vec())),
             Err(e) if is_timeout(&e) => Ok(None),
             Err(e) => Err(e),
         }
@@ -133,12 +132,14 @@ pub struct Framed<S> {
     /// The stream.
     pub stream: S,
     pending: Vec<u8>,
+    /// Where reads land before they join `pending`.
+    buf: Vec<u8>,
 }
 
 impl<S> Framed<S> {
     /// Frames `stream`.
     pub fn new(stream: S) -> Self {
-        Self { stream, pending: Vec::new() }
+        Self { stream, pending: Vec::new(), buf: Vec::new() }
     }
 }
 
@@ -149,7 +150,6 @@ impl<S: Read + Write + ReadTimeout> Transport for Framed<S> {
     }
 
     fn recv(&mut self, deadline: Instant) -> io::Result<Option<Vec<u8>>> {
-        let mut buf = vec![0u8; READ_BUF];
         loop {
             match frame_len(&self.pending) {
                 Ok(Some(n)) => return Ok(Some(self.pending.drain(..n).collect())),
@@ -163,9 +163,10 @@ impl<S: Read + Write + ReadTimeout> Transport for Framed<S> {
             }
             let Some(left) = time_left(deadline) else { return Ok(None) };
             self.stream.set_read_timeout(Some(left))?;
-            match self.stream.read(&mut buf) {
+            self.buf.resize(READ_BUF, 0);
+            match self.stream.read(&mut self.buf) {
                 Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
-                Ok(n) => self.pending.extend_from_slice(&buf[..n]),
+                Ok(n) => self.pending.extend_from_slice(&self.buf[..n]),
                 Err(e) if is_timeout(&e) => return Ok(None),
                 Err(e) => return Err(e),
             }

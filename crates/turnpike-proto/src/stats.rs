@@ -135,6 +135,9 @@ pub const TRANSPORTS: [&str; 3] = ["udp", "tcp", "tls"];
 pub const DIRECTIONS: [&str; 2] = ["to_peer", "to_client"];
 /// Label values of [`EngineCounters::auth_failures`].
 pub const AUTH_FAILURE_REASONS: [&str; 4] = ["unknown_user", "expired", "bad_integrity", "stale_nonce"];
+/// Index of the stale nonces in [`AUTH_FAILURE_REASONS`]: counted beside the failures, but a stale
+/// nonce is a client's normal way to learn a new one, not a failed authentication.
+pub const STALE_NONCE: usize = 3;
 
 /// Index of a direction in [`DIRECTIONS`].
 pub const TO_PEER: usize = 0;
@@ -226,6 +229,11 @@ mod tests {
     }
 
     /// Every counter has a family and a sum: a distinct value in each reaches both.
+    #[test]
+    fn the_stale_nonce_index_names_stale_nonces() {
+        assert_eq!(AUTH_FAILURE_REASONS[STALE_NONCE], "stale_nonce");
+    }
+
     #[test]
     fn every_counter_reaches_its_family_and_its_sum() {
         let c = EngineCounters::default();

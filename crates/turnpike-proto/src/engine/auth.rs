@@ -9,7 +9,7 @@ use crate::auth::{NonceCheck, Verdict};
 use crate::error::{DropReason, ErrorCode};
 use crate::integrity::PreparedKey;
 use crate::policy::rate::LogKind;
-use crate::stats::bump;
+use crate::stats::{STALE_NONCE, bump};
 use crate::stun::{Class, Method, StunMsg};
 use crate::table::AllocId;
 use std::time::Instant;
@@ -127,7 +127,7 @@ impl Engine {
         }
         let unix = self.unix(now);
         if self.settings.nonce_key.check(nonce, tuple.client.ip(), unix) == NonceCheck::Stale {
-            bump(&self.stats.auth_failures[3], 1);
+            bump(&self.stats.auth_failures[STALE_NONCE], 1);
             return Err(limited(self).unwrap_or_else(|| self.challenge(now, tuple, msg, ErrorCode::StaleNonce)));
         }
         // Requests on an allocation (Refresh, CreatePermission, ChannelBind) by the username that made it

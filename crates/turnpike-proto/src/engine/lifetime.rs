@@ -48,10 +48,12 @@ impl Engine {
             return self.error(msg, ErrorCode::AllocationMismatch, Some(&key));
         };
         //= RFC 8656 §8: a REQUESTED-ADDRESS-FAMILY that does not match a family of the allocation is 443.
-        if let Some(fam) = msg.attr(AttrType::REQUESTED_ADDRESS_FAMILY) {
-            let families: Vec<Option<u8>> =
-                alloc.relayed_addresses().map(|(_, r)| Some(family_of(r.advertised.ip()))).collect();
-            if !families.contains(&attr::decode_family(fam).ok()) {
+        //= A malformed one is a malformed request (400), as in an Allocate.
+        if let Some(value) = msg.attr(AttrType::REQUESTED_ADDRESS_FAMILY) {
+            let Ok(family) = attr::decode_family(value) else {
+                return self.error(msg, ErrorCode::BadRequest, Some(&key));
+            };
+            if !alloc.relayed_addresses().any(|(_, r)| family_of(r.advertised.ip()) == family) {
                 return self.error(msg, ErrorCode::PeerAddressFamilyMismatch, Some(&key));
             }
         }

@@ -150,7 +150,8 @@ impl Settings {
     /// turnpike's defaults: nonces and allocations of 10 minutes (at most an hour on request), 64
     /// permissions and 64 channels per allocation, the default peer policy (private, loopback and
     /// reserved peers refused), 20 unauthenticated answers per second per source (bursts of 40), two
-    /// EVEN-PORT reservations per user, no quotas, no bandwidth limits, RFC 8656 channel numbers.
+    /// EVEN-PORT reservations per user, no quotas, no bandwidth limits, channel numbers up to 0x7FFF
+    /// (RFC 5766's range, which older clients use).
     pub fn new(
         credentials: CredentialStore,
         nonce_key: NonceKey,
@@ -175,7 +176,7 @@ impl Settings {
             unauth_burst: 40,
             software: None,
             reason_phrases: false,
-            legacy_channel_numbers: false,
+            legacy_channel_numbers: true,
             relay_v4,
             relay_v6,
         }
@@ -394,11 +395,6 @@ impl Engine {
         set(&self.stats.channels, chans);
         self.key_generation += 1;
         self.settings = settings;
-    }
-
-    /// The current configuration.
-    pub fn settings(&self) -> &Settings {
-        &self.settings
     }
 
     /// The allocation table (read-only, for tests).

@@ -181,6 +181,15 @@ fn transport_and_family_errors() {
     assert_eq!(r.code(), Some(400));
     assert_eq!(h.engine.table().len(), 0);
     assert_eq!(h.cluster.total(), 0);
+    // A Refresh names a family of the allocation (443 otherwise), in a well-formed attribute (400).
+    h.allocate(&mut c);
+    let refresh = |h: &mut Harness, c: &mut Client, family: &[u8]| {
+        h.authed(c, Method::REFRESH, |w| w.add_bytes(AttrType::REQUESTED_ADDRESS_FAMILY, family)).code()
+    };
+    assert_eq!(refresh(&mut h, &mut c, &[FAMILY_IPV4, 0, 0, 0]), None);
+    assert_eq!(refresh(&mut h, &mut c, &[FAMILY_IPV6, 0, 0, 0]), Some(443));
+    assert_eq!(refresh(&mut h, &mut c, &[FAMILY_IPV4, 0]), Some(400));
+    assert_eq!(h.engine.table().len(), 1, "refused refreshes keep the allocation");
 }
 
 #[test]

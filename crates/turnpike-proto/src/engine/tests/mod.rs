@@ -101,6 +101,7 @@ fn settings() -> Settings {
         total_quota: 100,
         unauth_rate: 0,
         unauth_burst: 0,
+        legacy_channel_numbers: false,
         ..Settings::new(credentials, NonceKey::new([3; 32]), vec![relay], vec![])
     }
 }
