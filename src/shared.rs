@@ -5,7 +5,6 @@
 
 use crate::admission::ConnBudget;
 use parking_lot::Mutex;
-use std::collections::HashMap;
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
 use std::net::{IpAddr, SocketAddr};
@@ -13,7 +12,9 @@ use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Instant;
 use turnpike_proto::Cluster;
-use turnpike_proto::cluster::{LiveRelays, QuotaBook, QuotaError, QuotaLimits, Reservation, UnauthLimiter};
+use turnpike_proto::cluster::{
+    LiveRelays, QuotaBook, QuotaError, QuotaLimits, Reservation, ReservationBook, UnauthLimiter,
+};
 
 const STRIPES: usize = 64;
 
@@ -78,7 +79,7 @@ pub struct Shared {
     /// Allocation quotas.
     pub quotas: Quotas,
     /// Outstanding RESERVATION-TOKENs. Touched only by Allocate requests that use EVEN-PORT(R) or a token.
-    pub reservations: Mutex<HashMap<[u8; 8], Reservation>>,
+    pub reservations: Mutex<ReservationBook>,
     /// This server's addresses and the relayed addresses of live allocations.
     pub live_relays: LiveRelays,
     /// TCP/TLS connections without an allocation, and their limits.
@@ -129,17 +130,15 @@ impl Cluster for Shared {
     }
 
     fn hold_reservation(&self, token: [u8; 8], reservation: Reservation) {
-        self.reservations.lock().insert(token, reservation);
+        self.reservations.lock().hold(token, reservation);
     }
 
     fn claim_reservation(&self, token: [u8; 8], now: Instant) -> Option<Reservation> {
-        let mut map = self.reservations.lock();
-        if map.get(&token).is_some_and(|r| now < r.expires) { map.remove(&token) } else { None }
+        self.reservations.lock().claim(token, now)
     }
 
     fn lapse_reservation(&self, token: [u8; 8], now: Instant) -> Option<Reservation> {
-        let mut map = self.reservations.lock();
-        if map.get(&token).is_some_and(|r| r.expires <= now) { map.remove(&token) } else { None }
+        self.reservations.lock().lapse(token, now)
     }
 
     fn relay_opened(&self, bound: SocketAddr) {

@@ -2,8 +2,7 @@
 //! the core itself takes no lock, this does). Quotas and reservations sit behind `std` mutexes; the
 //! counts can be read back.
 
-use super::{Cluster, LiveRelays, QuotaBook, QuotaError, QuotaLimits, Reservation, UnauthLimiter};
-use std::collections::HashMap;
+use super::{Cluster, LiveRelays, QuotaBook, QuotaError, QuotaLimits, Reservation, ReservationBook, UnauthLimiter};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::Instant;
@@ -19,7 +18,7 @@ struct Quotas {
 #[derive(Debug, Default)]
 pub struct LocalCluster {
     quotas: Mutex<Quotas>,
-    reservations: Mutex<HashMap<[u8; 8], Reservation>>,
+    reservations: Mutex<ReservationBook>,
     live: LiveRelays,
     unauth: UnauthLimiter,
     origin: OnceLock<Instant>,
@@ -92,15 +91,13 @@ impl Cluster for LocalCluster {
         lock(&self.quotas).book.redeem_reservation(user);
     }
     fn hold_reservation(&self, token: [u8; 8], reservation: Reservation) {
-        lock(&self.reservations).insert(token, reservation);
+        lock(&self.reservations).hold(token, reservation);
     }
     fn claim_reservation(&self, token: [u8; 8], now: Instant) -> Option<Reservation> {
-        let mut map = lock(&self.reservations);
-        if map.get(&token).is_some_and(|r| now < r.expires) { map.remove(&token) } else { None }
+        lock(&self.reservations).claim(token, now)
     }
     fn lapse_reservation(&self, token: [u8; 8], now: Instant) -> Option<Reservation> {
-        let mut map = lock(&self.reservations);
-        if map.get(&token).is_some_and(|r| r.expires <= now) { map.remove(&token) } else { None }
+        lock(&self.reservations).lapse(token, now)
     }
     fn relay_opened(&self, bound: SocketAddr) {
         self.live.insert(bound);

@@ -9,12 +9,14 @@ mod live;
 #[cfg(any(test, feature = "local-cluster"))]
 mod local;
 mod quota;
+mod reservations;
 mod unauth;
 
 pub use live::LiveRelays;
 #[cfg(any(test, feature = "local-cluster"))]
 pub use local::LocalCluster;
 pub use quota::{QuotaBook, QuotaError, QuotaLimits};
+pub use reservations::ReservationBook;
 pub use unauth::{PREFIX_SHARE, UnauthLimiter};
 
 use std::net::{IpAddr, SocketAddr};
