@@ -58,26 +58,28 @@ pub(crate) fn overlap(relay: RangeInclusive<u16>, port_range: &str, reserved: &s
     (exposed > 0).then_some(Overlap { ephemeral, shared: lo..=hi, exposed })
 }
 
-/// Warns at start-up when relay ports lie in this host's ephemeral range.
-pub(crate) fn warn_if_shared(relay: RangeInclusive<u16>) {
-    let Ok(port_range) = std::fs::read_to_string(PORT_RANGE) else {
-        return;
-    };
+/// The overlap of `relay` with this host's ephemeral range now, if any (the kernel's settings read
+/// from /proc; nothing when they cannot be read).
+pub(crate) fn overlap_now(relay: RangeInclusive<u16>) -> Option<Overlap> {
+    let port_range = std::fs::read_to_string(PORT_RANGE).ok()?;
     let reserved = std::fs::read_to_string(RESERVED_PORTS).unwrap_or_default();
-    let total = u32::from(*relay.end() - *relay.start()) + 1;
-    if let Some(o) = overlap(relay, &port_range, &reserved) {
-        log::warn!(
-            "{} of the {total} relay ports ({}-{}) lie in the kernel's ephemeral port range {}-{} \
-             (net.ipv4.ip_local_port_range): this host's outgoing connections can take them, and \
-             allocations skip ports in use; move the ephemeral range out of the relay range \
-             (scripts/ops/sysctl.conf) or reserve the relay range (net.ipv4.ip_local_reserved_ports)",
-            o.exposed,
-            o.shared.start(),
-            o.shared.end(),
-            o.ephemeral.start(),
-            o.ephemeral.end()
-        );
-    }
+    overlap(relay, &port_range, &reserved)
+}
+
+/// What an overlap means and how to remove it.
+pub(crate) fn describe(o: &Overlap) -> String {
+    format!(
+        "{} relay ports ({}-{}) lie in the kernel's ephemeral port range {}-{} \
+         (net.ipv4.ip_local_port_range): this host's outgoing connections can take them, and \
+         allocations skip ports in use; move the ephemeral range out of the relay range \
+         (scripts/ops/sysctl.conf, installed by the .deb) or reserve the relay range \
+         (net.ipv4.ip_local_reserved_ports)",
+        o.exposed,
+        o.shared.start(),
+        o.shared.end(),
+        o.ephemeral.start(),
+        o.ephemeral.end()
+    )
 }
 
 #[cfg(test)]

@@ -52,7 +52,9 @@
 //!
 //! ## Modules
 //!
-//! * [`config`]: YAML and coturn `turnserver.conf`, validated whole; errors name file, line and option.
+//! * [`config`]: YAML and coturn `turnserver.conf`, validated whole; errors name file, line and option;
+//!   `config::preflight` is `turnpike check`, the gate before every start and reload.
+//! * [`logging`]: stderr (journald priorities), a file (reopened on SIGHUP) or syslog; text or JSON.
 //! * [`server`]: start-up (listeners, descriptors, shards, control) and reload.
 //! * [`shard`]: the event loop, sockets, batched sending, TCP/TLS connections.
 //! * [`shared`], [`admission`]: what the shards of a node share.
@@ -69,6 +71,7 @@ pub mod config;
 pub mod control;
 pub(crate) mod descriptors;
 pub(crate) mod ephemeral;
+pub mod logging;
 pub mod probe;
 pub mod server;
 pub mod shard;

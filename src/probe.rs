@@ -75,12 +75,25 @@ impl Report {
     }
 }
 
+impl Report {
+    /// The last line of the report.
+    pub fn verdict(&self) -> &'static str {
+        if self.success() { "result: TURN relaying works" } else { "result: FAILED" }
+    }
+}
+
+impl std::fmt::Display for Step {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "[{}] {}: {}", if self.ok { " ok " } else { "FAIL" }, self.name, self.detail)
+    }
+}
+
 impl std::fmt::Display for Report {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         for s in &self.steps {
-            writeln!(f, "[{}] {}: {}", if s.ok { " ok " } else { "FAIL" }, s.name, s.detail)?;
+            writeln!(f, "{s}")?;
         }
-        if self.success() { writeln!(f, "result: TURN relaying works") } else { writeln!(f, "result: FAILED") }
+        writeln!(f, "{}", self.verdict())
     }
 }
 
@@ -149,13 +162,35 @@ fn explain(f: &Failure, what: &str, addr: SocketAddr, transport: UriTransport) -
         },
     }
 }
-/// Runs the probe.
+/// Runs the probe and returns its report.
 pub fn run(opts: &ProbeOptions) -> Report {
-    let mut report = Report::default();
+    run_observed(opts, &mut |_| {})
+}
+
+/// A report being written, with whoever wants each step as it completes.
+struct Progress<'a> {
+    report: Report,
+    on_step: &'a mut dyn FnMut(&Step),
+}
+
+impl Progress<'_> {
+    fn step(&mut self, name: &str, ok: bool, detail: impl Into<String>) -> bool {
+        let ok = self.report.step(name, ok, detail);
+        if let Some(step) = self.report.steps.last() {
+            (self.on_step)(step);
+        }
+        ok
+    }
+}
+
+/// Runs the probe, handing each step to `on_step` as it completes (the command prints it at once: a
+/// step that hangs until its timeout shows what worked before it).
+pub fn run_observed(opts: &ProbeOptions, on_step: &mut dyn FnMut(&Step)) -> Report {
+    let mut report = Progress { report: Report::default(), on_step };
     let target = format!("{}:{}", opts.uri.host, opts.uri.port);
     let Ok(Some(addr)) = target.to_socket_addrs().map(|mut a| a.next()) else {
         report.step("resolve", false, format!("cannot resolve `{}`", opts.uri.host));
-        return report;
+        return report.report;
     };
     report.step("resolve", true, format!("{target} -> {addr}"));
     let credentials = match &opts.credentials {
@@ -171,7 +206,7 @@ pub fn run(opts: &ProbeOptions) -> Report {
             Ok(t) => t,
             Err(e) => {
                 report.step("connect", false, e);
-                return report;
+                return report.report;
             }
         };
         if label == "A" && opts.uri.transport != UriTransport::Udp {
@@ -192,7 +227,7 @@ pub fn run(opts: &ProbeOptions) -> Report {
             }
             Err(f) => {
                 report.step(&name, false, explain(&f, &name, addr, opts.uri.transport));
-                return report;
+                return report.report;
             }
         }
     }
@@ -205,7 +240,7 @@ pub fn run(opts: &ProbeOptions) -> Report {
             Ok(_) => report.step(&name, true, "granted"),
             Err(f) => {
                 report.step(&name, false, explain(&f, &name, addr, opts.uri.transport));
-                return report;
+                return report.report;
             }
         };
     }
@@ -224,10 +259,10 @@ pub fn run(opts: &ProbeOptions) -> Report {
         }
         if wait_data(&mut clients[0], payload.as_bytes(), deadline) {
             received += 1;
-            report.rtts.push(now().saturating_duration_since(start));
+            report.report.rtts.push(now().saturating_duration_since(start));
         }
     }
-    report.sent = opts.count;
+    report.report.sent = opts.count;
     let loss = opts.count - received;
     if received == 0 {
         let private = |ip: std::net::IpAddr| match crate::policy::peer::canonical(ip) {
@@ -253,7 +288,7 @@ pub fn run(opts: &ProbeOptions) -> Report {
             ),
         );
     } else {
-        let mut rtts = report.rtts.clone();
+        let mut rtts = report.report.rtts.clone();
         rtts.sort();
         let median = rtts[rtts.len() / 2];
         let max = rtts[rtts.len() - 1];
@@ -272,7 +307,7 @@ pub fn run(opts: &ProbeOptions) -> Report {
     for c in &mut clients {
         let _ = c.refresh(0);
     }
-    report
+    report.report
 }
 
 /// Waits for relayed data carrying `payload` (earlier, late datagrams are skipped).

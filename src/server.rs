@@ -5,6 +5,7 @@
 
 use crate::admission::ConnLimits;
 use crate::auth::NonceKey;
+use crate::config::preflight::Severity;
 use crate::config::{Config, options};
 use crate::control::{self, ServerCounters};
 use crate::descriptors;
@@ -166,7 +167,14 @@ impl ServerHandle {
             self.counters.reloads[1].fetch_add(1, Ordering::Relaxed);
             e
         };
-        let new = crate::config::load(path).map_err(|e| refused(e.to_string()))?;
+        // The same gate as a start (`turnpike check`): an expired certificate is refused here too.
+        let checked = crate::config::preflight::check(path, clock::unix_now());
+        let Some(new) = checked.config.filter(|_| checked.findings.iter().all(|f| f.severity != Severity::Error))
+        else {
+            let errors: Vec<String> =
+                checked.findings.iter().filter(|f| f.severity == Severity::Error).map(|f| f.what.to_string()).collect();
+            return Err(refused(errors.join("; ")));
+        };
         let mut running = self.config.lock();
         // Options that need a restart keep their running values (so the next diff is against
         // reality); turning TLS on or off does too (its listeners are bound at start).
@@ -470,7 +478,7 @@ fn give_up_net_raw() {
 /// Starts a server: binds everything, spawns one shard per configured thread and the control thread.
 pub fn start(cfg: &Config) -> io::Result<ServerHandle> {
     let plan = relay_plan(cfg).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-    let nonce_key = NonceKey::new(clock::random_bytes());
+    let nonce_key = NonceKey::new(clock::random_bytes()?);
     let settings = Arc::new(settings(cfg, plan.clone(), nonce_key.clone()));
     let buffers = socket::Buffers { recv: cfg.recv_buffer, send: cfg.send_buffer };
     let tls = match (&cfg.tls_cert, &cfg.tls_key) {
@@ -481,7 +489,6 @@ pub fn start(cfg: &Config) -> io::Result<ServerHandle> {
     };
     reserve_descriptors(cfg, &plan);
     let fd_limit = descriptor_limit();
-    crate::ephemeral::warn_if_shared(cfg.min_port..=cfg.max_port);
     let (listeners, addrs) = bind_listeners(cfg, buffers, tls.is_some())?;
     let udp_addrs = addrs.udp.clone();
     let relays = plan.v4.iter().chain(&plan.v6).map(|r| (r.bind, r.advertised));
@@ -508,7 +515,7 @@ pub fn start(cfg: &Config) -> io::Result<ServerHandle> {
         let (poll, waker) = shard::new_poll()?;
         let (tx, rx) = crossbeam_channel::bounded(16);
         let applied = Arc::new(AtomicU64::new(0));
-        let seed = u64::from_be_bytes(clock::random_bytes()[..8].try_into().unwrap_or([1; 8]));
+        let seed = clock::random_bytes()?;
         let engine = Engine::new(
             k as u16,
             Arc::clone(&settings),
@@ -517,7 +524,7 @@ pub fn start(cfg: &Config) -> io::Result<ServerHandle> {
             cfg.shard_port_list(k),
             origin,
             origin_unix,
-            seed,
+            &seed,
         );
         let parts = ShardParts {
             id: k as u16,

@@ -91,7 +91,7 @@ fn relaying_allocates_nothing() {
         cfg.shard_port_list(0),
         now,
         unix,
-        7,
+        &[7; 32],
     );
     let mut io = NoSockets;
     let mut pkt = PacketBuf::default();

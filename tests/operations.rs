@@ -583,7 +583,7 @@ fn operator_commands() {
     let password = out.lines().find_map(|l| l.strip_prefix("password: ")).unwrap().to_string();
     assert!(username.ends_with(":@u:x"));
     assert_eq!(password.as_bytes(), turnpike::proto::integrity::rest_password(b"s3", username.as_bytes()));
-    assert!(out.contains("\"urls\": \"turn:t.example:3478\""));
+    assert!(out.contains("\"urls\":\"turn:t.example:3478\""), "{out}");
 
     // config convert: the Synapse how-to's turnserver.conf becomes YAML turnpike reads back.
     let conf = dir.join("turnserver.conf");

@@ -70,7 +70,7 @@ fuzz_target!(|data: &[u8]| {
         ports.iter().copied(),
         t0,
         UNIX0,
-        1,
+        &[1; 32],
     );
     let mut io = Sockets::default();
     let mut pkt = PacketBuf::default();

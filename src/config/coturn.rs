@@ -30,6 +30,169 @@ pub(crate) struct CoturnError {
     pub message: String,
 }
 
+/// Every option coturn 4.6 knows (`turnserver --help` and its man page, Debian 12's coturn). A line
+/// naming none of these is a typo or a foreign option: an error, with the nearest one suggested. A
+/// coturn option that turnpike does not implement is a one-line warning instead.
+const COTURN_OPTIONS: &[&str] = &[
+    "CA-file",
+    "Verbose",
+    "acme-redirect",
+    "allocation-default-address-family",
+    "allow-loopback-peers",
+    "allowed-peer-ip",
+    "alt-dtls-listening-port",
+    "alt-listening-port",
+    "alt-tls-listening-port",
+    "alternate-server",
+    "aux-server",
+    "bps-capacity",
+    "cert",
+    "channel-lifetime",
+    "check-origin-consistency",
+    "cipher-list",
+    "cli-ip",
+    "cli-max-output-sessions",
+    "cli-password",
+    "cli-port",
+    "daemon",
+    "db",
+    "denied-peer-ip",
+    "dh-file",
+    "dh1066",
+    "dh566",
+    "dtls-listening-port",
+    "ec-curve-name",
+    "external-ip",
+    "fingerprint",
+    "keep-address-family",
+    "listening-device",
+    "listening-ip",
+    "listening-port",
+    "log-binding",
+    "log-file",
+    "lt-cred-mech",
+    "max-allocate-lifetime",
+    "max-allocate-timeout",
+    "max-bps",
+    "max-port",
+    "min-port",
+    "mobility",
+    "mongo-userdb",
+    "mysql-userdb",
+    "ne",
+    "new-log-timestamp",
+    "new-log-timestamp-format",
+    "no-auth",
+    "no-auth-pings",
+    "no-cli",
+    "no-dtls",
+    "no-dynamic-ip-list",
+    "no-dynamic-realms",
+    "no-multicast-peers",
+    "no-rfc5780",
+    "no-software-attribute",
+    "no-stdout-log",
+    "no-stun",
+    "no-stun-backward-compatibility",
+    "no-tcp",
+    "no-tcp-relay",
+    "no-tls",
+    "no-tlsv1",
+    "no-tlsv1_1",
+    "no-tlsv1_2",
+    "no-udp",
+    "no-udp-relay",
+    "oauth",
+    "permission-lifetime",
+    "pidfile",
+    "pkey",
+    "pkey-pwd",
+    "proc-group",
+    "proc-user",
+    "prometheus",
+    "prometheus-address",
+    "prometheus-port",
+    "prometheus-username-labels",
+    "psql-userdb",
+    "realm",
+    "redis-statsdb",
+    "redis-userdb",
+    "relay-device",
+    "relay-ip",
+    "relay-threads",
+    "response-origin-only-with-rfc5780",
+    "rest-api-separator",
+    "secret-key-file",
+    "secure-stun",
+    "server-name",
+    "server-relay",
+    "simple-log",
+    "sql-userdb",
+    "stale-nonce",
+    "static-auth-secret",
+    "stun-only",
+    "syslog",
+    "syslog-facility",
+    "tcp-proxy-port",
+    "tls-alternate-server",
+    "tls-listening-port",
+    "total-quota",
+    "udp-self-balance",
+    "use-auth-secret",
+    "user",
+    "user-quota",
+    "userdb",
+    "verbose",
+    "web-admin",
+    "web-admin-ip",
+    "web-admin-listen-on-workers",
+    "web-admin-port",
+];
+
+/// Why turnpike leaves out the coturn option `key` (one of [`COTURN_OPTIONS`] it does not implement).
+fn unimplemented_because(key: &str) -> &'static str {
+    match key {
+        "web-admin"
+        | "web-admin-ip"
+        | "web-admin-port"
+        | "web-admin-listen-on-workers"
+        | "cli-ip"
+        | "cli-port"
+        | "cli-password"
+        | "cli-max-output-sessions" => {
+            "turnpike has no web admin page or telnet CLI; it has a Prometheus endpoint (metrics.listen)"
+        }
+        "db" | "userdb" | "sql-userdb" | "mysql-userdb" | "psql-userdb" | "mongo-userdb" | "redis-userdb"
+        | "redis-statsdb" | "secret-key-file" | "oauth" => {
+            "user databases and OAuth are not supported: use shared secrets (static-auth-secret) or `user` lines"
+        }
+        "alternate-server" | "tls-alternate-server" | "aux-server" | "udp-self-balance" => {
+            "ALTERNATE-SERVER redirection and auxiliary servers are not offered"
+        }
+        "no-tlsv1" | "no-tlsv1_1" | "no-tlsv1_2" | "cipher-list" | "ec-curve-name" | "dh-file" | "dh566" | "dh1066"
+        | "CA-file" | "pkey-pwd" => {
+            "turnpike's TLS (rustls) speaks TLS 1.2 and 1.3 only with its own cipher suites, needs an unencrypted \
+             key, and asks no client certificate"
+        }
+        "listening-device" | "relay-device" => "binding to a device is not supported: use listening-ip and relay-ip",
+        "alt-listening-port" | "alt-tls-listening-port" => "RFC 5780's alternate ports are not offered",
+        "channel-lifetime" | "permission-lifetime" | "max-allocate-timeout" => {
+            "RFC 8656's lifetimes are used (permissions 300 s, channels 600 s)"
+        }
+        "stun-only" | "no-stun" | "no-auth" | "no-auth-pings" | "no-udp-relay" => {
+            "turnpike always serves STUN and authenticated UDP relaying"
+        }
+        "daemon" => "run it under systemd instead (the unit ships with the .deb)",
+        "log-binding" | "new-log-timestamp" | "new-log-timestamp-format" => {
+            "log lines carry a timestamp (or journald's); Binding requests are not logged"
+        }
+        _ => "not implemented",
+    }
+}
+
+/// coturn's default Prometheus port (`prometheus-port`).
+const PROMETHEUS_PORT: u16 = 9641;
+
 /// Options accepted for compatibility that need no action here, with the reason shown once.
 const NO_OP: &[(&str, &str)] = &[
     ("lt-cred-mech", "long-term credentials are always on"),
@@ -67,6 +230,9 @@ fn known_names() -> impl Iterator<Item = &'static str> {
         "general-threads",
         "dtls-listening-port",
         "alt-dtls-listening-port",
+        "prometheus",
+        "prometheus-port",
+        "prometheus-address",
     ];
     options::OPTIONS
         .iter()
@@ -75,9 +241,10 @@ fn known_names() -> impl Iterator<Item = &'static str> {
         .chain(NO_OP.iter().map(|(k, _)| *k))
 }
 
-/// The known option `key` was most likely meant to be, for a typo.
+/// The coturn option `key` was most likely meant to be, for a typo.
 pub(super) fn suggestion(key: &str) -> Option<&'static str> {
     known_names()
+        .chain(COTURN_OPTIONS.iter().copied())
         .map(|k| (strsim::damerau_levenshtein(key, k), k))
         .filter(|(d, k)| *d <= 2.max(k.len() / 5))
         .min()
@@ -137,6 +304,8 @@ pub(crate) fn parse(text: &str) -> Result<CoturnFile, CoturnError> {
     let mut out = CoturnFile::default();
     let mut tree = Tree(serde_json::to_value(FileConfig::default()).unwrap_or(Value::Null));
     let mut shared_secrets = Vec::new();
+    // coturn's `prometheus` turns the endpoint on; its port and address may come on any line.
+    let (mut prometheus, mut prometheus_port, mut prometheus_ip) = (None, PROMETHEUS_PORT, None);
     for (i, raw) in text.lines().enumerate() {
         let line_no = i + 1;
         let line = raw.trim();
@@ -199,6 +368,15 @@ pub(crate) fn parse(text: &str) -> Result<CoturnFile, CoturnError> {
                 tree.set("runtime.threads", threads);
                 out.note("runtime.threads", line_no);
             }
+            "prometheus" => prometheus = flag(value).then_some(line_no),
+            "prometheus-port" => {
+                prometheus_port = value.parse().map_err(|_| err(format!("`{value}` is not a port")))?;
+            }
+            "prometheus-address" => {
+                let ip =
+                    value.parse::<std::net::IpAddr>().map_err(|_| err(format!("`{value}` is not an IP address")))?;
+                prometheus_ip = Some(ip);
+            }
             "dtls-listening-port" | "alt-dtls-listening-port" => {
                 return Err(err("DTLS is not supported by turnpike (browsers use UDP, TCP or TLS for TURN); remove this line and add `no-dtls`".into()));
             }
@@ -214,14 +392,26 @@ pub(crate) fn parse(text: &str) -> Result<CoturnFile, CoturnError> {
                     if !why.is_empty() {
                         out.warn_once(key, format!("has no effect: {why}"));
                     }
+                } else if COTURN_OPTIONS.contains(&key) {
+                    let why = unimplemented_because(key);
+                    out.warn_once(
+                        key,
+                        format!("(line {line_no}) is a coturn option turnpike does not implement: {why}; ignored"),
+                    );
                 } else {
                     let hint = suggestion(key).map(|k| format!("; did you mean `{k}`?")).unwrap_or_default();
-                    out.warn_once(key, format!("(line {line_no}) is not supported by turnpike and is ignored{hint}"));
+                    return Err(err(format!("not a coturn option{hint}")));
                 }
                 // A value the model cannot hold (a port over 65535, say) is this line's error.
                 tree.model().map_err(|e| err(format!("`{value}`: {e}")))?;
             }
         }
+    }
+    if let Some(line) = prometheus {
+        // coturn serves its endpoint on every address unless `prometheus-address` says otherwise.
+        let ip = prometheus_ip.unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
+        tree.set("metrics.listen", Value::String(std::net::SocketAddr::new(ip, prometheus_port).to_string()));
+        out.note("metrics.listen", line);
     }
     if !out.use_auth_secret && !shared_secrets.is_empty() {
         out.warnings.push("`static-auth-secret` is ignored because `use-auth-secret` is not set (as in coturn)".into());
@@ -240,7 +430,7 @@ mod tests {
         let text = "use-auth-secret\nstatic-auth-secret=abc\nrealm=turn.myserver.org\nsyslog\nno-tcp-relay\n\
                     denied-peer-ip=10.0.0.0-10.255.255.255\nallowed-peer-ip=10.0.0.1\nno-multicast-peers\n\
                     user-quota=12 # 4 streams per video call\ntotal-quota=1200\nexternal-ip=203.0.113.5\n\
-                    listening-ip=10.0.0.1\nmin-port=50000\nmax-port=50100\nfoo-bar=1\nlt-cred-mech\n";
+                    listening-ip=10.0.0.1\nmin-port=50000\nmax-port=50100\nweb-admin\nlt-cred-mech\n";
         let f = parse(text).unwrap();
         assert!(f.use_auth_secret);
         assert_eq!(f.config.auth.shared_secrets, ["abc"]);
@@ -250,24 +440,36 @@ mod tests {
         assert_eq!(f.config.peers.denied, ["10.0.0.0-10.255.255.255"]);
         assert_eq!(f.config.relay.min_port, 50000);
         assert_eq!(f.lines["allocations.user_quota"], 9);
-        assert!(f.warnings.iter().any(|w| w.contains("foo-bar")));
+        assert!(f.warnings.iter().any(|w| w.contains("`web-admin`") && w.contains("does not implement")));
         assert!(f.warnings.iter().any(|w| w.contains("lt-cred-mech")));
     }
 
     #[test]
     fn typos_are_named_with_a_suggestion_and_values_out_of_range_are_errors() {
-        let f = parse("realm=x\nmin-prot=49152\nlistening-prot=3478\n").unwrap();
-        assert!(
-            f.warnings.iter().any(|w| w.contains("`min-prot`") && w.contains("did you mean `min-port`")),
-            "{:?}",
-            f.warnings
-        );
-        assert!(f.warnings.iter().any(|w| w.contains("did you mean `listening-port`")), "{:?}", f.warnings);
+        let e = parse("realm=x\nmin-prot=49152\n").unwrap_err();
+        assert_eq!((e.line, e.option.as_str()), (2, "min-prot"));
+        assert!(e.message.contains("not a coturn option; did you mean `min-port`?"), "{}", e.message);
+        let e = parse("listening-prot=3478\n").unwrap_err();
+        assert!(e.message.contains("did you mean `listening-port`"), "{}", e.message);
+        // A real coturn option turnpike does not use is suggested too.
+        let e = parse("web-admn\n").unwrap_err();
+        assert!(e.message.contains("did you mean `web-admin`"), "{}", e.message);
         let e = parse("realm=x\nmax-port=70000\n").unwrap_err();
         assert_eq!((e.line, e.option.as_str()), (2, "max-port"));
         let f = parse("syslog\nno-udp\nallow-loopback-peers\nrelay-threads=0\n").unwrap();
         assert!(f.config.logging.syslog && !f.config.listen.udp);
         assert_eq!(f.config.peers.allowed, ["127.0.0.0/8", "::1"]);
+    }
+
+    #[test]
+    fn prometheus_options_set_the_metrics_endpoint() {
+        let f = parse("prometheus\nrealm=x\n").unwrap();
+        assert_eq!(f.config.metrics.listen.as_deref(), Some("0.0.0.0:9641"));
+        assert_eq!(f.lines["metrics.listen"], 1);
+        let f = parse("prometheus-port=9100\nprometheus-address=127.0.0.1\nprometheus\n").unwrap();
+        assert_eq!(f.config.metrics.listen.as_deref(), Some("127.0.0.1:9100"));
+        // Without `prometheus` the port alone turns nothing on, as in coturn.
+        assert_eq!(parse("prometheus-port=9100\n").unwrap().config.metrics.listen, None);
     }
 
     #[test]

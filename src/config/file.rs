@@ -274,11 +274,22 @@ pub struct LoggingSection {
     pub file: Option<String>,
     /// Syslog facility: daemon (default), user, auth, local0-local7.
     pub syslog_facility: String,
+    /// Line format: `text`, or `json` (one object per line, for log shippers).
+    pub format: String,
+    /// The syslog daemon's socket.
+    pub syslog_socket: String,
 }
 
 impl Default for LoggingSection {
     fn default() -> Self {
-        Self { level: "info".into(), syslog: false, file: None, syslog_facility: "daemon".into() }
+        Self {
+            level: "info".into(),
+            syslog: false,
+            file: None,
+            syslog_facility: "daemon".into(),
+            format: "text".into(),
+            syslog_socket: "/dev/log".into(),
+        }
     }
 }
 

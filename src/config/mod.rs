@@ -4,6 +4,7 @@
 pub(crate) mod coturn;
 pub mod file;
 pub mod options;
+pub mod preflight;
 mod validate;
 
 use crate::auth::CredentialStore;
@@ -85,6 +86,16 @@ impl Default for LogLevel {
     fn default() -> Self {
         Self(log::LevelFilter::Info)
     }
+}
+
+/// How log lines are written (`logging.format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogFormat {
+    /// Plain text lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 /// The validated configuration.
@@ -198,6 +209,10 @@ pub struct Config {
     pub syslog: bool,
     /// Log file.
     pub log_file: Option<PathBuf>,
+    /// Line format.
+    pub log_format: LogFormat,
+    /// The syslog daemon's socket.
+    pub syslog_socket: PathBuf,
     /// SOFTWARE attribute.
     pub software: Option<String>,
     /// Reason phrases in errors.
@@ -274,11 +289,40 @@ fn read_text(path: &Path) -> Result<String, ConfigError> {
     })
 }
 
-/// Reads a file of either format into the file model, unvalidated, with the parser's warnings
-/// (`config convert`).
-pub fn read_model(path: &Path) -> Result<(FileConfig, Vec<String>), ConfigError> {
-    let (model, warnings, _) = read(path, &read_text(path)?)?;
-    Ok((model, warnings))
+/// `turnpike config convert`: a coturn `turnserver.conf` as commented turnpike YAML, saying what it
+/// sets and what it does not carry over (each left-out option with why). A file that is not a coturn
+/// file is refused.
+pub fn convert_coturn(path: &Path) -> Result<String, ConfigError> {
+    let text = read_text(path)?;
+    let whole = |message: String| ConfigError { file: path.to_path_buf(), line: None, option: String::new(), message };
+    if detect_format(path, &text) == Format::Yaml {
+        return Err(whole(
+            "this reads as turnpike YAML, not a coturn turnserver.conf: nothing to convert (`turnpike check \
+             --config FILE` validates it)"
+                .into(),
+        ));
+    }
+    let parsed = coturn::parse(&text).map_err(|e| ConfigError {
+        file: path.to_path_buf(),
+        line: Some(e.line),
+        option: e.option,
+        message: e.message,
+    })?;
+    let mut out = format!(
+        "# turnpike configuration converted from {} by `turnpike config convert`.\n\
+         # It holds what that file sets, and the defaults where turnpike behaves differently from coturn\n\
+         # (each marked). Every option and its default: `turnpike config reference`.\n",
+        path.display()
+    );
+    if !parsed.warnings.is_empty() {
+        out.push_str("#\n# Not carried over from the coturn file:\n");
+        for w in &parsed.warnings {
+            out.push_str(&format!("#   {w}\n"));
+        }
+    }
+    let set = parsed.lines.keys().cloned().collect();
+    out.push_str(&options::to_converted_yaml(&parsed.config, &set));
+    Ok(out)
 }
 
 /// What reading a file's text gives: its model, the parser's warnings and, for a coturn file, the line

@@ -152,6 +152,8 @@ pub const OPTIONS: &[OptionSpec] = &[
     opt("logging.syslog", Flag("syslog"), Restart, "log to syslog"),
     opt("logging.file", Special("log-file"), Restart, "log to a file").default_reads("none (stderr)"),
     opt("logging.syslog_facility", Special("syslog-facility"), Restart, "syslog facility: daemon, user, auth, local0-local7"),
+    opt("logging.syslog_socket", No, Restart, "the syslog daemon's datagram socket; turnpike connects again when the daemon restarts"),
+    opt("logging.format", No, Restart, "`text`, or `json`: one JSON object per line (`ts`, `level`, `target`, `msg`) for log shippers. On stderr under journald (`JOURNAL_STREAM`) text lines carry their syslog priority (`<3>` ...)"),
     opt("metrics.listen", No, Restart, "Prometheus endpoint (`GET /metrics`), e.g. `127.0.0.1:9641`; HTTP/1.1, at most 256 connections (a sixteenth of the descriptor limit if less; past it the source holding the most loses one), 2 s for a request head of at most 8 KiB, 10 s per connection")
         .default_reads("off"),
     opt("protocol.software", Val("software-name"), Live, "SOFTWARE attribute"),
@@ -248,33 +250,48 @@ pub fn reference_markdown() -> String {
     out
 }
 
-/// `model` as a commented YAML file: every option of [`OPTIONS`] under its section with what it means,
-/// its coturn spelling and whether a reload applies it; options at their default are commented out
-/// (`turnpike config convert`).
-pub fn to_commented_yaml(model: &FileConfig) -> String {
+/// Options whose turnpike default behaves differently from coturn's, with how: `config convert`
+/// writes them even when the coturn file does not set them, so that the converted file says so.
+pub const DIFFERS_FROM_COTURN: &[(&str, &str)] = &[
+    (
+        "peers.allow_private",
+        "coturn relays to private and reserved addresses unless denied-peer-ip lines say otherwise; turnpike refuses them unless allowed",
+    ),
+    ("peers.no_multicast", "coturn relays to multicast peers unless no-multicast-peers is set; turnpike refuses them"),
+    (
+        "peers.no_tcp_relay",
+        "coturn offers TCP relaying (RFC 6062) unless no-tcp-relay is set; turnpike does not offer it",
+    ),
+    ("abuse.unauth_rate", "coturn answers unauthenticated requests without a limit; turnpike limits them per source"),
+];
+
+/// `model` (read from a coturn file) as commented YAML: the options it sets (`set`: their paths) and
+/// those of [`DIFFERS_FROM_COTURN`], each under its section with what it means, its coturn spelling and
+/// whether a reload applies it (`turnpike config convert`).
+pub fn to_converted_yaml(model: &FileConfig, set: &std::collections::HashSet<String>) -> String {
     let values = flatten(model);
     let defaults = flatten(&FileConfig::default());
     let mut out = String::new();
     let mut section = "";
     for o in OPTIONS {
+        let differs = DIFFERS_FROM_COTURN.iter().find(|(p, _)| *p == o.path).map(|(_, why)| *why);
+        if !set.contains(o.path) && values.get(o.path) == defaults.get(o.path) && differs.is_none() {
+            continue;
+        }
         let (s, key) = o.path.split_once('.').unwrap_or(("", o.path));
         if s != section {
             section = s;
-            let any_set = OPTIONS
-                .iter()
-                .filter(|x| x.path.split_once('.').is_some_and(|(xs, _)| xs == s))
-                .any(|x| values.get(x.path) != defaults.get(x.path));
-            // A section of defaults only is an empty mapping (a bare `section:` would read as null).
-            let empty = if any_set { "" } else { " {}" };
-            out.push_str(&format!("\n{s}:{empty}\n"));
+            out.push_str(&format!("\n{s}:\n"));
         }
         let coturn = o.coturn.name().map(|n| format!(" (coturn `{n}`)")).unwrap_or_default();
         let reload = if o.reload == Restart { " [restart]" } else { " [reload]" };
         out.push_str(&format!("  # {}{coturn}.{reload}\n", o.doc));
+        if let (Some(why), false) = (differs, set.contains(o.path)) {
+            out.push_str(&format!("  # turnpike's default, written out because it differs: {why}.\n"));
+        }
         // A JSON value is a YAML flow value: strings quoted, lists in brackets.
         let value = values.get(o.path).map(|v| v.to_string()).unwrap_or_default();
-        let off = if values.get(o.path) == defaults.get(o.path) { "# " } else { "" };
-        out.push_str(&format!("  {off}{key}: {value}\n"));
+        out.push_str(&format!("  {key}: {value}\n"));
     }
     out
 }
@@ -314,22 +331,23 @@ mod tests {
 
     /// What `config convert` writes reads back as the same model, and names every option.
     #[test]
-    fn a_converted_file_reads_back_the_same_and_names_every_option() {
+    fn a_converted_file_reads_back_the_same_and_says_only_what_differs() {
         let text = "realm=turn.example.org\nuse-auth-secret\nstatic-auth-secret=s3cret\nmin-port=50000\n\
                     listening-ip=10.0.0.1\nallowed-peer-ip=10.0.0.2\nuser-quota=12\nsyslog\nno-tcp\n";
-        let model = super::super::coturn::parse(text).unwrap().config;
-        let yaml = to_commented_yaml(&model);
+        let parsed = super::super::coturn::parse(text).unwrap();
+        let set = parsed.lines.keys().cloned().collect();
+        let yaml = to_converted_yaml(&parsed.config, &set);
         let back = super::super::file::parse_yaml(&yaml).unwrap();
-        assert_eq!(flatten(&back), flatten(&model), "{yaml}");
-        for o in OPTIONS {
-            let key = o.path.split_once('.').unwrap().1;
-            assert!(
-                yaml.lines().any(|l| l.trim_start().trim_start_matches("# ").starts_with(&format!("{key}:"))),
-                "{}",
-                o.path
-            );
-        }
-        assert!(yaml.contains("  min_port: 50000\n") && yaml.contains("  # max_port: 65535\n"), "{yaml}");
+        assert_eq!(flatten(&back), flatten(&parsed.config), "{yaml}");
+        // Only what the file sets, and the defaults that differ from coturn's, each said so.
+        assert!(yaml.contains("  min_port: 50000\n") && !yaml.contains("max_port"), "{yaml}");
+        assert!(yaml.contains("  tcp: false\n") && yaml.contains("  user_quota: 12\n"), "{yaml}");
+        let written = yaml.lines().filter(|l| !l.trim_start().starts_with('#') && l.starts_with("  ")).count();
+        assert_eq!(written, 8 + DIFFERS_FROM_COTURN.len(), "{yaml}");
+        assert!(
+            yaml.contains("# turnpike's default, written out because it differs: coturn relays to multicast"),
+            "{yaml}"
+        );
         // And the example file names every option too.
         let example = include_str!("../../config/turnpike.example.yaml");
         for o in OPTIONS {

@@ -6,7 +6,7 @@ use super::file::{
     AbuseSection, AllocationSection, AuthSection, FileConfig, ListenSection, LoggingSection, MetricsSection,
     PeerSection, ProtocolSection, RelaySection, RuntimeSection, Threads, TlsSection,
 };
-use super::{Config, ConfigError, ExternalIp, Locator, LogLevel, MAX_COALESCE_US, UserSecret};
+use super::{Config, ConfigError, ExternalIp, Locator, LogFormat, LogLevel, MAX_COALESCE_US, UserSecret};
 use crate::policy::IpRange;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -344,9 +344,15 @@ fn logging(loc: &Locator<'_>, l: &LoggingSection, c: &mut Config) -> Result<(), 
             );
         }
     };
+    c.log_format = match l.format.as_str() {
+        "text" => LogFormat::Text,
+        "json" => LogFormat::Json,
+        other => return Err(loc.error("logging.format", format!("`{other}`: use text or json"))),
+    };
     c.log_level = LogLevel(level);
     c.syslog = l.syslog;
     c.log_file = l.file.as_ref().map(PathBuf::from);
+    c.syslog_socket = PathBuf::from(&l.syslog_socket);
     Ok(())
 }
 

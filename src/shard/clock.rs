@@ -14,21 +14,15 @@ pub fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
-/// 32 bytes of OS randomness (nonce keys, port shuffles). Falls back to clock-and-address entropy only if
-/// /dev/urandom is unreadable, which a Linux system never is.
-pub fn random_bytes() -> [u8; 32] {
-    use std::io::Read;
+/// 32 bytes from the operating system's generator (`getrandom(2)`): nonce keys, and the keys of the
+/// engines' relay port and token choice. There is no fallback: a server whose secrets could be
+/// derived from the clock must not start, so the caller refuses to.
+pub fn random_bytes() -> std::io::Result<[u8; 32]> {
     let mut out = [0u8; 32];
-    if std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut out)).is_ok() {
-        return out;
-    }
-    use std::hash::{BuildHasher, Hasher};
-    for chunk in out.chunks_mut(8) {
-        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-        h.write_u128(now().elapsed().as_nanos());
-        chunk.copy_from_slice(&h.finish().to_be_bytes()[..chunk.len()]);
-    }
-    out
+    getrandom::fill(&mut out).map_err(|e| {
+        std::io::Error::other(format!("the operating system's random generator failed ({e}): not starting"))
+    })?;
+    Ok(out)
 }
 
 /// Pauses the calling shard for `wait`: receive coalescing (`shard::coalesce`), the one place an event

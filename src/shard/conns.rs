@@ -302,7 +302,7 @@ impl Shard {
         };
         let _ = conn.flush();
         let _ = self.poll.registry().deregister(&mut conn.stream);
-        self.engine.client_closed(conn.tuple, &mut self.relays);
+        self.engine.client_closed(super::clock::now(), conn.tuple, &mut self.relays);
         self.relays.freed_streams.retain(|t| *t != conn.tuple);
         self.count_conn(conn.tuple.transport, false);
     }

@@ -527,7 +527,7 @@ pub fn run(parts: ShardParts) {
                     for idx in open {
                         shard.close_conn(idx);
                     }
-                    shard.engine.close_all(&mut shard.relays);
+                    shard.engine.close_all(clock::now(), &mut shard.relays);
                     log::debug!("shard {id} stopped");
                     return;
                 }

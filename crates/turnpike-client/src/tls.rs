@@ -1,5 +1,7 @@
-//! TLS for a client (`turns:`): a rustls configuration with the system's roots and an extra CA file,
-//! or one that accepts any certificate for self-signed test servers.
+//! TLS for a client (`turns:`): a rustls configuration with the operating system's roots
+//! (rustls-native-certs: the distribution's bundle, `SSL_CERT_FILE`/`SSL_CERT_DIR` honoured), Mozilla's
+//! bundled roots (webpki-roots) where the system has none, and an extra CA file; or one that accepts
+//! any certificate for self-signed test servers.
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
@@ -8,11 +10,9 @@ use std::net::TcpStream;
 use std::path::Path;
 use std::sync::Arc;
 
-/// Where Debian and its relatives keep the system's CA bundle.
-const SYSTEM_ROOTS: &str = "/etc/ssl/certs/ca-certificates.crt";
-
-/// A client configuration (TLS 1.3 and 1.2, ring) trusting the system's roots and those in
-/// `ca_file`, or, when `insecure`, any certificate ([`AcceptAny`]).
+/// A client configuration (TLS 1.3 and 1.2, ring) trusting the system's roots (else the bundled ones)
+/// and those in `ca_file`, or, when `insecure`, any certificate ([`AcceptAny`]). A `ca_file` that
+/// cannot be read or holds no certificate is an error, not silently ignored.
 pub fn client_config(insecure: bool, ca_file: Option<&Path>) -> Result<Arc<rustls::ClientConfig>, rustls::Error> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(Arc::clone(&provider))
@@ -22,9 +22,19 @@ pub fn client_config(insecure: bool, ca_file: Option<&Path>) -> Result<Arc<rustl
         return Ok(Arc::new(builder.dangerous().with_custom_certificate_verifier(verifier).with_no_client_auth()));
     }
     let mut roots = rustls::RootCertStore::empty();
-    for path in std::iter::once(Path::new(SYSTEM_ROOTS)).chain(ca_file) {
-        if let Ok(certs) = CertificateDer::pem_file_iter(path) {
-            roots.add_parsable_certificates(certs.flatten());
+    // Certificates the system store cannot parse are skipped, as browsers do.
+    roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
+    if roots.is_empty() {
+        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    }
+    if let Some(path) = ca_file {
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+            .map_err(|e| rustls::Error::General(format!("{}: {e}", path.display())))?
+            .flatten()
+            .collect();
+        let (added, _) = roots.add_parsable_certificates(certs);
+        if added == 0 {
+            return Err(rustls::Error::General(format!("{}: no usable CA certificate in it", path.display())));
         }
     }
     Ok(Arc::new(builder.with_root_certificates(roots).with_no_client_auth()))

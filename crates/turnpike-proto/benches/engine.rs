@@ -55,7 +55,7 @@ fn engine(t0: Instant) -> Engine {
         PORTS,
         t0,
         UNIX0,
-        1,
+        &[1; 32],
     )
 }
 

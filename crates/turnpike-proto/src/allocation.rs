@@ -179,11 +179,59 @@ pub struct Relayed {
     pub bound: SocketAddr,
 }
 
+/// Datagrams and payload bytes relayed in one direction.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Traffic {
+    /// Datagrams.
+    pub packets: u64,
+    /// Payload bytes (application data, without TURN framing).
+    pub bytes: u64,
+}
+
+impl Traffic {
+    /// Counts one datagram of `len` payload bytes.
+    pub fn add(&mut self, len: usize) {
+        self.packets += 1;
+        self.bytes += len as u64;
+    }
+}
+
+/// Why an allocation ended (the deletion log line says it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EndReason {
+    /// Its lifetime ran out without a Refresh.
+    Expired,
+    /// The client sent a Refresh with LIFETIME 0.
+    RefreshedToZero,
+    /// The client's TCP or TLS connection closed.
+    ConnectionClosed,
+    /// An operator ended it (admin API, revocation).
+    Operator,
+    /// The server is stopping.
+    Shutdown,
+}
+
+impl std::fmt::Display for EndReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Expired => "expired",
+            Self::RefreshedToZero => "refreshed to 0",
+            Self::ConnectionClosed => "connection closed",
+            Self::Operator => "removed by an operator",
+            Self::Shutdown => "server shutting down",
+        })
+    }
+}
+
 /// One allocation: owned by exactly one shard.
 #[derive(Debug)]
 pub(crate) struct Allocation {
     /// The client side.
     pub(crate) five_tuple: FiveTuple,
+    /// When it was created.
+    pub(crate) created: Instant,
+    /// What it relayed, client -> peer and peer -> client.
+    pub(crate) traffic: [Traffic; 2],
     /// Its relayed address ([`Half::Primary`]).
     pub(crate) relayed: Relayed,
     /// The IPv6 half of a dual allocation ([`Half::Ipv6`]).

@@ -3,7 +3,7 @@
 //! Shards own port *pairs* `(2k, 2k+1)`, dealt round-robin, so every shard can satisfy EVEN-PORT with the
 //! R bit (an even port plus the next one reserved), which a plain `port % shards` split cannot.
 
-use crate::rng::XorShift;
+use crate::rng::Unpredictable;
 use std::collections::VecDeque;
 
 /// Which ports shard `shard` of `shards` owns in `min..=max`.
@@ -28,15 +28,16 @@ pub(crate) struct PortPool {
     /// partner is free, which a scan of the list for every candidate would make quadratic in the range.
     is_free: Box<[u64]>,
     /// Shuffles the pool and places ports found busy.
-    rng: XorShift,
+    rng: Unpredictable,
 }
 
 impl PortPool {
-    /// Builds a pool from `ports`, shuffled with `seed` so relay ports are not predictable.
-    pub(crate) fn new(ports: impl IntoIterator<Item = u16>, seed: u64) -> Self {
+    /// Builds a pool from `ports`, shuffled with a generator keyed by `seed` (from the OS) so relay ports
+    /// cannot be predicted from the ones seen.
+    pub(crate) fn new(ports: impl IntoIterator<Item = u16>, seed: &[u8; 32]) -> Self {
         let v: Vec<u16> = ports.into_iter().collect();
-        let mut pool =
-            Self { free: VecDeque::new(), is_free: vec![0; PORT_WORDS].into_boxed_slice(), rng: XorShift::new(seed) };
+        let rng = Unpredictable::new(seed, "relay ports");
+        let mut pool = Self { free: VecDeque::new(), is_free: vec![0; PORT_WORDS].into_boxed_slice(), rng };
         for port in v {
             if !pool.contains(port) {
                 pool.mark(port, true);
@@ -163,7 +164,7 @@ mod tests {
 
     #[test]
     fn even_port_with_reservation_takes_a_pair() {
-        let mut pool = PortPool::new(shard_ports(50000, 50009, 0, 1), 7);
+        let mut pool = PortPool::new(shard_ports(50000, 50009, 0, 1), &[7; 32]);
         let (p, next) = pool.take_even_pair().unwrap();
         assert_eq!(p % 2, 0);
         assert_eq!(next, p + 1);
@@ -173,8 +174,8 @@ mod tests {
 
     proptest! {
         #[test]
-        fn never_hands_out_a_port_twice(ops in proptest::collection::vec(0u8..5, 1..200), seed in any::<u64>()) {
-            let mut pool = PortPool::new(50000..50020, seed);
+        fn never_hands_out_a_port_twice(ops in proptest::collection::vec(0u8..5, 1..200), seed in any::<[u8; 32]>()) {
+            let mut pool = PortPool::new(50000..50020, &seed);
             let mut out: HashSet<u16> = HashSet::new();
             for op in ops {
                 match op {

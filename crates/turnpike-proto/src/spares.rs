@@ -14,7 +14,7 @@
 //! the old allocation that goes on sending for a while meets a socket that drops what it sends, not a
 //! new owner). The pool is bounded, so idle spares hold a small part of the range.
 
-use crate::rng::XorShift;
+use crate::rng::Unpredictable;
 use std::collections::VecDeque;
 use std::net::IpAddr;
 
@@ -76,7 +76,7 @@ impl SparePool {
 
     /// Takes a spare bound to `ip` at random among the older half of the pool, when at least
     /// [`MIN_CHOICE`] are parked or `no_fresh_port`.
-    pub(crate) fn take(&mut self, ip: IpAddr, no_fresh_port: bool, rng: &mut XorShift) -> Option<Spare> {
+    pub(crate) fn take(&mut self, ip: IpAddr, no_fresh_port: bool, rng: &mut Unpredictable) -> Option<Spare> {
         let n = self.spares.len();
         if n == 0 || (n < MIN_CHOICE && !no_fresh_port) {
             return None;
@@ -112,7 +112,7 @@ mod tests {
     #[test]
     fn hands_out_only_from_enough_unless_no_fresh_port() {
         let ip: IpAddr = "192.0.2.1".parse().unwrap();
-        let mut rng = XorShift::new(5);
+        let mut rng = Unpredictable::new(&[5; 32], "test");
         let mut pool = SparePool::new(1000);
         for i in 0..MIN_CHOICE as u32 - 1 {
             pool.put(spare(i, 100 + i as u16));
@@ -130,7 +130,7 @@ mod tests {
     fn the_newest_spares_wait() {
         let ip: IpAddr = "192.0.2.1".parse().unwrap();
         for seed in 1..40 {
-            let mut rng = XorShift::new(seed);
+            let mut rng = Unpredictable::new(&[seed; 32], "test");
             let mut pool = SparePool::new(8000);
             for i in 0..100u32 {
                 pool.put(spare(i, 1000 + i as u16));
@@ -146,7 +146,7 @@ mod tests {
     #[test]
     fn the_choice_is_spread_over_the_pool() {
         let ip: IpAddr = "192.0.2.1".parse().unwrap();
-        let mut rng = XorShift::new(9);
+        let mut rng = Unpredictable::new(&[9; 32], "test");
         let mut seen = std::collections::HashSet::new();
         for _ in 0..200 {
             let mut pool = SparePool::new(1000);

@@ -4,7 +4,7 @@
 use super::BindError;
 use super::lifetime::Timer;
 use super::{Action, Engine, RelayAddr, RelaySockets, write_response};
-use crate::allocation::{Allocation, FiveTuple, Half, RelayKey, Relayed};
+use crate::allocation::{Allocation, FiveTuple, Half, RelayKey, Relayed, Traffic};
 use crate::attr::{self, AttrType, FAMILY_IPV4, FAMILY_IPV6, PROTO_UDP};
 use crate::cluster::{QuotaError, QuotaLimits, Reservation};
 use crate::error::ErrorCode;
@@ -276,7 +276,7 @@ impl Engine {
         let (port, next) = self.pick_port(relay.bind, claimed_port, req.even_port, key, io)?;
         let reserved = next.map(|port| {
             let expires = now + RESERVATION_LIFETIME;
-            (self.rng.next_u64().to_be_bytes(), Reservation { port, expires, holder: quota_user.into() })
+            (self.unpredictable.next_u64().to_be_bytes(), Reservation { port, expires, holder: quota_user.into() })
         });
         let mut relays = Relays {
             relayed: Relayed {
@@ -378,6 +378,8 @@ impl Engine {
         );
         let alloc = Allocation {
             five_tuple: tuple,
+            created: now,
+            traffic: [Traffic::default(); 2],
             relayed,
             second,
             expires: now + lifetime,
@@ -482,7 +484,7 @@ impl Engine {
             };
         }
         if even_port.is_none()
-            && let Some(spare) = self.spares.take(bind_ip, self.ports.is_empty(), &mut self.rng)
+            && let Some(spare) = self.spares.take(bind_ip, self.ports.is_empty(), &mut self.unpredictable)
         {
             set(&self.stats.spare_relay_sockets, self.spares.len() as u64);
             match io.unpark(spare.id, key) {

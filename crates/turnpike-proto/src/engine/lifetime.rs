@@ -2,7 +2,7 @@
 //! wheel, a stream client's close, deletion and shutdown.
 
 use super::{Action, Engine, RelaySockets, family_of, write_response};
-use crate::allocation::{CHANNEL_COOLDOWN, FiveTuple, RelayKey};
+use crate::allocation::{CHANNEL_COOLDOWN, EndReason, FiveTuple, RelayKey};
 use crate::attr::{self, AttrType};
 use crate::channel::ChannelNumber;
 use crate::error::ErrorCode;
@@ -64,7 +64,7 @@ impl Engine {
             w.add_u32(AttrType::LIFETIME, secs);
         });
         if lifetime.is_zero() {
-            self.free(id, io, "deleted by client");
+            self.free(now, id, io, EndReason::RefreshedToZero);
         } else if let Some(alloc) = self.table.get_mut(id) {
             alloc.expires = now + lifetime;
             // Extensions are picked up lazily when the armed timer fires; a shorter lifetime needs an
@@ -128,7 +128,7 @@ impl Engine {
                     return;
                 }
                 if alloc.expires <= now {
-                    self.free(id, io, "expired");
+                    self.free(now, id, io, EndReason::Expired);
                 } else {
                     alloc.armed_at = alloc.expires;
                     self.wheel.insert(alloc.expires, Timer::Allocation(id, alloc.expires));
@@ -179,13 +179,13 @@ impl Engine {
     }
 
     /// The client's TCP/TLS connection closed: its allocation goes with it (RFC 8656 §3.1).
-    pub fn client_closed(&mut self, tuple: FiveTuple, io: &mut dyn RelaySockets) {
+    pub fn client_closed(&mut self, now: Instant, tuple: FiveTuple, io: &mut dyn RelaySockets) {
         if let Some(id) = self.table.find(&tuple) {
-            self.free(id, io, "connection closed");
+            self.free(now, id, io, EndReason::ConnectionClosed);
         }
     }
 
-    pub(super) fn free(&mut self, id: AllocId, io: &mut dyn RelaySockets, why: &str) {
+    pub(super) fn free(&mut self, now: Instant, id: AllocId, io: &mut dyn RelaySockets, why: EndReason) {
         let Some(alloc) = self.table.remove(id) else {
             return;
         };
@@ -200,11 +200,18 @@ impl Engine {
         set(&self.stats.permissions, self.live_permissions);
         set(&self.stats.channels, self.live_channels);
         bump_down(&self.stats.allocations[alloc.five_tuple.transport.index()]);
+        let [up, down] = alloc.traffic;
         log::info!(
-            "allocation deleted ({why}): user={} client={} relay={}",
+            "allocation deleted ({why}): user={} client={} relay={} duration={:.1}s \
+             client_to_peer={}pkt/{}B peer_to_client={}pkt/{}B",
             alloc.username,
             alloc.five_tuple,
-            alloc.relayed.advertised
+            alloc.relayed.advertised,
+            now.saturating_duration_since(alloc.created).as_secs_f64(),
+            up.packets,
+            up.bytes,
+            down.packets,
+            down.bytes
         );
     }
 
@@ -224,10 +231,10 @@ impl Engine {
     }
 
     /// Deletes every allocation (shutdown).
-    pub fn close_all(&mut self, io: &mut dyn RelaySockets) {
+    pub fn close_all(&mut self, now: Instant, io: &mut dyn RelaySockets) {
         let ids: Vec<AllocId> = self.table.iter().map(|(id, _)| id).collect();
         for id in ids {
-            self.free(id, io, "server shutting down");
+            self.free(now, id, io, EndReason::Shutdown);
         }
     }
 }

@@ -27,7 +27,7 @@ use crate::integrity::PreparedKey;
 use crate::policy::PeerPolicy;
 use crate::policy::rate::{LogLimiter, TokenBucket};
 use crate::ports::PortPool;
-use crate::rng::XorShift;
+use crate::rng::{Unpredictable, XorShift};
 use crate::spares::SparePool;
 use crate::stats::{EngineCounters, bump, set};
 use crate::stun::{Class, Method, MsgWriter, StunMsg};
@@ -291,6 +291,9 @@ pub struct Engine {
     /// judged against unix time, derived from the two ([`Engine::set_wall_clock`] renews them).
     wall_at: Instant,
     wall_unix: u64,
+    /// Relay port choice among spares, reservation tokens.
+    unpredictable: Unpredictable,
+    /// Data indication transaction IDs.
     rng: XorShift,
     live_permissions: u64,
     live_channels: u64,
@@ -315,7 +318,8 @@ impl std::fmt::Debug for Engine {
 
 impl Engine {
     /// A shard's engine. `origin`/`origin_unix` tie the monotonic clock to unix time (REST expiries,
-    /// nonces); `seed` randomises ports and indication transaction IDs.
+    /// nonces); `seed`, 32 bytes from the operating system's generator, keys the choice of relay ports
+    /// and reservation tokens.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         shard: u16,
@@ -325,9 +329,10 @@ impl Engine {
         ports: impl IntoIterator<Item = u16>,
         origin: Instant,
         origin_unix: u64,
-        seed: u64,
+        seed: &[u8; 32],
     ) -> Self {
         let ports = PortPool::new(ports, seed);
+        let mut unpredictable = Unpredictable::new(seed, "engine");
         Self {
             shard,
             cluster,
@@ -341,7 +346,8 @@ impl Engine {
             origin,
             wall_at: origin,
             wall_unix: origin_unix,
-            rng: XorShift::new(seed),
+            rng: XorShift::new(unpredictable.next_u64()),
+            unpredictable,
             live_permissions: 0,
             live_channels: 0,
             total_bandwidth: (settings.shard_total_bps > 0)

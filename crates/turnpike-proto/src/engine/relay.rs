@@ -55,6 +55,7 @@ impl Engine {
             return Action::Drop(DropReason::OverBandwidth);
         }
         let key = RelayKey::new(id.idx, alloc.half_for(binding.peer));
+        alloc.traffic[TO_PEER].add(cd.data.len());
         bump(&self.stats.packets[TO_PEER], 1);
         bump(&self.stats.bytes[TO_PEER], cd.data.len() as u64);
         let start = HEADROOM + CHANNEL_HEADER_LEN;
@@ -104,6 +105,7 @@ impl Engine {
         if !take_bandwidth(&mut alloc.bandwidth, &mut self.total_bandwidth, 0, data.len(), now) {
             return Action::Drop(DropReason::OverBandwidth);
         }
+        alloc.traffic[TO_PEER].add(data.len());
         bump(&self.stats.packets[TO_PEER], 1);
         bump(&self.stats.bytes[TO_PEER], data.len() as u64);
         let start = HEADROOM + offset_in(bytes, data);
@@ -158,6 +160,9 @@ impl Engine {
                 None => return Action::Drop(DropReason::NoSpace),
             },
         };
+        if let Some(alloc) = self.table.by_index_mut(key.slot()) {
+            alloc.traffic[TO_CLIENT].add(len);
+        }
         bump(&self.stats.packets[TO_CLIENT], 1);
         bump(&self.stats.bytes[TO_CLIENT], len as u64);
         Action::ToClient { tuple, range }

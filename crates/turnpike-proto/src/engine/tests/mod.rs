@@ -134,7 +134,7 @@ fn harness_on(s: Settings, (min_port, max_port): (u16, u16)) -> Harness {
         min_port..=max_port,
         t0,
         UNIX0,
-        42,
+        &[42; 32],
     );
     Harness { engine, io: FakeSockets::default(), pkt: PacketBuf::default(), now: t0, cluster }
 }
