@@ -560,9 +560,9 @@ fn systemd_unit_verifies_with_the_built_binary() {
     }
     let dir = temp_dir("unit");
     let unit = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/systemd/turnpike.service")).unwrap();
-    assert!(unit.contains("Type=notify") && unit.contains("ExecReload=/bin/kill -HUP $MAINPID"));
+    assert!(unit.contains("Type=notify") && unit.contains("ExecReload=/usr/bin/turnpike reload --config"));
     let unit = unit
-        .replace("/usr/local/bin/turnpike", env!("CARGO_BIN_EXE_turnpike"))
+        .replace("/usr/bin/turnpike", env!("CARGO_BIN_EXE_turnpike"))
         .replace("/etc/turnpike/turnpike.yaml", concat!(env!("CARGO_MANIFEST_DIR"), "/config/dev.yaml"));
     let path = dir.join("turnpike.service");
     std::fs::write(&path, unit).unwrap();

@@ -22,13 +22,13 @@ cleanup() {
 }
 trap cleanup EXIT
 # The port check and the configuration are bench-compare's (scripts/bench/bench_compare.py).
-if ! python3 -c 'import sys; sys.path.insert(0, "scripts"); from bench_compare import busy_ports
+if ! python3 -c 'import sys; sys.path.insert(0, "scripts/bench"); from bench_compare import busy_ports
 sys.exit(1 if busy_ports([3478]) else 0)'; then
     echo "127.0.0.1:3478/udp is in use; stop what holds it first" >&2
     exit 1
 fi
 config() { # LIFETIME: bench-compare's turnpike configuration with that lifetime and no quotas
-    python3 -c 'import sys; sys.path.insert(0, "scripts"); from bench_compare import TURNPIKE_YAML
+    python3 -c 'import sys; sys.path.insert(0, "scripts/bench"); from bench_compare import TURNPIKE_YAML
 print(TURNPIKE_YAML + "allocations: {default_lifetime: %s, max_lifetime: %s, user_quota: 0, total_quota: 0}" % (sys.argv[1], sys.argv[1]))' "$1"
 }
 run() { # MODE LIFETIME
@@ -37,6 +37,11 @@ run() { # MODE LIFETIME
     local server=$!
     pids+=("$server")
     sleep 0.5
+    if ! kill -0 "$server" 2>/dev/null; then
+        echo "bench-expiry: turnpike exited at start:" >&2
+        cat "$dir/server.log" >&2
+        exit 1
+    fi
     local t0
     t0="$(date +%s.%N)"
     # The crowd: set up, then a trickle of traffic that refreshes nothing, for longer than the lifetime.

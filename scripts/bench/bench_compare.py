@@ -127,9 +127,32 @@ def start(name, sockets=1, pause_us=None, ipv6=False, gateway=False, binary=TURN
         # Set always, so that a RAW_COALESCE_US or RAW_SEND left in the caller's environment cannot
         # change the plain forwarders.
         env = dict(os.environ, RAW_COALESCE_US=str(pause_us or 0), RAW_SEND="1" if name == "floor-raw" else "0")
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    proc = spawn_server(name, cmd, env=env)
     time.sleep(0.2 if name in ("raw", "floor", "floor-raw", "setup-floor") else 1.0)
+    require_running(name, proc)
     return proc
+
+
+def spawn_server(name, cmd, env=None):
+    """Starts a server with its stderr kept in target/bench/<name>.stderr (shown if it fails)."""
+    log = open(os.path.join(ROOT, "target/bench/%s.stderr" % name), "wb")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, env=env)
+    proc.bench_name = name
+    proc.bench_log = log.name
+    return proc
+
+
+def require_running(name, proc):
+    """Ends the benchmark (non-zero) when the server `proc` is not running: a server that failed
+    measures nothing, and its runs must not be reported as 100 % loss."""
+    if proc.poll() is None:
+        return
+    try:
+        with open(getattr(proc, "bench_log", os.devnull), errors="replace") as f:
+            tail = f.read()[-800:]
+    except OSError:
+        tail = ""
+    sys.exit("bench: %s exited (code %s):\n%s" % (name, proc.returncode, tail))
 
 
 def stop(proc):
@@ -202,8 +225,12 @@ def run_one(name, *extra, sockets=1, starter=None, port=None, gateway=False):
         proc = starter() if starter else start(name, sockets)
         try:
             r = loadgen(name, proc, *extra, port=port, gateway=gateway)
+            require_running(name, proc)
         finally:
             stop(proc)
+        if "error" in r:
+            sys.exit("bench: the load generator failed against %s (%s): %s"
+                     % (name, " ".join(str(e) for e in extra), r["error"]))
         reason = stall_reason(r)
         if attempt == 2 or reason is None:
             return r

@@ -55,8 +55,9 @@ def start(name, binary):
             f.write(bc.TURNPIKE_YAML.replace("tcp: false", "tcp: true, tls_port: %d" % TLS_PORTS["turnpike"])
                     + "tls: {cert: %s, pkey: %s}\n" % (CERT, KEY))
         cmd = pin + [binary, "--config", path]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = bc.spawn_server(name, cmd)
     time.sleep(1.0)
+    bc.require_running(name, proc)
     return proc
 
 
@@ -81,10 +82,10 @@ def main():
     args = ap.parse_args()
     transports = [t for t in args.transports.split(",") if t in ("tcp", "tls")]
     bc.require_free_ports()
-    if "tls" in transports:
-        if not shutil.which("openssl"):
-            sys.exit("bench-tcp: openssl makes the servers' certificate; install it, or run with --transports tcp")
-        make_certificate()
+    # Both servers listen for TLS too (the certificate is needed even when only TCP is measured).
+    if not shutil.which("openssl"):
+        sys.exit("bench-tcp: openssl makes the servers' certificate; install it")
+    make_certificate()
     servers = [("turnpike", bc.TURNPIKE)]
     if args.baseline:
         servers.append(("baseline", args.baseline))

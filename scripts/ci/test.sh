@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Runs turnpike's whole test suite on a fresh Debian machine with Rust: installs the third-party
 # clients the interop tests drive (Debian's coturn for turnutils_uclient/turnutils_peer, aioice from
-# PyPI) and cargo-fuzz, then checks formatting, lints, docs, runs every test, and fuzzes each target
-# for a bounded time (TURNPIKE_FUZZ_SECS, default 20).
+# PyPI), cargo-deny, cargo-fuzz, cargo-deb and lintian, then checks formatting, lints, docs, runs every
+# test, fuzzes each target briefly (TURNPIKE_FUZZ_SECS, default 10; scripts/ci/fuzz.sh for longer
+# runs) and, as root, builds, installs and purges the Debian package. Every stage runs; the last line
+# says which passed and which failed, with the test counts, and the exit status is non-zero if any
+# failed.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -16,10 +19,10 @@ if ! command -v turnutils_uclient >/dev/null 2>&1; then
     DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends coturn >/dev/null
     as_root systemctl stop coturn >/dev/null 2>&1 || true
 fi
-if ! command -v openssl >/dev/null 2>&1; then
-    echo "==> installing openssl (certificates for the TLS smoke runs)"
+if ! command -v openssl >/dev/null 2>&1 || ! command -v lintian >/dev/null 2>&1; then
+    echo "==> installing openssl (certificates for the TLS smoke runs) and lintian (the .deb)"
     as_root apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends openssl >/dev/null
+    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends openssl lintian >/dev/null
 fi
 if ! python3 -c "import aioice" >/dev/null 2>&1; then
     echo "==> installing aioice (Python TURN client)"
@@ -38,27 +41,46 @@ if ! command -v cargo-deny >/dev/null 2>&1; then
     echo "==> installing cargo-deny (licenses, bans and sources of the dependency tree)"
     cargo install cargo-deny --locked --quiet
 fi
-echo "==> cargo fmt --check"
-cargo fmt --all -- --check
-echo "==> cargo clippy"
-cargo clippy --workspace --all-targets --locked --quiet -- -D warnings
-echo "==> cargo deny (licenses, bans, sources; advisories need a database these machines cannot fetch)"
-cargo deny --log-level error check licenses bans sources
-echo "==> clippy on the fuzz targets"
-(cd fuzz && cargo clippy --all-targets --quiet -- -D warnings)
-echo "==> import cycles between modules"
-python3 scripts/ci/module-cycles.py
-echo "==> cargo doc"
+if ! command -v cargo-deb >/dev/null 2>&1; then
+    echo "==> installing cargo-deb (the Debian package)"
+    cargo install cargo-deb --locked --quiet
+fi
+
+# Each stage's output goes to the terminal and to a log; its verdict (and, for cargo test, its counts)
+# to the summary.
+log_dir="$(mktemp -d)"
+summary=()
+failed=0
+stage() { # NAME COMMAND...
+    local name="$1"; shift
+    echo "==> $name"
+    local log="$log_dir/$(echo "$name" | tr -c 'a-zA-Z0-9' _).log"
+    local rc=0
+    "$@" 2>&1 | tee "$log" || rc=$?
+    local counts
+    counts="$(awk '/^test result:/ { p += $4; f += $6 } END { if (p + f > 0) printf " (%d passed, %d failed)", p, f }' "$log")"
+    if [ "$rc" -eq 0 ]; then summary+=("$name: ok$counts"); else summary+=("$name: FAILED$counts"); failed=1; fi
+}
+
+stage "cargo fmt --check" cargo fmt --all -- --check
+stage "cargo clippy" cargo clippy --workspace --all-targets --locked --quiet -- -D warnings
+# Advisories need a database these machines cannot fetch.
+stage "cargo deny" cargo deny --log-level error check licenses bans sources
+stage "clippy on the fuzz targets" bash -c 'cd fuzz && cargo clippy --all-targets --quiet -- -D warnings'
+stage "import cycles" python3 scripts/ci/module-cycles.py
 # Private items too: the host is read as a program, and its overview links its internal modules.
-RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --document-private-items --locked --quiet
-echo "==> cargo test"
-cargo test --workspace --locked
+stage "cargo doc" env RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --document-private-items --locked --quiet
+stage "cargo test" cargo test --workspace --locked
 # The core's criterion benchmarks, each run once as a test (they check what they measure).
-echo "==> microbenchmarks as tests"
-cargo test -p turnpike-proto --benches --locked --quiet
+stage "microbenchmarks as tests" cargo test -p turnpike-proto --benches --locked --quiet
 # The load generator against turnpike, briefly: correctness only (loss, errors), no timing.
-echo "==> load generator smoke test"
-bash scripts/ci/bench-smoke.sh
+stage "load generator smoke test" bash scripts/ci/bench-smoke.sh
 # Bounded fuzzing of every target (codec and stateful engine), replaying fuzz/regressions first.
-echo "==> fuzz (${TURNPIKE_FUZZ_SECS:-20}s per target)"
-bash scripts/ci/fuzz.sh "${TURNPIKE_FUZZ_SECS:-20}"
+stage "fuzz (${TURNPIKE_FUZZ_SECS:-10}s per target)" bash scripts/ci/fuzz.sh "${TURNPIKE_FUZZ_SECS:-10}"
+# The Debian package: built everywhere, installed and purged where this runs as root.
+stage "debian package" bash scripts/ci/deb.sh
+rm -rf "$log_dir"
+
+echo
+echo "summary: $(IFS=';'; echo "${summary[*]}" | sed 's/;/; /g')"
+exit "$failed"

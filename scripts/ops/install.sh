@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Installs turnpike as a systemd service: the release binary, a system user, the unit, a starting
-# configuration (kept if one exists) and a sysctl drop-in that keeps the kernel's ephemeral ports out
-# of the relay range. Run as root from a checkout: `bash scripts/ops/install.sh`.
+# Installs turnpike as a systemd service from a checkout, where the .deb (scripts/ci/deb.sh) is not
+# an option: the release binary, a system user, the unit, a starting configuration (kept if one
+# exists) and a sysctl drop-in that keeps the kernel's ephemeral ports out of the relay range. Run as
+# root: `bash scripts/ops/install.sh`.
 # PREFIX (default /usr/local) and DESTDIR (default empty, for packaging) are honoured.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -11,13 +12,11 @@ DESTDIR="${DESTDIR:-}"
 cargo build --release --locked
 install -D -m 755 target/release/turnpike "$DESTDIR$PREFIX/bin/turnpike"
 install -D -m 644 systemd/turnpike.service "$DESTDIR/etc/systemd/system/turnpike.service"
-if [ "$PREFIX" != /usr/local ]; then
-    sed -i "s|/usr/local/bin/turnpike|$PREFIX/bin/turnpike|g" "$DESTDIR/etc/systemd/system/turnpike.service"
-fi
+sed -i "s|/usr/bin/turnpike|$PREFIX/bin/turnpike|g" "$DESTDIR/etc/systemd/system/turnpike.service"
 install -D -m 644 scripts/ops/sysctl.conf "$DESTDIR/etc/sysctl.d/60-turnpike.conf"
 install -d -m 750 "$DESTDIR/etc/turnpike"
 if [ ! -e "$DESTDIR/etc/turnpike/turnpike.yaml" ]; then
-    secret="$(head -c 48 /dev/urandom | base64 | tr -d '/+=' | head -c 64)"
+    secret="$(head -c 48 /dev/urandom | base64 | tr -d '/+=\n' | head -c 64)"
     sed "s|change-me-to-the-output-of-pwgen-s-64-1|$secret|" config/turnpike.example.yaml \
         > "$DESTDIR/etc/turnpike/turnpike.yaml"
     chmod 640 "$DESTDIR/etc/turnpike/turnpike.yaml"
