@@ -410,3 +410,42 @@ fn sighup_reopens_the_log_file() {
     let _ = child.wait();
     assert!(!std::fs::read_to_string(dir.join("turnpike.log.1")).unwrap().contains("reload: generation"));
 }
+
+#[test]
+fn config_convert_writes_what_the_coturn_file_sets_and_refuses_yaml() {
+    let dir = temp_dir("convert");
+    let conf = dir.join("turnserver.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "use-auth-secret\nstatic-auth-secret={REAL_SECRET}\nrealm=turn.example.org\nmin-port=50000\n\
+             prometheus\nprometheus-port=9100\nweb-admin\nlt-cred-mech\n"
+        ),
+    )
+    .unwrap();
+    let out = run(&["config", "convert", conf.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    let yaml = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(yaml.contains("  listen: \"0.0.0.0:9100\"\n"), "the Prometheus options are kept: {yaml}");
+    assert!(yaml.contains("  min_port: 50000\n") && !yaml.contains("max_port"), "only what the file sets: {yaml}");
+    assert!(
+        yaml.contains(
+            "#   `web-admin` (line 7) is a coturn option turnpike does not implement: turnpike has no web admin"
+        ),
+        "{yaml}"
+    );
+    assert!(yaml.contains("#   `lt-cred-mech` has no effect: long-term credentials are always on"), "{yaml}");
+    let options = yaml.lines().filter(|l| l.starts_with("  ") && !l.trim_start().starts_with('#')).count();
+    assert!(options < 12, "about as many options as the file sets, not every default: {yaml}");
+    // What it writes is a configuration turnpike reads back.
+    let converted = dir.join("converted.yaml");
+    std::fs::write(&converted, &yaml).unwrap();
+    let out = run(&["check", "--config", converted.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+
+    // A YAML file (or anything else) is not converted.
+    let out = run(&["config", "convert", converted.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out).contains("reads as turnpike YAML, not a coturn turnserver.conf"), "{}", text(&out));
+    assert!(out.stdout.is_empty());
+}

@@ -502,6 +502,25 @@ fn probe_succeeds_and_diagnoses_failures() {
     }
     let (ok, out) = turnpike(&["probe", &udp, "--secret", "not-the-secret"]);
     assert!(!ok && out.contains("wrong shared secret"), "{out}");
+    // --json: one object per step as it completes, then the summary.
+    let json = Command::new(env!("CARGO_BIN_EXE_turnpike"))
+        .args(["probe", &udp, "--secret", SECRET, "--count", "3", "--json"])
+        .output()
+        .unwrap();
+    assert!(json.status.success());
+    let lines: Vec<serde_json::Value> =
+        String::from_utf8_lossy(&json.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let steps: Vec<&str> = lines.iter().filter_map(|v| v["step"].as_str()).collect();
+    assert_eq!(steps[..3], ["resolve", "allocate A", "allocate B"], "{lines:?}");
+    let last = lines.last().unwrap();
+    assert_eq!((last["result"].as_bool(), last["rtt_ms"].as_array().map(Vec::len)), (Some(true), Some(3)), "{last}");
+    // A CA file that holds no certificate is an error, not silently the system's roots alone.
+    let empty = std::env::temp_dir().join(format!("turnpike-empty-ca-{}.pem", std::process::id()));
+    std::fs::write(&empty, "").unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let turns = format!("turns:{}", listener.local_addr().unwrap());
+    let (ok, out) = turnpike(&["probe", &turns, "--secret", "x", "--ca", empty.to_str().unwrap(), "--timeout", "1"]);
+    assert!(!ok && out.contains("no usable CA certificate"), "{out}");
     let (ok, out) = turnpike(&["probe", &udp, "--user", "alice", "--password", "wonderland", "--count", "2"]);
     assert!(ok, "static user: {out}");
     let closed = UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
