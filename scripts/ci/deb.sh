@@ -17,7 +17,8 @@ target/release/turnpike man | gzip -9n > target/assets/turnpike.1.gz
 target/release/turnpike completions bash > target/assets/turnpike.bash
 target/release/turnpike completions zsh > target/assets/_turnpike
 target/release/turnpike completions fish > target/assets/turnpike.fish
-deb="$(cargo deb --no-build --locked -p turnpike 2>/dev/null | tail -1)"
+# Stripped: the release profile keeps line tables for backtraces, the package does not need them.
+deb="$(cargo deb --no-build --strip --locked -p turnpike 2>/dev/null | tail -1)"
 [ -f "$deb" ] || { echo "cargo deb produced no package" >&2; exit 1; }
 echo "built $deb"
 [ "${1:-}" = "--build-only" ] && exit 0
@@ -32,7 +33,7 @@ if ! command -v lintian >/dev/null 2>&1; then
 fi
 
 echo "==> lintian"
-lintian --fail-on error --no-tag-display-limit "$deb"
+lintian --fail-on error --tag-display-limit 0 "$deb"
 
 if dpkg -s turnpike >/dev/null 2>&1; then
     echo "turnpike is already installed on this machine: not touching it" >&2

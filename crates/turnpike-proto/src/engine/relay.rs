@@ -138,6 +138,10 @@ impl Engine {
         let Ok(len16) = u16::try_from(len) else {
             return Action::Drop(DropReason::NoSpace);
         };
+        if channel.is_some() {
+            // ChannelData always fits the headroom; a Data indication is counted once it did.
+            alloc.traffic[TO_CLIENT].add(len);
+        }
         let range = match channel {
             //= RFC 8656 §12.7: "If the relayed UDP datagram's source transport address is bound to a
             //= channel ... the server MUST send the application data to the client in a ChannelData
@@ -156,13 +160,15 @@ impl Engine {
                 start..end
             }
             None => match self.data_indication_header(pkt, peer, len) {
-                Some(r) => r,
+                Some(r) => {
+                    if let Some(alloc) = self.table.by_index_mut(key.slot()) {
+                        alloc.traffic[TO_CLIENT].add(len);
+                    }
+                    r
+                }
                 None => return Action::Drop(DropReason::NoSpace),
             },
         };
-        if let Some(alloc) = self.table.by_index_mut(key.slot()) {
-            alloc.traffic[TO_CLIENT].add(len);
-        }
         bump(&self.stats.packets[TO_CLIENT], 1);
         bump(&self.stats.bytes[TO_CLIENT], len as u64);
         Action::ToClient { tuple, range }
