@@ -7,8 +7,10 @@ use crate::admission::ConnLimits;
 use crate::auth::NonceKey;
 use crate::config::preflight::Severity;
 use crate::config::{Config, options};
+use crate::control::admin::{AdminCounters, ShardLink};
 use crate::control::{self, ServerCounters};
 use crate::descriptors;
+use crate::fleet::{self, FleetCounters};
 use crate::policy::PeerPolicy;
 use crate::proto::{Engine, RelayAddr, Settings};
 use crate::shard::{self, CoalesceSettings, Ctl, ShardParts, clock, socket};
@@ -141,6 +143,10 @@ pub struct ServerHandle {
     nonce_key: NonceKey,
     /// The bound metrics address, when the endpoint is enabled.
     pub metrics_addr: Option<SocketAddr>,
+    /// The bound admin API address, when it is enabled.
+    pub admin_addr: Option<SocketAddr>,
+    /// Set when the server begins to stop (the admin API's `/readyz` fails).
+    stopping: Arc<AtomicBool>,
     shards: Vec<ShardHandle>,
     threads: Vec<JoinHandle<()>>,
     stop: Arc<AtomicBool>,
@@ -223,6 +229,22 @@ impl ServerHandle {
         false
     }
 
+    /// Stops taking new allocations (SIGTERM with `admin.stop_grace`), and waits until none is left or
+    /// `grace` has passed; returns how many were left.
+    #[allow(clippy::disallowed_methods)] // the main thread waits for calls to end
+    pub fn drain_for(&self, grace: std::time::Duration) -> usize {
+        self.stopping.store(true, Ordering::Release);
+        self.shared.operator.set_draining(true);
+        let deadline = clock::now() + grace;
+        loop {
+            let left = self.totals().engine.allocations() as usize;
+            if left == 0 || clock::now() >= deadline {
+                return left;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+    }
+
     /// The configuration in force.
     pub fn config(&self) -> Config {
         self.config.lock().clone()
@@ -234,6 +256,7 @@ impl ServerHandle {
     }
 
     fn stop_all(&mut self) {
+        self.stopping.store(true, Ordering::Release);
         self.stop.store(true, Ordering::Release);
         for s in &self.shards {
             let _ = s.inbox.send(Ctl::Shutdown);
@@ -571,6 +594,60 @@ pub fn start(cfg: &Config) -> io::Result<ServerHandle> {
     };
     let counters = Arc::new(ServerCounters::default());
     let mut threads = vec![control];
+    let links: Vec<ShardLink> =
+        shards.iter().map(|s| ShardLink { inbox: s.inbox.clone(), waker: Arc::clone(&s.waker) }).collect();
+    let admin_counters = Arc::new(AdminCounters::default());
+    let fleet_counters = Arc::new(FleetCounters::default());
+    let node = cfg.cluster.as_ref().map_or_else(
+        || nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_else(|| "turnpike".into()),
+        |c| c.node.clone(),
+    );
+    let fleet = match &cfg.cluster {
+        Some(cluster) => {
+            let alternate = cluster
+                .alternate
+                .or_else(|| addrs.udp.first().copied())
+                .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 3478)));
+            let (handle, thread) = fleet::start(fleet::FleetParts {
+                config: cluster.clone(),
+                alternate,
+                shared: Arc::clone(&shared),
+                shards: links.clone(),
+                counters: Arc::clone(&fleet_counters),
+                stop: Arc::clone(&stop),
+            })?;
+            threads.push(thread);
+            Some(handle)
+        }
+        None => None,
+    };
+    let stopping = Arc::new(AtomicBool::new(false));
+    let mut admin_addr = None;
+    if let Some(admin) = &cfg.admin {
+        let token = control::admin::read_token(&admin.token_file).map_err(io::Error::other)?;
+        let listener = control::http::bind(admin.listen).map_err(|e| {
+            io::Error::new(e.kind(), format!("cannot listen on {} for the admin API: {e}", admin.listen))
+        })?;
+        admin_addr = listener.local_addr().ok();
+        shared.operator.enable_publishing();
+        let api = Arc::new(control::admin::Admin {
+            token,
+            node,
+            shared: Arc::clone(&shared),
+            shards: links,
+            fleet,
+            counters: Arc::clone(&admin_counters),
+            stopping: Arc::clone(&stopping),
+        });
+        let stop = Arc::clone(&stop);
+        let http_counters = Arc::new(control::http::HttpCounters::default());
+        threads.push(std::thread::Builder::new().name("turnpike-admin".into()).spawn(move || {
+            let cap = control::http::connection_cap(fd_limit);
+            if let Err(e) = control::http::serve(listener, api.handler(), http_counters, cap, &stop) {
+                log::error!("admin API stopped: {e}");
+            }
+        })?);
+    }
     let mut metrics_addr = None;
     if let Some(listen) = cfg.metrics_listen {
         let listener = control::http::bind(listen)
@@ -581,6 +658,8 @@ pub fn start(cfg: &Config) -> io::Result<ServerHandle> {
             shared: Arc::clone(&shared),
             server: Arc::clone(&counters),
             http: Arc::new(control::http::HttpCounters::default()),
+            admin: admin_counters,
+            fleet: fleet_counters,
         };
         let stop = Arc::clone(&stop);
         threads.push(std::thread::Builder::new().name("turnpike-http".into()).spawn(move || {
@@ -600,6 +679,8 @@ pub fn start(cfg: &Config) -> io::Result<ServerHandle> {
         config: parking_lot::Mutex::new(cfg.clone()),
         nonce_key,
         metrics_addr,
+        admin_addr,
+        stopping,
         shards,
         threads,
         stop,

@@ -4,16 +4,19 @@
 //! [`Cluster`] the engines ask.
 
 use crate::admission::ConnBudget;
-use parking_lot::Mutex;
+use crate::operator::Operator;
+use parking_lot::{Mutex, RwLock};
+use std::collections::HashMap;
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Instant;
 use turnpike_proto::Cluster;
 use turnpike_proto::cluster::{
-    LiveRelays, QuotaBook, QuotaError, QuotaLimits, Reservation, ReservationBook, UnauthLimiter,
+    Admission, LiveRelays, QuotaBook, QuotaError, QuotaLimits, Reservation, ReservationBook, UnauthLimiter,
 };
 
 const STRIPES: usize = 64;
@@ -86,6 +89,10 @@ pub struct Shared {
     pub conns: ConnBudget,
     /// Answers to unauthenticated requests, per source and prefix.
     pub unauth: UnauthLimiter,
+    /// Sessions, heartbeats, drain and revocations.
+    pub operator: Operator,
+    /// The fleet's view of users' allocations on the other nodes (empty without a fleet).
+    pub fleet: FleetCounts,
     /// The moment the limiter's milliseconds count from: the first time it was asked (every shard
     /// passes its own reading of one monotonic clock).
     origin: OnceLock<Instant>,
@@ -107,13 +114,75 @@ impl Shared {
     }
 }
 
+/// A user's allocations on the other nodes of a fleet, as this node last heard (from Redis), and the
+/// way this node's own changes reach the fleet thread. The user quota counts both; without a fleet
+/// both are idle.
+#[derive(Debug, Default)]
+pub struct FleetCounts {
+    /// Whether a fleet is configured (else nothing below is touched).
+    enabled: AtomicBool,
+    /// Per user: allocations on other live nodes.
+    others: RwLock<HashMap<Box<[u8]>, u32>>,
+    /// This node's changes, for the fleet thread (never blocks: a full queue is a resync).
+    changes: OnceLock<crossbeam_channel::Sender<(Box<[u8]>, i32)>>,
+    /// Set when a change could not be queued: the fleet thread publishes all counts again.
+    lost_changes: AtomicBool,
+}
+
+impl FleetCounts {
+    /// Turns the fleet on; this node's changes go to `changes`.
+    pub fn enable(&self, changes: crossbeam_channel::Sender<(Box<[u8]>, i32)>) {
+        let _ = self.changes.set(changes);
+        self.enabled.store(true, AtomicOrdering::Release);
+    }
+
+    /// Replaces the other nodes' counts.
+    pub fn set_others(&self, others: HashMap<Box<[u8]>, u32>) {
+        *self.others.write() = others;
+    }
+
+    /// `user`'s allocations on other nodes.
+    pub fn others(&self, user: &[u8]) -> u32 {
+        if !self.enabled.load(AtomicOrdering::Acquire) {
+            return 0;
+        }
+        self.others.read().get(user).copied().unwrap_or(0)
+    }
+
+    /// Whether changes were lost since the last call (the fleet thread then republishes everything).
+    pub fn take_lost(&self) -> bool {
+        self.lost_changes.swap(false, AtomicOrdering::AcqRel)
+    }
+
+    fn changed(&self, user: &[u8], delta: i32) {
+        if !self.enabled.load(AtomicOrdering::Acquire) {
+            return;
+        }
+        if let Some(tx) = self.changes.get()
+            && tx.try_send((user.into(), delta)).is_err()
+        {
+            self.lost_changes.store(true, AtomicOrdering::Release);
+        }
+    }
+}
+
 impl Cluster for Shared {
     fn acquire(&self, user: &[u8], limits: QuotaLimits, reserve: bool) -> Result<(), QuotaError> {
-        self.quotas.try_acquire(user, limits, reserve)
+        // A fleet-wide user quota: what the other nodes hold leaves less for this one.
+        let others = self.fleet.others(user);
+        let limits = match limits.user {
+            0 => limits,
+            quota if others >= quota => return Err(QuotaError::User),
+            quota => QuotaLimits { user: quota - others, ..limits },
+        };
+        self.quotas.try_acquire(user, limits, reserve)?;
+        self.fleet.changed(user, 1);
+        Ok(())
     }
 
     fn release(&self, user: &[u8]) {
         self.quotas.give_back(user, false);
+        self.fleet.changed(user, -1);
     }
 
     fn release_reservation(&self, user: &[u8]) {
@@ -163,6 +232,14 @@ impl Cluster for Shared {
 
     fn unauthenticated_flood(&self, now: Instant) -> bool {
         self.unauth.flooded(self.millis(now))
+    }
+
+    fn revoked(&self, user: &[u8], now_unix: u64) -> bool {
+        self.operator.is_revoked(user, now_unix)
+    }
+
+    fn admission(&self) -> Admission {
+        self.operator.admission()
     }
 }
 

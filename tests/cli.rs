@@ -56,8 +56,21 @@ fn text(out: &Output) -> String {
 }
 
 /// Every subcommand, as `turnpike --help` lists them.
-const SUBCOMMANDS: &[&str] =
-    &["run", "dev", "check", "reload", "credentials", "synapse-config", "probe", "config", "completions", "man"];
+const SUBCOMMANDS: &[&str] = &[
+    "run",
+    "dev",
+    "check",
+    "reload",
+    "credentials",
+    "synapse-config",
+    "probe",
+    "config",
+    "sessions",
+    "revoke",
+    "drain",
+    "completions",
+    "man",
+];
 
 #[test]
 fn every_subcommand_has_help() {
@@ -76,6 +89,8 @@ fn every_subcommand_has_help() {
     let mut all: Vec<Vec<&str>> = SUBCOMMANDS.iter().map(|c| vec![*c]).collect();
     all.push(vec!["config", "convert"]);
     all.push(vec!["config", "reference"]);
+    all.push(vec!["sessions", "list"]);
+    all.push(vec!["sessions", "kill"]);
     for command in all {
         for help in ["--help", "-h"] {
             let mut args = command.clone();
@@ -249,6 +264,32 @@ fn under_journald_each_line_carries_its_priority() {
     assert!(log.lines().all(|l| !l.starts_with('<')), "{log}");
 }
 
+/// Starts `turnpike run` on `yaml` (written into `dir`), its own output discarded: it logs to a file.
+fn run_logging_to_file(dir: &Path, yaml: &str) -> std::process::Child {
+    let cfg = dir.join("turnpike.yaml");
+    std::fs::write(&cfg, yaml).unwrap();
+    Command::new(BIN)
+        .args(["run", "--config", cfg.to_str().unwrap()])
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+/// Waits (at most 20 s) until the file at `path` contains `needle`; returns its text.
+fn wait_in(path: &Path, needle: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if text.contains(needle) {
+            return text;
+        }
+        assert!(Instant::now() < deadline, "no `{needle}` in {}: {text}", path.display());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 #[test]
 fn json_logs_parse_line_by_line_and_the_deletion_line_has_duration_and_counts() {
     let dir = temp_dir("json");
@@ -259,27 +300,8 @@ fn json_logs_parse_line_by_line_and_the_deletion_line_has_duration_and_counts() 
         "127.0.0.1",
         &format!("logging:\n  format: json\n  file: {}\n", log_path.display()),
     );
-    let cfg = dir.join("turnpike.yaml");
-    std::fs::write(&cfg, &yaml).unwrap();
-    let mut child = Command::new(BIN)
-        .args(["run", "--config", cfg.to_str().unwrap()])
-        .env_remove("RUST_LOG")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let wait_for = |needle: &str| {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
-            if log.contains(needle) {
-                return log;
-            }
-            assert!(Instant::now() < deadline, "no `{needle}` in {log}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    };
-    let log = wait_for("listening on");
+    let mut child = run_logging_to_file(&dir, &yaml);
+    let log = wait_in(&log_path, "listening on");
     let addr: std::net::SocketAddr =
         log.split("listening on ").nth(1).and_then(|rest| rest.split('/').next()).unwrap().parse().unwrap();
     let peer = EchoPeer::start();
@@ -292,7 +314,7 @@ fn json_logs_parse_line_by_line_and_the_deletion_line_has_duration_and_counts() 
         assert!(client.recv_data().is_some());
     }
     assert!(client.refresh(0).class() == Class::Success);
-    let log = wait_for("allocation deleted");
+    let log = wait_in(&log_path, "allocation deleted");
     let _ = child.kill();
     let _ = child.wait();
     let mut deleted = None;
@@ -385,22 +407,7 @@ fn sighup_reopens_the_log_file() {
     let dir = temp_dir("logrotate");
     let log_path = dir.join("turnpike.log");
     let yaml = test_yaml(1, (47840, 47849), "127.0.0.1", &format!("logging:\n  file: {}\n", log_path.display()));
-    let cfg = dir.join("turnpike.yaml");
-    std::fs::write(&cfg, &yaml).unwrap();
-    let mut child = Command::new(BIN)
-        .args(["run", "--config", cfg.to_str().unwrap()])
-        .env_remove("RUST_LOG")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let wait_in = |path: &Path, needle: &str| {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !std::fs::read_to_string(path).unwrap_or_default().contains(needle) {
-            assert!(Instant::now() < deadline, "no `{needle}` in {}", path.display());
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    };
+    let mut child = run_logging_to_file(&dir, &yaml);
     wait_in(&log_path, "listening on");
     // logrotate moves the file, then its postrotate sends SIGHUP.
     std::fs::rename(&log_path, dir.join("turnpike.log.1")).unwrap();

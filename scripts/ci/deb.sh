@@ -41,9 +41,21 @@ if dpkg -s turnpike >/dev/null 2>&1; then
 fi
 files="$(dpkg-deb -c "$deb" | awk '{print $6}' | sed 's|^\./|/|' | grep -v '/$')"
 pid=""
+# postinst applies the sysctl drop-in (ephemeral ports out of the relay range): this machine gets its
+# own values back afterwards, so that later tests see the kernel as it was.
+saved_sysctl="$(sysctl -n net.ipv4.ip_local_port_range net.core.rmem_max net.core.wmem_max 2>/dev/null | tr '\t' ' ')"
 cleanup() {
     [ -n "$pid" ] && kill "$pid" 2>/dev/null || true
     dpkg -s turnpike >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive dpkg --purge turnpike >/dev/null 2>&1 || true
+    if [ -n "$saved_sysctl" ]; then
+        {
+            read -r range
+            read -r rmem
+            read -r wmem
+        } <<< "$saved_sysctl"
+        sysctl -q -w net.ipv4.ip_local_port_range="$range" net.core.rmem_max="$rmem" net.core.wmem_max="$wmem" \
+            >/dev/null 2>&1 || true
+    fi
 }
 trap cleanup EXIT
 

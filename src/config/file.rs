@@ -319,6 +319,40 @@ pub struct MetricsSection {
     pub listen: Option<String>,
 }
 
+/// The admin API.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminSection {
+    /// Address of the admin API (HTTP, JSON), e.g. `127.0.0.1:9642`; off when unset.
+    pub listen: Option<String>,
+    /// A file holding the bearer token every admin request must carry (required with `listen`).
+    pub token_file: Option<String>,
+    /// Seconds SIGTERM waits, draining, for the node's allocations to end before it stops (0: stop at once).
+    pub stop_grace: u64,
+}
+
+/// A fleet sharing control state through Redis.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterSection {
+    /// `redis://[:PASSWORD@]HOST:PORT/DB` or `rediss://...`; no fleet when unset.
+    pub redis: Option<String>,
+    /// This node's name in the fleet (default: the host name).
+    pub node: Option<String>,
+    /// The address other nodes send clients to when this node is named as ALTERNATE-SERVER (IP:PORT).
+    pub alternate: Option<String>,
+    /// Seconds a node's published state lives without renewal: a dead node leaves the fleet view after it.
+    pub lease: u64,
+    /// While Redis is unreachable: `local` (admit on this node's own counts) or `refuse` (no new allocations).
+    pub on_outage: String,
+}
+
+impl Default for ClusterSection {
+    fn default() -> Self {
+        Self { redis: None, node: None, alternate: None, lease: 10, on_outage: "local".into() }
+    }
+}
+
 /// The whole file.
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
@@ -345,6 +379,10 @@ pub struct FileConfig {
     pub protocol: ProtocolSection,
     /// `metrics:` section.
     pub metrics: MetricsSection,
+    /// `admin:` section.
+    pub admin: AdminSection,
+    /// `cluster:` section.
+    pub cluster: ClusterSection,
 }
 
 /// A YAML syntax or schema error: line (1-based, if known), the option it is about (a YAML path, if

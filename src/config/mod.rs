@@ -98,6 +98,40 @@ pub enum LogFormat {
     Json,
 }
 
+/// The admin API's settings (`admin.*`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminConfig {
+    /// Where it listens.
+    pub listen: std::net::SocketAddr,
+    /// The file holding its bearer token.
+    pub token_file: PathBuf,
+}
+
+/// What a node does while Redis is unreachable (`cluster.on_outage`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnOutage {
+    /// Admit new allocations on this node's own counts.
+    #[default]
+    Local,
+    /// Refuse new allocations until Redis is back.
+    Refuse,
+}
+
+/// The fleet's settings (`cluster.*`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterConfig {
+    /// The Redis URL.
+    pub redis: String,
+    /// This node's name.
+    pub node: String,
+    /// The address other nodes send clients to (None: the first listening address).
+    pub alternate: Option<std::net::SocketAddr>,
+    /// How long published state lives unrenewed.
+    pub lease: Duration,
+    /// Behaviour while Redis is unreachable.
+    pub on_outage: OnOutage,
+}
+
 /// The validated configuration.
 #[derive(Debug, Clone, Default)]
 pub struct Config {
@@ -213,6 +247,12 @@ pub struct Config {
     pub log_format: LogFormat,
     /// The syslog daemon's socket.
     pub syslog_socket: PathBuf,
+    /// The admin API, when configured.
+    pub admin: Option<AdminConfig>,
+    /// How long SIGTERM drains before stopping.
+    pub stop_grace: Duration,
+    /// The fleet, when configured.
+    pub cluster: Option<ClusterConfig>,
     /// SOFTWARE attribute.
     pub software: Option<String>,
     /// Reason phrases in errors.

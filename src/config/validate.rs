@@ -3,10 +3,13 @@
 //! YAML), with the line where the file sets it.
 
 use super::file::{
-    AbuseSection, AllocationSection, AuthSection, FileConfig, ListenSection, LoggingSection, MetricsSection,
-    PeerSection, ProtocolSection, RelaySection, RuntimeSection, Threads, TlsSection,
+    AbuseSection, AdminSection, AllocationSection, AuthSection, ClusterSection, FileConfig, ListenSection,
+    LoggingSection, MetricsSection, PeerSection, ProtocolSection, RelaySection, RuntimeSection, Threads, TlsSection,
 };
-use super::{Config, ConfigError, ExternalIp, Locator, LogFormat, LogLevel, MAX_COALESCE_US, UserSecret};
+use super::{
+    AdminConfig, ClusterConfig, Config, ConfigError, ExternalIp, Locator, LogFormat, LogLevel, MAX_COALESCE_US,
+    OnOutage, UserSecret,
+};
 use crate::policy::IpRange;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -26,6 +29,8 @@ pub(super) fn validate(loc: &Locator<'_>, m: &FileConfig, warnings: Vec<String>)
     logging(loc, &m.logging, &mut c)?;
     metrics(loc, &m.metrics, &mut c)?;
     protocol(loc, &m.protocol, &mut c)?;
+    admin(loc, &m.admin, &mut c)?;
+    cluster(loc, &m.cluster, &mut c)?;
     c.model = m.clone();
     Ok(c)
 }
@@ -377,5 +382,58 @@ fn protocol(loc: &Locator<'_>, p: &ProtocolSection, c: &mut Config) -> Result<()
     c.software = software;
     c.reason_phrases = p.reason_phrases;
     c.legacy_channel_numbers = p.legacy_channel_numbers;
+    Ok(())
+}
+
+fn admin(loc: &Locator<'_>, a: &AdminSection, c: &mut Config) -> Result<(), ConfigError> {
+    c.stop_grace = Duration::from_secs(a.stop_grace);
+    let Some(listen) = &a.listen else {
+        return Ok(());
+    };
+    let listen: std::net::SocketAddr = listen
+        .parse()
+        .map_err(|_| loc.error("admin.listen", format!("`{listen}` must be IP:PORT, e.g. 127.0.0.1:9642")))?;
+    let Some(token_file) = &a.token_file else {
+        return Err(loc.error(
+            "admin.listen",
+            "the admin API needs admin.token_file (a file with the bearer token every request must carry, \
+             e.g. `openssl rand -hex 32 > /etc/turnpike/admin.token`)",
+        ));
+    };
+    if !listen.ip().is_loopback() {
+        c.warnings.push(format!(
+            "admin.listen {listen} is not loopback: anyone who can reach it and holds the token can end calls"
+        ));
+    }
+    c.admin = Some(AdminConfig { listen, token_file: PathBuf::from(token_file) });
+    Ok(())
+}
+
+fn cluster(loc: &Locator<'_>, k: &ClusterSection, c: &mut Config) -> Result<(), ConfigError> {
+    let on_outage = match k.on_outage.as_str() {
+        "local" => OnOutage::Local,
+        "refuse" => OnOutage::Refuse,
+        other => return Err(loc.error("cluster.on_outage", format!("`{other}`: use local or refuse"))),
+    };
+    let Some(redis) = &k.redis else {
+        return Ok(());
+    };
+    if !(redis.starts_with("redis://") || redis.starts_with("rediss://") || redis.starts_with("redis+unix://")) {
+        return Err(loc.error("cluster.redis", format!("`{redis}`: use redis://HOST:PORT/DB or rediss://HOST:PORT/DB")));
+    }
+    if k.lease < 2 {
+        return Err(loc.error("cluster.lease", "at least 2 seconds (the lease is renewed every third of it)"));
+    }
+    let alternate = match &k.alternate {
+        None => None,
+        Some(a) => Some(a.parse().map_err(|_| loc.error("cluster.alternate", format!("`{a}` must be IP:PORT")))?),
+    };
+    let node = match &k.node {
+        Some(n) if !n.is_empty() && n.chars().all(|ch| ch.is_ascii_alphanumeric() || "-_.".contains(ch)) => n.clone(),
+        Some(n) => return Err(loc.error("cluster.node", format!("`{n}`: letters, digits, `-`, `_` and `.` only"))),
+        None => nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_else(|| "turnpike".into()),
+    };
+    c.cluster =
+        Some(ClusterConfig { redis: redis.clone(), node, alternate, lease: Duration::from_secs(k.lease), on_outage });
     Ok(())
 }

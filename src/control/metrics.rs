@@ -3,8 +3,10 @@
 //! serving (concurrency, limits) is [`super::http`]'s; this module renders and routes.
 
 use super::ServerCounters;
+use super::admin::AdminCounters;
 use super::http::{self, HttpCounters};
 use crate::admission::ConnCounters;
+use crate::fleet::FleetCounters;
 use crate::shared::Shared;
 use crate::stats::{IoCounters, ShardStats};
 use hyper::body::Bytes;
@@ -28,6 +30,10 @@ pub(crate) struct Sources {
     pub server: Arc<ServerCounters>,
     /// What the endpoint's own limits did.
     pub http: Arc<HttpCounters>,
+    /// Admin API requests (zero without one).
+    pub admin: Arc<AdminCounters>,
+    /// The fleet's state (zero without one).
+    pub fleet: Arc<FleetCounters>,
 }
 
 /// Renders every metric: every family of every counters struct (see [`turnpike_proto::counters!`]).
@@ -40,6 +46,8 @@ pub(crate) fn render(src: &Sources) -> String {
     write_families(&mut out, &[&src.shared.conns.counters], ConnCounters::FAMILIES);
     write_families(&mut out, &[&*src.server], ServerCounters::FAMILIES);
     write_families(&mut out, &[&*src.http], HttpCounters::FAMILIES);
+    write_families(&mut out, &[&*src.admin], AdminCounters::FAMILIES);
+    write_families(&mut out, &[&*src.fleet], FleetCounters::FAMILIES);
     out
 }
 
@@ -165,6 +173,8 @@ mod tests {
             shared: Arc::new(Shared::default()),
             server: Arc::new(ServerCounters::default()),
             http: Arc::new(HttpCounters::default()),
+            admin: Arc::new(AdminCounters::default()),
+            fleet: Arc::new(FleetCounters::default()),
         };
         let mut next = 1;
         for s in &stats {
@@ -174,6 +184,8 @@ mod tests {
         fill(&sources.shared.conns.counters, ConnCounters::FAMILIES, &mut next);
         fill(&*sources.server, ServerCounters::FAMILIES, &mut next);
         fill(&*sources.http, HttpCounters::FAMILIES, &mut next);
+        fill(&*sources.admin, AdminCounters::FAMILIES, &mut next);
+        fill(&*sources.fleet, FleetCounters::FAMILIES, &mut next);
         let text = render(&sources);
         let engines: Vec<&EngineCounters> = stats.iter().map(|s| &*s.engine).collect();
         let ios: Vec<&IoCounters> = stats.iter().map(|s| &s.io).collect();
@@ -182,6 +194,8 @@ mod tests {
         want.extend(expected(&[&sources.shared.conns.counters], ConnCounters::FAMILIES));
         want.extend(expected(&[&*sources.server], ServerCounters::FAMILIES));
         want.extend(expected(&[&*sources.http], HttpCounters::FAMILIES));
+        want.extend(expected(&[&*sources.admin], AdminCounters::FAMILIES));
+        want.extend(expected(&[&*sources.fleet], FleetCounters::FAMILIES));
         for line in &want {
             assert!(text.lines().any(|l| l == line), "missing from the metrics: {line}\n{text}");
         }
@@ -189,7 +203,9 @@ mod tests {
             + IoCounters::FAMILIES.len()
             + ConnCounters::FAMILIES.len()
             + ServerCounters::FAMILIES.len()
-            + HttpCounters::FAMILIES.len();
+            + HttpCounters::FAMILIES.len()
+            + AdminCounters::FAMILIES.len()
+            + FleetCounters::FAMILIES.len();
         assert_eq!(text.lines().filter(|l| l.starts_with("# TYPE ")).count(), families);
         assert_eq!(text.lines().filter(|l| !l.starts_with('#')).count(), want.len(), "nothing else");
         // The totals: every engine and I/O counter, summed over the shards.

@@ -1,6 +1,7 @@
 //! The control thread: aggregates per-shard counters once a second and logs a one-line summary
 //! periodically. (Signals and reload are handled by the binary's main thread.)
 
+pub(crate) mod admin;
 pub(crate) mod http;
 pub(crate) mod metrics;
 pub mod notify;

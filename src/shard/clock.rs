@@ -14,6 +14,12 @@ pub fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
+/// Milliseconds since the Unix epoch (the fleet's lease expiries).
+#[allow(clippy::disallowed_methods)]
+pub fn unix_now_millis() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
 /// 32 bytes from the operating system's generator (`getrandom(2)`): nonce keys, and the keys of the
 /// engines' relay port and token choice. There is no fallback: a server whose secrets could be
 /// derived from the clock must not start, so the caller refuses to.

@@ -24,7 +24,7 @@ pub(crate) mod sys;
 use crate::policy::rate::LogLimiter;
 use crate::proto::TimerWheel;
 use crate::proto::allocation::{FiveTuple, ListenerId, RelayKey, Transport};
-use crate::proto::engine::TIMER_BUDGET;
+use crate::proto::engine::{Selector, TIMER_BUDGET};
 use crate::proto::stats::bump;
 use crate::proto::{Action, DropReason, Engine, PacketBuf, Settings};
 use crate::shared::Shared;
@@ -82,8 +82,19 @@ pub enum Ctl {
     Reload(Arc<Settings>, u64),
     /// Swap in a new TLS configuration for new connections.
     ReloadTls(Arc<rustls::ServerConfig>),
+    /// End the allocations an operator selected, and say how many through `reply`.
+    EndSessions(EndWhich, crossbeam_channel::Sender<usize>),
     /// Delete all allocations and exit.
     Shutdown,
+}
+
+/// Which allocations an operator ends ([`Ctl::EndSessions`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EndWhich {
+    /// The one with this session id.
+    Id(u64),
+    /// Every one of this user.
+    User(String),
 }
 
 /// Listening sockets of one shard, one entry per listening address (aligned with [`ListenerId`]).
@@ -354,6 +365,17 @@ impl Shard {
         self.sweep_conn_timers();
     }
 
+    /// Tells the operator state this loop runs, with its sessions when they are published (admin API
+    /// or fleet): about once a second, off the data path.
+    fn beat(&mut self, now: Instant) {
+        let sessions = self.shared.operator.publishing().then(|| {
+            let mut list = Vec::with_capacity(self.engine.allocation_count());
+            self.engine.sessions(now, &mut list);
+            list
+        });
+        self.shared.operator.beat(self.id, now, sessions);
+    }
+
     /// Serves the source of `token`; `hangup`: its event reported a close or an error.
     fn serve(&mut self, now: Instant, token: Token, hangup: bool) -> Drained {
         match token.0 {
@@ -489,6 +511,7 @@ pub fn run(parts: ShardParts) {
         if now >= next_wall_sync {
             shard.engine.set_wall_clock(now, clock::unix_now());
             next_wall_sync = now + WALL_CLOCK_SYNC;
+            shard.beat(now);
         }
         for event in events.iter() {
             let hangup = event.is_read_closed() || event.is_error();
@@ -520,6 +543,19 @@ pub fn run(parts: ShardParts) {
                     applied.store(generation, std::sync::atomic::Ordering::Release);
                 }
                 Ctl::ReloadTls(cfg) => shard.streams.tls = Some(cfg),
+                Ctl::EndSessions(which, reply) => {
+                    let selector = match &which {
+                        EndWhich::Id(id) => Selector::Id(*id),
+                        EndWhich::User(user) => Selector::User(user),
+                    };
+                    let ended = shard.engine.end_sessions(now, selector, &mut shard.relays);
+                    shard.close_freed_streams();
+                    let _ = reply.send(ended);
+                    if ended > 0 {
+                        // The list shows the change at once, not a second later.
+                        shard.beat(now);
+                    }
+                }
                 Ctl::Shutdown => {
                     let open: Vec<usize> = (0..shard.streams.conns.slots.len())
                         .filter(|&i| shard.streams.conns.slots[i].is_some())

@@ -356,3 +356,32 @@ pub fn metric(text: &str, name_and_labels: &str) -> u64 {
         .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
         .sum()
 }
+
+/// One HTTP/1.1 request (`Connection: close`) to `addr`; the status and the body. `token`: the bearer
+/// token, if any.
+pub fn http(addr: SocketAddr, method: &str, path: &str, token: Option<&str>, body: Option<&str>) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    let body = body.unwrap_or("");
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut response = String::new();
+    let _ = s.read_to_string(&mut response);
+    let status = response.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (status, body)
+}
+
+impl Binary {
+    /// The admin API's address, from the log.
+    pub fn admin_addr(&self) -> SocketAddr {
+        let line = self.wait_log("admin API on http://", Duration::from_secs(10)).expect("admin API address logged");
+        line.split("admin API on http://").nth(1).unwrap().trim_end_matches('/').parse().unwrap()
+    }
+}

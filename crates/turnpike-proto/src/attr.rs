@@ -123,6 +123,22 @@ pub fn encode_xor_addr(slot: &mut [u8], addr: SocketAddr, tid: &TransactionId) {
     }
 }
 
+/// Writes a plain (non-XOR) address into `slot` (exactly [`xor_addr_len`] bytes): ALTERNATE-SERVER.
+pub fn encode_plain_addr(slot: &mut [u8], addr: SocketAddr) {
+    slot[0] = 0;
+    slot[2..4].copy_from_slice(&addr.port().to_be_bytes());
+    match addr.ip() {
+        IpAddr::V4(ip) => {
+            slot[1] = FAMILY_IPV4;
+            slot[4..8].copy_from_slice(&ip.octets());
+        }
+        IpAddr::V6(ip) => {
+            slot[1] = FAMILY_IPV6;
+            slot[4..20].copy_from_slice(&ip.octets());
+        }
+    }
+}
+
 /// Decodes an XOR-encoded address value (XOR-MAPPED/RELAYED/PEER-ADDRESS).
 pub fn decode_xor_addr(value: &[u8], tid: &TransactionId) -> Result<SocketAddr, ParseError> {
     let cookie = MAGIC_COOKIE.to_be_bytes();

@@ -177,6 +177,15 @@ counters! {
         /// Allocations refused for want of a relay port or socket (508).
         capacity_refusals: counter total "turnpike_capacity_refusals_total"
             "Allocations refused for want of a relay port or socket (508): range used up, ports held by other programs, out of descriptors.",
+        /// Allocates and Refreshes refused because an operator revoked the user (403).
+        revoked_refusals: counter total "turnpike_revoked_refusals_total"
+            "Allocates and Refreshes refused because an operator revoked the user (403).",
+        /// New Allocates a draining node sent elsewhere (300) or refused (486).
+        drain_redirects: counter total "turnpike_drain_refusals_total"
+            "New Allocates a draining node answered with 300 (Try Alternate) or, with no other node to name, 486.",
+        /// Allocations ended by an operator (admin API, revocation).
+        operator_ends: counter total "turnpike_allocations_ended_by_operator_total"
+            "Allocations ended by an operator (admin API, revocation).",
     }
 }
 

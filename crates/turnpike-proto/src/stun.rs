@@ -251,6 +251,13 @@ impl<'b> MsgWriter<'b> {
         }
     }
 
+    /// Appends a plain address attribute (ALTERNATE-SERVER).
+    pub fn add_plain_addr(&mut self, typ: AttrType, addr: SocketAddr) {
+        if let Some(slot) = self.reserve(typ, attr::xor_addr_len(&addr)) {
+            attr::encode_plain_addr(slot, addr);
+        }
+    }
+
     /// Appends ERROR-CODE; the reason phrase is written only when `with_reason` is set.
     pub fn add_error(&mut self, code: ErrorCode, with_reason: bool) {
         let reason = if with_reason { code.reason().as_bytes() } else { &[] };

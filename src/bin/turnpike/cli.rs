@@ -86,6 +86,34 @@ pub(crate) enum Command {
     /// Convert or document configuration files.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// List or end allocations through the admin API (admin.listen, admin.token_file of --config).
+    #[command(subcommand)]
+    Sessions(SessionsCommand),
+    /// Revoke a user: end its allocations and refuse its Allocates and Refreshes, fleet-wide.
+    Revoke {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The user (a REST username's user part, or a static user's name).
+        #[arg(long, value_name = "NAME")]
+        user: String,
+        /// How long: seconds, or with a unit (90s, 30m, 1h, 7d).
+        #[arg(long = "for", value_name = "DURATION", value_parser = parse_duration, default_value = "1h")]
+        duration: u64,
+        /// Lift the revocation instead.
+        #[arg(long)]
+        undo: bool,
+    },
+    /// Stop taking new allocations on this node (clients are sent to another node); existing ones go on.
+    Drain {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Wait until the node's last allocation has ended.
+        #[arg(long, conflicts_with = "undo")]
+        wait: bool,
+        /// Take new allocations again.
+        #[arg(long)]
+        undo: bool,
+    },
     /// Print a shell completion script (e.g. `turnpike completions bash > /etc/bash_completion.d/turnpike`).
     Completions {
         /// The shell.
@@ -94,6 +122,50 @@ pub(crate) enum Command {
     },
     /// Print the man page (roff), generated from this command line's definitions.
     Man,
+}
+
+/// `turnpike sessions ...`.
+#[derive(Debug, Subcommand)]
+pub(crate) enum SessionsCommand {
+    /// List allocations: id, node, user, client, relayed addresses, age, packets and bytes.
+    List {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Only this user's.
+        #[arg(long, value_name = "NAME")]
+        user: Option<String>,
+        /// Every node's, not only this node's (with a cluster).
+        #[arg(long)]
+        fleet: bool,
+        /// The API's JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// End allocations now: one by id, or every one of a user (fleet-wide with a cluster).
+    Kill {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Every allocation of this user.
+        #[arg(long, value_name = "NAME", required_unless_present = "id", conflicts_with = "id")]
+        user: Option<String>,
+        /// The allocation with this id (as `sessions list` shows it).
+        #[arg(long, value_name = "ID")]
+        id: Option<String>,
+    },
+}
+
+/// Seconds from `90`, `90s`, `30m`, `1h` or `7d`.
+fn parse_duration(text: &str) -> Result<u64, String> {
+    let (number, unit) = text.split_at(text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len()));
+    let n: u64 = number.parse().map_err(|_| format!("`{text}`: a number with an optional unit s, m, h or d"))?;
+    let scale = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(format!("`{text}`: the unit is s, m, h or d")),
+    };
+    n.checked_mul(scale).filter(|&s| s > 0).ok_or_else(|| format!("`{text}`: out of range"))
 }
 
 /// `--config FILE`, required.
@@ -186,6 +258,14 @@ mod tests {
         assert_eq!(e.exit_code(), 2, "{e}");
         let e = Cli::try_parse_from(["turnpike", "credentials", "--secret", "s", "--tll", "60"]).unwrap_err();
         assert!(e.to_string().contains("--ttl"), "{e}");
+    }
+
+    #[test]
+    fn durations_read_with_units() {
+        assert_eq!(parse_duration("90"), Ok(90));
+        assert_eq!(parse_duration("1h"), Ok(3600));
+        assert_eq!(parse_duration("7d"), Ok(604_800));
+        assert!(parse_duration("1w").is_err() && parse_duration("h").is_err() && parse_duration("0").is_err());
     }
 
     #[test]

@@ -1,12 +1,13 @@
 //! The `turnpike` binary: the command line ([`cli`]), running a server ([`serve`]) and the operator
 //! tools ([`tools`]).
 
+mod admin_client;
 mod cli;
 mod serve;
 mod tools;
 
 use clap::Parser;
-use cli::{Cli, Command, ConfigCommand};
+use cli::{Cli, Command, ConfigCommand, SessionsCommand};
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
@@ -30,6 +31,16 @@ fn main() -> ExitCode {
         Some(Command::Config(ConfigCommand::Reference)) => {
             tools::print(&turnpike::config::options::reference_markdown())
         }
+        Some(Command::Sessions(SessionsCommand::List { config, user, fleet, json })) => {
+            admin_client::list(&config.config, user.as_deref(), fleet, json)
+        }
+        Some(Command::Sessions(SessionsCommand::Kill { config, user, id })) => {
+            admin_client::kill(&config.config, user.as_deref(), id.as_deref())
+        }
+        Some(Command::Revoke { config, user, duration, undo }) => {
+            admin_client::revoke(&config.config, &user, duration, undo)
+        }
+        Some(Command::Drain { config, wait, undo }) => admin_client::drain(&config.config, wait, undo),
         Some(Command::Completions { shell }) => tools::completions(shell),
         Some(Command::Man) => tools::man(),
     };

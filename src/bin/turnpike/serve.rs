@@ -52,6 +52,9 @@ fn serve(cfg: &Config, path: Option<&Path>) -> Result<(), String> {
     if let Some(m) = handle.metrics_addr {
         log::info!("metrics on http://{m}/metrics");
     }
+    if let Some(a) = handle.admin_addr {
+        log::info!("admin API on http://{a}/");
+    }
     if path.is_none() {
         print_dev_banner(cfg, &handle.udp_addrs);
     }
@@ -60,6 +63,12 @@ fn serve(cfg: &Config, path: Option<&Path>) -> Result<(), String> {
     let _ = notify(&format!("READY=1\nSTATUS=relaying with {} shards", cfg.threads));
     wait_for_signals(&handle, path)?;
     let _ = notify("STOPPING=1");
+    let grace = handle.config().stop_grace;
+    if !grace.is_zero() {
+        log::info!("stopping: draining for up to {grace:?} (admin.stop_grace) while calls end");
+        let left = handle.drain_for(grace);
+        log::info!("drain over: {left} allocation(s) left");
+    }
     log::info!("shutting down: closing allocations");
     shutdown_within(handle, Duration::from_secs(10));
     log::info!("stopped");

@@ -34,6 +34,18 @@ pub struct Reservation {
     pub holder: Box<[u8]>,
 }
 
+/// Whether a node takes new allocations (an operator's drain).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Admission {
+    /// New allocations are taken.
+    #[default]
+    Open,
+    /// Draining: a new Allocate gets 300 (Try Alternate) with this ALTERNATE-SERVER.
+    Redirect(SocketAddr),
+    /// Draining with nowhere to send clients: a new Allocate is refused as at capacity (486).
+    Closed,
+}
+
 /// The state an engine shares with the engines beside it. Called on the control path only (Allocate,
 /// Refresh, CreatePermission, ChannelBind, expiry, unauthenticated answers), except
 /// [`Cluster::is_live_relay`], which the data path asks for permissions to this server's own
@@ -73,4 +85,16 @@ pub trait Cluster: Send + Sync + std::fmt::Debug {
     fn answer_unauthenticated(&self, source: IpAddr, now: Instant, rate: u64, burst: u64) -> bool;
     /// Whether answers to unauthenticated requests are being refused (a flood).
     fn unauthenticated_flood(&self, now: Instant) -> bool;
+
+    /// Whether an operator revoked `user` (the quota identity: a REST username's user part) until a
+    /// time after `now_unix`: its Allocates and Refreshes are refused (403).
+    fn revoked(&self, user: &[u8], now_unix: u64) -> bool {
+        let _ = (user, now_unix);
+        false
+    }
+
+    /// Whether this node takes new allocations, and where a draining one sends clients.
+    fn admission(&self) -> Admission {
+        Admission::Open
+    }
 }

@@ -6,7 +6,7 @@ use super::lifetime::Timer;
 use super::{Action, Engine, RelayAddr, RelaySockets, write_response};
 use crate::allocation::{Allocation, FiveTuple, Half, RelayKey, Relayed, Traffic};
 use crate::attr::{self, AttrType, FAMILY_IPV4, FAMILY_IPV6, PROTO_UDP};
-use crate::cluster::{QuotaError, QuotaLimits, Reservation};
+use crate::cluster::{Admission, QuotaError, QuotaLimits, Reservation};
 use crate::error::ErrorCode;
 use crate::integrity::{KeptKey, PreparedKey};
 use crate::policy::rate::{LogKind, TokenBucket};
@@ -174,6 +174,9 @@ impl Engine {
             return self.error(msg, ErrorCode::AddressFamilyNotSupported, Some(&key));
         };
         let quota_user: Box<[u8]> = self.settings.credentials.quota_user(auth.username).into();
+        if let Some(refusal) = self.operator_refusal(now, tuple, msg, &key, &quota_user, true) {
+            return refusal;
+        }
         let claimed = match self.admit(now, tuple, msg, &key, &quota_user, &req) {
             Ok(claimed) => claimed,
             Err(refusal) => return refusal,
@@ -200,6 +203,47 @@ impl Engine {
             Installed { username, key: KeptKey(*key.raw()), quota_user, relays, lifetime, len },
         );
         Action::Reply { len }
+    }
+
+    /// What an operator decided for this request, if it is refused: `user` revoked (403), or, for a new
+    /// allocation (`allocating`), the node draining (300 with ALTERNATE-SERVER, or 486 with nowhere to
+    /// send the client).
+    pub(super) fn operator_refusal(
+        &mut self,
+        now: Instant,
+        tuple: FiveTuple,
+        msg: &StunMsg<'_>,
+        key: &PreparedKey,
+        user: &[u8],
+        allocating: bool,
+    ) -> Option<Action> {
+        if self.cluster.revoked(user, self.unix(now)) {
+            let user = String::from_utf8_lossy(user).into_owned();
+            let message = format_args!("request refused: user={user} is revoked, client={tuple}");
+            self.logs.log(LogKind::Quota, log::Level::Info, now, message);
+            bump(&self.stats.revoked_refusals, 1);
+            return Some(self.error(msg, ErrorCode::Forbidden, Some(key)));
+        }
+        if !allocating {
+            return None;
+        }
+        match self.cluster.admission() {
+            Admission::Open => None,
+            //= RFC 8489 §10: a 300 (Try Alternate) error response carries ALTERNATE-SERVER, the server
+            //= the client should contact instead.
+            Admission::Redirect(alternate) => {
+                bump(&self.stats.drain_redirects, 1);
+                let with_reason = self.settings.reason_phrases;
+                Some(write_response(&mut self.out, &self.settings, msg, Class::Error, Some(key), |w| {
+                    w.add_error(ErrorCode::TryAlternate, with_reason);
+                    w.add_plain_addr(AttrType::ALTERNATE_SERVER, alternate);
+                }))
+            }
+            Admission::Closed => {
+                bump(&self.stats.drain_redirects, 1);
+                Some(self.error(msg, ErrorCode::AllocationQuotaReached, Some(key)))
+            }
+        }
     }
 
     /// The answer to a retransmitted Allocate: the same success response (RFC 8656 §7.2 (1)), kept with

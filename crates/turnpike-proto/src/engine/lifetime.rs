@@ -47,6 +47,13 @@ impl Engine {
         let Some(alloc) = self.table.get(id) else {
             return self.error(msg, ErrorCode::AllocationMismatch, Some(&key));
         };
+        let user = alloc.quota_user.clone();
+        if let Some(refusal) = self.operator_refusal(now, tuple, msg, &key, user.as_bytes(), false) {
+            return refusal;
+        }
+        let Some(alloc) = self.table.get(id) else {
+            return self.error(msg, ErrorCode::AllocationMismatch, Some(&key));
+        };
         //= RFC 8656 §8: a REQUESTED-ADDRESS-FAMILY that does not match a family of the allocation is 443.
         //= A malformed one is a malformed request (400), as in an Allocate.
         if let Some(value) = msg.attr(AttrType::REQUESTED_ADDRESS_FAMILY) {

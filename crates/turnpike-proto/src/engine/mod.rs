@@ -13,8 +13,10 @@ mod auth;
 mod lifetime;
 mod permission;
 mod relay;
+mod sessions;
 
 pub use lifetime::TIMER_BUDGET;
+pub use sessions::{Selector, Session, session_id};
 
 use crate::allocation::FiveTuple;
 use crate::allocation::RelayKey;
