@@ -193,3 +193,71 @@ fn an_admin_listener_without_a_token_file_is_refused() {
     assert_eq!((e.line, e.option.as_str()), (Some(5), "admin.listen"));
     assert!(e.message.contains("needs admin.token_file"), "{e}");
 }
+
+/// Runs `turnpike ARGS` to completion; exit code and output.
+fn turnpike(args: &[&str]) -> (Option<i32>, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_turnpike")).args(args).output().unwrap();
+    (out.status.code(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
+#[test]
+fn the_command_line_drives_the_api() {
+    let token = token_file("cli");
+    let dir = token.parent().unwrap().to_path_buf();
+    // A fixed admin port: the commands find it in the configuration file.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let yaml = test_yaml(
+        1,
+        (47960, 47979),
+        "127.0.0.1",
+        &format!("admin:\n  listen: 127.0.0.1:{port}\n  token_file: {}\n", token.display()),
+    );
+    let server = Binary::start("admin-cli", &yaml);
+    let cfg = server.config.to_str().unwrap().to_string();
+    let mut erin = TurnClient::rest(server.addr, "erin");
+    erin.allocate();
+    let listed = || turnpike(&["sessions", "list", "--config", &cfg, "--json"]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !listed().1.contains("\"user\":\"erin\"") {
+        assert!(std::time::Instant::now() < deadline, "erin never listed: {}", listed().1);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (code, table) = turnpike(&["sessions", "list", "--config", &cfg]);
+    assert_eq!(code, Some(0), "{table}");
+    assert!(table.lines().any(|l| l.contains(" erin ") && l.contains(" udp ")) && table.contains("1 sessions on 1 node(s)"), "{table}");
+
+    let (code, out) = turnpike(&["revoke", "--config", &cfg, "--user", "erin", "--for", "1h"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("erin revoked for 3600 s") && out.contains("1 allocation(s) ended"), "{out}");
+    assert_eq!(erin.refresh(600).code(), Some(437));
+    assert_eq!(turnpike(&["revoke", "--config", &cfg, "--user", "erin", "--undo"]).0, Some(0));
+
+    let mut frank = TurnClient::rest(server.addr, "frank");
+    frank.allocate();
+    let (code, out) = turnpike(&["drain", "--config", &cfg]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("draining"), "{out}");
+    // drain --wait returns once the last allocation ended (here: ended by the operator).
+    let waiter = std::thread::spawn({
+        let cfg = cfg.clone();
+        move || turnpike(&["drain", "--config", &cfg, "--wait"])
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let (code, out) = turnpike(&["sessions", "kill", "--config", &cfg, "--user", "frank"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("ended 1 allocation(s)"), "{out}");
+    let (code, out) = waiter.join().unwrap();
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("drained: no allocation left"), "{out}");
+    assert_eq!(turnpike(&["drain", "--config", &cfg, "--undo"]).0, Some(0));
+
+    // Errors are clear: a configuration without an admin API, an unknown id.
+    let plain = dir.join("plain.yaml");
+    std::fs::write(&plain, test_yaml(1, (47960, 47979), "127.0.0.1", "")).unwrap();
+    let (code, out) = turnpike(&["sessions", "list", "--config", plain.to_str().unwrap()]);
+    assert_eq!(code, Some(1));
+    assert!(out.contains("no admin API configured"), "{out}");
+    let (code, out) = turnpike(&["sessions", "kill", "--config", &cfg, "--id", "abc@nowhere"]);
+    assert_eq!(code, Some(1));
+    assert!(out.contains("404") && out.contains("no session abc@nowhere"), "{out}");
+}

@@ -116,6 +116,7 @@ pub fn check(path: &Path, now_unix: u64) -> Preflight {
     checks.secrets(&config);
     checks.certificate(&config, now_unix);
     checks.syslog(&config);
+    checks.admin_token(&config);
     checks.ephemeral_ports(&config);
     checks.own_addresses_allowed(&config, &local_addresses());
     Preflight { findings: checks.findings, config: Some(config) }
@@ -246,6 +247,23 @@ impl Checks<'_> {
                     c.syslog_socket.display()
                 ),
             );
+        }
+    }
+
+    /// The admin API's token file: readable, and a token long enough not to be guessed.
+    fn admin_token(&mut self, c: &Config) {
+        let Some(admin) = &c.admin else { return };
+        match std::fs::read_to_string(&admin.token_file) {
+            Err(e) => self.error("admin.token_file", format!("{}: {e}", admin.token_file.display())),
+            Ok(text) if text.lines().next().unwrap_or("").trim().len() < 16 => self.error(
+                "admin.token_file",
+                format!(
+                    "{}: the token (its first line) must be at least 16 characters: `openssl rand -hex 32 > {}`",
+                    admin.token_file.display(),
+                    admin.token_file.display()
+                ),
+            ),
+            Ok(_) => {}
         }
     }
 

@@ -170,3 +170,20 @@ fn json_lists_errors_and_warnings() {
     assert_eq!(v["errors"][0]["option"], "auth.shared_secrets");
     assert_eq!(v["errors"][0]["line"], 3);
 }
+
+#[test]
+fn the_admin_token_file_must_hold_a_token() {
+    let d = dir("admin");
+    let token = d.join("admin.token");
+    std::fs::write(&token, "short\n").unwrap();
+    let yaml = format!(
+        "auth:\n  realm: t\n  shared_secrets: [{REAL}]\nadmin:\n  listen: 127.0.0.1:9642\n  token_file: {}\n",
+        token.display()
+    );
+    let e = errors(&check_yaml("admin-short", &yaml));
+    assert!(e[0].contains(":6: option `admin.token_file`") && e[0].contains("at least 16 characters"), "{e:?}");
+    std::fs::write(&token, "0123456789abcdef0123\n").unwrap();
+    assert!(check_yaml("admin-ok", &yaml).passed());
+    std::fs::remove_file(&token).unwrap();
+    assert!(errors(&check_yaml("admin-missing", &yaml))[0].contains("admin.token_file"));
+}
