@@ -140,6 +140,25 @@ impl Operator {
     }
 }
 
+/// A session as the admin API shows it (`id` is `HEX@NODE`).
+pub fn session_json(s: &Session, node: &str) -> serde_json::Value {
+    serde_json::json!({
+        "id": format!("{:x}@{node}", s.id),
+        "node": node,
+        "username": s.username,
+        "user": s.user,
+        "transport": s.client.transport.name(),
+        "client": s.client.client.to_string(),
+        "relayed": s.relayed.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "created": s.created_unix,
+        "expires": s.expires_unix,
+        "permissions": s.permissions,
+        "channels": s.channels,
+        "to_peer": {"packets": s.traffic[0].packets, "bytes": s.traffic[0].bytes},
+        "to_client": {"packets": s.traffic[1].packets, "bytes": s.traffic[1].bytes},
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

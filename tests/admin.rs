@@ -224,7 +224,10 @@ fn the_command_line_drives_the_api() {
     }
     let (code, table) = turnpike(&["sessions", "list", "--config", &cfg]);
     assert_eq!(code, Some(0), "{table}");
-    assert!(table.lines().any(|l| l.contains(" erin ") && l.contains(" udp ")) && table.contains("1 sessions on 1 node(s)"), "{table}");
+    assert!(
+        table.lines().any(|l| l.contains(" erin ") && l.contains(" udp ")) && table.contains("1 sessions on 1 node(s)"),
+        "{table}"
+    );
 
     let (code, out) = turnpike(&["revoke", "--config", &cfg, "--user", "erin", "--for", "1h"]);
     assert_eq!(code, Some(0), "{out}");
@@ -260,4 +263,38 @@ fn the_command_line_drives_the_api() {
     let (code, out) = turnpike(&["sessions", "kill", "--config", &cfg, "--id", "abc@nowhere"]);
     assert_eq!(code, Some(1));
     assert!(out.contains("404") && out.contains("no session abc@nowhere"), "{out}");
+}
+
+#[test]
+fn sigterm_with_a_grace_drains_first() {
+    let token = token_file("grace");
+    let yaml = test_yaml(
+        1,
+        (47980, 47999),
+        "127.0.0.1",
+        &format!("admin:\n  listen: 127.0.0.1:0\n  token_file: {}\n  stop_grace: 30\n", token.display()),
+    );
+    let mut server = Binary::start("admin-grace", &yaml);
+    let admin = server.admin_addr();
+    let peer = EchoPeer::start();
+    let mut call = TurnClient::rest(server.addr, "grace-user");
+    call.allocate();
+    assert_eq!(call.create_permission(peer.addr).class(), Class::Success);
+    sessions_until(admin, "", |l| l.len() == 1);
+    server.signal("TERM");
+    assert!(server.wait_log("stopping: draining for up to 30s", Duration::from_secs(5)).is_some());
+    // Draining: not ready, no new allocations, the call goes on.
+    assert_eq!(http(admin, "GET", "/readyz", Some(TOKEN), None).0, 503);
+    let mut late = TurnClient::rest(server.addr, "late");
+    let refused = late
+        .request(turnpike::proto::Method::ALLOCATE, &|w| w.add_bytes(AttrType::REQUESTED_TRANSPORT, &[17, 0, 0, 0]));
+    assert_eq!(refused.code(), Some(486));
+    call.send_indication(peer.addr, b"still here");
+    assert_eq!(call.recv_data().map(|(_, _, d)| d), Some(b"still here".to_vec()));
+    // The call ends: the server stops without waiting out the grace.
+    assert_eq!(call.refresh(0).class(), Class::Success);
+    assert!(server.wait_log("drain over: 0 allocation(s) left", Duration::from_secs(10)).is_some());
+    assert!(server.wait_log("stopped", Duration::from_secs(10)).is_some());
+    let status = server.child.wait().unwrap();
+    assert!(status.success(), "{status}");
 }

@@ -74,6 +74,11 @@ fn redis_or_skip() -> Option<Redis> {
 
 /// A node of the fleet: `name`, quota 2 per user, lease 3 s.
 fn node(name: &str, redis: u16, ports: (u16, u16)) -> Binary {
+    node_with(name, redis, ports, "")
+}
+
+/// As [`node`], with more `cluster:` settings (indented lines).
+fn node_with(name: &str, redis: u16, ports: (u16, u16), cluster_extra: &str) -> Binary {
     let dir = std::env::temp_dir().join(format!("turnpike-fleet-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let token = dir.join("admin.token");
@@ -84,7 +89,7 @@ fn node(name: &str, redis: u16, ports: (u16, u16)) -> Binary {
         "127.0.0.1",
         &format!(
             "allocations:\n  user_quota: 2\nadmin:\n  listen: 127.0.0.1:0\n  token_file: {}\n\
-             cluster:\n  redis: redis://127.0.0.1:{redis}/0\n  node: {name}\n  lease: 3\n",
+             cluster:\n  redis: redis://127.0.0.1:{redis}/0\n  node: {name}\n  lease: 3\n{cluster_extra}",
             token.display()
         ),
     );
@@ -229,4 +234,21 @@ fn a_dead_node_leaves_and_a_dead_redis_drops_no_call() {
     });
     call.send_channel(0x4002, b"after");
     assert_eq!(call.recv_data().map(|(_, _, d)| d), Some(b"after".to_vec()));
+}
+
+#[test]
+fn on_outage_refuse_refuses_new_allocations_while_redis_is_away() {
+    let Some(mut redis) = redis_or_skip() else { return };
+    let port = redis.port;
+    let n = node_with("node-r", port, (48120, 48139), "  on_outage: refuse\n");
+    let mut before = TurnClient::rest(n.addr, "r-user");
+    before.allocate();
+    redis.kill();
+    assert!(n.wait_log("redis unreachable", Duration::from_secs(10)).is_some());
+    assert_eq!(allocate_code(n.addr, "r-new").0, Some(486));
+    // The running allocation is untouched.
+    assert_eq!(before.refresh(600).class(), Class::Success);
+    let _redis = Redis::start(port).expect("redis restarts");
+    assert!(n.wait_log("redis reachable again", Duration::from_secs(10)).is_some());
+    TurnClient::rest(n.addr, "r-after").allocate();
 }

@@ -18,6 +18,9 @@ import sys
 import tempfile
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_compare import stop  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TURNPIKE = os.path.join(ROOT, "target/release/turnpike")
 LOADGEN = os.path.join(ROOT, "target/release/loadgen")
@@ -83,15 +86,6 @@ def start_node(work, k, cluster):
     if proc.poll() is not None:
         sys.exit("bench-fleet: node %d exited: %s" % (k, open(log.name, errors="replace").read()[-500:]))
     return proc, port
-
-
-def stop(proc):
-    proc.terminate()
-    try:
-        proc.wait(5)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 def run(work, nodes, cluster, allocations, setup_rounds):

@@ -11,17 +11,16 @@
 
 use super::http::{self, Handler};
 use crate::fleet::FleetHandle;
-use crate::shard::{Ctl, EndWhich};
+use crate::operator::session_json;
+use crate::shard::{EndWhich, ShardLink, end_sessions};
 use crate::shared::Shared;
 use hyper::body::Bytes;
 use hyper::header::{AUTHORIZATION, HeaderValue, WWW_AUTHENTICATE};
 use hyper::{Method, Request, Response, StatusCode};
-use mio::Waker;
 use serde_json::{Value, json};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
-use turnpike_proto::engine::Session;
 
 /// How long a request waits for the shards to end sessions.
 pub(crate) const REPLY_WAIT: Duration = Duration::from_secs(2);
@@ -45,13 +44,6 @@ turnpike_proto::counters! {
         /// Any other path.
         other: counter total "turnpike_admin_other_requests_total" "Admin API requests to unknown paths, by status." [status: STATUSES],
     }
-}
-
-/// A shard's control channel, as the admin API reaches it.
-#[derive(Clone)]
-pub(crate) struct ShardLink {
-    pub inbox: crossbeam_channel::Sender<Ctl>,
-    pub waker: Arc<Waker>,
 }
 
 /// Everything the handler needs.
@@ -197,23 +189,7 @@ impl Admin {
 
     /// Ends sessions on this node's shards; returns how many.
     fn end_local(&self, which: &EndWhich) -> usize {
-        let (tx, rx) = crossbeam_channel::bounded(self.shards.len().max(1));
-        let mut asked = 0;
-        for s in &self.shards {
-            if s.inbox.try_send(Ctl::EndSessions(which.clone(), tx.clone())).is_ok() {
-                let _ = s.waker.wake();
-                asked += 1;
-            }
-        }
-        let deadline = crossbeam_channel::after(REPLY_WAIT);
-        let mut ended = 0;
-        for _ in 0..asked {
-            crossbeam_channel::select! {
-                recv(rx) -> n => ended += n.unwrap_or(0),
-                recv(deadline) -> _ => break,
-            }
-        }
-        ended
+        end_sessions(&self.shards, which, REPLY_WAIT)
     }
 
     fn end(&self, which: EndWhich, fleet_wide: bool) -> Response<Bytes> {
@@ -298,25 +274,6 @@ impl Admin {
         log::warn!("admin: {}", if on { "draining: new allocations go elsewhere" } else { "drain ended" });
         self.drain_status()
     }
-}
-
-/// A session as the API shows it.
-pub(crate) fn session_json(s: &Session, node: &str) -> Value {
-    json!({
-        "id": format!("{:x}@{node}", s.id),
-        "node": node,
-        "username": s.username,
-        "user": s.user,
-        "transport": s.client.transport.name(),
-        "client": s.client.client.to_string(),
-        "relayed": s.relayed.iter().map(ToString::to_string).collect::<Vec<_>>(),
-        "created": s.created_unix,
-        "expires": s.expires_unix,
-        "permissions": s.permissions,
-        "channels": s.channels,
-        "to_peer": {"packets": s.traffic[0].packets, "bytes": s.traffic[0].bytes},
-        "to_client": {"packets": s.traffic[1].packets, "bytes": s.traffic[1].bytes},
-    })
 }
 
 /// The decoded query string.

@@ -15,7 +15,7 @@
 
 mod worker;
 
-use crate::control::admin::ShardLink;
+use crate::shard::ShardLink;
 use crate::shared::Shared;
 use crossbeam_channel::{Receiver, Sender};
 use serde_json::Value;

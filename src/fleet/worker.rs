@@ -6,8 +6,8 @@
 
 use super::{FleetCounters, FleetParts, Request};
 use crate::config::OnOutage;
-use crate::control::admin::session_json;
-use crate::shard::{Ctl, EndWhich, clock};
+use crate::operator::session_json;
+use crate::shard::{EndWhich, clock, end_sessions};
 use crossbeam_channel::Receiver;
 use redis::{Connection, RedisResult, Value};
 use serde_json::{Value as Json, json};
@@ -265,19 +265,9 @@ impl Worker {
         let reply = format!("turnpike:reply:{}:{}", self.node(), self.seq);
         let node = self.node().to_string();
         let expected = self.live.iter().filter(|n| **n != node).count();
-        let mut xadd = redis::cmd("XADD");
-        xadd.arg(EVENTS)
-            .arg("MAXLEN")
-            .arg("~")
-            .arg(STREAM_LEN)
-            .arg("*")
-            .arg("node")
-            .arg(&node)
-            .arg("reply")
-            .arg(&reply);
-        for (k, v) in fields {
-            xadd.arg(*k).arg(*v);
-        }
+        let mut all = vec![("reply", reply.as_str())];
+        all.extend_from_slice(fields);
+        let xadd = event(&node, &all);
         let con = self.con()?;
         xadd.query::<()>(con)?;
         let mut answers = Vec::new();
@@ -307,21 +297,7 @@ impl Worker {
         } else {
             pipe.cmd("HSET").arg(REVOCATIONS).arg(user).arg(until).ignore();
         }
-        pipe.cmd("XADD")
-            .arg(EVENTS)
-            .arg("MAXLEN")
-            .arg("~")
-            .arg(STREAM_LEN)
-            .arg("*")
-            .arg("node")
-            .arg(&node)
-            .arg("op")
-            .arg("revoke")
-            .arg("user")
-            .arg(user)
-            .arg("until")
-            .arg(&until_text)
-            .ignore();
+        pipe.add_command(event(&node, &[("op", "revoke"), ("user", user), ("until", &until_text)])).ignore();
         pipe.query::<()>(self.con()?)?;
         self.count(2);
         Ok(())
@@ -368,19 +344,8 @@ impl Worker {
         }
         pipe.cmd("PEXPIRE").arg(&key).arg(lease).ignore();
         let counts = Json::Object(update).to_string();
-        pipe.cmd("XADD")
-            .arg(EVENTS)
-            .arg("MAXLEN")
-            .arg("~")
-            .arg(STREAM_LEN)
-            .arg("*")
-            .arg("node")
-            .arg(&node)
-            .arg("op")
-            .arg(if all { "counts_all" } else { "counts" })
-            .arg("counts")
-            .arg(&counts)
-            .ignore();
+        let op = if all { "counts_all" } else { "counts" };
+        pipe.add_command(event(&node, &[("op", op), ("counts", &counts)])).ignore();
         let commands = users.len() as u64 + 2 + u64::from(all);
         let result = pipe.query::<()>(self.con()?);
         if result.is_err() {
@@ -602,17 +567,18 @@ impl Worker {
 
     /// Ends sessions on this node's shards (waits at most two seconds for them).
     fn end_local(&self, which: EndWhich) -> usize {
-        let (tx, rx) = crossbeam_channel::bounded(self.parts.shards.len().max(1));
-        let mut asked = 0;
-        for s in &self.parts.shards {
-            if s.inbox.try_send(Ctl::EndSessions(which.clone(), tx.clone())).is_ok() {
-                let _ = s.waker.wake();
-                asked += 1;
-            }
-        }
-        let deadline = clock::now() + Duration::from_secs(2);
-        (0..asked).map_while(|_| rx.recv_timeout(deadline.saturating_duration_since(clock::now())).ok()).sum()
+        end_sessions(&self.parts.shards, &which, Duration::from_secs(2))
     }
+}
+
+/// An entry for the fleet's event stream from `node` (the stream trimmed to about [`STREAM_LEN`]).
+fn event(node: &str, fields: &[(&str, &str)]) -> redis::Cmd {
+    let mut xadd = redis::cmd("XADD");
+    xadd.arg(EVENTS).arg("MAXLEN").arg("~").arg(STREAM_LEN).arg("*").arg("node").arg(node);
+    for (k, v) in fields {
+        xadd.arg(*k).arg(*v);
+    }
+    xadd
 }
 
 /// The entries of an XRANGE/XREAD answer: (id, fields).

@@ -88,6 +88,30 @@ pub enum Ctl {
     Shutdown,
 }
 
+/// A shard's control channel and waker, as the control side (admin API, fleet thread) reaches it.
+#[derive(Clone)]
+pub struct ShardLink {
+    /// Its control channel.
+    pub inbox: crossbeam_channel::Sender<Ctl>,
+    /// Wakes its loop to read the channel.
+    pub waker: Arc<Waker>,
+}
+
+/// Asks every shard to end the allocations `which` selects and sums their answers, waiting at most
+/// `wait` (a shard that does not answer in time is not waited for; it still ends them).
+pub fn end_sessions(links: &[ShardLink], which: &EndWhich, wait: Duration) -> usize {
+    let (tx, rx) = crossbeam_channel::bounded(links.len().max(1));
+    let mut asked = 0;
+    for link in links {
+        if link.inbox.try_send(Ctl::EndSessions(which.clone(), tx.clone())).is_ok() {
+            let _ = link.waker.wake();
+            asked += 1;
+        }
+    }
+    let deadline = clock::now() + wait;
+    (0..asked).map_while(|_| rx.recv_timeout(deadline.saturating_duration_since(clock::now())).ok()).sum()
+}
+
 /// Which allocations an operator ends ([`Ctl::EndSessions`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum EndWhich {
