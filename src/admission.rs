@@ -219,6 +219,34 @@ impl ConnBudget {
     }
 }
 
+/// Why a connection was closed at its start.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ProxyRefusal {
+    /// A trusted source sent no header.
+    Missing,
+    /// The header broke the specification.
+    Malformed,
+    /// The header was longer than its version allows.
+    TooLong,
+    /// An untrusted source sent a header.
+    Untrusted,
+    /// The header did not arrive whole in time.
+    Timeout,
+    /// The address it names is another open connection's.
+    Duplicate,
+}
+
+impl ProxyRefusal {
+    /// Metric labels, in [`ProxyRefusal::index`] order.
+    pub(crate) const NAMES: [&'static str; 6] =
+        ["missing", "malformed", "too_long", "untrusted", "timeout", "duplicate"];
+
+    /// The counter index.
+    pub(crate) const fn index(self) -> usize {
+        self as usize
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -563,6 +563,7 @@ pub fn start(cfg: &Config) -> io::Result<ServerHandle> {
             raw_socket,
             coalesce: CoalesceSettings { max_wait: cfg.coalesce_wait, min_rate: cfg.coalesce_min_rate },
             unallocated_timeout: cfg.unallocated_timeout,
+            proxy_from: cfg.proxy_from.clone(),
             applied: Arc::clone(&applied),
             shared: Arc::clone(&shared),
         };

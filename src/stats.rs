@@ -1,7 +1,7 @@
 //! The host's counters, defined like the core's ([`turnpike_proto::counters!`]): what each shard's
 //! sockets do ([`IoCounters`]) beside its engine's ([`EngineCounters`]), and their sums ([`Totals`]).
 
-use crate::admission::{EarlyClose, Refusal};
+use crate::admission::{EarlyClose, ProxyRefusal, Refusal};
 use std::sync::Arc;
 use turnpike_proto::counters;
 use turnpike_proto::stats::{EngineCounters, EngineTotals};
@@ -30,6 +30,13 @@ counters! {
         /// TCP/TLS connections closed as soon as they were accepted, by [`Refusal`].
         connections_refused: counter total "turnpike_connections_refused_total"
             "TCP and TLS connections closed as soon as they were accepted, by reason." [reason: Refusal::NAMES],
+        /// PROXY headers accepted from trusted proxies.
+        proxy_headers: counter total "turnpike_proxy_headers_total"
+            "PROXY protocol headers accepted from trusted proxies (listen.proxy_from).",
+        /// Connections closed at their start for the PROXY protocol, by [`ProxyRefusal`].
+        proxy_refused: counter total "turnpike_proxy_refused_total"
+            "TCP and TLS connections closed at their start: a trusted proxy sent no or a bad PROXY header, or an untrusted source sent one."
+            [reason: ProxyRefusal::NAMES],
         /// Connections without an allocation closed early, by [`EarlyClose`].
         connections_closed_early: counter total "turnpike_connections_closed_early_total"
             "Connections without an allocation closed early: to make room for a newer one, or idle while many were pending."

@@ -154,11 +154,13 @@ fn check_exit_codes_and_json() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("good.yaml: OK"));
 
     let bad = dir.join("bad.yaml");
-    std::fs::write(&bad, example).unwrap();
+    // The line of the option holding the placeholder secret in the example.
+    let line = example.lines().position(|l| l.trim_start().starts_with("shared_secrets:")).unwrap() + 1;
+    std::fs::write(&bad, &example).unwrap();
     let out = run(&["check", "--config", bad.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1));
     assert!(
-        text(&out).contains("bad.yaml:39: option `auth.shared_secrets`: this secret is a placeholder"),
+        text(&out).contains(&format!("bad.yaml:{line}: option `auth.shared_secrets`: this secret is a placeholder")),
         "{}",
         text(&out)
     );
@@ -168,7 +170,7 @@ fn check_exit_codes_and_json() {
     assert_eq!(v["ok"], false);
     assert_eq!(
         (v["errors"][0]["line"].as_u64(), v["errors"][0]["option"].as_str()),
-        (Some(39), Some("auth.shared_secrets"))
+        (Some(line as u64), Some("auth.shared_secrets"))
     );
 
     // A server refuses to start with what check refuses, with the same message.

@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../../fuzz"
 secs="${1:-60}"; shift || true
-targets=("$@"); [ ${#targets[@]} -gt 0 ] || targets=(stun_parse channel_data engine)
+targets=("$@"); [ ${#targets[@]} -gt 0 ] || targets=(stun_parse channel_data engine proxy_header)
 command -v cargo-fuzz >/dev/null 2>&1 || cargo install cargo-fuzz --locked
 export RUSTC_BOOTSTRAP=1
 cargo fuzz build -O

@@ -33,11 +33,13 @@ pub struct ListenSection {
     pub udp: bool,
     /// Serve TURN over TCP on `port` (coturn `no-tcp` turns it off).
     pub tcp: bool,
+    /// Trusted proxies whose TCP/TLS connections start with a PROXY header (addresses, `a-b` or CIDR).
+    pub proxy_from: Vec<String>,
 }
 
 impl Default for ListenSection {
     fn default() -> Self {
-        Self { ips: Vec::new(), port: 3478, tls_port: 5349, udp: true, tcp: true }
+        Self { ips: Vec::new(), port: 3478, tls_port: 5349, udp: true, tcp: true, proxy_from: Vec::new() }
     }
 }
 

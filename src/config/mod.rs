@@ -153,6 +153,8 @@ pub struct Config {
     pub listen_udp: bool,
     /// TCP listeners on.
     pub listen_tcp: bool,
+    /// Trusted proxies (PROXY protocol on TCP and TLS).
+    pub proxy_from: Vec<IpRange>,
     /// Relay socket addresses.
     pub relay_ips: Vec<IpAddr>,
     /// NAT mappings.

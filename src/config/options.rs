@@ -95,6 +95,7 @@ pub const OPTIONS: &[OptionSpec] = &[
     opt("listen.tls_port", Val("tls-listening-port"), Restart, "TLS port (only with `tls.cert`)"),
     opt("listen.udp", Special("no-udp"), Restart, "serve STUN/TURN over UDP"),
     opt("listen.tcp", Special("no-tcp"), Restart, "serve TURN over TCP on `listen.port`"),
+    opt("listen.proxy_from", Repeat("proxy-from"), Restart, "trusted proxies (address, `a-b` or CIDR): their TCP and TLS connections must start with a PROXY protocol header (v1 or v2, before the TLS ClientHello), whose client address turnpike then uses everywhere; other sources must not send one. UDP is never proxied").default_reads("none"),
     opt("relay.ips", Repeat("relay-ip"), Restart, "relay socket addresses; when set, the whole list")
         .default_reads("from listen ips"),
     opt("relay.external_ips", Repeat("external-ip"), Restart, "address advertised behind NAT, `PUBLIC` or `PUBLIC/PRIVATE`, one per family"),

@@ -121,6 +121,7 @@ fn listen(loc: &Locator<'_>, l: &ListenSection, c: &mut Config) -> Result<(), Co
     c.tls_port = l.tls_port;
     c.listen_udp = l.udp;
     c.listen_tcp = l.tcp;
+    c.proxy_from = parse_ranges(loc, "listen.proxy_from", &l.proxy_from)?;
     Ok(())
 }
 

@@ -2,6 +2,7 @@
 //! without an allocation), reading their frames into the engine, writing what the wake-up queued for
 //! them, and closing them on timeouts, on eviction and when their allocation goes.
 
+use super::proxied::{self, Outcome, ProxyRefusal, Start};
 use super::stream::{Conn, ReadState};
 use super::{
     ACCEPT_BUDGET, ACCEPT_RETRY, CONN_BASE, CONN_CHECK, Drained, HANDSHAKE_TIMEOUT, PENDING_CHECK, Shard, TCP_BASE,
@@ -51,6 +52,22 @@ impl Conns {
         Some(conn)
     }
 
+    /// Gives connection `idx` the client address a trusted proxy named; false when that 5-tuple is
+    /// another connection's already.
+    fn retuple(&mut self, idx: usize, client: SocketAddr) -> bool {
+        let Some(conn) = self.slots.get_mut(idx).and_then(Option::as_mut) else {
+            return false;
+        };
+        let new = FiveTuple { client, ..conn.tuple };
+        if self.by_tuple.contains_key(&new) {
+            return false;
+        }
+        self.by_tuple.remove(&conn.tuple);
+        conn.tuple = new;
+        self.by_tuple.insert(new, idx);
+        true
+    }
+
     fn get_mut(&mut self, idx: usize) -> Option<&mut Conn> {
         self.slots.get_mut(idx)?.as_mut()
     }
@@ -78,6 +95,8 @@ pub(super) struct Streams {
     pub(super) pending_order: VecDeque<(usize, u32)>,
     /// Live entries of `pending_order`.
     pub(super) pending_here: usize,
+    /// Trusted proxies (`listen.proxy_from`); empty: no PROXY protocol, nothing checked.
+    pub(super) proxy_from: Vec<crate::policy::IpRange>,
 }
 
 impl Shard {
@@ -166,10 +185,18 @@ impl Shard {
                     };
                     let _ = stream.set_nodelay(true);
                     let tuple = FiveTuple { client: from, listener: ListenerId(i as u16), transport };
-                    let idx = self
-                        .streams
-                        .conns
-                        .insert(|generation| Conn::new(stream, tuple, tls, now, generation, Some(ticket)));
+                    let start = if self.streams.proxy_from.is_empty() {
+                        Start::Open
+                    } else if self.streams.proxy_from.iter().any(|r| r.contains(from.ip())) {
+                        Start::ProxyHeader
+                    } else {
+                        Start::NoProxyHeader
+                    };
+                    let idx = self.streams.conns.insert(|generation| {
+                        let mut conn = Conn::new(stream, tuple, tls, now, generation, Some(ticket));
+                        conn.start = start;
+                        conn
+                    });
                     let Some(conn) = self.streams.conns.get_mut(idx) else {
                         self.shared.conns.release(ticket);
                         continue;
@@ -311,6 +338,38 @@ impl Shard {
         let Some(conn) = self.streams.conns.get_mut(idx) else {
             return Drained::Empty;
         };
+        if conn.start != Start::Open {
+            let start = conn.start;
+            match proxied::check(&mut conn.stream, start, self.pkt.body_mut()) {
+                Outcome::Wait => return Drained::Empty,
+                Outcome::Closed => {
+                    self.close_conn(idx);
+                    return Drained::Empty;
+                }
+                Outcome::Refused(why) => {
+                    self.refuse_start(now, idx, why);
+                    return Drained::Empty;
+                }
+                Outcome::Ready(source) => {
+                    if start == Start::ProxyHeader {
+                        bump(&self.stats.io.proxy_headers, 1);
+                    }
+                    if let Some(real) = source
+                        && !self.streams.conns.retuple(idx, real)
+                    {
+                        self.refuse_start(now, idx, ProxyRefusal::Duplicate);
+                        return Drained::Empty;
+                    }
+                    let Some(conn) = self.streams.conns.get_mut(idx) else {
+                        return Drained::Empty;
+                    };
+                    conn.start = Start::Open;
+                }
+            }
+        }
+        let Some(conn) = self.streams.conns.get_mut(idx) else {
+            return Drained::Empty;
+        };
         conn.hangup_seen |= hangup;
         if conn.flush().is_err() {
             self.close_conn(idx);
@@ -362,11 +421,29 @@ impl Shard {
         }
     }
 
+    /// Closes a connection whose start broke the PROXY protocol rules (counted, logged at a bounded rate).
+    fn refuse_start(&mut self, now: Instant, idx: usize, why: ProxyRefusal) {
+        bump(&self.stats.io.proxy_refused[why.index()], 1);
+        if let Some(conn) = self.streams.conns.get_mut(idx) {
+            let (id, from) = (self.id, conn.tuple.client);
+            let message = format_args!(
+                "shard {id}: connection from {from} closed: PROXY header {}",
+                ProxyRefusal::NAMES[why.index()]
+            );
+            self.logs.log(LogKind::Accept, log::Level::Info, now, message);
+        }
+        self.close_conn(idx);
+    }
+
     pub(super) fn check_conn(&mut self, now: Instant, idx: usize, generation: u32) {
         let Some(conn) = self.streams.conns.get_mut(idx) else {
             return;
         };
         if conn.generation != generation {
+            return;
+        }
+        if conn.start == Start::ProxyHeader && now.saturating_duration_since(conn.accepted) >= proxied::HEADER_TIMEOUT {
+            self.refuse_start(now, idx, ProxyRefusal::Timeout);
             return;
         }
         let has_allocation = self.engine.has_allocation(&conn.tuple);

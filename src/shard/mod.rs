@@ -13,6 +13,7 @@
 pub mod clock;
 pub(crate) mod coalesce;
 mod conns;
+pub(crate) mod proxied;
 pub mod rawsend;
 pub mod readbuf;
 mod relays;
@@ -160,6 +161,8 @@ pub struct ShardParts {
     pub coalesce: CoalesceSettings,
     /// How long a TCP/TLS connection may stay without an allocation and without a frame.
     pub unallocated_timeout: Duration,
+    /// Trusted proxies (`listen.proxy_from`).
+    pub proxy_from: Vec<crate::policy::IpRange>,
     /// The configuration generation this shard runs (set after each reload is applied).
     pub applied: Arc<std::sync::atomic::AtomicU64>,
     /// What shards share (here: the budget of connections without an allocation).
@@ -430,6 +433,7 @@ pub fn run(parts: ShardParts) {
         raw_socket,
         coalesce,
         unallocated_timeout,
+        proxy_from,
         applied,
         shared,
     } = parts;
@@ -482,6 +486,7 @@ pub fn run(parts: ShardParts) {
             conns: Conns::default(),
             timers: TimerWheel::new(now),
             unallocated_timeout,
+            proxy_from,
             accept_retry: Vec::new(),
             accept_retry_at: None,
             due: Vec::new(),

@@ -69,6 +69,8 @@ pub struct Conn {
     /// Its place among the node's pending connections, until its first allocation (see
     /// [`crate::admission`]).
     pub pending: Option<crate::admission::Ticket>,
+    /// What its first bytes must be (a PROXY header from a trusted proxy, see [`super::proxied`]).
+    pub start: super::proxied::Start,
 }
 
 impl std::fmt::Debug for Conn {
@@ -107,6 +109,7 @@ impl Conn {
             closing: false,
             generation,
             pending,
+            start: super::proxied::Start::Open,
         }
     }
 

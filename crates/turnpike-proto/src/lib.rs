@@ -27,6 +27,7 @@ mod header;
 pub mod integrity;
 pub mod policy;
 mod ports;
+pub mod proxy;
 mod rng;
 mod spares;
 pub mod stats;
