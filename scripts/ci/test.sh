@@ -24,19 +24,21 @@ if ! command -v openssl >/dev/null 2>&1 || ! command -v lintian >/dev/null 2>&1;
     as_root apt-get update -qq
     DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends openssl lintian >/dev/null
 fi
-if ! command -v redis-server >/dev/null 2>&1; then
-    echo "==> installing redis-server (the fleet tests start their own instances on loopback ports)"
+if ! command -v redis-server >/dev/null 2>&1 || ! command -v haproxy >/dev/null 2>&1 \
+    || ! command -v nginx >/dev/null 2>&1 || [ ! -e /usr/lib/nginx/modules/ngx_stream_module.so ]; then
+    echo "==> installing redis-server, nginx (with its stream module) and haproxy (the tests start their own)"
     as_root apt-get update -qq
-    # The package's own service is not wanted: policy-rc.d keeps it from being started.
+    # The packages' own services are not wanted: policy-rc.d keeps them from being started.
     policy_added=""
     if [ ! -e /usr/sbin/policy-rc.d ]; then
         printf '#!/bin/sh\nexit 101\n' | as_root tee /usr/sbin/policy-rc.d >/dev/null
         as_root chmod 755 /usr/sbin/policy-rc.d
         policy_added=1
     fi
-    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends redis-server >/dev/null
+    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends \
+        redis-server nginx libnginx-mod-stream haproxy >/dev/null
     [ -n "$policy_added" ] && as_root rm -f /usr/sbin/policy-rc.d
-    as_root systemctl stop redis-server >/dev/null 2>&1 || true
+    for service in redis-server nginx haproxy; do as_root systemctl stop "$service" >/dev/null 2>&1 || true; done
 fi
 if ! python3 -c "import aioice" >/dev/null 2>&1; then
     echo "==> installing aioice (Python TURN client)"
@@ -44,7 +46,7 @@ if ! python3 -c "import aioice" >/dev/null 2>&1; then
         || python3 -m pip install --quiet --disable-pip-version-check --break-system-packages aioice
 fi
 
-export TURNPIKE_REQUIRE_INTEROP=1 TURNPIKE_REQUIRE_REDIS=1
+export TURNPIKE_REQUIRE_INTEROP=1 TURNPIKE_REQUIRE_REDIS=1 TURNPIKE_REQUIRE_PROXIES=1
 # Where this machine lets the tests open a raw socket (CAP_NET_RAW) and a network namespace, the tests
 # of the raw-socket send path (runtime.raw_send) must run rather than skip.
 if python3 -c "import socket; socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)" 2>/dev/null; then

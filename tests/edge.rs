@@ -1,0 +1,217 @@
+//! turnpike behind real proxies, started here on loopback ports with generated certificates (their own
+//! configuration files, in the foreground, killed by PID): nginx `stream` routing `turns:` by SNI to
+//! turnpike's TLS listener with `proxy_protocol on` while a web name on the same port reaches a web
+//! server; nginx terminating TLS and sending PROXY v1 to the TCP listener; HAProxy terminating TLS and
+//! sending PROXY v2. A client from 127.0.0.7 must see 127.0.0.7 and its own port in
+//! XOR-MAPPED-ADDRESS, allocate and relay.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods, missing_docs)]
+
+mod common;
+
+use common::stream::StreamClient;
+use common::{EchoPeer, connect_from};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use turnpike::proto::attr::AttrType;
+use turnpike::proto::{Method, StunMsg};
+
+const CLIENT_IP: &str = "127.0.0.7";
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A proxy process of ours, killed by PID on drop.
+struct Proxy(Child);
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn wait_listening(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "nothing listens on {port}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The proxies are installed (nginx with its stream module, haproxy), or the test is skipped.
+fn proxies_or_skip() -> bool {
+    let ok = Path::new("/usr/lib/nginx/modules/ngx_stream_module.so").exists()
+        && Command::new("nginx").arg("-v").output().is_ok()
+        && Command::new("haproxy").arg("-v").output().is_ok();
+    if !ok {
+        assert!(
+            std::env::var_os("TURNPIKE_REQUIRE_PROXIES").is_none(),
+            "nginx, its stream module and haproxy are required"
+        );
+        eprintln!("SKIPPED: nginx (libnginx-mod-stream) or haproxy not installed");
+    }
+    ok
+}
+
+/// A CA, and a certificate it signed for `names` (PEM files in `dir`); returns (ca der, cert, key).
+fn certificates(dir: &Path) -> (Vec<u8>, PathBuf, PathBuf) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let params = rcgen::CertificateParams::new(vec!["turn.test".to_string(), "web.test".to_string()]).unwrap();
+    let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
+    let (c, k) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&c, cert.pem()).unwrap();
+    std::fs::write(&k, key.serialize_pem()).unwrap();
+    std::fs::write(dir.join("both.pem"), format!("{}{}", cert.pem(), key.serialize_pem())).unwrap();
+    (ca.der().to_vec(), c, k)
+}
+
+fn client_tls(ca: &[u8]) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(rustls::pki_types::CertificateDer::from(ca.to_vec())).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Arc::new(
+        rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    )
+}
+
+/// A TLS stream from 127.0.0.7 to `port` for the server name `name`.
+fn tls_from_client_ip(port: u16, ca: &[u8], name: &str) -> rustls::StreamOwned<rustls::ClientConnection, TcpStream> {
+    let tcp = connect_from(CLIENT_IP.parse().unwrap(), SocketAddr::from(([127, 0, 0, 1], port))).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let server_name = rustls::pki_types::ServerName::try_from(name.to_string()).unwrap();
+    let conn = rustls::ClientConnection::new(client_tls(ca), server_name).unwrap();
+    rustls::StreamOwned::new(conn, tcp)
+}
+
+/// Binding over `stream` (as the TURN client sees it): the XOR-MAPPED-ADDRESS, then an allocation
+/// and a relayed round trip.
+fn check_turn<S: Read + Write + turnpike_client::ReadTimeout>(
+    stream: S,
+    local: SocketAddr,
+    peer: SocketAddr,
+    user: &str,
+) {
+    let mut client = StreamClient::new(stream, user);
+    let answer = client.request(Method::BINDING, &|_| {});
+    let msg = StunMsg::parse(&answer).unwrap();
+    let mapped =
+        turnpike::proto::attr::decode_xor_addr(msg.attr(AttrType::XOR_MAPPED_ADDRESS).unwrap(), &msg.transaction_id())
+            .unwrap();
+    assert_eq!(mapped, local, "the server must see the real client");
+    client.allocate();
+    client.round_trips(peer);
+}
+
+#[test]
+fn nginx_and_haproxy_in_front_keep_the_real_client_address() {
+    if !proxies_or_skip() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("turnpike-edge-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (ca, cert, key) = certificates(&dir);
+
+    // turnpike: TCP and TLS listeners, trusting the proxies on 127.0.0.1.
+    let (tcp_port, tls_port) = (free_port(), free_port());
+    let yaml = common::test_yaml(
+        2,
+        (48400, 48439),
+        "127.0.0.1",
+        &format!("tls:\n  cert: {}\n  pkey: {}\n", cert.display(), key.display()),
+    )
+    .replace("  port: 0\n", &format!("  port: {tcp_port}\n  tls_port: {tls_port}\n  proxy_from: [127.0.0.1]\n"));
+    let cfg = turnpike::config::parse(Path::new("<test>.yaml"), &yaml).unwrap();
+    let _server = turnpike::server::start(&cfg).unwrap();
+    let peer = EchoPeer::start();
+
+    // nginx: port A routes by SNI (turn.test -> turnpike TLS with PROXY; else the web server on B);
+    // port C terminates TLS and sends PROXY v1 to turnpike's TCP listener.
+    let (a, b, c, h) = (free_port(), free_port(), free_port(), free_port());
+    let p = dir.display();
+    let nginx_conf = format!(
+        "load_module /usr/lib/nginx/modules/ngx_stream_module.so;\n\
+         daemon off; master_process off; pid {p}/nginx.pid; error_log {p}/nginx.err warn;\n\
+         events {{ worker_connections 256; }}\n\
+         stream {{\n\
+           map $ssl_preread_server_name $backend {{ turn.test turn; default web; }}\n\
+           upstream turn {{ server 127.0.0.1:{tls_port}; }}\n\
+           upstream web {{ server 127.0.0.1:{b}; }}\n\
+           server {{ listen 127.0.0.1:{a}; ssl_preread on; proxy_pass $backend; proxy_protocol on; }}\n\
+           server {{ listen 127.0.0.1:{c} ssl; ssl_certificate {cert}; ssl_certificate_key {key};\n\
+                    proxy_pass 127.0.0.1:{tcp_port}; proxy_protocol on; }}\n\
+         }}\n\
+         http {{\n\
+           access_log off; client_body_temp_path {p}/body; proxy_temp_path {p}/proxy;\n\
+           fastcgi_temp_path {p}/fcgi; uwsgi_temp_path {p}/uwsgi; scgi_temp_path {p}/scgi;\n\
+           server {{ listen 127.0.0.1:{b} ssl proxy_protocol; ssl_certificate {cert}; ssl_certificate_key {key};\n\
+                    location / {{ return 200 \"web ok\\n\"; }} }}\n\
+         }}\n",
+        cert = cert.display(),
+        key = key.display()
+    );
+    std::fs::write(dir.join("nginx.conf"), nginx_conf).unwrap();
+    let nginx = Proxy(
+        Command::new("nginx")
+            .args(["-p", &p.to_string(), "-e", &format!("{p}/nginx.err"), "-c"])
+            .arg(dir.join("nginx.conf"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    // HAProxy on H: TLS terminated, PROXY v2 to turnpike's TCP listener.
+    let haproxy_conf = format!(
+        "global\n  maxconn 256\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n\
+         frontend turns\n  bind 127.0.0.1:{h} ssl crt {p}/both.pem\n  default_backend turnpike\n\
+         backend turnpike\n  server t 127.0.0.1:{tcp_port} send-proxy-v2\n"
+    );
+    std::fs::write(dir.join("haproxy.cfg"), haproxy_conf).unwrap();
+    let haproxy = Proxy(
+        Command::new("haproxy")
+            .args(["-db", "-f"])
+            .arg(dir.join("haproxy.cfg"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    for port in [a, b, c, h] {
+        wait_listening(port);
+    }
+
+    // 1. SNI passthrough: turnpike terminates TLS, the real address arrives in the PROXY header.
+    let s = tls_from_client_ip(a, &ca, "turn.test");
+    let local = s.sock.local_addr().unwrap();
+    check_turn(s, local, peer.addr, "via-sni");
+    // ... and the web name on the same port reaches the web server.
+    let mut web = tls_from_client_ip(a, &ca, "web.test");
+    web.write_all(b"GET / HTTP/1.1\r\nHost: web.test\r\nConnection: close\r\n\r\n").unwrap();
+    let mut page = String::new();
+    let _ = web.read_to_string(&mut page);
+    assert!(page.starts_with("HTTP/1.1 200") && page.contains("web ok"), "{page}");
+
+    // 2. nginx terminating TLS, PROXY v1 to the TCP listener.
+    let s = tls_from_client_ip(c, &ca, "turn.test");
+    let local = s.sock.local_addr().unwrap();
+    check_turn(s, local, peer.addr, "via-nginx-v1");
+
+    // 3. HAProxy terminating TLS, PROXY v2 to the TCP listener.
+    let s = tls_from_client_ip(h, &ca, "turn.test");
+    let local = s.sock.local_addr().unwrap();
+    check_turn(s, local, peer.addr, "via-haproxy-v2");
+    drop((nginx, haproxy));
+}
