@@ -177,20 +177,41 @@ impl ConnBudget {
         (self.hasher.hash_one(crate::policy::peer::source_key(source)) as usize) % SOURCE_SLOTS
     }
 
-    /// Decides on a connection from `source` that was accepted as descriptor `fd`.
-    pub fn admit(&self, source: IpAddr, fd: u64) -> Result<Admitted, Refusal> {
+    /// Decides on a connection from `source` that was accepted as descriptor `fd`. A trusted proxy's
+    /// connection (`proxied`) is not held to the per-source limit here: its client is known once the
+    /// PROXY header arrives, and [`ConnBudget::rebind`] applies the limit to that client.
+    pub fn admit(&self, source: IpAddr, fd: u64, proxied: bool) -> Result<Admitted, Refusal> {
         if fd >= self.descriptor_ceiling.load(Ordering::Relaxed) {
             return Err(Refusal::Descriptors);
         }
         let slot = self.slot_of(source);
         let count = &self.sources[slot];
-        if count.fetch_add(1, Ordering::AcqRel) >= self.per_source.load(Ordering::Relaxed) {
+        if count.fetch_add(1, Ordering::AcqRel) >= self.per_source.load(Ordering::Relaxed) && !proxied {
             count.fetch_sub(1, Ordering::AcqRel);
             return Err(Refusal::PerSource);
         }
         let before = u32::try_from(self.counters.pending.fetch_add(1, Ordering::AcqRel)).unwrap_or(u32::MAX);
         let over_total = before >= self.unauthenticated.load(Ordering::Relaxed);
         Ok(Admitted { ticket: Ticket { slot: slot as u32 }, over_total })
+    }
+
+    /// Counts a proxied pending connection against the client its PROXY header named instead of the
+    /// proxy; refused (the ticket unchanged) when that client holds `per_source` pending connections.
+    pub fn rebind(&self, ticket: &mut Ticket, client: IpAddr) -> Result<(), Refusal> {
+        let slot = self.slot_of(client);
+        if slot == ticket.slot as usize {
+            return Ok(());
+        }
+        let count = &self.sources[slot];
+        if count.fetch_add(1, Ordering::AcqRel) >= self.per_source.load(Ordering::Relaxed) {
+            count.fetch_sub(1, Ordering::AcqRel);
+            return Err(Refusal::PerSource);
+        }
+        if let Some(old) = self.sources.get(ticket.slot as usize) {
+            let _ = old.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+        }
+        ticket.slot = slot as u32;
+        Ok(())
     }
 
     /// A pending connection closed or got its first allocation.
@@ -274,23 +295,35 @@ mod tests {
     #[test]
     fn per_source_total_and_reserve() {
         let budget = ConnBudget::new(ConnLimits { unauthenticated: 4, per_source: 2, descriptor_reserve: 64 }, 256);
-        assert_eq!(budget.admit(ip("192.0.2.1"), 192), Err(Refusal::Descriptors));
-        let a = budget.admit(ip("192.0.2.1"), 10).unwrap();
-        let b = budget.admit(ip("::ffff:192.0.2.1"), 11).unwrap();
-        assert_eq!(budget.admit(ip("192.0.2.1"), 12), Err(Refusal::PerSource), "the same source, however spelled");
+        assert_eq!(budget.admit(ip("192.0.2.1"), 192, false), Err(Refusal::Descriptors));
+        let a = budget.admit(ip("192.0.2.1"), 10, false).unwrap();
+        let b = budget.admit(ip("::ffff:192.0.2.1"), 11, false).unwrap();
+        assert_eq!(
+            budget.admit(ip("192.0.2.1"), 12, false),
+            Err(Refusal::PerSource),
+            "the same source, however spelled"
+        );
         assert_eq!(budget.held_by_source_of(a.ticket), 2);
         // An IPv6 /64 is one source.
-        budget.admit(ip("2001:db8::1"), 13).unwrap();
-        budget.admit(ip("2001:db8::2"), 14).unwrap();
-        assert_eq!(budget.admit(ip("2001:db8::3"), 15), Err(Refusal::PerSource));
+        budget.admit(ip("2001:db8::1"), 13, false).unwrap();
+        budget.admit(ip("2001:db8::2"), 14, false).unwrap();
+        assert_eq!(budget.admit(ip("2001:db8::3"), 15, false), Err(Refusal::PerSource));
         assert!(budget.under_pressure());
-        let over = budget.admit(ip("198.51.100.1"), 16).unwrap();
+        let over = budget.admit(ip("198.51.100.1"), 16, false).unwrap();
         assert!(over.over_total && !a.over_total && !b.over_total);
         for t in [a.ticket, b.ticket, over.ticket] {
             budget.release(t);
         }
         assert_eq!(budget.pending(), 2);
-        assert!(budget.admit(ip("192.0.2.1"), 12).is_ok());
+        assert!(budget.admit(ip("192.0.2.1"), 12, false).is_ok());
         assert_eq!(budget.pending(), 3);
+        // A trusted proxy is held to the limit of each client it names instead.
+        let mut t1 = budget.admit(ip("127.0.0.1"), 20, true).unwrap().ticket;
+        let mut t2 = budget.admit(ip("127.0.0.1"), 21, true).unwrap().ticket;
+        let mut t3 = budget.admit(ip("127.0.0.1"), 22, true).unwrap().ticket;
+        assert!(budget.rebind(&mut t1, ip("203.0.113.1")).is_ok() && budget.rebind(&mut t2, ip("203.0.113.1")).is_ok());
+        assert_eq!(budget.rebind(&mut t3, ip("203.0.113.1")), Err(Refusal::PerSource));
+        assert_eq!(budget.held_by_source_of(t1), 2);
+        assert_eq!(budget.pending(), 6);
     }
 }

@@ -207,3 +207,30 @@ fn without_proxy_from_nothing_is_checked() {
     assert_eq!(metric(&text, "turnpike_proxy_headers_total"), 0);
     assert_eq!(refused(&text, "untrusted"), 0);
 }
+
+#[test]
+fn the_pending_connection_limit_counts_the_real_clients_not_the_proxy() {
+    let (server, _) = server((48380, 48399), TRUST_LOCALHOST, "abuse:\n  unauth_connections_per_source: 2\n");
+    let tcp_addr = server.addrs.tcp[0];
+    let open = |real: &str| {
+        let mut s = tcp(tcp_addr);
+        s.write_all(format!("PROXY TCP4 {real} 127.0.0.1 8000 3478\r\n").as_bytes()).unwrap();
+        s
+    };
+    // Two pending connections for each of three real clients, all through the one proxy: served.
+    let mut held = Vec::new();
+    for real in ["198.51.100.31", "198.51.100.32", "198.51.100.33"] {
+        for port in [1u16, 2] {
+            let mut s = tcp(tcp_addr);
+            s.write_all(format!("PROXY TCP4 {real} 127.0.0.1 {port} 3478\r\n").as_bytes()).unwrap();
+            held.push(s);
+        }
+    }
+    let mut client = StreamClient::new(held.pop().unwrap(), "still-served");
+    assert_eq!(mapped(&mut client), "198.51.100.33:2".parse().unwrap());
+    // A third for one of them is over that client's limit.
+    let mut third = open("198.51.100.31");
+    assert!(closed(&mut third));
+    let text = scrape(server.metrics_addr.unwrap());
+    assert_eq!(metric(&text, "turnpike_connections_refused_total{reason=\"per_source_limit\"}"), 1, "{text}");
+}

@@ -165,7 +165,8 @@ impl Shard {
             };
             match listener.accept() {
                 Ok((stream, from)) => {
-                    let Some(ticket) = self.admit(now, &stream, from, transport) else {
+                    let trusted = self.streams.proxy_from.iter().any(|r| r.contains(from.ip()));
+                    let Some(ticket) = self.admit(now, &stream, from, transport, trusted) else {
                         continue;
                     };
                     let tls = match (transport, &self.streams.tls) {
@@ -187,7 +188,7 @@ impl Shard {
                     let tuple = FiveTuple { client: from, listener: ListenerId(i as u16), transport };
                     let start = if self.streams.proxy_from.is_empty() {
                         Start::Open
-                    } else if self.streams.proxy_from.iter().any(|r| r.contains(from.ip())) {
+                    } else if trusted {
                         Start::ProxyHeader
                     } else {
                         Start::NoProxyHeader
@@ -246,10 +247,11 @@ impl Shard {
         stream: &mio::net::TcpStream,
         from: SocketAddr,
         transport: Transport,
+        proxied: bool,
     ) -> Option<admission::Ticket> {
         use std::os::fd::AsRawFd;
         let fd = u64::try_from(stream.as_raw_fd()).unwrap_or(u64::MAX);
-        let refused = match self.shared.conns.admit(from.ip(), fd) {
+        let refused = match self.shared.conns.admit(from.ip(), fd, proxied) {
             Ok(admitted) if !admitted.over_total || self.evict_pending(now) => return Some(admitted.ticket),
             Ok(admitted) => {
                 self.shared.conns.release(admitted.ticket);
@@ -354,11 +356,24 @@ impl Shard {
                     if start == Start::ProxyHeader {
                         bump(&self.stats.io.proxy_headers, 1);
                     }
-                    if let Some(real) = source
-                        && !self.streams.conns.retuple(idx, real)
-                    {
-                        self.refuse_start(now, idx, ProxyRefusal::Duplicate);
-                        return Drained::Empty;
+                    if let Some(real) = source {
+                        if !self.streams.conns.retuple(idx, real) {
+                            self.refuse_start(now, idx, ProxyRefusal::Duplicate);
+                            return Drained::Empty;
+                        }
+                        // The per-source limit on pending connections now counts the real client.
+                        let shared = Arc::clone(&self.shared);
+                        let rebound = self
+                            .streams
+                            .conns
+                            .get_mut(idx)
+                            .and_then(|c| c.pending.as_mut())
+                            .map(|t| shared.conns.rebind(t, real.ip()));
+                        if let Some(Err(refusal)) = rebound {
+                            bump(&self.stats.io.connections_refused[refusal.index()], 1);
+                            self.close_conn(idx);
+                            return Drained::Empty;
+                        }
                     }
                     let Some(conn) = self.streams.conns.get_mut(idx) else {
                         return Drained::Empty;
