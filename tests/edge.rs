@@ -215,3 +215,131 @@ fn nginx_and_haproxy_in_front_keep_the_real_client_address() {
     check_turn(s, local, peer.addr, "via-haproxy-v2");
     drop((nginx, haproxy));
 }
+
+/// The page: two peer connections in one tab, relay-only ICE through `turns:` on nginx's shared port,
+/// a data channel message from one to the other; the outcome is reported to `/result`.
+fn webrtc_page(turn_port: u16, username: &str, password: &str) -> String {
+    format!(
+        r#"<!doctype html><script>
+const report = (r) => fetch('/result?' + encodeURIComponent(r));
+const cfg = {{ iceServers: [{{ urls: 'turns:turn.test:{turn_port}?transport=tcp', username: '{username}', credential: '{password}' }}],
+              iceTransportPolicy: 'relay' }};
+const a = new RTCPeerConnection(cfg), b = new RTCPeerConnection(cfg);
+a.onicecandidate = (e) => e.candidate && b.addIceCandidate(e.candidate);
+b.onicecandidate = (e) => e.candidate && a.addIceCandidate(e.candidate);
+b.ondatachannel = (e) => {{ e.channel.onmessage = (m) => report('ok:' + m.data); }};
+const ch = a.createDataChannel('t');
+ch.onopen = () => ch.send('hello through turns');
+(async () => {{
+  await a.setLocalDescription(await a.createOffer());
+  await b.setRemoteDescription(a.localDescription);
+  await b.setLocalDescription(await b.createAnswer());
+  await a.setRemoteDescription(b.localDescription);
+}})().catch((e) => report('error:' + e));
+setTimeout(() => report('timeout:' + a.iceConnectionState), 25000);
+</script>"#
+    )
+}
+
+/// Serves `page` at `/` and returns what the page reports at `/result` (within 40 s).
+fn serve_page(listener: TcpListener, page: String) -> std::sync::mpsc::Receiver<String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let mut stream = stream;
+            stream.set_read_timeout(Some(Duration::from_secs(5))).ok();
+            let mut buf = [0u8; 4096];
+            let n = stream.read(&mut buf).unwrap_or(0);
+            let request = String::from_utf8_lossy(&buf[..n]).into_owned();
+            let path = request.split_whitespace().nth(1).unwrap_or("/").to_string();
+            let body = if path.starts_with("/result?") { String::new() } else { page.clone() };
+            let _ = write!(
+                stream,
+                "HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            if let Some(result) = path.strip_prefix("/result?") {
+                let _ = tx.send(result.replace("%3A", ":").replace("%20", " "));
+            }
+        }
+    });
+    rx
+}
+
+#[test]
+fn a_browser_relays_over_turns_through_nginx_on_the_shared_port() {
+    if !proxies_or_skip() {
+        return;
+    }
+    let Some(chromium) =
+        ["chromium", "chromium-browser"].into_iter().find(|c| Command::new(c).arg("--version").output().is_ok())
+    else {
+        assert!(std::env::var_os("TURNPIKE_REQUIRE_BROWSER").is_none(), "chromium is required");
+        eprintln!("SKIPPED: chromium not installed");
+        return;
+    };
+    let dir = std::env::temp_dir().join(format!("turnpike-browser-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (_, cert, key) = certificates(&dir);
+    let tls_port = free_port();
+    let yaml = common::test_yaml(
+        1,
+        (48440, 48479),
+        "127.0.0.1",
+        &format!("tls:\n  cert: {}\n  pkey: {}\n", cert.display(), key.display()),
+    )
+    .replace("  port: 0\n", &format!("  port: 0\n  tls_port: {tls_port}\n  proxy_from: [127.0.0.1]\n"));
+    let cfg = turnpike::config::parse(Path::new("<test>.yaml"), &yaml).unwrap();
+    let server = turnpike::server::start(&cfg).unwrap();
+    let a = free_port();
+    let p = dir.display();
+    let nginx_conf = format!(
+        "load_module /usr/lib/nginx/modules/ngx_stream_module.so;\n\
+         daemon off; master_process off; pid {p}/nginx.pid; error_log {p}/nginx.err warn;\n\
+         events {{ worker_connections 256; }}\n\
+         stream {{\n\
+           map $ssl_preread_server_name $backend {{ turn.test 127.0.0.1:{tls_port}; default 127.0.0.1:9; }}\n\
+           server {{ listen 127.0.0.1:{a}; ssl_preread on; proxy_pass $backend; proxy_protocol on; }}\n\
+         }}\n"
+    );
+    std::fs::write(dir.join("nginx.conf"), nginx_conf).unwrap();
+    let _nginx = Proxy(
+        Command::new("nginx")
+            .args(["-p", &p.to_string(), "-e", &format!("{p}/nginx.err"), "-c"])
+            .arg(dir.join("nginx.conf"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_listening(a);
+    let username = format!("{}:browser", common::unix_now() + 3600);
+    let password = turnpike::proto::integrity::rest_password(common::SECRET.as_bytes(), username.as_bytes());
+    let page = webrtc_page(a, &username, &String::from_utf8_lossy(&password));
+    let http = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/", http.local_addr().unwrap());
+    let results = serve_page(http, page);
+    let profile = dir.join("profile");
+    let _browser = Proxy(
+        Command::new(chromium)
+            .args([
+                "--headless=new",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--no-first-run",
+                "--ignore-certificate-errors",
+                "--host-resolver-rules=MAP turn.test 127.0.0.1",
+            ])
+            .arg(format!("--user-data-dir={}", profile.display()))
+            .arg(&url)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let result = results.recv_timeout(Duration::from_secs(40)).expect("the page reports");
+    assert_eq!(result, "ok:hello through turns", "the browser's data channel over relay-only ICE");
+    // It went through turnpike: two allocations over TLS, data relayed.
+    let totals = server.totals();
+    assert!(totals.engine.allocations() >= 2 && totals.engine.packets.iter().sum::<u64>() > 0, "{totals:?}");
+}

@@ -25,8 +25,9 @@ if ! command -v openssl >/dev/null 2>&1 || ! command -v lintian >/dev/null 2>&1;
     DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends openssl lintian >/dev/null
 fi
 if ! command -v redis-server >/dev/null 2>&1 || ! command -v haproxy >/dev/null 2>&1 \
-    || ! command -v nginx >/dev/null 2>&1 || [ ! -e /usr/lib/nginx/modules/ngx_stream_module.so ]; then
-    echo "==> installing redis-server, nginx (with its stream module) and haproxy (the tests start their own)"
+    || ! command -v nginx >/dev/null 2>&1 || [ ! -e /usr/lib/nginx/modules/ngx_stream_module.so ] \
+    || ! command -v chromium >/dev/null 2>&1; then
+    echo "==> installing redis-server, nginx (with its stream module), haproxy and chromium (the tests start their own)"
     as_root apt-get update -qq
     # The packages' own services are not wanted: policy-rc.d keeps them from being started.
     policy_added=""
@@ -36,7 +37,7 @@ if ! command -v redis-server >/dev/null 2>&1 || ! command -v haproxy >/dev/null 
         policy_added=1
     fi
     DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends \
-        redis-server nginx libnginx-mod-stream haproxy >/dev/null
+        redis-server nginx libnginx-mod-stream haproxy chromium >/dev/null
     [ -n "$policy_added" ] && as_root rm -f /usr/sbin/policy-rc.d
     for service in redis-server nginx haproxy; do as_root systemctl stop "$service" >/dev/null 2>&1 || true; done
 fi
@@ -46,7 +47,7 @@ if ! python3 -c "import aioice" >/dev/null 2>&1; then
         || python3 -m pip install --quiet --disable-pip-version-check --break-system-packages aioice
 fi
 
-export TURNPIKE_REQUIRE_INTEROP=1 TURNPIKE_REQUIRE_REDIS=1 TURNPIKE_REQUIRE_PROXIES=1
+export TURNPIKE_REQUIRE_INTEROP=1 TURNPIKE_REQUIRE_REDIS=1 TURNPIKE_REQUIRE_PROXIES=1 TURNPIKE_REQUIRE_BROWSER=1
 # Where this machine lets the tests open a raw socket (CAP_NET_RAW) and a network namespace, the tests
 # of the raw-socket send path (runtime.raw_send) must run rather than skip.
 if python3 -c "import socket; socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)" 2>/dev/null; then
