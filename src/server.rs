@@ -573,6 +573,8 @@ pub fn start(cfg: &Config) -> io::Result<ServerHandle> {
         } else {
             None
         };
+        // Counted as alive from its start: /healthz must not fail before the shard's first beat.
+        shared.operator.beat(k as u16, clock::now(), None);
         let thread = std::thread::Builder::new().name(format!("turnpike-shard-{k}")).spawn(move || {
             if let Some(core) = core
                 && !core_affinity::set_for_current(core)
