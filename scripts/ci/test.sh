@@ -87,7 +87,7 @@ stage "clippy on the fuzz targets" bash -c 'cd fuzz && cargo clippy --all-target
 stage "import cycles" python3 scripts/ci/module-cycles.py
 # Private items too: the host is read as a program, and its overview links its internal modules.
 stage "cargo doc" env RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --document-private-items --locked --quiet
-stage "cargo test" cargo test --workspace --locked
+stage "cargo test" cargo test --workspace --locked --no-fail-fast
 # The core's criterion benchmarks, each run once as a test (they check what they measure).
 stage "microbenchmarks as tests" cargo test -p turnpike-proto --benches --locked --quiet
 # The load generator against turnpike, briefly: correctness only (loss, errors), no timing.
