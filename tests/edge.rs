@@ -116,6 +116,42 @@ fn check_turn<S: Read + Write + turnpike_client::ReadTimeout>(
     client.round_trips(peer);
 }
 
+/// turnpike on `ports` with TCP on `tcp_port` (0: any), TLS on `tls_port`, the certificate of `dir`,
+/// trusting proxies on 127.0.0.1.
+fn turnpike_behind_proxies(
+    shards: usize,
+    ports: (u16, u16),
+    tcp_port: u16,
+    tls_port: u16,
+    cert: &Path,
+    key: &Path,
+) -> turnpike::server::ServerHandle {
+    let yaml = common::test_yaml(
+        shards,
+        ports,
+        "127.0.0.1",
+        &format!("tls:\n  cert: {}\n  pkey: {}\n", cert.display(), key.display()),
+    )
+    .replace("  port: 0\n", &format!("  port: {tcp_port}\n  tls_port: {tls_port}\n  proxy_from: [127.0.0.1]\n"));
+    let cfg = turnpike::config::parse(Path::new("<test>.yaml"), &yaml).unwrap();
+    turnpike::server::start(&cfg).unwrap()
+}
+
+/// nginx on `conf` (written to `dir`), in the foreground, its files in `dir`.
+fn start_nginx(dir: &Path, conf: &str) -> Proxy {
+    let p = dir.display().to_string();
+    std::fs::write(dir.join("nginx.conf"), conf).unwrap();
+    Proxy(
+        Command::new("nginx")
+            .args(["-p", &p, "-e", &format!("{p}/nginx.err"), "-c"])
+            .arg(dir.join("nginx.conf"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
+}
+
 #[test]
 fn nginx_and_haproxy_in_front_keep_the_real_client_address() {
     if !proxies_or_skip() {
@@ -127,15 +163,7 @@ fn nginx_and_haproxy_in_front_keep_the_real_client_address() {
 
     // turnpike: TCP and TLS listeners, trusting the proxies on 127.0.0.1.
     let (tcp_port, tls_port) = (free_port(), free_port());
-    let yaml = common::test_yaml(
-        2,
-        (48400, 48439),
-        "127.0.0.1",
-        &format!("tls:\n  cert: {}\n  pkey: {}\n", cert.display(), key.display()),
-    )
-    .replace("  port: 0\n", &format!("  port: {tcp_port}\n  tls_port: {tls_port}\n  proxy_from: [127.0.0.1]\n"));
-    let cfg = turnpike::config::parse(Path::new("<test>.yaml"), &yaml).unwrap();
-    let _server = turnpike::server::start(&cfg).unwrap();
+    let _server = turnpike_behind_proxies(2, (48400, 48439), tcp_port, tls_port, &cert, &key);
     let peer = EchoPeer::start();
 
     // nginx: port A routes by SNI (turn.test -> turnpike TLS with PROXY; else the web server on B);
@@ -163,16 +191,7 @@ fn nginx_and_haproxy_in_front_keep_the_real_client_address() {
         cert = cert.display(),
         key = key.display()
     );
-    std::fs::write(dir.join("nginx.conf"), nginx_conf).unwrap();
-    let nginx = Proxy(
-        Command::new("nginx")
-            .args(["-p", &p.to_string(), "-e", &format!("{p}/nginx.err"), "-c"])
-            .arg(dir.join("nginx.conf"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let nginx = start_nginx(&dir, &nginx_conf);
     // HAProxy on H: TLS terminated, PROXY v2 to turnpike's TCP listener.
     let haproxy_conf = format!(
         "global\n  maxconn 256\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n\
@@ -282,15 +301,7 @@ fn a_browser_relays_over_turns_through_nginx_on_the_shared_port() {
     std::fs::create_dir_all(&dir).unwrap();
     let (_, cert, key) = certificates(&dir);
     let tls_port = free_port();
-    let yaml = common::test_yaml(
-        1,
-        (48440, 48479),
-        "127.0.0.1",
-        &format!("tls:\n  cert: {}\n  pkey: {}\n", cert.display(), key.display()),
-    )
-    .replace("  port: 0\n", &format!("  port: 0\n  tls_port: {tls_port}\n  proxy_from: [127.0.0.1]\n"));
-    let cfg = turnpike::config::parse(Path::new("<test>.yaml"), &yaml).unwrap();
-    let server = turnpike::server::start(&cfg).unwrap();
+    let server = turnpike_behind_proxies(1, (48440, 48479), 0, tls_port, &cert, &key);
     let a = free_port();
     let p = dir.display();
     let nginx_conf = format!(
@@ -302,16 +313,7 @@ fn a_browser_relays_over_turns_through_nginx_on_the_shared_port() {
            server {{ listen 127.0.0.1:{a}; ssl_preread on; proxy_pass $backend; proxy_protocol on; }}\n\
          }}\n"
     );
-    std::fs::write(dir.join("nginx.conf"), nginx_conf).unwrap();
-    let _nginx = Proxy(
-        Command::new("nginx")
-            .args(["-p", &p.to_string(), "-e", &format!("{p}/nginx.err"), "-c"])
-            .arg(dir.join("nginx.conf"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let _nginx = start_nginx(&dir, &nginx_conf);
     wait_listening(a);
     let username = format!("{}:browser", common::unix_now() + 3600);
     let password = turnpike::proto::integrity::rest_password(common::SECRET.as_bytes(), username.as_bytes());
