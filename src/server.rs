@@ -235,6 +235,8 @@ impl ServerHandle {
     pub fn drain_for(&self, grace: std::time::Duration) -> usize {
         self.stopping.store(true, Ordering::Release);
         self.shared.operator.set_draining(true);
+        // Said once the node is draining: whoever reads the line finds /readyz failing already.
+        log::info!("stopping: draining for up to {grace:?} (admin.stop_grace) while calls end");
         let deadline = clock::now() + grace;
         loop {
             let left = self.totals().engine.allocations() as usize;

@@ -65,7 +65,6 @@ fn serve(cfg: &Config, path: Option<&Path>) -> Result<(), String> {
     let _ = notify("STOPPING=1");
     let grace = handle.config().stop_grace;
     if !grace.is_zero() {
-        log::info!("stopping: draining for up to {grace:?} (admin.stop_grace) while calls end");
         let left = handle.drain_for(grace);
         log::info!("drain over: {left} allocation(s) left");
     }
