@@ -72,6 +72,7 @@ pub mod control;
 pub(crate) mod descriptors;
 pub(crate) mod ephemeral;
 pub(crate) mod fleet;
+pub mod kernel_path;
 pub mod logging;
 pub mod operator;
 pub mod probe;

@@ -11,6 +11,7 @@ use crate::control::admin::AdminCounters;
 use crate::control::{self, ServerCounters};
 use crate::descriptors;
 use crate::fleet::{self, FleetCounters};
+use crate::kernel_path::KernelPath;
 use crate::policy::PeerPolicy;
 use crate::proto::{Engine, RelayAddr, Settings};
 use crate::shard::{self, CoalesceSettings, Ctl, ShardLink, ShardParts, clock, socket};
@@ -150,6 +151,9 @@ pub struct ServerHandle {
     shards: Vec<ShardHandle>,
     threads: Vec<JoinHandle<()>>,
     stop: Arc<AtomicBool>,
+    /// The XDP program, when `runtime.kernel_path` runs it; dropped (detached) after the shards
+    /// stopped and removed their entries.
+    kernel_path: Option<KernelPath>,
 }
 
 impl std::fmt::Debug for ServerHandle {
@@ -159,6 +163,12 @@ impl std::fmt::Debug for ServerHandle {
 }
 
 impl ServerHandle {
+    /// The kernel path's own counts when it runs: datagrams it relayed to peers, to clients, and
+    /// installed channels' datagrams it left to user space for want of a route.
+    pub fn kernel_path_stats(&self) -> Option<[u64; 3]> {
+        self.kernel_path.as_ref().map(KernelPath::stats)
+    }
+
     /// Counters summed over shards.
     pub fn totals(&self) -> Totals {
         Totals::sum(&self.stats)
@@ -529,6 +539,10 @@ pub fn start(cfg: &Config) -> io::Result<ServerHandle> {
     let cores = if cfg.pin_cores { core_affinity::get_core_ids().unwrap_or_default() } else { Vec::new() };
     let origin = clock::now();
     let origin_unix = clock::unix_now();
+    let kernel_ips: Vec<IpAddr> =
+        cfg.listen_ips.iter().chain(plan.v4.iter().chain(&plan.v6).map(|r| &r.bind)).copied().collect();
+    let kernel_path = KernelPath::start(cfg.kernel_path, &cfg.kernel_interfaces, &kernel_ips)
+        .map_err(|e| io::Error::new(io::ErrorKind::Unsupported, e))?;
     let raw_sockets: Vec<Option<shard::rawsend::RawSocket>> = (0..listeners.len())
         .map(|k| if cfg.raw_send { open_raw_socket(k, cfg.send_buffer, cfg.raw_min_batch) } else { None })
         .collect();
@@ -568,6 +582,10 @@ pub fn start(cfg: &Config) -> io::Result<ServerHandle> {
             proxy_from: cfg.proxy_from.clone(),
             applied: Arc::clone(&applied),
             shared: Arc::clone(&shared),
+            kernel: match &kernel_path {
+                Some(path) => Some(path.shard_maps().map_err(|e| io::Error::other(format!("kernel path: {e}")))?),
+                None => None,
+            },
         };
         let core = if cfg.pin_cores {
             let wanted = cfg.core_ids.get(k).copied().unwrap_or(k);
@@ -689,6 +707,7 @@ pub fn start(cfg: &Config) -> io::Result<ServerHandle> {
         shards,
         threads,
         stop,
+        kernel_path,
     })
 }
 

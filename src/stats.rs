@@ -8,6 +8,8 @@ use turnpike_proto::stats::{EngineCounters, EngineTotals};
 
 /// Label values of [`IoCounters::connections`].
 pub(crate) const STREAM_TRANSPORTS: [&str; 2] = ["tcp", "tls"];
+/// Label values of [`IoCounters::kernel_datagrams`] (the engine's TO_PEER, TO_CLIENT order).
+pub(crate) const DIRECTIONS: [&str; 2] = ["to_peer", "to_client"];
 
 counters! {
     /// What one shard's sockets did. Only that shard writes them.
@@ -24,6 +26,13 @@ counters! {
         /// Relayed datagrams that left through the shard's raw socket (`runtime.raw_send`).
         datagrams_raw: counter total "turnpike_raw_socket_datagrams_total"
             "Relayed UDP datagrams sent through a shard's raw socket (runtime.raw_send), several allocations' in one call.",
+        /// Channels the shard has installed in the kernel path (`runtime.kernel_path`).
+        kernel_channels: gauge per_shard "turnpike_kernel_path_channels"
+            "Channels whose ChannelData the kernel path (XDP) relays (runtime.kernel_path).",
+        /// Datagrams the kernel path relayed for the shard's allocations, by direction.
+        kernel_datagrams: counter total "turnpike_kernel_path_datagrams_total"
+            "Datagrams the kernel path (XDP) relayed, read from its counters about once a second; also counted in turnpike_relayed_packets_total."
+            [direction: DIRECTIONS],
         /// Wake-ups after which the shard paused for a batch (`runtime.coalesce_us`).
         coalescing_pauses: counter total "turnpike_coalescing_pauses_total"
             "Wake-ups after which a busy shard paused to let a batch of datagrams accumulate (runtime.coalesce_us).",

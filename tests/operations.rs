@@ -588,6 +588,14 @@ fn systemd_unit_verifies_with_the_built_binary() {
     let out = Command::new("systemd-analyze").arg("verify").arg(&path).output().unwrap();
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success() && text.trim().is_empty(), "systemd-analyze verify: {text}");
+    // With the kernel path's drop-in beside it (what an operator installs for runtime.kernel_path).
+    let drop_in = dir.join("turnpike.service.d");
+    std::fs::create_dir_all(&drop_in).unwrap();
+    std::fs::copy(concat!(env!("CARGO_MANIFEST_DIR"), "/systemd/kernel-path.conf"), drop_in.join("kernel-path.conf"))
+        .unwrap();
+    let out = Command::new("systemd-analyze").arg("verify").arg(&path).output().unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && text.trim().is_empty(), "systemd-analyze verify with kernel-path.conf: {text}");
 }
 
 #[test]

@@ -11,7 +11,7 @@ as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 command -v cargo-deb >/dev/null 2>&1 || cargo install cargo-deb --locked --quiet
 
 echo "==> release build, man page and completions"
-cargo build --release --locked --quiet -p turnpike
+cargo build --release --locked --quiet -p turnpike --features kernel-path
 mkdir -p target/assets
 target/release/turnpike man | gzip -9n > target/assets/turnpike.1.gz
 target/release/turnpike completions bash > target/assets/turnpike.bash

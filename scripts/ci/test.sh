@@ -41,6 +41,12 @@ if ! command -v redis-server >/dev/null 2>&1 || ! command -v haproxy >/dev/null 
     [ -n "$policy_added" ] && as_root rm -f /usr/sbin/policy-rc.d
     for service in redis-server nginx haproxy; do as_root systemctl stop "$service" >/dev/null 2>&1 || true; done
 fi
+if ! command -v clang >/dev/null 2>&1 || [ ! -e /usr/include/bpf/bpf_helpers.h ] || ! command -v ethtool >/dev/null 2>&1; then
+    echo "==> installing clang and libbpf-dev (the kernel path's XDP program), ethtool and iproute2 (its tests)"
+    as_root apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends \
+        clang libbpf-dev linux-libc-dev ethtool iproute2 >/dev/null
+fi
 if ! python3 -c "import aioice" >/dev/null 2>&1; then
     echo "==> installing aioice (Python TURN client)"
     python3 -m pip install --quiet --disable-pip-version-check aioice 2>/dev/null \
@@ -54,6 +60,17 @@ if python3 -c "import socket; socket.socket(socket.AF_INET, socket.SOCK_RAW, soc
     export TURNPIKE_REQUIRE_RAW=1
 fi
 if unshare --net true 2>/dev/null; then export TURNPIKE_REQUIRE_NETNS=1; fi
+# Where this machine attaches an XDP program in a network namespace of its own (root, BPF allowed),
+# the kernel path's tests (tests/kernel_path.rs) must run rather than skip.
+xdp_probe="$(mktemp -d)"
+printf '#include <linux/bpf.h>\n#include <bpf/bpf_helpers.h>\nSEC("xdp") int pass(struct xdp_md *c) { return XDP_PASS; }\nchar l[] SEC("license") = "GPL";\n' >"$xdp_probe/pass.c"
+if clang -O2 -target bpf -I"/usr/include/$(uname -m)-linux-gnu" -c "$xdp_probe/pass.c" -o "$xdp_probe/pass.o" 2>/dev/null \
+    && unshare --net ip link set dev lo xdpgeneric obj "$xdp_probe/pass.o" sec xdp 2>/dev/null; then
+    export TURNPIKE_REQUIRE_KERNEL_PATH=1
+else
+    echo "==> this machine does not attach XDP programs: the kernel path's tests skip"
+fi
+rm -rf "$xdp_probe"
 if ! command -v cargo-deny >/dev/null 2>&1; then
     echo "==> installing cargo-deny (licenses, bans and sources of the dependency tree)"
     cargo install cargo-deny --locked --quiet
@@ -81,13 +98,16 @@ stage() { # NAME COMMAND...
 
 stage "cargo fmt --check" cargo fmt --all -- --check
 stage "cargo clippy" cargo clippy --workspace --all-targets --locked --quiet -- -D warnings
+# The kernel path (cargo feature kernel-path: clang compiles its XDP program) linted too; the tests
+# below run with it built in (and `runtime.kernel_path: off` everywhere but tests/kernel_path.rs).
+stage "cargo clippy (kernel-path)" cargo clippy --workspace --all-targets --locked --quiet --features turnpike/kernel-path -- -D warnings
 # Advisories need a database these machines cannot fetch.
 stage "cargo deny" cargo deny --log-level error check licenses bans sources
 stage "clippy on the fuzz targets" bash -c 'cd fuzz && cargo clippy --all-targets --quiet -- -D warnings'
 stage "import cycles" python3 scripts/ci/module-cycles.py
 # Private items too: the host is read as a program, and its overview links its internal modules.
 stage "cargo doc" env RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --document-private-items --locked --quiet
-stage "cargo test" cargo test --workspace --locked --no-fail-fast
+stage "cargo test" cargo test --workspace --locked --no-fail-fast --features turnpike/kernel-path
 # The core's criterion benchmarks, each run once as a test (they check what they measure).
 stage "microbenchmarks as tests" cargo test -p turnpike-proto --benches --locked --quiet
 # The load generator against turnpike, briefly: correctness only (loss, errors), no timing.

@@ -242,6 +242,10 @@ pub struct RuntimeSection {
     pub coalesce_min_pps: u64,
     /// Seconds a TCP/TLS connection may stay idle without an allocation (it never authenticated).
     pub unallocated_timeout: u64,
+    /// The XDP fast path for UDP clients' ChannelData: off, auto or on (see `kernel_path`).
+    pub kernel_path: crate::kernel_path::KernelPathMode,
+    /// Interfaces to attach it to; empty: those holding a listening or relay address.
+    pub kernel_interfaces: Vec<String>,
 }
 
 impl Default for RuntimeSection {
@@ -260,6 +264,8 @@ impl Default for RuntimeSection {
             coalesce_us: DEFAULT_COALESCE_US,
             coalesce_min_pps: DEFAULT_COALESCE_MIN_PPS,
             unallocated_timeout: 30,
+            kernel_path: crate::kernel_path::KernelPathMode::Off,
+            kernel_interfaces: Vec::new(),
         }
     }
 }

@@ -239,6 +239,10 @@ pub struct Config {
     pub coalesce_min_rate: u64,
     /// TCP/TLS connections without an allocation are closed after this long idle.
     pub unallocated_timeout: Duration,
+    /// The XDP fast path (`runtime.kernel_path`).
+    pub kernel_path: crate::kernel_path::KernelPathMode,
+    /// Interfaces for it; empty: chosen from the addresses.
+    pub kernel_interfaces: Vec<String>,
     /// Log level.
     pub log_level: LogLevel,
     /// Syslog.

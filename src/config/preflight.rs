@@ -117,6 +117,7 @@ pub fn check(path: &Path, now_unix: u64) -> Preflight {
     checks.certificate(&config, now_unix);
     checks.syslog(&config);
     checks.admin_token(&config);
+    checks.kernel_path(&config);
     checks.ephemeral_ports(&config);
     checks.own_addresses_allowed(&config, &local_addresses());
     Preflight { findings: checks.findings, config: Some(config) }
@@ -247,6 +248,20 @@ impl Checks<'_> {
                     c.syslog_socket.display()
                 ),
             );
+        }
+    }
+
+    /// `runtime.kernel_path` in a build without it: `on` could never start, `auto` would never use it.
+    fn kernel_path(&mut self, c: &Config) {
+        use crate::kernel_path::KernelPathMode;
+        if cfg!(all(feature = "kernel-path", target_os = "linux")) {
+            return;
+        }
+        let why = "this turnpike was built without the kernel path (cargo feature kernel-path)";
+        match c.kernel_path {
+            KernelPathMode::On => self.error("runtime.kernel_path", format!("`on`, but {why}")),
+            KernelPathMode::Auto => self.warning("runtime.kernel_path", format!("`auto` relays in user space: {why}")),
+            KernelPathMode::Off => {}
         }
     }
 

@@ -225,6 +225,11 @@ fn runtime(loc: &Locator<'_>, r: &RuntimeSection, c: &mut Config) -> Result<(), 
     c.coalesce_wait = Duration::from_micros(r.coalesce_us);
     c.coalesce_min_rate = r.coalesce_min_pps;
     c.unallocated_timeout = Duration::from_secs(r.unallocated_timeout);
+    if let Some(bad) = r.kernel_interfaces.iter().find(|n| n.is_empty() || n.len() > 15 || n.contains(['/', ' '])) {
+        return Err(loc.error("runtime.kernel_interfaces", format!("{bad:?} is not an interface name")));
+    }
+    c.kernel_path = r.kernel_path;
+    c.kernel_interfaces.clone_from(&r.kernel_interfaces);
     Ok(())
 }
 

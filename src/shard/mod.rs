@@ -24,9 +24,9 @@ pub(crate) mod sys;
 
 use crate::policy::rate::LogLimiter;
 use crate::proto::TimerWheel;
-use crate::proto::allocation::{FiveTuple, ListenerId, RelayKey, Transport};
+use crate::proto::allocation::{FiveTuple, ListenerId, RelayKey, Traffic, Transport};
 use crate::proto::engine::{Selector, TIMER_BUDGET};
-use crate::proto::stats::bump;
+use crate::proto::stats::{bump, set};
 use crate::proto::{Action, DropReason, Engine, PacketBuf, Settings};
 use crate::shared::Shared;
 use crate::stats::ShardStats;
@@ -167,6 +167,8 @@ pub struct ShardParts {
     pub applied: Arc<std::sync::atomic::AtomicU64>,
     /// What shards share (here: the budget of connections without an allocation).
     pub shared: Arc<Shared>,
+    /// This shard's handles on the kernel path's maps, when it runs (`runtime.kernel_path`).
+    pub kernel: Option<crate::kernel_path::ShardMaps>,
 }
 
 impl std::fmt::Debug for ShardParts {
@@ -228,6 +230,8 @@ struct Shard {
     wake_datagrams: usize,
     /// What shards share (the budget of pending connections).
     shared: Arc<Shared>,
+    /// Allocation slots the engine marked for the kernel path (kept to reuse the buffer).
+    offload_slots: Vec<u32>,
 }
 
 impl Shard {
@@ -392,9 +396,40 @@ impl Shard {
         self.sweep_conn_timers();
     }
 
+    /// Makes the kernel path's entries follow the engine for every allocation it marked (a channel
+    /// bound, a permission or channel ending, a reload), and counts what the removed ones relayed.
+    fn sync_offload(&mut self, now: Instant) {
+        let Some(kernel) = self.relays.kernel.as_mut() else { return };
+        if !self.engine.offload_pending() {
+            return;
+        }
+        let mut slots = std::mem::take(&mut self.offload_slots);
+        self.engine.take_offload_dirty(&mut slots);
+        for &slot in &slots {
+            let mut wanted = kernel.wanted_buffer();
+            self.engine.offload_wanted(slot, now, &mut wanted);
+            let [to_peer, to_client] = kernel.sync(slot, wanted);
+            self.engine.credit_offloaded(slot, to_peer, to_client);
+            count_kernel(&self.stats, to_peer, to_client);
+        }
+        set(&self.stats.io.kernel_channels, kernel.installed() as u64);
+        self.offload_slots = slots;
+    }
+
+    /// Hands what the kernel path relayed since the last call to the engine (about once a second).
+    fn collect_offloaded(&mut self) {
+        let Some(kernel) = self.relays.kernel.as_mut() else { return };
+        let (engine, stats) = (&mut self.engine, &self.stats);
+        kernel.collect(|slot, to_peer, to_client| {
+            engine.credit_offloaded(slot, to_peer, to_client);
+            count_kernel(stats, to_peer, to_client);
+        });
+    }
+
     /// Tells the operator state this loop runs, with its sessions when they are published (admin API
     /// or fleet): about once a second, off the data path.
     fn beat(&mut self, now: Instant) {
+        self.collect_offloaded();
         let sessions = self.shared.operator.publishing().then(|| {
             let mut list = Vec::with_capacity(self.engine.allocation_count());
             self.engine.sessions(now, &mut list);
@@ -413,6 +448,15 @@ impl Shard {
             t if t >= TLS_BASE => self.accept(now, t - TLS_BASE, Transport::Tls),
             t if t >= TCP_BASE => self.accept(now, t - TCP_BASE, Transport::Tcp),
             i => self.drain_batch(now, BatchSource::Listener(i)),
+        }
+    }
+}
+
+/// Counts datagrams the kernel path relayed for the shard's allocations.
+fn count_kernel(stats: &ShardStats, to_peer: Traffic, to_client: Traffic) {
+    for (counter, t) in stats.io.kernel_datagrams.iter().zip([to_peer, to_client]) {
+        if t.packets > 0 {
+            bump(counter, t.packets);
         }
     }
 }
@@ -436,6 +480,7 @@ pub fn run(parts: ShardParts) {
         proxy_from,
         applied,
         shared,
+        kernel,
     } = parts;
     let registry = match poll.registry().try_clone() {
         Ok(r) => r,
@@ -506,6 +551,7 @@ pub fn run(parts: ShardParts) {
             freed_streams: Vec::new(),
             parked: Vec::new(),
             parked_free: Vec::new(),
+            kernel: None,
         },
         engine,
         pkt: PacketBuf::default(),
@@ -516,7 +562,16 @@ pub fn run(parts: ShardParts) {
         logs: LogLimiter::default(),
         wake_datagrams: 0,
         shared,
+        offload_slots: Vec::new(),
     };
+    if let Some(maps) = kernel {
+        // Channels are keyed by the listening port the client sends to; the listener's address
+        // stands for the server's (a wildcard one is learned from the client's datagrams).
+        let unknown = SocketAddr::from(([0, 0, 0, 0], 0));
+        let listeners = shard.udp.iter().map(|s| s.local_addr().unwrap_or(unknown)).collect();
+        shard.relays.kernel = Some(crate::kernel_path::table::ShardTable::new(maps, listeners));
+        shard.engine.enable_offload();
+    }
     let mut coalescer = coalesce::Coalescer::new(now, coalesce.max_wait, coalesce.min_rate, recv_batch);
     if !coalesce.max_wait.is_zero() && !sys::set_timer_slack(PAUSE_TIMER_SLACK_NS) {
         log::debug!("shard {id}: cannot set the timer slack; coalescing pauses may run long");
@@ -560,6 +615,7 @@ pub fn run(parts: ShardParts) {
         still_pending.dedup();
         std::mem::swap(&mut pending, &mut still_pending);
         shard.run_timers(now);
+        shard.sync_offload(now);
         let wait = coalescer.after_wake(now, std::mem::take(&mut shard.wake_datagrams), pending.is_empty());
         if !wait.is_zero() {
             bump(&shard.stats.io.coalescing_pauses, 1);
@@ -569,6 +625,8 @@ pub fn run(parts: ShardParts) {
             match ctl {
                 Ctl::Reload(settings, generation) => {
                     shard.engine.reload(now, settings);
+                    // A peer the new policy refuses stops flowing through the kernel now.
+                    shard.sync_offload(now);
                     applied.store(generation, std::sync::atomic::Ordering::Release);
                 }
                 Ctl::ReloadTls(cfg) => shard.streams.tls = Some(cfg),
@@ -578,6 +636,7 @@ pub fn run(parts: ShardParts) {
                         EndWhich::User(user) => Selector::User(user),
                     };
                     let ended = shard.engine.end_sessions(now, selector, &mut shard.relays);
+                    shard.sync_offload(now);
                     shard.close_freed_streams();
                     let _ = reply.send(ended);
                     if ended > 0 {

@@ -3,7 +3,9 @@
 
 use super::socket::{self, Buffers};
 use super::{PARKED_BASE, RELAY_BASE};
-use crate::proto::allocation::{FiveTuple, RelayKey, Transport};
+use crate::kernel_path::ShardMaps;
+use crate::kernel_path::table::ShardTable;
+use crate::proto::allocation::{FiveTuple, RelayKey, Traffic, Transport};
 use crate::proto::engine::{BindError, RelaySockets};
 use mio::net::UdpSocket;
 use mio::{Interest, Registry, Token};
@@ -27,6 +29,8 @@ pub(super) struct RelaySlots {
     pub(super) parked: Vec<Option<(UdpSocket, SocketAddr)>>,
     /// Free entries of `parked`.
     pub(super) parked_free: Vec<u32>,
+    /// The shard's entries in the kernel path's maps, when it runs (`runtime.kernel_path`).
+    pub(super) kernel: Option<ShardTable<ShardMaps>>,
 }
 
 impl RelaySlots {
@@ -96,6 +100,10 @@ impl RelaySockets for RelaySlots {
             .map_err(|e| BindError::Failed(e.raw_os_error().unwrap_or(0)))?;
         self.install(key, sock, local);
         Ok(())
+    }
+
+    fn offload_ended(&mut self, slot: u32) -> [Traffic; 2] {
+        self.kernel.as_mut().map_or([Traffic::default(); 2], |k| k.end(slot))
     }
 
     fn allocation_freed(&mut self, tuple: FiveTuple) {

@@ -91,6 +91,11 @@ impl AllocTable {
         slot.alloc.as_mut()
     }
 
+    /// The live allocation in slot `idx`.
+    pub(crate) fn by_index(&self, idx: u32) -> Option<&Allocation> {
+        self.slots.get(idx as usize)?.alloc.as_ref()
+    }
+
     /// Mutable access to the live allocation in slot `idx`.
     pub(crate) fn by_index_mut(&mut self, idx: u32) -> Option<&mut Allocation> {
         self.slots.get_mut(idx as usize)?.alloc.as_mut()

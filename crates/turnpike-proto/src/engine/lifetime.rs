@@ -151,6 +151,7 @@ impl Engine {
                 let expires = alloc.permissions[pos].expires;
                 if expires <= now {
                     alloc.permissions.swap_remove(pos);
+                    self.offload_touch(id.idx);
                     self.live_permissions = self.live_permissions.saturating_sub(1);
                     set(&self.stats.permissions, self.live_permissions);
                 } else {
@@ -171,6 +172,7 @@ impl Engine {
                     set(&self.stats.channels, self.live_channels);
                 } else if expires <= now {
                     self.wheel.insert(expires + CHANNEL_COOLDOWN, timer);
+                    self.offload_touch(id.idx);
                 } else {
                     self.wheel.insert(expires, timer);
                 }
@@ -193,9 +195,13 @@ impl Engine {
     }
 
     pub(super) fn free(&mut self, now: Instant, id: AllocId, io: &mut dyn RelaySockets, why: EndReason) {
-        let Some(alloc) = self.table.remove(id) else {
+        let Some(mut alloc) = self.table.remove(id) else {
             return;
         };
+        // Before the relay sockets go: nothing may be forwarded outside for a deleted allocation.
+        let [to_peer, to_client] = io.offload_ended(id.idx);
+        super::offload::credit(&mut alloc.traffic, to_peer, to_client);
+        self.count_offloaded(to_peer, to_client);
         for (half, relayed) in alloc.relayed_addresses() {
             self.retire_socket(RelayKey::new(id.idx, half), relayed.bound, io);
             self.cluster.relay_closed(relayed.bound);

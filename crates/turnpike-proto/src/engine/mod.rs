@@ -11,9 +11,12 @@
 mod allocate;
 mod auth;
 mod lifetime;
+mod offload;
 mod permission;
 mod relay;
 mod sessions;
+
+pub use offload::OffloadChannel;
 
 pub use lifetime::TIMER_BUDGET;
 pub use sessions::{Selector, Session, session_id};
@@ -214,6 +217,12 @@ pub trait RelaySockets {
     }
     /// An allocation was deleted; for TCP/TLS clients the connection goes with it (RFC 8656 §7).
     fn allocation_freed(&mut self, _tuple: FiveTuple) {}
+    /// Allocation slot `slot` is being deleted: the host stops relaying its channels outside the
+    /// engine now and returns what it relayed for it since its last [`Engine::credit_offloaded`]
+    /// ([to peer, to client]); nothing by default (no offloading).
+    fn offload_ended(&mut self, _slot: u32) -> [crate::allocation::Traffic; 2] {
+        [crate::allocation::Traffic::default(); 2]
+    }
 }
 
 /// What the shard must do with a datagram.
@@ -310,6 +319,9 @@ pub struct Engine {
     /// Counts configuration reloads: an allocation's stored key is reused only under the credentials
     /// it was derived with.
     key_generation: u64,
+    /// Allocation slots whose offloadable channels may have changed; `None` while offloading is off
+    /// (see the `offload` module).
+    offload_dirty: Option<Vec<u32>>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -357,6 +369,7 @@ impl Engine {
             logs: LogLimiter::default(),
             relay_turn: 0,
             key_generation: 0,
+            offload_dirty: None,
             settings,
         }
     }
@@ -403,6 +416,7 @@ impl Engine {
         set(&self.stats.channels, chans);
         self.key_generation += 1;
         self.settings = settings;
+        self.offload_touch_all();
     }
 
     /// The allocation table (read-only, for tests).

@@ -131,6 +131,8 @@ impl Engine {
         }
         self.live_permissions += created;
         set(&self.stats.permissions, self.live_permissions);
+        // A refreshed permission may be live again before its timer noticed it had lapsed.
+        self.offload_touch(id.idx);
         write_response(&mut self.out, &self.settings, msg, Class::Success, Some(&key), |_| {})
     }
 
@@ -211,6 +213,7 @@ impl Engine {
         }
         set(&self.stats.channels, self.live_channels);
         set(&self.stats.permissions, self.live_permissions);
+        self.offload_touch(id.idx);
         write_response(&mut self.out, &self.settings, msg, Class::Success, Some(&key), |_| {})
     }
 }

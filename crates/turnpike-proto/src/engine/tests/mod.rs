@@ -6,6 +6,7 @@ mod allocate;
 mod auth;
 mod flow;
 mod lifetime;
+mod offload;
 mod permission;
 mod relay;
 
@@ -46,6 +47,10 @@ struct FakeSockets {
     opened: usize,
     /// Every unpark fails (the parked socket is closed).
     unpark_fails: bool,
+    /// Slots whose offloaded channels the engine ended ([`RelaySockets::offload_ended`]).
+    offload_ended: Vec<u32>,
+    /// What `offload_ended` reports as relayed outside the engine.
+    offloaded: [crate::allocation::Traffic; 2],
 }
 
 impl RelaySockets for FakeSockets {
@@ -75,6 +80,10 @@ impl RelaySockets for FakeSockets {
         self.next_parked += 1;
         self.parked.insert(id, self.ports.remove(&idx).unwrap());
         Some(id)
+    }
+    fn offload_ended(&mut self, slot: u32) -> [crate::allocation::Traffic; 2] {
+        self.offload_ended.push(slot);
+        self.offloaded
     }
     fn unpark(&mut self, spare: u32, idx: RelayKey) -> Result<(), BindError> {
         let port = self.parked.remove(&spare).expect("unparked a socket that is not parked");
