@@ -42,6 +42,12 @@
 //! lock shared with another shard, or waits on the network; counters are per shard and written with
 //! relaxed stores by their shard only.
 //!
+//! With `runtime.kernel_path` ([`kernel_path`]) most of a call's datagrams never reach a shard: an XDP
+//! program relays the ChannelData of the channels the shards install in its table, in both directions,
+//! and the rest arrives as above. The engine marks an allocation whenever its channels' eligibility may
+//! have changed (a ChannelBind, a permission or channel ending, a reload, a deletion); the shard makes
+//! that allocation's entries say what the engine allows before it polls again.
+//!
 //! ## Control messages and shared state
 //!
 //! Allocate, Refresh, CreatePermission, ChannelBind and Binding go through the core's codec,
@@ -59,6 +65,7 @@
 //! * [`shard`]: the event loop, sockets, batched sending, TCP/TLS connections.
 //! * [`shared`], [`admission`]: what the shards of a node share.
 //! * [`control`]: counters, the summary line, the HTTP endpoint, systemd notification.
+//! * [`kernel_path`]: the XDP program, its loader and the shards' tables of channels it relays.
 //! * [`probe`], [`tls`], [`descriptors`], [`ephemeral`]: the probe tool, TLS set-up, the descriptor
 //!   budget, the ephemeral-port check.
 

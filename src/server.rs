@@ -583,7 +583,7 @@ pub fn start(cfg: &Config) -> io::Result<ServerHandle> {
             applied: Arc::clone(&applied),
             shared: Arc::clone(&shared),
             kernel: match &kernel_path {
-                Some(path) => Some(path.shard_maps().map_err(|e| io::Error::other(format!("kernel path: {e}")))?),
+                Some(path) => Some(path.shard_maps(k == 0).map_err(|e| io::Error::other(format!("kernel path: {e}")))?),
                 None => None,
             },
         };

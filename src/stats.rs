@@ -33,6 +33,10 @@ counters! {
         kernel_datagrams: counter total "turnpike_kernel_path_datagrams_total"
             "Datagrams the kernel path (XDP) relayed, read from its counters about once a second; also counted in turnpike_relayed_packets_total."
             [direction: DIRECTIONS],
+        /// Datagrams of installed channels the program left to user space: no route (one shard
+        /// reports the program's count).
+        kernel_no_route: counter total "turnpike_kernel_path_no_route_total"
+            "Datagrams of installed channels the kernel path left to user space because the kernel's route lookup did not resolve them (no neighbour entry yet, forwarding off, over the MTU).",
         /// Wake-ups after which the shard paused for a batch (`runtime.coalesce_us`).
         coalescing_pauses: counter total "turnpike_coalescing_pauses_total"
             "Wake-ups after which a busy shard paused to let a batch of datagrams accumulate (runtime.coalesce_us).",

@@ -317,6 +317,15 @@ mod netns {
             std::thread::sleep(Duration::from_millis(100));
         }
         assert_eq!(relayed_by_engine(&server), all, "the program's counts reach the engine's");
+        let io = server.totals().io;
+        assert_eq!(
+            io.kernel_datagrams[0] + io.kernel_datagrams[1],
+            kernel_stats(&server)[0] + kernel_stats(&server)[1]
+        );
+        assert_eq!(io.kernel_channels, 1);
+        // Datagrams left to user space for want of a route (the first towards a new neighbour, when
+        // the kernel does not know its link-layer address yet) are reported as the program counts them.
+        assert_eq!(io.kernel_no_route, kernel_stats(&server)[2], "reported in turnpike_kernel_path_no_route_total");
         server.shutdown();
         let user = net.start("off").unwrap();
         assert!(user.kernel_path_stats().is_none(), "kernel_path: off loads nothing");

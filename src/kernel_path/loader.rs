@@ -54,32 +54,45 @@ impl Loaded {
 
     /// A shard's own handles on the channel maps (duplicated descriptors: each shard writes without
     /// sharing a lock with the others; the kernel's hash map locks per bucket).
-    pub(super) fn shard_maps(&self) -> Result<KernelMaps, String> {
+    /// `with_stats`: also a handle on the program's own counts (one shard reports them).
+    pub(super) fn shard_maps(&self, with_stats: bool) -> Result<KernelMaps, String> {
         let open = |name: &str| -> Result<MapData, String> {
-            let map = self.ebpf.map(name).ok_or_else(|| format!("the XDP object has no {name} map"))?;
-            let Map::HashMap(data) = map else {
-                return Err(format!("{name} is not a hash map"));
+            let data = match self.ebpf.map(name) {
+                Some(Map::HashMap(data) | Map::PerCpuArray(data)) => data,
+                Some(_) => return Err(format!("{name} is not the map the program declares")),
+                None => return Err(format!("the XDP object has no {name} map")),
             };
             let fd = data.fd().as_fd().try_clone_to_owned().map_err(|e| error(name, e))?;
             MapData::from_fd(fd).map_err(|e| error(name, e))
         };
         let channels = HashMap::try_from(Map::HashMap(open("channels")?)).map_err(|e| error("channels", e))?;
         let peers = HashMap::try_from(Map::HashMap(open("peers")?)).map_err(|e| error("peers", e))?;
-        Ok(KernelMaps { channels, peers })
+        let stats = if with_stats {
+            Some(PerCpuArray::try_from(Map::PerCpuArray(open("stats")?)).map_err(|e| error("stats", e))?)
+        } else {
+            None
+        };
+        Ok(KernelMaps { channels, peers, stats })
     }
 
     /// The program's own counts, summed over CPUs: [to peer, to client, no route].
     pub(super) fn stats(&self) -> [u64; 3] {
-        let mut out = [0u64; 3];
-        let Some(map) = self.ebpf.map("stats") else { return out };
-        let Ok(array) = PerCpuArray::<&MapData, u64>::try_from(map) else { return out };
-        for (i, slot) in out.iter_mut().enumerate() {
-            if let Ok(values) = array.get(&(i as u32), 0) {
-                *slot = values.iter().sum();
-            }
+        match self.ebpf.map("stats").map(PerCpuArray::<&MapData, u64>::try_from) {
+            Some(Ok(array)) => sum_stats(&array),
+            _ => [0; 3],
         }
-        out
     }
+}
+
+/// The program's per-CPU counts summed: [to peer, to client, no route].
+fn sum_stats<T: std::borrow::Borrow<MapData>>(array: &PerCpuArray<T, u64>) -> [u64; 3] {
+    let mut out = [0u64; 3];
+    for (i, slot) in out.iter_mut().enumerate() {
+        if let Ok(values) = array.get(&(i as u32), 0) {
+            *slot = values.iter().sum();
+        }
+    }
+    out
 }
 
 /// Adds what the operator can do about a permission error.
@@ -96,6 +109,7 @@ fn permission_hint(e: &dyn std::fmt::Display) -> String {
 pub struct KernelMaps {
     channels: HashMap<MapData, ChannelKey, ChannelValue>,
     peers: HashMap<MapData, PeerKey, ChannelKey>,
+    stats: Option<PerCpuArray<MapData, u64>>,
 }
 
 impl std::fmt::Debug for KernelMaps {
@@ -125,5 +139,9 @@ impl ChannelMaps for KernelMaps {
 
     fn read(&self, key: &ChannelKey) -> Option<ChannelValue> {
         self.channels.get(key, 0).ok()
+    }
+
+    fn program_stats(&self) -> Option<[u64; 3]> {
+        self.stats.as_ref().map(sum_stats)
     }
 }

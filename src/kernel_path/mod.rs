@@ -171,12 +171,16 @@ impl KernelPath {
         Err("this turnpike was built without the kernel path (cargo feature kernel-path)".into())
     }
 
-    /// A shard's handles on the maps.
-    pub fn shard_maps(&self) -> Result<ShardMaps, String> {
+    /// A shard's handles on the maps; `with_stats`: with the program's own counts too (for the one
+    /// shard that reports them).
+    pub fn shard_maps(&self, with_stats: bool) -> Result<ShardMaps, String> {
         #[cfg(all(feature = "kernel-path", target_os = "linux"))]
-        return self.loaded.shard_maps();
+        return self.loaded.shard_maps(with_stats);
         #[cfg(not(all(feature = "kernel-path", target_os = "linux")))]
-        Err("no kernel path in this build".into())
+        {
+            let _ = with_stats;
+            Err("no kernel path in this build".into())
+        }
     }
 
     /// The program's counts: datagrams it relayed to peers, to clients, and installed channels'

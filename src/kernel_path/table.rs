@@ -21,6 +21,11 @@ pub trait ChannelMaps {
     fn remove(&mut self, key: &ChannelKey, peer: &PeerKey);
     /// The channel's entry as the program left it (its counters).
     fn read(&self, key: &ChannelKey) -> Option<ChannelValue>;
+    /// The program's own counts (every CPU), when this handle reads them: [to peer, to client, no
+    /// route].
+    fn program_stats(&self) -> Option<[u64; 3]> {
+        None
+    }
 }
 
 /// One channel this shard installed.
@@ -68,6 +73,11 @@ impl<M: ChannelMaps> ShardTable<M> {
     /// A table writing into `maps` for a shard whose UDP listeners are bound to `listeners`.
     pub fn new(maps: M, listeners: Vec<SocketAddr>) -> Self {
         Self { maps, slots: HashMap::new(), listeners, wanted: Vec::new(), insert_failure_logged: false }
+    }
+
+    /// The program's own counts, when this shard reports them ([`ChannelMaps::program_stats`]).
+    pub fn program_stats(&self) -> Option<[u64; 3]> {
+        self.maps.program_stats()
     }
 
     /// Channels installed (all slots).

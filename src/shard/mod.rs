@@ -419,6 +419,9 @@ impl Shard {
     /// Hands what the kernel path relayed since the last call to the engine (about once a second).
     fn collect_offloaded(&mut self) {
         let Some(kernel) = self.relays.kernel.as_mut() else { return };
+        if let Some([_, _, no_route]) = kernel.program_stats() {
+            set(&self.stats.io.kernel_no_route, no_route);
+        }
         let (engine, stats) = (&mut self.engine, &self.stats);
         kernel.collect(|slot, to_peer, to_client| {
             engine.credit_offloaded(slot, to_peer, to_client);
