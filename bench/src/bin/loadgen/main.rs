@@ -67,6 +67,9 @@ struct Args {
     /// Wall-clock time (seconds since the Unix epoch) at which the traffic starts, after the set-up:
     /// several generators given the same instant share one measurement window.
     start_at: Option<f64>,
+    /// Sleep until the next datagram is due instead of spinning (`--sleep-idle`): the generator's core
+    /// then idles between sends, so that work the kernel does on it shows in /proc/stat.
+    sleep_idle: bool,
 }
 
 fn arg<'a>(args: &'a [String], name: &str) -> Option<&'a str> {
@@ -101,6 +104,7 @@ fn parse_args() -> Result<Args, String> {
         peer_port: num("--peer-port", "0")? as u16,
         setup_only: a.iter().any(|x| x == "--setup-only"),
         setup_rounds: (num("--setup-rounds", "1")? as usize).clamp(1, 1000),
+        sleep_idle: a.iter().any(|x| x == "--sleep-idle"),
         start_at: match arg(&a, "--start-at").map(str::parse::<f64>).transpose() {
             Ok(Some(at)) if (at - unix_now()).abs() > 600.0 => {
                 return Err("--start-at must be within 10 minutes of now (seconds since the Unix epoch)".into());
@@ -366,7 +370,7 @@ fn record_arrival(
 const USAGE: &str = "usage: loadgen [--server IP:PORT] [--secret S] [--realm R] [--allocations N] [--rate PPS]
                [--size BYTES] [--duration S] [--warmup S] [--send-indications] [--calls] [--tcp | --tls]
                [--server-pid PID] [--setup-only [--setup-rounds K]] [--raw IP:PORT --peer-port P]
-               [--start-at UNIX-SECONDS] [--relay-family ipv4|ipv6]
+               [--start-at UNIX-SECONDS] [--relay-family ipv4|ipv6] [--sleep-idle]
 Sets up N TURN allocations (REST credentials from --secret), binds channels to local peers (or, with
 --calls, to each other's relayed addresses), sends paced traffic and prints loss, latency and the
 server's CPU and RSS (with --server-pid) as a human line on stderr and a JSON line on stdout.
@@ -378,6 +382,8 @@ server's CPU and RSS (with --server-pid) as a human line on stderr and a JSON li
 --relay-family ipv6 asks for IPv6 relayed addresses (RFC 6156); the peers listen on IPv6 then.
 --start-at starts the traffic (warm-up, then the window) at that wall-clock time, after the set-up, so
 that several generators measure the same window; `late_start_ms` says how late one was.
+--sleep-idle sleeps until the next datagram is due instead of spinning, so that the generator's core
+idles between sends and the kernel's work there shows in /proc/stat (bench-kernel).
 Defaults: 127.0.0.1:3478, 10 allocations, 10000 pps, 172 bytes, 3 s after 0.5 s of warm-up.";
 
 fn main() {
@@ -681,7 +687,12 @@ fn run(args: &Args) -> io::Result<()> {
             recv_measured += counted;
         }
         if seq >= due {
-            std::hint::spin_loop();
+            if args.sleep_idle {
+                let next = start + Duration::from_secs_f64((seq + 1) as f64 * interval_ns / 1e9);
+                std::thread::sleep(next.saturating_duration_since(Instant::now()));
+            } else {
+                std::hint::spin_loop();
+            }
         }
     }
     // Drain late arrivals for 300 ms.
