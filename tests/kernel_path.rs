@@ -438,4 +438,56 @@ mod netns {
         assert_eq!(both_ways(&call, &peer), (true, true), "user space relays");
         server.shutdown();
     }
+
+    /// The XDP programs on the relay namespace's interfaces (`ip -d link` names them "prog/xdp").
+    fn attached(net: &Net) -> usize {
+        let out = Command::new("ip").args(["-n", net.ns(1), "-d", "link", "show"]).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).matches("prog/xdp").count()
+    }
+
+    #[test]
+    fn a_killed_server_leaves_no_program_attached() {
+        let Some((net, server)) = net_or_skip(216) else { return };
+        assert_eq!(attached(&net), 2, "both relay interfaces carry the program while it runs");
+        server.shutdown();
+        assert_eq!(attached(&net), 0, "a stopped server detaches");
+        // The binary in the relay namespace, killed with SIGKILL: the bpf_links close with the process.
+        let dir = std::env::temp_dir().join(format!("turnpike-kernel-kill-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("turnpike.yaml");
+        std::fs::write(&file, net.yaml("on", true)).unwrap();
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", net.ns(1), env!("CARGO_BIN_EXE_turnpike"), "run", "--config"])
+            .arg(&file)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut seen = Vec::new();
+        while !seen.iter().any(|l: &String| l.contains("relayed by XDP on")) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) => seen.push(line),
+                Err(_) => panic!("the binary did not attach the kernel path: {seen:#?}"),
+            }
+        }
+        assert_eq!(attached(&net), 2);
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while attached(&net) > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert_eq!(attached(&net), 0, "nothing stays attached after a SIGKILL");
+        std::fs::remove_dir_all(&dir).ok();
+    }
 }
