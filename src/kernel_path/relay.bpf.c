@@ -335,6 +335,34 @@ static __always_inline __u32 sum_endpoints(__u32 sum, const struct flow *f, __u1
 	return sum;
 }
 
+// The UDP checksum of `p` sent as `out` with UDP length `new_udp_len`: the endpoints' words swapped,
+// and the ChannelData header (`channel`, `data_len`) taken out (`header_sign` 0) or put in (1). An
+// IPv4 datagram without a checksum (0, allowed there) stays without one.
+static __always_inline __u16 new_udp_csum(const struct parsed *p, const struct flow *out, __u16 new_udp_len,
+					  __be16 channel, __u16 data_len, int header_sign)
+{
+	if (p->udp_csum == 0 && !p->v6)
+		return 0;
+	__u32 sum = (__u16)~p->udp_csum;
+	sum = sum_endpoints(sum, &p->f, p->udp_len, p->v6, 0);
+	sum = sum_word(sum, channel, header_sign);
+	sum = sum_word(sum, bpf_htons(data_len), header_sign);
+	sum = sum_endpoints(sum, out, new_udp_len, p->v6, 1);
+	return finish_udp_csum(sum);
+}
+
+// Resolves `out`'s route (see `route`), counting an installed channel's datagram that goes up for
+// want of one.
+static __always_inline int route_or_count(struct xdp_md *ctx, const struct flow *out, const struct parsed *p,
+					  __u16 new_udp_len, struct bpf_fib_lookup *fib)
+{
+	if (route(ctx, out, p->v6, p->l3_len + new_udp_len, fib) < 0) {
+		count(STAT_NO_ROUTE);
+		return -1;
+	}
+	return 0;
+}
+
 // client -> server ChannelData for an installed channel: strip the 4-byte header, send the payload
 // to the peer from the relayed address. Returns -1 to leave the datagram to user space.
 static __noinline int client_to_peer(struct xdp_md *ctx, struct parsed *p, __be16 channel, __u16 data_len)
@@ -362,20 +390,9 @@ static __noinline int client_to_peer(struct xdp_md *ctx, struct parsed *p, __be1
 	out.dport = v->peer_port;
 	__u16 new_udp_len = sizeof(struct udphdr) + data_len;
 	struct bpf_fib_lookup fib;
-	if (route(ctx, &out, p->v6, p->l3_len + new_udp_len, &fib) < 0) {
-		count(STAT_NO_ROUTE);
+	if (route_or_count(ctx, &out, p, new_udp_len, &fib) < 0)
 		return -1;
-	}
-	__u16 csum = 0;
-	// IPv4 allows a datagram without checksum (0): it stays without one.
-	if (p->udp_csum != 0 || p->v6) {
-		__u32 sum = (__u16)~p->udp_csum;
-		sum = sum_endpoints(sum, &p->f, p->udp_len, p->v6, 0);
-		sum = sum_word(sum, channel, 0);
-		sum = sum_word(sum, bpf_htons(data_len), 0);
-		sum = sum_endpoints(sum, &out, new_udp_len, p->v6, 1);
-		csum = finish_udp_csum(sum);
-	}
+	__u16 csum = new_udp_csum(p, &out, new_udp_len, channel, data_len, 0);
 	// The payload stays where it is (an even shift keeps its words, and so its sum); the headers
 	// move 4 bytes forward over the ChannelData header.
 	if (bpf_xdp_adjust_head(ctx, 4) < 0)
@@ -416,19 +433,9 @@ static __noinline int peer_to_client(struct xdp_md *ctx, struct parsed *p)
 	__u16 new_udp_len = p->udp_len + 4;
 	struct bpf_fib_lookup fib;
 	// tot_len makes the lookup refuse a datagram the egress MTU cannot carry (it goes up instead).
-	if (route(ctx, &out, p->v6, p->l3_len + new_udp_len, &fib) < 0) {
-		count(STAT_NO_ROUTE);
+	if (route_or_count(ctx, &out, p, new_udp_len, &fib) < 0)
 		return -1;
-	}
-	__u16 csum = 0;
-	if (p->udp_csum != 0 || p->v6) {
-		__u32 sum = (__u16)~p->udp_csum;
-		sum = sum_endpoints(sum, &p->f, p->udp_len, p->v6, 0);
-		sum = sum_endpoints(sum, &out, new_udp_len, p->v6, 1);
-		sum = sum_word(sum, key.channel, 1);
-		sum = sum_word(sum, bpf_htons(data_len), 1);
-		csum = finish_udp_csum(sum);
-	}
+	__u16 csum = new_udp_csum(p, &out, new_udp_len, key.channel, data_len, 1);
 	if (bpf_xdp_adjust_head(ctx, -4) < 0)
 		return -1;
 	if (write_headers(ctx, p, &out, new_udp_len, csum, &fib) < 0)
