@@ -187,3 +187,27 @@ fn the_admin_token_file_must_hold_a_token() {
     std::fs::remove_file(&token).unwrap();
     assert!(errors(&check_yaml("admin-missing", &yaml))[0].contains("admin.token_file"));
 }
+
+/// `runtime.kernel_path` without the kernel path built in: `on` fails (it could never start), `auto`
+/// warns; with it built in neither is a finding here (the server itself says what the host lacks).
+#[test]
+fn the_kernel_path_needs_a_build_with_it() {
+    let body = |mode: &str| {
+        format!("auth:\n  realm: t.example\n  shared_secrets: [{REAL}]\nruntime:\n  kernel_path: {mode}\n")
+    };
+    let on = check_yaml("kernel-on", &body("on"));
+    let auto = check_yaml("kernel-auto", &body("auto"));
+    let off = check_yaml("kernel-off", &body("off"));
+    assert!(off.passed() && warnings(&off).iter().all(|w| !w.contains("kernel_path")));
+    if cfg!(all(feature = "kernel-path", target_os = "linux")) {
+        assert!(on.passed(), "{:?}", errors(&on));
+        assert!(warnings(&auto).iter().all(|w| !w.contains("kernel_path")), "{:?}", warnings(&auto));
+    } else {
+        assert!(
+            errors(&on)[0].contains("turnpike.yaml:5: option `runtime.kernel_path`: `on`, but"),
+            "{:?}",
+            errors(&on)
+        );
+        assert!(warnings(&auto).iter().any(|w| w.contains("turnpike.yaml:5") && w.contains("relays in user space")));
+    }
+}
